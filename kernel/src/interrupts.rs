@@ -1,0 +1,341 @@
+//! IDT, the assembly entry stubs and the Rust dispatcher.
+//!
+//! Every vector enters through a stub that pushes an error code (0 when the CPU pushes none) and
+//! the vector number, then `isr_common` saves all general-purpose registers into a [`TrapFrame`].
+//! The Rust dispatcher may change any field of that frame, RIP and RSP included; `iretq` resumes
+//! whatever the frame says. That is how a fault resumes at a landing pad with the faulting PC in
+//! r10, and how the test framework returns from an expected fault.
+
+use core::arch::global_asm;
+use core::fmt;
+use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use spin::Once;
+use x86_64::registers::control::Cr2;
+use x86_64::structures::idt::InterruptDescriptorTable;
+use x86_64::VirtAddr;
+
+use crate::gdt;
+use crate::qemu::{exit, ExitCode};
+
+/// Register state of the interrupted code, as saved by `isr_common`; every field is written back.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+#[allow(missing_docs)]
+pub struct TrapFrame {
+    pub r15: u64,
+    pub r14: u64,
+    pub r13: u64,
+    pub r12: u64,
+    pub r11: u64,
+    pub r10: u64,
+    pub r9: u64,
+    pub r8: u64,
+    pub rbp: u64,
+    pub rdi: u64,
+    pub rsi: u64,
+    pub rdx: u64,
+    pub rcx: u64,
+    pub rbx: u64,
+    pub rax: u64,
+    /// Vector number pushed by the stub.
+    pub vector: u64,
+    /// Error code pushed by the CPU, or 0 for vectors without one.
+    pub error_code: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub rflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+}
+
+/// Vector of the page fault.
+pub const PAGE_FAULT: u8 = 14;
+/// Vector of the double fault.
+pub const DOUBLE_FAULT: u8 = 8;
+/// First vector used for hardware interrupts (the legacy PICs are remapped here).
+pub const IRQ_BASE: u8 = 32;
+/// Number of stubbed vectors: the 32 exceptions and 16 legacy IRQs.
+const STUBBED_VECTORS: usize = 48;
+
+/// What the CPU reported about a fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultInfo {
+    /// Exception vector.
+    pub vector: u8,
+    /// Error code (0 for vectors that push none).
+    pub error_code: u64,
+    /// RIP of the faulting instruction.
+    pub rip: u64,
+    /// CR2 for a page fault, 0 otherwise.
+    pub cr2: u64,
+}
+
+impl FaultInfo {
+    fn from_frame(frame: &TrapFrame) -> Self {
+        let vector = frame.vector as u8;
+        let cr2 = if vector == PAGE_FAULT {
+            Cr2::read_raw()
+        } else {
+            0
+        };
+        FaultInfo {
+            vector,
+            error_code: frame.error_code,
+            rip: frame.rip,
+            cr2,
+        }
+    }
+}
+
+/// Short mnemonic of an exception vector.
+#[must_use]
+pub fn vector_name(vector: u8) -> &'static str {
+    match vector {
+        0 => "#DE",
+        1 => "#DB",
+        2 => "NMI",
+        3 => "#BP",
+        4 => "#OF",
+        5 => "#BR",
+        6 => "#UD",
+        7 => "#NM",
+        8 => "#DF",
+        10 => "#TS",
+        11 => "#NP",
+        12 => "#SS",
+        13 => "#GP",
+        14 => "#PF",
+        16 => "#MF",
+        17 => "#AC",
+        18 => "#MC",
+        19 => "#XM",
+        v if v >= IRQ_BASE => "IRQ",
+        _ => "reserved",
+    }
+}
+
+impl fmt::Display for FaultInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} (vector {}) at RIP={:#x}, CR2={:#x}, error code={:#x}",
+            vector_name(self.vector),
+            self.vector,
+            self.rip,
+            self.cr2,
+            self.error_code
+        )?;
+        if self.vector == PAGE_FAULT {
+            let e = self.error_code;
+            let bit = |n: u32, name: &'static str| if e & (1 << n) != 0 { name } else { "" };
+            write!(
+                f,
+                " [{}{}{}{}{}]",
+                if e & 1 != 0 { "P" } else { "NP" },
+                bit(1, " W"),
+                bit(2, " U"),
+                bit(3, " RSVD"),
+                bit(4, " I/D")
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A fault fixup: returns `true` when it handled the fault (typically by editing `frame.rip`).
+pub type FaultHandler = fn(&mut TrapFrame, &FaultInfo) -> bool;
+/// A hardware-interrupt handler, called with the IRQ number (0..16) before the EOI.
+pub type IrqHandler = fn(&mut TrapFrame);
+
+static FAULT_HANDLER: AtomicUsize = AtomicUsize::new(0);
+static IRQ_HANDLERS: [AtomicUsize; 16] = [const { AtomicUsize::new(0) }; 16];
+/// How many exception handlers are running on this (the only) CPU.
+static DEPTH: AtomicU32 = AtomicU32::new(0);
+static IDT: Once<InterruptDescriptorTable> = Once::new();
+
+/// Installs the fixup consulted first for every exception (the trap table's hook), or removes it.
+pub fn set_fault_handler(handler: Option<FaultHandler>) {
+    FAULT_HANDLER.store(handler.map_or(0, |h| h as usize), Ordering::SeqCst);
+}
+
+/// Installs the handler of legacy IRQ `irq` (0..16), or removes it.
+pub fn set_irq_handler(irq: u8, handler: Option<IrqHandler>) {
+    if let Some(slot) = IRQ_HANDLERS.get(usize::from(irq)) {
+        slot.store(handler.map_or(0, |h| h as usize), Ordering::SeqCst);
+    }
+}
+
+pub(crate) fn reset_depth(depth: u32) {
+    DEPTH.store(depth, Ordering::SeqCst);
+}
+
+pub(crate) fn depth() -> u32 {
+    DEPTH.load(Ordering::SeqCst)
+}
+
+global_asm!(
+    r#"
+    .macro STUB_NOERR n
+    isr_stub_\n:
+        pushq $0
+        pushq $\n
+        jmp isr_common
+    .endm
+    .macro STUB_ERR n
+    isr_stub_\n:
+        pushq $\n
+        jmp isr_common
+    .endm
+
+    .section .text
+    .irp n, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31
+        STUB_NOERR \n
+    .endr
+    .irp n, 8,10,11,12,13,14,17,21,29,30
+        STUB_ERR \n
+    .endr
+    .irp n, 32,33,34,35,36,37,38,39,40,41,42,43,44,45,46,47
+        STUB_NOERR \n
+    .endr
+
+isr_common:
+    pushq %rax
+    pushq %rbx
+    pushq %rcx
+    pushq %rdx
+    pushq %rsi
+    pushq %rdi
+    pushq %rbp
+    pushq %r8
+    pushq %r9
+    pushq %r10
+    pushq %r11
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    /* 22 quadwords since the CPU's 16-byte aligned push: RSP is 16-byte aligned here. */
+    movq %rsp, %rdi
+    cld
+    call exception_dispatch
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %r11
+    popq %r10
+    popq %r9
+    popq %r8
+    popq %rbp
+    popq %rdi
+    popq %rsi
+    popq %rdx
+    popq %rcx
+    popq %rbx
+    popq %rax
+    addq $16, %rsp
+    iretq
+
+    .section .rodata
+    .balign 8
+    .global isr_stub_table
+isr_stub_table:
+    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,32,33,34,35,36,37,38,39,40,41,42,43,44,45,46,47
+        .quad isr_stub_\n
+    .endr
+"#,
+    options(att_syntax)
+);
+
+extern "C" {
+    static isr_stub_table: [u64; STUBBED_VECTORS];
+}
+
+fn stub(vector: usize) -> VirtAddr {
+    // SAFETY: the table is immutable data emitted by the assembly above, with STUBBED_VECTORS entries.
+    VirtAddr::new(unsafe { isr_stub_table[vector] })
+}
+
+/// Builds and loads the IDT: exceptions 0..32 (except reserved ones) and IRQ vectors 32..48.
+pub fn init() {
+    let idt = IDT.call_once(|| {
+        let mut idt = InterruptDescriptorTable::new();
+        // SAFETY (for every set_handler_addr below): each address is the stub of that very vector,
+        // which saves all state and returns with iretq, as the entry's kind requires.
+        unsafe {
+            idt.divide_error.set_handler_addr(stub(0));
+            idt.debug.set_handler_addr(stub(1));
+            idt.non_maskable_interrupt.set_handler_addr(stub(2));
+            idt.breakpoint.set_handler_addr(stub(3));
+            idt.overflow.set_handler_addr(stub(4));
+            idt.bound_range_exceeded.set_handler_addr(stub(5));
+            idt.invalid_opcode.set_handler_addr(stub(6));
+            idt.device_not_available.set_handler_addr(stub(7));
+            idt.double_fault
+                .set_handler_addr(stub(8))
+                .set_stack_index(gdt::DOUBLE_FAULT_IST_INDEX);
+            idt.invalid_tss.set_handler_addr(stub(10));
+            idt.segment_not_present.set_handler_addr(stub(11));
+            idt.stack_segment_fault.set_handler_addr(stub(12));
+            idt.general_protection_fault.set_handler_addr(stub(13));
+            idt.page_fault
+                .set_handler_addr(stub(14))
+                .set_stack_index(gdt::PAGE_FAULT_IST_INDEX);
+            idt.x87_floating_point.set_handler_addr(stub(16));
+            idt.alignment_check.set_handler_addr(stub(17));
+            idt.machine_check.set_handler_addr(stub(18));
+            idt.simd_floating_point.set_handler_addr(stub(19));
+            for irq in 0..16u8 {
+                idt[IRQ_BASE + irq].set_handler_addr(stub(usize::from(IRQ_BASE + irq)));
+            }
+        }
+        idt
+    });
+    idt.load();
+}
+
+/// Rust side of every vector, called by `isr_common` with the saved frame.
+#[no_mangle]
+extern "C" fn exception_dispatch(frame: &mut TrapFrame) {
+    let vector = frame.vector as u8;
+    if vector >= IRQ_BASE {
+        let irq = vector - IRQ_BASE;
+        let handler = IRQ_HANDLERS[usize::from(irq)].load(Ordering::SeqCst);
+        if handler != 0 {
+            // SAFETY: only `set_irq_handler` stores here, and it stores `IrqHandler` values.
+            let handler: IrqHandler = unsafe { core::mem::transmute::<usize, IrqHandler>(handler) };
+            handler(frame);
+        }
+        crate::pic::end_of_interrupt(irq);
+        return;
+    }
+
+    let info = FaultInfo::from_frame(frame);
+    let outer = DEPTH.fetch_add(1, Ordering::SeqCst);
+    if vector == DOUBLE_FAULT || outer > 0 {
+        // A fault inside a fault handler: report once and stop, never loop.
+        fatal(
+            if vector == DOUBLE_FAULT {
+                "double fault"
+            } else {
+                "nested fault in exception handler"
+            },
+            &info,
+        );
+    }
+
+    let handler = FAULT_HANDLER.load(Ordering::SeqCst);
+    // SAFETY: only `set_fault_handler` stores here, and it stores `FaultHandler` values.
+    let handled = handler != 0
+        && unsafe { core::mem::transmute::<usize, FaultHandler>(handler) }(frame, &info);
+    if !handled && !crate::catch::redirect_fault(frame, info) {
+        fatal("unhandled exception", &info);
+    }
+    DEPTH.fetch_sub(1, Ordering::SeqCst);
+}
+
+fn fatal(what: &str, info: &FaultInfo) -> ! {
+    crate::serial::force_unlock();
+    crate::println!("\n{what}: {info}");
+    exit(ExitCode::Failure)
+}

@@ -1,0 +1,207 @@
+//! Physical memory: the direct map, the frame allocator, the active page table and the heap.
+
+use core::fmt;
+use linked_list_allocator::LockedHeap;
+use spin::{Mutex, MutexGuard, Once};
+use x86_64::registers::control::Cr3;
+use x86_64::structures::paging::{
+    FrameAllocator, FrameDeallocator, OffsetPageTable, PageTable, PhysFrame, Size4KiB,
+};
+use x86_64::{PhysAddr, VirtAddr};
+
+/// Where all physical memory below [`PHYS_MAPPED_LIMIT`] is mapped (PML4 slot 256), like
+/// `bootloader_api`'s `physical_memory_offset`.
+pub const PHYS_OFFSET: u64 = 0xFFFF_8000_0000_0000;
+/// Physical memory mapped by the boot page tables (and so usable by the frame allocator).
+pub const PHYS_MAPPED_LIMIT: u64 = 4 << 30;
+/// A PML4 slot (320) that nothing maps at boot: tests map scratch pages here.
+pub const SCRATCH_BASE: u64 = 0xFFFF_A000_0000_0000;
+/// Size of the kernel heap.
+pub const HEAP_SIZE: usize = 16 << 20;
+
+const FRAME_SIZE: u64 = 4096;
+const MAX_FRAMES: usize = (PHYS_MAPPED_LIMIT / FRAME_SIZE) as usize;
+const BITMAP_WORDS: usize = MAX_FRAMES / 64;
+
+/// Virtual address of physical address `phys` in the direct map.
+#[must_use]
+pub fn phys_to_virt(phys: PhysAddr) -> VirtAddr {
+    VirtAddr::new(PHYS_OFFSET + phys.as_u64())
+}
+
+/// Physical frames, one bit each (1 = free), over the first 4 GiB.
+pub struct FrameBitmap {
+    words: [u64; BITMAP_WORDS],
+    free: usize,
+    usable: usize,
+    next_word: usize,
+}
+
+impl FrameBitmap {
+    const fn new() -> Self {
+        FrameBitmap {
+            words: [0; BITMAP_WORDS],
+            free: 0,
+            usable: 0,
+            next_word: 0,
+        }
+    }
+
+    /// Marks the whole frames inside `[start, end)` free.
+    pub(crate) fn add_usable(&mut self, start: u64, end: u64) {
+        let first = start.div_ceil(FRAME_SIZE);
+        let last = end.min(PHYS_MAPPED_LIMIT) / FRAME_SIZE;
+        for frame in first..last {
+            if self.set(frame as usize, true) {
+                self.usable += 1;
+            }
+        }
+    }
+
+    /// Marks every frame touching `[start, end)` used (kernel image, boot structures).
+    pub(crate) fn reserve(&mut self, start: u64, end: u64) {
+        let first = start / FRAME_SIZE;
+        let last = end.min(PHYS_MAPPED_LIMIT).div_ceil(FRAME_SIZE);
+        for frame in first..last {
+            if self.set(frame as usize, false) {
+                self.usable -= 1;
+            }
+        }
+    }
+
+    /// Sets frame `index` to `free`; returns whether that changed it.
+    fn set(&mut self, index: usize, free: bool) -> bool {
+        let (w, b) = (index / 64, index % 64);
+        let was_free = self.words[w] & (1 << b) != 0;
+        if was_free == free {
+            return false;
+        }
+        self.words[w] ^= 1 << b;
+        if free {
+            self.free += 1;
+        } else {
+            self.free -= 1;
+        }
+        true
+    }
+
+    /// Number of frames free now.
+    #[must_use]
+    pub fn free_frames(&self) -> usize {
+        self.free
+    }
+
+    /// Number of frames the allocator manages (free or handed out).
+    #[must_use]
+    pub fn usable_frames(&self) -> usize {
+        self.usable
+    }
+
+    /// Whether `frame` is currently free.
+    #[must_use]
+    pub fn is_free(&self, frame: PhysFrame) -> bool {
+        let index = (frame.start_address().as_u64() / FRAME_SIZE) as usize;
+        index < MAX_FRAMES && self.words[index / 64] & (1 << (index % 64)) != 0
+    }
+}
+
+// SAFETY: a frame's bit is cleared when it is handed out and set only when it comes back, so no
+// frame is handed out twice; only RAM the memory map calls available is ever marked free.
+unsafe impl FrameAllocator<Size4KiB> for FrameBitmap {
+    fn allocate_frame(&mut self) -> Option<PhysFrame<Size4KiB>> {
+        for i in 0..BITMAP_WORDS {
+            let w = (self.next_word + i) % BITMAP_WORDS;
+            if self.words[w] != 0 {
+                let index = w * 64 + self.words[w].trailing_zeros() as usize;
+                self.set(index, false);
+                self.next_word = w;
+                return Some(PhysFrame::containing_address(PhysAddr::new(
+                    index as u64 * FRAME_SIZE,
+                )));
+            }
+        }
+        None
+    }
+}
+
+impl FrameDeallocator<Size4KiB> for FrameBitmap {
+    unsafe fn deallocate_frame(&mut self, frame: PhysFrame<Size4KiB>) {
+        let index = (frame.start_address().as_u64() / FRAME_SIZE) as usize;
+        assert!(
+            index < MAX_FRAMES,
+            "frame {frame:?} is outside the managed memory"
+        );
+        assert!(self.set(index, true), "double free of frame {frame:?}");
+    }
+}
+
+impl fmt::Debug for FrameBitmap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FrameBitmap")
+            .field("free", &self.free)
+            .field("usable", &self.usable)
+            .finish()
+    }
+}
+
+static FRAMES: Mutex<FrameBitmap> = Mutex::new(FrameBitmap::new());
+static PAGE_TABLE: Once<Mutex<OffsetPageTable<'static>>> = Once::new();
+
+#[global_allocator]
+static ALLOCATOR: LockedHeap = LockedHeap::empty();
+
+#[repr(C, align(4096))]
+struct HeapSpace([u8; HEAP_SIZE]);
+static mut HEAP_SPACE: HeapSpace = HeapSpace([0; HEAP_SIZE]);
+
+/// The physical frame allocator.
+pub fn frames() -> MutexGuard<'static, FrameBitmap> {
+    FRAMES.lock()
+}
+
+/// The active page table, editable through the direct map.
+///
+/// # Panics
+/// Before the boot path called `init`.
+pub fn page_table() -> MutexGuard<'static, OffsetPageTable<'static>> {
+    PAGE_TABLE.get().expect("memory::init has run").lock()
+}
+
+/// Sets up the frame allocator from `usable` RAM minus `reserved`, the page table and the heap.
+pub(crate) fn init(usable: impl Iterator<Item = (u64, u64)>, reserved: &[(u64, u64)]) {
+    let mut frames = FRAMES.lock();
+    for (start, end) in usable {
+        frames.add_usable(start.max(1 << 20), end);
+    }
+    for &(start, end) in reserved {
+        frames.reserve(start, end);
+    }
+    drop(frames);
+
+    PAGE_TABLE.call_once(|| {
+        let (pml4, _) = Cr3::read();
+        let table = phys_to_virt(pml4.start_address()).as_mut_ptr::<PageTable>();
+        // SAFETY: CR3 holds the boot PML4, mapped through the direct map for the kernel's
+        // lifetime; this is the only `&mut` to it, kept behind the mutex.
+        unsafe {
+            Mutex::new(OffsetPageTable::new(
+                &mut *table,
+                VirtAddr::new(PHYS_OFFSET),
+            ))
+        }
+    });
+
+    // SAFETY: HEAP_SPACE is a static used by nothing but the allocator, initialized once here.
+    unsafe {
+        ALLOCATOR
+            .lock()
+            .init((&raw mut HEAP_SPACE).cast::<u8>(), HEAP_SIZE)
+    };
+}
+
+/// Bytes of heap in use and free.
+#[must_use]
+pub fn heap_usage() -> (usize, usize) {
+    let heap = ALLOCATOR.lock();
+    (heap.used(), heap.free())
+}

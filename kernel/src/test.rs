@@ -1,0 +1,144 @@
+//! A libtest-shaped test framework over serial.
+//!
+//! Each `kernel/tests/*.rs` is a kernel whose tests are listed with [`kernel_tests!`]; they run in
+//! order, each inside [`catch`], and print `test <name> ... ok` or `... FAILED` followed by the panic
+//! message or the unexpected fault. A failing test does not stop the others. The summary line is
+//! libtest's, and the exit status (through `isa-debug-exit`) says pass or fail.
+
+use crate::catch::{catch, Caught};
+use crate::interrupts::{FaultInfo, PAGE_FAULT};
+use crate::qemu::ExitCode;
+use crate::{print, println};
+
+/// One kernel test: its printed name and body. A test fails by panicking or faulting.
+#[derive(Debug, Clone, Copy)]
+pub struct Test {
+    /// `binary::function`, as printed.
+    pub name: &'static str,
+    /// The body.
+    pub run: fn(),
+}
+
+/// Runs `tests` in order and prints libtest-shaped results; `Success` when all passed.
+pub fn run(tests: &[Test]) -> ExitCode {
+    println!("\nrunning {} tests", tests.len());
+    let mut failed = 0;
+    for test in tests {
+        print!("test {} ... ", test.name);
+        match catch(test.run) {
+            Ok(()) => println!("ok"),
+            Err(caught) => {
+                failed += 1;
+                println!("FAILED");
+                match caught {
+                    Caught::Panic(msg) => println!("---- {} ----\n{}", test.name, msg.as_str()),
+                    Caught::Fault(info) => {
+                        println!("---- {} ----\nunexpected fault: {info}", test.name)
+                    }
+                }
+            }
+        }
+    }
+    let passed = tests.len() - failed;
+    let verdict = if failed == 0 { "ok" } else { "FAILED" };
+    println!(
+        "\ntest result: {verdict}. {passed} passed; {failed} failed; 0 ignored; 0 measured; 0 filtered out\n"
+    );
+    if failed == 0 {
+        ExitCode::Success
+    } else {
+        ExitCode::Failure
+    }
+}
+
+/// Page-fault error-code bit: the page was present (protection violation).
+pub const PF_PRESENT: u64 = 1 << 0;
+/// Page-fault error-code bit: the access was a write.
+pub const PF_WRITE: u64 = 1 << 1;
+/// Page-fault error-code bit: the access was an instruction fetch.
+pub const PF_INSTRUCTION: u64 = 1 << 4;
+
+/// A fault a test expects: vector, and optionally CR2 and error-code bits.
+#[derive(Debug, Clone, Copy)]
+#[must_use]
+pub struct ExpectFault {
+    vector: u8,
+    cr2: Option<u64>,
+    bits_set: u64,
+    bits_clear: u64,
+}
+
+impl ExpectFault {
+    /// Expects exception `vector`.
+    pub const fn vector(vector: u8) -> Self {
+        ExpectFault {
+            vector,
+            cr2: None,
+            bits_set: 0,
+            bits_clear: 0,
+        }
+    }
+
+    /// Expects a page fault at address `cr2`.
+    pub const fn page_fault(cr2: u64) -> Self {
+        ExpectFault {
+            vector: PAGE_FAULT,
+            cr2: Some(cr2),
+            bits_set: 0,
+            bits_clear: 0,
+        }
+    }
+
+    /// Also requires these error-code bits to be set.
+    pub const fn with_bits(mut self, bits: u64) -> Self {
+        self.bits_set |= bits;
+        self
+    }
+
+    /// Also requires these error-code bits to be clear.
+    pub const fn without_bits(mut self, bits: u64) -> Self {
+        self.bits_clear |= bits;
+        self
+    }
+
+    /// Whether `info` is the expected fault.
+    #[must_use]
+    pub fn matches(&self, info: &FaultInfo) -> bool {
+        info.vector == self.vector
+            && self.cr2.is_none_or(|cr2| cr2 == info.cr2)
+            && info.error_code & self.bits_set == self.bits_set
+            && info.error_code & self.bits_clear == 0
+    }
+
+    /// Runs `f`, which must raise exactly this fault; returns what the CPU reported.
+    ///
+    /// # Panics
+    /// When `f` returns normally, panics, or raises a different fault: the test fails.
+    pub fn run<F: FnOnce()>(self, f: F) -> FaultInfo {
+        match catch(f) {
+            Ok(()) => panic!("expected {self:?}, but the code ran without faulting"),
+            Err(Caught::Panic(msg)) => panic!("expected {self:?}, but the code panicked: {msg:?}"),
+            Err(Caught::Fault(info)) if self.matches(&info) => info,
+            Err(Caught::Fault(info)) => panic!("expected {self:?}, got {info}"),
+        }
+    }
+}
+
+/// Declares the tests of a kernel test binary, in the order they run.
+///
+/// ```ignore
+/// codespace_kernel::kernel_tests![reads_fault, heap_works];
+/// ```
+#[macro_export]
+macro_rules! kernel_tests {
+    ($($test:path),* $(,)?) => {
+        $crate::entry_point!(|_boot| {
+            $crate::test::run(&[
+                $($crate::test::Test {
+                    name: concat!(module_path!(), "::", stringify!($test)),
+                    run: $test,
+                }),*
+            ])
+        });
+    };
+}

@@ -1,0 +1,282 @@
+//! Foundation tests: the CPU protections codespace relies on, the fault path that resumes at a
+//! landing pad, the frame allocator and the heap.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use alloc::vec::Vec;
+use codespace_kernel::interrupts::{self, FaultInfo, TrapFrame, PAGE_FAULT};
+use codespace_kernel::memory::{self, phys_to_virt, SCRATCH_BASE};
+use codespace_kernel::test::{ExpectFault, PF_INSTRUCTION, PF_PRESENT, PF_WRITE};
+use core::arch::global_asm;
+use core::sync::atomic::{AtomicU64, Ordering};
+use x86_64::registers::control::{Cr0, Cr0Flags, Efer, EferFlags};
+use x86_64::structures::paging::{
+    FrameAllocator, FrameDeallocator, Mapper, Page, PageTableFlags as F, PhysFrame, Size4KiB,
+    Translate,
+};
+use x86_64::VirtAddr;
+
+codespace_kernel::kernel_tests![
+    cpu_protections_are_on,
+    read_of_non_present_page_faults_with_cr2,
+    write_to_read_only_page_faults,
+    fetch_from_nx_page_faults,
+    fault_handler_resumes_at_landing_pad_with_r10,
+    invalid_opcode_is_caught,
+    frame_allocator_hands_out_distinct_usable_frames,
+    heap_holds_a_one_mebibyte_vec,
+    command_line_reaches_the_kernel,
+];
+
+fn scratch_page(n: u64) -> Page<Size4KiB> {
+    Page::containing_address(VirtAddr::new(SCRATCH_BASE + n * 4096))
+}
+
+/// Maps a fresh zeroed frame at scratch page `n`.
+fn map_scratch(n: u64, flags: F) -> Page<Size4KiB> {
+    let page = scratch_page(n);
+    let mut frames = memory::frames();
+    let frame = frames.allocate_frame().expect("a free frame");
+    // SAFETY: the frame was just allocated, so nothing else uses it; it is zeroed through the
+    // direct map before being mapped.
+    unsafe {
+        core::ptr::write_bytes(
+            phys_to_virt(frame.start_address()).as_mut_ptr::<u8>(),
+            0,
+            4096,
+        );
+        memory::page_table()
+            .map_to(page, frame, flags, &mut *frames)
+            .expect("scratch page is unmapped")
+            .flush();
+    }
+    page
+}
+
+fn unmap_scratch(page: Page<Size4KiB>) {
+    let (frame, flush) = memory::page_table().unmap(page).expect("page was mapped");
+    flush.flush();
+    // SAFETY: the frame is no longer mapped anywhere.
+    unsafe { memory::frames().deallocate_frame(frame) };
+}
+
+fn cpu_protections_are_on() {
+    assert!(
+        Cr0::read().contains(Cr0Flags::WRITE_PROTECT),
+        "CR0.WP is off"
+    );
+    assert!(
+        Efer::read().contains(EferFlags::NO_EXECUTE_ENABLE),
+        "EFER.NXE is off"
+    );
+    assert!(Cr0::read().contains(Cr0Flags::PAGING));
+}
+
+fn read_of_non_present_page_faults_with_cr2() {
+    let addr = scratch_page(7).start_address().as_u64() + 0x123;
+    let info = ExpectFault::page_fault(addr)
+        .without_bits(PF_PRESENT | PF_WRITE | PF_INSTRUCTION)
+        .run(|| {
+            // SAFETY: deliberately reads an unmapped address; the fault is caught.
+            let _ = unsafe { core::ptr::read_volatile(addr as *const u8) };
+        });
+    assert_eq!(info.cr2, addr);
+    assert_eq!(info.error_code & 0x1f, 0);
+}
+
+fn write_to_read_only_page_faults() {
+    let page = map_scratch(1, F::PRESENT | F::NO_EXECUTE);
+    let addr = page.start_address().as_u64() + 8;
+    // SAFETY: the page is mapped readable.
+    assert_eq!(unsafe { core::ptr::read_volatile(addr as *const u64) }, 0);
+    let info = ExpectFault::page_fault(addr)
+        .with_bits(PF_PRESENT | PF_WRITE)
+        .run(|| {
+            // SAFETY: deliberately writes a read-only page; the fault is caught.
+            unsafe { core::ptr::write_volatile(addr as *mut u64, 0xdead) };
+        });
+    assert_eq!(info.error_code & PF_INSTRUCTION, 0);
+    unmap_scratch(page);
+}
+
+fn fetch_from_nx_page_faults() {
+    let page = map_scratch(2, F::PRESENT | F::WRITABLE | F::NO_EXECUTE);
+    let addr = page.start_address().as_u64();
+    // SAFETY: the page is mapped writable; 0xC3 is `ret`.
+    unsafe { core::ptr::write_volatile(addr as *mut u8, 0xC3) };
+    let info = ExpectFault::page_fault(addr)
+        .with_bits(PF_PRESENT | PF_INSTRUCTION)
+        .run(|| {
+            // SAFETY: deliberately calls into an NX page; the fetch faults before anything runs.
+            let f: extern "C" fn() = unsafe { core::mem::transmute(addr as usize) };
+            f();
+        });
+    assert_eq!(
+        info.rip, addr,
+        "the fault is reported at the fetched address"
+    );
+    unmap_scratch(page);
+}
+
+global_asm!(
+    r#"
+    .section .text
+    /* u64 probe_load(const u64 *p): returns *p, or the faulting PC when the fixup fired. */
+    .global probe_load
+probe_load:
+    .global probe_load_insn
+probe_load_insn:
+    movq (%rdi), %rax
+    ret
+    .global probe_load_landing
+probe_load_landing:
+    movq %r10, %rax
+    ret
+"#,
+    options(att_syntax)
+);
+
+extern "C" {
+    fn probe_load(p: *const u64) -> u64;
+    fn probe_load_insn();
+    fn probe_load_landing();
+}
+
+static FIXUP_CR2: AtomicU64 = AtomicU64::new(0);
+
+fn landing_fixup(frame: &mut TrapFrame, info: &FaultInfo) -> bool {
+    if info.vector != PAGE_FAULT || info.cr2 != FIXUP_CR2.load(Ordering::SeqCst) {
+        return false;
+    }
+    frame.r10 = frame.rip;
+    frame.rip = probe_load_landing as *const () as u64;
+    true
+}
+
+fn fault_handler_resumes_at_landing_pad_with_r10() {
+    let page = map_scratch(3, F::PRESENT | F::WRITABLE | F::NO_EXECUTE);
+    let mapped = page.start_address().as_u64();
+    // SAFETY: mapped page, writable.
+    unsafe { core::ptr::write_volatile(mapped as *mut u64, 0x1234_5678) };
+    let unmapped = scratch_page(4).start_address().as_u64();
+    FIXUP_CR2.store(unmapped, Ordering::SeqCst);
+    interrupts::set_fault_handler(Some(landing_fixup));
+    // SAFETY: probe_load reads one u64; the mapped read succeeds, the unmapped one is fixed up.
+    let (ok, faulted) = unsafe {
+        (
+            probe_load(mapped as *const u64),
+            probe_load(unmapped as *const u64),
+        )
+    };
+    interrupts::set_fault_handler(None);
+    unmap_scratch(page);
+    assert_eq!(
+        ok, 0x1234_5678,
+        "a load that does not fault returns the value"
+    );
+    assert_eq!(
+        faulted, probe_load_insn as *const () as u64,
+        "r10 holds the faulting PC"
+    );
+}
+
+fn invalid_opcode_is_caught() {
+    let info = ExpectFault::vector(6).run(|| {
+        // SAFETY: ud2 raises #UD, which the test expects.
+        unsafe { core::arch::asm!("ud2") };
+    });
+    assert_eq!(info.error_code, 0);
+}
+
+fn frame_allocator_hands_out_distinct_usable_frames() {
+    const N: usize = 64;
+    let before = memory::frames().free_frames();
+    let mut frames: Vec<PhysFrame> = Vec::new();
+    for _ in 0..N {
+        frames.push(memory::frames().allocate_frame().expect("a free frame"));
+    }
+    assert_eq!(memory::frames().free_frames(), before - N);
+    let mut sorted = frames.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), N, "frames are distinct");
+    let (image_start, image_end) = codespace_kernel::kernel_image();
+    for (i, f) in frames.iter().enumerate() {
+        let phys = f.start_address().as_u64();
+        assert!(phys >= 1 << 20, "below 1 MiB: {phys:#x}");
+        assert!(
+            phys >= image_end || phys + 4096 <= image_start,
+            "inside the kernel image"
+        );
+        assert!(!memory::frames().is_free(*f));
+        let p = phys_to_virt(f.start_address()).as_mut_ptr::<u64>();
+        // SAFETY: the frame is ours; the direct map makes it writable.
+        unsafe {
+            core::ptr::write_bytes(p, 0, 512);
+            p.add(511).write_volatile(i as u64 + 1);
+        }
+    }
+    // Map one frame and see the direct-map write through the new mapping.
+    let page = scratch_page(5);
+    {
+        let mut frames_guard = memory::frames();
+        // SAFETY: frames[3] is ours and unmapped elsewhere but for the direct map.
+        unsafe {
+            memory::page_table()
+                .map_to(
+                    page,
+                    frames[3],
+                    F::PRESENT | F::WRITABLE | F::NO_EXECUTE,
+                    &mut *frames_guard,
+                )
+                .expect("map")
+                .flush();
+        }
+    }
+    assert_eq!(
+        memory::page_table().translate_addr(page.start_address()),
+        Some(frames[3].start_address())
+    );
+    // SAFETY: the page was just mapped to frames[3].
+    let seen = unsafe {
+        (page.start_address().as_u64() as *const u64)
+            .add(511)
+            .read_volatile()
+    };
+    assert_eq!(seen, 4);
+    let (frame, flush) = memory::page_table().unmap(page).expect("mapped");
+    flush.flush();
+    assert_eq!(frame, frames[3]);
+    for f in frames {
+        // SAFETY: each frame was allocated above and is no longer mapped.
+        unsafe { memory::frames().deallocate_frame(f) };
+    }
+    assert_eq!(
+        memory::frames().free_frames(),
+        before,
+        "free count restored"
+    );
+}
+
+fn heap_holds_a_one_mebibyte_vec() {
+    let (used_before, _) = memory::heap_usage();
+    let mut v: Vec<u8> = Vec::with_capacity(1 << 20);
+    v.extend((0..1u32 << 20).map(|i| (i * 7) as u8));
+    assert_eq!(v.len(), 1 << 20);
+    assert_eq!(v[123_456], (123_456u32 * 7) as u8);
+    assert!(memory::heap_usage().0 >= used_before + (1 << 20));
+    drop(v);
+    assert_eq!(memory::heap_usage().0, used_before);
+}
+
+fn command_line_reaches_the_kernel() {
+    let boot = codespace_kernel::boot_info();
+    assert!(
+        !boot.command_line().contains("boot"),
+        "the image path is stripped: {:?}",
+        boot.command_line()
+    );
+    assert!(boot.usable_bytes() > 16 << 20);
+}

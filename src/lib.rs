@@ -1,0 +1,16 @@
+//! codespace: memory for runtime-generated machine code in x86-64 kernels.
+//!
+//! W^X code memory on the kernel's own page tables, a coalescing free pool, jump tables patched
+//! through a writable alias, and a lock-free trap table for guard-page bounds checks.
+#![no_std]
+#![warn(missing_docs)]
+
+extern crate alloc;
+#[cfg(test)]
+extern crate std;
+
+pub mod pool;
+pub mod range;
+pub mod trap;
+
+pub use range::{AddressRange, PAGE_SIZE};
