@@ -9,8 +9,14 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+pub mod manager;
+pub mod mmu;
 pub mod pool;
 pub mod range;
 pub mod trap;
 
+pub use manager::{
+    AllocatorConfig, AuditReport, CodeAllocator, CodeError, CodeManager, ManagerConfig,
+    ProtectionMode, PublishedCode, WritableCode,
+};
 pub use range::{AddressRange, PAGE_SIZE};

@@ -1,1 +1,145 @@
-fn main() {}
+//! `cargo test --test kernel`: builds every `kernel/tests/*.rs` test kernel, boots each in QEMU
+//! (sorted by name) and checks its libtest-shaped report; then checks that this harness notices a
+//! failing and a hung kernel (`kernel/examples/harness_selftest.rs`).
+//!
+//! A kernel passes when `run-qemu.sh` exits 0 and it reported `test result: ok. N passed; 0
+//! failed` with N ≥ 1. The last line sums every kernel test plus the harness checks.
+
+#[path = "../src/bin/codespace-qemu/launcher.rs"]
+mod launcher;
+
+use launcher::{Kernels, RunResult};
+use std::process::ExitCode;
+use std::time::Instant;
+
+/// Passed and failed counts over everything this run checked.
+#[derive(Debug, Default)]
+struct Tally {
+    passed: usize,
+    failed: usize,
+}
+
+fn main() -> ExitCode {
+    let release = !cfg!(debug_assertions);
+    let mut tally = Tally::default();
+    if let Err(e) = launcher::ensure_target()
+        .and_then(|()| launcher::ensure_qemu())
+        .and_then(|()| run_test_kernels(release, &mut tally))
+        .and_then(|()| harness_selftest(release, &mut tally))
+    {
+        eprintln!("kernel tests: error: {e}");
+        return ExitCode::FAILURE;
+    }
+    let verdict = if tally.failed == 0 { "ok" } else { "FAILED" };
+    println!("\n     Summary of all kernel tests and harness checks:");
+    println!(
+        "test result: {verdict}. {} passed; {} failed; 0 ignored; 0 measured; 0 filtered out\n",
+        tally.passed, tally.failed
+    );
+    if tally.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Builds and boots every test kernel, adding their tests to `tally`.
+fn run_test_kernels(release: bool, tally: &mut Tally) -> Result<(), String> {
+    let kernels = launcher::build_kernels(Kernels::Tests, release)?;
+    if kernels.is_empty() {
+        return Err("cargo built no test kernels".into());
+    }
+    for kernel in kernels {
+        println!(
+            "\n     Running kernel test {} ({})",
+            kernel.name,
+            kernel.path.display()
+        );
+        let start = Instant::now();
+        let run = launcher::run_kernel(&kernel.path, None, None)?;
+        let summary = launcher::parse_summary(&run.output);
+        let (passed, failed) = summary.unwrap_or((0, 0));
+        tally.passed += passed;
+        tally.failed += failed;
+        let elapsed = start.elapsed().as_secs_f64();
+        if run.status == 0 && passed >= 1 && failed == 0 {
+            println!(
+                "     Kernel {} ok: {passed} passed in {elapsed:.1}s",
+                kernel.name
+            );
+        } else {
+            // A kernel that failed without reporting a failed test is one failure of its own.
+            if failed == 0 {
+                tally.failed += 1;
+            }
+            let counts = match summary {
+                Some(_) => format!("{passed} passed; {failed} failed"),
+                None => "no `test result:` line".into(),
+            };
+            println!(
+                "     Kernel {} FAILED: exit status {}, {counts} in {elapsed:.1}s",
+                kernel.name, run.status
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Checks that a failing kernel test and a hung kernel both count as failures.
+fn harness_selftest(release: bool, tally: &mut Tally) -> Result<(), String> {
+    let kernel = launcher::build_kernels(Kernels::HarnessSelftest, release)?
+        .into_iter()
+        .find(|k| k.name == "harness_selftest")
+        .ok_or("cargo built no `harness_selftest` kernel")?;
+    println!(
+        "\n     Running harness self-test ({})",
+        kernel.path.display()
+    );
+
+    println!("     Booting it with `fail`: its second test fails on purpose");
+    let run = launcher::run_kernel(&kernel.path, Some("fail"), None)?;
+    let summary = launcher::parse_summary(&run.output);
+    let result = expect_status(&run, 1).and_then(|()| match summary {
+        Some((1, 1)) => Ok(()),
+        other => Err(format!(
+            "expected a summary of 1 passed, 1 failed; got {other:?}"
+        )),
+    });
+    report(
+        tally,
+        "harness::failing_kernel_test_is_reported_failed",
+        result,
+    );
+
+    println!("     Booting it with `hang`: it never ends, so a 3 s timeout must stop it");
+    let run = launcher::run_kernel(&kernel.path, Some("hang"), Some(3))?;
+    report(
+        tally,
+        "harness::hung_kernel_times_out",
+        expect_status(&run, 124),
+    );
+    Ok(())
+}
+
+/// Whether `run` exited with `status`.
+fn expect_status(run: &RunResult, status: i32) -> Result<(), String> {
+    if run.status == status {
+        Ok(())
+    } else {
+        Err(format!("expected exit status {status}, got {}", run.status))
+    }
+}
+
+/// Prints a libtest-shaped line for one harness check and counts it.
+fn report(tally: &mut Tally, name: &str, result: Result<(), String>) {
+    match result {
+        Ok(()) => {
+            tally.passed += 1;
+            println!("test {name} ... ok");
+        }
+        Err(why) => {
+            tally.failed += 1;
+            println!("test {name} ... FAILED\n---- {name} ----\n{why}");
+        }
+    }
+}

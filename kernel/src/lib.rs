@@ -12,6 +12,7 @@ extern crate alloc;
 mod boot;
 pub mod boot_info;
 pub mod catch;
+pub mod code;
 pub mod gdt;
 pub mod interrupts;
 pub mod memory;

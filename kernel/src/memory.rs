@@ -159,6 +159,19 @@ pub fn frames() -> MutexGuard<'static, FrameBitmap> {
     FRAMES.lock()
 }
 
+/// The frame allocator's lock itself, for backends that lock per operation.
+pub fn frames_lock() -> &'static Mutex<FrameBitmap> {
+    &FRAMES
+}
+
+/// The page table's lock itself, for backends that lock per operation.
+///
+/// # Panics
+/// Before the boot path called `init`.
+pub fn page_table_lock() -> &'static Mutex<OffsetPageTable<'static>> {
+    PAGE_TABLE.get().expect("memory::init has run")
+}
+
 /// The active page table, editable through the direct map.
 ///
 /// # Panics

@@ -1,1 +1,54 @@
-fn main() {}
+//! `cargo run [--release] -- [KERNEL ARGS...]`: builds the `demo` test kernel and boots it in QEMU
+//! with `KERNEL ARGS` as its command line; exits with `run-qemu.sh`'s status (0 when the kernel
+//! reported success, 1 on failure, 124 on timeout).
+
+mod launcher;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+usage: cargo run [--release] -- [KERNEL ARGS...]
+
+Builds the codespace demo kernel (for x86_64-unknown-none, into target/kernel) and boots it in
+QEMU through run-qemu.sh, with KERNEL ARGS joined by spaces as the kernel command line
+(e.g. `cargo run -- bench`). The kernel is built with this program's profile (`--release` for an
+optimized kernel). A leading `--` is dropped, so `cargo run -- -- --help` passes `--help` to the
+kernel.
+
+Exit status: 0 when the kernel reported success, 1 on failure, 124 on timeout.
+Environment: CODESPACE_QEMU_TIMEOUT, CODESPACE_QEMU_MEMORY, CODESPACE_QEMU_SMP,
+CODESPACE_QEMU_ACCEL (see run-qemu.sh).";
+
+fn main() -> ExitCode {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("-h" | "--help") => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Some("--") => {
+            args.remove(0);
+        }
+        _ => {}
+    }
+    match run(&args.join(" ")) {
+        Ok(status) => ExitCode::from(u8::try_from(status).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("codespace-qemu: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Builds and boots the demo kernel with command line `append`; returns run-qemu.sh's status.
+fn run(append: &str) -> Result<i32, String> {
+    launcher::ensure_target()?;
+    launcher::ensure_qemu()?;
+    let release = !cfg!(debug_assertions);
+    let demo = launcher::build_kernels(launcher::Kernels::Demo, release)?
+        .into_iter()
+        .find(|k| k.name == "demo")
+        .ok_or("cargo built no `demo` kernel")?;
+    let append = (!append.is_empty()).then_some(append);
+    Ok(launcher::run_kernel(&demo.path, append, None)?.status)
+}

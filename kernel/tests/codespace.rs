@@ -1,0 +1,285 @@
+//! Code memory on the real page tables: commit, publish, call, W^X, free/decommit, guards,
+//! commit limit, audit, flush policy, in both protection modes.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use codespace::mmu::{FlushStats, Mmu, PTE_NO_EXECUTE, PTE_PRESENT, PTE_WRITABLE};
+use codespace::{
+    AllocatorConfig, CodeAllocator, CodeError, ManagerConfig, ProtectionMode, PublishedCode,
+};
+use codespace_kernel::code::{manager, test_window, KernelMmu};
+use codespace_kernel::memory;
+use codespace_kernel::test::{ExpectFault, PF_INSTRUCTION, PF_PRESENT, PF_WRITE};
+
+codespace_kernel::kernel_tests![
+    commit_maps_present_rw_nx_leaves,
+    publish_makes_rx_and_writes_fault,
+    published_code_runs_flip_mode,
+    published_code_runs_alias_mode,
+    unpublished_code_does_not_execute,
+    free_decommits_dead_pages_and_fills_int3_flip,
+    free_decommits_dead_pages_and_fills_int3_alias,
+    guard_pages_fault,
+    commit_limit_changes_nothing,
+    publish_flush_policy_32_vs_33_pages,
+];
+
+/// `lea eax, [rdi + rsi]; ret`
+const ADD: [u8; 4] = [0x8D, 0x04, 0x37, 0xC3];
+/// `mov eax, imm32; ret`
+fn ret_const(v: u32) -> [u8; 6] {
+    let b = v.to_le_bytes();
+    [0xB8, b[0], b[1], b[2], b[3], 0xC3]
+}
+
+fn config(protection: ProtectionMode) -> ManagerConfig {
+    ManagerConfig {
+        protection,
+        max_committed: 64 << 20,
+        ..ManagerConfig::default()
+    }
+}
+
+fn allocator(window: usize, protection: ProtectionMode) -> CodeAllocator<KernelMmu> {
+    let m = manager(test_window(window), config(protection)).expect("manager");
+    CodeAllocator::new(&m, AllocatorConfig::default()).expect("allocator")
+}
+
+fn raw(a: &CodeAllocator<KernelMmu>, addr: usize) -> [Option<u64>; 4] {
+    a.manager().with_mmu(|mmu| mmu.raw_entries(addr))
+}
+
+fn assert_clean(a: &CodeAllocator<KernelMmu>) {
+    let report = a.manager().audit();
+    assert!(report.is_clean(), "audit: {report:?}");
+}
+
+fn call2(code: &PublishedCode, x: u64, y: u64) -> u64 {
+    // SAFETY: the code was published (R+X) and follows the C ABI: two args, one result.
+    let f: extern "C" fn(u64, u64) -> u64 = unsafe { core::mem::transmute(code.start()) };
+    f(x, y)
+}
+
+fn publish(a: &mut CodeAllocator<KernelMmu>, bytes: &[u8]) -> PublishedCode {
+    let mut w = a.allocate(bytes.len()).expect("allocate");
+    w.as_mut_slice().copy_from_slice(bytes);
+    a.publish(w).expect("publish")
+}
+
+fn commit_maps_present_rw_nx_leaves() {
+    let mut a = allocator(0, ProtectionMode::Alias);
+    let w = a.allocate(100).expect("allocate");
+    let entries = raw(&a, w.start());
+    let leaf = entries[3].expect("leaf present");
+    assert_eq!(
+        leaf & (PTE_PRESENT | PTE_WRITABLE | PTE_NO_EXECUTE),
+        PTE_PRESENT | PTE_WRITABLE | PTE_NO_EXECUTE
+    );
+    for e in &entries[..3] {
+        let e = e.expect("intermediate present");
+        assert_eq!(e & PTE_NO_EXECUTE, 0, "intermediate entry carries NX");
+        assert_ne!(e & PTE_WRITABLE, 0);
+    }
+    assert_eq!(a.manager().committed(), 4096);
+    assert_clean(&a);
+    a.discard(w).expect("discard");
+    assert_eq!(a.manager().committed(), 0);
+    assert!(raw(&a, a.code_spaces()[0].start())[3].is_none());
+    assert_clean(&a);
+}
+
+fn publish_makes_rx_and_writes_fault() {
+    let mut a = allocator(1, ProtectionMode::Alias);
+    let code = publish(&mut a, &ADD);
+    let leaf = raw(&a, code.start())[3].expect("leaf");
+    assert_eq!(leaf & PTE_PRESENT, PTE_PRESENT);
+    assert_eq!(
+        leaf & (PTE_WRITABLE | PTE_NO_EXECUTE),
+        0,
+        "published page is R+X"
+    );
+    assert_clean(&a);
+    let addr = code.start() as u64;
+    let info = ExpectFault::page_fault(addr)
+        .with_bits(PF_PRESENT | PF_WRITE)
+        .run(|| {
+            // SAFETY: deliberately writes published code; the fault is caught.
+            unsafe { core::ptr::write_volatile(addr as *mut u8, 0x90) };
+        });
+    assert_eq!(info.error_code & PF_INSTRUCTION, 0);
+    assert_eq!(call2(&code, 2, 3), 5, "code unchanged");
+    a.free(code).expect("free");
+    assert_clean(&a);
+}
+
+fn run_two_functions_on_one_page(window: usize, mode: ProtectionMode) {
+    let mut a = allocator(window, mode);
+    let add = publish(&mut a, &ADD);
+    assert_eq!(call2(&add, 40, 2), 42);
+    // The second function lands on the page that already holds published code.
+    let k = publish(&mut a, &ret_const(7));
+    assert_eq!(k.start() / 4096, add.start() / 4096, "same page");
+    assert_eq!(call2(&k, 0, 0), 7);
+    assert_eq!(call2(&add, 1, 1), 2, "first function still runs");
+    let leaf = raw(&a, add.start())[3].expect("leaf");
+    assert_eq!(leaf & (PTE_WRITABLE | PTE_NO_EXECUTE), 0);
+    assert_clean(&a);
+    a.free(k).expect("free");
+    a.free(add).expect("free");
+    assert_eq!(a.manager().committed(), 0);
+    assert_clean(&a);
+}
+
+fn published_code_runs_flip_mode() {
+    run_two_functions_on_one_page(2, ProtectionMode::Flip);
+}
+
+fn published_code_runs_alias_mode() {
+    run_two_functions_on_one_page(3, ProtectionMode::Alias);
+}
+
+fn unpublished_code_does_not_execute() {
+    let mut a = allocator(4, ProtectionMode::Alias);
+    let mut w = a.allocate(ADD.len()).expect("allocate");
+    w.as_mut_slice().copy_from_slice(&ADD);
+    let addr = w.start() as u64;
+    ExpectFault::page_fault(addr)
+        .with_bits(PF_PRESENT | PF_INSTRUCTION)
+        .run(|| {
+            // SAFETY: deliberately calls RW+NX memory; the fetch faults.
+            let f: extern "C" fn() = unsafe { core::mem::transmute(addr as usize) };
+            f();
+        });
+    a.discard(w).expect("discard");
+    assert_clean(&a);
+}
+
+fn free_decommits(window: usize, mode: ProtectionMode) {
+    let mut a = allocator(window, mode);
+    let frames_before = memory::frames().free_frames();
+    // Three allocations: `big` spans pages 0..2 and part of 2; `tail` shares page 2 with it.
+    let big = publish(&mut a, &[0x90; 2 * 4096 + 64]);
+    let tail = publish(&mut a, &ADD);
+    assert_eq!(tail.start(), big.range().end());
+    let base = big.start();
+    assert_eq!(a.manager().committed(), 3 * 4096);
+    a.free(big).expect("free");
+    // Pages 0 and 1 are wholly dead: unmapped, frames returned. Page 2 keeps `tail`.
+    assert!(raw(&a, base)[3].is_none());
+    assert!(raw(&a, base + 4096)[3].is_none());
+    assert!(raw(&a, base + 2 * 4096)[3].is_some());
+    assert_eq!(a.manager().committed(), 4096);
+    // The freed bytes on page 2 are INT3, and `tail` still runs.
+    // SAFETY: page 2 is mapped R+X, hence readable.
+    let freed = unsafe { core::slice::from_raw_parts((base + 2 * 4096) as *const u8, 64) };
+    assert!(
+        freed.iter().all(|&b| b == 0xCC),
+        "freed bytes are INT3: {freed:x?}"
+    );
+    assert_eq!(call2(&tail, 5, 6), 11);
+    assert_clean(&a);
+    a.free(tail).expect("free");
+    assert_eq!(a.manager().committed(), 0);
+    assert_clean(&a);
+    drop(a);
+    // Page-table pages created for the window stay; data frames all came back.
+    let tables = 3;
+    assert!(memory::frames().free_frames() + tables >= frames_before);
+}
+
+fn free_decommits_dead_pages_and_fills_int3_flip() {
+    free_decommits(5, ProtectionMode::Flip);
+}
+
+fn free_decommits_dead_pages_and_fills_int3_alias() {
+    free_decommits(6, ProtectionMode::Alias);
+}
+
+fn guard_pages_fault() {
+    let mut a = allocator(7, ProtectionMode::Alias);
+    let code = publish(&mut a, &ADD);
+    let space = a.code_spaces()[0];
+    for addr in [space.start() - 1, space.end()] {
+        ExpectFault::page_fault(addr as u64)
+            .without_bits(PF_PRESENT)
+            .run(|| {
+                // SAFETY: deliberately reads a guard page; the fault is caught.
+                let _ = unsafe { core::ptr::read_volatile(addr as *const u8) };
+            });
+    }
+    a.free(code).expect("free");
+}
+
+fn commit_limit_changes_nothing() {
+    let m = manager(
+        test_window(8),
+        ManagerConfig {
+            max_committed: 8 * 4096,
+            ..config(ProtectionMode::Alias)
+        },
+    )
+    .expect("manager");
+    let mut a = CodeAllocator::new(&m, AllocatorConfig::default()).expect("allocator");
+    let first = a.allocate(6 * 4096).expect("six pages fit");
+    let committed = m.committed();
+    let frames = memory::frames().free_frames();
+    let stats = a.stats();
+    let err = a.allocate(4 * 4096).expect_err("over the limit");
+    assert!(
+        matches!(
+            err,
+            CodeError::CommitLimit {
+                requested: 16384,
+                remaining: 8192
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(m.committed(), committed);
+    assert_eq!(memory::frames().free_frames(), frames);
+    assert_eq!(a.stats(), stats);
+    assert_eq!(m.remaining_uncommitted(), 2 * 4096);
+    assert_eq!(m.audit().mapped_pages, 6);
+    assert!(m.audit().is_clean());
+    // What fits still works afterwards.
+    let second = a.allocate(2 * 4096).expect("two pages fit");
+    a.discard(first).expect("discard");
+    a.discard(second).expect("discard");
+    assert!(m.audit().is_clean());
+}
+
+fn publish_flush_policy_32_vs_33_pages() {
+    for (window, pages, expect) in [
+        (
+            9,
+            32,
+            FlushStats {
+                single_pages: 32,
+                full: 0,
+            },
+        ),
+        (
+            10,
+            33,
+            FlushStats {
+                single_pages: 0,
+                full: 1,
+            },
+        ),
+    ] {
+        let mut a = allocator(window, ProtectionMode::Alias);
+        let w = a.allocate(pages * 4096).expect("allocate");
+        let before = a.manager().with_mmu(|m| m.flush_stats());
+        let code = a.publish(w).expect("publish");
+        let after = a.manager().with_mmu(|m| m.flush_stats());
+        let issued = FlushStats {
+            single_pages: after.single_pages - before.single_pages,
+            full: after.full - before.full,
+        };
+        assert_eq!(issued, expect, "{pages} pages");
+        a.free(code).expect("free");
+        assert_clean(&a);
+    }
+}
