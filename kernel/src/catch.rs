@@ -68,7 +68,10 @@ impl fmt::Debug for Message {
 }
 
 /// Why a caught closure did not return.
+///
+/// The panic message is stored inline on purpose: recording a panic must not allocate.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum Caught {
     /// It panicked; the message is kept.
     Panic(Message),
@@ -142,6 +145,7 @@ extern "C" fn trampoline<F: FnOnce()>(data: *mut u8) {
 }
 
 /// Runs `f`; returns `Err` when it panicked or raised an unhandled fault instead of returning.
+#[allow(clippy::result_large_err)] // the inline message is the point: no allocation on panic
 pub fn catch<F: FnOnce()>(f: F) -> Result<(), Caught> {
     let mut frame = CatchFrame {
         buf: JumpBuf::default(),

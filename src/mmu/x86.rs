@@ -59,7 +59,7 @@ where
     }
 
     fn page(addr: usize) -> Result<Page<Size4KiB>, MmuError> {
-        if addr % PAGE_SIZE != 0 {
+        if !addr.is_multiple_of(PAGE_SIZE) {
             return Err(MmuError::Unaligned { addr });
         }
         let va = VirtAddr::try_new(addr as u64).map_err(|_| MmuError::OutOfRange { addr })?;
@@ -259,8 +259,9 @@ where
         let mut tables = self.tables.lock();
         let leaf = self.walk(&tables, page)[3].ok_or(MmuError::NotMapped { page })?;
         let current = Flags::from_bits_truncate(leaf & !PTE_ADDR_MASK);
-        let target = Flags::from_bits_truncate(prot.leaf_flags());
-        if current == target {
+        let rights = Flags::WRITABLE | Flags::NO_EXECUTE;
+        let target = (current - rights) | Flags::from_bits_truncate(prot.leaf_flags());
+        if current & rights == target & rights {
             return Ok(());
         }
         // Never W+X on the way: NX goes on before W, W comes off before NX.
@@ -354,7 +355,7 @@ where
     }
 
     fn write_u64_atomic(&mut self, addr: usize, value: u64) -> Result<(), MmuError> {
-        if addr % 8 != 0 {
+        if !addr.is_multiple_of(8) {
             return Err(MmuError::Unaligned { addr });
         }
         self.check_writable(addr, 8)?;
