@@ -8,6 +8,23 @@
 //! free ranges: the ranges live in a treap keyed by start address, and every node also records the
 //! largest free-range size in its subtree, so a first-fit descent can skip whole subtrees that
 //! cannot satisfy the request.
+//!
+//! ```
+//! use codespace::pool::DisjointAllocationPool;
+//! use codespace::AddressRange;
+//!
+//! let mut pool = DisjointAllocationPool::from_range(AddressRange::new(0x1000, 0x5000));
+//! let a = pool.allocate(0x1000).unwrap();
+//! assert_eq!(a, AddressRange::new(0x1000, 0x2000));
+//! // Freeing coalesces with the free neighbour.
+//! assert_eq!(pool.merge(a), Ok(AddressRange::new(0x1000, 0x5000)));
+//! assert_eq!(pool.len(), 1);
+//! // Allocate inside a region: the free range is split around the result.
+//! let b = pool.allocate_in_region(0x1000, AddressRange::new(0x2800, 0x4000)).unwrap();
+//! assert_eq!(b, AddressRange::new(0x2800, 0x3800));
+//! assert_eq!(pool.ranges().collect::<Vec<_>>(),
+//!            [AddressRange::new(0x1000, 0x2800), AddressRange::new(0x3800, 0x5000)]);
+//! ```
 
 use alloc::vec::Vec;
 use core::fmt;

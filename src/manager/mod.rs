@@ -4,6 +4,27 @@
 //! [`CodeManager`] owns the window and the MMU backend (V8's `WasmCodeManager`);
 //! [`CodeAllocator`] (one per module, V8's `WasmCodeAllocator`) allocates code inside its own
 //! code spaces and hands out [`WritableCode`] that becomes [`PublishedCode`] on publish.
+//!
+//! ```
+//! use codespace::mmu::{soft::SoftMmu, Mmu};
+//! use codespace::{AddressRange, AllocatorConfig, CodeAllocator, CodeManager, ManagerConfig};
+//!
+//! let window = AddressRange::new(0xFFFF_C000_0000_0000, 0xFFFF_C000_4000_0000);
+//! let manager = CodeManager::new(SoftMmu::new(1024), window, ManagerConfig::default())?;
+//! let mut module = CodeAllocator::new(&manager, AllocatorConfig::default())?;
+//!
+//! let mut code = module.allocate(4)?;             // commits one page, RW+NX
+//! code.as_mut_slice().copy_from_slice(&[0x8D, 0x04, 0x37, 0xC3]); // lea eax,[rdi+rsi]; ret
+//! let code = module.publish(code).map_err(|r| r.error)?; // now R+X; no way to write it
+//! let mapping = manager.with_mmu(|mmu| mmu.query(code.start())).unwrap();
+//! assert!(mapping.executable && !mapping.writable);
+//! assert_eq!(manager.committed(), 4096);
+//!
+//! module.free(code).map_err(|r| r.error)?;        // the page is wholly free: decommitted
+//! assert_eq!(manager.committed(), 0);
+//! assert!(manager.audit().is_clean());
+//! # Ok::<(), codespace::CodeError>(())
+//! ```
 
 mod allocator;
 mod audit;
