@@ -1,9 +1,60 @@
 //! codespace wired into this kernel: the code window and a manager over the live page tables.
 
+use core::sync::atomic::{AtomicU64, Ordering};
+
 use codespace::mmu::x86::X86Mmu;
+use codespace::trap::TrapTable;
 use codespace::{AddressRange, CodeError, CodeManager, ManagerConfig};
 
+use crate::interrupts::{FaultInfo, TrapFrame, PAGE_FAULT};
 use crate::memory::{self, FrameBitmap};
+
+/// Protected instructions of all generated code; the page-fault path looks faults up here.
+pub static TRAPS: TrapTable = TrapTable::new();
+
+static TRAPS_TAKEN: AtomicU64 = AtomicU64::new(0);
+static LAST_TRAP_PC: AtomicU64 = AtomicU64::new(0);
+static LAST_TRAP_CR2: AtomicU64 = AtomicU64::new(0);
+
+/// The last trap the page-fault path resolved: faulting PC, CR2, and how many so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrapRecord {
+    /// PC of the protected instruction that faulted.
+    pub pc: u64,
+    /// The faulting address.
+    pub cr2: u64,
+    /// Traps resolved since boot.
+    pub count: u64,
+}
+
+/// The last resolved trap, if any.
+#[must_use]
+pub fn last_trap() -> Option<TrapRecord> {
+    let count = TRAPS_TAKEN.load(Ordering::SeqCst);
+    (count > 0).then(|| TrapRecord {
+        pc: LAST_TRAP_PC.load(Ordering::SeqCst),
+        cr2: LAST_TRAP_CR2.load(Ordering::SeqCst),
+        count,
+    })
+}
+
+/// The #PF path into the trap table (called first for every page fault): a protected PC
+/// resumes at its landing pad with the faulting PC in r10 (V8's convention). Lock-free and
+/// allocation-free, like the lookup it relies on.
+pub(crate) fn trap_fixup(frame: &mut TrapFrame, info: &FaultInfo) -> bool {
+    if info.vector != PAGE_FAULT {
+        return false;
+    }
+    let Some(hit) = TRAPS.lookup(frame.rip as usize) else {
+        return false;
+    };
+    LAST_TRAP_PC.store(frame.rip, Ordering::SeqCst);
+    LAST_TRAP_CR2.store(info.cr2, Ordering::SeqCst);
+    TRAPS_TAKEN.fetch_add(1, Ordering::SeqCst);
+    frame.r10 = frame.rip;
+    frame.rip = hit.landing_pad() as u64;
+    true
+}
 
 /// The code window: PML4 slot 384, 512 GiB that nothing else maps.
 pub const CODE_WINDOW: AddressRange =

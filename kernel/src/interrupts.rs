@@ -326,8 +326,9 @@ extern "C" fn exception_dispatch(frame: &mut TrapFrame) {
 
     let handler = FAULT_HANDLER.load(Ordering::SeqCst);
     // SAFETY: only `set_fault_handler` stores here, and it stores `FaultHandler` values.
-    let handled = handler != 0
-        && unsafe { core::mem::transmute::<usize, FaultHandler>(handler) }(frame, &info);
+    let handled = crate::code::trap_fixup(frame, &info)
+        || (handler != 0
+            && unsafe { core::mem::transmute::<usize, FaultHandler>(handler) }(frame, &info));
     if !handled && !crate::catch::redirect_fault(frame, info) {
         fatal("unhandled exception", &info);
     }
