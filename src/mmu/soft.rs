@@ -1161,26 +1161,44 @@ mod tests {
         for i in 0..33 {
             mmu.map_fresh(BASE + i * PAGE_SIZE, &mut tlb).unwrap();
         }
-        assert!(tlb.is_empty(), "mapping a not-present page needs no invalidation");
+        assert!(
+            tlb.is_empty(),
+            "mapping a not-present page needs no invalidation"
+        );
         mmu.flush(tlb);
         assert_eq!(mmu.flush_stats(), FlushStats::default());
 
         let mut tlb = TlbFlush::new();
         for i in 0..32 {
-            mmu.protect(BASE + i * PAGE_SIZE, Protection::ReadExecute, &mut tlb).unwrap();
+            mmu.protect(BASE + i * PAGE_SIZE, Protection::ReadExecute, &mut tlb)
+                .unwrap();
         }
         assert!(!tlb.is_full());
         mmu.flush(tlb);
-        assert_eq!(mmu.flush_stats(), FlushStats { single_pages: 32, full: 0 });
+        assert_eq!(
+            mmu.flush_stats(),
+            FlushStats {
+                single_pages: 32,
+                full: 0
+            }
+        );
 
         let mut tlb = TlbFlush::new();
         for i in 0..32 {
-            mmu.protect(BASE + i * PAGE_SIZE, Protection::ReadWrite, &mut tlb).unwrap();
+            mmu.protect(BASE + i * PAGE_SIZE, Protection::ReadWrite, &mut tlb)
+                .unwrap();
         }
-        mmu.protect(BASE + 32 * PAGE_SIZE, Protection::ReadExecute, &mut tlb).unwrap();
+        mmu.protect(BASE + 32 * PAGE_SIZE, Protection::ReadExecute, &mut tlb)
+            .unwrap();
         assert!(tlb.is_full());
         mmu.flush(tlb);
-        assert_eq!(mmu.flush_stats(), FlushStats { single_pages: 32, full: 1 });
+        assert_eq!(
+            mmu.flush_stats(),
+            FlushStats {
+                single_pages: 32,
+                full: 1
+            }
+        );
 
         mmu.flush(TlbFlush::new());
         assert_eq!(
