@@ -9,6 +9,12 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+pub mod code_events;
+pub mod code_map;
+pub mod code_object;
+pub mod code_pointer_table;
+pub mod jump_table;
+pub mod latch;
 pub mod manager;
 pub mod mmu;
 pub mod pool;

@@ -14,66 +14,23 @@
 //!
 //! # Concurrency
 //!
-//! The table is a *latch* (the idea behind Linux's latch tree) over immutable snapshots. A
-//! snapshot is a heap-allocated sorted array of entries, shared through an [`Arc`]; each entry
-//! shares its sorted offsets through an `Arc<[u32]>`, so a rebuild copies O(n) small entries and
-//! never the offsets themselves.
+//! The table is a [`Latch`] (the idea behind Linux's latch tree) over immutable snapshots; the
+//! latch module documents the protocol and why it is correct. A snapshot is a heap-allocated
+//! sorted array of entries, shared through an [`Arc`]; each entry shares its sorted offsets
+//! through an `Arc<[u32]>`, so a rebuild copies O(n) small entries and never the offsets
+//! themselves. Writers serialize on a [`spin::Mutex`] that also holds the authoritative current
+//! snapshot; readers never touch it.
 //!
-//! State: two slots `slots[0..2]` (each a raw pointer obtained from `Arc::into_raw`, owning one
-//! strong count, or null for "empty table"), a sequence number `seq` whose low bit names the slot
-//! readers use, and a reader count per slot `readers[0..2]`. Writers serialize on a
-//! [`spin::Mutex`] that also holds the authoritative current snapshot; readers never touch it.
-//!
-//! Reader (`lookup`):
-//! ```text
-//! R1 s = seq            ; i = s & 1
-//! R2 readers[i] += 1
-//! R3 if seq != s { readers[i] -= 1; retry }
-//! R4 p = slots[i]; search *p
-//! R5 readers[i] -= 1
-//! ```
-//! Writer (holding the mutex; `seq == s` on entry, `a = s & 1`, `b = a ^ 1`):
-//! ```text
-//! W1 seq = s + 1                  ; new readers go to slot b (still the old snapshot)
-//! W2 wait until readers[a] == 0
-//! W3 slots[a] = new; drop the slot's count on the old snapshot
-//! W4 seq = s + 2                  ; new readers go to slot a (the new snapshot)
-//!    writer hook (tests only)
-//! W5 wait until readers[b] == 0
-//! W6 slots[b] = new; drop the slot's count on the old snapshot
-//! ```
-//! All accesses to `seq` and `readers` are `SeqCst`, so they sit in one total order. Why no
-//! reader dereferences a snapshot after W3 (or W6) released the slot's count on it:
-//! * A reader that reaches R4 on slot `a` read `seq == s` at R1 and at R3. If its increment R2
-//!   precedes the load W2 in the total order, W2 (and every later poll) sees the count until R5,
-//!   so the writer waits; R5 is a release RMW read by the writer's acquire load, so everything
-//!   the reader did happens-before W3. If R2 follows W2, then W1 precedes R3, so R3 reads
-//!   `seq != s` and the reader retries without loading the pointer. The same argument with
-//!   W4/W5/W6 covers slot `b`. (`seq` would have to wrap around the whole `usize` range while a
-//!   reader sits between R1 and R3 to fool the check.)
-//! * A reader that loads a slot after W3/W6 read a `seq` written at or after that store, so it
-//!   sees the new pointer (release/acquire through `seq`) and the fully built snapshot.
-//! * Snapshots are reference counted: the slot counts plus the writer's current one. A snapshot
-//!   is freed exactly once, by the last `Arc` drop, and only after both slots stopped naming it.
-//!
-//! Same CPU: a page fault may interrupt the writer anywhere. The writer is suspended, so `seq`
-//! cannot change while the handler runs: the reader passes R3 on its first try and uses the slot
-//! named by `seq`, which is never the slot the writer is waiting on or replacing (the writer only
-//! touches a slot after moving `seq` away from it). Every step of the writer is a single atomic
-//! instruction, so the reader sees either the old or the new table, never a torn one, and it
-//! finishes without waiting for the writer. The reverse direction is not supported: a writer
-//! must not run in interrupt context (it could spin forever on a reader it interrupted, and the
-//! writer mutex is not reentrant).
-//!
-//! Readers on other CPUs never block either: a reader retries only when `seq` moved between R1
-//! and R3, which takes writer progress, so the protocol is lock-free for readers.
+//! Same CPU: a page fault may interrupt the writer anywhere; the lookup in the handler sees
+//! either the old or the new table, never a torn one, and finishes without waiting for the
+//! writer. The reverse direction is not supported: a writer must not run in interrupt context.
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
-use core::ptr;
-use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU64, Ordering};
 
+use crate::latch::Latch;
 use crate::range::AddressRange;
 
 /// Identifies one registration in a [`TrapTable`]; pass it to [`TrapTable::release`].
@@ -264,14 +221,10 @@ impl Snapshot {
     }
 }
 
-/// Snapshots are shared between threads through raw pointers in `AtomicPtr`s, which are
-/// `Send + Sync` whatever they point to; this assertion keeps that honest.
+/// The latch shares snapshots between threads (and with fault handlers); it is `Sync` only when
+/// they are `Send + Sync`, which this assertion keeps honest.
 const fn assert_send_sync<T: Send + Sync>() {}
-const _: () = assert_send_sync::<Snapshot>();
-
-/// A value alone on its cache line, so reader counts and `seq` do not false-share.
-#[repr(align(64))]
-struct CacheLine<T>(T);
+const _: () = assert_send_sync::<Latch<Snapshot>>();
 
 /// Writer-only state, behind the writer mutex.
 struct WriterState {
@@ -279,8 +232,6 @@ struct WriterState {
     current: Option<Arc<Snapshot>>,
     /// Next handle to hand out; never reused.
     next_handle: u64,
-    /// Test hook run in the middle of every update.
-    hook: Option<fn()>,
 }
 
 /// Lock-free table from protected instruction addresses of generated code to landing pads.
@@ -291,12 +242,8 @@ struct WriterState {
 /// serialize on a spin lock and must not run in interrupt context. See the module docs for the
 /// protocol.
 pub struct TrapTable {
-    /// Low bit: the slot new readers use.
-    seq: CacheLine<AtomicUsize>,
-    /// Readers currently inside each slot.
-    readers: [CacheLine<AtomicUsize>; 2],
-    /// `Arc::into_raw` of a snapshot (one strong count each), or null for the empty table.
-    slots: [AtomicPtr<Snapshot>; 2],
+    /// What readers see; `None` (nothing published yet) is the empty table.
+    latch: Latch<Snapshot>,
     /// Lookups performed (statistics only).
     lookups: AtomicU64,
     writer: spin::Mutex<WriterState>,
@@ -317,34 +264,16 @@ impl fmt::Debug for TrapTable {
     }
 }
 
-/// Keeps `readers[i]` raised while a reader uses slot `i`.
-struct ReadGuard<'a>(&'a AtomicUsize);
-
-impl Drop for ReadGuard<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 impl TrapTable {
     /// An empty table.
     #[must_use]
     pub const fn new() -> Self {
         TrapTable {
-            seq: CacheLine(AtomicUsize::new(0)),
-            readers: [
-                CacheLine(AtomicUsize::new(0)),
-                CacheLine(AtomicUsize::new(0)),
-            ],
-            slots: [
-                AtomicPtr::new(ptr::null_mut()),
-                AtomicPtr::new(ptr::null_mut()),
-            ],
+            latch: Latch::new(),
             lookups: AtomicU64::new(0),
             writer: spin::Mutex::new(WriterState {
                 current: None,
                 next_handle: 1,
-                hook: None,
             }),
         }
     }
@@ -436,7 +365,8 @@ impl TrapTable {
     #[must_use]
     pub fn lookup(&self, pc: usize) -> Option<TrapHit> {
         self.lookups.fetch_add(1, Ordering::Relaxed);
-        self.read(|snapshot| snapshot.and_then(|s| s.lookup(pc)))
+        self.latch
+            .read(|snapshot| snapshot.and_then(|s| s.lookup(pc)))
     }
 
     /// Whether `pc` is a protected instruction (same as `lookup(pc).is_some()`).
@@ -448,7 +378,8 @@ impl TrapTable {
     /// Number of registered code ranges. Lock-free.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.read(|snapshot| snapshot.map_or(0, |s| s.entries.len()))
+        self.latch
+            .read(|snapshot| snapshot.map_or(0, |s| s.entries.len()))
     }
 
     /// Whether no code range is registered. Lock-free.
@@ -473,88 +404,16 @@ impl TrapTable {
     /// the same table (the writer lock is held). `None` removes it.
     #[doc(hidden)]
     pub fn set_writer_hook(&self, hook: Option<fn()>) {
-        self.writer.lock().hook = hook;
+        // Same lock order as an update: table writer lock, then the latch's.
+        let _state = self.writer.lock();
+        self.latch.set_writer_hook(hook);
     }
 
-    /// Runs `f` on the snapshot readers currently use (steps R1-R5 in the module docs).
-    fn read<R>(&self, f: impl FnOnce(Option<&Snapshot>) -> R) -> R {
-        loop {
-            let s = self.seq.0.load(Ordering::SeqCst);
-            let i = s & 1;
-            let count = &self.readers[i].0;
-            count.fetch_add(1, Ordering::SeqCst);
-            let guard = ReadGuard(count);
-            if self.seq.0.load(Ordering::SeqCst) != s {
-                // A writer moved on; it may be replacing slot `i`. Do not touch the pointer.
-                drop(guard);
-                core::hint::spin_loop();
-                continue;
-            }
-            let p = self.slots[i].load(Ordering::Acquire);
-            // SAFETY: `p` is null or came from `Arc::into_raw` and the slot still owns a strong
-            // count on it: a writer drops that count only after moving `seq` away from `s` and
-            // then seeing `readers[i] == 0`. Our increment of `readers[i]` came before our second
-            // read of `seq` returned `s` (all SeqCst), so that writer either sees our count and
-            // waits until the guard drops, or moved `seq` before our re-check, which would have
-            // failed. The snapshot is immutable, so a shared borrow for the guard's lifetime is
-            // sound.
-            let snapshot = unsafe { p.as_ref() };
-            let r = f(snapshot);
-            drop(guard);
-            return r;
-        }
-    }
-
-    /// Makes `next` the table (steps W1-W6 in the module docs). Caller holds the writer lock.
+    /// Makes `next` the table. Caller holds the writer lock.
     fn publish(&self, state: &mut WriterState, next: Snapshot) {
         let next = Arc::new(next);
-        // Only writers change `seq` and we hold the writer lock.
-        let s = self.seq.0.load(Ordering::Relaxed);
-        let first = s & 1;
-        // W1: new readers use the other slot, which still holds the current table.
-        self.seq.0.fetch_add(1, Ordering::SeqCst);
-        // W2-W3
-        self.replace_slot(first, &next);
-        // W4: new readers use `first`, which now holds `next`.
-        self.seq.0.fetch_add(1, Ordering::SeqCst);
-        if let Some(hook) = state.hook {
-            hook();
-        }
-        // W5-W6
-        self.replace_slot(first ^ 1, &next);
+        self.latch.publish(Arc::clone(&next));
         state.current = Some(next);
-    }
-
-    /// Waits for slot `i` to drain, then points it at `next`. `seq` must already name the other
-    /// slot.
-    fn replace_slot(&self, i: usize, next: &Arc<Snapshot>) {
-        while self.readers[i].0.load(Ordering::SeqCst) != 0 {
-            core::hint::spin_loop();
-        }
-        let new = Arc::into_raw(Arc::clone(next)).cast_mut();
-        let old = self.slots[i].swap(new, Ordering::SeqCst);
-        if !old.is_null() {
-            // SAFETY: `old` came from `Arc::into_raw` in an earlier `replace_slot` and the slot
-            // owned that strong count; the swap took it out of the slot, so it is dropped once.
-            // No reader holds it: `seq` no longer names slot `i` and `readers[i]` was seen at 0
-            // afterwards, so every reader of `old` has finished (its decrement synchronizes with
-            // our SeqCst load) and every later reader of slot `i` fails its `seq` re-check or
-            // loads `new`.
-            drop(unsafe { Arc::from_raw(old) });
-        }
-    }
-}
-
-impl Drop for TrapTable {
-    fn drop(&mut self) {
-        for slot in &mut self.slots {
-            let p = core::mem::replace(slot.get_mut(), ptr::null_mut());
-            if !p.is_null() {
-                // SAFETY: `&mut self` excludes readers and writers; `p` came from `Arc::into_raw`
-                // and the slot owned one strong count, released here exactly once.
-                drop(unsafe { Arc::from_raw(p) });
-            }
-        }
     }
 }
 
@@ -562,7 +421,7 @@ impl Drop for TrapTable {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::sync::atomic::AtomicBool;
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
     use std::vec;
     use std::vec::Vec;
 

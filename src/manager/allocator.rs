@@ -207,6 +207,39 @@ impl<M: Mmu> CodeAllocator<M> {
         })
     }
 
+    /// Allocates `size` bytes inside `region` (first fit there, V8's `AllocateForCodeInRegion`),
+    /// committing as [`allocate`](Self::allocate) does; never reserves a new code space.
+    ///
+    /// # Errors
+    /// [`CodeError::WindowExhausted`] when nothing free in `region` is large enough; the commit
+    /// errors of `allocate`. Nothing changes on error.
+    pub fn allocate_in_region(
+        &mut self,
+        size: usize,
+        region: AddressRange,
+    ) -> Result<WritableCode, CodeError> {
+        let aligned = size
+            .checked_next_multiple_of(CODE_ALIGNMENT)
+            .filter(|&s| s > 0)
+            .ok_or(CodeError::InvalidSize { size })?;
+        let manager = self.manager.clone();
+        let mut state = manager.lock();
+        let range = self
+            .free
+            .allocate_in_region(aligned, region)
+            .ok_or(CodeError::WindowExhausted { size: aligned })?;
+        if let Err(e) = commit(&mut state, range) {
+            let _ = self.free.merge(range);
+            return Err(e);
+        }
+        self.allocated += aligned;
+        Ok(WritableCode {
+            range,
+            owner: self.id,
+            bytes: alloc::vec![0; size],
+        })
+    }
+
     fn drop_space(&mut self, state: &mut State<M>, space: AddressRange) {
         self.spaces.retain(|s| *s != space);
         // Remove the (wholly free) space from the pool by allocating exactly it.

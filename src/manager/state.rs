@@ -156,6 +156,14 @@ impl<M: Mmu> CodeManager<M> {
         f(&mut self.lock().mmu)
     }
 
+    /// Copies committed code bytes at `addr` into `buf`.
+    ///
+    /// # Errors
+    /// A page of the range is not mapped.
+    pub fn read(&self, addr: usize, buf: &mut [u8]) -> Result<(), CodeError> {
+        self.lock().read(addr, buf)
+    }
+
     /// Committed bytes still allowed under the hard limit.
     #[must_use]
     pub fn remaining_uncommitted(&self) -> usize {
@@ -204,6 +212,18 @@ impl<M: Mmu> CodeManager<M> {
             .values()
             .map(|(usable, _)| *usable)
             .collect()
+    }
+
+    /// Stores `value` at the 8-byte aligned `addr` of committed code with one atomic 64-bit
+    /// store, then serializes this CPU. Published (R+X) pages are written through the writable
+    /// alias whatever the protection mode — live code (jump tables) is never made writable, not
+    /// even briefly. Patchers serialize on the manager lock; executing code never waits.
+    ///
+    /// # Errors
+    /// Unaligned or uncommitted address, or a backend failure; nothing is written then.
+    pub fn patch_u64(&self, addr: usize, value: u64) -> Result<(), CodeError> {
+        let mut s = self.lock();
+        s.patch_u64(addr, value)
     }
 
     /// Walks the window's page tables: W+X pages, committed pages against the counter, and
@@ -307,6 +327,35 @@ impl<M: Mmu> State<M> {
             done += n;
         }
         Ok(())
+    }
+
+    pub(crate) fn patch_u64(&mut self, addr: usize, value: u64) -> Result<(), CodeError> {
+        if !addr.is_multiple_of(8) {
+            return Err(MmuError::Unaligned { addr }.into());
+        }
+        let page = addr & !(PAGE_SIZE - 1);
+        let in_space = self
+            .spaces
+            .range(..=page)
+            .next_back()
+            .is_some_and(|(_, (usable, _))| usable.contains(addr));
+        if !in_space {
+            return Err(MmuError::NotMapped { page }.into());
+        }
+        let mapping = self.mmu.query(page).ok_or(MmuError::NotMapped { page })?;
+        if mapping.writable {
+            self.mmu.write_u64_atomic(addr, value)?;
+        } else {
+            let alias = self.alias.start() + (addr - page);
+            self.with_alias(mapping.frame, |mmu| mmu.write_u64_atomic(alias, value))?;
+        }
+        self.mmu.serialize();
+        Ok(())
+    }
+
+    /// Reads committed code bytes (for inspection and tests).
+    pub(crate) fn read(&self, addr: usize, buf: &mut [u8]) -> Result<(), CodeError> {
+        Ok(self.mmu.read(addr, buf)?)
     }
 
     /// Maps the first alias page onto `frame`, runs `f`, unmaps and invalidates the alias.

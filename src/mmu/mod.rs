@@ -297,6 +297,10 @@ pub trait Mmu {
     /// Invalidates the batch's translations: one `invlpg` per page, or one full flush.
     fn flush(&mut self, tlb: TlbFlush);
 
+    /// Makes code changed by this CPU visible to its own instruction stream: a serializing
+    /// instruction (`cpuid`) on hardware (Intel SDM 8.1.3); nothing in a model.
+    fn serialize(&self) {}
+
     /// Invalidations issued so far.
     fn flush_stats(&self) -> FlushStats;
 

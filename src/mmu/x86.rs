@@ -390,6 +390,11 @@ where
         }
     }
 
+    fn serialize(&self) {
+        // cpuid is serializing on every x86-64 CPU (`serialize` is newer and not universal).
+        let _ = core::arch::x86_64::__cpuid(0);
+    }
+
     fn flush_stats(&self) -> FlushStats {
         self.stats
     }
