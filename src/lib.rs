@@ -17,6 +17,7 @@ pub mod jump_table;
 pub mod latch;
 pub mod manager;
 pub mod mmu;
+pub mod module;
 pub mod pool;
 pub mod range;
 pub mod trap;

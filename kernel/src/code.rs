@@ -1,16 +1,17 @@
 //! codespace wired into this kernel: the code window and a manager over the live page tables.
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::arch::global_asm;
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use codespace::mmu::x86::X86Mmu;
-use codespace::trap::TrapTable;
+use codespace::module::Registries;
 use codespace::{AddressRange, CodeError, CodeManager, ManagerConfig};
 
 use crate::interrupts::{FaultInfo, TrapFrame, PAGE_FAULT};
 use crate::memory::{self, FrameBitmap};
 
-/// Protected instructions of all generated code; the page-fault path looks faults up here.
-pub static TRAPS: TrapTable = TrapTable::new();
+/// Trap table and PC lookup of all generated code; the page-fault path looks faults up here.
+pub static REGISTRIES: Registries = Registries::new();
 
 static TRAPS_TAKEN: AtomicU64 = AtomicU64::new(0);
 static LAST_TRAP_PC: AtomicU64 = AtomicU64::new(0);
@@ -45,7 +46,7 @@ pub(crate) fn trap_fixup(frame: &mut TrapFrame, info: &FaultInfo) -> bool {
     if info.vector != PAGE_FAULT {
         return false;
     }
-    let Some(hit) = TRAPS.lookup(frame.rip as usize) else {
+    let Some(hit) = REGISTRIES.traps.lookup(frame.rip as usize) else {
         return false;
     };
     LAST_TRAP_PC.store(frame.rip, Ordering::SeqCst);
@@ -89,4 +90,68 @@ pub fn test_window(n: usize) -> AddressRange {
         CODE_WINDOW.start() + n * size,
         CODE_WINDOW.start() + (n + 1) * size,
     )
+}
+
+static LAZY_COMPILER: AtomicUsize = AtomicUsize::new(0);
+
+/// A lazy compiler: compiles function `index`, installs it, and returns its entry address.
+pub type LazyCompiler = fn(index: u32) -> usize;
+
+/// Installs the function [`lazy_compile_entry`] calls, or removes it.
+pub fn set_lazy_compiler(compiler: Option<LazyCompiler>) {
+    LAZY_COMPILER.store(compiler.map_or(0, |c| c as usize), Ordering::SeqCst);
+}
+
+/// Address of the lazy-compile entry to give `ModuleConfig::lazy_entry`.
+#[must_use]
+pub fn lazy_compile_entry() -> usize {
+    codespace_lazy_compile_entry as *const () as usize
+}
+
+#[no_mangle]
+extern "C" fn codespace_lazy_compile(index: u32) -> usize {
+    let compiler = LAZY_COMPILER.load(Ordering::SeqCst);
+    if compiler == 0 {
+        panic!("function {index} called before it was compiled, and no lazy compiler is installed");
+    }
+    // SAFETY: only `set_lazy_compiler` stores here, and it stores `LazyCompiler` values.
+    let compiler = unsafe { core::mem::transmute::<usize, LazyCompiler>(compiler) };
+    compiler(index)
+}
+
+// The lazy-compile entry, reached from a lazy slot (`push index; jmp`) through the code space's
+// far-jump trampoline: saves the argument registers, asks the lazy compiler for the function's
+// code, drops the pushed index and tail-jumps to the code with the original arguments.
+global_asm!(
+    r#"
+    .section .text
+    .global codespace_lazy_compile_entry
+codespace_lazy_compile_entry:
+    pushq %rdi
+    pushq %rsi
+    pushq %rdx
+    pushq %rcx
+    pushq %r8
+    pushq %r9
+    pushq %rax
+    movl 56(%rsp), %edi
+    subq $8, %rsp
+    call codespace_lazy_compile
+    addq $8, %rsp
+    movq %rax, %r11
+    popq %rax
+    popq %r9
+    popq %r8
+    popq %rcx
+    popq %rdx
+    popq %rsi
+    popq %rdi
+    addq $8, %rsp
+    jmpq *%r11
+"#,
+    options(att_syntax)
+);
+
+extern "C" {
+    fn codespace_lazy_compile_entry();
 }

@@ -6,7 +6,7 @@
 extern crate alloc;
 
 use codespace::{AllocatorConfig, CodeAllocator, ManagerConfig, ProtectionMode, PublishedCode};
-use codespace_kernel::code::{self, manager, test_window, KernelMmu, TRAPS};
+use codespace_kernel::code::{self, manager, test_window, KernelMmu, REGISTRIES};
 use codespace_kernel::memory::{self, phys_to_virt, SCRATCH_BASE};
 use codespace_kernel::test::{ExpectFault, PF_PRESENT};
 use x86_64::structures::paging::{FrameAllocator, Mapper, Page, PageTableFlags as F, Size4KiB};
@@ -100,7 +100,8 @@ fn protected_load_lands_with_r10_and_cr2() {
     let mut a = allocator(0);
     let code = publish_load(&mut a);
     let (_, load_at, landing_at) = load_function();
-    let handle = TRAPS
+    let handle = REGISTRIES
+        .traps
         .register(code.range(), &[load_at], code.start() + landing_at)
         .expect("register");
     assert_eq!(call(&code, 0x100), 0xC0DE, "in-bounds load");
@@ -113,7 +114,7 @@ fn protected_load_lands_with_r10_and_cr2() {
     assert_eq!(trap.count, before + 1);
     assert_eq!(trap.pc, pc);
     assert_eq!(trap.cr2, MEMORY + oob, "CR2 is the out-of-bounds address");
-    TRAPS.release(handle).expect("release");
+    REGISTRIES.traps.release(handle).expect("release");
     a.free(code).expect("free");
 }
 
@@ -133,7 +134,7 @@ fn unprotected_fault_is_not_handled() {
         (code.start() + load_at as usize) as u64,
         "reported at the load"
     );
-    assert!(!TRAPS.is_protected(info.rip as usize));
+    assert!(!REGISTRIES.traps.is_protected(info.rip as usize));
     a.free(code).expect("free");
 }
 
@@ -157,13 +158,16 @@ fn fault_during_half_done_registration_resolves() {
     let code = publish_load(&mut a);
     let other = publish_load(&mut a);
     let (_, load_at, landing_at) = load_function();
-    let handle = TRAPS
+    let handle = REGISTRIES
+        .traps
         .register(code.range(), &[load_at], code.start() + landing_at)
         .expect("register");
     *HOOK_CODE.lock() = code.start();
-    TRAPS.set_writer_hook(Some(fault_inside_writer));
-    let second = TRAPS.register(other.range(), &[load_at], other.start() + landing_at);
-    TRAPS.set_writer_hook(None);
+    REGISTRIES.traps.set_writer_hook(Some(fault_inside_writer));
+    let second = REGISTRIES
+        .traps
+        .register(other.range(), &[load_at], other.start() + landing_at);
+    REGISTRIES.traps.set_writer_hook(None);
     let second = second.expect("second registration completes");
     assert_eq!(
         HOOK_RESULT.load(core::sync::atomic::Ordering::SeqCst),
@@ -175,8 +179,8 @@ fn fault_during_half_done_registration_resolves() {
         call(&other, MEMORY_PAGES * 4096),
         (other.start() + load_at as usize) as u64
     );
-    TRAPS.release(second).expect("release");
-    TRAPS.release(handle).expect("release");
+    REGISTRIES.traps.release(second).expect("release");
+    REGISTRIES.traps.release(handle).expect("release");
     a.free(code).expect("free");
     a.free(other).expect("free");
 }
@@ -186,11 +190,12 @@ fn released_code_no_longer_resolves() {
     let code = publish_load(&mut a);
     let (_, load_at, landing_at) = load_function();
     let pc = code.start() + load_at as usize;
-    let handle = TRAPS
+    let handle = REGISTRIES
+        .traps
         .register(code.range(), &[load_at], code.start() + landing_at)
         .expect("register");
-    assert!(TRAPS.lookup(pc).is_some());
-    TRAPS.release(handle).expect("release");
-    assert!(TRAPS.lookup(pc).is_none());
+    assert!(REGISTRIES.traps.lookup(pc).is_some());
+    REGISTRIES.traps.release(handle).expect("release");
+    assert!(REGISTRIES.traps.lookup(pc).is_none());
     a.free(code).expect("free");
 }

@@ -1,0 +1,387 @@
+//! Jump tables on real page tables: calls through slots, live patching through the writable
+//! alias (near and far paths), patching from a timer interrupt while code runs, lazy slots.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use codespace::code_object::{CodeKind, RelocKind, Relocation};
+use codespace::mmu::{FlushStats, Mmu, MmuError, PageMapping, Protection, TlbFlush};
+use codespace::module::{CodeModule, ModuleConfig, NewCode};
+use codespace::{AddressRange, AllocatorConfig, CodeAllocator, CodeManager, ManagerConfig};
+use codespace_kernel::code::{self, kernel_mmu, test_window, KernelMmu, REGISTRIES};
+use codespace_kernel::{interrupts, pic};
+use x86_64::instructions::port::Port;
+
+codespace_kernel::kernel_tests![
+    call_through_slot_then_patch,
+    target_beyond_2_gib_takes_the_far_path,
+    timer_interrupt_patches_a_slot_under_a_calling_loop,
+    lazy_slot_compiles_on_first_call,
+];
+
+/// The backend, checking from inside the alias write path that every watched (jump-table)
+/// page is R+X in its executable mapping while its slots are stored.
+struct CheckingMmu {
+    inner: KernelMmu,
+}
+
+static WATCH: spin::Mutex<AddressRange> = spin::Mutex::new(AddressRange::EMPTY);
+static CHECKED_STORES: AtomicU64 = AtomicU64::new(0);
+static WX_DURING_STORE: AtomicU64 = AtomicU64::new(0);
+
+impl Mmu for CheckingMmu {
+    fn check_protection_support(&self) -> Result<(), MmuError> {
+        self.inner.check_protection_support()
+    }
+    fn map_fresh(&mut self, page: usize, tlb: &mut TlbFlush) -> Result<(), MmuError> {
+        self.inner.map_fresh(page, tlb)
+    }
+    fn unmap(&mut self, page: usize, tlb: &mut TlbFlush) -> Result<(), MmuError> {
+        self.inner.unmap(page, tlb)
+    }
+    fn protect(
+        &mut self,
+        page: usize,
+        prot: Protection,
+        tlb: &mut TlbFlush,
+    ) -> Result<(), MmuError> {
+        self.inner.protect(page, prot, tlb)
+    }
+    fn query(&self, page: usize) -> Option<PageMapping> {
+        self.inner.query(page)
+    }
+    fn for_each_mapping(&self, range: AddressRange, f: &mut dyn FnMut(usize, PageMapping)) {
+        self.inner.for_each_mapping(range, f)
+    }
+    fn map_alias(&mut self, alias: usize, frame: u64, tlb: &mut TlbFlush) -> Result<(), MmuError> {
+        self.inner.map_alias(alias, frame, tlb)
+    }
+    fn unmap_alias(&mut self, alias: usize, tlb: &mut TlbFlush) -> Result<(), MmuError> {
+        self.inner.unmap_alias(alias, tlb)
+    }
+    fn write(&mut self, addr: usize, data: &[u8]) -> Result<(), MmuError> {
+        self.inner.write(addr, data)
+    }
+    fn write_u64_atomic(&mut self, addr: usize, value: u64) -> Result<(), MmuError> {
+        let watch = *WATCH.lock();
+        for page in watch.pages() {
+            let m = self.inner.query(page);
+            if !m.is_some_and(|m| !m.writable && m.executable) {
+                WX_DURING_STORE.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        CHECKED_STORES.fetch_add(1, Ordering::SeqCst);
+        self.inner.write_u64_atomic(addr, value)
+    }
+    fn read(&self, addr: usize, buf: &mut [u8]) -> Result<(), MmuError> {
+        self.inner.read(addr, buf)
+    }
+    fn flush(&mut self, tlb: TlbFlush) {
+        self.inner.flush(tlb)
+    }
+    fn serialize(&self) {
+        self.inner.serialize()
+    }
+    fn flush_stats(&self) -> FlushStats {
+        self.inner.flush_stats()
+    }
+    fn free_frames(&self) -> Option<usize> {
+        self.inner.free_frames()
+    }
+}
+
+type Module = CodeModule<CheckingMmu>;
+
+fn manager(window: usize, max_space: usize) -> CodeManager<CheckingMmu> {
+    CodeManager::new(
+        CheckingMmu {
+            inner: kernel_mmu(),
+        },
+        test_window(40 + window),
+        ManagerConfig {
+            max_code_space_size: max_space,
+            ..ManagerConfig::default()
+        },
+    )
+    .expect("manager")
+}
+
+/// `mov eax, imm32; ret`
+fn ret_const(v: u32) -> [u8; 6] {
+    let b = v.to_le_bytes();
+    [0xB8, b[0], b[1], b[2], b[3], 0xC3]
+}
+
+/// `sub rsp, 8; call slot; add rsp, 8; add eax, 100; ret` — calls function `slot` through its
+/// own space's jump table (the rel32 at offset 5 is a CallSlot relocation).
+const CALLER: [u8; 18] = [
+    0x48, 0x83, 0xEC, 0x08, // sub rsp, 8
+    0xE8, 0, 0, 0, 0, // call rel32
+    0x48, 0x83, 0xC4, 0x08, // add rsp, 8
+    0x83, 0xC0, 0x64, // add eax, 100
+    0xC3, 0xCC,
+];
+
+fn add_caller(m: &mut Module, index: u32, slot: u32) -> usize {
+    let relocs = [Relocation {
+        offset: 5,
+        kind: RelocKind::CallSlot { slot },
+    }];
+    let mut new = NewCode::function(index, &CALLER);
+    new.relocations = &relocs;
+    m.add_code(&new).expect("caller").instruction_start()
+}
+
+fn call0(addr: usize) -> u64 {
+    // SAFETY: published code (or a jump slot leading to it) with the C ABI and no arguments.
+    let f: extern "C" fn() -> u64 = unsafe { core::mem::transmute(addr) };
+    f()
+}
+
+fn watch_tables(m: &Module) {
+    let t = m.jump_tables().next().expect("table").range();
+    *WATCH.lock() = t.page_expand();
+}
+
+fn call_through_slot_then_patch() {
+    let mgr = manager(0, 1 << 30);
+    let mut m = Module::new(
+        &mgr,
+        &REGISTRIES,
+        ModuleConfig {
+            functions: 4,
+            ..ModuleConfig::default()
+        },
+    )
+    .expect("module");
+    watch_tables(&m);
+    m.add_code(&NewCode::function(1, &ret_const(1))).expect("g");
+    let f = add_caller(&mut m, 0, 1);
+    assert_eq!(call0(f), 101, "f calls g through slot 1");
+    let g2 = m
+        .add_code(&NewCode::new(CodeKind::Wrapper, &ret_const(2)))
+        .expect("g2");
+    let stores = CHECKED_STORES.load(Ordering::SeqCst);
+    m.patch_slot(1, g2.instruction_start()).expect("patch");
+    assert_eq!(call0(f), 102, "patched slot reaches g2");
+    assert!(
+        CHECKED_STORES.load(Ordering::SeqCst) >= stores + 2,
+        "patched through the checked path"
+    );
+    assert_eq!(
+        WX_DURING_STORE.load(Ordering::SeqCst),
+        0,
+        "table page was R+X during every store"
+    );
+    // Replacing the function itself also repoints the slot.
+    m.add_code(&NewCode::function(1, &ret_const(3)))
+        .expect("g3");
+    assert_eq!(call0(f), 103);
+    assert!(mgr.audit().is_clean(), "{:?}", mgr.audit());
+}
+
+fn target_beyond_2_gib_takes_the_far_path() {
+    let mgr = manager(1, 1 << 30);
+    let mut m = Module::new(
+        &mgr,
+        &REGISTRIES,
+        ModuleConfig {
+            functions: 2,
+            ..ModuleConfig::default()
+        },
+    )
+    .expect("module");
+    watch_tables(&m);
+    m.add_code(&NewCode::function(1, &ret_const(1))).expect("g");
+    let f = add_caller(&mut m, 0, 1);
+    // Three 1 GiB reservations (nothing committed) push the next code space > 2 GiB away.
+    let fillers: alloc::vec::Vec<_> = (0..3)
+        .map(|_| {
+            CodeAllocator::new(
+                &mgr,
+                AllocatorConfig {
+                    initial_reservation: 1 << 30,
+                    ..AllocatorConfig::default()
+                },
+            )
+            .expect("filler")
+        })
+        .collect();
+    let mut far = Module::new(&mgr, &REGISTRIES, ModuleConfig::default()).expect("far module");
+    let target = far
+        .add_code(&NewCode::new(CodeKind::Wrapper, &ret_const(7)))
+        .expect("far code");
+    let table = m.jump_tables().next().expect("table").range();
+    assert!(
+        target.instruction_start() - table.end() > i32::MAX as usize,
+        "really out of rel32 reach"
+    );
+    m.patch_slot(1, target.instruction_start()).expect("patch");
+    let layout = m.jump_tables().next().expect("table");
+    let mut near = [0u8; 8];
+    mgr.read(layout.near_slot_addr(1).expect("slot"), &mut near)
+        .expect("read");
+    let rel = i32::from_le_bytes([near[1], near[2], near[3], near[4]]);
+    let near_target = (layout.near_slot_addr(1).unwrap() + 5).wrapping_add_signed(rel as isize);
+    assert_eq!(near[0], 0xE9);
+    assert_eq!(
+        near_target,
+        layout.far_slot_addr(1).unwrap(),
+        "near slot jumps to the far slot"
+    );
+    assert_eq!(
+        call0(f),
+        107,
+        "call through near and far slot reaches the far code"
+    );
+    assert_eq!(WX_DURING_STORE.load(Ordering::SeqCst), 0);
+    drop(far);
+    drop(fillers);
+    drop(m);
+    assert_eq!(mgr.committed(), 0);
+    assert!(mgr.audit().is_clean());
+}
+
+static LIVE: spin::Mutex<Option<(Module, usize, usize)>> = spin::Mutex::new(None);
+static PATCHES: AtomicUsize = AtomicUsize::new(0);
+
+fn timer_tick(_frame: &mut interrupts::TrapFrame) {
+    if let Some(mut guard) = LIVE.try_lock() {
+        if let Some((m, a, b)) = guard.as_mut() {
+            let n = PATCHES.fetch_add(1, Ordering::SeqCst);
+            let target = if n % 2 == 0 { *b } else { *a };
+            m.patch_slot(1, target).expect("patch from IRQ");
+        }
+    }
+}
+
+fn timer_interrupt_patches_a_slot_under_a_calling_loop() {
+    let mgr = manager(2, 1 << 30);
+    let mut m = Module::new(
+        &mgr,
+        &REGISTRIES,
+        ModuleConfig {
+            functions: 2,
+            ..ModuleConfig::default()
+        },
+    )
+    .expect("module");
+    watch_tables(&m);
+    let g = m
+        .add_code(&NewCode::function(1, &ret_const(1)))
+        .expect("g")
+        .instruction_start();
+    let g2 = m
+        .add_code(&NewCode::new(CodeKind::Wrapper, &ret_const(2)))
+        .expect("g2")
+        .instruction_start();
+    let f = add_caller(&mut m, 0, 1);
+    *LIVE.lock() = Some((m, g, g2));
+    PATCHES.store(0, Ordering::SeqCst);
+
+    // PIT channel 0, rate generator at ~2 kHz.
+    let divisor: u16 = 596;
+    // SAFETY: programs the PIT, which only this test uses.
+    unsafe {
+        Port::<u8>::new(0x43).write(0x34);
+        Port::<u8>::new(0x40).write(divisor as u8);
+        Port::<u8>::new(0x40).write((divisor >> 8) as u8);
+    }
+    interrupts::set_irq_handler(0, Some(timer_tick));
+    pic::set_masked(0, false);
+    x86_64::instructions::interrupts::enable();
+
+    let (mut old, mut new, mut other) = (0u64, 0u64, 0u64);
+    let mut calls = 0u64;
+    while calls < 2_000_000 && (PATCHES.load(Ordering::SeqCst) < 50 || calls < 1_000_000) {
+        match call0(f) {
+            101 => old += 1,
+            102 => new += 1,
+            _ => other += 1,
+        }
+        calls += 1;
+    }
+
+    x86_64::instructions::interrupts::disable();
+    pic::set_masked(0, true);
+    interrupts::set_irq_handler(0, None);
+    let patches = PATCHES.load(Ordering::SeqCst);
+    let (m, _, _) = LIVE.lock().take().expect("module");
+    codespace_kernel::println!(
+        "    {calls} calls, {patches} patches from IRQ0: {old} old results, {new} new"
+    );
+    assert_eq!(other, 0, "every call returned the old or the new result");
+    assert!(patches >= 2, "the timer patched the slot ({patches} times)");
+    assert!(old > 0 && new > 0, "both targets were called");
+    assert_eq!(
+        WX_DURING_STORE.load(Ordering::SeqCst),
+        0,
+        "table stayed R+X during every store"
+    );
+    assert!(mgr.audit().is_clean(), "{:?}", mgr.audit());
+    drop(m);
+}
+
+static LAZY_CALLS: AtomicUsize = AtomicUsize::new(0);
+static LAZY: spin::Mutex<Option<Module>> = spin::Mutex::new(None);
+
+fn compile_lazily(index: u32) -> usize {
+    LAZY_CALLS.fetch_add(1, Ordering::SeqCst);
+    let mut guard = LAZY.lock();
+    let m = guard.as_mut().expect("module");
+    // "Compiling" copies prepared code: function i returns 40 + i.
+    m.add_code(&NewCode::function(index, &ret_const(40 + index)))
+        .expect("compile")
+        .instruction_start()
+}
+
+fn lazy_slot_compiles_on_first_call() {
+    let mgr = manager(3, 1 << 30);
+    let m = Module::new(
+        &mgr,
+        &REGISTRIES,
+        ModuleConfig {
+            functions: 3,
+            lazy_entry: Some(code::lazy_compile_entry()),
+            ..ModuleConfig::default()
+        },
+    )
+    .expect("module");
+    let slot2 = m
+        .jump_tables()
+        .next()
+        .expect("table")
+        .near_slot_addr(2)
+        .expect("slot");
+    *LAZY.lock() = Some(m);
+    code::set_lazy_compiler(Some(compile_lazily));
+    LAZY_CALLS.store(0, Ordering::SeqCst);
+    assert_eq!(
+        call0(slot2),
+        42,
+        "first call compiles function 2 and runs it"
+    );
+    assert_eq!(LAZY_CALLS.load(Ordering::SeqCst), 1);
+    assert_eq!(call0(slot2), 42, "second call goes straight to the code");
+    assert_eq!(
+        LAZY_CALLS.load(Ordering::SeqCst),
+        1,
+        "no second compilation"
+    );
+    let m = LAZY.lock().take().expect("module");
+    let code = m.function_code(2).expect("installed");
+    let mut near = [0u8; 8];
+    mgr.read(slot2, &mut near).expect("read");
+    let rel = i32::from_le_bytes([near[1], near[2], near[3], near[4]]);
+    assert_eq!(
+        (slot2 + 5).wrapping_add_signed(rel as isize),
+        code,
+        "slot jumps to the code"
+    );
+    code::set_lazy_compiler(None);
+    drop(m);
+    assert!(mgr.audit().is_clean());
+}
