@@ -217,9 +217,15 @@ pub struct CodeModule<M: Mmu> {
     functions: Vec<Option<usize>>,
 }
 
+/// Bytes of a code space's table object: the tables, then (with lazy compilation) the trampoline
+/// at the next 16-aligned offset (table objects start `CODE_ALIGNMENT`-aligned).
 fn tables_size(functions: u32, lazy: bool) -> usize {
-    JumpTableLayout::new(0, functions, lazy).map_or(0, |l| l.total_size())
-        + if lazy { TRAMPOLINE_SIZE } else { 0 }
+    let tables = JumpTableLayout::new(0, functions, lazy).map_or(0, |l| l.total_size());
+    if lazy {
+        tables.next_multiple_of(16) + TRAMPOLINE_SIZE
+    } else {
+        tables
+    }
 }
 
 impl<M: Mmu> CodeModule<M> {
@@ -411,13 +417,12 @@ impl<M: Mmu> CodeModule<M> {
             (false, Some(pad)) if (pad as usize) < new.bytes.len() => Some(pad as usize),
             (false, _) => return Err(ModuleError::BadLandingPad),
         };
-        let spaces_before = self.allocator.code_spaces().len();
         let mut w = self.allocator.allocate(new.bytes.len())?;
-        if self.allocator.code_spaces().len() != spaces_before {
-            if let Err(e) = self.ensure_tables_for(w.start()) {
-                let _ = self.allocator.discard(w);
-                return Err(e);
-            }
+        // Not only for a new code space: an earlier add may have reserved this space and then
+        // failed to create its tables.
+        if let Err(e) = self.ensure_tables_for(w.start()) {
+            let _ = self.allocator.discard(w);
+            return Err(e);
         }
         let start = w.start();
         let instructions = AddressRange::new(start, start + new.bytes.len().max(1));

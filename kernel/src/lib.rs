@@ -9,6 +9,7 @@
 
 extern crate alloc;
 
+pub mod bench;
 mod boot;
 pub mod boot_info;
 pub mod catch;

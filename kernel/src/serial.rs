@@ -27,6 +27,17 @@ pub fn _print(args: fmt::Arguments<'_>) {
     });
 }
 
+/// The serial console as a [`fmt::Write`] (e.g. for a perf-map code-event listener).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SerialWriter;
+
+impl Write for SerialWriter {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        _print(format_args!("{s}"));
+        Ok(())
+    }
+}
+
 /// Makes the console usable from a panic or fault path that may have interrupted a writer.
 ///
 /// The interrupted writer never resumes (the kernel exits or jumps back to the test runner),

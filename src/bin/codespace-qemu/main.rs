@@ -12,7 +12,7 @@ usage: cargo run [--release] -- [KERNEL ARGS...]
 Builds the codespace demo kernel (for x86_64-unknown-none, into target/kernel) and boots it in
 QEMU through run-qemu.sh, with KERNEL ARGS joined by spaces as the kernel command line
 (e.g. `cargo run -- bench`). The kernel is built with this program's profile (`--release` for an
-optimized kernel). A leading `--` is dropped, so `cargo run -- -- --help` passes `--help` to the
+optimized kernel); `bench` always builds it optimized. A leading `--` is dropped, so `cargo run -- -- --help` passes `--help` to the
 kernel.
 
 Exit status: 0 when the kernel reported success, 1 on failure, 124 on timeout.
@@ -44,7 +44,9 @@ fn main() -> ExitCode {
 fn run(append: &str) -> Result<i32, String> {
     launcher::ensure_target()?;
     launcher::ensure_qemu()?;
-    let release = !cfg!(debug_assertions);
+    // Benchmarks always measure an optimized kernel, whatever profile built this launcher.
+    let bench = append.split_ascii_whitespace().any(|w| w == "bench");
+    let release = bench || !cfg!(debug_assertions);
     let demo = launcher::build_kernels(launcher::Kernels::Demo, release)?
         .into_iter()
         .find(|k| k.name == "demo")
