@@ -2,10 +2,18 @@
 //!
 //! Each table holds `n` code ranges with 32 protected offsets each; lookups cycle through a
 //! precomputed list of random (but fixed) protected PCs, so every lookup is a hit.
+//!
+//! PC → code lookup (`lookup_code`): a `CodeMap` of 10^5 code objects built with one
+//! `insert_batch`, against a linear scan over `(start, end)` pairs (the worst case of a lookup
+//! without an ordered map).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
+use codespace::code_map::CodeMap;
+use codespace::code_object::{CodeDesc, CodeKind, CodeObject};
 use codespace::trap::TrapTable;
 use codespace::AddressRange;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
@@ -184,5 +192,90 @@ fn register_release(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, lookup, register_release);
+const CODE_OBJECTS: usize = 100_000;
+/// Instructions of each code object.
+const OBJECT_SIZE: usize = 64;
+
+/// `n` code objects of `OBJECT_SIZE` bytes, contiguous but for a random gap of 0 to 3 slots
+/// before each, and `PCS` random (fixed) PCs inside them.
+fn code_workload(n: usize) -> (Vec<AddressRange>, Vec<usize>) {
+    let mut rng = Lcg(0xc0de ^ n as u64);
+    let mut at = BASE;
+    let ranges: Vec<AddressRange> = (0..n)
+        .map(|_| {
+            at += rng.below(4) * OBJECT_SIZE;
+            let r = AddressRange::from_start_size(at, OBJECT_SIZE).unwrap();
+            at += OBJECT_SIZE;
+            r
+        })
+        .collect();
+    let pcs = (0..PCS)
+        .map(|_| ranges[rng.below(n)].start() + rng.below(OBJECT_SIZE))
+        .collect();
+    (ranges, pcs)
+}
+
+/// The baseline: first `(start, end)` pair holding `pc`, scanning from the front.
+fn linear_lookup(ranges: &[(usize, usize)], pc: usize) -> Option<usize> {
+    ranges.iter().position(|&(s, e)| pc >= s && pc < e)
+}
+
+fn lookup_code(c: &mut Criterion) {
+    let n = CODE_OBJECTS;
+    let (ranges, pcs) = code_workload(n);
+    let objects: Vec<Arc<CodeObject>> = ranges
+        .iter()
+        .enumerate()
+        .map(|(i, &r)| {
+            let desc = CodeDesc {
+                index: Some(i as u32),
+                ..CodeDesc::new(CodeKind::Function, r)
+            };
+            Arc::new(CodeObject::new(&desc).unwrap())
+        })
+        .collect();
+    // Batch order need not be address order.
+    let mut rng = Lcg(0xba7c);
+    let mut batch = objects.clone();
+    for i in (1..batch.len()).rev() {
+        batch.swap(i, rng.below(i + 1));
+    }
+    let t0 = Instant::now();
+    let map = CodeMap::new();
+    map.insert_batch(batch).unwrap();
+    eprintln!(
+        "built CodeMap of {n} objects with insert_batch in {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(map.len(), n);
+    let pairs: Vec<(usize, usize)> = ranges.iter().map(|r| (r.start(), r.end())).collect();
+    for &pc in &pcs {
+        let found = map.lookup_with(pc, |c| c.index()).flatten();
+        assert_eq!(found.map(|i| i as usize), linear_lookup(&pairs, pc));
+        assert!(found.is_some());
+    }
+
+    let mut group = c.benchmark_group("lookup_code");
+    group
+        .measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(500))
+        .sample_size(30);
+    group.bench_with_input(BenchmarkId::new("codespace", n), &pcs, |b, pcs| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) % PCS;
+            black_box(map.lookup_with(black_box(pcs[i]), |c| c.index()))
+        });
+    });
+    group.bench_with_input(BenchmarkId::new("linear_scan", n), &pcs, |b, pcs| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) % PCS;
+            black_box(linear_lookup(&pairs, black_box(pcs[i])))
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(benches, lookup, register_release, lookup_code);
 criterion_main!(benches);

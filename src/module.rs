@@ -575,7 +575,8 @@ impl<M: Mmu> CodeModule<M> {
     }
 
     /// Points function `index`'s slot in every table at `target`: a direct near jump when in
-    /// rel32 reach, else the far slot's target then the near slot pointing at it. Each update is
+    /// rel32 reach (one store), else the far slot's target then the near slot pointing at it
+    /// (two stores through one alias mapping when they share a page). Each update is
     /// one aligned 8-byte atomic store through the writable alias; code executing through the
     /// slot sees the old or the new jump, never a mix.
     ///

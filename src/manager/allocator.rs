@@ -374,14 +374,22 @@ fn fill_int3<M: Mmu>(state: &mut State<M>, range: AddressRange) -> Result<(), Co
 /// Maps the pages of `range` that are not mapped yet, RW+NX, charging them against the limit;
 /// on failure unmaps what it mapped and charges nothing.
 fn commit<M: Mmu>(state: &mut State<M>, range: AddressRange) -> Result<(), CodeError> {
-    let missing: Vec<usize> = range
-        .pages()
-        .filter(|&p| state.mmu.query(p).is_none())
-        .collect();
+    // The list of missing pages lives in a buffer the manager keeps, so a warm allocation path
+    // does not allocate.
+    let mut missing = core::mem::take(&mut state.scratch_pages);
+    missing.clear();
+    missing.extend(range.pages().filter(|&p| state.mmu.query(p).is_none()));
+    let result = map_missing(state, &missing);
+    state.scratch_pages = missing;
+    result
+}
+
+fn map_missing<M: Mmu>(state: &mut State<M>, missing: &[usize]) -> Result<(), CodeError> {
     if missing.is_empty() {
         return Ok(());
     }
-    state.charge(missing.len() * PAGE_SIZE)?;
+    let bytes = missing.len() * PAGE_SIZE;
+    state.check_commit(bytes)?;
     let mut tlb = TlbFlush::new();
     for (i, &page) in missing.iter().enumerate() {
         if let Err(e) = state.mmu.map_fresh(page, &mut tlb) {
@@ -389,11 +397,11 @@ fn commit<M: Mmu>(state: &mut State<M>, range: AddressRange) -> Result<(), CodeE
                 let _ = state.mmu.unmap(p, &mut tlb);
             }
             state.mmu.flush(tlb);
-            state.committed -= missing.len() * PAGE_SIZE;
             return Err(e.into());
         }
     }
     state.mmu.flush(tlb);
+    state.account_commit(bytes);
     Ok(())
 }
 

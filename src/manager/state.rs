@@ -82,6 +82,8 @@ pub(crate) struct State<M> {
     /// Code spaces by usable start: (usable range, reservation with guards).
     pub(crate) spaces: BTreeMap<usize, (AddressRange, AddressRange)>,
     pub(crate) committed: usize,
+    /// Reused page list for commits (keeps the allocation path allocation-free when warm).
+    pub(crate) scratch_pages: alloc::vec::Vec<usize>,
     critical: usize,
     critical_crossings: u64,
 }
@@ -141,6 +143,7 @@ impl<M: Mmu> CodeManager<M> {
                 free_va,
                 spaces: BTreeMap::new(),
                 committed: 0,
+                scratch_pages: alloc::vec::Vec::new(),
                 critical: config.max_committed / 2,
                 critical_crossings: 0,
             })),
@@ -222,8 +225,18 @@ impl<M: Mmu> CodeManager<M> {
     /// # Errors
     /// Unaligned or uncommitted address, or a backend failure; nothing is written then.
     pub fn patch_u64(&self, addr: usize, value: u64) -> Result<(), CodeError> {
+        self.patch_u64s(&[(addr, value)])
+    }
+
+    /// Several [`patch_u64`](Self::patch_u64) stores in order, under one lock: stores to the same
+    /// page share one alias mapping (one map, one unmap, one `invlpg`), and the CPU serializes
+    /// once at the end.
+    ///
+    /// # Errors
+    /// As `patch_u64`; all addresses are checked before the first store.
+    pub fn patch_u64s(&self, stores: &[(usize, u64)]) -> Result<(), CodeError> {
         let mut s = self.lock();
-        s.patch_u64(addr, value)
+        s.patch_u64s(stores)
     }
 
     /// Walks the window's page tables: W+X pages, committed pages against the counter, and
@@ -272,8 +285,8 @@ impl<M: Mmu> State<M> {
         let _ = self.free_va.merge(reservation);
     }
 
-    /// Accounts `bytes` more committed memory, or fails without changing anything.
-    pub(crate) fn charge(&mut self, bytes: usize) -> Result<(), CodeError> {
+    /// Checks that `bytes` more may be committed, changing nothing.
+    pub(crate) fn check_commit(&self, bytes: usize) -> Result<(), CodeError> {
         let remaining = self.config.max_committed - self.committed;
         if bytes > remaining {
             return Err(CodeError::CommitLimit {
@@ -281,6 +294,12 @@ impl<M: Mmu> State<M> {
                 remaining,
             });
         }
+        Ok(())
+    }
+
+    /// Accounts `bytes` that were just committed (after [`check_commit`](Self::check_commit)
+    /// and the mapping both succeeded) and applies V8's moving critical threshold.
+    pub(crate) fn account_commit(&mut self, bytes: usize) {
         self.committed += bytes;
         if self.committed >= self.critical {
             let max = self.config.max_committed;
@@ -290,7 +309,6 @@ impl<M: Mmu> State<M> {
                 hook(self.committed);
             }
         }
-        Ok(())
     }
 
     /// Writes `data` at `addr` in committed code pages, whatever their protection, without ever
@@ -329,25 +347,45 @@ impl<M: Mmu> State<M> {
         Ok(())
     }
 
-    pub(crate) fn patch_u64(&mut self, addr: usize, value: u64) -> Result<(), CodeError> {
-        if !addr.is_multiple_of(8) {
-            return Err(MmuError::Unaligned { addr }.into());
+    pub(crate) fn patch_u64s(&mut self, stores: &[(usize, u64)]) -> Result<(), CodeError> {
+        for &(addr, _) in stores {
+            if !addr.is_multiple_of(8) {
+                return Err(MmuError::Unaligned { addr }.into());
+            }
+            let page = addr & !(PAGE_SIZE - 1);
+            let in_space = self
+                .spaces
+                .range(..=page)
+                .next_back()
+                .is_some_and(|(_, (usable, _))| usable.contains(addr));
+            if !in_space || self.mmu.query(page).is_none() {
+                return Err(MmuError::NotMapped { page }.into());
+            }
         }
-        let page = addr & !(PAGE_SIZE - 1);
-        let in_space = self
-            .spaces
-            .range(..=page)
-            .next_back()
-            .is_some_and(|(_, (usable, _))| usable.contains(addr));
-        if !in_space {
-            return Err(MmuError::NotMapped { page }.into());
-        }
-        let mapping = self.mmu.query(page).ok_or(MmuError::NotMapped { page })?;
-        if mapping.writable {
-            self.mmu.write_u64_atomic(addr, value)?;
-        } else {
-            let alias = self.alias.start() + (addr - page);
-            self.with_alias(mapping.frame, |mmu| mmu.write_u64_atomic(alias, value))?;
+        let mut i = 0;
+        while i < stores.len() {
+            let page = stores[i].0 & !(PAGE_SIZE - 1);
+            // The run of consecutive stores to this page.
+            let run = stores[i..]
+                .iter()
+                .take_while(|(a, _)| a & !(PAGE_SIZE - 1) == page)
+                .count();
+            let batch = &stores[i..i + run];
+            let mapping = self.mmu.query(page).ok_or(MmuError::NotMapped { page })?;
+            if mapping.writable {
+                for &(addr, value) in batch {
+                    self.mmu.write_u64_atomic(addr, value)?;
+                }
+            } else {
+                let alias = self.alias.start();
+                self.with_alias(mapping.frame, |mmu| {
+                    for &(addr, value) in batch {
+                        mmu.write_u64_atomic(alias + (addr - page), value)?;
+                    }
+                    Ok(())
+                })?;
+            }
+            i += run;
         }
         self.mmu.serialize();
         Ok(())

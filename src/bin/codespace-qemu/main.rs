@@ -12,8 +12,8 @@ usage: cargo run [--release] -- [KERNEL ARGS...]
 Builds the codespace demo kernel (for x86_64-unknown-none, into target/kernel) and boots it in
 QEMU through run-qemu.sh, with KERNEL ARGS joined by spaces as the kernel command line
 (e.g. `cargo run -- bench`). The kernel is built with this program's profile (`--release` for an
-optimized kernel); `bench` always builds it optimized. A leading `--` is dropped, so `cargo run -- -- --help` passes `--help` to the
-kernel.
+optimized kernel); `bench` always builds it optimized. A leading `--` is dropped, so
+`cargo run -- -- --help` passes `--help` to the kernel.
 
 Exit status: 0 when the kernel reported success, 1 on failure, 124 on timeout.
 Environment: CODESPACE_QEMU_TIMEOUT, CODESPACE_QEMU_MEMORY, CODESPACE_QEMU_SMP,
