@@ -624,17 +624,20 @@ impl<M: Mmu> CodeModule<M> {
         dead.len()
     }
 
-    /// Frees the code at `start` now (a wrapper, or a function no longer installed).
+    /// Drops the module's reference to the code at `start` (a wrapper, or a function no longer
+    /// installed): it is freed now when nobody else holds a reference, else once the last holder's
+    /// `dec_ref` returns `Dead` and [`free_dead_code`](Self::free_dead_code) runs.
     ///
     /// # Errors
-    /// [`ModuleError::UnknownCode`] when no code of this module starts there, or it is still
-    /// installed in a jump-table slot.
+    /// [`ModuleError::UnknownCode`] when no code of this module starts there, it is still
+    /// installed in a jump-table slot, or the module's reference was already dropped.
     pub fn free_code(&mut self, start: usize) -> Result<(), ModuleError> {
         let installed = self.functions.contains(&Some(start));
-        if installed || !self.live.contains_key(&start) {
+        let releasable = self.live.get(&start).is_some_and(|l| !l.object.is_dying());
+        if installed || !releasable {
             return Err(ModuleError::UnknownCode { start });
         }
-        self.free_live(start);
+        self.release_ref(start);
         Ok(())
     }
 

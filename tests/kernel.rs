@@ -26,6 +26,7 @@ fn main() -> ExitCode {
         .and_then(|()| launcher::ensure_qemu())
         .and_then(|()| run_test_kernels(release, &mut tally))
         .and_then(|()| harness_selftest(release, &mut tally))
+        .and_then(|()| whole_kernels(release, &mut tally))
     {
         eprintln!("kernel tests: error: {e}");
         return ExitCode::FAILURE;
@@ -118,6 +119,34 @@ fn harness_selftest(release: bool, tally: &mut Tally) -> Result<(), String> {
         "harness::hung_kernel_times_out",
         expect_status(&run, 124),
     );
+    Ok(())
+}
+
+/// Boots the demo (what `cargo run` shows) and the integration-guide example: each must exit 0
+/// after printing its closing line.
+fn whole_kernels(release: bool, tally: &mut Tally) -> Result<(), String> {
+    let demo = launcher::build_kernels(Kernels::Demo, release)?;
+    let example = launcher::build_kernels(Kernels::Integration, release)?;
+    for (name, kernel, closing) in [
+        ("kernels::demo_tour_exits_0", demo.first(), "tour complete"),
+        (
+            "kernels::integration_example_exits_0",
+            example.first(),
+            "integration example: ok",
+        ),
+    ] {
+        let kernel = kernel.ok_or_else(|| format!("cargo built no kernel for {name}"))?;
+        println!("\n     Running {} ({})", kernel.name, kernel.path.display());
+        let run = launcher::run_kernel(&kernel.path, None, None)?;
+        let result = expect_status(&run, 0).and_then(|()| {
+            if run.output.contains(closing) {
+                Ok(())
+            } else {
+                Err(format!("its output lacks `{closing}`"))
+            }
+        });
+        report(tally, name, result);
+    }
     Ok(())
 }
 

@@ -252,7 +252,7 @@ fn timer_tick(_frame: &mut interrupts::TrapFrame) {
     if let Some(mut guard) = LIVE.try_lock() {
         if let Some((m, a, b)) = guard.as_mut() {
             let n = PATCHES.fetch_add(1, Ordering::SeqCst);
-            let target = if n % 2 == 0 { *b } else { *a };
+            let target = if n.is_multiple_of(2) { *b } else { *a };
             m.patch_slot(1, target).expect("patch from IRQ");
         }
     }

@@ -97,6 +97,8 @@ pub enum Kernels {
     Demo,
     /// The `harness_selftest` example kernel.
     HarnessSelftest,
+    /// The `integration` example kernel (the integration guide's code).
+    Integration,
 }
 
 /// One built kernel image.
@@ -122,6 +124,7 @@ pub fn build_kernels(kernels: Kernels, release: bool) -> Result<Vec<Kernel>, Str
         Kernels::Tests => (&["--tests"], "test"),
         Kernels::Demo => (&["--bin", "demo"], "bin"),
         Kernels::HarnessSelftest => (&["--example", "harness_selftest"], "example"),
+        Kernels::Integration => (&["--example", "integration"], "example"),
     };
     let mut cmd = Command::new(cargo);
     cmd.args(["build", "-p", "codespace-kernel", "--target", TARGET])

@@ -1,0 +1,108 @@
+//! The integration guide as a kernel: how a kernel that already has an `OffsetPageTable`, a frame
+//! allocator and an IDT wires codespace in. `cargo test` boots it; it must print
+//! `integration example: ok`.
+//!
+//! The pieces a blog_os-style kernel brings are the `codespace_kernel` ones here: the page table
+//! and the frame allocator each behind a `spin::Mutex` in a static, and a page-fault handler that
+//! can edit the interrupted RIP and registers (on stable Rust, an assembly stub that saves the
+//! registers and passes them to Rust, like `codespace_kernel::interrupts`).
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use codespace::mmu::x86::X86Mmu;
+use codespace::module::{CodeModule, ModuleConfig, NewCode, Registries};
+use codespace::{AddressRange, CodeManager, ManagerConfig, ProtectionMode};
+use codespace_kernel::interrupts::{self, FaultInfo, TrapFrame, PAGE_FAULT};
+use codespace_kernel::memory::{self, FrameBitmap};
+use codespace_kernel::{entry_point, println, BootInfo, ExitCode};
+
+entry_point!(main);
+
+// Step 1: the registries live in a static, so the page-fault handler reaches them lock-free.
+static CODE: Registries = Registries::new();
+
+// Step 2: a code window nobody else maps. One PML4 slot (512 GiB) keeps every code space within
+// one top-level entry; here slot 385, next to the test kernel's own window.
+const WINDOW: AddressRange = AddressRange::new(0xFFFF_C080_0000_0000, 0xFFFF_C100_0000_0000);
+
+// Step 3: the page-fault handler asks the trap table first. A hit resumes at the landing pad
+// with the faulting PC in r10 (V8's convention); a miss is the kernel's usual fault.
+fn page_fault(frame: &mut TrapFrame, info: &FaultInfo) -> bool {
+    if info.vector != PAGE_FAULT {
+        return false;
+    }
+    match CODE.traps.lookup(frame.rip as usize) {
+        Some(hit) => {
+            frame.r10 = frame.rip;
+            frame.rip = hit.landing_pad() as u64;
+            true
+        }
+        None => false,
+    }
+}
+
+fn main(_boot: &'static BootInfo) -> ExitCode {
+    interrupts::set_fault_handler(Some(page_fault));
+
+    // Step 4: the backend over the kernel's own page table and frame allocator, and the manager.
+    let mmu = X86Mmu::new(memory::page_table_lock(), memory::frames_lock())
+        .with_free_count(FrameBitmap::free_frames);
+    let config = ManagerConfig {
+        protection: ProtectionMode::Alias,
+        ..ManagerConfig::default()
+    };
+    let manager = match CodeManager::new(mmu, WINDOW, config) {
+        Ok(m) => m,
+        Err(e) => {
+            println!("integration example: manager: {e}");
+            return ExitCode::Failure;
+        }
+    };
+
+    // Step 5: a module per program; functions are called through its jump table.
+    let Ok(mut module) = CodeModule::new(
+        &manager,
+        &CODE,
+        ModuleConfig {
+            functions: 1,
+            ..ModuleConfig::default()
+        },
+    ) else {
+        return ExitCode::Failure;
+    };
+    // `mov eax, [rdi]; ret` with the load protected, and `mov rax, r10; ret` as landing pad.
+    let code = [0x8B, 0x07, 0xC3, 0x4C, 0x89, 0xD0, 0xC3];
+    let load = NewCode {
+        protected: &[0],
+        landing_pad: Some(3),
+        ..NewCode::function(0, &code)
+    };
+    let Ok(load) = module.add_code(&load) else {
+        return ExitCode::Failure;
+    };
+    let slot = module
+        .slot_address_for(0, load.instruction_start())
+        .unwrap_or(0);
+
+    // Step 6: call through the slot; a load from an unmapped address lands instead of crashing.
+    // SAFETY: the slot jumps to published code with the C ABI: one pointer argument.
+    let f: extern "C" fn(u64) -> u64 = unsafe { core::mem::transmute(slot) };
+    let bad = 0xFFFF_C0FF_0000_0000u64; // in the window, never mapped
+    let r10 = f(bad);
+    let ok = r10 == load.instruction_start() as u64 && manager.audit().is_clean();
+    println!("protected load of {bad:#x} landed; r10 = {r10:#x} (the load's PC)");
+
+    // Step 7: dropping the module frees its code: trap entries first, then lookups, then memory.
+    drop(module);
+    let ok = ok && CODE.traps.is_empty() && manager.committed() == 0;
+    interrupts::set_fault_handler(None);
+    if ok {
+        println!("integration example: ok");
+        ExitCode::Success
+    } else {
+        println!("integration example: FAILED");
+        ExitCode::Failure
+    }
+}
