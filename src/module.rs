@@ -22,6 +22,7 @@ use crate::code_map::{CodeMap, CodeMapError};
 use crate::code_object::{
     CodeDesc, CodeKind, CodeObject, CodeObjectError, DecRef, RelocKind, Relocation,
 };
+use crate::code_pointer_table::{CodePointer, CodePointerError, CodePointerTable};
 use crate::jump_table::{self, JumpTableLayout};
 use crate::manager::{
     AllocatorConfig, CodeAllocator, CodeError, CodeManager, PublishedCode, CODE_ALIGNMENT,
@@ -165,6 +166,8 @@ pub enum ModuleError {
     /// The code overlaps code already registered for PC lookup (registries shared with a
     /// manager over another window).
     CodeMap(CodeMapError),
+    /// The code pointer table refused (full).
+    CodePointer(CodePointerError),
 }
 
 impl fmt::Display for ModuleError {
@@ -181,6 +184,7 @@ impl fmt::Display for ModuleError {
             ModuleError::UnknownCode { start } => write!(f, "no code at {start:#x}"),
             ModuleError::JumpTable(e) => write!(f, "jump table: {e:?}"),
             ModuleError::CodeMap(e) => write!(f, "PC lookup: {e}"),
+            ModuleError::CodePointer(e) => write!(f, "code pointer table: {e:?}"),
         }
     }
 }
@@ -204,6 +208,8 @@ struct Live {
     object: Arc<CodeObject>,
     code: PublishedCode,
     trap: Option<TrapHandle>,
+    /// The code pointer of anonymous code (functions use their index's shared pointer).
+    pointer: Option<CodePointer>,
 }
 
 /// One module's code (V8's `NativeModule`). Dropping it frees all its code, in the safe order.
@@ -215,6 +221,8 @@ pub struct CodeModule<M: Mmu> {
     tables: Vec<Tables>,
     live: BTreeMap<usize, Live>,
     functions: Vec<Option<usize>>,
+    pointers: Option<&'static CodePointerTable>,
+    function_pointers: Vec<Option<CodePointer>>,
 }
 
 /// Bytes of a code space's table object: the tables, then (with lazy compilation) the trampoline
@@ -257,6 +265,8 @@ impl<M: Mmu> CodeModule<M> {
             tables: Vec::new(),
             live: BTreeMap::new(),
             functions: alloc::vec![None; config.functions as usize],
+            pointers: None,
+            function_pointers: alloc::vec![None; config.functions as usize],
         };
         if config.functions > 0 {
             let region = match module.allocator.code_spaces().first() {
@@ -271,6 +281,29 @@ impl<M: Mmu> CodeModule<M> {
     /// Reports published and freed code to `listener` from now on.
     pub fn set_listener(&mut self, listener: Option<&'static dyn CodeEventListener>) {
         self.listener = listener;
+    }
+
+    /// Gives code entry points handles in `table` for indirect calls (V8's
+    /// `WasmCodePointerTable`): each function index gets one handle, shared by every version of
+    /// the function and updated (one atomic store) when the function is replaced; anonymous code
+    /// (wrappers) gets a handle of its own, freed with the code. Set it before adding code.
+    pub fn set_code_pointer_table(&mut self, table: Option<&'static CodePointerTable>) {
+        self.pointers = table;
+    }
+
+    /// The code pointer of function `index`, once it has code.
+    #[must_use]
+    pub fn function_pointer(&self, index: u32) -> Option<CodePointer> {
+        self.function_pointers
+            .get(index as usize)
+            .copied()
+            .flatten()
+    }
+
+    /// The code pointer of the anonymous code starting at `start`.
+    #[must_use]
+    pub fn code_pointer(&self, start: usize) -> Option<CodePointer> {
+        self.live.get(&start).and_then(|l| l.pointer)
     }
 
     /// The manager.
@@ -380,7 +413,7 @@ impl<M: Mmu> CodeModule<M> {
                 return Err(ModuleError::Metadata(e));
             }
         };
-        self.install(object, code, None)?;
+        self.install(object, code, None, None)?;
         self.tables.push(Tables { layout });
         Ok(())
     }
@@ -467,7 +500,34 @@ impl<M: Mmu> CodeModule<M> {
                 }
             }
         };
-        self.install(Arc::clone(&object), code, trap)?;
+        let pointer = match (self.pointers, new.index) {
+            (Some(table), None) => match table.allocate(start) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    if let Some(h) = trap {
+                        let _ = self.registries.traps.release(h);
+                    }
+                    let _ = self.allocator.free(code);
+                    return Err(ModuleError::CodePointer(e));
+                }
+            },
+            _ => None,
+        };
+        if let (Some(table), Some(index)) = (self.pointers, new.index) {
+            let slot = &mut self.function_pointers[index as usize];
+            let updated = match *slot {
+                Some(p) => table.update(p, start),
+                None => table.allocate(start).map(|p| *slot = Some(p)),
+            };
+            if let Err(e) = updated {
+                if let Some(h) = trap {
+                    let _ = self.registries.traps.release(h);
+                }
+                let _ = self.allocator.free(code);
+                return Err(ModuleError::CodePointer(e));
+            }
+        }
+        self.install(Arc::clone(&object), code, trap, pointer)?;
         if let Some(index) = new.index {
             let old = self.functions[index as usize].replace(start);
             self.patch_slot(index, start)?;
@@ -484,10 +544,14 @@ impl<M: Mmu> CodeModule<M> {
         object: Arc<CodeObject>,
         code: PublishedCode,
         trap: Option<TrapHandle>,
+        pointer: Option<CodePointer>,
     ) -> Result<(), ModuleError> {
         if let Err(e) = self.registries.code.insert(Arc::clone(&object)) {
             if let Some(h) = trap {
                 let _ = self.registries.traps.release(h);
+            }
+            if let (Some(table), Some(p)) = (self.pointers, pointer) {
+                let _ = table.free(p);
             }
             let _ = self.allocator.free(code);
             return Err(ModuleError::CodeMap(e));
@@ -495,7 +559,15 @@ impl<M: Mmu> CodeModule<M> {
         if let Some(listener) = self.listener {
             listener.code_published(&CodeEvent::new(&object));
         }
-        self.live.insert(code.start(), Live { object, code, trap });
+        self.live.insert(
+            code.start(),
+            Live {
+                object,
+                code,
+                trap,
+                pointer,
+            },
+        );
         Ok(())
     }
 
@@ -649,6 +721,10 @@ impl<M: Mmu> CodeModule<M> {
         if let Some(h) = live.trap {
             let _ = self.registries.traps.release(h);
         }
+        if let (Some(table), Some(p)) = (self.pointers, live.pointer) {
+            // Reset to the table's trap address: a stale indirect call traps, never runs freed code.
+            let _ = table.free(p);
+        }
         let _ = self.registries.code.remove(start);
         if let Some(listener) = self.listener {
             listener.code_freed(&CodeEvent::new(&live.object));
@@ -672,6 +748,11 @@ fn reaches(table: AddressRange, span: AddressRange) -> bool {
 
 impl<M: Mmu> Drop for CodeModule<M> {
     fn drop(&mut self) {
+        if let Some(table) = self.pointers {
+            for p in self.function_pointers.iter().flatten() {
+                let _ = table.free(*p);
+            }
+        }
         let starts: Vec<usize> = self.live.keys().copied().collect();
         for start in starts {
             self.free_live(start);

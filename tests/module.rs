@@ -1349,3 +1349,51 @@ fn a_space_whose_tables_failed_gets_them_with_its_next_code() {
     assert_eq!(near_slot_target(&m, &t2, 2), Some(o.instruction_start()));
     assert_clean(&m);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Code pointer table: functions share their index's handle, wrappers get their own.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn code_pointers_follow_functions_and_wrappers() {
+    use codespace::code_pointer_table::CodePointerTable;
+    let table: &'static CodePointerTable = Box::leak(Box::new(CodePointerTable::with_capacity(16)));
+    let m = manager();
+    let mut module = module(&m, registries(), functions(2));
+    module.set_code_pointer_table(Some(table));
+    let v1 = module
+        .add_code(&NewCode::function(1, &[0xB8, 1, 0, 0, 0, 0xC3]))
+        .unwrap()
+        .instruction_start();
+    let handle = module
+        .function_pointer(1)
+        .expect("function 1 has a code pointer");
+    assert_eq!(table.get(handle), v1);
+    // A new version of the function keeps the handle; the entry moves with one store.
+    let v2 = module
+        .add_code(&NewCode::function(1, &[0xB8, 2, 0, 0, 0, 0xC3]))
+        .unwrap()
+        .instruction_start();
+    assert_eq!(module.function_pointer(1), Some(handle));
+    assert_eq!(table.get(handle), v2);
+    // Anonymous code gets a handle of its own, freed (reset to the trap address) with the code.
+    let w = module
+        .add_code(&NewCode::new(CodeKind::Wrapper, &[0xC3]))
+        .unwrap()
+        .instruction_start();
+    let wh = module
+        .code_pointer(w)
+        .expect("wrapper has its own code pointer");
+    assert_ne!(wh, handle);
+    assert_eq!(table.get(wh), w);
+    assert_eq!(table.len(), 2);
+    module.free_code(w).unwrap();
+    assert_eq!(table.get(wh), table.trap_address());
+    assert_eq!(table.len(), 1);
+    drop(module);
+    assert_eq!(
+        table.len(),
+        0,
+        "dropping the module frees its functions' handles"
+    );
+}
