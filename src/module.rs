@@ -664,8 +664,18 @@ impl<M: Mmu> CodeModule<M> {
                 .layout
                 .patch(index, target)
                 .ok_or(ModuleError::BadIndex { index })?;
-            manager.patch_u64(p.far_target_addr, p.target as u64)?;
-            manager.patch_u64(p.near_addr, p.near_value)?;
+            if p.direct {
+                // In reach: the near slot alone decides; the far slot is not on the path.
+                manager.patch_u64(p.near_addr, p.near_value)?;
+            } else {
+                // Far target first, then the near slot pointing at the far slot: a caller sees
+                // the old jump or the complete new path, never a half-set far slot. Both stores
+                // share one alias mapping when they share a page.
+                manager.patch_u64s(&[
+                    (p.far_target_addr, p.target as u64),
+                    (p.near_addr, p.near_value),
+                ])?;
+            }
         }
         Ok(())
     }

@@ -112,6 +112,21 @@ fn harness_selftest(release: bool, tally: &mut Tally) -> Result<(), String> {
         result,
     );
 
+    println!("     Booting it with `nested`: its page-fault handler faults; that must stop it");
+    let run = launcher::run_kernel(&kernel.path, Some("nested"), Some(30))?;
+    let result = expect_status(&run, 1).and_then(|()| {
+        if run.output.contains("nested fault in exception handler") {
+            Ok(())
+        } else {
+            Err("its output does not report the nested fault".into())
+        }
+    });
+    report(
+        tally,
+        "harness::nested_fault_is_reported_not_looped",
+        result,
+    );
+
     println!("     Booting it with `hang`: it never ends, so a 3 s timeout must stop it");
     let run = launcher::run_kernel(&kernel.path, Some("hang"), Some(3))?;
     report(

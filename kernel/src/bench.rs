@@ -238,7 +238,7 @@ pub fn run() -> ExitCode {
         .instruction_start();
     let mut flip = false;
     r.measure(
-        "jump-slot patch via alias (map, 2 stores, unmap, invlpg, cpuid)",
+        "jump-slot patch, near (alias map+store+unmap+invlpg+cpuid)",
         1,
         || {
             flip = !flip;

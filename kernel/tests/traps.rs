@@ -17,6 +17,7 @@ codespace_kernel::kernel_tests![
     unprotected_fault_is_not_handled,
     fault_during_half_done_registration_resolves,
     released_code_no_longer_resolves,
+    freed_module_code_resolves_in_neither_lookup,
 ];
 
 /// A 64 KiB "linear memory" in the scratch slot, followed by unmapped guard pages.
@@ -198,4 +199,49 @@ fn released_code_no_longer_resolves() {
     REGISTRIES.traps.release(handle).expect("release");
     assert!(REGISTRIES.traps.lookup(pc).is_none());
     a.free(code).expect("free");
+}
+
+fn freed_module_code_resolves_in_neither_lookup() {
+    use codespace::module::{CodeModule, ModuleConfig, NewCode};
+    map_linear_memory();
+    let m = manager(
+        test_window(24),
+        ManagerConfig {
+            protection: ProtectionMode::Alias,
+            ..ManagerConfig::default()
+        },
+    )
+    .expect("manager");
+    let mut module = CodeModule::new(
+        &m,
+        &REGISTRIES,
+        ModuleConfig {
+            functions: 1,
+            ..ModuleConfig::default()
+        },
+    )
+    .expect("module");
+    let (bytes, load_at, landing_at) = load_function();
+    let load = NewCode {
+        protected: &[load_at],
+        landing_pad: Some(landing_at as u32),
+        ..NewCode::function(0, &bytes)
+    };
+    let code = module.add_code(&load).expect("add");
+    let start = code.instruction_start();
+    let pc = start + load_at as usize;
+    // SAFETY: published code, C ABI, one u64 argument.
+    let f: extern "C" fn(u64) -> u64 = unsafe { core::mem::transmute(start) };
+    assert_eq!(
+        f(MEMORY_PAGES * 4096),
+        pc as u64,
+        "registered through the module, the trap lands"
+    );
+    assert!(REGISTRIES.lookup_code(pc).is_some());
+    drop(code);
+    drop(module);
+    assert!(REGISTRIES.traps.lookup(pc).is_none(), "trap entry released");
+    assert!(REGISTRIES.lookup_code(pc).is_none(), "code lookup removed");
+    assert_eq!(m.committed(), 0);
+    assert!(m.audit().is_clean());
 }
