@@ -108,7 +108,7 @@ impl Report {
             alloc::string::String::new()
         };
         println!(
-            "  {name:<44} {median:>10} {p99:>10} {:>11.0} {:>11.0} {per_item}",
+            "  {name:<58} {median:>10} {p99:>10} {:>11.0} {:>11.0} {per_item}",
             ns(median),
             ns(p99)
         );
@@ -139,7 +139,7 @@ pub fn run() -> ExitCode {
     }
     println!("  {REPS} repetitions after {WARMUP} warm-up runs each\n");
     println!(
-        "  {:<44} {:>10} {:>10} {:>11} {:>11}",
+        "  {:<58} {:>10} {:>10} {:>11} {:>11}",
         "operation", "median cyc", "p99 cyc", "median ns", "p99 ns"
     );
     let r = Report {
