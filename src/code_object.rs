@@ -235,6 +235,8 @@ pub enum DecRef {
     /// This call dropped the last reference: the object is now dying and the caller frees it.
     /// Exactly one `dec_ref` per object returns this.
     Dead,
+    /// The object was dying already: an unbalanced `dec_ref`. Nothing changed.
+    AlreadyDying,
 }
 
 /// Printable name of a piece of code (V8's `DebugName`): its own name, else `func[<index>]` for
@@ -576,20 +578,17 @@ impl CodeObject {
     /// code table under its lock); a `false` here means the caller raced with the final
     /// [`dec_ref`](Self::dec_ref) and must treat the code as gone.
     ///
-    /// # Panics
-    ///
-    /// If the count would reach [`DYING`](Self::DYING) (2³¹ − 1 live references).
+    /// Also returns `false` (nothing changed) if the count would reach [`DYING`](Self::DYING)
+    /// (2³¹ − 1 live references).
     #[must_use = "false means the code is dying and was not referenced"]
     pub fn inc_ref(&self) -> bool {
         let mut cur = self.ref_count.load(Ordering::Relaxed);
         loop {
-            if cur & Self::DYING != 0 {
+            // A dying object is not resurrected; a count about to reach the flag bit is refused
+            // rather than wrapped (2^31 holders is a leak, not a workload).
+            if cur & Self::DYING != 0 || cur + 1 >= Self::DYING {
                 return false;
             }
-            assert!(
-                cur + 1 < Self::DYING,
-                "code object reference count overflow"
-            );
             // Relaxed like `Arc::clone`: the caller already holds a reference or the lock of a
             // table that does, which orders this with the final decrement.
             match self.ref_count.compare_exchange_weak(
@@ -606,18 +605,15 @@ impl CodeObject {
 
     /// Drops a live reference. The transition to zero happens exactly once: that call returns
     /// [`DecRef::Dead`] and marks the object dying (count 0 with [`DYING`](Self::DYING) set);
-    /// its caller frees the code. Every other call returns [`DecRef::Alive`].
-    ///
-    /// # Panics
-    ///
-    /// If the object is already dying (more `dec_ref`s than references).
+    /// its caller frees the code. A call on an object that is already dying (more `dec_ref`s
+    /// than references) returns [`DecRef::AlreadyDying`] and changes nothing; every other call
+    /// returns [`DecRef::Alive`].
     pub fn dec_ref(&self) -> DecRef {
         let mut cur = self.ref_count.load(Ordering::Relaxed);
         loop {
-            assert!(
-                cur & Self::DYING == 0 && cur != 0,
-                "dec_ref on dying code object"
-            );
+            if cur & Self::DYING != 0 || cur == 0 {
+                return DecRef::AlreadyDying;
+            }
             let next = if cur == 1 { Self::DYING } else { cur - 1 };
             match self.ref_count.compare_exchange_weak(
                 cur,
@@ -1014,11 +1010,13 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "dying")]
-    fn dec_ref_on_dying_panics() {
+    fn dec_ref_on_dying_is_refused_and_changes_nothing() {
         let c = full();
-        let _ = c.dec_ref();
-        let _ = c.dec_ref();
+        assert_eq!(c.dec_ref(), DecRef::Dead);
+        let count = c.ref_count();
+        assert_eq!(c.dec_ref(), DecRef::AlreadyDying);
+        assert_eq!(c.ref_count(), count);
+        assert!(c.is_dying());
     }
 
     #[test]
