@@ -14,6 +14,7 @@ use codespace::mmu::Mmu;
 use codespace::module::{CodeModule, ModuleConfig, NewCode};
 use codespace::{AddressRange, AllocatorConfig, CodeAllocator, ManagerConfig, ProtectionMode};
 use x86_64::instructions::port::Port;
+use x86_64::structures::paging::PageTableFlags as F;
 
 use crate::code::{self, test_window, REGISTRIES};
 use crate::qemu::ExitCode;
@@ -202,7 +203,8 @@ pub fn run() -> ExitCode {
     )
     .expect("module");
     let memory = crate::memory::SCRATCH_BASE + (3 << 30);
-    map_guarded_page(memory);
+    // One RW+NX page; the page after it stays unmapped (the guard).
+    crate::memory::map_fresh_page(memory, F::PRESENT | F::WRITABLE | F::NO_EXECUTE).expect("page");
     let mut load = [0xCCu8; 20];
     load[..2].copy_from_slice(&[0x48, 0xB8]);
     load[2..10].copy_from_slice(&memory.to_le_bytes());
@@ -334,25 +336,4 @@ pub fn run() -> ExitCode {
     );
     println!("  free frames: {}", memory::frames().free_frames());
     ExitCode::Success
-}
-
-/// Maps one RW+NX page at `addr`; the page after it stays unmapped (the guard).
-fn map_guarded_page(addr: u64) {
-    use x86_64::structures::paging::{FrameAllocator, Mapper, Page, PageTableFlags as F, Size4KiB};
-    let page = Page::<Size4KiB>::containing_address(x86_64::VirtAddr::new(addr));
-    let mut tables = memory::page_table();
-    let mut frames = memory::frames();
-    let frame = frames.allocate_frame().expect("frame");
-    // SAFETY: a fresh frame mapped once at an unused scratch page.
-    unsafe {
-        tables
-            .map_to(
-                page,
-                frame,
-                F::PRESENT | F::WRITABLE | F::NO_EXECUTE,
-                &mut *frames,
-            )
-            .expect("map")
-            .flush();
-    }
 }

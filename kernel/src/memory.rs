@@ -5,7 +5,8 @@ use linked_list_allocator::LockedHeap;
 use spin::{Mutex, MutexGuard, Once};
 use x86_64::registers::control::Cr3;
 use x86_64::structures::paging::{
-    FrameAllocator, FrameDeallocator, OffsetPageTable, PageTable, PhysFrame, Size4KiB,
+    FrameAllocator, FrameDeallocator, Mapper, OffsetPageTable, Page, PageTable, PageTableFlags,
+    PhysFrame, Size4KiB,
 };
 use x86_64::{PhysAddr, VirtAddr};
 
@@ -210,6 +211,36 @@ pub(crate) fn init(usable: impl Iterator<Item = (u64, u64)>, reserved: &[(u64, u
             .lock()
             .init((&raw mut HEAP_SPACE).cast::<u8>(), HEAP_SIZE)
     };
+}
+
+/// Maps a fresh, zeroed frame at the 4 KiB page `va` with `flags` (outside the code window: test
+/// scratch pages, a demo's linear memory).
+///
+/// # Errors
+/// No free frame, or the page is mapped already (or under a huge page).
+pub fn map_fresh_page(va: u64, flags: PageTableFlags) -> Result<PhysFrame, &'static str> {
+    let page =
+        Page::<Size4KiB>::from_start_address(VirtAddr::new(va)).map_err(|_| "unaligned page")?;
+    let mut tables = page_table();
+    let mut frames = frames();
+    let frame = frames.allocate_frame().ok_or("no free frame")?;
+    // SAFETY: the frame was just allocated, so nothing else uses it; it is zeroed through the
+    // direct map before it becomes visible at `va`.
+    unsafe {
+        core::ptr::write_bytes(
+            phys_to_virt(frame.start_address()).as_mut_ptr::<u8>(),
+            0,
+            4096,
+        );
+        match tables.map_to(page, frame, flags, &mut *frames) {
+            Ok(flush) => flush.flush(),
+            Err(_) => {
+                frames.deallocate_frame(frame);
+                return Err("page already mapped");
+            }
+        }
+    }
+    Ok(frame)
 }
 
 /// Bytes of heap in use and free.

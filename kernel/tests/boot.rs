@@ -37,21 +37,7 @@ fn scratch_page(n: u64) -> Page<Size4KiB> {
 /// Maps a fresh zeroed frame at scratch page `n`.
 fn map_scratch(n: u64, flags: F) -> Page<Size4KiB> {
     let page = scratch_page(n);
-    let mut frames = memory::frames();
-    let frame = frames.allocate_frame().expect("a free frame");
-    // SAFETY: the frame was just allocated, so nothing else uses it; it is zeroed through the
-    // direct map before being mapped.
-    unsafe {
-        core::ptr::write_bytes(
-            phys_to_virt(frame.start_address()).as_mut_ptr::<u8>(),
-            0,
-            4096,
-        );
-        memory::page_table()
-            .map_to(page, frame, flags, &mut *frames)
-            .expect("scratch page is unmapped")
-            .flush();
-    }
+    memory::map_fresh_page(page.start_address().as_u64(), flags).expect("scratch page");
     page
 }
 

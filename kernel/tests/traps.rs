@@ -7,10 +7,9 @@ extern crate alloc;
 
 use codespace::{AllocatorConfig, CodeAllocator, ManagerConfig, ProtectionMode, PublishedCode};
 use codespace_kernel::code::{self, manager, test_window, KernelMmu, REGISTRIES};
-use codespace_kernel::memory::{self, phys_to_virt, SCRATCH_BASE};
+use codespace_kernel::memory::{self, SCRATCH_BASE};
 use codespace_kernel::test::{ExpectFault, PF_PRESENT};
-use x86_64::structures::paging::{FrameAllocator, Mapper, Page, PageTableFlags as F, Size4KiB};
-use x86_64::VirtAddr;
+use x86_64::structures::paging::PageTableFlags as F;
 
 codespace_kernel::kernel_tests![
     protected_load_lands_with_r10_and_cr2,
@@ -28,27 +27,8 @@ fn map_linear_memory() {
     static MAPPED: spin::Once<()> = spin::Once::new();
     MAPPED.call_once(|| {
         for i in 0..MEMORY_PAGES {
-            let page = Page::<Size4KiB>::containing_address(VirtAddr::new(MEMORY + i * 4096));
-            let mut tables = memory::page_table();
-            let mut frames = memory::frames();
-            let frame = frames.allocate_frame().expect("frame");
-            // SAFETY: a fresh frame, zeroed through the direct map, mapped once at an unused page.
-            unsafe {
-                core::ptr::write_bytes(
-                    phys_to_virt(frame.start_address()).as_mut_ptr::<u8>(),
-                    0,
-                    4096,
-                );
-                tables
-                    .map_to(
-                        page,
-                        frame,
-                        F::PRESENT | F::WRITABLE | F::NO_EXECUTE,
-                        &mut *frames,
-                    )
-                    .expect("map")
-                    .flush();
-            }
+            memory::map_fresh_page(MEMORY + i * 4096, F::PRESENT | F::WRITABLE | F::NO_EXECUTE)
+                .expect("linear memory page");
         }
         // SAFETY: the page was just mapped writable.
         unsafe { ((MEMORY + 0x100) as *mut u32).write_volatile(0xC0DE) };

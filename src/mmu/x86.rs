@@ -22,7 +22,8 @@ use super::{
 use crate::{AddressRange, PAGE_SIZE};
 
 const HUGE: u64 = 1 << 7;
-/// Frames a 4 KiB mapping can need at most: the page itself and a PDPT, PD and PT.
+/// Frames a 4 KiB mapping can need at most: the page itself and a PDPT, PD and PT (the PML4
+/// exists).
 const FRAMES_PER_MAPPING: usize = 4;
 
 /// The kernel's page tables and frame allocator, each behind the kernel's own lock.
@@ -126,6 +127,67 @@ where
             })
     }
 
+    /// Maps `page` RW+NX to `frame`, or to a fresh zeroed frame when `None`. Takes exactly the
+    /// frames the mapping needs (missing page tables, the fresh frame) before touching the
+    /// tables, so it either succeeds or changes nothing; an alias over existing tables takes none.
+    fn map_leaf(&mut self, page: usize, frame: Option<PhysFrame>) -> Result<(), MmuError> {
+        let p = Self::page(page)?;
+        let mut tables = self.tables.lock();
+        let entries = self.walk(&tables, page);
+        if entries[3].is_some() {
+            return Err(MmuError::AlreadyMapped { page });
+        }
+        if entries[..3].iter().flatten().any(|e| e & HUGE != 0) {
+            return Err(MmuError::HugePage { page });
+        }
+        // A missing PML4, PDPT or PD entry means a PDPT, PD or PT to create.
+        let missing_tables = entries[..3].iter().filter(|e| e.is_none()).count();
+        let mut frames = self.frames.lock();
+        let needed = missing_tables + usize::from(frame.is_none());
+        let mut reserve = Reserve::take(&mut *frames, needed).ok_or(MmuError::OutOfFrames)?;
+        let (frame, fresh) = match frame {
+            Some(f) => (f, false),
+            None => (reserve.allocate_frame().ok_or(MmuError::OutOfFrames)?, true),
+        };
+        if fresh {
+            let zero = tables.phys_offset() + frame.start_address().as_u64();
+            // SAFETY: the frame was just allocated and is reachable through the physical-memory
+            // offset; nothing else refers to it yet.
+            unsafe { core::ptr::write_bytes(zero.as_mut_ptr::<u8>(), 0, PAGE_SIZE) };
+        }
+        let flags = Flags::from_bits_truncate(Protection::ReadWrite.leaf_flags());
+        // SAFETY: `page` is unmapped (checked above). A fresh frame aliases nothing; an alias
+        // frame is mapped elsewhere on purpose (a writable, non-executable view of code) and the
+        // caller unmaps the alias before the frame is freed. Intermediate tables get
+        // PRESENT|WRITABLE and never NX.
+        let result = unsafe {
+            tables.map_to_with_table_flags(
+                p,
+                frame,
+                flags,
+                Flags::PRESENT | Flags::WRITABLE,
+                &mut reserve,
+            )
+        };
+        match result {
+            Ok(f) => {
+                f.ignore();
+                Ok(())
+            }
+            Err(e) => {
+                if fresh {
+                    // SAFETY: the fresh frame was not mapped.
+                    unsafe { reserve.source.deallocate_frame(frame) };
+                }
+                Err(match e {
+                    MapToError::FrameAllocationFailed => MmuError::OutOfFrames,
+                    MapToError::ParentEntryHugePage => MmuError::HugePage { page },
+                    MapToError::PageAlreadyMapped(_) => MmuError::AlreadyMapped { page },
+                })
+            }
+        }
+    }
+
     /// Checks that every page of `[addr, addr + len)` is mapped writable.
     fn check_writable(&self, addr: usize, len: usize) -> Result<(), MmuError> {
         let range =
@@ -149,13 +211,14 @@ struct Reserve<'r, A: FrameDeallocator<Size4KiB>> {
 }
 
 impl<'r, A: FrameAllocator<Size4KiB> + FrameDeallocator<Size4KiB>> Reserve<'r, A> {
-    fn take(source: &'r mut A) -> Option<Self> {
+    /// Takes `n` (at most [`FRAMES_PER_MAPPING`]) frames, or none at all.
+    fn take(source: &'r mut A, n: usize) -> Option<Self> {
         let mut r = Reserve {
             frames: [None; FRAMES_PER_MAPPING],
             source,
         };
-        for i in 0..FRAMES_PER_MAPPING {
-            r.frames[i] = Some(r.source.allocate_frame()?);
+        for slot in r.frames.iter_mut().take(n) {
+            *slot = Some(r.source.allocate_frame()?);
         }
         Some(r)
     }
@@ -192,47 +255,9 @@ where
     }
 
     fn map_fresh(&mut self, page: usize, tlb: &mut TlbFlush) -> Result<(), MmuError> {
-        let p = Self::page(page)?;
-        let mut tables = self.tables.lock();
-        if self.walk(&tables, page)[3].is_some() {
-            return Err(MmuError::AlreadyMapped { page });
-        }
-        let mut frames = self.frames.lock();
-        let mut reserve = Reserve::take(&mut *frames).ok_or(MmuError::OutOfFrames)?;
-        let frame = reserve.allocate_frame().ok_or(MmuError::OutOfFrames)?;
-        let zero = tables.phys_offset() + frame.start_address().as_u64();
-        // SAFETY: the frame was just allocated and is reachable through the physical-memory
-        // offset; nothing else refers to it yet.
-        unsafe { core::ptr::write_bytes(zero.as_mut_ptr::<u8>(), 0, PAGE_SIZE) };
-        let flags = Flags::from_bits_truncate(Protection::ReadWrite.leaf_flags());
-        // SAFETY: `page` is unmapped (checked above) and `frame` is fresh, so the mapping
-        // aliases nothing; intermediate tables get PRESENT|WRITABLE and never NX.
-        let result = unsafe {
-            tables.map_to_with_table_flags(
-                p,
-                frame,
-                flags,
-                Flags::PRESENT | Flags::WRITABLE,
-                &mut reserve,
-            )
-        };
-        match result {
-            Ok(f) => {
-                // A not-present entry is never cached (SDM 4.10.2.3): no invalidation needed.
-                let _ = tlb;
-                f.ignore();
-                Ok(())
-            }
-            Err(e) => {
-                // SAFETY: the frame was not mapped.
-                unsafe { reserve.source.deallocate_frame(frame) };
-                Err(match e {
-                    MapToError::FrameAllocationFailed => MmuError::OutOfFrames,
-                    MapToError::ParentEntryHugePage => MmuError::HugePage { page },
-                    MapToError::PageAlreadyMapped(_) => MmuError::AlreadyMapped { page },
-                })
-            }
-        }
+        // A not-present entry is never cached (SDM 4.10.2.3): mapping needs no invalidation.
+        let _ = tlb;
+        self.map_leaf(page, None)
     }
 
     fn unmap(&mut self, page: usize, tlb: &mut TlbFlush) -> Result<(), MmuError> {
@@ -303,33 +328,10 @@ where
     }
 
     fn map_alias(&mut self, alias: usize, frame: u64, tlb: &mut TlbFlush) -> Result<(), MmuError> {
-        let p = Self::page(alias)?;
-        let mut tables = self.tables.lock();
-        let mut frames = self.frames.lock();
-        let mut reserve = Reserve::take(&mut *frames).ok_or(MmuError::OutOfFrames)?;
-        let flags = Flags::from_bits_truncate(Protection::ReadWrite.leaf_flags());
-        // SAFETY: the alias maps a frame that is mapped elsewhere on purpose (a writable,
-        // non-executable view of code); the caller unmaps it before the frame is freed.
-        let result = unsafe {
-            tables.map_to_with_table_flags(
-                p,
-                PhysFrame::containing_address(PhysAddr::new(frame)),
-                flags,
-                Flags::PRESENT | Flags::WRITABLE,
-                &mut reserve,
-            )
-        };
-        match result {
-            Ok(f) => {
-                // Not-present entries are never cached: nothing to invalidate.
-                let _ = tlb;
-                f.ignore();
-                Ok(())
-            }
-            Err(MapToError::PageAlreadyMapped(_)) => Err(MmuError::AlreadyMapped { page: alias }),
-            Err(MapToError::ParentEntryHugePage) => Err(MmuError::HugePage { page: alias }),
-            Err(MapToError::FrameAllocationFailed) => Err(MmuError::OutOfFrames),
-        }
+        // Not-present entries are never cached: nothing to invalidate.
+        let _ = tlb;
+        let frame = PhysFrame::containing_address(PhysAddr::new(frame));
+        self.map_leaf(alias, Some(frame))
     }
 
     fn unmap_alias(&mut self, alias: usize, tlb: &mut TlbFlush) -> Result<(), MmuError> {

@@ -15,11 +15,10 @@ use codespace::mmu::Mmu;
 use codespace::module::{CodeModule, ModuleConfig, NewCode};
 use codespace::{AddressRange, CodeManager, ManagerConfig, ProtectionMode, PAGE_SIZE};
 use codespace_kernel::code::{self, KernelMmu, CODE_WINDOW, REGISTRIES};
-use codespace_kernel::memory::{self, phys_to_virt, SCRATCH_BASE};
+use codespace_kernel::memory::{self, SCRATCH_BASE};
 use codespace_kernel::serial::SerialWriter;
 use codespace_kernel::{bench, entry_point, println, BootInfo, ExitCode};
-use x86_64::structures::paging::{FrameAllocator, Mapper, Page, PageTableFlags as F, Size4KiB};
-use x86_64::VirtAddr;
+use x86_64::structures::paging::PageTableFlags as F;
 
 entry_point!(main);
 
@@ -94,7 +93,7 @@ fn tour() -> Result<(), String> {
         2,
         "emit real functions: add(a, b) and load(index) from a 64 KiB linear memory",
     );
-    map_linear_memory();
+    map_linear_memory()?;
     // add: lea eax, [rdi + rsi]; ret
     let add = module
         .add_code(&NewCode {
@@ -215,33 +214,13 @@ fn tour() -> Result<(), String> {
     Ok(())
 }
 
-fn map_linear_memory() {
+fn map_linear_memory() -> Result<(), String> {
     for i in 0..MEMORY_SIZE / 4096 {
-        let page = Page::<Size4KiB>::containing_address(VirtAddr::new(MEMORY + i * 4096));
-        let mut tables = memory::page_table();
-        let mut frames = memory::frames();
-        let Some(frame) = frames.allocate_frame() else {
-            return;
-        };
-        // SAFETY: a fresh frame, zeroed through the direct map, mapped once at an unused page.
-        unsafe {
-            core::ptr::write_bytes(
-                phys_to_virt(frame.start_address()).as_mut_ptr::<u8>(),
-                0,
-                4096,
-            );
-            if let Ok(flush) = tables.map_to(
-                page,
-                frame,
-                F::PRESENT | F::WRITABLE | F::NO_EXECUTE,
-                &mut *frames,
-            ) {
-                flush.flush();
-            }
-        }
+        memory::map_fresh_page(MEMORY + i * 4096, F::PRESENT | F::WRITABLE | F::NO_EXECUTE)?;
     }
     // SAFETY: the page was just mapped writable.
     unsafe { ((MEMORY + 0x100) as *mut u32).write_volatile(0xC0FFEE) };
+    Ok(())
 }
 
 /// `mov rax, MEMORY; mov eax, [rax + rdi]; ret` then the landing pad `mov rax, r10; ret`.
