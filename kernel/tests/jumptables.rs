@@ -297,7 +297,7 @@ fn timer_interrupt_patches_a_slot_under_a_calling_loop() {
 
     let (mut old, mut new, mut other) = (0u64, 0u64, 0u64);
     let mut calls = 0u64;
-    while calls < 2_000_000 && (PATCHES.load(Ordering::SeqCst) < 50 || calls < 1_000_000) {
+    while calls < 3_000_000 {
         match call0(f) {
             101 => old += 1,
             102 => new += 1,

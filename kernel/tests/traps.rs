@@ -105,6 +105,7 @@ fn unprotected_fault_is_not_handled() {
     let code = publish_load(&mut a);
     let (_, load_at, _) = load_function();
     let oob = MEMORY + MEMORY_PAGES * 4096;
+    let traps_before = code::last_trap().map_or(0, |t| t.count);
     let info = ExpectFault::page_fault(oob)
         .without_bits(PF_PRESENT)
         .run(|| {
@@ -116,6 +117,11 @@ fn unprotected_fault_is_not_handled() {
         "reported at the load"
     );
     assert!(!REGISTRIES.traps.is_protected(info.rip as usize));
+    assert_eq!(
+        code::last_trap().map_or(0, |t| t.count),
+        traps_before,
+        "the trap path did not take it"
+    );
     a.free(code).expect("free");
 }
 

@@ -68,6 +68,13 @@ pub struct CodeAllocator<M: Mmu> {
     freed: usize,
 }
 
+/// `size` rounded up to [`CODE_ALIGNMENT`]; zero and overflowing sizes are invalid.
+fn aligned_size(size: usize) -> Result<usize, CodeError> {
+    size.checked_next_multiple_of(CODE_ALIGNMENT)
+        .filter(|&s| s > 0)
+        .ok_or(CodeError::InvalidSize { size })
+}
+
 /// V8's `ReservationSize`: room for the code and its tables, at least twice the tables, at
 /// least a quarter of what is reserved already; capped by the maximum code-space size.
 fn reservation_size(
@@ -158,10 +165,7 @@ impl<M: Mmu> CodeAllocator<M> {
     /// Invalid size, commit limit, window exhausted, code-space size, a fixed allocator that is
     /// full, or out of frames. Nothing changes on error.
     pub fn allocate(&mut self, size: usize) -> Result<WritableCode, CodeError> {
-        let aligned = size
-            .checked_next_multiple_of(CODE_ALIGNMENT)
-            .filter(|&s| s > 0)
-            .ok_or(CodeError::InvalidSize { size })?;
+        let aligned = aligned_size(size)?;
         let manager = self.manager.clone();
         let mut state = manager.lock();
 
@@ -191,20 +195,11 @@ impl<M: Mmu> CodeAllocator<M> {
                 }
             }
         };
-
-        if let Err(e) = commit(&mut state, range) {
-            let _ = self.free.merge(range);
-            if let Some(space) = new_space {
-                self.drop_space(&mut state, space);
-            }
-            return Err(e);
+        let result = self.commit_allocation(&mut state, range, size);
+        if let (Err(_), Some(space)) = (&result, new_space) {
+            self.drop_space(&mut state, space);
         }
-        self.allocated += aligned;
-        Ok(WritableCode {
-            range,
-            owner: self.id,
-            bytes: alloc::vec![0; size],
-        })
+        result
     }
 
     /// Allocates `size` bytes inside `region` (first fit there, V8's `AllocateForCodeInRegion`),
@@ -218,21 +213,29 @@ impl<M: Mmu> CodeAllocator<M> {
         size: usize,
         region: AddressRange,
     ) -> Result<WritableCode, CodeError> {
-        let aligned = size
-            .checked_next_multiple_of(CODE_ALIGNMENT)
-            .filter(|&s| s > 0)
-            .ok_or(CodeError::InvalidSize { size })?;
+        let aligned = aligned_size(size)?;
         let manager = self.manager.clone();
         let mut state = manager.lock();
         let range = self
             .free
             .allocate_in_region(aligned, region)
             .ok_or(CodeError::WindowExhausted { size: aligned })?;
-        if let Err(e) = commit(&mut state, range) {
+        self.commit_allocation(&mut state, range, size)
+    }
+
+    /// Commits the pages of the just-allocated `range` and hands it out; on failure returns the
+    /// range to the pool, so nothing changed.
+    fn commit_allocation(
+        &mut self,
+        state: &mut State<M>,
+        range: AddressRange,
+        size: usize,
+    ) -> Result<WritableCode, CodeError> {
+        if let Err(e) = commit(state, range) {
             let _ = self.free.merge(range);
             return Err(e);
         }
-        self.allocated += aligned;
+        self.allocated += range.size();
         Ok(WritableCode {
             range,
             owner: self.id,
