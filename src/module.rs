@@ -24,9 +24,7 @@ use crate::code_object::{
 };
 use crate::code_pointer_table::{CodePointer, CodePointerError, CodePointerTable};
 use crate::jump_table::{self, JumpTableLayout};
-use crate::manager::{
-    AllocatorConfig, CodeAllocator, CodeError, CodeManager, PublishedCode, CODE_ALIGNMENT,
-};
+use crate::manager::{AllocatorConfig, CodeAllocator, CodeError, CodeManager, PublishedCode};
 use crate::mmu::Mmu;
 use crate::trap::{TrapError, TrapHandle, TrapTable};
 use crate::AddressRange;
@@ -210,6 +208,8 @@ struct Live {
     trap: Option<TrapHandle>,
     /// The code pointer of anonymous code (functions use their index's shared pointer).
     pointer: Option<CodePointer>,
+    /// Whether the module still holds its reference (dropped on replacement or `free_code`).
+    module_ref: bool,
 }
 
 /// One module's code (V8's `NativeModule`). Dropping it frees all its code, in the safe order.
@@ -247,8 +247,13 @@ impl<M: Mmu> CodeModule<M> {
         registries: &'static Registries,
         config: ModuleConfig,
     ) -> Result<Self, ModuleError> {
-        let overhead = tables_size(config.functions, config.lazy_entry.is_some())
-            .next_multiple_of(CODE_ALIGNMENT);
+        // Tables take whole pages, plus up to a page of slack to start on a page boundary.
+        let tables = tables_size(config.functions, config.lazy_entry.is_some());
+        let overhead = if tables == 0 {
+            0
+        } else {
+            crate::range::page_round_up(tables).unwrap_or(tables) + crate::PAGE_SIZE
+        };
         let allocator = CodeAllocator::new(
             manager,
             AllocatorConfig {
@@ -358,10 +363,14 @@ impl<M: Mmu> CodeModule<M> {
     fn create_tables(&mut self, region: AddressRange) -> Result<(), ModuleError> {
         let lazy = self.config.lazy_entry.is_some();
         let size = tables_size(self.config.functions, lazy);
+        // Tables get pages of their own: code published or freed next to them (a flip in Flip
+        // mode, INT3 fills) must never touch a page that calls are executing through.
         let mut w = if region.size() == usize::MAX {
-            self.allocator.allocate(size)?
+            // No code space yet: the new one starts on a page boundary with the tables.
+            self.allocator
+                .allocate(crate::range::page_round_up(size).unwrap_or(size))?
         } else {
-            self.allocator.allocate_in_region(size, region)?
+            self.allocator.allocate_pages_in_region(size, region)?
         };
         let start = w.start();
         let Some(layout) = JumpTableLayout::new(start, self.config.functions, lazy) else {
@@ -500,42 +509,97 @@ impl<M: Mmu> CodeModule<M> {
                 }
             }
         };
-        let pointer = match (self.pointers, new.index) {
-            (Some(table), None) => match table.allocate(start) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    if let Some(h) = trap {
-                        let _ = self.registries.traps.release(h);
-                    }
-                    let _ = self.allocator.free(code);
-                    return Err(ModuleError::CodePointer(e));
-                }
-            },
-            _ => None,
-        };
-        if let (Some(table), Some(index)) = (self.pointers, new.index) {
-            let slot = &mut self.function_pointers[index as usize];
-            let updated = match *slot {
-                Some(p) => table.update(p, start),
-                None => table.allocate(start).map(|p| *slot = Some(p)),
-            };
-            if let Err(e) = updated {
+        // Code pointers are reserved now (a full table fails cleanly) but aimed at the code only
+        // once it is registered and installed: no indirect call reaches unregistered code.
+        let (pointer, new_function_pointer) = match self.reserve_pointer(new.index) {
+            Ok(p) => p,
+            Err(e) => {
                 if let Some(h) = trap {
                     let _ = self.registries.traps.release(h);
                 }
                 let _ = self.allocator.free(code);
-                return Err(ModuleError::CodePointer(e));
+                return Err(e);
             }
+        };
+        if let Err(e) = self.install(Arc::clone(&object), code, trap, pointer) {
+            self.drop_pointer(new_function_pointer);
+            return Err(e);
         }
-        self.install(Arc::clone(&object), code, trap, pointer)?;
         if let Some(index) = new.index {
-            let old = self.functions[index as usize].replace(start);
-            self.patch_slot(index, start)?;
+            let old = self.functions[index as usize];
+            if let Err(e) = self.patch_slot(index, start) {
+                // Aim every table back at what it held, then free the new code in the safe order.
+                self.restore_slot(index, old);
+                self.drop_pointer(new_function_pointer);
+                self.free_live(start);
+                return Err(e);
+            }
+            self.functions[index as usize] = Some(start);
+            if let (Some(table), Some(p)) = (self.pointers, self.function_pointer(index)) {
+                let _ = table.update(p, start);
+            }
             if let Some(old) = old {
                 self.release_ref(old);
             }
+        } else if let (Some(table), Some(p)) = (self.pointers, pointer) {
+            let _ = table.update(p, start);
         }
         Ok(object)
+    }
+
+    /// Reserves a code pointer for new code, aimed at the table's trap address for now: a fresh
+    /// one for anonymous code, and for a function its index's shared one (allocated on first
+    /// use). Returns (the anonymous code's pointer, the function pointer allocated by this call).
+    fn reserve_pointer(
+        &mut self,
+        index: Option<u32>,
+    ) -> Result<(Option<CodePointer>, Option<u32>), ModuleError> {
+        let Some(table) = self.pointers else {
+            return Ok((None, None));
+        };
+        match index {
+            None => table
+                .allocate(table.trap_address())
+                .map(|p| (Some(p), None))
+                .map_err(ModuleError::CodePointer),
+            Some(i) if self.function_pointers[i as usize].is_none() => {
+                let p = table
+                    .allocate(table.trap_address())
+                    .map_err(ModuleError::CodePointer)?;
+                self.function_pointers[i as usize] = Some(p);
+                Ok((None, Some(i)))
+            }
+            Some(_) => Ok((None, None)),
+        }
+    }
+
+    /// Frees the function pointer `reserve_pointer` allocated for index `index`, if any.
+    fn drop_pointer(&mut self, index: Option<u32>) {
+        let Some(i) = index else { return };
+        if let (Some(table), Some(p)) = (self.pointers, self.function_pointers[i as usize].take()) {
+            let _ = table.free(p);
+        }
+    }
+
+    /// Points slot `index` of every table back at `old` code, or at its uncompiled state (the
+    /// lazy slot, or INT3) — best effort, after a failed patch.
+    fn restore_slot(&mut self, index: u32, old: Option<usize>) {
+        if let Some(old) = old {
+            let _ = self.patch_slot(index, old);
+            return;
+        }
+        let manager = self.allocator.manager().clone();
+        for t in &self.tables {
+            let Some(near) = t.layout.near_slot_addr(index) else {
+                continue;
+            };
+            let value = t
+                .layout
+                .lazy_slot_addr(index)
+                .and_then(|lazy| jump_table::near_slot(near, lazy))
+                .unwrap_or(u64::from_le_bytes([0xCC; 8]));
+            let _ = manager.patch_u64(near, value);
+        }
     }
 
     /// Registers published code in PC lookup, reports it, and keeps it.
@@ -566,6 +630,7 @@ impl<M: Mmu> CodeModule<M> {
                 code,
                 trap,
                 pointer,
+                module_ref: true,
             },
         );
         Ok(())
@@ -682,11 +747,13 @@ impl<M: Mmu> CodeModule<M> {
 
     /// Drops the module's reference to the code at `start`; frees it when that was the last.
     fn release_ref(&mut self, start: usize) {
-        let dead = self
-            .live
-            .get(&start)
-            .is_some_and(|l| l.object.dec_ref() == DecRef::Dead);
-        if dead {
+        let Some(live) = self.live.get_mut(&start) else {
+            return;
+        };
+        if !core::mem::replace(&mut live.module_ref, false) {
+            return;
+        }
+        if live.object.dec_ref() == DecRef::Dead {
             self.free_live(start);
         }
     }
@@ -697,7 +764,8 @@ impl<M: Mmu> CodeModule<M> {
         let dead: Vec<usize> = self
             .live
             .iter()
-            .filter(|(_, l)| l.object.is_dying())
+            // Jump tables are the module's own until it is dropped, whatever a holder did.
+            .filter(|(_, l)| l.object.is_dying() && l.object.kind() != CodeKind::JumpTable)
             .map(|(&s, _)| s)
             .collect();
         for &start in &dead {
@@ -711,11 +779,14 @@ impl<M: Mmu> CodeModule<M> {
     /// `dec_ref` returns `Dead` and [`free_dead_code`](Self::free_dead_code) runs.
     ///
     /// # Errors
-    /// [`ModuleError::UnknownCode`] when no code of this module starts there, it is still
-    /// installed in a jump-table slot, or the module's reference was already dropped.
+    /// [`ModuleError::UnknownCode`] when no code of this module starts there, it is a jump table
+    /// or still installed in a jump-table slot, or the module's reference was already dropped.
     pub fn free_code(&mut self, start: usize) -> Result<(), ModuleError> {
         let installed = self.functions.contains(&Some(start));
-        let releasable = self.live.get(&start).is_some_and(|l| !l.object.is_dying());
+        let releasable = self
+            .live
+            .get(&start)
+            .is_some_and(|l| l.module_ref && l.object.kind() != CodeKind::JumpTable);
         if installed || !releasable {
             return Err(ModuleError::UnknownCode { start });
         }

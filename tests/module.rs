@@ -1294,7 +1294,7 @@ fn a_full_fixed_module_refuses_code_and_changes_nothing() {
 fn a_space_whose_tables_failed_gets_them_with_its_next_code() {
     let m = manager_with(ManagerConfig {
         max_code_space_size: GIB,
-        max_committed: 2 * PAGE,
+        max_committed: 4 * PAGE,
         ..ManagerConfig::default()
     });
     let regs = registries();
@@ -1304,27 +1304,27 @@ fn a_space_whose_tables_failed_gets_them_with_its_next_code() {
         ModuleConfig {
             functions: 4,
             growable: true,
-            initial_reservation: PAGE,
+            initial_reservation: 2 * PAGE,
             lazy_entry: None,
         },
     );
     let _fillers = far_fillers(&m);
     fill_free_space(&mut module);
-    assert_eq!(m.committed(), PAGE);
+    assert_eq!(m.committed(), 2 * PAGE, "a page of tables, a page of code");
 
-    // A page of code in a new, far space: the code commits the last page allowed, the tables
-    // behind it need one more.
-    let page = body(PAGE, 0x90);
+    // Two pages of code in a new, far space: the code commits the last pages allowed, the
+    // tables (a page of their own) need one more.
+    let page = body(2 * PAGE, 0x90);
     let r = module.add_code(&NewCode::function(1, &page));
     assert!(
         matches!(r, Err(ModuleError::Code(CodeError::CommitLimit { .. }))),
         "{:?}",
         r.map(|o| o.instruction_start())
     );
-    assert_eq!(m.committed(), PAGE);
+    assert_eq!(m.committed(), 2 * PAGE);
     assert_eq!(module.jump_tables().count(), 1);
 
-    // Small code with a call fits in the new space's first page, next to the tables.
+    // Small code with a call: one page for it, one for the far space's tables.
     let relocs = [Relocation {
         offset: 1,
         kind: RelocKind::CallSlot { slot: 3 },
@@ -1396,4 +1396,118 @@ fn code_pointers_follow_functions_and_wrappers() {
         0,
         "dropping the module frees its functions' handles"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lifetimes: references, jump tables and code pointers survive failed or misdirected frees.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn free_code_refuses_replaced_code_someone_still_holds() {
+    let m = manager();
+    let mut module = module(&m, registries(), functions(1));
+    let v1 = module
+        .add_code(&NewCode::function(0, &[0x90, 0xC3]))
+        .unwrap();
+    assert!(v1.inc_ref(), "a stack frame holds v1");
+    module.add_code(&NewCode::function(0, &[0xC3])).unwrap();
+    // The module already gave up its reference on replacement: nothing left for it to drop.
+    assert!(matches!(
+        module.free_code(v1.instruction_start()),
+        Err(ModuleError::UnknownCode { .. })
+    ));
+    assert!(
+        module.lookup_code(v1.instruction_start()).is_some(),
+        "v1 still mapped"
+    );
+    assert_eq!(v1.dec_ref(), DecRef::Dead);
+    assert_eq!(module.free_dead_code(), 1);
+    assert!(module.lookup_code(v1.instruction_start()).is_none());
+}
+
+#[test]
+fn jump_tables_are_never_freed_before_the_module() {
+    let m = manager();
+    let mut module = module(&m, registries(), functions(2));
+    let base = module.jump_tables().next().unwrap().base();
+    assert!(matches!(
+        module.free_code(base),
+        Err(ModuleError::UnknownCode { .. })
+    ));
+    let table = module.lookup_code(base).expect("table is registered");
+    assert_eq!(table.kind(), CodeKind::JumpTable);
+    assert_eq!(
+        table.dec_ref(),
+        DecRef::Dead,
+        "an unbalanced dec_ref by some holder"
+    );
+    assert_eq!(
+        module.free_dead_code(),
+        0,
+        "tables stay until the module is dropped"
+    );
+    assert!(module.lookup_code(base).is_some());
+    let code = module.add_code(&NewCode::function(1, &[0xC3])).unwrap();
+    assert_ne!(code.instruction_start(), base);
+    assert_clean(&m);
+}
+
+#[test]
+fn a_failed_add_leaves_no_code_pointer_behind() {
+    use codespace::code_pointer_table::CodePointerTable;
+    let table: &'static CodePointerTable = Box::leak(Box::new(CodePointerTable::with_capacity(4)));
+    let regs = registries();
+    // Two managers over windows one page apart share the registries: b's tables miss a's code,
+    // b's first function lands on it.
+    let m1 = manager();
+    let shifted = AddressRange::new(BASE - PAGE, BASE - PAGE + GIB);
+    let m2 = CodeManager::new(SoftMmu::new(1 << 12), shifted, ManagerConfig::default()).unwrap();
+    let mut a = module(&m1, regs, functions(0));
+    a.add_code(&NewCode::new(CodeKind::Wrapper, &[0xC3; 64]))
+        .unwrap();
+    let mut b = module(&m2, regs, functions(1));
+    b.set_code_pointer_table(Some(table));
+    let r = b.add_code(&NewCode::function(0, &[0xC3; 64]));
+    assert!(
+        matches!(r, Err(ModuleError::CodeMap(_))),
+        "{:?}",
+        r.map(|o| o.instruction_start())
+    );
+    assert_eq!(b.function_pointer(0), None);
+    assert_eq!(table.len(), 0);
+    assert_eq!(b.function_code(0), None);
+}
+
+#[test]
+fn flip_mode_never_touches_jump_table_pages() {
+    let m = manager_with(ManagerConfig {
+        protection: codespace::ProtectionMode::Flip,
+        ..ManagerConfig::default()
+    });
+    let mut module = module(&m, registries(), functions(4));
+    let table = module.jump_tables().next().unwrap().range().page_expand();
+    let entries = |m: &CodeManager<SoftMmu>| -> Vec<[Option<u64>; 4]> {
+        m.with_mmu(|mmu| table.pages().map(|p| mmu.raw_entries(p)).collect())
+    };
+    let before = entries(&m);
+    let stores = m.with_mmu(|mmu| mmu.leaf_stores());
+    let f = module
+        .add_code(&NewCode::function(0, &[0x90; 100]))
+        .unwrap();
+    let g = module
+        .add_code(&NewCode::function(1, &[0x90; 100]))
+        .unwrap();
+    let w = module
+        .add_code(&NewCode::new(CodeKind::Wrapper, &[0xC3]))
+        .unwrap();
+    module.free_code(w.instruction_start()).unwrap();
+    module.add_code(&NewCode::function(1, &[0xC3])).unwrap();
+    assert!(
+        m.with_mmu(|mmu| mmu.leaf_stores()) > stores,
+        "code pages were flipped"
+    );
+    assert_eq!(entries(&m), before, "table pages' entries never changed");
+    assert!(!table.contains(f.instruction_start()) && !table.contains(g.instruction_start()));
+    assert!(!m.with_mmu(|mmu| mmu.wx_ever_observed()));
+    assert_clean(&m);
 }

@@ -205,6 +205,8 @@ pub(crate) fn init(usable: impl Iterator<Item = (u64, u64)>, reserved: &[(u64, u
         }
     });
 
+    harden_identity_map();
+
     // SAFETY: HEAP_SPACE is a static used by nothing but the allocator, initialized once here.
     unsafe {
         ALLOCATOR
@@ -241,6 +243,37 @@ pub fn map_fresh_page(va: u64, flags: PageTableFlags) -> Result<PhysFrame, &'sta
         }
     }
     Ok(frame)
+}
+
+extern "C" {
+    static __text_end: u8;
+}
+
+/// The boot tables map the first 4 GiB executable in 2 MiB pages; only the kernel's text needs
+/// that. Every identity page past the text becomes NX, so frames handed out later (code frames
+/// included) are never executable at their identity address. (They stay writable there, as
+/// through any kernel direct map.)
+fn harden_identity_map() {
+    let text_end = (&raw const __text_end) as u64;
+    let first_nx = text_end.div_ceil(2 << 20) as usize;
+    let mut tables = page_table();
+    let offset = tables.phys_offset();
+    let pml4 = tables.level_4_table_mut();
+    let pdpt_phys = pml4[0].addr();
+    // SAFETY: the boot PDPT and PDs are page-table frames in the direct map; only leaf flags
+    // change, on the single CPU, before anything but the kernel text runs from these pages.
+    unsafe {
+        let pdpt = &mut *(offset + pdpt_phys.as_u64()).as_mut_ptr::<PageTable>();
+        for (gib, entry) in pdpt.iter_mut().take(4).enumerate() {
+            let pd = &mut *(offset + entry.addr().as_u64()).as_mut_ptr::<PageTable>();
+            for (i, e) in pd.iter_mut().enumerate() {
+                if gib * 512 + i >= first_nx {
+                    e.set_flags(e.flags() | PageTableFlags::NO_EXECUTE);
+                }
+            }
+        }
+    }
+    x86_64::instructions::tlb::flush_all();
 }
 
 /// Bytes of heap in use and free.

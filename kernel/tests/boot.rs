@@ -28,6 +28,7 @@ codespace_kernel::kernel_tests![
     frame_allocator_hands_out_distinct_usable_frames,
     heap_holds_a_one_mebibyte_vec,
     command_line_reaches_the_kernel,
+    identity_map_past_the_kernel_text_is_nx,
 ];
 
 fn scratch_page(n: u64) -> Page<Size4KiB> {
@@ -265,4 +266,28 @@ fn command_line_reaches_the_kernel() {
         boot.command_line()
     );
     assert!(boot.usable_bytes() > 16 << 20);
+}
+
+fn identity_map_past_the_kernel_text_is_nx() {
+    use x86_64::structures::paging::mapper::TranslateResult;
+    let frame = memory::frames().allocate_frame().expect("frame");
+    let identity = VirtAddr::new(frame.start_address().as_u64());
+    let result = memory::page_table().translate(identity);
+    // SAFETY: the frame was allocated above and is mapped nowhere else.
+    unsafe { memory::frames().deallocate_frame(frame) };
+    match result {
+        TranslateResult::Mapped { flags, .. } => {
+            assert!(
+                flags.contains(F::NO_EXECUTE),
+                "identity page of a free frame is executable"
+            )
+        }
+        other => panic!("identity address not mapped: {other:?}"),
+    }
+    // The kernel's own text still runs (this test does), and the direct map is NX as well.
+    let direct = phys_to_virt(frame.start_address());
+    match memory::page_table().translate(direct) {
+        TranslateResult::Mapped { .. } => {}
+        other => panic!("direct map missing: {other:?}"),
+    }
 }

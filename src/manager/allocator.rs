@@ -223,6 +223,62 @@ impl<M: Mmu> CodeAllocator<M> {
         self.commit_allocation(&mut state, range, size)
     }
 
+    /// Allocates whole pages inside `region` that share no page with other code: `size` rounded
+    /// up to pages, starting on a page boundary. Live jump tables use this, so that writing code
+    /// next to them (a flip in [`ProtectionMode::Flip`](super::ProtectionMode::Flip), INT3 fills)
+    /// never touches their pages.
+    ///
+    /// # Errors
+    /// As [`allocate_in_region`](Self::allocate_in_region). Nothing changes on error.
+    pub fn allocate_pages_in_region(
+        &mut self,
+        size: usize,
+        region: AddressRange,
+    ) -> Result<WritableCode, CodeError> {
+        let bytes = page_round_up(aligned_size(size)?).ok_or(CodeError::InvalidSize { size })?;
+        // Any 64-byte aligned free run this long holds a page-aligned run of `bytes`.
+        let padded = bytes
+            .checked_add(PAGE_SIZE - CODE_ALIGNMENT)
+            .ok_or(CodeError::InvalidSize { size })?;
+        let manager = self.manager.clone();
+        let mut state = manager.lock();
+        // First choice: a free run that already starts on a page boundary inside the region
+        // (a fresh code space does); else a run long enough to hold an aligned one.
+        let aligned_region = AddressRange::new(
+            page_round_up(region.start()).unwrap_or(region.end()),
+            region.end(),
+        );
+        let exact = match self.free.allocate_in_region(bytes, aligned_region) {
+            Some(r) if r.start().is_multiple_of(PAGE_SIZE) => Some(r),
+            Some(r) => {
+                let _ = self.free.merge(r);
+                None
+            }
+            None => None,
+        };
+        let got = match exact {
+            Some(r) => r,
+            None => self
+                .free
+                .allocate_in_region(padded, region)
+                .ok_or(CodeError::WindowExhausted { size: padded })?,
+        };
+        let start = page_round_up(got.start()).ok_or(CodeError::InvalidSize { size })?;
+        let range = AddressRange::new(start, start + bytes);
+        // Hand back the slack on both sides; it was free a moment ago, so it cannot overlap.
+        for slack in [
+            AddressRange::new(got.start(), range.start()),
+            AddressRange::new(range.end(), got.end()),
+        ] {
+            if !slack.is_empty() {
+                let _ = self.free.merge(slack);
+            }
+        }
+        let mut code = self.commit_allocation(&mut state, range, bytes)?;
+        code.bytes.truncate(size);
+        Ok(code)
+    }
+
     /// Commits the pages of the just-allocated `range` and hands it out; on failure returns the
     /// range to the pool, so nothing changed.
     fn commit_allocation(
@@ -272,9 +328,22 @@ impl<M: Mmu> CodeAllocator<M> {
         if let Err(error) = written {
             return Err(Rejected { error, code });
         }
+        // Only the first and last page can hold other (published) code; pages wholly inside the
+        // range are ours and still RW. Remember which ends were R+X already, for a rollback.
+        let first = page_round_down(range.start());
+        let last = page_round_down(range.end() - 1);
+        let was_rx = |state: &State<M>, p: usize| state.mmu.query(p).is_some_and(|m| !m.writable);
+        let (first_rx, last_rx) = (was_rx(&state, first), was_rx(&state, last));
         let mut tlb = TlbFlush::new();
         for page in range.pages() {
             if let Err(e) = state.mmu.protect(page, Protection::ReadExecute, &mut tlb) {
+                // Put back the pages this call made R+X, so the handle returns as it was.
+                for done in range.pages().take_while(|&p| p != page) {
+                    let keep = (done == first && first_rx) || (done == last && last_rx);
+                    if !keep {
+                        let _ = state.mmu.protect(done, Protection::ReadWrite, &mut tlb);
+                    }
+                }
                 state.mmu.flush(tlb);
                 return Err(Rejected {
                     error: e.into(),
