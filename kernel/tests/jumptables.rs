@@ -141,6 +141,17 @@ fn call0(addr: usize) -> u64 {
     f()
 }
 
+/// A module with `functions` slots whose (first) jump table the checking backend watches.
+fn watched_module(mgr: &CodeManager<CheckingMmu>, functions: u32) -> Module {
+    let config = ModuleConfig {
+        functions,
+        ..ModuleConfig::default()
+    };
+    let m = Module::new(mgr, &REGISTRIES, config).expect("module");
+    watch_tables(&m);
+    m
+}
+
 fn watch_tables(m: &Module) {
     let t = m.jump_tables().next().expect("table").range();
     *WATCH.lock() = t.page_expand();
@@ -148,16 +159,7 @@ fn watch_tables(m: &Module) {
 
 fn call_through_slot_then_patch() {
     let mgr = manager(0, 1 << 30);
-    let mut m = Module::new(
-        &mgr,
-        &REGISTRIES,
-        ModuleConfig {
-            functions: 4,
-            ..ModuleConfig::default()
-        },
-    )
-    .expect("module");
-    watch_tables(&m);
+    let mut m = watched_module(&mgr, 4);
     m.add_code(&NewCode::function(1, &ret_const(1))).expect("g");
     let f = add_caller(&mut m, 0, 1);
     assert_eq!(call0(f), 101, "f calls g through slot 1");
@@ -186,16 +188,7 @@ fn call_through_slot_then_patch() {
 
 fn target_beyond_2_gib_takes_the_far_path() {
     let mgr = manager(1, 1 << 30);
-    let mut m = Module::new(
-        &mgr,
-        &REGISTRIES,
-        ModuleConfig {
-            functions: 2,
-            ..ModuleConfig::default()
-        },
-    )
-    .expect("module");
-    watch_tables(&m);
+    let mut m = watched_module(&mgr, 2);
     m.add_code(&NewCode::function(1, &ret_const(1))).expect("g");
     let f = add_caller(&mut m, 0, 1);
     // Three 1 GiB reservations (nothing committed) push the next code space > 2 GiB away.
@@ -261,16 +254,7 @@ fn timer_tick(_frame: &mut interrupts::TrapFrame) {
 
 fn timer_interrupt_patches_a_slot_under_a_calling_loop() {
     let mgr = manager(2, 1 << 30);
-    let mut m = Module::new(
-        &mgr,
-        &REGISTRIES,
-        ModuleConfig {
-            functions: 2,
-            ..ModuleConfig::default()
-        },
-    )
-    .expect("module");
-    watch_tables(&m);
+    let mut m = watched_module(&mgr, 2);
     let g = m
         .add_code(&NewCode::function(1, &ret_const(1)))
         .expect("g")

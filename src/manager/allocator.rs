@@ -312,12 +312,7 @@ impl<M: Mmu> CodeAllocator<M> {
     /// # Errors
     /// A handle of another allocator, or a backend failure; the handle comes back unchanged.
     pub fn publish(&mut self, code: WritableCode) -> Result<PublishedCode, Rejected<WritableCode>> {
-        if code.owner != self.id {
-            return Err(Rejected {
-                error: CodeError::ForeignCode,
-                code,
-            });
-        }
+        let code = self.own(code.owner, code)?;
         let manager = self.manager.clone();
         let mut state = manager.lock();
         let range = code.range;
@@ -365,12 +360,7 @@ impl<M: Mmu> CodeAllocator<M> {
     /// # Errors
     /// A handle of another allocator (handed back).
     pub fn free(&mut self, code: PublishedCode) -> Result<(), Rejected<PublishedCode>> {
-        if code.owner != self.id {
-            return Err(Rejected {
-                error: CodeError::ForeignCode,
-                code,
-            });
-        }
+        let code = self.own(code.owner, code)?;
         self.free_range(code.range);
         Ok(())
     }
@@ -380,14 +370,21 @@ impl<M: Mmu> CodeAllocator<M> {
     /// # Errors
     /// A handle of another allocator (handed back).
     pub fn discard(&mut self, code: WritableCode) -> Result<(), Rejected<WritableCode>> {
-        if code.owner != self.id {
-            return Err(Rejected {
-                error: CodeError::ForeignCode,
-                code,
-            });
-        }
+        let code = self.own(code.owner, code)?;
         self.free_range(code.range);
         Ok(())
+    }
+
+    /// Hands `code` back as [`CodeError::ForeignCode`] unless this allocator created it.
+    fn own<T>(&self, owner: u64, code: T) -> Result<T, Rejected<T>> {
+        if owner == self.id {
+            Ok(code)
+        } else {
+            Err(Rejected {
+                error: CodeError::ForeignCode,
+                code,
+            })
+        }
     }
 
     fn free_range(&mut self, range: AddressRange) {
