@@ -20,6 +20,7 @@ pub mod mmu;
 pub mod module;
 pub mod pool;
 pub mod range;
+pub mod sync;
 pub mod trap;
 
 pub use manager::{
