@@ -24,7 +24,7 @@ pub mod sync;
 pub mod trap;
 
 pub use manager::{
-    AllocatorConfig, AuditReport, CodeAllocator, CodeError, CodeManager, ManagerConfig,
+    AllocatorConfig, AuditReport, CodeAllocator, CodeError, CodeManager, FreeError, ManagerConfig,
     ProtectionMode, PublishedCode, WritableCode,
 };
 pub use range::{AddressRange, PAGE_SIZE};

@@ -196,6 +196,40 @@ impl DisjointAllocationPool {
         iter
     }
 
+    /// The free range [`merge`](Self::merge) would return for `range`, without changing the
+    /// pool.
+    ///
+    /// # Errors
+    ///
+    /// As `merge`.
+    pub fn merged_extent(&self, range: AddressRange) -> Result<AddressRange, PoolError> {
+        if range.is_empty() {
+            return Err(PoolError::EmptyRange);
+        }
+        let prev = self.last_starting_before(range.start());
+        let next = self.first_starting_at_or_after(range.start());
+        let mut merged = range;
+        if prev != NIL {
+            let p = self.node(prev).range;
+            if p.end() > range.start() {
+                return Err(PoolError::Overlap { range, existing: p });
+            }
+            if p.end() == range.start() {
+                merged = AddressRange::new(p.start(), merged.end());
+            }
+        }
+        if next != NIL {
+            let n = self.node(next).range;
+            if n.start() < range.end() {
+                return Err(PoolError::Overlap { range, existing: n });
+            }
+            if n.start() == range.end() {
+                merged = AddressRange::new(merged.start(), n.end());
+            }
+        }
+        Ok(merged)
+    }
+
     /// Adds `range` to the free ranges, coalescing it with free neighbours that touch it on
     /// either side, and returns the free range that now contains it.
     ///
@@ -302,6 +336,52 @@ impl DisjointAllocationPool {
         let result = AddressRange::from_start_size(overlap.start(), size)?;
         self.carve(free, result);
         Some(result)
+    }
+
+    /// Takes `size` bytes starting at a multiple of `align` (a power of two) inside `region`:
+    /// the lowest such placement in address order. The rest of the free range it comes from
+    /// stays free. `None` (and no change) if nothing fits, `size` is 0 or `align` is not a power
+    /// of two.
+    ///
+    /// Each free range examined is found in O(log n); ranges are skipped only when they hold
+    /// `size` bytes but no aligned run of them, so a search is O(log n) unless many such ranges
+    /// lie in front of the fit.
+    ///
+    /// # Panics
+    ///
+    /// As [`allocate_in_region`](Self::allocate_in_region).
+    pub fn allocate_aligned_in_region(
+        &mut self,
+        size: usize,
+        align: usize,
+        region: AddressRange,
+    ) -> Option<AddressRange> {
+        if size == 0 || !align.is_power_of_two() || region.size() < size {
+            return None;
+        }
+        let fits = |free: AddressRange| -> Option<AddressRange> {
+            let overlap = free.overlap(&region);
+            let start = overlap.start().checked_next_multiple_of(align)?;
+            let end = start.checked_add(size)?;
+            (!overlap.is_empty() && end <= overlap.end()).then(|| AddressRange::new(start, end))
+        };
+        let straddling = self.last_starting_before(region.start());
+        let mut candidate = (straddling != NIL).then(|| self.node(straddling).range);
+        let mut lo = region.start();
+        loop {
+            if let Some(free) = candidate {
+                if let Some(taken) = fits(free) {
+                    self.carve(free, taken);
+                    return Some(taken);
+                }
+                lo = lo.max(free.end());
+            }
+            let t = self.first_fit_starting_at_or_after(lo, size);
+            if t == NIL || self.node(t).range.start() >= region.end() {
+                return None;
+            }
+            candidate = Some(self.node(t).range);
+        }
     }
 
     /// The free range that V8's linear walk would pick for `allocate_in_region`, and its overlap
@@ -1012,6 +1092,33 @@ mod tests {
         assert_eq!(pool.allocate_in_region(15, r(10, 80)), Some(r(60, 75)));
         assert_eq!(ranges(&pool), [r(0, 12), r(35, 40), r(75, 100)]);
         check_invariants(&pool);
+    }
+
+    #[test]
+    fn aligned_allocation_finds_the_lowest_aligned_fit() {
+        // Free: [0x1040, 0x1100) too small once aligned to 0x100... and [0x2040, 0x4000).
+        let mut p = pool_of(&[(0x1040, 0x1100), (0x2040, 0x4000)]);
+        let got = p.allocate_aligned_in_region(0x100, 0x1000, r(0, 0x10000));
+        assert_eq!(got, Some(r(0x3000, 0x3100)));
+        assert_eq!(
+            ranges(&p),
+            vec![r(0x1040, 0x1100), r(0x2040, 0x3000), r(0x3100, 0x4000)]
+        );
+        // Region clipping: inside [0x2000, 0x3000) only 64-byte alignment can fit.
+        assert_eq!(
+            p.allocate_aligned_in_region(0x100, 0x1000, r(0x2000, 0x3000)),
+            None
+        );
+        assert_eq!(
+            p.allocate_aligned_in_region(0x40, 0x40, r(0x2003, 0x3000)),
+            Some(r(0x2040, 0x2080))
+        );
+        assert_eq!(
+            p.allocate_aligned_in_region(0x40, 3, r(0, 0x10000)),
+            None,
+            "not a power of two"
+        );
+        check_invariants(&p);
     }
 
     #[test]

@@ -1,22 +1,24 @@
 //! [`CodeAllocator`]: one module's code, in code spaces of its own (V8's `WasmCodeAllocator`).
 //!
-//! Allocation is first fit over the module's free ranges; only the pages an allocation touches
-//! and that are not yet mapped get committed (RW+NX). Freeing merges the range back (unlike V8,
-//! freed code is reused), decommits exactly the pages that became wholly free, and fills freed
-//! bytes on pages that stay committed with INT3.
+//! Allocation is first fit over the allocator's free ranges, at [`CODE_ALIGNMENT`]; only the
+//! pages an allocation touches that are not committed yet get committed (RW+NX). Publishing
+//! writes the staged bytes and makes the pages R+X in one shootdown round. Freeing merges the
+//! range back (unlike V8, freed code is reused), fills it with INT3, and decommits the pages
+//! that became wholly free. Callers free code only once no CPU can run it any more (the module
+//! layer waits for a grace period).
 
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use super::code::{PublishedCode, WritableCode};
-use super::error::{CodeError, Rejected};
+use super::error::{CodeError, FreeError, Rejected};
 use super::state::{CodeManager, State};
 use crate::mmu::{Mmu, Protection, TlbFlush};
 use crate::pool::DisjointAllocationPool;
 use crate::range::{page_round_down, page_round_up};
 use crate::{AddressRange, PAGE_SIZE};
 
-/// Code sizes are rounded up to this (V8's `kCodeAlignment` on x64).
+/// Code sizes are rounded up to this, and code starts on it (V8's `kCodeAlignment` on x64).
 pub const CODE_ALIGNMENT: usize = 64;
 /// INT3: what freed and padding bytes of code pages hold, so a stray jump traps.
 const INT3: u8 = 0xCC;
@@ -57,7 +59,8 @@ pub struct AllocatorStats {
     pub code_spaces: usize,
 }
 
-/// One module's code allocator. Dropping it releases its code spaces (unmapping what they hold).
+/// One module's code allocator. Dropping it releases its code spaces (decommitting what they
+/// hold).
 pub struct CodeAllocator<M: Mmu> {
     manager: CodeManager<M>,
     id: u64,
@@ -102,7 +105,7 @@ impl<M: Mmu> CodeAllocator<M> {
     /// `initial_reservation` the first code space is reserved now.
     ///
     /// # Errors
-    /// When the initial reservation does not fit the window or the maximum code-space size.
+    /// When the initial reservation exceeds the maximum code-space size or does not fit.
     pub fn new(manager: &CodeManager<M>, config: AllocatorConfig) -> Result<Self, CodeError> {
         let mut a = CodeAllocator {
             manager: manager.clone(),
@@ -114,16 +117,14 @@ impl<M: Mmu> CodeAllocator<M> {
             freed: 0,
         };
         if config.initial_reservation > 0 {
-            let mut state = a.manager.lock();
-            let max = state.config.max_code_space_size;
+            let max = manager.config().max_code_space_size;
             if config.initial_reservation > max {
                 return Err(CodeError::CodeSpaceTooLarge {
                     size: config.initial_reservation,
                     max,
                 });
             }
-            let space = state.reserve(config.initial_reservation)?;
-            drop(state);
+            let space = a.manager.lock()?.reserve(config.initial_reservation)?;
             a.add_space(space);
         }
         Ok(a)
@@ -147,6 +148,12 @@ impl<M: Mmu> CodeAllocator<M> {
         &self.spaces
     }
 
+    /// The code space of this allocator holding `addr`.
+    #[must_use]
+    pub fn space_of(&self, addr: usize) -> Option<AddressRange> {
+        self.spaces.iter().copied().find(|s| s.contains(addr))
+    }
+
     /// Counters.
     #[must_use]
     pub fn stats(&self) -> AllocatorStats {
@@ -166,12 +173,62 @@ impl<M: Mmu> CodeAllocator<M> {
     /// full, or out of frames. Nothing changes on error.
     pub fn allocate(&mut self, size: usize) -> Result<WritableCode, CodeError> {
         let aligned = aligned_size(size)?;
-        let manager = self.manager.clone();
-        let mut state = manager.lock();
+        self.allocate_where(size, aligned, CODE_ALIGNMENT, None)
+    }
 
+    /// Allocates `size` bytes inside `region` (first fit there, at [`CODE_ALIGNMENT`], V8's
+    /// `AllocateForCodeInRegion`), committing as [`allocate`](Self::allocate) does; never
+    /// reserves a new code space.
+    ///
+    /// # Errors
+    /// [`CodeError::WindowExhausted`] when nothing free in `region` fits; the commit errors of
+    /// `allocate`. Nothing changes on error.
+    pub fn allocate_in_region(
+        &mut self,
+        size: usize,
+        region: AddressRange,
+    ) -> Result<WritableCode, CodeError> {
+        let aligned = aligned_size(size)?;
+        self.allocate_where(size, aligned, CODE_ALIGNMENT, Some(region))
+    }
+
+    /// Allocates whole pages for a jump table: `size` rounded up to pages, page aligned, sharing
+    /// no page with other code (writing code next to a table — a flip, an INT3 fill — must never
+    /// touch a page calls execute through), inside `region` when given, else anywhere (a new
+    /// code space if needed). Its slots can be patched once published
+    /// ([`patch`](Self::patch)).
+    ///
+    /// # Errors
+    /// As [`allocate`](Self::allocate). Nothing changes on error.
+    pub fn allocate_table(
+        &mut self,
+        size: usize,
+        region: Option<AddressRange>,
+    ) -> Result<WritableCode, CodeError> {
+        let bytes = page_round_up(aligned_size(size)?).ok_or(CodeError::InvalidSize { size })?;
+        let mut code = self.allocate_where(bytes, bytes, PAGE_SIZE, region)?;
+        code.bytes.truncate(size);
+        code.patchable = true;
+        Ok(code)
+    }
+
+    /// Takes `aligned` bytes at `align` (in `region`, or anywhere with growth), commits them and
+    /// hands out a handle of `size` staged bytes.
+    fn allocate_where(
+        &mut self,
+        size: usize,
+        aligned: usize,
+        align: usize,
+        region: Option<AddressRange>,
+    ) -> Result<WritableCode, CodeError> {
+        let manager = self.manager.clone();
+        let mut state = manager.lock()?;
+        let anywhere = AddressRange::new(0, usize::MAX);
+        let search = region.unwrap_or(anywhere);
         let mut new_space = None;
-        let range = match self.free.allocate(aligned) {
+        let range = match self.free.allocate_aligned_in_region(aligned, align, search) {
             Some(r) => r,
+            None if region.is_some() => return Err(CodeError::WindowExhausted { size: aligned }),
             None => {
                 if !self.config.growable && !self.spaces.is_empty() {
                     return Err(CodeError::NotGrowable);
@@ -186,7 +243,8 @@ impl<M: Mmu> CodeAllocator<M> {
                 let space = state.reserve(rsize)?;
                 self.add_space(space);
                 new_space = Some(space);
-                match self.free.allocate(aligned) {
+                // A fresh space is page aligned and at least `aligned` bytes long.
+                match self.free.allocate_aligned_in_region(aligned, align, space) {
                     Some(r) => r,
                     None => {
                         self.drop_space(&mut state, space);
@@ -195,100 +253,11 @@ impl<M: Mmu> CodeAllocator<M> {
                 }
             }
         };
-        let result = self.commit_allocation(&mut state, range, size);
-        if let (Err(_), Some(space)) = (&result, new_space) {
-            self.drop_space(&mut state, space);
-        }
-        result
-    }
-
-    /// Allocates `size` bytes inside `region` (first fit there, V8's `AllocateForCodeInRegion`),
-    /// committing as [`allocate`](Self::allocate) does; never reserves a new code space.
-    ///
-    /// # Errors
-    /// [`CodeError::WindowExhausted`] when nothing free in `region` is large enough; the commit
-    /// errors of `allocate`. Nothing changes on error.
-    pub fn allocate_in_region(
-        &mut self,
-        size: usize,
-        region: AddressRange,
-    ) -> Result<WritableCode, CodeError> {
-        let aligned = aligned_size(size)?;
-        let manager = self.manager.clone();
-        let mut state = manager.lock();
-        let range = self
-            .free
-            .allocate_in_region(aligned, region)
-            .ok_or(CodeError::WindowExhausted { size: aligned })?;
-        self.commit_allocation(&mut state, range, size)
-    }
-
-    /// Allocates whole pages inside `region` that share no page with other code: `size` rounded
-    /// up to pages, starting on a page boundary. Live jump tables use this, so that writing code
-    /// next to them (a flip in [`ProtectionMode::Flip`](super::ProtectionMode::Flip), INT3 fills)
-    /// never touches their pages.
-    ///
-    /// # Errors
-    /// As [`allocate_in_region`](Self::allocate_in_region). Nothing changes on error.
-    pub fn allocate_pages_in_region(
-        &mut self,
-        size: usize,
-        region: AddressRange,
-    ) -> Result<WritableCode, CodeError> {
-        let bytes = page_round_up(aligned_size(size)?).ok_or(CodeError::InvalidSize { size })?;
-        // Any 64-byte aligned free run this long holds a page-aligned run of `bytes`.
-        let padded = bytes
-            .checked_add(PAGE_SIZE - CODE_ALIGNMENT)
-            .ok_or(CodeError::InvalidSize { size })?;
-        let manager = self.manager.clone();
-        let mut state = manager.lock();
-        // First choice: a free run that already starts on a page boundary inside the region
-        // (a fresh code space does); else a run long enough to hold an aligned one.
-        let aligned_region = AddressRange::new(
-            page_round_up(region.start()).unwrap_or(region.end()),
-            region.end(),
-        );
-        let exact = match self.free.allocate_in_region(bytes, aligned_region) {
-            Some(r) if r.start().is_multiple_of(PAGE_SIZE) => Some(r),
-            Some(r) => {
-                let _ = self.free.merge(r);
-                None
-            }
-            None => None,
-        };
-        let got = match exact {
-            Some(r) => r,
-            None => self
-                .free
-                .allocate_in_region(padded, region)
-                .ok_or(CodeError::WindowExhausted { size: padded })?,
-        };
-        let start = page_round_up(got.start()).ok_or(CodeError::InvalidSize { size })?;
-        let range = AddressRange::new(start, start + bytes);
-        // Hand back the slack on both sides; it was free a moment ago, so it cannot overlap.
-        for slack in [
-            AddressRange::new(got.start(), range.start()),
-            AddressRange::new(range.end(), got.end()),
-        ] {
-            if !slack.is_empty() {
-                let _ = self.free.merge(slack);
-            }
-        }
-        let mut code = self.commit_allocation(&mut state, range, bytes)?;
-        code.bytes.truncate(size);
-        Ok(code)
-    }
-
-    /// Commits the pages of the just-allocated `range` and hands it out; on failure returns the
-    /// range to the pool, so nothing changed.
-    fn commit_allocation(
-        &mut self,
-        state: &mut State<M>,
-        range: AddressRange,
-        size: usize,
-    ) -> Result<WritableCode, CodeError> {
-        if let Err(e) = commit(state, range) {
+        if let Err(e) = state.commit(range) {
             let _ = self.free.merge(range);
+            if let Some(space) = new_space {
+                self.drop_space(&mut state, space);
+            }
             return Err(e);
         }
         self.allocated += range.size();
@@ -296,83 +265,184 @@ impl<M: Mmu> CodeAllocator<M> {
             range,
             owner: self.id,
             bytes: alloc::vec![0; size],
+            patchable: false,
         })
     }
 
+    /// Gives back `space` if it holds no allocation (a space reserved for code whose add then
+    /// failed); returns whether it did.
+    pub fn release_if_empty(&mut self, space: AddressRange) -> bool {
+        let manager = self.manager.clone();
+        let Ok(mut state) = manager.lock() else {
+            return false;
+        };
+        let free = self.free.ranges().any(|r| r.contains_range(&space));
+        if !free || !self.spaces.contains(&space) {
+            return false;
+        }
+        self.drop_space(&mut state, space);
+        !self.spaces.contains(&space)
+    }
+
+    /// Gives back a wholly free code space that this allocator just reserved.
     fn drop_space(&mut self, state: &mut State<M>, space: AddressRange) {
-        self.spaces.retain(|s| *s != space);
-        // Remove the (wholly free) space from the pool by allocating exactly it.
-        let _ = self.free.allocate_in_region(space.size(), space);
-        state.release(space);
+        if self.free.allocate_in_region(space.size(), space) == Some(space) {
+            self.spaces.retain(|s| *s != space);
+            // Nothing was committed in it (a failed commit unmapped what it mapped).
+            let _ = state.release(space);
+        }
     }
 
     /// Copies the written bytes into place, pads the rest of the range with INT3 and makes the
-    /// pages R+X (one TLB batch). Pages shared with other published code never become W+X.
+    /// pages R+X: one shootdown round, after which no CPU holds a writable translation of them.
     ///
     /// # Errors
-    /// A handle of another allocator, or a backend failure; the handle comes back unchanged.
+    /// A handle of another allocator, flip mode on several CPUs, or a backend failure; the handle
+    /// comes back and the pages are as they were ([`CodeError::FlushFailed`] says otherwise).
     pub fn publish(&mut self, code: WritableCode) -> Result<PublishedCode, Rejected<WritableCode>> {
         let code = self.own(code.owner, code)?;
-        let manager = self.manager.clone();
-        let mut state = manager.lock();
-        let range = code.range;
-        let padding = AddressRange::new(range.start() + code.bytes.len(), range.end());
-        let written = state
-            .write_code(range.start(), &code.bytes)
-            .and_then(|()| fill_int3(&mut state, padding));
-        if let Err(error) = written {
-            return Err(Rejected { error, code });
+        match self.publish_ranges(&[(code.range, &code.bytes)]) {
+            Ok(()) => Ok(self.published(&code)),
+            Err(error) => Err(Rejected { error, code }),
         }
-        // Only the first and last page can hold other (published) code; pages wholly inside the
-        // range are ours and still RW. Remember which ends were R+X already, for a rollback.
-        let first = page_round_down(range.start());
-        let last = page_round_down(range.end() - 1);
-        let was_rx = |state: &State<M>, p: usize| state.mmu.query(p).is_some_and(|m| !m.writable);
-        let (first_rx, last_rx) = (was_rx(&state, first), was_rx(&state, last));
-        let mut tlb = TlbFlush::new();
-        for page in range.pages() {
-            if let Err(e) = state.mmu.protect(page, Protection::ReadExecute, &mut tlb) {
-                // Put back the pages this call made R+X, so the handle returns as it was.
-                for done in range.pages().take_while(|&p| p != page) {
-                    let keep = (done == first && first_rx) || (done == last && last_rx);
-                    if !keep {
-                        let _ = state.mmu.protect(done, Protection::ReadWrite, &mut tlb);
-                    }
-                }
-                state.mmu.flush(tlb);
-                return Err(Rejected {
-                    error: e.into(),
-                    code,
-                });
-            }
-        }
-        state.mmu.flush(tlb);
-        Ok(PublishedCode {
-            range,
-            owner: self.id,
-            len: code.bytes.len(),
-        })
     }
 
-    /// Frees published code: its range becomes reusable, wholly free pages are decommitted and
-    /// freed bytes on pages that stay committed become INT3.
+    /// Publishes many allocations at once: every page made R+X in one shootdown round, and at
+    /// most one serialization round. All or nothing: on error every handle comes back.
     ///
     /// # Errors
-    /// A handle of another allocator (handed back).
-    pub fn free(&mut self, code: PublishedCode) -> Result<(), Rejected<PublishedCode>> {
-        let code = self.own(code.owner, code)?;
-        self.free_range(code.range);
+    /// As [`publish`](Self::publish).
+    pub fn publish_batch(
+        &mut self,
+        codes: Vec<WritableCode>,
+    ) -> Result<Vec<PublishedCode>, Rejected<Vec<WritableCode>>> {
+        if codes.iter().any(|c| c.owner != self.id) {
+            return Err(Rejected {
+                error: CodeError::ForeignCode,
+                code: codes,
+            });
+        }
+        let ranges: Vec<(AddressRange, &[u8])> =
+            codes.iter().map(|c| (c.range, &c.bytes[..])).collect();
+        match self.publish_ranges(&ranges) {
+            Ok(()) => Ok(codes.iter().map(|c| self.published(c)).collect()),
+            Err(error) => Err(Rejected { error, code: codes }),
+        }
+    }
+
+    fn published(&self, code: &WritableCode) -> PublishedCode {
+        PublishedCode {
+            range: code.range,
+            owner: self.id,
+            len: code.bytes.len(),
+            patchable: code.patchable,
+        }
+    }
+
+    fn publish_ranges(&mut self, codes: &[(AddressRange, &[u8])]) -> Result<(), CodeError> {
+        let manager = self.manager.clone();
+        let mut state = manager.lock()?;
+        let mut wrote_live = false;
+        let mut image = Vec::new();
+        for &(range, bytes) in codes {
+            // Code and padding in one write, so all its pages are checked before a byte moves.
+            image.clear();
+            image.extend_from_slice(bytes);
+            image.resize(range.size(), INT3);
+            wrote_live |= state.write_code(range.start(), &image)?;
+        }
+        // Pages still RW hold no published code (publishing any would have made them R+X):
+        // stage them R+X and flush once.
+        let mut fresh: Vec<usize> = codes
+            .iter()
+            .flat_map(|(range, _)| range.pages())
+            .filter(|&p| state.mmu.query(p).is_some_and(|m| m.writable))
+            .collect();
+        fresh.sort_unstable();
+        fresh.dedup();
+        let mut tlb = TlbFlush::new();
+        let st = &mut *state;
+        for (i, &page) in fresh.iter().enumerate() {
+            let committed = st
+                .pages
+                .get(&page)
+                .ok_or(crate::mmu::MmuError::NotMapped { page })?;
+            // SAFETY: no CPU executes these pages (never executable before), nothing writes them
+            // until the flush, and they hold the bytes just written.
+            if let Err(e) = unsafe { st.mmu.protect(committed, Protection::ReadExecute, &mut tlb) }
+            {
+                for &done in &fresh[..i] {
+                    if let Some(c) = st.pages.get(&done) {
+                        // SAFETY: staged a moment ago, never executed: back to RW.
+                        let _ = unsafe { st.mmu.protect(c, Protection::ReadWrite, &mut tlb) };
+                    }
+                }
+                st.flush(tlb)?;
+                return Err(e.into());
+            }
+        }
+        state.flush(tlb)?;
+        if wrote_live {
+            // Other CPUs may have prefetched the INT3 fill of this range next to code they run.
+            state.mmu.sync_cores().map_err(CodeError::SyncFailed)?;
+        }
         Ok(())
+    }
+
+    /// Stores `(addr, value)` pairs into the 8-byte slots of published `tables` (each `addr`
+    /// inside one of them, 8-aligned) with one aligned store each, all or none, then makes every
+    /// CPU serialize: when this returns, every CPU executes through the new slots.
+    ///
+    /// # Errors
+    /// [`CodeError::ForeignCode`], [`CodeError::NotPatchable`] for a table that is not patchable
+    /// or an address outside the tables; backend failures (nothing stored);
+    /// [`CodeError::SyncFailed`] (stored, not serialized everywhere).
+    pub fn patch(
+        &self,
+        tables: &[&PublishedCode],
+        stores: &[(usize, u64)],
+    ) -> Result<(), CodeError> {
+        for t in tables {
+            if t.owner != self.id {
+                return Err(CodeError::ForeignCode);
+            }
+        }
+        for &(addr, _) in stores {
+            let inside = tables.iter().any(|t| {
+                t.patchable
+                    && addr.is_multiple_of(8)
+                    && addr >= t.range.start()
+                    && addr + 8 <= t.range.end()
+            });
+            if !inside {
+                return Err(CodeError::NotPatchable { addr });
+            }
+        }
+        self.manager.lock()?.patch(stores)
+    }
+
+    /// Frees published code: its range becomes reusable and INT3, and the pages that became
+    /// wholly free are decommitted.
+    ///
+    /// # Errors
+    /// [`FreeError::Foreign`] (handed back); [`FreeError::Decommit`] (freed, some pages stay
+    /// committed for now).
+    pub fn free(&mut self, code: PublishedCode) -> Result<(), FreeError<PublishedCode>> {
+        if code.owner != self.id {
+            return Err(FreeError::Foreign(code));
+        }
+        self.free_range(code.range).map_err(FreeError::Decommit)
     }
 
     /// Frees code that was never published.
     ///
     /// # Errors
-    /// A handle of another allocator (handed back).
-    pub fn discard(&mut self, code: WritableCode) -> Result<(), Rejected<WritableCode>> {
-        let code = self.own(code.owner, code)?;
-        self.free_range(code.range);
-        Ok(())
+    /// As [`free`](Self::free).
+    pub fn discard(&mut self, code: WritableCode) -> Result<(), FreeError<WritableCode>> {
+        if code.owner != self.id {
+            return Err(FreeError::Foreign(code));
+        }
+        self.free_range(code.range).map_err(FreeError::Decommit)
     }
 
     /// Hands `code` back as [`CodeError::ForeignCode`] unless this allocator created it.
@@ -387,44 +457,57 @@ impl<M: Mmu> CodeAllocator<M> {
         }
     }
 
-    fn free_range(&mut self, range: AddressRange) {
+    fn free_range(&mut self, range: AddressRange) -> Result<(), CodeError> {
         let manager = self.manager.clone();
-        let mut state = manager.lock();
-        // Handles are unique and owned, so their range is allocated and cannot overlap free space.
-        let Ok(merged) = self.free.merge(range) else {
-            return;
-        };
-        self.allocated -= range.size();
-        self.freed += range.size();
-
+        let mut state = manager.lock()?;
+        // Handles are unique and owned, so their range is allocated: a failure here would be a
+        // bookkeeping bug, and changes nothing.
+        let merged = self
+            .free
+            .merged_extent(range)
+            .map_err(|_| CodeError::InvalidSize { size: range.size() })?;
         // V8's rule: decommit the whole pages that are now free and touch the freed range.
         let start = page_round_up(merged.start())
             .unwrap_or(usize::MAX)
             .max(page_round_down(range.start()));
         let end =
             page_round_down(merged.end()).min(page_round_up(range.end()).unwrap_or(usize::MAX));
-        let dead = AddressRange::new(start, end);
-        let mut tlb = TlbFlush::new();
-        for page in dead.pages().filter(|_| !dead.is_empty()) {
-            if state.mmu.query(page).is_some() && state.mmu.unmap(page, &mut tlb).is_ok() {
-                state.committed -= PAGE_SIZE;
+        let dead = AddressRange::new(start, end.max(start));
+        // What stays committed of the freed range becomes INT3 first: if that fails, the range
+        // stays allocated and nothing but its own bytes changed.
+        for part in [
+            AddressRange::new(
+                range.start(),
+                dead.start().clamp(range.start(), range.end()),
+            ),
+            AddressRange::new(dead.end().clamp(range.start(), range.end()), range.end()),
+        ] {
+            if !part.is_empty() {
+                fill_int3(&mut state, part)?;
             }
         }
-        state.mmu.flush(tlb);
+        let _ = self.free.merge(range);
+        self.allocated -= range.size();
+        self.freed += range.size();
+        state.decommit(dead)
+    }
 
-        // What stays committed of the freed range becomes INT3. Those pages hold other live
-        // code, so they are mapped; a failure could only leave stale bytes in free space.
-        let kept = if dead.is_empty() {
-            [range, AddressRange::EMPTY]
-        } else {
-            [
-                AddressRange::new(range.start(), dead.start()),
-                AddressRange::new(dead.end(), range.end()),
-            ]
-        };
-        for part in kept.into_iter().filter(|p| !p.is_empty()) {
-            let _ = fill_int3(&mut state, part);
+    /// Decommits every committed page of this allocator's spaces that holds no allocation (left
+    /// behind by a failed decommit).
+    ///
+    /// # Errors
+    /// As the decommit of [`free`](Self::free).
+    pub fn trim(&mut self) -> Result<(), CodeError> {
+        let manager = self.manager.clone();
+        let mut state = manager.lock()?;
+        let free: Vec<AddressRange> = self.free.ranges().collect();
+        for r in free {
+            let whole = r.page_shrink();
+            if !whole.is_empty() {
+                state.decommit(whole)?;
+            }
         }
+        Ok(())
     }
 }
 
@@ -433,54 +516,25 @@ fn fill_int3<M: Mmu>(state: &mut State<M>, range: AddressRange) -> Result<(), Co
     static INT3_PAGE: [u8; PAGE_SIZE] = [INT3; PAGE_SIZE];
     let mut at = range.start();
     while at < range.end() {
-        let n = (range.end() - at).min(PAGE_SIZE);
+        let n = (range.end() - at).min(PAGE_SIZE - at % PAGE_SIZE);
         state.write_code(at, &INT3_PAGE[..n])?;
         at += n;
     }
     Ok(())
 }
 
-/// Maps the pages of `range` that are not mapped yet, RW+NX, charging them against the limit;
-/// on failure unmaps what it mapped and charges nothing.
-fn commit<M: Mmu>(state: &mut State<M>, range: AddressRange) -> Result<(), CodeError> {
-    // The list of missing pages lives in a buffer the manager keeps, so a warm allocation path
-    // does not allocate.
-    let mut missing = core::mem::take(&mut state.scratch_pages);
-    missing.clear();
-    missing.extend(range.pages().filter(|&p| state.mmu.query(p).is_none()));
-    let result = map_missing(state, &missing);
-    state.scratch_pages = missing;
-    result
-}
-
-fn map_missing<M: Mmu>(state: &mut State<M>, missing: &[usize]) -> Result<(), CodeError> {
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let bytes = missing.len() * PAGE_SIZE;
-    state.check_commit(bytes)?;
-    let mut tlb = TlbFlush::new();
-    for (i, &page) in missing.iter().enumerate() {
-        if let Err(e) = state.mmu.map_fresh(page, &mut tlb) {
-            for &p in &missing[..i] {
-                let _ = state.mmu.unmap(p, &mut tlb);
-            }
-            state.mmu.flush(tlb);
-            return Err(e.into());
-        }
-    }
-    state.mmu.flush(tlb);
-    state.account_commit(bytes);
-    Ok(())
-}
-
 impl<M: Mmu> Drop for CodeAllocator<M> {
     fn drop(&mut self) {
         let manager = self.manager.clone();
-        let mut state = manager.lock();
+        // Dropping cannot report: a space that cannot be released now stays reserved (and
+        // committed pages stay counted), which is safe.
+        let Ok(mut state) = manager.lock() else {
+            return;
+        };
         for space in self.spaces.drain(..) {
-            state.release(space);
+            let _ = state.release(space);
         }
+        drop(state);
     }
 }
 

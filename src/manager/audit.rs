@@ -1,7 +1,10 @@
-//! The window audit: what the page tables say, checked against what the manager believes.
+//! The audit: what the page tables say, checked against what the manager believes and against
+//! W^X over the whole address space.
+
+use alloc::vec::Vec;
 
 use super::state::State;
-use crate::mmu::Mmu;
+use crate::mmu::{Leaf, Mmu};
 use crate::PAGE_SIZE;
 
 /// Result of [`CodeManager::audit`](super::CodeManager::audit).
@@ -9,28 +12,61 @@ use crate::PAGE_SIZE;
 pub struct AuditReport {
     /// Mapped pages in the window.
     pub mapped_pages: usize,
-    /// Pages both writable and executable (must be 0).
-    pub writable_and_executable: usize,
-    /// Pages neither RW+NX nor R+X, e.g. read-only non-executable (must be 0).
+    /// Window pages neither RW+NX nor R+X (must be 0).
     pub unexpected_protection: usize,
-    /// Walks with NX on an intermediate entry (must be 0: the leaf decides).
-    pub intermediate_nx: usize,
-    /// Mapped pages outside every code space, guard and alias pages included (must be 0).
+    /// Mapped window pages outside every code space, guard pages included (must be 0).
     pub outside_code_spaces: usize,
+    /// Window pages mapped but not in the manager's books, or the reverse (must be 0).
+    pub unaccounted: usize,
     /// The manager's committed-bytes counter, to compare with `mapped_pages * PAGE_SIZE`.
     pub committed_counter: usize,
+    /// Leaves anywhere in the page table that are writable and executable (must be 0).
+    pub writable_and_executable: usize,
+    /// Writable leaves anywhere that map a frame some executable leaf maps too (must be 0):
+    /// a direct-map or identity-map alias left writable, for instance.
+    pub writable_aliases_of_executable: usize,
 }
 
 impl AuditReport {
-    /// Whether every check holds: no W+X page, no stray mapping, and the counter matches.
+    /// Whether every check holds.
     #[must_use]
     pub fn is_clean(&self) -> bool {
         self.writable_and_executable == 0
+            && self.writable_aliases_of_executable == 0
             && self.unexpected_protection == 0
-            && self.intermediate_nx == 0
             && self.outside_code_spaces == 0
+            && self.unaccounted == 0
             && self.mapped_pages * PAGE_SIZE == self.committed_counter
     }
+}
+
+/// W+X leaves and writable aliases of executable frames among `leaves` (address order).
+pub fn wx_report(leaves: &[Leaf]) -> (usize, usize) {
+    let wx = leaves.iter().filter(|l| l.writable && l.executable).count();
+    let mut exec: Vec<(u64, u64)> = leaves
+        .iter()
+        .filter(|l| l.executable)
+        .map(Leaf::frames)
+        .collect();
+    exec.sort_unstable();
+    // Merge into disjoint sorted ranges.
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(exec.len());
+    for (s, e) in exec {
+        match merged.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    let aliases = leaves
+        .iter()
+        .filter(|l| l.writable)
+        .filter(|l| {
+            let (s, e) = l.frames();
+            let i = merged.partition_point(|r| r.1 <= s);
+            merged.get(i).is_some_and(|r| r.0 < e)
+        })
+        .count();
+    (wx, aliases)
 }
 
 pub(super) fn audit<M: Mmu>(state: &State<M>) -> AuditReport {
@@ -38,24 +74,26 @@ pub(super) fn audit<M: Mmu>(state: &State<M>) -> AuditReport {
         committed_counter: state.committed,
         ..AuditReport::default()
     };
+    let mut in_window = 0;
     state.mmu.for_each_mapping(state.window, &mut |page, m| {
         report.mapped_pages += 1;
-        if m.writable && m.executable {
-            report.writable_and_executable += 1;
-        } else if m.protection().is_none() {
+        if !(m.writable && m.executable) && m.protection().is_none() {
             report.unexpected_protection += 1;
         }
-        if m.intermediate_nx {
-            report.intermediate_nx += 1;
-        }
-        let inside = state
-            .spaces
-            .range(..=page)
-            .next_back()
-            .is_some_and(|(_, (usable, _))| usable.contains(page));
-        if !inside {
+        if state.space_of(page).is_none() {
             report.outside_code_spaces += 1;
         }
+        match state.pages.get(&page) {
+            Some(c) if c.frame() == m.frame => in_window += 1,
+            _ => report.unaccounted += 1,
+        }
     });
+    report.unaccounted += state.pages.len() - in_window;
+    let mut leaves = Vec::new();
+    state.mmu.for_each_leaf(&mut |l| leaves.push(*l));
+    (
+        report.writable_and_executable,
+        report.writable_aliases_of_executable,
+    ) = wx_report(&leaves);
     report
 }

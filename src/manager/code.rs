@@ -17,6 +17,8 @@ pub struct WritableCode {
     pub(crate) range: AddressRange,
     pub(crate) owner: u64,
     pub(crate) bytes: Vec<u8>,
+    /// Whole pages of its own whose 8-byte slots may be patched once published (jump tables).
+    pub(crate) patchable: bool,
 }
 
 impl WritableCode {
@@ -52,6 +54,7 @@ pub struct PublishedCode {
     pub(crate) range: AddressRange,
     pub(crate) owner: u64,
     pub(crate) len: usize,
+    pub(crate) patchable: bool,
 }
 
 impl PublishedCode {
@@ -77,5 +80,12 @@ impl PublishedCode {
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Whether its slots may be patched ([`CodeAllocator::patch`](super::CodeAllocator::patch)):
+    /// jump tables allocated with [`allocate_table`](super::CodeAllocator::allocate_table).
+    #[must_use]
+    pub fn is_patchable(&self) -> bool {
+        self.patchable
     }
 }

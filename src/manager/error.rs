@@ -1,5 +1,6 @@
-//! Errors of the code manager. Every failed operation leaves pool, page tables and counters as
-//! they were.
+//! Errors of the code manager. A failed operation leaves pool, page tables and counters as they
+//! were, unless the error says otherwise ([`CodeError::FlushFailed`],
+//! [`CodeError::PartialDecommit`]).
 
 use core::fmt;
 
@@ -21,7 +22,7 @@ pub enum CodeError {
         /// Bytes still committable.
         remaining: usize,
     },
-    /// The code window has no free virtual range this large (guard pages included).
+    /// The code window (or the region asked for) has no free range this large.
     WindowExhausted {
         /// Bytes asked for.
         size: usize,
@@ -35,11 +36,37 @@ pub enum CodeError {
     },
     /// A fixed-size allocator ran out of its reservation.
     NotGrowable,
-    /// The window or configuration is unusable (unaligned, empty, too small for guard pages).
-    InvalidConfig,
+    /// A setting or the window is unusable.
+    InvalidConfig {
+        /// Which setting.
+        setting: &'static str,
+    },
     /// A code handle was given to an allocator that did not create it.
     ForeignCode,
-    /// The page-table backend refused.
+    /// A patch outside the patchable code (jump tables) it names, or not 8-aligned.
+    NotPatchable {
+        /// The offending address.
+        addr: usize,
+    },
+    /// Writing into a page with published code in [`Flip`](super::ProtectionMode::Flip) mode
+    /// while more than one CPU is online: other CPUs could be executing the page.
+    FlipNeedsOneCpu,
+    /// The lock was held and the caller runs with interrupts disabled (interrupt context), so it
+    /// may not wait; retry from a context that can.
+    Busy,
+    /// A CPU does not enforce what W^X needs (EFER.NXE, CR0.WP).
+    CpuUnsupported(MmuError),
+    /// The change was made but a CPU did not acknowledge its TLB flush: the pages involved stay
+    /// inaccessible and frames allocated (safe), and the flush is retried by the next operation.
+    /// What the operation changed is not rolled back.
+    FlushFailed(MmuError),
+    /// The stores landed, but a CPU did not acknowledge serializing: it may run the old bytes
+    /// until it next serializes (an interrupt or `iretq` does).
+    SyncFailed(MmuError),
+    /// The range was freed, but not every wholly free page could be decommitted: those stay
+    /// committed (and counted) until a later free or the allocator's drop decommits them.
+    PartialDecommit(MmuError),
+    /// The page-table backend refused; nothing changed.
     Mmu(MmuError),
 }
 
@@ -54,15 +81,22 @@ impl fmt::Display for CodeError {
                 f,
                 "committing {requested} bytes exceeds the limit ({remaining} bytes remain)"
             ),
-            CodeError::WindowExhausted { size } => {
-                write!(f, "no {size}-byte range left in the code window")
-            }
+            CodeError::WindowExhausted { size } => write!(f, "no free {size}-byte range"),
             CodeError::CodeSpaceTooLarge { size, max } => {
                 write!(f, "{size} bytes exceed the maximum code space size {max}")
             }
             CodeError::NotGrowable => f.write_str("the fixed-size code reservation is full"),
-            CodeError::InvalidConfig => f.write_str("invalid code window or configuration"),
+            CodeError::InvalidConfig { setting } => write!(f, "invalid configuration: {setting}"),
             CodeError::ForeignCode => f.write_str("code handle belongs to another allocator"),
+            CodeError::NotPatchable { addr } => write!(f, "{addr:#x} is not a patchable slot"),
+            CodeError::FlipNeedsOneCpu => {
+                f.write_str("flip mode cannot write live pages while several CPUs are online")
+            }
+            CodeError::Busy => f.write_str("lock held; interrupts are disabled, so not waiting"),
+            CodeError::CpuUnsupported(e) => write!(f, "CPU unsupported: {e}"),
+            CodeError::FlushFailed(e) => write!(f, "TLB flush incomplete: {e}"),
+            CodeError::SyncFailed(e) => write!(f, "stored, but cores not serialized: {e}"),
+            CodeError::PartialDecommit(e) => write!(f, "freed, but decommit incomplete: {e}"),
             CodeError::Mmu(e) => write!(f, "page tables: {e}"),
         }
     }
@@ -73,6 +107,35 @@ impl core::error::Error for CodeError {}
 impl From<MmuError> for CodeError {
     fn from(e: MmuError) -> Self {
         CodeError::Mmu(e)
+    }
+}
+
+impl From<crate::sync::irq_lock::Busy> for CodeError {
+    fn from(_: crate::sync::irq_lock::Busy) -> Self {
+        CodeError::Busy
+    }
+}
+
+/// Why freeing code failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum FreeError<T> {
+    /// The handle belongs to another allocator: handed back, nothing changed.
+    Foreign(T),
+    /// The code was freed, but decommitting its wholly free pages failed
+    /// ([`CodeError::PartialDecommit`] or [`CodeError::FlushFailed`]): those pages stay
+    /// committed and counted, and a later free, [`trim`](super::CodeAllocator::trim) or the
+    /// allocator's drop decommits them.
+    Decommit(CodeError),
+}
+
+impl<T> FreeError<T> {
+    /// The error as a [`CodeError`].
+    pub fn error(&self) -> CodeError {
+        match self {
+            FreeError::Foreign(_) => CodeError::ForeignCode,
+            FreeError::Decommit(e) => *e,
+        }
     }
 }
 

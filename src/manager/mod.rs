@@ -6,34 +6,40 @@
 //! code spaces and hands out [`WritableCode`] that becomes [`PublishedCode`] on publish.
 //!
 //! ```
-//! use codespace::mmu::{soft::SoftMmu, Mmu};
+//! use codespace::mmu::soft::SoftMmu;
 //! use codespace::{AddressRange, AllocatorConfig, CodeAllocator, CodeManager, ManagerConfig};
 //!
 //! let window = AddressRange::new(0xFFFF_C000_0000_0000, 0xFFFF_C000_4000_0000);
-//! let manager = CodeManager::new(SoftMmu::new(1024), window, ManagerConfig::default())?;
+//! let machine = SoftMmu::new(1024);
+//! let manager = CodeManager::new(machine.clone(), window, ManagerConfig::default())?;
 //! let mut module = CodeAllocator::new(&manager, AllocatorConfig::default())?;
 //!
 //! let mut code = module.allocate(4)?;             // commits one page, RW+NX
 //! code.as_mut_slice().copy_from_slice(&[0x8D, 0x04, 0x37, 0xC3]); // lea eax,[rdi+rsi]; ret
 //! let code = module.publish(code).map_err(|r| r.error)?; // now R+X; no way to write it
-//! let mapping = manager.with_mmu(|mmu| mmu.query(code.start())).unwrap();
+//! let mapping = manager.query(code.start())?.unwrap();
 //! assert!(mapping.executable && !mapping.writable);
 //! assert_eq!(manager.committed(), 4096);
 //!
-//! module.free(code).map_err(|r| r.error)?;        // the page is wholly free: decommitted
+//! module.free(code).map_err(|e| e.error())?;      // the page is wholly free: decommitted
 //! assert_eq!(manager.committed(), 0);
-//! assert!(manager.audit().is_clean());
+//! assert!(manager.audit()?.is_clean());
+//! assert!(machine.violations().is_empty());       // the TLB model saw every flush in time
 //! # Ok::<(), codespace::CodeError>(())
 //! ```
 
 mod allocator;
 mod audit;
 mod code;
+mod commit;
+mod config;
 mod error;
 mod state;
+mod write;
 
 pub use allocator::{AllocatorConfig, AllocatorStats, CodeAllocator, CODE_ALIGNMENT};
-pub use audit::AuditReport;
+pub use audit::{wx_report, AuditReport};
 pub use code::{PublishedCode, WritableCode};
-pub use error::{CodeError, Rejected};
-pub use state::{CodeManager, ManagerConfig, ManagerStats, ProtectionMode};
+pub use config::{ManagerConfig, ProtectionMode, MAX_CODE_SPACE_SIZE};
+pub use error::{CodeError, FreeError, Rejected};
+pub use state::{CodeManager, ManagerStats};

@@ -1,54 +1,22 @@
-//! [`CodeManager`]: the window, its free virtual ranges, the code spaces, the MMU and the
-//! committed-bytes accounting, behind one lock shared by every allocator.
+//! [`CodeManager`]: the window, its free virtual ranges, the code spaces, the committed pages,
+//! the backend and the accounting, behind one IRQ-safe lock shared by every allocator.
+//!
+//! Lock order: a module's lock, then this one, then the backend's page-table and frame locks.
+//! Counters readers poll often live in atomics, updated under the lock, so reading them needs no
+//! lock (and works from interrupt context).
 
 use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
-use spin::{Mutex, MutexGuard};
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use super::audit::{self, AuditReport};
+use super::config::{ManagerConfig, ProtectionMode};
 use super::error::CodeError;
-use crate::mmu::{Mmu, MmuError, Protection, TlbFlush};
+use crate::mmu::{CommittedPage, FlushStats, InterruptControl, Mmu, PageMapping, TlbFlush};
 use crate::pool::DisjointAllocationPool;
+use crate::sync::irq_lock::{IrqGuard, IrqLock};
 use crate::{AddressRange, PAGE_SIZE};
-
-/// How code lands on a page that already holds published (R+X) code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ProtectionMode {
-    /// Make the page RW+NX (NX first), write, make it R+X again (W off first). Other code on the
-    /// page cannot execute meanwhile. This is V8's write-scope model.
-    Flip,
-    /// Write through a temporary RW+NX alias of the page's frame; the executable mapping is never
-    /// writable. This is Linux's `text_poke`.
-    Alias,
-}
-
-/// Settings of a [`CodeManager`].
-#[derive(Debug, Clone, Copy)]
-pub struct ManagerConfig {
-    /// Hard limit on committed code bytes (V8: 4095 MiB on x64).
-    pub max_committed: usize,
-    /// Largest code space one reservation may take (V8: 1024 MiB on x64).
-    pub max_code_space_size: usize,
-    /// Unmapped guard pages on each side of every code space (at least 1).
-    pub guard_pages: usize,
-    /// How published pages are written.
-    pub protection: ProtectionMode,
-    /// Called (with the manager lock held: record, don't re-enter) when committed bytes cross the
-    /// critical threshold, which then moves halfway to the limit (V8's memory-pressure signal).
-    pub on_critical: Option<fn(committed: usize)>,
-}
-
-impl Default for ManagerConfig {
-    fn default() -> Self {
-        ManagerConfig {
-            max_committed: 4095 << 20,
-            max_code_space_size: 1024 << 20,
-            guard_pages: 1,
-            protection: ProtectionMode::Alias,
-            on_critical: None,
-        }
-    }
-}
 
 /// Counters of a manager.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -69,28 +37,55 @@ pub struct ManagerStats {
     pub window_free: usize,
 }
 
-/// Number of alias pages kept at the bottom of the window for writes through a writable alias.
-pub(crate) const ALIAS_PAGES: usize = 2;
+/// One code space: the usable range and the reservation around it (guard pages included).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Space {
+    pub usable: AddressRange,
+    pub reservation: AddressRange,
+}
+
+/// Counters mirrored out of the lock.
+#[derive(Default)]
+struct Counters {
+    reserved: AtomicUsize,
+    committed: AtomicUsize,
+    critical: AtomicUsize,
+    crossings: AtomicU64,
+    spaces: AtomicUsize,
+    window_free: AtomicUsize,
+}
 
 pub(crate) struct State<M> {
     pub(crate) mmu: M,
     pub(crate) config: ManagerConfig,
     pub(crate) window: AddressRange,
-    /// The alias pages (unmapped at rest).
-    pub(crate) alias: AddressRange,
     free_va: DisjointAllocationPool,
-    /// Code spaces by usable start: (usable range, reservation with guards).
-    pub(crate) spaces: BTreeMap<usize, (AddressRange, AddressRange)>,
+    /// Code spaces by usable start.
+    pub(crate) spaces: BTreeMap<usize, Space>,
+    /// Every committed page of every space, owning its frame.
+    pub(crate) pages: BTreeMap<usize, CommittedPage>,
     pub(crate) committed: usize,
-    /// Reused page list for commits (keeps the allocation path allocation-free when warm).
-    pub(crate) scratch_pages: alloc::vec::Vec<usize>,
     critical: usize,
     critical_crossings: u64,
+    /// CPUs whose NXE/WP were checked (bit per CPU index).
+    checked_cpus: [u64; 4],
+    /// A batch whose flush failed: merged into (and retried by) the next flush.
+    unflushed: Option<TlbFlush>,
+    /// Reused list for commits, so a warm allocation path does not allocate.
+    pub(crate) scratch: Vec<usize>,
+}
+
+struct Inner<M> {
+    irq: InterruptControl,
+    window: AddressRange,
+    config: ManagerConfig,
+    counters: Counters,
+    state: IrqLock<State<M>>,
 }
 
 /// The code manager: cheap to clone (a shared handle), `Send + Sync` when the backend is `Send`.
 pub struct CodeManager<M> {
-    pub(crate) inner: Arc<Mutex<State<M>>>,
+    inner: Arc<Inner<M>>,
 }
 
 impl<M> Clone for CodeManager<M> {
@@ -101,159 +96,236 @@ impl<M> Clone for CodeManager<M> {
     }
 }
 
+/// The locked state, with the counters refreshed when it is released.
+pub(crate) struct Locked<'a, M> {
+    guard: IrqGuard<'a, State<M>>,
+    counters: &'a Counters,
+}
+
+impl<M> core::ops::Deref for Locked<'_, M> {
+    type Target = State<M>;
+    fn deref(&self) -> &State<M> {
+        &self.guard
+    }
+}
+
+impl<M> core::ops::DerefMut for Locked<'_, M> {
+    fn deref_mut(&mut self) -> &mut State<M> {
+        &mut self.guard
+    }
+}
+
+impl<M> Drop for Locked<'_, M> {
+    fn drop(&mut self) {
+        let s = &*self.guard;
+        let c = self.counters;
+        c.reserved.store(
+            s.spaces.values().map(|sp| sp.usable.size()).sum(),
+            Ordering::Relaxed,
+        );
+        c.committed.store(s.committed, Ordering::Relaxed);
+        c.critical.store(s.critical, Ordering::Relaxed);
+        c.crossings.store(s.critical_crossings, Ordering::Relaxed);
+        c.spaces.store(s.spaces.len(), Ordering::Relaxed);
+        c.window_free
+            .store(s.free_va.total_size(), Ordering::Relaxed);
+    }
+}
+
 impl<M: Mmu> CodeManager<M> {
     /// A manager over the virtual `window` (page aligned, wholly unmapped, e.g. one PML4 slot).
     ///
     /// # Errors
-    /// [`CodeError::Mmu`] when the CPU does not enforce NX or CR0.WP, or the alias pages' tables
-    /// cannot be created; [`CodeError::InvalidConfig`] for an unaligned or too small window.
-    pub fn new(mut mmu: M, window: AddressRange, config: ManagerConfig) -> Result<Self, CodeError> {
-        mmu.check_protection_support()?;
-        let alias_size = ALIAS_PAGES * PAGE_SIZE;
-        if !window.is_page_aligned()
-            || config.guard_pages == 0
-            || window.size() < alias_size + (2 * config.guard_pages + 1) * PAGE_SIZE
-        {
-            return Err(CodeError::InvalidConfig);
+    /// [`CodeError::InvalidConfig`] for a bad window or setting;
+    /// [`CodeError::CpuUnsupported`] when the calling CPU does not enforce NX or CR0.WP.
+    pub fn new(mmu: M, window: AddressRange, config: ManagerConfig) -> Result<Self, CodeError> {
+        config.validate(window)?;
+        mmu.check_cpu().map_err(CodeError::CpuUnsupported)?;
+        let mut checked_cpus = [0; 4];
+        if let Some(w) = checked_cpus.get_mut(mmu.current_cpu() / 64) {
+            *w |= 1 << (mmu.current_cpu() % 64);
         }
-        let alias = AddressRange::from_start_size(window.start(), alias_size)
-            .ok_or(CodeError::InvalidConfig)?;
-        // Build the alias pages' page tables now, so a later alias write never allocates a
-        // page-table frame (and cannot fail for lack of one).
-        let mut tlb = TlbFlush::new();
-        let probe_frame = {
-            mmu.map_fresh(alias.start(), &mut tlb)?;
-            mmu.query(alias.start()).map(|m| m.frame)
-        };
-        mmu.unmap(alias.start(), &mut tlb)?;
-        mmu.flush(tlb);
-        if probe_frame.is_none() {
-            return Err(CodeError::Mmu(MmuError::NotMapped {
-                page: alias.start(),
-            }));
-        }
-        let free_va =
-            DisjointAllocationPool::from_range(AddressRange::new(alias.end(), window.end()));
-        Ok(CodeManager {
-            inner: Arc::new(Mutex::new(State {
-                mmu,
-                config,
+        let irq = mmu.interrupt_control();
+        let manager = CodeManager {
+            inner: Arc::new(Inner {
+                irq,
                 window,
-                alias,
-                free_va,
-                spaces: BTreeMap::new(),
-                committed: 0,
-                scratch_pages: alloc::vec::Vec::new(),
-                critical: config.max_committed / 2,
-                critical_crossings: 0,
-            })),
-        })
+                config,
+                counters: Counters::default(),
+                state: IrqLock::new(State {
+                    mmu,
+                    config,
+                    window,
+                    free_va: DisjointAllocationPool::from_range(window),
+                    spaces: BTreeMap::new(),
+                    pages: BTreeMap::new(),
+                    committed: 0,
+                    critical: config.max_committed / 2,
+                    critical_crossings: 0,
+                    checked_cpus,
+                    unflushed: None,
+                    scratch: Vec::new(),
+                }),
+            }),
+        };
+        drop(manager.lock()?);
+        Ok(manager)
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, State<M>> {
-        self.inner.lock()
+    /// How this manager's (and its modules') locks disable interrupts.
+    pub(crate) fn lock_control(&self) -> InterruptControl {
+        self.inner.irq
     }
 
-    /// Runs `f` with the backend (for inspection: queries, flush counters).
-    pub fn with_mmu<R>(&self, f: impl FnOnce(&mut M) -> R) -> R {
-        f(&mut self.lock().mmu)
+    /// Locks the state with interrupts off, after checking the calling CPU once.
+    pub(crate) fn lock(&self) -> Result<Locked<'_, M>, CodeError> {
+        let guard = self.inner.state.lock(self.inner.irq)?;
+        let mut locked = Locked {
+            guard,
+            counters: &self.inner.counters,
+        };
+        locked.check_cpu()?;
+        Ok(locked)
     }
 
     /// Copies committed code bytes at `addr` into `buf`.
     ///
     /// # Errors
-    /// A page of the range is not mapped.
+    /// A byte outside the window's committed pages; [`CodeError::Busy`].
     pub fn read(&self, addr: usize, buf: &mut [u8]) -> Result<(), CodeError> {
-        self.lock().read(addr, buf)
+        self.lock()?.read(addr, buf)
     }
 
-    /// Committed bytes still allowed under the hard limit.
-    #[must_use]
-    pub fn remaining_uncommitted(&self) -> usize {
-        let s = self.lock();
-        s.config.max_committed - s.committed
+    /// The mapping of the window page holding `addr` (`None` outside the window or when not
+    /// committed).
+    ///
+    /// # Errors
+    /// [`CodeError::Busy`].
+    pub fn query(&self, addr: usize) -> Result<Option<PageMapping>, CodeError> {
+        let s = self.lock()?;
+        Ok(s.window.contains(addr).then(|| s.mmu.query(addr)).flatten())
     }
 
-    /// Bytes committed now.
+    /// Bytes committed now. Lock-free.
     #[must_use]
     pub fn committed(&self) -> usize {
-        self.lock().committed
+        self.inner.counters.committed.load(Ordering::Relaxed)
+    }
+
+    /// Committed bytes still allowed under the hard limit. Lock-free.
+    #[must_use]
+    pub fn remaining_uncommitted(&self) -> usize {
+        self.inner
+            .config
+            .max_committed
+            .saturating_sub(self.committed())
     }
 
     /// The code window.
     #[must_use]
     pub fn window(&self) -> AddressRange {
-        self.lock().window
+        self.inner.window
+    }
+
+    /// The settings.
+    #[must_use]
+    pub fn config(&self) -> ManagerConfig {
+        self.inner.config
     }
 
     /// The protection mode chosen at creation.
     #[must_use]
     pub fn protection_mode(&self) -> ProtectionMode {
-        self.lock().config.protection
+        self.inner.config.protection
     }
 
-    /// Counters.
+    /// Counters, as of the last operation. Lock-free.
     #[must_use]
     pub fn stats(&self) -> ManagerStats {
-        let s = self.lock();
+        let c = &self.inner.counters;
         ManagerStats {
-            reserved: s.spaces.values().map(|(usable, _)| usable.size()).sum(),
-            committed: s.committed,
-            max_committed: s.config.max_committed,
-            critical_threshold: s.critical,
-            critical_crossings: s.critical_crossings,
-            code_spaces: s.spaces.len(),
-            window_free: s.free_va.total_size(),
+            reserved: c.reserved.load(Ordering::Relaxed),
+            committed: c.committed.load(Ordering::Relaxed),
+            max_committed: self.inner.config.max_committed,
+            critical_threshold: match c.critical.load(Ordering::Relaxed) {
+                0 => self.inner.config.max_committed / 2,
+                t => t,
+            },
+            critical_crossings: c.crossings.load(Ordering::Relaxed),
+            code_spaces: c.spaces.load(Ordering::Relaxed),
+            window_free: match c.window_free.load(Ordering::Relaxed) {
+                0 if c.spaces.load(Ordering::Relaxed) == 0 => self.inner.window.size(),
+                free => free,
+            },
         }
     }
 
+    /// The backend's TLB and cross-CPU counters.
+    ///
+    /// # Errors
+    /// [`CodeError::Busy`].
+    pub fn flush_stats(&self) -> Result<FlushStats, CodeError> {
+        Ok(self.lock()?.mmu.flush_stats())
+    }
+
     /// The live code spaces (usable ranges, guard pages excluded), in address order.
-    #[must_use]
-    pub fn code_spaces(&self) -> alloc::vec::Vec<AddressRange> {
-        self.lock()
-            .spaces
-            .values()
-            .map(|(usable, _)| *usable)
-            .collect()
-    }
-
-    /// Stores `value` at the 8-byte aligned `addr` of committed code with one atomic 64-bit
-    /// store, then serializes this CPU. Published (R+X) pages are written through the writable
-    /// alias whatever the protection mode — live code (jump tables) is never made writable, not
-    /// even briefly. Patchers serialize on the manager lock; executing code never waits.
     ///
     /// # Errors
-    /// Unaligned or uncommitted address, or a backend failure; nothing is written then.
-    pub fn patch_u64(&self, addr: usize, value: u64) -> Result<(), CodeError> {
-        self.patch_u64s(&[(addr, value)])
+    /// [`CodeError::Busy`].
+    pub fn code_spaces(&self) -> Result<Vec<AddressRange>, CodeError> {
+        Ok(self.lock()?.spaces.values().map(|s| s.usable).collect())
     }
 
-    /// Several [`patch_u64`](Self::patch_u64) stores in order, under one lock: stores to the same
-    /// page share one alias mapping (one map, one unmap, one `invlpg`), and the CPU serializes
-    /// once at the end.
+    /// The code space (usable range) holding `addr`.
     ///
     /// # Errors
-    /// As `patch_u64`; all addresses are checked before the first store.
-    pub fn patch_u64s(&self, stores: &[(usize, u64)]) -> Result<(), CodeError> {
-        let mut s = self.lock();
-        s.patch_u64s(stores)
+    /// [`CodeError::Busy`].
+    pub fn space_of(&self, addr: usize) -> Result<Option<AddressRange>, CodeError> {
+        Ok(self.lock()?.space_of(addr).map(|s| s.usable))
     }
 
-    /// Walks the window's page tables: W+X pages, committed pages against the counter, and
-    /// mappings outside any code space.
-    #[must_use]
-    pub fn audit(&self) -> AuditReport {
-        audit::audit(&self.lock())
+    /// Walks the page tables: the window against the manager's books, and the whole table for
+    /// W+X leaves and writable aliases of executable frames.
+    ///
+    /// # Errors
+    /// [`CodeError::Busy`].
+    pub fn audit(&self) -> Result<AuditReport, CodeError> {
+        let state = self.lock()?;
+        Ok(audit::audit(&state))
     }
 }
 
 impl<M: Mmu> State<M> {
+    /// Checks the calling CPU's NXE and WP the first time it uses this manager.
+    fn check_cpu(&mut self) -> Result<(), CodeError> {
+        let cpu = self.mmu.current_cpu();
+        let (word, bit) = (cpu / 64, 1u64 << (cpu % 64));
+        match self.checked_cpus.get(word) {
+            Some(w) if w & bit != 0 => return Ok(()),
+            _ => {}
+        }
+        self.mmu.check_cpu().map_err(CodeError::CpuUnsupported)?;
+        if let Some(w) = self.checked_cpus.get_mut(word) {
+            *w |= bit;
+        }
+        Ok(())
+    }
+
+    /// The code space holding `addr`.
+    pub(crate) fn space_of(&self, addr: usize) -> Option<&Space> {
+        self.spaces
+            .range(..=addr)
+            .next_back()
+            .map(|(_, s)| s)
+            .filter(|s| s.usable.contains(addr))
+    }
+
     /// Reserves a code space of `size` usable bytes (page rounded) with guard pages around it.
     pub(crate) fn reserve(&mut self, size: usize) -> Result<AddressRange, CodeError> {
         let size = crate::range::page_round_up(size)
             .filter(|&s| s > 0)
             .ok_or(CodeError::InvalidSize { size })?;
-        let guard = self.config.guard_pages * PAGE_SIZE;
+        let guard = self.config.guard_bytes();
         let total = size
             .checked_add(2 * guard)
             .ok_or(CodeError::InvalidSize { size })?;
@@ -262,32 +334,35 @@ impl<M: Mmu> State<M> {
             .allocate(total)
             .ok_or(CodeError::WindowExhausted { size: total })?;
         let usable = AddressRange::new(reservation.start() + guard, reservation.end() - guard);
-        self.spaces.insert(usable.start(), (usable, reservation));
+        self.spaces.insert(
+            usable.start(),
+            Space {
+                usable,
+                reservation,
+            },
+        );
         Ok(usable)
     }
 
-    /// Returns a code space's virtual range, unmapping whatever is still committed in it.
-    pub(crate) fn release(&mut self, usable: AddressRange) {
-        let Some((_, reservation)) = self.spaces.remove(&usable.start()) else {
-            return;
+    /// Returns a code space's virtual range, decommitting whatever is still committed in it.
+    ///
+    /// # Errors
+    /// [`CodeError::PartialDecommit`] or [`CodeError::FlushFailed`]: the space is kept (with
+    /// what stayed committed) so a later release can finish.
+    pub(crate) fn release(&mut self, usable: AddressRange) -> Result<(), CodeError> {
+        let Some(space) = self.spaces.get(&usable.start()).copied() else {
+            return Ok(());
         };
-        let mut pages = alloc::vec::Vec::new();
-        self.mmu
-            .for_each_mapping(usable, &mut |page, _| pages.push(page));
-        let mut tlb = TlbFlush::new();
-        for page in pages {
-            if self.mmu.unmap(page, &mut tlb).is_ok() {
-                self.committed -= PAGE_SIZE;
-            }
-        }
-        self.mmu.flush(tlb);
+        self.decommit(usable)?;
+        self.spaces.remove(&usable.start());
         // The reservation came out of this pool, so it cannot overlap free space.
-        let _ = self.free_va.merge(reservation);
+        let _ = self.free_va.merge(space.reservation);
+        Ok(())
     }
 
     /// Checks that `bytes` more may be committed, changing nothing.
     pub(crate) fn check_commit(&self, bytes: usize) -> Result<(), CodeError> {
-        let remaining = self.config.max_committed - self.committed;
+        let remaining = self.config.max_committed.saturating_sub(self.committed);
         if bytes > remaining {
             return Err(CodeError::CommitLimit {
                 requested: bytes,
@@ -297,13 +372,12 @@ impl<M: Mmu> State<M> {
         Ok(())
     }
 
-    /// Accounts `bytes` that were just committed (after [`check_commit`](Self::check_commit)
-    /// and the mapping both succeeded) and applies V8's moving critical threshold.
+    /// Accounts `bytes` that were just committed and applies V8's moving critical threshold.
     pub(crate) fn account_commit(&mut self, bytes: usize) {
         self.committed += bytes;
         if self.committed >= self.critical {
             let max = self.config.max_committed;
-            self.critical = self.committed + (max - self.committed) / 2;
+            self.critical = self.committed + (max.saturating_sub(self.committed)) / 2;
             self.critical_crossings += 1;
             if let Some(hook) = self.config.on_critical {
                 hook(self.committed);
@@ -311,106 +385,41 @@ impl<M: Mmu> State<M> {
         }
     }
 
-    /// Writes `data` at `addr` in committed code pages, whatever their protection, without ever
-    /// making a page W+X. Pages come back as they were (R+X pages stay R+X).
-    pub(crate) fn write_code(&mut self, addr: usize, data: &[u8]) -> Result<(), CodeError> {
+    /// Flushes `tlb` (with any batch a failed flush left behind).
+    ///
+    /// # Errors
+    /// [`CodeError::FlushFailed`]: the batch is kept for the next flush.
+    pub(crate) fn flush(&mut self, mut tlb: TlbFlush) -> Result<(), CodeError> {
+        if let Some(left) = self.unflushed.take() {
+            tlb.merge(left);
+        }
+        if tlb.is_empty() {
+            return Ok(());
+        }
+        self.mmu.flush(tlb).map_err(|u| {
+            self.unflushed = Some(*u.tlb);
+            CodeError::FlushFailed(u.error)
+        })
+    }
+
+    /// Copies committed bytes at `addr` (within the window) into `buf`.
+    pub(crate) fn read(&self, addr: usize, buf: &mut [u8]) -> Result<(), CodeError> {
         let mut done = 0;
-        while done < data.len() {
-            let at = addr + done;
+        while done < buf.len() {
+            let at = addr
+                .checked_add(done)
+                .ok_or(crate::mmu::MmuError::OutOfRange { addr })?;
             let page = at & !(PAGE_SIZE - 1);
-            let n = (page + PAGE_SIZE - at).min(data.len() - done);
-            let chunk = &data[done..done + n];
-            let mapping = self.mmu.query(page).ok_or(MmuError::NotMapped { page })?;
-            if mapping.writable {
-                self.mmu.write(at, chunk)?;
-            } else {
-                match self.config.protection {
-                    ProtectionMode::Flip => {
-                        let mut tlb = TlbFlush::new();
-                        self.mmu.protect(page, Protection::ReadWrite, &mut tlb)?;
-                        self.mmu.flush(tlb);
-                        let written = self.mmu.write(at, chunk);
-                        let mut tlb = TlbFlush::new();
-                        let restored = self.mmu.protect(page, Protection::ReadExecute, &mut tlb);
-                        self.mmu.flush(tlb);
-                        written?;
-                        restored?;
-                    }
-                    ProtectionMode::Alias => {
-                        let alias = self.alias.start() + (at - page);
-                        self.with_alias(mapping.frame, |mmu| mmu.write(alias, chunk))?;
-                    }
-                }
-            }
+            let n = (page + PAGE_SIZE - at).min(buf.len() - done);
+            let committed = self
+                .pages
+                .get(&page)
+                .filter(|_| self.window.contains(at))
+                .ok_or(crate::mmu::MmuError::NotMapped { page })?;
+            self.mmu
+                .read(committed, at - page, &mut buf[done..done + n])?;
             done += n;
         }
         Ok(())
-    }
-
-    pub(crate) fn patch_u64s(&mut self, stores: &[(usize, u64)]) -> Result<(), CodeError> {
-        for &(addr, _) in stores {
-            if !addr.is_multiple_of(8) {
-                return Err(MmuError::Unaligned { addr }.into());
-            }
-            let page = addr & !(PAGE_SIZE - 1);
-            let in_space = self
-                .spaces
-                .range(..=page)
-                .next_back()
-                .is_some_and(|(_, (usable, _))| usable.contains(addr));
-            if !in_space || self.mmu.query(page).is_none() {
-                return Err(MmuError::NotMapped { page }.into());
-            }
-        }
-        let mut i = 0;
-        while i < stores.len() {
-            let page = stores[i].0 & !(PAGE_SIZE - 1);
-            // The run of consecutive stores to this page.
-            let run = stores[i..]
-                .iter()
-                .take_while(|(a, _)| a & !(PAGE_SIZE - 1) == page)
-                .count();
-            let batch = &stores[i..i + run];
-            let mapping = self.mmu.query(page).ok_or(MmuError::NotMapped { page })?;
-            if mapping.writable {
-                for &(addr, value) in batch {
-                    self.mmu.write_u64_atomic(addr, value)?;
-                }
-            } else {
-                let alias = self.alias.start();
-                self.with_alias(mapping.frame, |mmu| {
-                    for &(addr, value) in batch {
-                        mmu.write_u64_atomic(alias + (addr - page), value)?;
-                    }
-                    Ok(())
-                })?;
-            }
-            i += run;
-        }
-        self.mmu.serialize();
-        Ok(())
-    }
-
-    /// Reads committed code bytes (for inspection and tests).
-    pub(crate) fn read(&self, addr: usize, buf: &mut [u8]) -> Result<(), CodeError> {
-        Ok(self.mmu.read(addr, buf)?)
-    }
-
-    /// Maps the first alias page onto `frame`, runs `f`, unmaps and invalidates the alias.
-    pub(crate) fn with_alias<R>(
-        &mut self,
-        frame: u64,
-        f: impl FnOnce(&mut M) -> Result<R, MmuError>,
-    ) -> Result<R, CodeError> {
-        let alias = self.alias.start();
-        let mut tlb = TlbFlush::new();
-        self.mmu.map_alias(alias, frame, &mut tlb)?;
-        self.mmu.flush(tlb);
-        let result = f(&mut self.mmu);
-        let mut tlb = TlbFlush::new();
-        let unmapped = self.mmu.unmap_alias(alias, &mut tlb);
-        self.mmu.flush(tlb);
-        unmapped?;
-        Ok(result?)
     }
 }

@@ -1,307 +1,223 @@
-//! What the code manager needs from an MMU, and the TLB-flush batching shared by all backends.
+//! The sealed boundary between codespace and the page tables.
 //!
-//! Two backends implement [`Mmu`]: [`x86`] over the `x86_64` crate's `Mapper` and frame
-//! allocator traits (a kernel's live page tables), and [`soft`], a software model of x86-64
-//! 4-level paging in host memory, so every path of the manager runs in `cargo test` on the host.
+//! Everything above this module is safe Rust; everything that can break memory safety when
+//! misused — mapping a page, unmapping it while code may run there, changing what is
+//! executable, writing live code — is an `unsafe fn` of the `unsafe trait` [`Mmu`], with the
+//! contract written on it. Backends:
+//! - [`x86`]: a kernel's live x86-64 page tables through the `x86_64` crate's `Mapper`, with
+//!   cross-CPU shootdowns and serialization through the kernel's [`x86::Smp`] hooks.
+//! - [`soft`]: a software model of x86-64 paging with a TLB per simulated CPU, for host tests.
 //!
-//! Conventions every backend keeps:
-//! - committed code pages are 4 KiB leaves, either RW+NX or R+X, never W+X;
-//! - intermediate entries never carry NX (and are always writable): the leaf decides;
-//! - page-table edits record the page in a [`TlbFlush`] batch; nothing is invalidated until the
-//!   batch is handed to [`Mmu::flush`], which issues one `invlpg` per page up to
-//!   [`TlbFlush::MAX_SINGLE_PAGES`] pages and one full flush above.
+//! Three ideas carry the layer:
+//! - **Ownership is a value.** A committed page is a [`CommittedPage`]: not `Clone`, created
+//!   only by a backend, consumed only by [`Mmu::unmap`]. The writable alias used to patch live
+//!   code never escapes [`Mmu::poke`]: it is a different type ([`Poke`]) that owns no frame.
+//! - **TLB work is a value.** Changes are staged in a `#[must_use]` [`TlbFlush`] and take full
+//!   effect in [`Mmu::flush`]: invalidate on every CPU, then store final entries, then free
+//!   frames (see [`flush`] for why this keeps W^X on every CPU at every instant).
+//! - **The calling CPU is explicit.** CPU-local state (NXE, WP, PCIDs) is checked per CPU and
+//!   the alias is private to the CPU that uses it, with interrupts off.
+//!
+//! Generic code sees protections and mappings, never page-table bits: those live in backends.
 
-use core::fmt;
+use crate::AddressRange;
 
+mod error;
+mod flush;
+mod page;
 pub mod soft;
 #[cfg(feature = "x86_64")]
 pub mod x86;
 
-/// Page-table entry bit: present.
-pub const PTE_PRESENT: u64 = 1 << 0;
-/// Page-table entry bit: writable.
-pub const PTE_WRITABLE: u64 = 1 << 1;
-/// Page-table entry bit: no-execute (needs EFER.NXE).
-pub const PTE_NO_EXECUTE: u64 = 1 << 63;
-/// Bits 12..52 of an entry: the physical frame address.
-pub const PTE_ADDR_MASK: u64 = 0x000F_FFFF_FFFF_F000;
+pub use error::MmuError;
+pub use flush::TlbFlush;
+pub(crate) use page::page_aligned;
+pub use page::{CommittedPage, FlushStats, Leaf, PageMapping, Protection};
 
-/// Protection of a committed code page.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Protection {
-    /// Writable, not executable: code being written (RW+NX).
-    ReadWrite,
-    /// Executable, not writable: published code (R+X).
-    ReadExecute,
-}
+/// Most pages one [`Mmu::poke`] session maps.
+pub const MAX_POKE_PAGES: usize = 32;
 
-impl Protection {
-    /// Leaf-entry flags of this protection (present included).
-    #[must_use]
-    pub const fn leaf_flags(self) -> u64 {
-        match self {
-            Protection::ReadWrite => PTE_PRESENT | PTE_WRITABLE | PTE_NO_EXECUTE,
-            Protection::ReadExecute => PTE_PRESENT,
-        }
-    }
-}
-
-/// The translation of one mapped 4 KiB page, with the permissions all four levels grant together.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PageMapping {
-    /// Physical address of the frame.
-    pub frame: u64,
-    /// Writable at every level.
-    pub writable: bool,
-    /// Executable: no level sets NX.
-    pub executable: bool,
-    /// Whether some intermediate (non-leaf) entry on the walk sets NX, which codespace never does.
-    pub intermediate_nx: bool,
-}
-
-impl PageMapping {
-    /// The protection this mapping amounts to, or `None` for a W+X (or read-only, non-executable)
-    /// page, which codespace never creates.
-    #[must_use]
-    pub fn protection(&self) -> Option<Protection> {
-        match (self.writable, self.executable) {
-            (true, false) => Some(Protection::ReadWrite),
-            (false, true) => Some(Protection::ReadExecute),
-            _ => None,
-        }
-    }
-}
-
-/// Why an MMU operation failed. A failed operation changed nothing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum MmuError {
-    /// The address is not 4 KiB aligned.
-    Unaligned {
-        /// The address given.
-        addr: usize,
-    },
-    /// The address is not canonical or outside what the backend manages.
-    OutOfRange {
-        /// The address given.
-        addr: usize,
-    },
-    /// The page is mapped already.
-    AlreadyMapped {
-        /// The page.
-        page: usize,
-    },
-    /// The page is not mapped.
-    NotMapped {
-        /// The page.
-        page: usize,
-    },
-    /// A write hit a page that is mapped but not writable.
-    NotWritable {
-        /// The page.
-        page: usize,
-    },
-    /// Something in the way of the mapping (a huge page on the walk).
-    HugePage {
-        /// The page.
-        page: usize,
-    },
-    /// No physical frame is left (for the page or for a page table).
-    OutOfFrames,
-    /// EFER.NXE is off: NX bits would fault as reserved and code pages could not be non-executable.
-    NoExecuteDisabled,
-    /// CR0.WP is off: ring 0 could write read-only (published) code.
-    WriteProtectDisabled,
-}
-
-impl fmt::Display for MmuError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            MmuError::Unaligned { addr } => write!(f, "address {addr:#x} is not page aligned"),
-            MmuError::OutOfRange { addr } => write!(f, "address {addr:#x} is out of range"),
-            MmuError::AlreadyMapped { page } => write!(f, "page {page:#x} is already mapped"),
-            MmuError::NotMapped { page } => write!(f, "page {page:#x} is not mapped"),
-            MmuError::NotWritable { page } => write!(f, "page {page:#x} is not writable"),
-            MmuError::HugePage { page } => write!(f, "a huge page covers {page:#x}"),
-            MmuError::OutOfFrames => f.write_str("out of physical frames"),
-            MmuError::NoExecuteDisabled => f.write_str("EFER.NXE is off"),
-            MmuError::WriteProtectDisabled => f.write_str("CR0.WP is off"),
-        }
-    }
-}
-
-impl core::error::Error for MmuError {}
-
-/// Pages whose translations changed and must leave the TLB, batched until [`Mmu::flush`].
+/// Writes through a private, writable alias of committed pages, inside [`Mmu::poke`].
 ///
-/// Up to [`MAX_SINGLE_PAGES`](Self::MAX_SINGLE_PAGES) distinct pages are invalidated one by one
-/// (`invlpg`); more make the batch a single full flush (like Linux's
-/// `tlb_single_page_flush_ceiling`). Dropping a batch without flushing leaves stale
-/// translations, hence `#[must_use]`.
-#[must_use = "changed translations stay in the TLB until the batch is passed to Mmu::flush"]
-#[derive(Debug, Clone)]
-pub struct TlbFlush {
-    pages: [usize; TlbFlush::MAX_SINGLE_PAGES],
-    len: usize,
-    full: bool,
+/// Offsets are bounds-checked against the page; page `i` is the session's `i`-th page.
+pub trait Poke {
+    /// Copies `data` to `offset` of page `i`.
+    ///
+    /// # Errors
+    /// `i` or the byte range outside the session.
+    fn write(&mut self, i: usize, offset: usize, data: &[u8]) -> Result<(), MmuError>;
+
+    /// Stores `value` at the 8-aligned `offset` of page `i` with one atomic 64-bit store, so
+    /// code executing there sees the old or the new 8 bytes, never a mix.
+    ///
+    /// # Errors
+    /// Misaligned or out-of-range offset, or `i` outside the session.
+    fn store_u64(&mut self, i: usize, offset: usize, value: u64) -> Result<(), MmuError>;
 }
 
-impl TlbFlush {
-    /// Largest batch flushed page by page.
-    pub const MAX_SINGLE_PAGES: usize = 32;
-
-    /// An empty batch.
-    pub const fn new() -> Self {
-        TlbFlush {
-            pages: [0; Self::MAX_SINGLE_PAGES],
-            len: 0,
-            full: false,
-        }
-    }
-
-    /// Records that the translation of `page` changed.
-    pub fn add(&mut self, page: usize) {
-        if self.full || self.pages[..self.len].contains(&page) {
-            return;
-        }
-        if self.len == Self::MAX_SINGLE_PAGES {
-            self.full = true;
-        } else {
-            self.pages[self.len] = page;
-            self.len += 1;
-        }
-    }
-
-    /// Whether nothing needs flushing.
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.len == 0 && !self.full
-    }
-
-    /// Whether the batch became a full flush.
-    #[must_use]
-    pub fn is_full(&self) -> bool {
-        self.full
-    }
-
-    /// The pages to invalidate one by one (empty for a full flush).
-    #[must_use]
-    pub fn pages(&self) -> &[usize] {
-        if self.full {
-            &[]
-        } else {
-            &self.pages[..self.len]
-        }
-    }
-
-    /// Adds `other`'s pages to this batch.
-    pub fn merge(&mut self, other: TlbFlush) {
-        if other.full {
-            self.full = true;
-        }
-        for &p in other.pages() {
-            self.add(p);
-        }
-    }
+/// A flush that could not complete (a CPU did not acknowledge). Nothing of the batch took
+/// effect beyond invalidations: the staged pages stay not present and the frames stay
+/// allocated, so the state is safe; the batch comes back to be flushed again.
+#[derive(Debug)]
+pub struct Unflushed {
+    /// Why.
+    pub error: MmuError,
+    /// The batch, to pass to [`Mmu::flush`] again.
+    pub tlb: alloc::boxed::Box<TlbFlush>,
 }
 
-impl Default for TlbFlush {
-    fn default() -> Self {
-        Self::new()
-    }
+/// How a lock of codespace turns interrupts off on the calling CPU while it is held.
+#[derive(Debug, Clone, Copy)]
+pub struct InterruptControl {
+    /// Disables interrupts; returns whether they were enabled.
+    pub disable: fn() -> bool,
+    /// Re-enables them if the argument says they were enabled.
+    pub restore: fn(bool),
 }
 
-/// How many TLB invalidations a backend issued, for tests and benchmarks of the flush policy.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct FlushStats {
-    /// Single-page invalidations (`invlpg`).
-    pub single_pages: u64,
-    /// Full flushes (CR3 reload).
-    pub full: u64,
+impl InterruptControl {
+    /// For environments without interrupts (host tests): always "enabled", nothing to do.
+    pub const NONE: InterruptControl = InterruptControl {
+        disable: || true,
+        restore: |_| {},
+    };
 }
 
-/// The page-table operations the code manager needs. Addresses are virtual and page aligned
-/// unless said otherwise; every operation that fails leaves the tables as they were.
-pub trait Mmu {
-    /// Checks that the CPU enforces what W^X relies on: EFER.NXE and CR0.WP.
+/// The page-table operations codespace needs.
+///
+/// Addresses are virtual and page aligned unless said otherwise. An operation that fails leaves
+/// the tables as they were unless its documentation says otherwise.
+///
+/// # Safety
+/// Implementing this trait promises what the rest of codespace relies on for memory safety:
+/// - mappings are created, changed and removed only by these methods, exactly as documented:
+///   [`map_fresh`](Self::map_fresh) maps a frame nothing else uses, [`unmap`](Self::unmap)
+///   never frees a frame before [`flush`](Self::flush) invalidated it on every CPU,
+///   [`protect`](Self::protect) never leaves a page writable and executable, not even in a
+///   stale TLB entry of any CPU (see [`TlbFlush`]);
+/// - [`flush`](Self::flush) invalidates the batch's pages on every online CPU that may hold
+///   translations of them, before it stores final entries or frees frames;
+/// - [`poke`](Self::poke)'s alias is usable by the calling CPU only, and only during the call;
+/// - [`sync_cores`](Self::sync_cores) returns only after every online CPU executed a
+///   serializing instruction;
+/// - [`CommittedPage`] values are created only for pages mapped as documented.
+pub unsafe trait Mmu {
+    /// Checks that the calling CPU enforces what W^X relies on (EFER.NXE, CR0.WP) and that
+    /// flushes reach every address space it may cache the window in.
     ///
     /// # Errors
     /// [`MmuError::NoExecuteDisabled`] or [`MmuError::WriteProtectDisabled`].
-    fn check_protection_support(&self) -> Result<(), MmuError>;
+    fn check_cpu(&self) -> Result<(), MmuError>;
+
+    /// Index of the calling CPU; stable while interrupts are disabled.
+    fn current_cpu(&self) -> usize;
+
+    /// CPUs online now (1 when the backend knows of no others).
+    fn online_cpus(&self) -> usize;
+
+    /// How codespace's locks disable interrupts on the calling CPU.
+    fn interrupt_control(&self) -> InterruptControl;
 
     /// Maps a fresh, zeroed frame at `page`, RW+NX, creating intermediate tables as needed.
-    /// Records nothing in `tlb`: a not-present entry is never cached (Intel SDM 4.10.2.3).
+    /// Needs no invalidation: a not-present entry is never cached (Intel SDM 4.10.2.3).
     ///
     /// # Errors
     /// Unaligned or out-of-range page, a page already mapped, or no frame left.
-    fn map_fresh(&mut self, page: usize, tlb: &mut TlbFlush) -> Result<(), MmuError>;
+    ///
+    /// # Safety
+    /// `page` lies in virtual memory the caller owns exclusively (the code window): nothing
+    /// else relies on it being unmapped.
+    unsafe fn map_fresh(&mut self, page: usize) -> Result<CommittedPage, MmuError>;
 
-    /// Unmaps `page` and returns its frame to the frame allocator.
+    /// Unmaps `page`; its frame returns to the allocator after the next [`flush`](Self::flush)
+    /// of `tlb`, along with any alias of it this backend sealed (restored then).
     ///
     /// # Errors
-    /// The page is not mapped (or not aligned).
-    fn unmap(&mut self, page: usize, tlb: &mut TlbFlush) -> Result<(), MmuError>;
-
-    /// Changes the protection of the mapped `page`. Going to RW sets NX before W, going to R+X
-    /// clears W before NX, so no step is ever W+X.
+    /// A backend failure; the page comes back, still mapped.
     ///
-    /// # Errors
-    /// The page is not mapped (or not aligned).
-    fn protect(
+    /// # Safety
+    /// No CPU executes, or will return into, code on the page, and nothing else reads it.
+    unsafe fn unmap(
         &mut self,
-        page: usize,
+        page: CommittedPage,
+        tlb: &mut TlbFlush,
+    ) -> Result<(), (MmuError, CommittedPage)>;
+
+    /// Stages a new protection: the page becomes not present now and `prot` after the next
+    /// [`flush`](Self::flush) of `tlb`. Becoming executable for the first time also stages
+    /// read-only for every other mapping of the frame the backend knows of (a direct map).
+    ///
+    /// # Errors
+    /// A backend failure; nothing changed.
+    ///
+    /// # Safety
+    /// No CPU accesses the page until the flush: for [`Protection::ReadExecute`], the page
+    /// holds no code being executed and the bytes written are what the caller means to run;
+    /// for [`Protection::ReadWrite`], nothing executes on the page until it is made
+    /// executable again.
+    unsafe fn protect(
+        &mut self,
+        page: &CommittedPage,
         prot: Protection,
         tlb: &mut TlbFlush,
     ) -> Result<(), MmuError>;
 
-    /// The mapping of `page`, if any (`page` may be any address inside the page).
-    fn query(&self, page: usize) -> Option<PageMapping>;
-
-    /// Calls `f` for every mapped 4 KiB page in `range`, in address order, skipping absent
-    /// subtrees wholesale (so a walk over a 512 GiB window is cheap when it is sparse).
-    fn for_each_mapping(&self, range: crate::AddressRange, f: &mut dyn FnMut(usize, PageMapping));
-
-    /// Maps `frame` (which stays owned by its other mapping) at `alias`, RW+NX. Like
-    /// [`map_fresh`](Self::map_fresh), records nothing in `tlb`.
+    /// Copies `data` to `offset` of `page` through its own mapping, which must be writable.
     ///
     /// # Errors
-    /// Unaligned or out-of-range page, already mapped, or no frame for a page table.
-    fn map_alias(&mut self, alias: usize, frame: u64, tlb: &mut TlbFlush) -> Result<(), MmuError>;
+    /// The page is not writable (or the range leaves the page).
+    fn write(&mut self, page: &CommittedPage, offset: usize, data: &[u8]) -> Result<(), MmuError>;
 
-    /// Removes an alias mapping without freeing the frame.
+    /// Maps `pages` writable (RW+NX) at a private alias visible to the calling CPU only, runs
+    /// `f` on them with interrupts disabled, removes the alias and invalidates it locally. The
+    /// pages' own mappings never change. Linux's `text_poke`.
     ///
     /// # Errors
-    /// The alias is not mapped.
-    fn unmap_alias(&mut self, alias: usize, tlb: &mut TlbFlush) -> Result<(), MmuError>;
+    /// More than [`MAX_POKE_PAGES`] pages, a backend failure, or what `f` returned.
+    ///
+    /// # Safety
+    /// What `f` writes is either not executing anywhere or a single aligned 8-byte store that
+    /// executing code may see change ([`Poke::store_u64`]); the caller makes other CPUs see
+    /// changed code with [`sync_cores`](Self::sync_cores).
+    unsafe fn poke(
+        &mut self,
+        pages: &[&CommittedPage],
+        f: &mut dyn FnMut(&mut dyn Poke) -> Result<(), MmuError>,
+    ) -> Result<(), MmuError>;
 
-    /// Copies `data` to virtual address `addr` (any alignment, may cross pages) through the
-    /// current mappings, which must all be present and writable; checked before any byte moves.
+    /// Copies bytes at `offset` of `page` into `buf` (the page must be present).
     ///
     /// # Errors
-    /// A page of the destination is unmapped or not writable.
-    fn write(&mut self, addr: usize, data: &[u8]) -> Result<(), MmuError>;
+    /// The page is not present or the range leaves the page.
+    fn read(&self, page: &CommittedPage, offset: usize, buf: &mut [u8]) -> Result<(), MmuError>;
 
-    /// Stores `value` at the 8-byte aligned `addr` with one atomic 64-bit store through a
-    /// writable mapping (jump-table slot patching).
+    /// Invalidates the batch's pages on this CPU and every other online CPU (one round), then
+    /// stores the staged final entries, then frees the queued frames.
     ///
     /// # Errors
-    /// Unaligned address, or the page is unmapped or not writable.
-    fn write_u64_atomic(&mut self, addr: usize, value: u64) -> Result<(), MmuError>;
+    /// A CPU did not acknowledge: nothing after the invalidation happened and the batch comes
+    /// back in [`Unflushed`].
+    fn flush(&mut self, tlb: TlbFlush) -> Result<(), Unflushed>;
 
-    /// Copies bytes at virtual address `addr` into `buf` through present mappings.
+    /// Makes every online CPU execute a serializing instruction (this one included), so code
+    /// changed by this CPU is what all of them execute from now on (Intel SDM vol. 3,
+    /// "cross-modifying code").
     ///
     /// # Errors
-    /// A page of the source is unmapped.
-    fn read(&self, addr: usize, buf: &mut [u8]) -> Result<(), MmuError>;
+    /// A CPU did not acknowledge.
+    fn sync_cores(&mut self) -> Result<(), MmuError>;
 
-    /// Invalidates the batch's translations: one `invlpg` per page, or one full flush.
-    fn flush(&mut self, tlb: TlbFlush);
+    /// The mapping of the page holding `addr`, if present.
+    fn query(&self, addr: usize) -> Option<PageMapping>;
 
-    /// Makes code changed by this CPU visible to its own instruction stream: a serializing
-    /// instruction (`cpuid`) on hardware (Intel SDM 8.1.3); nothing in a model.
-    fn serialize(&self) {}
+    /// Calls `f` for every present 4 KiB page in `range`, in address order, skipping absent
+    /// subtrees wholesale.
+    fn for_each_mapping(&self, range: AddressRange, f: &mut dyn FnMut(usize, PageMapping));
 
-    /// Invalidations issued so far.
+    /// Calls `f` for every present leaf of the whole page table (every size), in address order.
+    fn for_each_leaf(&self, f: &mut dyn FnMut(&Leaf));
+
+    /// Counters.
     fn flush_stats(&self) -> FlushStats;
 
     /// Physical frames still free in the backing allocator, when it can tell.

@@ -35,6 +35,9 @@
 //! A CPU marked offline is ignored; [`cpu_online`](GraceDomain::cpu_online) announces the
 //! current epoch, which is as good as a quiescent state: the CPU held nothing while offline.
 
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+
 use super::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
 use super::CachePadded;
 
@@ -61,6 +64,10 @@ pub struct GraceTicket(u64);
 /// waits for all of them, which is safe (memory stays allocated) but never ends.
 pub struct GraceDomain {
     epoch: CachePadded<AtomicU64>,
+    /// Values whose drop waits for a grace period ([`defer_drop`](Self::defer_drop)).
+    deferred: spin::Mutex<Vec<(GraceTicket, Box<dyn Send>)>>,
+    /// `deferred.len()`, readable without the lock.
+    pending: AtomicUsize,
     /// One past the highest CPU index that may be online: the scan bound of `advance`.
     limit: CachePadded<AtomicUsize>,
     announced: [CachePadded<AtomicU64>; MAX_CPUS],
@@ -89,6 +96,8 @@ impl GraceDomain {
     pub const fn new() -> Self {
         GraceDomain {
             epoch: CachePadded(AtomicU64::new(0)),
+            deferred: spin::Mutex::new(Vec::new()),
+            pending: AtomicUsize::new(0),
             limit: CachePadded(AtomicUsize::new(MAX_CPUS)),
             announced: [const { CachePadded(AtomicU64::new(0)) }; MAX_CPUS],
         }
@@ -100,6 +109,8 @@ impl GraceDomain {
     pub fn new() -> Self {
         GraceDomain {
             epoch: CachePadded(AtomicU64::new(0)),
+            deferred: spin::Mutex::new(Vec::new()),
+            pending: AtomicUsize::new(0),
             limit: CachePadded(AtomicUsize::new(MAX_CPUS)),
             announced: core::array::from_fn(|_| CachePadded(AtomicU64::new(0))),
         }
@@ -200,6 +211,50 @@ impl GraceDomain {
         true
     }
 
+    /// Keeps `value` alive until the grace period of `ticket` is over, then drops it in a later
+    /// [`reclaim`](Self::reclaim) (Linux's `call_rcu`). For teardown that cannot wait where it
+    /// starts, such as dropping a module whose code other CPUs may still be running.
+    pub fn defer_drop(&self, ticket: GraceTicket, value: Box<dyn Send>) {
+        let mut deferred = self.deferred.lock();
+        deferred.push((ticket, value));
+        self.pending.store(deferred.len(), Ordering::Relaxed);
+    }
+
+    /// Drops every value given to [`defer_drop`](Self::defer_drop) whose grace period is over;
+    /// returns how many. Call it now and then (an idle loop, after reporting a quiescent
+    /// state): deferred values are never dropped otherwise (a leak, not a hazard). Drops happen
+    /// outside the domain's lock, so they may defer more.
+    pub fn reclaim(&self) -> usize {
+        if self.pending.load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
+        let due: Vec<Box<dyn Send>> = {
+            let Some(mut deferred) = self.deferred.try_lock() else {
+                return 0;
+            };
+            let mut due = Vec::new();
+            let mut i = 0;
+            while i < deferred.len() {
+                if self.is_over(deferred[i].0) {
+                    due.push(deferred.swap_remove(i).1);
+                } else {
+                    i += 1;
+                }
+            }
+            self.pending.store(deferred.len(), Ordering::Relaxed);
+            due
+        };
+        let n = due.len();
+        drop(due);
+        n
+    }
+
+    /// Values waiting in [`defer_drop`](Self::defer_drop).
+    #[must_use]
+    pub fn deferred(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
+    }
+
     /// The current epoch (statistics and tests).
     #[must_use]
     pub fn epoch(&self) -> u64 {
@@ -290,6 +345,22 @@ mod tests {
         assert!(!d.is_over(b));
         rounds(&d, &[0], 1);
         assert!(d.is_over(b));
+    }
+
+    #[test]
+    fn deferred_values_drop_only_after_their_grace_period() {
+        use std::sync::Arc;
+        let d = domain(2);
+        let value = Arc::new(7);
+        d.defer_drop(d.defer(), Box::new(Arc::clone(&value)));
+        assert_eq!(d.deferred(), 1);
+        rounds(&d, &[0], 3);
+        assert_eq!(d.reclaim(), 0, "CPU 1 has not reported");
+        assert_eq!(Arc::strong_count(&value), 2);
+        rounds(&d, &[0, 1], 2);
+        assert_eq!(d.reclaim(), 1);
+        assert_eq!(Arc::strong_count(&value), 1, "dropped");
+        assert_eq!(d.deferred(), 0);
     }
 
     #[test]

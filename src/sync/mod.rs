@@ -7,6 +7,7 @@
 //!   `RUSTFLAGS="--cfg loom"` so the protocols can be model-checked.
 
 pub mod grace;
+pub mod irq_lock;
 
 /// `core::sync::atomic`, or loom's model of it under `cfg(loom)`.
 pub(crate) mod atomic {

@@ -1,0 +1,94 @@
+//! Committing and decommitting the pages of code spaces.
+
+use alloc::vec::Vec;
+
+use super::error::CodeError;
+use super::state::State;
+use crate::mmu::{Mmu, TlbFlush};
+use crate::{AddressRange, PAGE_SIZE};
+
+impl<M: Mmu> State<M> {
+    /// Maps the pages of `range` that are not committed yet, RW+NX, charging them against the
+    /// limit; on failure unmaps what it mapped and charges nothing. Allocation-free when warm.
+    pub(crate) fn commit(&mut self, range: AddressRange) -> Result<(), CodeError> {
+        let mut missing = core::mem::take(&mut self.scratch);
+        missing.clear();
+        missing.extend(range.pages().filter(|p| !self.pages.contains_key(p)));
+        let result = self.map_missing(&missing);
+        self.scratch = missing;
+        result
+    }
+
+    fn map_missing(&mut self, missing: &[usize]) -> Result<(), CodeError> {
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let bytes = missing.len() * PAGE_SIZE;
+        self.check_commit(bytes)?;
+        for (i, &page) in missing.iter().enumerate() {
+            debug_assert!(self.space_of(page).is_some());
+            // SAFETY: `page` lies in a code space this manager reserved from its window, and no
+            // other part of codespace maps it (it is not in `pages`); the backend refuses pages
+            // outside the memory it was given for code.
+            match unsafe { self.mmu.map_fresh(page) } {
+                Ok(committed) => {
+                    self.pages.insert(page, committed);
+                }
+                Err(e) => {
+                    // Nothing ran on the pages just mapped: unmap them again.
+                    let mut tlb = TlbFlush::new();
+                    for p in &missing[..i] {
+                        if let Some(committed) = self.pages.remove(p) {
+                            // SAFETY: mapped a moment ago by this call, never published.
+                            if let Err((_, back)) = unsafe { self.mmu.unmap(committed, &mut tlb) } {
+                                self.pages.insert(*p, back);
+                                self.committed += PAGE_SIZE;
+                            }
+                        }
+                    }
+                    self.flush(tlb)?;
+                    return Err(e.into());
+                }
+            }
+        }
+        self.account_commit(bytes);
+        Ok(())
+    }
+
+    /// Decommits every committed page inside `range` (whole pages), freeing the frames after one
+    /// flush.
+    ///
+    /// # Errors
+    /// [`CodeError::PartialDecommit`]: an unmap failed; pages from there on stay committed.
+    /// [`CodeError::FlushFailed`]: the pages are unmapped, their frames freed by a later flush.
+    pub(crate) fn decommit(&mut self, range: AddressRange) -> Result<(), CodeError> {
+        let pages: Vec<usize> = self
+            .pages
+            .range(range.start()..range.end())
+            .map(|(&p, _)| p)
+            .collect();
+        let mut tlb = TlbFlush::new();
+        let mut failed = None;
+        for page in pages {
+            let Some(committed) = self.pages.remove(&page) else {
+                continue;
+            };
+            // SAFETY: callers decommit only pages no code runs on: wholly free pages of a
+            // freed range (freed after its grace period by the module), or whole code spaces
+            // being released.
+            match unsafe { self.mmu.unmap(committed, &mut tlb) } {
+                Ok(()) => self.committed -= PAGE_SIZE,
+                Err((e, back)) => {
+                    self.pages.insert(page, back);
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        self.flush(tlb)?;
+        match failed {
+            Some(e) => Err(CodeError::PartialDecommit(e)),
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! Settings of a [`CodeManager`](super::CodeManager), validated before anything is reserved.
+
+use super::error::CodeError;
+use crate::{AddressRange, PAGE_SIZE};
+
+/// Largest code space: every address of a space must reach its jump tables (which lie inside
+/// it) with a rel32 displacement, so a space spans less than 2 GiB.
+pub const MAX_CODE_SPACE_SIZE: usize = (i32::MAX as usize + 1) - PAGE_SIZE;
+
+/// How code lands on a page that already holds published (R+X) code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProtectionMode {
+    /// Make the page RW+NX, write, make it R+X again, each step flushed. Other code on the page
+    /// cannot execute meanwhile, so this mode is refused
+    /// ([`CodeError::FlipNeedsOneCpu`]) while more than one CPU is online. V8's write scopes.
+    Flip,
+    /// Write through a private, writable alias of the page's frame that only the writing CPU
+    /// can see; the executable mapping is never writable. Linux's `text_poke`. The default.
+    Alias,
+}
+
+/// Settings of a [`CodeManager`](super::CodeManager).
+#[derive(Debug, Clone, Copy)]
+pub struct ManagerConfig {
+    /// Hard limit on committed code bytes (V8: 4095 MiB on x64).
+    pub max_committed: usize,
+    /// Largest code space one reservation may take, page aligned, at most
+    /// [`MAX_CODE_SPACE_SIZE`] (V8: 1024 MiB on x64).
+    pub max_code_space_size: usize,
+    /// Unmapped guard pages on each side of every code space (at least 1).
+    pub guard_pages: usize,
+    /// How published pages are written.
+    pub protection: ProtectionMode,
+    /// Called (with the manager lock held: record, don't re-enter) when committed bytes cross the
+    /// critical threshold, which then moves halfway to the limit (V8's memory-pressure signal).
+    pub on_critical: Option<fn(committed: usize)>,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        ManagerConfig {
+            max_committed: 4095 << 20,
+            max_code_space_size: 1024 << 20,
+            guard_pages: 1,
+            protection: ProtectionMode::Alias,
+            on_critical: None,
+        }
+    }
+}
+
+impl ManagerConfig {
+    /// Bytes of guard on each side of a code space.
+    pub(crate) fn guard_bytes(&self) -> usize {
+        // Validated: cannot overflow.
+        self.guard_pages * PAGE_SIZE
+    }
+
+    /// Checks every setting against `window`.
+    ///
+    /// # Errors
+    /// [`CodeError::InvalidConfig`] naming the first bad setting: an unaligned or empty window,
+    /// no guard pages or guards that overflow or leave no room for one page of code, a code-space
+    /// size that is zero, unaligned or past [`MAX_CODE_SPACE_SIZE`], or a commit limit that is
+    /// not page aligned.
+    pub fn validate(&self, window: AddressRange) -> Result<(), CodeError> {
+        let bad = |setting: &'static str| Err(CodeError::InvalidConfig { setting });
+        if !window.is_page_aligned() || window.is_empty() {
+            return bad("window");
+        }
+        let Some(guards) = self
+            .guard_pages
+            .checked_mul(PAGE_SIZE)
+            .and_then(|g| g.checked_mul(2))
+            .filter(|_| self.guard_pages > 0)
+        else {
+            return bad("guard_pages");
+        };
+        if guards
+            .checked_add(PAGE_SIZE)
+            .is_none_or(|need| need > window.size())
+        {
+            return bad("guard_pages");
+        }
+        let space = self.max_code_space_size;
+        if space == 0 || !space.is_multiple_of(PAGE_SIZE) || space > MAX_CODE_SPACE_SIZE {
+            return bad("max_code_space_size");
+        }
+        if !self.max_committed.is_multiple_of(PAGE_SIZE) {
+            return bad("max_committed");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,161 @@
+//! Writing committed code pages without ever making one writable and executable.
+//!
+//! A page that is still RW+NX (fresh, not yet published) is written through its own mapping. A
+//! page that holds published code (R+X) is written either through the backend's private alias
+//! ([`ProtectionMode::Alias`]: only this CPU can see the alias, the executable mapping never
+//! changes) or by flipping it ([`ProtectionMode::Flip`]: RW+NX, write, R+X, each step flushed
+//! on every CPU) — which stops other code on the page from executing meanwhile, so it is
+//! refused while more than one CPU is online.
+
+use alloc::vec::Vec;
+
+use super::config::ProtectionMode;
+use super::error::CodeError;
+use super::state::State;
+use crate::mmu::{Mmu, MmuError, Protection, TlbFlush, MAX_POKE_PAGES};
+use crate::PAGE_SIZE;
+
+/// One write inside one page: (page, offset in page, data).
+type Chunk<'d> = (usize, usize, &'d [u8]);
+
+fn chunks(addr: usize, data: &[u8]) -> impl Iterator<Item = Chunk<'_>> {
+    let mut done = 0;
+    core::iter::from_fn(move || {
+        if done >= data.len() {
+            return None;
+        }
+        let at = addr + done;
+        let page = at & !(PAGE_SIZE - 1);
+        let n = (page + PAGE_SIZE - at).min(data.len() - done);
+        let chunk = (page, at - page, &data[done..done + n]);
+        done += n;
+        Some(chunk)
+    })
+}
+
+impl<M: Mmu> State<M> {
+    fn is_live(&self, page: usize) -> Result<bool, CodeError> {
+        self.pages.get(&page).ok_or(MmuError::NotMapped { page })?;
+        Ok(self.mmu.query(page).is_some_and(|m| !m.writable))
+    }
+
+    /// Writes `data` at `addr` of committed pages, whatever their protection; pages come back
+    /// as they were. Returns whether published (live) pages were written, in which case the
+    /// caller makes other CPUs see the new bytes ([`Mmu::sync_cores`]) before they may run them.
+    ///
+    /// All pages are checked before the first byte moves.
+    pub(crate) fn write_code(&mut self, addr: usize, data: &[u8]) -> Result<bool, CodeError> {
+        let mut live: Vec<Chunk<'_>> = Vec::new();
+        for chunk in chunks(addr, data) {
+            if self.is_live(chunk.0)? {
+                live.push(chunk);
+            }
+        }
+        if !live.is_empty()
+            && self.config.protection == ProtectionMode::Flip
+            && self.mmu.online_cpus() > 1
+        {
+            return Err(CodeError::FlipNeedsOneCpu);
+        }
+        for (page, offset, bytes) in chunks(addr, data) {
+            if !live.iter().any(|c| c.0 == page) {
+                let committed = self.pages.get(&page).ok_or(MmuError::NotMapped { page })?;
+                self.mmu.write(committed, offset, bytes)?;
+            }
+        }
+        if live.is_empty() {
+            return Ok(false);
+        }
+        match self.config.protection {
+            ProtectionMode::Alias => self.poke_chunks(&live)?,
+            ProtectionMode::Flip => {
+                for &chunk in &live {
+                    self.flip_write(chunk)?;
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Writes `chunks` of live pages in one private-alias session.
+    fn poke_chunks(&mut self, chunks: &[Chunk<'_>]) -> Result<(), CodeError> {
+        let mut pages: Vec<usize> = chunks.iter().map(|c| c.0).collect();
+        pages.dedup();
+        if pages.len() > MAX_POKE_PAGES {
+            return Err(MmuError::TooManyPages {
+                pages: pages.len(),
+                max: MAX_POKE_PAGES,
+            }
+            .into());
+        }
+        let committed: Vec<_> = pages.iter().filter_map(|p| self.pages.get(p)).collect();
+        let mut write = |poke: &mut dyn crate::mmu::Poke| {
+            for &(page, offset, bytes) in chunks {
+                let i = pages.iter().position(|&p| p == page).unwrap_or(usize::MAX);
+                poke.write(i, offset, bytes)?;
+            }
+            Ok(())
+        };
+        // SAFETY: the bytes written are free space of published pages (code being published,
+        // or INT3 fill of freed code no CPU runs any more); executing neighbours are untouched.
+        unsafe { self.mmu.poke(&committed, &mut write) }?;
+        Ok(())
+    }
+
+    /// Flip mode, one CPU: RW+NX (flushed), write, R+X (flushed).
+    fn flip_write(&mut self, (page, offset, bytes): Chunk<'_>) -> Result<(), CodeError> {
+        self.protect_flushed(page, Protection::ReadWrite)?;
+        let committed = self.pages.get(&page).ok_or(MmuError::NotMapped { page })?;
+        let written = self.mmu.write(committed, offset, bytes);
+        let restored = self.protect_flushed(page, Protection::ReadExecute);
+        written?;
+        restored
+    }
+
+    fn protect_flushed(&mut self, page: usize, prot: Protection) -> Result<(), CodeError> {
+        let committed = self.pages.get(&page).ok_or(MmuError::NotMapped { page })?;
+        let mut tlb = TlbFlush::new();
+        // SAFETY: flip mode runs with one CPU online and the manager lock held: nothing else
+        // executes the page until it is R+X again (interrupt handlers running generated code on
+        // a page being flipped are excluded by Flip mode's documentation).
+        unsafe { self.mmu.protect(committed, prot, &mut tlb) }?;
+        self.flush(tlb)
+    }
+
+    /// Stores each `(addr, value)` with one aligned 8-byte store — through the private alias
+    /// for published pages, all in one session, so either every store lands or none does — and
+    /// then makes every CPU serialize: when this returns, every CPU executes the new bytes.
+    pub(crate) fn patch(&mut self, stores: &[(usize, u64)]) -> Result<(), CodeError> {
+        let mut pages: Vec<usize> = Vec::new();
+        for &(addr, _) in stores {
+            if !addr.is_multiple_of(8) {
+                return Err(CodeError::NotPatchable { addr });
+            }
+            let page = addr & !(PAGE_SIZE - 1);
+            self.pages.get(&page).ok_or(MmuError::NotMapped { page })?;
+            if !pages.contains(&page) {
+                pages.push(page);
+            }
+        }
+        if pages.len() > MAX_POKE_PAGES {
+            return Err(MmuError::TooManyPages {
+                pages: pages.len(),
+                max: MAX_POKE_PAGES,
+            }
+            .into());
+        }
+        let committed: Vec<_> = pages.iter().filter_map(|p| self.pages.get(p)).collect();
+        let mut store = |poke: &mut dyn crate::mmu::Poke| {
+            for &(addr, value) in stores {
+                let page = addr & !(PAGE_SIZE - 1);
+                let i = pages.iter().position(|&p| p == page).unwrap_or(usize::MAX);
+                poke.store_u64(i, addr - page, value)?;
+            }
+            Ok(())
+        };
+        // SAFETY: each store is one aligned 8-byte store into a jump table or pointer slot the
+        // caller owns (checked by the allocator): executing code sees the old or the new slot.
+        unsafe { self.mmu.poke(&committed, &mut store) }?;
+        self.mmu.sync_cores().map_err(CodeError::SyncFailed)
+    }
+}

@@ -1,0 +1,191 @@
+//! [`TlbFlush`]: the TLB work of one operation, and what must wait for it (Linux `mmu_gather`).
+//!
+//! A page-table change takes effect on a CPU only once that CPU invalidated its cached
+//! translation. codespace therefore never *changes* a present translation in place. Every
+//! change — a protection, an unmap, sealing a direct-map alias — first makes the entry **not
+//! present** and records the page here; [`Mmu::flush`](super::Mmu::flush) then invalidates the
+//! pages on this CPU and on every other online CPU (one shootdown round), and only then:
+//! 1. stores the entries' final values (recorded with
+//!    [`store_after_flush`](TlbFlush::store_after_flush)) — no CPU can hold a stale
+//!    translation at that point, and a not-present entry is never cached (Intel SDM 4.10.2.3),
+//!    so the new permissions need no second round and cause no spurious faults;
+//! 2. returns unmapped frames to the frame allocator
+//!    ([`free_after_flush`](TlbFlush::free_after_flush)), so no CPU can reach a reused frame
+//!    through a stale entry.
+//!
+//! Hence, on every CPU and at every instant, no translation grants write access to a frame
+//! while any translation grants execute access to it. The price is that pages in flight are
+//! briefly not present; codespace only stages pages nobody may touch meanwhile (pages of code
+//! being published, decommitted or freed, direct-map aliases of code frames).
+//!
+//! The batch is `#[must_use]`: dropping it skips the invalidation, leaves the staged pages not
+//! present, and leaks the frames — safe, but a bug, which the compiler points at.
+
+use alloc::vec::Vec;
+
+/// The TLB invalidations of one operation plus the work that must follow them.
+///
+/// Up to [`MAX_SINGLE_PAGES`](Self::MAX_SINGLE_PAGES) distinct pages are invalidated one by
+/// one (`invlpg`) on each CPU; more turn the batch into one full flush per CPU (Linux's
+/// `tlb_single_page_flush_ceiling`).
+#[must_use = "changed translations stay in the TLBs until the batch is passed to Mmu::flush"]
+#[derive(Debug, Default)]
+pub struct TlbFlush {
+    pages: [usize; TlbFlush::MAX_SINGLE_PAGES],
+    len: usize,
+    full: bool,
+    stores: Vec<(usize, u64)>,
+    frames: Vec<u64>,
+}
+
+impl TlbFlush {
+    /// Largest batch flushed page by page.
+    pub const MAX_SINGLE_PAGES: usize = 32;
+
+    /// An empty batch.
+    pub const fn new() -> Self {
+        TlbFlush {
+            pages: [0; Self::MAX_SINGLE_PAGES],
+            len: 0,
+            full: false,
+            stores: Vec::new(),
+            frames: Vec::new(),
+        }
+    }
+
+    /// Records that the translation of `page` changed and must be invalidated everywhere.
+    pub fn add(&mut self, page: usize) {
+        if self.full || self.pages[..self.len].contains(&page) {
+            return;
+        }
+        if self.len == Self::MAX_SINGLE_PAGES {
+            self.full = true;
+        } else {
+            self.pages[self.len] = page;
+            self.len += 1;
+        }
+    }
+
+    /// Queues the store of `entry` (a backend-defined page-table entry value) for the leaf of
+    /// `virt`, to happen after every CPU invalidated `virt`; also records `virt`.
+    ///
+    /// # Safety
+    /// For backends: the leaf of `virt` is not present now and stays so until the flush, and
+    /// `entry` is what the backend means to store there.
+    pub unsafe fn store_after_flush(&mut self, virt: usize, entry: u64) {
+        self.add(virt);
+        self.stores.push((virt, entry));
+    }
+
+    /// Queues `frame` to return to the frame allocator after the flush.
+    ///
+    /// # Safety
+    /// For backends: `frame` is mapped nowhere any more (but may still be cached), and its
+    /// former pages were recorded with [`add`](Self::add).
+    pub unsafe fn free_after_flush(&mut self, frame: u64) {
+        self.frames.push(frame);
+    }
+
+    /// Whether the batch holds nothing at all.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0 && !self.full && self.stores.is_empty() && self.frames.is_empty()
+    }
+
+    /// Whether the batch became a full flush.
+    #[must_use]
+    pub fn is_full(&self) -> bool {
+        self.full
+    }
+
+    /// The pages to invalidate one by one (empty for a full flush).
+    #[must_use]
+    pub fn pages(&self) -> &[usize] {
+        if self.full {
+            &[]
+        } else {
+            &self.pages[..self.len]
+        }
+    }
+
+    /// Whether any translation must be invalidated.
+    #[must_use]
+    pub fn needs_invalidation(&self) -> bool {
+        self.full || self.len > 0
+    }
+
+    /// The queued stores, in order.
+    #[must_use]
+    pub fn stores(&self) -> &[(usize, u64)] {
+        &self.stores
+    }
+
+    /// The frames queued for freeing.
+    #[must_use]
+    pub fn frames(&self) -> &[u64] {
+        &self.frames
+    }
+
+    /// Moves `other`'s work into this batch.
+    pub fn merge(&mut self, mut other: TlbFlush) {
+        if other.full {
+            self.full = true;
+        }
+        for &p in other.pages() {
+            self.add(p);
+        }
+        self.stores.append(&mut other.stores);
+        self.frames.append(&mut other.frames);
+        other.len = 0;
+        other.full = false;
+    }
+
+    /// Takes the queued work out, leaving the batch empty (for backends, once invalidated).
+    pub fn take_work(&mut self) -> (Vec<(usize, u64)>, Vec<u64>) {
+        self.len = 0;
+        self.full = false;
+        (
+            core::mem::take(&mut self.stores),
+            core::mem::take(&mut self.frames),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TlbFlush;
+
+    #[test]
+    fn thirty_three_pages_become_a_full_flush_and_duplicates_count_once() {
+        let mut t = TlbFlush::new();
+        for p in 0..TlbFlush::MAX_SINGLE_PAGES {
+            t.add(p * 4096);
+            t.add(p * 4096);
+        }
+        assert!(!t.is_full());
+        assert_eq!(t.pages().len(), 32);
+        t.add(1 << 30);
+        assert!(t.is_full());
+        assert!(t.pages().is_empty());
+        assert!(t.needs_invalidation());
+    }
+
+    #[test]
+    fn queued_work_is_merged_and_taken_once() {
+        let mut a = TlbFlush::new();
+        assert!(a.is_empty());
+        let mut b = TlbFlush::new();
+        // SAFETY: no backend consumes these; the test only moves them around.
+        unsafe {
+            b.store_after_flush(0x5000, 7);
+            b.free_after_flush(0x9000);
+        }
+        a.merge(b);
+        assert_eq!(a.pages(), &[0x5000]);
+        assert_eq!(a.stores(), &[(0x5000, 7)]);
+        assert_eq!(a.frames(), &[0x9000]);
+        let (stores, frames) = a.take_work();
+        assert_eq!((stores.len(), frames.len()), (1, 1));
+        assert!(a.is_empty());
+    }
+}

@@ -1,0 +1,340 @@
+//! The simulated machine's memory: physical frames, x86-64 4-level page tables stored in them,
+//! and an optional direct map of all frames in 2 MiB pages.
+//!
+//! Entries hold real x86 bits and every walk follows the physical addresses in them, so running
+//! out of frames while creating a table, huge pages on the walk, and splitting a 2 MiB page are
+//! modelled. Page-table frames are never freed (like the `x86_64` crate's mapper).
+
+use alloc::boxed::Box;
+use alloc::collections::{BTreeMap, BTreeSet};
+
+use crate::mmu::{Leaf, PageMapping};
+use crate::PAGE_SIZE;
+
+/// Physical address of frame 0; frame `i` sits at `PHYS_BASE + i * 4096`.
+pub const PHYS_BASE: u64 = 0x10_0000;
+
+pub(super) const P: u64 = 1 << 0;
+pub(super) const W: u64 = 1 << 1;
+pub(super) const PS: u64 = 1 << 7;
+pub(super) const NX: u64 = 1 << 63;
+/// Software bit (ignored by hardware) set in staged not-present entries, so they never read as
+/// empty even for a frame at physical address 0.
+pub(super) const STAGED: u64 = 1 << 9;
+pub(super) const ADDR: u64 = 0x000F_FFFF_FFFF_F000;
+const TABLE_FLAGS: u64 = P | W;
+const SHIFT: [u32; 4] = [39, 30, 21, 12];
+const PAGE: u64 = PAGE_SIZE as u64;
+const HUGE: u64 = 2 << 20;
+
+pub(super) type FrameData = Box<[u8; PAGE_SIZE]>;
+
+fn zeroed() -> FrameData {
+    Box::new([0; PAGE_SIZE])
+}
+
+pub(super) fn canonical(va: u64) -> bool {
+    let s = va as i64;
+    (s << 16) >> 16 == s
+}
+
+fn sign_extend(va: u64) -> u64 {
+    (((va << 16) as i64) >> 16) as u64
+}
+
+pub(super) fn index(va: u64, level: usize) -> usize {
+    ((va >> SHIFT[level]) & 0x1FF) as usize
+}
+
+pub(super) fn present(entry: u64) -> bool {
+    entry & P != 0
+}
+
+/// Where a leaf entry lives: table frame, index, level (2 = 2 MiB leaf, 3 = 4 KiB leaf).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Slot {
+    pub table: usize,
+    pub index: usize,
+    pub level: usize,
+}
+
+/// Memory of the machine. `PartialEq` compares everything.
+#[derive(Clone, PartialEq, Eq)]
+pub(super) struct Memory {
+    total: usize,
+    next_fresh: usize,
+    freed: BTreeSet<usize>,
+    pub tables: BTreeSet<usize>,
+    pub data: BTreeMap<usize, FrameData>,
+    pub pml4: usize,
+    /// Virtual base of the direct map, when the machine has one.
+    pub direct_map: Option<u64>,
+}
+
+impl Memory {
+    pub fn new(total: usize) -> Self {
+        let mut m = Memory {
+            total,
+            next_fresh: 0,
+            freed: BTreeSet::new(),
+            tables: BTreeSet::new(),
+            data: BTreeMap::new(),
+            pml4: 0,
+            direct_map: None,
+        };
+        m.pml4 = m.alloc_table().expect("a frame for the PML4");
+        m
+    }
+
+    pub fn phys(frame: usize) -> u64 {
+        PHYS_BASE + frame as u64 * PAGE
+    }
+
+    /// The frame index of a physical address of this machine, if it is one.
+    pub fn frame_index(&self, phys: u64) -> Option<usize> {
+        let i = usize::try_from(phys.checked_sub(PHYS_BASE)? / PAGE).ok()?;
+        (i < self.total).then_some(i)
+    }
+
+    fn frame_of(entry: u64) -> usize {
+        ((entry & ADDR).wrapping_sub(PHYS_BASE) / PAGE) as usize
+    }
+
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    pub fn free_count(&self) -> usize {
+        self.total - self.next_fresh + self.freed.len()
+    }
+
+    pub fn is_allocated(&self, frame: usize) -> bool {
+        frame < self.next_fresh && !self.freed.contains(&frame)
+    }
+
+    /// Takes the lowest free frame; it reads as zeros.
+    pub fn alloc_frame(&mut self) -> Option<usize> {
+        let frame = match self.freed.pop_first() {
+            Some(f) => f,
+            None if self.next_fresh < self.total => {
+                self.next_fresh += 1;
+                self.next_fresh - 1
+            }
+            None => return None,
+        };
+        self.data.remove(&frame);
+        Some(frame)
+    }
+
+    pub fn alloc_table(&mut self) -> Option<usize> {
+        let frame = self.alloc_frame()?;
+        self.tables.insert(frame);
+        Some(frame)
+    }
+
+    /// Returns `frame` to the pool, keeping the pool canonical so equal pools compare equal.
+    pub fn free_frame(&mut self, frame: usize) {
+        self.data.remove(&frame);
+        self.freed.insert(frame);
+        while self.next_fresh > 0 && self.freed.remove(&(self.next_fresh - 1)) {
+            self.next_fresh -= 1;
+        }
+    }
+
+    /// Allocated frames that are not page tables.
+    pub fn data_frames(&self) -> BTreeSet<usize> {
+        (0..self.next_fresh)
+            .filter(|f| !self.freed.contains(f) && !self.tables.contains(f))
+            .collect()
+    }
+
+    pub fn entry(&self, table: usize, i: usize) -> u64 {
+        self.data.get(&table).map_or(0, |b| {
+            let mut raw = [0; 8];
+            raw.copy_from_slice(&b[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(raw)
+        })
+    }
+
+    pub fn set_entry(&mut self, table: usize, i: usize, value: u64) {
+        let b = self.data.entry(table).or_insert_with(zeroed);
+        b[i * 8..i * 8 + 8].copy_from_slice(&value.to_le_bytes());
+    }
+
+    pub fn frame_bytes(&self, frame: usize) -> Option<&[u8; PAGE_SIZE]> {
+        self.data.get(&frame).map(|b| &**b)
+    }
+
+    pub fn frame_bytes_mut(&mut self, frame: usize) -> &mut [u8; PAGE_SIZE] {
+        self.data.entry(frame).or_insert_with(zeroed)
+    }
+
+    /// The slot of the leaf (present or staged) for `va`, and the tables missing on the way
+    /// to a 4 KiB leaf (0 when the walk reaches a page table or a huge leaf).
+    pub fn walk(&self, va: u64) -> (Option<Slot>, usize) {
+        let mut table = self.pml4;
+        for level in 0..4 {
+            let i = index(va, level);
+            let e = self.entry(table, i);
+            if level == 3 || (level == 2 && e & PS != 0 && present(e)) {
+                return (
+                    Some(Slot {
+                        table,
+                        index: i,
+                        level,
+                    }),
+                    0,
+                );
+            }
+            if !present(e) {
+                return (None, 3 - level);
+            }
+            table = Self::frame_of(e);
+        }
+        unreachable!("the loop returns at level 3")
+    }
+
+    /// The translation of the 4 KiB page holding `va`, with the permissions of all levels.
+    pub fn translate(&self, va: u64) -> Option<PageMapping> {
+        if !canonical(va) {
+            return None;
+        }
+        let mut table = self.pml4;
+        let (mut writable, mut nx) = (true, false);
+        for level in 0..4 {
+            let e = self.entry(table, index(va, level));
+            if !present(e) {
+                return None;
+            }
+            writable &= e & W != 0;
+            nx |= e & NX != 0;
+            if level == 3 || (level == 2 && e & PS != 0) {
+                let offset = if level == 3 {
+                    0
+                } else {
+                    va & (HUGE - 1) & !(PAGE - 1)
+                };
+                return Some(PageMapping {
+                    frame: (e & ADDR) + offset,
+                    writable,
+                    executable: !nx,
+                });
+            }
+            table = Self::frame_of(e);
+        }
+        None
+    }
+
+    /// Creates the tables down to the 4 KiB leaf slot of `va` (the caller checked the frame
+    /// count) and returns the slot.
+    pub fn make_leaf_slot(&mut self, va: u64) -> Option<Slot> {
+        let mut table = self.pml4;
+        for level in 0..3 {
+            let i = index(va, level);
+            let e = self.entry(table, i);
+            if present(e) && e & PS != 0 {
+                return None;
+            }
+            table = if present(e) {
+                Self::frame_of(e)
+            } else {
+                let next = self.alloc_table()?;
+                self.set_entry(table, i, Self::phys(next) | TABLE_FLAGS);
+                next
+            };
+        }
+        Some(Slot {
+            table,
+            index: index(va, 3),
+            level: 3,
+        })
+    }
+
+    /// Replaces the 2 MiB leaf in `slot` by a page table of 512 4 KiB entries with the same
+    /// frames and permissions: the same translations, so no CPU's view changes.
+    pub fn split(&mut self, slot: Slot) -> Option<()> {
+        let huge = self.entry(slot.table, slot.index);
+        let pt = self.alloc_table()?;
+        let flags = huge & !(ADDR | PS);
+        for i in 0..512 {
+            self.set_entry(pt, i, ((huge & ADDR) + i as u64 * PAGE) | flags);
+        }
+        self.set_entry(slot.table, slot.index, Self::phys(pt) | TABLE_FLAGS);
+        Some(())
+    }
+
+    /// Maps every frame at `base + (phys - PHYS_BASE)` in 2 MiB RW+NX pages.
+    pub fn build_direct_map(&mut self, base: u64) -> Option<()> {
+        let bytes = self.total as u64 * PAGE;
+        let mut off = 0;
+        while off < bytes {
+            let va = base + off;
+            let mut table = self.pml4;
+            for level in 0..2 {
+                let i = index(va, level);
+                let e = self.entry(table, i);
+                table = if present(e) {
+                    Self::frame_of(e)
+                } else {
+                    let next = self.alloc_table()?;
+                    self.set_entry(table, i, Self::phys(next) | TABLE_FLAGS);
+                    next
+                };
+            }
+            self.set_entry(table, index(va, 2), (PHYS_BASE + off) | P | W | PS | NX);
+            off += HUGE;
+        }
+        self.direct_map = Some(base);
+        Some(())
+    }
+
+    /// Calls `f` for every present leaf intersecting `[lo, last]`, in address order.
+    pub fn visit(&self, lo: u64, last: u64, f: &mut dyn FnMut(&Leaf)) {
+        self.visit_table(self.pml4, 0, 0, lo, last, (true, false), f);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn visit_table(
+        &self,
+        table: usize,
+        level: usize,
+        base: u64,
+        lo: u64,
+        last: u64,
+        inherited: (bool, bool),
+        f: &mut dyn FnMut(&Leaf),
+    ) {
+        let span = 1u64 << SHIFT[level];
+        for i in 0..512 {
+            let start = if level == 0 {
+                sign_extend((i as u64) << SHIFT[0])
+            } else {
+                base + i as u64 * span
+            };
+            if start + (span - 1) < lo {
+                continue;
+            }
+            if start > last {
+                break;
+            }
+            let e = self.entry(table, i);
+            if !present(e) {
+                continue;
+            }
+            let writable = inherited.0 && e & W != 0;
+            let nx = inherited.1 || e & NX != 0;
+            if level == 3 || e & PS != 0 {
+                f(&Leaf {
+                    virt: start as usize,
+                    size: span as usize,
+                    frame: e & ADDR,
+                    writable,
+                    executable: !nx,
+                });
+            } else {
+                let child = Self::frame_of(e);
+                self.visit_table(child, level + 1, start, lo, last, (writable, nx), f);
+            }
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! A pessimistic model of each simulated CPU's TLB and instruction stream.
+//!
+//! Hardware may cache any present translation at any time, speculatively too (Intel SDM
+//! 4.10.2.3), and keeps it until that CPU invalidates it. So when a present leaf changes, the
+//! model assumes **every** CPU still holds the old translation: it becomes *stale* on every CPU
+//! until that CPU invalidates the page (or flushes everything). A CPU also keeps executing the
+//! bytes it last fetched from a frame that another mapping changed, until it serializes
+//! (cross-modifying code, SDM vol. 3 8.1.3): the model snapshots such frames per CPU.
+//!
+//! Nothing here says what is wrong; [`super::SoftMmu`] checks its promises against this state
+//! and records [`Violation`]s.
+
+use alloc::collections::BTreeMap;
+use alloc::vec::Vec;
+
+use super::machine::FrameData;
+
+/// A translation a CPU may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cached {
+    /// Physical address of the 4 KiB frame.
+    pub frame: u64,
+    /// Whether it grants writes.
+    pub writable: bool,
+    /// Whether it grants execution.
+    pub executable: bool,
+}
+
+/// What the model caught.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ViolationKind {
+    /// A frame went back to the allocator while a CPU may still reach it through a stale
+    /// translation (free before flush).
+    FreedWhileCached,
+    /// A frame went back to the allocator while still mapped.
+    FreedWhileMapped,
+    /// A leaf became writable and executable at once.
+    WritableAndExecutable,
+    /// A frame became executable while some translation (present or stale, any CPU) still
+    /// grants writes to it.
+    ExecutableWhileWritable,
+    /// A frame became writable while some translation (present or stale, any CPU) still grants
+    /// execution of it.
+    WritableWhileExecutable,
+    /// A simulated access reached a free frame through a stale translation.
+    AccessToFreedFrame,
+}
+
+/// A broken promise, with the operation during which the model caught it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Violation {
+    /// The backend operation (or simulated access) that caused it.
+    pub op: &'static str,
+    /// What went wrong.
+    pub kind: ViolationKind,
+    /// The virtual page involved.
+    pub page: usize,
+    /// The physical frame involved.
+    pub frame: u64,
+    /// The CPU whose TLB was involved, if one was.
+    pub cpu: Option<usize>,
+}
+
+/// One simulated CPU.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub(super) struct Cpu {
+    /// Stale translations by page, oldest first.
+    pub stale: BTreeMap<u64, Vec<Cached>>,
+    /// Bytes this CPU still executes for frames changed since it last serialized.
+    pub code_view: BTreeMap<u64, FrameData>,
+    /// EFER.NXE off.
+    pub no_nxe: bool,
+    /// CR0.WP off.
+    pub no_wp: bool,
+}
+
+/// All CPUs' cached state.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub(super) struct Tlbs {
+    pub cpus: Vec<Cpu>,
+}
+
+impl Tlbs {
+    pub fn new(cpus: usize) -> Self {
+        Tlbs {
+            cpus: (0..cpus).map(|_| Cpu::default()).collect(),
+        }
+    }
+
+    /// The present translation `old` of `page` changed: every CPU may still hold it.
+    pub fn went_stale(&mut self, page: u64, old: Cached) {
+        for cpu in &mut self.cpus {
+            let list = cpu.stale.entry(page).or_default();
+            if !list.contains(&old) {
+                list.push(old);
+            }
+        }
+    }
+
+    /// CPU `cpu` invalidates `page` (`None`: everything).
+    pub fn invalidate(&mut self, cpu: usize, page: Option<u64>) {
+        if let Some(c) = self.cpus.get_mut(cpu) {
+            match page {
+                Some(p) => {
+                    c.stale.remove(&p);
+                }
+                None => c.stale.clear(),
+            }
+        }
+    }
+
+    /// Every stale translation of `frame`: (cpu, page, translation).
+    pub fn stale_of(&self, frame: u64) -> impl Iterator<Item = (usize, u64, Cached)> + '_ {
+        self.cpus.iter().enumerate().flat_map(move |(i, c)| {
+            c.stale.iter().flat_map(move |(&page, list)| {
+                list.iter()
+                    .filter(move |t| t.frame == frame)
+                    .map(move |&t| (i, page, t))
+            })
+        })
+    }
+
+    /// The translation CPU `cpu` uses for `page` when it holds stale ones: the newest.
+    pub fn stale_for(&self, cpu: usize, page: u64) -> Option<Cached> {
+        self.cpus.get(cpu)?.stale.get(&page)?.last().copied()
+    }
+
+    /// Code in `frame` is about to change from `old`: every CPU keeps executing `old` until it
+    /// serializes.
+    pub fn code_changing(&mut self, frame: u64, old: &[u8; crate::PAGE_SIZE]) {
+        for cpu in &mut self.cpus {
+            cpu.code_view
+                .entry(frame)
+                .or_insert_with(|| alloc::boxed::Box::new(*old));
+        }
+    }
+
+    /// CPU `cpu` executed a serializing instruction.
+    pub fn serialize(&mut self, cpu: usize) {
+        if let Some(c) = self.cpus.get_mut(cpu) {
+            c.code_view.clear();
+        }
+    }
+}

@@ -1,0 +1,594 @@
+//! [`Mmu`] over a kernel's live x86-64 page tables.
+//!
+//! Generic over the kernel's page-table type (any `x86_64` [`Mapper<Size4KiB>`] +
+//! [`Translate`]: `OffsetPageTable`, `MappedPageTable`, `RecursivePageTable`), its frame
+//! allocator, its lock (any `lock_api` raw mutex; `spin::lock_api::Mutex` works) and the
+//! mapping through which page-table frames are reached ([`PageTableFrameMapping`];
+//! [`PhysOffset`] for a direct map at an offset). The kernel supplies its CPUs through [`Smp`].
+//!
+//! This is the arch layer: the only place where codespace executes `invlpg`, writes CR3, or
+//! dereferences raw addresses of code and page tables. Lock order: page tables, then frames.
+//! Window leaves are created through the kernel's `Mapper` (which builds missing tables) and
+//! then changed with single stores to the leaf, following the staging rules of
+//! [`TlbFlush`](crate::mmu::TlbFlush).
+
+use core::marker::PhantomData;
+
+use lock_api::{Mutex, RawMutex};
+use x86_64::structures::paging::mapper::{MapToError, PageTableFrameMapping};
+use x86_64::structures::paging::{
+    FrameAllocator, FrameDeallocator, Mapper, Page, PageTable, PageTableFlags as Flags, PhysFrame,
+    Size4KiB, Translate,
+};
+use x86_64::{PhysAddr, VirtAddr};
+
+mod cpu;
+mod linear;
+mod poke;
+mod smp;
+mod tables;
+
+pub use linear::LinearMap;
+pub use smp::{Smp, UniProcessor};
+
+use crate::mmu::{
+    CommittedPage, FlushStats, InterruptControl, Leaf, Mmu, MmuError, PageMapping, Poke,
+    Protection, TlbFlush, Unflushed,
+};
+use crate::{AddressRange, PAGE_SIZE};
+use poke::PokeSpace;
+use tables::{Slot, Tables, ADDR, NX, P, STAGED, W};
+
+/// A physical-memory mapping at a fixed offset (a kernel's direct map).
+#[derive(Debug, Clone, Copy)]
+pub struct PhysOffset(u64);
+
+impl PhysOffset {
+    /// The mapping at `offset`.
+    ///
+    /// # Safety
+    /// Every physical frame the backend may touch (page tables, frames from the allocator) is
+    /// mapped readable and writable at `offset + phys` for as long as the value is used.
+    #[must_use]
+    pub const unsafe fn new(offset: u64) -> Self {
+        PhysOffset(offset)
+    }
+}
+
+// SAFETY: `PhysOffset::new`'s caller promised the offset maps every frame used as a table.
+unsafe impl PageTableFrameMapping for PhysOffset {
+    fn frame_to_pointer(&self, frame: PhysFrame) -> *mut PageTable {
+        (self.0 + frame.start_address().as_u64()) as *mut PageTable
+    }
+}
+
+/// The backend: the kernel's page tables and frame allocator, each behind the kernel's lock.
+pub struct X86Mmu<'a, R: RawMutex, M, A: FrameDeallocator<Size4KiB>, F> {
+    tables: &'a Mutex<R, M>,
+    frames: &'a Mutex<R, A>,
+    phys: F,
+    smp: &'a dyn Smp,
+    linear: &'a [LinearMap],
+    poke: PokeSpace,
+    free_count: Option<fn(&A) -> usize>,
+    stats: FlushStats,
+    _tables: PhantomData<M>,
+}
+
+fn leaf_entry(frame: u64, prot: Protection) -> u64 {
+    match prot {
+        Protection::ReadWrite => (frame & ADDR) | P | W | NX,
+        Protection::ReadExecute => (frame & ADDR) | P,
+    }
+}
+
+fn frame(phys: u64) -> PhysFrame {
+    PhysFrame::containing_address(PhysAddr::new(phys))
+}
+
+impl<'a, R, M, A, F> X86Mmu<'a, R, M, A, F>
+where
+    R: RawMutex,
+    M: Mapper<Size4KiB> + Translate,
+    A: FrameAllocator<Size4KiB> + FrameDeallocator<Size4KiB>,
+    F: PageTableFrameMapping,
+{
+    /// A backend over the kernel's `tables` and `frames`; takes four frames for the private
+    /// alias address space, which claims PML4 slot `poke_slot` there.
+    ///
+    /// # Errors
+    /// [`MmuError::OutOfFrames`]; [`MmuError::OutOfRange`] for a slot past 511.
+    ///
+    /// # Safety
+    /// - `tables` is the page table every CPU runs codespace operations, generated code and
+    ///   lookups on (or shares its entries for the code window and the linear maps);
+    /// - `phys` maps every page-table frame and every frame `frames` hands out, writable;
+    /// - `frames` hands out frames nothing else uses, usable as code and as page tables;
+    /// - `smp` keeps [`Smp`]'s promises;
+    /// - nothing the kernel runs with interrupts disabled during a codespace operation touches
+    ///   addresses in PML4 slot `poke_slot` (an unused lower-half slot such as 255 is ideal).
+    pub unsafe fn new(
+        tables: &'a Mutex<R, M>,
+        frames: &'a Mutex<R, A>,
+        phys: F,
+        smp: &'a dyn Smp,
+        poke_slot: usize,
+    ) -> Result<Self, MmuError> {
+        if poke_slot >= 512 {
+            return Err(MmuError::OutOfRange { addr: poke_slot });
+        }
+        let poke = {
+            let _tables = tables.lock();
+            let mut frames = frames.lock();
+            let mut taken = [0u64; 4];
+            for i in 0..4 {
+                match frames.allocate_frame() {
+                    Some(f) => taken[i] = f.start_address().as_u64(),
+                    None => {
+                        for &f in &taken[..i] {
+                            // SAFETY: allocated just above and not used.
+                            unsafe { frames.deallocate_frame(frame(f)) };
+                        }
+                        return Err(MmuError::OutOfFrames);
+                    }
+                }
+            }
+            let view = Tables {
+                phys: &phys,
+                pml4: cpu::read_cr3() & ADDR,
+            };
+            PokeSpace::new(taken, poke_slot, &view)
+        };
+        Ok(X86Mmu {
+            tables,
+            frames,
+            phys,
+            smp,
+            linear: &[],
+            poke,
+            free_count: None,
+            stats: FlushStats::default(),
+            _tables: PhantomData,
+        })
+    }
+
+    /// Also keeps the kernel's linear maps of physical memory (a direct map, an identity map)
+    /// free of writable aliases of code frames: a frame's alias there becomes read-only before
+    /// the frame becomes executable (splitting huge pages as needed), and writable again when
+    /// the frame is unmapped.
+    ///
+    /// # Safety
+    /// Each map really maps `[phys, phys + size)` at `virt` in `tables`, its entries may be
+    /// split and edited by this backend under the page-table lock, and nothing accesses a
+    /// code frame through it.
+    #[must_use]
+    pub unsafe fn with_linear_maps(mut self, maps: &'a [LinearMap]) -> Self {
+        self.linear = maps;
+        self
+    }
+
+    /// Lets [`Mmu::free_frames`] report the allocator's free count.
+    #[must_use]
+    pub fn with_free_count(mut self, count: fn(&A) -> usize) -> Self {
+        self.free_count = Some(count);
+        self
+    }
+
+    /// The page tables of the calling CPU, seen through the physical mapping.
+    fn view(&self) -> Tables<'_, F> {
+        Tables {
+            phys: &self.phys,
+            pml4: cpu::read_cr3() & ADDR,
+        }
+    }
+
+    /// The raw entries on the walk to `addr`: PML4, PDPT, PD, PT (`None` past a non-present or
+    /// huge level). For tests and diagnostics.
+    #[must_use]
+    pub fn raw_entries(&self, addr: usize) -> [Option<u64>; 4] {
+        let _guard = self.tables.lock();
+        let view = self.view();
+        let mut out = [None; 4];
+        let mut table = view.table(view.pml4);
+        for (level, slot) in out.iter_mut().enumerate() {
+            let i = tables::index(addr as u64, level);
+            // SAFETY: a table frame through the physical mapping, index < 512.
+            let e = unsafe { table.add(i).read_volatile() };
+            *slot = Some(e);
+            if e & P == 0 || e & tables::PS != 0 {
+                break;
+            }
+            table = view.table(e);
+        }
+        out
+    }
+
+    /// The 4 KiB leaf of a committed page (present or staged, mapping its frame).
+    fn leaf_of(view: &Tables<'_, F>, page: &CommittedPage) -> Result<Slot, MmuError> {
+        match view.leaf(page.page() as u64) {
+            Some(s) if s.level == 3 && s.get() & ADDR == page.frame() => Ok(s),
+            _ => Err(MmuError::NotMapped { page: page.page() }),
+        }
+    }
+
+    /// Takes a zeroed frame for a split page table.
+    fn table_frame(&self, view: &Tables<'_, F>) -> Result<u64, MmuError> {
+        let f = self
+            .frames
+            .lock()
+            .allocate_frame()
+            .ok_or(MmuError::OutOfFrames)?;
+        let phys = f.start_address().as_u64();
+        // SAFETY: a fresh frame from the allocator, reachable through the physical mapping.
+        unsafe { core::ptr::write_bytes(view.table(phys), 0, 512) };
+        Ok(phys)
+    }
+}
+
+/// Frames the allocator gives for one mapping, taken up front so the mapping either gets all it
+/// needs or fails before touching the tables.
+struct Reserve<'r, A: FrameDeallocator<Size4KiB>> {
+    frames: [Option<PhysFrame>; 4],
+    source: &'r mut A,
+}
+
+impl<'r, A: FrameAllocator<Size4KiB> + FrameDeallocator<Size4KiB>> Reserve<'r, A> {
+    fn take(source: &'r mut A, n: usize) -> Option<Self> {
+        let mut r = Reserve {
+            frames: [None; 4],
+            source,
+        };
+        for slot in r.frames.iter_mut().take(n) {
+            *slot = Some(r.source.allocate_frame()?);
+        }
+        Some(r)
+    }
+}
+
+// SAFETY: hands out frames the source allocator gave us and nobody else holds.
+unsafe impl<A: FrameDeallocator<Size4KiB>> FrameAllocator<Size4KiB> for Reserve<'_, A> {
+    fn allocate_frame(&mut self) -> Option<PhysFrame> {
+        self.frames.iter_mut().find_map(Option::take)
+    }
+}
+
+impl<A: FrameDeallocator<Size4KiB>> Drop for Reserve<'_, A> {
+    fn drop(&mut self) {
+        for f in self.frames.iter_mut().filter_map(Option::take) {
+            // SAFETY: the frame came from `source` and was never mapped.
+            unsafe { self.source.deallocate_frame(f) };
+        }
+    }
+}
+
+// SAFETY: mappings change only through these methods; every change of a present window or
+// linear-map leaf goes through the not-present staging of `TlbFlush` (see `stage`), frames are
+// freed in `flush` after `Smp::shootdown` returned, the alias is the private address space of
+// `poke`, and `sync_cores` serializes this CPU and, through `Smp`, every other one.
+unsafe impl<R, M, A, F> Mmu for X86Mmu<'_, R, M, A, F>
+where
+    R: RawMutex,
+    M: Mapper<Size4KiB> + Translate,
+    A: FrameAllocator<Size4KiB> + FrameDeallocator<Size4KiB>,
+    F: PageTableFrameMapping,
+{
+    fn check_cpu(&self) -> Result<(), MmuError> {
+        let cpu = self.smp.current_cpu();
+        match cpu::protection_enabled() {
+            (false, _) => Err(MmuError::NoExecuteDisabled { cpu }),
+            (_, false) => Err(MmuError::WriteProtectDisabled { cpu }),
+            _ => Ok(()),
+        }
+    }
+
+    fn current_cpu(&self) -> usize {
+        self.smp.current_cpu()
+    }
+
+    fn online_cpus(&self) -> usize {
+        self.smp.online_cpus()
+    }
+
+    fn interrupt_control(&self) -> InterruptControl {
+        cpu::INTERRUPTS
+    }
+
+    unsafe fn map_fresh(&mut self, page: usize) -> Result<CommittedPage, MmuError> {
+        let va = VirtAddr::try_new(page as u64).map_err(|_| MmuError::OutOfRange { addr: page })?;
+        let p = Page::<Size4KiB>::from_start_address(va)
+            .map_err(|_| MmuError::Unaligned { addr: page })?;
+        let mut mapper = self.tables.lock();
+        let view = self.view();
+        // Count the tables to create (and refuse what is in the way) before taking frames.
+        let mut missing = 3;
+        if let Some(slot) = view.leaf(page as u64) {
+            if slot.level != 3 {
+                return Err(MmuError::HugePage { page });
+            }
+            if slot.get() != 0 {
+                return Err(MmuError::AlreadyMapped { page });
+            }
+            missing = 0;
+        } else {
+            let mut table = view.table(view.pml4);
+            for level in 0..3 {
+                // SAFETY: a table frame through the physical mapping, index < 512.
+                let e = unsafe { table.add(tables::index(page as u64, level)).read_volatile() };
+                if e & P == 0 {
+                    break;
+                }
+                missing -= 1;
+                table = view.table(e);
+            }
+        }
+        let mut frames = self.frames.lock();
+        let mut reserve = Reserve::take(&mut *frames, missing + 1).ok_or(MmuError::OutOfFrames)?;
+        let f = reserve.allocate_frame().ok_or(MmuError::OutOfFrames)?;
+        let flags = Flags::from_bits_truncate(leaf_entry(0, Protection::ReadWrite));
+        // SAFETY: `page` is unmapped (checked) in the window the caller owns; `f` is fresh.
+        // Intermediate tables get PRESENT|WRITABLE, never NX: the leaf decides.
+        let mapped = unsafe {
+            mapper.map_to_with_table_flags(
+                p,
+                f,
+                flags,
+                Flags::PRESENT | Flags::WRITABLE,
+                &mut reserve,
+            )
+        };
+        match mapped {
+            // Not present before: nothing to invalidate.
+            Ok(flush) => flush.ignore(),
+            Err(e) => {
+                // SAFETY: the fresh frame was not mapped.
+                unsafe { reserve.source.deallocate_frame(f) };
+                return Err(match e {
+                    MapToError::FrameAllocationFailed => MmuError::OutOfFrames,
+                    MapToError::ParentEntryHugePage => MmuError::HugePage { page },
+                    MapToError::PageAlreadyMapped(_) => MmuError::AlreadyMapped { page },
+                });
+            }
+        }
+        // SAFETY: the page was just mapped RW+NX to a fresh frame only we know of.
+        unsafe { core::ptr::write_bytes(page as *mut u8, 0, PAGE_SIZE) };
+        // SAFETY: `f` was allocated for `page` and is mapped there.
+        Ok(unsafe { CommittedPage::new(page, f.start_address().as_u64()) })
+    }
+
+    unsafe fn unmap(
+        &mut self,
+        page: CommittedPage,
+        tlb: &mut TlbFlush,
+    ) -> Result<(), (MmuError, CommittedPage)> {
+        let _mapper = self.tables.lock();
+        let view = self.view();
+        let slot = match Self::leaf_of(&view, &page) {
+            Ok(s) => s,
+            Err(e) => return Err((e, page)),
+        };
+        // Unseal first (no frame needed: sealing split the huge pages already).
+        for map in self.linear {
+            if let Err(e) = map.set_writable(&view, page.frame(), true, tlb, || {
+                Err(MmuError::OutOfFrames)
+            }) {
+                return Err((e, page));
+            }
+        }
+        slot.set(0);
+        tlb.add(page.page());
+        // SAFETY: the frame is mapped nowhere in the window now; its page is in the batch.
+        unsafe { tlb.free_after_flush(page.frame()) };
+        Ok(())
+    }
+
+    unsafe fn protect(
+        &mut self,
+        page: &CommittedPage,
+        prot: Protection,
+        tlb: &mut TlbFlush,
+    ) -> Result<(), MmuError> {
+        let _mapper = self.tables.lock();
+        let view = self.view();
+        let slot = Self::leaf_of(&view, page)?;
+        let target = leaf_entry(page.frame(), prot);
+        if slot.get() == target {
+            return Ok(());
+        }
+        if prot == Protection::ReadExecute {
+            for map in self.linear {
+                map.set_writable(&view, page.frame(), false, tlb, || self.table_frame(&view))?;
+            }
+        }
+        stage(slot, page.page(), target, tlb);
+        Ok(())
+    }
+
+    fn write(&mut self, page: &CommittedPage, offset: usize, data: &[u8]) -> Result<(), MmuError> {
+        let _mapper = self.tables.lock();
+        let view = self.view();
+        Self::leaf_of(&view, page)?;
+        match view.translate(page.page() as u64) {
+            Some((_, _, true, _)) => {}
+            Some(_) => return Err(MmuError::NotWritable { page: page.page() }),
+            None => return Err(MmuError::NotMapped { page: page.page() }),
+        }
+        if offset.checked_add(data.len()).is_none_or(|e| e > PAGE_SIZE) {
+            return Err(MmuError::OutOfRange {
+                addr: page.page() + offset,
+            });
+        }
+        // SAFETY: the page is mapped writable (checked, under the lock) and owned by the
+        // caller; the range stays inside it; no Rust reference points into code pages.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                (page.page() + offset) as *mut u8,
+                data.len(),
+            )
+        };
+        Ok(())
+    }
+
+    unsafe fn poke(
+        &mut self,
+        pages: &[&CommittedPage],
+        f: &mut dyn FnMut(&mut dyn Poke) -> Result<(), MmuError>,
+    ) -> Result<(), MmuError> {
+        let _mapper = self.tables.lock();
+        let view = self.view();
+        let mut frames = [0u64; crate::mmu::MAX_POKE_PAGES];
+        if pages.len() > frames.len() {
+            return Err(MmuError::TooManyPages {
+                pages: pages.len(),
+                max: frames.len(),
+            });
+        }
+        for (slot, p) in frames.iter_mut().zip(pages) {
+            Self::leaf_of(&view, p)?;
+            *slot = p.frame();
+        }
+        // SAFETY: the caller owns the pages (CommittedPage values) and keeps `poke`'s contract.
+        let result = unsafe { self.poke.session(&view, &frames[..pages.len()], f) };
+        self.stats.pokes += 1;
+        result
+    }
+
+    fn read(&self, page: &CommittedPage, offset: usize, buf: &mut [u8]) -> Result<(), MmuError> {
+        let _mapper = self.tables.lock();
+        let view = self.view();
+        Self::leaf_of(&view, page)?;
+        if view.translate(page.page() as u64).is_none() {
+            return Err(MmuError::NotMapped { page: page.page() });
+        }
+        if offset.checked_add(buf.len()).is_none_or(|e| e > PAGE_SIZE) {
+            return Err(MmuError::OutOfRange {
+                addr: page.page() + offset,
+            });
+        }
+        // SAFETY: the page is present (checked under the lock) and readable; code bytes change
+        // only through the alias under the manager's lock, which the caller holds.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                (page.page() + offset) as *const u8,
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        Ok(())
+    }
+
+    fn flush(&mut self, mut tlb: TlbFlush) -> Result<(), Unflushed> {
+        if tlb.needs_invalidation() {
+            if cpu::flush_local(tlb.pages(), tlb.is_full()) {
+                self.stats.full += 1;
+            } else {
+                self.stats.single_pages += tlb.pages().len() as u64;
+            }
+            if self.smp.online_cpus() > 1 {
+                if let Err(error) = self.smp.shootdown(tlb.pages(), tlb.is_full()) {
+                    return Err(Unflushed {
+                        error,
+                        tlb: alloc::boxed::Box::new(tlb),
+                    });
+                }
+                self.stats.shootdowns += 1;
+            }
+        }
+        let (stores, freed) = tlb.take_work();
+        if !stores.is_empty() {
+            let _mapper = self.tables.lock();
+            let view = self.view();
+            for (va, entry) in stores {
+                if let Some(slot) = view.leaf(va as u64) {
+                    // No CPU holds a translation of `va` now and the entry is not present, so
+                    // this store needs no invalidation (SDM 4.10.2.3).
+                    slot.set(entry);
+                }
+            }
+        }
+        if !freed.is_empty() {
+            let mut frames = self.frames.lock();
+            for f in freed {
+                // SAFETY: unmapped, and invalidated on every CPU above.
+                unsafe { frames.deallocate_frame(frame(f)) };
+            }
+        }
+        Ok(())
+    }
+
+    fn sync_cores(&mut self) -> Result<(), MmuError> {
+        cpu::serialize();
+        if self.smp.online_cpus() > 1 {
+            self.smp.sync_cores()?;
+            self.stats.syncs += 1;
+        }
+        Ok(())
+    }
+
+    fn query(&self, addr: usize) -> Option<PageMapping> {
+        let _mapper = self.tables.lock();
+        let (_, frame, writable, executable) = self.view().translate(addr as u64 & !0xFFF)?;
+        Some(PageMapping {
+            frame,
+            writable,
+            executable,
+        })
+    }
+
+    fn for_each_mapping(&self, range: AddressRange, f: &mut dyn FnMut(usize, PageMapping)) {
+        if range.is_empty() {
+            return;
+        }
+        let _mapper = self.tables.lock();
+        let (lo, last) = ((range.start() & !0xFFF) as u64, range.end() as u64 - 1);
+        self.view().visit_range(lo, last, &mut |leaf| {
+            let first = (leaf.virt as u64).max(lo);
+            let end = (leaf.virt as u64 + (leaf.size as u64 - 1)).min(last);
+            let mut va = first;
+            while va <= end {
+                let frame = leaf.frame + (va - leaf.virt as u64);
+                f(
+                    va as usize,
+                    PageMapping {
+                        frame,
+                        writable: leaf.writable,
+                        executable: leaf.executable,
+                    },
+                );
+                va += PAGE_SIZE as u64;
+            }
+        });
+    }
+
+    fn for_each_leaf(&self, f: &mut dyn FnMut(&Leaf)) {
+        let _mapper = self.tables.lock();
+        self.view().visit_range(0, u64::MAX, f);
+    }
+
+    fn flush_stats(&self) -> FlushStats {
+        self.stats
+    }
+
+    fn free_frames(&self) -> Option<usize> {
+        self.free_count.map(|count| count(&self.frames.lock()))
+    }
+}
+
+impl<R: RawMutex, M, A: FrameDeallocator<Size4KiB>, F> Drop for X86Mmu<'_, R, M, A, F> {
+    fn drop(&mut self) {
+        let mut frames = self.frames.lock();
+        for f in self.poke.frames() {
+            // SAFETY: the private tables are used only inside `poke`, which cannot run any more;
+            // no CPU loads their PML4 outside a session.
+            unsafe { frames.deallocate_frame(frame(f)) };
+        }
+    }
+}
+
+/// Stages the present leaf in `slot` (page `va`): not present now, `target` after the flush.
+fn stage(slot: Slot, va: usize, target: u64, tlb: &mut TlbFlush) {
+    slot.set((slot.get() & ADDR) | STAGED);
+    // SAFETY: the leaf is not present now; the backend's `flush` stores `target` after every CPU
+    // invalidated `va`.
+    unsafe { tlb.store_after_flush(va, target) };
+}

@@ -1,0 +1,283 @@
+//! Adding code: allocate, relocate, publish, register, install — in V8's order (trap data, code
+//! table, jump tables), all or nothing, for one object or a whole batch.
+
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+
+use super::config::{ModuleError, NewCode};
+use super::state::{Live, ModuleState};
+use crate::code_events::CodeEvent;
+use crate::code_object::{CodeDesc, CodeObject};
+use crate::code_pointer_table::CodePointer;
+use crate::manager::{PublishedCode, WritableCode};
+use crate::mmu::Mmu;
+use crate::trap::TrapHandle;
+use crate::AddressRange;
+
+/// One new object on its way in.
+struct Staged {
+    object: Arc<CodeObject>,
+    code: PublishedCode,
+    trap: Option<TrapHandle>,
+    pointer: Option<CodePointer>,
+}
+
+impl<M: Mmu> ModuleState<M> {
+    /// Checks what can be checked before anything is allocated.
+    fn check_new(&self, batch: &[NewCode<'_>]) -> Result<(), ModuleError> {
+        let mut seen = Vec::new();
+        for new in batch {
+            if let Some(index) = new.index {
+                self.check_index(index)?;
+                if seen.contains(&index) {
+                    return Err(ModuleError::BadIndex { index });
+                }
+                seen.push(index);
+            }
+            match (new.protected.is_empty(), new.landing_pad) {
+                (true, _) => {}
+                (false, Some(pad)) if (pad as usize) < new.bytes.len() => {}
+                (false, _) => return Err(ModuleError::BadLandingPad),
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds `batch`, all or nothing; see [`CodeModule::add_code_batch`](super::CodeModule).
+    pub fn add_batch(
+        &mut self,
+        batch: &[NewCode<'_>],
+    ) -> Result<Vec<Arc<CodeObject>>, ModuleError> {
+        self.check_new(batch)?;
+        let spaces_before = self.allocator.code_spaces().len();
+        let written = self.allocate_and_write(batch);
+        let written = match written {
+            Ok(w) => w,
+            Err(e) => {
+                self.release_new_spaces(spaces_before);
+                return Err(e);
+            }
+        };
+        let (objects, writable): (Vec<_>, Vec<_>) = written.into_iter().unzip();
+        let published = match self.allocator.publish_batch(writable) {
+            Ok(p) => p,
+            Err(r) => {
+                for w in r.code {
+                    let _ = self.allocator.discard(w);
+                }
+                self.release_new_spaces(spaces_before);
+                return Err(r.error.into());
+            }
+        };
+        let mut staged: Vec<Staged> = objects
+            .into_iter()
+            .zip(published)
+            .map(|(object, code)| Staged {
+                object,
+                code,
+                trap: None,
+                pointer: None,
+            })
+            .collect();
+        if let Err(e) = self.register(batch, &mut staged) {
+            self.abandon(staged);
+            return Err(e);
+        }
+        // Installed from here on: the objects are in `live` and PC lookup.
+        let objects: Vec<Arc<CodeObject>> = staged.iter().map(|s| Arc::clone(&s.object)).collect();
+        for s in staged {
+            if let Some(listener) = self.listener {
+                listener.code_published(&CodeEvent::new(&s.object));
+            }
+            self.live.insert(
+                s.code.start(),
+                Live {
+                    object: s.object,
+                    code: s.code,
+                    trap: s.trap,
+                    pointer: s.pointer,
+                    module_ref: true,
+                },
+            );
+        }
+        let changes: Vec<(u32, Option<usize>)> = batch
+            .iter()
+            .zip(&objects)
+            .filter_map(|(n, o)| Some((n.index?, Some(o.instruction_start()))))
+            .collect();
+        if let Err(e) = self.set_slots(&changes) {
+            if !matches!(e, ModuleError::Code(crate::CodeError::SyncFailed(_))) {
+                // No slot changed: the new code was never reachable; free it right away.
+                for o in &objects {
+                    self.unpublish_now(o.instruction_start());
+                }
+                return Err(e);
+            }
+            // Stored but not serialized everywhere: install anyway (the slots do point at the
+            // new code) and report.
+            self.install_functions(&changes);
+            return Err(e);
+        }
+        self.install_functions(&changes);
+        Ok(objects)
+    }
+
+    /// Allocates, builds the objects and relocates into staging bytes; on error nothing stays
+    /// allocated.
+    fn allocate_and_write(
+        &mut self,
+        batch: &[NewCode<'_>],
+    ) -> Result<Vec<(Arc<CodeObject>, WritableCode)>, ModuleError> {
+        let mut out: Vec<(Arc<CodeObject>, WritableCode)> = Vec::with_capacity(batch.len());
+        for new in batch {
+            match self.allocate_one(new) {
+                Ok(pair) => out.push(pair),
+                Err(e) => {
+                    for (_, w) in out {
+                        let _ = self.allocator.discard(w);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn allocate_one(
+        &mut self,
+        new: &NewCode<'_>,
+    ) -> Result<(Arc<CodeObject>, WritableCode), ModuleError> {
+        let mut w = self.allocator.allocate(new.bytes.len())?;
+        // Not only for a new code space: an earlier add may have reserved this space and then
+        // failed to create its tables.
+        let result = self.ensure_tables_for(w.start()).and_then(|()| {
+            let start = w.start();
+            let desc = CodeDesc {
+                kind: new.kind,
+                index: new.index,
+                instructions: AddressRange::new(start, start + new.bytes.len().max(1)),
+                protected_instructions: new.protected,
+                relocations: new.relocations,
+                source_positions: new.source_positions,
+                name: new.name,
+            };
+            let object = CodeObject::new(&desc).map_err(ModuleError::Metadata)?;
+            w.as_mut_slice().copy_from_slice(new.bytes);
+            self.relocate(start, w.as_mut_slice(), new.relocations)?;
+            Ok(Arc::new(object))
+        });
+        match result {
+            Ok(object) => Ok((object, w)),
+            Err(e) => {
+                let _ = self.allocator.discard(w);
+                Err(e)
+            }
+        }
+    }
+
+    /// Gives back code spaces created after the first `before` that hold nothing (their code
+    /// was discarded because the add failed).
+    fn release_new_spaces(&mut self, before: usize) {
+        let created: Vec<AddressRange> = self.allocator.code_spaces()[before..].to_vec();
+        for space in created {
+            self.allocator.release_if_empty(space);
+        }
+    }
+
+    /// Trap data, code pointers, PC lookup for the staged objects; undone by `abandon`.
+    fn register(
+        &mut self,
+        batch: &[NewCode<'_>],
+        staged: &mut [Staged],
+    ) -> Result<(), ModuleError> {
+        for (new, s) in batch.iter().zip(staged.iter_mut()) {
+            if let Some(pad) = new.landing_pad.filter(|_| !new.protected.is_empty()) {
+                let start = s.code.start();
+                let trap = self
+                    .registries
+                    .traps
+                    .register(s.object.instructions(), new.protected, start + pad as usize)
+                    .map_err(ModuleError::Trap)?;
+                s.trap = Some(trap);
+            }
+            if let Some(table) = self.pointers {
+                match new.index {
+                    // Anonymous code gets a pointer of its own, aimed at it once registered.
+                    None => {
+                        let p = table
+                            .allocate(s.code.start())
+                            .map_err(ModuleError::CodePointer)?;
+                        s.pointer = Some(p);
+                    }
+                    // A function's pointer is shared by its versions: made on first use, aimed
+                    // at the slot's target by `set_slots`.
+                    Some(i) if self.function_pointers[i as usize].is_none() => {
+                        let p = table
+                            .allocate(table.trap_address())
+                            .map_err(ModuleError::CodePointer)?;
+                        self.function_pointers[i as usize] = Some(p);
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        self.registries
+            .code
+            .insert_batch(staged.iter().map(|s| Arc::clone(&s.object)))
+            .map_err(ModuleError::CodeMap)
+    }
+
+    /// Undoes `register` and frees code that was never reachable (no slot, no pointer aimed at
+    /// code still registering): it never ran, so it needs no grace period.
+    fn abandon(&mut self, staged: Vec<Staged>) {
+        for s in staged {
+            if let Some(h) = s.trap {
+                let _ = self.registries.traps.release(h);
+            }
+            if let (Some(table), Some(p)) = (self.pointers, s.pointer) {
+                let _ = table.free(p);
+            }
+            if let Some(map) = self.registries.code.lookup(s.code.start()) {
+                if Arc::ptr_eq(&map, &s.object) {
+                    let _ = self.registries.code.remove(s.code.start());
+                }
+            }
+            let _ = self.allocator.free(s.code);
+        }
+        self.drop_unused_function_pointers();
+    }
+
+    /// Removes code that was installed a moment ago but never reached by a slot.
+    fn unpublish_now(&mut self, start: usize) {
+        if let Some(live) = self.live.remove(&start) {
+            self.abandon(alloc::vec![Staged {
+                object: live.object,
+                code: live.code,
+                trap: live.trap,
+                pointer: live.pointer,
+            }]);
+        }
+    }
+
+    /// Frees function pointers made for functions that still have no code.
+    fn drop_unused_function_pointers(&mut self) {
+        let Some(table) = self.pointers else { return };
+        for i in 0..self.function_pointers.len() {
+            if self.slots[i].is_none() {
+                if let Some(p) = self.function_pointers[i].take() {
+                    let _ = table.free(p);
+                }
+            }
+        }
+    }
+
+    /// Records the functions whose slots now point at new code, releasing what they replace.
+    fn install_functions(&mut self, changes: &[(u32, Option<usize>)]) {
+        for &(index, start) in changes {
+            let old = core::mem::replace(&mut self.functions[index as usize], start);
+            if let Some(old) = old.filter(|&o| Some(o) != start) {
+                self.release_ref(old);
+            }
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! When code may go, and how: references, retirement, grace periods, reclamation.
+//!
+//! Freeing runs in the only safe order:
+//! 1. **Unreachable.** No slot targets the code, no function is installed there, no code
+//!    pointer holds it (its own pointer is reset to the trap address first), and the module and
+//!    every holder dropped their references.
+//! 2. **Retired.** It waits for a grace period of the registries' domain, still registered: a CPU
+//!    that was running it, or will return into it, finishes correctly, and a protected fault in
+//!    it still lands.
+//! 3. **Reclaimed.** Its trap entry and PC-lookup entry go first, then its memory (INT3 fill,
+//!    decommit, reuse) — so a lookup never finds freed code whose memory was reused
+//!    (wasmtime #12511).
+
+use alloc::vec::Vec;
+
+use super::config::ModuleError;
+use super::state::{Live, ModuleState, Retired};
+use crate::code_events::CodeEvent;
+use crate::code_object::{CodeKind, DecRef};
+use crate::mmu::Mmu;
+
+impl<M: Mmu> ModuleState<M> {
+    /// Drops the module's reference to the code at `start`; retires it if that was the last.
+    pub fn release_ref(&mut self, start: usize) {
+        let Some(live) = self.live.get_mut(&start) else {
+            return;
+        };
+        if !core::mem::replace(&mut live.module_ref, false) {
+            return;
+        }
+        // `AlreadyDying`: a holder released more than it held; the code is dead all the same.
+        if matches!(live.object.dec_ref(), DecRef::Dead | DecRef::AlreadyDying) {
+            self.retire_if_unreachable(start);
+        }
+    }
+
+    /// Retires the code at `start` if nothing can reach it any more (step 1 of the module docs).
+    fn retire_if_unreachable(&mut self, start: usize) -> bool {
+        let Some(live) = self.live.get(&start) else {
+            return false;
+        };
+        let unreachable = !live.module_ref
+            && live.object.is_dying()
+            && live.object.kind() != CodeKind::JumpTable
+            && !self.is_installed(start)
+            && !self.is_targeted(start);
+        if !unreachable {
+            return false;
+        }
+        let Some(live) = self.live.remove(&start) else {
+            return false;
+        };
+        if let (Some(table), Some(p)) = (self.pointers, live.pointer) {
+            // From now on an indirect call through the pointer traps instead of arriving here.
+            let _ = table.free(p);
+        }
+        let ticket = self.registries.grace().defer();
+        self.retired.push(Retired {
+            live: Live {
+                pointer: None,
+                ..live
+            },
+            ticket,
+        });
+        true
+    }
+
+    /// Drops the module's reference to `start` (anonymous code, or a function no longer
+    /// installed).
+    pub fn free_code(&mut self, start: usize) -> Result<(), ModuleError> {
+        let releasable = self
+            .live
+            .get(&start)
+            .is_some_and(|l| l.module_ref && l.object.kind() != CodeKind::JumpTable);
+        if !releasable {
+            return Err(ModuleError::UnknownCode { start });
+        }
+        if self.is_installed(start) {
+            return Err(ModuleError::StillInstalled { start });
+        }
+        if self.is_targeted(start) {
+            return Err(ModuleError::StillTargeted { start });
+        }
+        self.release_ref(start);
+        Ok(())
+    }
+
+    /// Retires code whose count reached zero elsewhere and that nothing reaches; returns how
+    /// many objects were retired.
+    pub fn free_dead_code(&mut self) -> usize {
+        let dead: Vec<usize> = self
+            .live
+            .iter()
+            .filter(|(_, l)| l.object.is_dying() && !l.module_ref)
+            .map(|(&s, _)| s)
+            .collect();
+        dead.into_iter()
+            .filter(|&s| self.retire_if_unreachable(s))
+            .count()
+    }
+
+    /// Frees retired code whose grace period is over (step 3); returns how many objects.
+    pub fn reclaim(&mut self) -> usize {
+        let grace = self.registries.grace();
+        let mut freed = 0;
+        let mut i = 0;
+        while i < self.retired.len() {
+            if grace.is_over(self.retired[i].ticket) {
+                let r = self.retired.swap_remove(i);
+                self.free_now(r.live);
+                freed += 1;
+            } else {
+                i += 1;
+            }
+        }
+        freed
+    }
+
+    /// Unregisters and frees `live` now. Only for code no CPU can be running.
+    pub fn free_now(&mut self, live: Live) {
+        if let Some(h) = live.trap {
+            let _ = self.registries.traps.release(h);
+        }
+        if let (Some(table), Some(p)) = (self.pointers, live.pointer) {
+            let _ = table.free(p);
+        }
+        let _ = self.registries.code.remove(live.code.start());
+        if let Some(listener) = self.listener {
+            listener.code_freed(&CodeEvent::new(&live.object));
+        }
+        // A failed decommit leaves pages committed and counted; the allocator's drop (or trim)
+        // gets them later.
+        let _ = self.allocator.free(live.code);
+    }
+}
+
+/// A dropped module's state: everything it owned, freed once CPUs that may still run its code
+/// passed a quiescent state (see [`GraceDomain::defer_drop`](crate::sync::grace::GraceDomain)).
+pub(super) struct Orphan<M: Mmu>(pub ModuleState<M>);
+
+impl<M: Mmu> Drop for Orphan<M> {
+    fn drop(&mut self) {
+        let state = &mut self.0;
+        if let Some(table) = state.pointers {
+            for p in state.function_pointers.iter_mut().filter_map(Option::take) {
+                let _ = table.free(p);
+            }
+        }
+        let retired: Vec<Live> = state.retired.drain(..).map(|r| r.live).collect();
+        let live: Vec<Live> = core::mem::take(&mut state.live).into_values().collect();
+        for l in retired.into_iter().chain(live) {
+            state.free_now(l);
+        }
+        // The allocator drops with the state, releasing the code spaces.
+    }
+}

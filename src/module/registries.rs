@@ -1,0 +1,48 @@
+//! The lookups shared by every module of a kernel, and the grace domain that frees their memory.
+
+use alloc::sync::Arc;
+
+use crate::code_map::CodeMap;
+use crate::code_object::CodeObject;
+use crate::sync::grace::GraceDomain;
+use crate::trap::TrapTable;
+
+/// The lookups the fault handler and profilers need, shared by all modules; keep one in a
+/// `static` so a page-fault handler reaches it without locks:
+///
+/// ```ignore
+/// static GRACE: GraceDomain = GraceDomain::new();
+/// static CODE: Registries = Registries::new(&GRACE);
+/// ```
+#[derive(Debug)]
+pub struct Registries {
+    /// Protected instructions of all published code.
+    pub traps: TrapTable,
+    /// PC → code object for all published code.
+    pub code: CodeMap,
+    grace: &'static GraceDomain,
+}
+
+impl Registries {
+    /// Empty registries whose freed code waits for grace periods of `grace`.
+    #[must_use]
+    pub const fn new(grace: &'static GraceDomain) -> Self {
+        Registries {
+            traps: TrapTable::new(),
+            code: CodeMap::new(),
+            grace,
+        }
+    }
+
+    /// The grace domain: the kernel reports quiescent states to it.
+    #[must_use]
+    pub fn grace(&self) -> &'static GraceDomain {
+        self.grace
+    }
+
+    /// The code object holding `pc`: lock-free, O(log n).
+    #[must_use]
+    pub fn lookup_code(&self, pc: usize) -> Option<Arc<CodeObject>> {
+        self.code.lookup(pc)
+    }
+}
