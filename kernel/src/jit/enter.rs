@@ -15,7 +15,10 @@
 //! then reloads the stack pointer from the entry record, which discards every generated frame
 //! between the fault and the entry (they own nothing: Cranelift frames hold no resources), and
 //! returns `(CR2, faulting PC)` through the same epilogue, restoring the caller's callee-saved
-//! registers. So a trap is a second way back from `enter`, like a longjmp to the entry.
+//! registers. So a trap is a second way back from `enter`, like a longjmp to the entry. (CR2 is
+//! read by the stub, after the `iretq`: an interrupt handler that itself page-faulted in between
+//! would change it. No handler here faults; a kernel whose handlers do passes CR2 in a register
+//! from its #PF path, as it passes the faulting PC in r10.)
 //!
 //! The lazy-compile entry uses the same way back when compilation fails: the lazy compiler
 //! returns the address of `codespace_jit_abort` instead of code, and the lazy entry jumps there

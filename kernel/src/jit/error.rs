@@ -79,6 +79,8 @@ pub enum JitError {
     Trapped(Trap),
     /// No linear-memory slot is free, the size is zero or too large, or mapping failed.
     LinearMemory(&'static str),
+    /// The compile stack could not be mapped (no free frames).
+    CompileStack(&'static str),
     /// The module is in use (locked by an interrupted caller on this CPU).
     Busy,
 }
@@ -117,6 +119,7 @@ impl fmt::Display for JitError {
             JitError::Install(e) => write!(f, "codespace: {e}"),
             JitError::Trapped(trap) => write!(f, "{trap}"),
             JitError::LinearMemory(why) => write!(f, "linear memory: {why}"),
+            JitError::CompileStack(why) => write!(f, "compile stack: {why}"),
             JitError::Busy => f.write_str("module busy"),
         }
     }

@@ -234,16 +234,16 @@ impl<M: Mmu> JitModule<M> {
         memory: &mut LinearMemory,
         args: &[u64],
     ) -> Result<u64, JitError> {
-        let mut all = [0u64; 6];
-        let n = args.len().min(5);
-        all[0] = memory.base();
-        all[1..=n].copy_from_slice(&args[..n]);
         if args.len() > 5 {
             return Err(JitError::ArgumentCount {
                 expected: 6,
                 given: args.len() + 1,
             });
         }
+        let n = args.len();
+        let mut all = [0u64; 6];
+        all[0] = memory.base();
+        all[1..=n].copy_from_slice(args);
         self.call(index, &all[..=n])
     }
 }

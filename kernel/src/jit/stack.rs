@@ -64,7 +64,7 @@ fn map() -> Result<(), JitError> {
         paint_below(TOP);
         Ok(())
     });
-    mapped.map_err(JitError::LinearMemory)
+    mapped.map_err(JitError::CompileStack)
 }
 
 /// Repaints the compile stack from its bottom up to `end`.
@@ -79,7 +79,7 @@ fn paint_below(end: usize) {
 /// Runs `f` on the compile stack (or directly when already on it).
 ///
 /// # Errors
-/// [`JitError::LinearMemory`] when the stack cannot be mapped (no frames).
+/// [`JitError::CompileStack`] when the stack cannot be mapped (no frames).
 pub fn on_compile_stack<F: FnOnce() -> R, R>(f: F) -> Result<R, JitError> {
     map()?;
     let rsp = current_rsp();
