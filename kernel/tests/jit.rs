@@ -20,7 +20,7 @@ use codespace_kernel::jit::{
     self as jit, Compiler, JitConfig, JitError, JitModule, LinearMemory, OptLevel, TierUp, Trap,
 };
 use codespace_kernel::test::ExpectFault;
-use codespace_kernel::{pic, println};
+use codespace_kernel::{memory, pic, println};
 use cranelift_codegen::ir::types::{F64, I32, I64};
 use cranelift_codegen::ir::{Function, InstBuilder, TrapCode};
 use x86_64::instructions::port::Port;
@@ -131,6 +131,23 @@ fn cranelift_programs_compile_and_run() {
         assert_eq!(mem.read_u32(0), Ok(calls as u32), "one count per call");
         println!("    {opt:?}: all programs match their Rust references");
     }
+
+    // What one compilation needs in this (unoptimised) build: a fresh compiler, matmul.
+    let m = program_module(&mgr);
+    jit::stack::reset_peak();
+    let before = memory::reset_heap_peak();
+    let code = Compiler::new()
+        .compile(matmul().expect("build"), OptLevel::Speed, &m.linkage())
+        .expect("compile");
+    let (heap, stack) = (memory::heap_peak() - before, jit::stack::peak());
+    println!(
+        "    one compilation of matmul: heap peak {} KiB, compile stack {} KiB of {}",
+        heap.div_ceil(1024),
+        stack.div_ceil(1024),
+        jit::stack::SIZE >> 10
+    );
+    assert!(code.code_size() > 0);
+    assert!(stack < jit::stack::SIZE, "the guard page was never reached");
 }
 
 fn jit_out_of_bounds_access_traps_back_to_the_caller() {

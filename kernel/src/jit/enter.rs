@@ -89,8 +89,8 @@ extern "C" {
     fn codespace_jit_abort();
 }
 
-/// Calls the generated code at `target` with `args` in the System V argument registers, and
-/// returns its result, or how it trapped.
+/// Calls the generated code at `target` with `args` in the System V argument registers (the
+/// first six; there are no stack arguments), and returns its result, or how it trapped.
 ///
 /// # Safety
 /// `target` must be published code (or a jump-table slot leading to code) compiled for the
