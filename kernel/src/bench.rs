@@ -6,6 +6,8 @@
 //! repetition is bracketed by `lfence; rdtsc` and `lfence; rdtsc; lfence`, so the timed work can
 //! neither start before the first read nor finish after the second.
 
+mod jit;
+
 use alloc::vec::Vec;
 use core::arch::x86_64::{__cpuid, _mm_lfence, _rdtsc};
 
@@ -326,6 +328,8 @@ pub fn run() -> ExitCode {
             t1 - t0
         },
     );
+
+    jit::run(&r);
 
     let flushes = manager.with_mmu(|m| m.flush_stats());
     println!(

@@ -16,6 +16,7 @@ pub mod catch;
 pub mod code;
 pub mod gdt;
 pub mod interrupts;
+pub mod jit;
 pub mod memory;
 pub mod pic;
 pub mod qemu;

@@ -1,6 +1,9 @@
 //! Physical memory: the direct map, the frame allocator, the active page table and the heap.
 
+use core::alloc::{GlobalAlloc, Layout};
 use core::fmt;
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicUsize, Ordering};
 use linked_list_allocator::LockedHeap;
 use spin::{Mutex, MutexGuard, Once};
 use x86_64::registers::control::Cr3;
@@ -149,7 +152,36 @@ static FRAMES: Mutex<FrameBitmap> = Mutex::new(FrameBitmap::new());
 static PAGE_TABLE: Once<Mutex<OffsetPageTable<'static>>> = Once::new();
 
 #[global_allocator]
-static ALLOCATOR: LockedHeap = LockedHeap::empty();
+static ALLOCATOR: PeakHeap = PeakHeap {
+    heap: LockedHeap::empty(),
+    peak: AtomicUsize::new(0),
+};
+
+/// The heap, remembering the most bytes it ever had in use (what a workload needs of it).
+struct PeakHeap {
+    heap: LockedHeap,
+    peak: AtomicUsize,
+}
+
+// SAFETY: allocation and deallocation are `linked_list_allocator`'s, under its lock; the peak is
+// read from the same locked heap after each allocation.
+unsafe impl GlobalAlloc for PeakHeap {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let mut heap = self.heap.lock();
+        let ptr = heap
+            .allocate_first_fit(layout)
+            .map_or(core::ptr::null_mut(), NonNull::as_ptr);
+        self.peak.fetch_max(heap.used(), Ordering::Relaxed);
+        ptr
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if let Some(ptr) = NonNull::new(ptr) {
+            // SAFETY: the caller passes memory `alloc` returned for `layout`.
+            unsafe { self.heap.lock().deallocate(ptr, layout) };
+        }
+    }
+}
 
 #[repr(C, align(4096))]
 struct HeapSpace([u8; HEAP_SIZE]);
@@ -210,6 +242,7 @@ pub(crate) fn init(usable: impl Iterator<Item = (u64, u64)>, reserved: &[(u64, u
     // SAFETY: HEAP_SPACE is a static used by nothing but the allocator, initialized once here.
     unsafe {
         ALLOCATOR
+            .heap
             .lock()
             .init((&raw mut HEAP_SPACE).cast::<u8>(), HEAP_SIZE)
     };
@@ -279,6 +312,19 @@ fn harden_identity_map() {
 /// Bytes of heap in use and free.
 #[must_use]
 pub fn heap_usage() -> (usize, usize) {
-    let heap = ALLOCATOR.lock();
+    let heap = ALLOCATOR.heap.lock();
     (heap.used(), heap.free())
+}
+
+/// Most heap bytes in use at once since the last [`reset_heap_peak`] (or boot).
+#[must_use]
+pub fn heap_peak() -> usize {
+    ALLOCATOR.peak.load(Ordering::Relaxed)
+}
+
+/// Starts a new peak measurement from the bytes in use now; returns them.
+pub fn reset_heap_peak() -> usize {
+    let used = ALLOCATOR.heap.lock().used();
+    ALLOCATOR.peak.store(used, Ordering::Relaxed);
+    used
 }

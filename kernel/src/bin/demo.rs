@@ -20,6 +20,9 @@ use codespace_kernel::serial::SerialWriter;
 use codespace_kernel::{bench, entry_point, println, BootInfo, ExitCode};
 use x86_64::structures::paging::PageTableFlags as F;
 
+#[path = "demo/cranelift.rs"]
+mod cranelift;
+
 entry_point!(main);
 
 static PERF_MAP: PerfMapListener<SerialWriter> = PerfMapListener::new(SerialWriter);
@@ -197,9 +200,15 @@ fn tour() -> Result<(), String> {
         REGISTRIES.lookup_code(old).map(|c| c.instruction_start())
     );
 
-    step(7, "statistics");
+    step(
+        7,
+        "a function compiled by Cranelift in the kernel: IR, machine code, call, trap",
+    );
+    cranelift::tour(&manager)?;
+
+    step(8, "statistics");
     print_stats(&manager);
-    step(8, "map of the code window (one character per page)");
+    step(9, "map of the code window (one character per page)");
     print_map(&manager);
     drop(module);
     let audit = manager.audit();

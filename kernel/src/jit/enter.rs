@@ -1,0 +1,197 @@
+//! Entering generated code, and leaving it from a landing pad: how a guard-page fault deep inside
+//! generated frames becomes an error returned to the kernel code that made the call.
+//!
+//! # Design
+//!
+//! Generated code runs only through [`enter`] (the assembly `codespace_jit_enter`). It saves the
+//! callee-saved registers and pushes the previous *entry record*, then stores its stack pointer in
+//! `codespace_jit_entry_sp` and calls the function with up to six integer arguments. A normal
+//! return pops the record and returns `(value, 0)`.
+//!
+//! Every compiled function that has protected loads or stores ends with a landing pad the glue
+//! appends: `jmp [rip+0]; .quad codespace_jit_trap_landing` (an absolute jump: the kernel is far
+//! out of rel32 reach of the code window). On a guard-page fault the #PF path finds the PC in
+//! the trap table and resumes at that landing pad with the faulting PC in r10. The landing stub
+//! then reloads the stack pointer from the entry record, which discards every generated frame
+//! between the fault and the entry (they own nothing: Cranelift frames hold no resources), and
+//! returns `(CR2, faulting PC)` through the same epilogue, restoring the caller's callee-saved
+//! registers. So a trap is a second way back from `enter`, like a longjmp to the entry. (CR2 is
+//! read by the stub, after the `iretq`: an interrupt handler that itself page-faulted in between
+//! would change it. No handler here faults; a kernel whose handlers do passes CR2 in a register
+//! from its #PF path, as it passes the faulting PC in r10.)
+//!
+//! The lazy-compile entry uses the same way back when compilation fails: the lazy compiler
+//! returns the address of `codespace_jit_abort` instead of code, and the lazy entry jumps there
+//! with the caller's stack, so the call returns [`Trap::LazyCompileFailed`].
+//!
+//! # Concurrency
+//!
+//! One CPU runs generated code today (SMP is issue 9), so the entry record is one word. Entries
+//! nest LIFO: an interrupt handler that enters generated code pushes the interrupted entry's
+//! record and restores it on the way out, on both ways back; a landing or abort always belongs
+//! to the innermost entry, because whatever interrupted it has left again. With SMP the word
+//! becomes per CPU (indexed by the current CPU with interrupts off, or GS-relative).
+//!
+//! A protected fault with no entry active (generated code called directly, bypassing [`enter`])
+//! has nowhere to go back to: the stub executes `ud2`, which the kernel reports as an unexpected
+//! #UD instead of running on a bogus stack.
+
+use core::arch::global_asm;
+use core::fmt;
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+/// Stack pointer of the innermost active [`enter`], 0 when none: the entry record. Written only
+/// by the assembly below, on the CPU that runs the generated code.
+#[export_name = "codespace_jit_entry_sp"]
+static ENTRY_SP: AtomicUsize = AtomicUsize::new(0);
+
+/// `status` of a call whose lazy compilation failed (no PC is 1).
+const LAZY_FAILED: u64 = 1;
+
+/// How a call into generated code ended other than by returning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Trap {
+    /// A protected load or store faulted (a guard page of the linear memory): the landing pad
+    /// unwound to the caller.
+    OutOfBounds {
+        /// PC of the faulting instruction.
+        pc: usize,
+        /// The faulting address (CR2, read by the landing stub).
+        address: u64,
+    },
+    /// The first call of a lazy function could not compile it; see `lazy::last_error`.
+    LazyCompileFailed,
+}
+
+impl fmt::Display for Trap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Trap::OutOfBounds { pc, address } => {
+                write!(f, "out-of-bounds access to {address:#x} at pc {pc:#x}")
+            }
+            Trap::LazyCompileFailed => f.write_str("lazy compilation failed"),
+        }
+    }
+}
+
+#[repr(C)]
+struct Exit {
+    /// Return value, or CR2 after a trap.
+    value: u64,
+    /// 0 for a return, [`LAZY_FAILED`], or the faulting PC.
+    status: u64,
+}
+
+extern "C" {
+    fn codespace_jit_enter(args: *const [u64; 6], target: usize) -> Exit;
+    fn codespace_jit_trap_landing();
+    fn codespace_jit_abort();
+}
+
+/// Calls the generated code at `target` with `args` in the System V argument registers (the
+/// first six; there are no stack arguments), and returns its result, or how it trapped.
+///
+/// # Safety
+/// `target` must be published code (or a jump-table slot leading to code) compiled for the
+/// System V ABI that takes at most `args.len()` integer arguments (at most six) and returns at
+/// most one integer; its protected instructions' landing pads must lead to
+/// [`trap_landing_address`]. Code it reaches through slots must satisfy the same.
+pub unsafe fn enter(target: usize, args: &[u64]) -> Result<u64, Trap> {
+    let mut regs = [0u64; 6];
+    let n = args.len().min(6);
+    regs[..n].copy_from_slice(&args[..n]);
+    // SAFETY: the caller guarantees `target` is System V code; the assembly saves and restores
+    // the callee-saved registers on both ways back and keeps the stack 16-byte aligned at the
+    // call, so the Rust frame around it is intact however the code ends.
+    let exit = unsafe { codespace_jit_enter(&regs, target) };
+    match exit.status {
+        0 => Ok(exit.value),
+        LAZY_FAILED => Err(Trap::LazyCompileFailed),
+        pc => Err(Trap::OutOfBounds {
+            pc: pc as usize,
+            address: exit.value,
+        }),
+    }
+}
+
+/// Whether generated code is running (or interrupted) on this CPU: an [`enter`] has not
+/// returned yet. When false, no call can be inside any generated code, and retired code may be
+/// freed (see `tier`).
+#[must_use]
+pub fn active() -> bool {
+    ENTRY_SP.load(Ordering::SeqCst) != 0
+}
+
+/// Where every landing pad jumps: the stub that unwinds to the innermost [`enter`].
+#[must_use]
+pub fn trap_landing_address() -> usize {
+    codespace_jit_trap_landing as *const () as usize
+}
+
+/// What the lazy compiler returns when compilation failed: the stub that makes the pending call
+/// return [`Trap::LazyCompileFailed`].
+#[must_use]
+pub fn abort_address() -> usize {
+    codespace_jit_abort as *const () as usize
+}
+
+// Stack at the call: return address (8) + six saved registers (48) + the previous record (8)
+// leaves RSP 16-byte aligned, as System V requires before `call`.
+global_asm!(
+    r#"
+    .section .text
+    .global codespace_jit_enter
+codespace_jit_enter:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    pushq codespace_jit_entry_sp(%rip)
+    movq %rsp, codespace_jit_entry_sp(%rip)
+    movq %rsi, %r11
+    movq %rdi, %rax
+    movq 0(%rax), %rdi
+    movq 8(%rax), %rsi
+    movq 16(%rax), %rdx
+    movq 24(%rax), %rcx
+    movq 32(%rax), %r8
+    movq 40(%rax), %r9
+    callq *%r11
+    xorl %edx, %edx
+codespace_jit_leave:
+    popq codespace_jit_entry_sp(%rip)
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    retq
+
+    .global codespace_jit_trap_landing
+codespace_jit_trap_landing:
+    movq codespace_jit_entry_sp(%rip), %rax
+    testq %rax, %rax
+    jz 1f
+    movq %rax, %rsp
+    movq %cr2, %rax
+    movq %r10, %rdx
+    jmp codespace_jit_leave
+1:  ud2
+
+    .global codespace_jit_abort
+codespace_jit_abort:
+    movq codespace_jit_entry_sp(%rip), %rax
+    testq %rax, %rax
+    jz 1f
+    movq %rax, %rsp
+    xorl %eax, %eax
+    movl $1, %edx
+    jmp codespace_jit_leave
+1:  ud2
+"#,
+    options(att_syntax)
+);

@@ -1,0 +1,40 @@
+//! A Cranelift JIT on codespace: the glue a kernel copies to compile functions in the kernel and
+//! run them from codespace's code window.
+//!
+//! | file | concept |
+//! | --- | --- |
+//! | `isa` | the target: `x86_64-unknown-none`, System V, settings and why |
+//! | `ir` | building IR for it: signatures, callees, linear-memory addresses, loops |
+//! | `compile` | Cranelift output → codespace parts: relocations mapped, traps, landing pad |
+//! | `module` | [`JitModule`]: installing in a `CodeModule`, calling through slots (every `CodeModule` call site) |
+//! | `enter` | entering generated code and unwinding from a landing pad ([`Trap`]) |
+//! | `linear_memory` | [`LinearMemory`]: a guarded 8 GiB reservation, bounds checks by page fault |
+//! | `stack` | the stack Cranelift runs on: 1 MiB with a guard page |
+//! | `lazy` | lazy slots compiled on first call |
+//! | `tier` | tier-up: recompiling and switching a running function |
+//! | `programs` | real programs as IR, with Rust references (the tests', demo's and bench's) |
+//! | `error` | [`JitError`] |
+//!
+//! The flow: build a `Function` (IR), [`Compiler::compile`] it for an [`OptLevel`] against the
+//! module's [`Linkage`], [`JitModule::install`] the result as function `index`, and
+//! [`JitModule::call`] it (or [`JitModule::call_with_memory`]) through its jump-table slot.
+
+mod compile;
+mod enter;
+mod error;
+pub mod ir;
+mod isa;
+pub mod lazy;
+mod linear_memory;
+mod module;
+pub mod programs;
+pub mod stack;
+mod tier;
+
+pub use compile::{CompiledFunction, Compiler, HostFunction, Linkage, HOST, MODULE};
+pub use enter::{active, enter, trap_landing_address, Trap};
+pub use error::JitError;
+pub use isa::{frontend_config, isa, OptLevel};
+pub use linear_memory::{LinearMemory, MAX_LEN, RESERVATION};
+pub use module::{JitConfig, JitModule};
+pub use tier::TierUp;

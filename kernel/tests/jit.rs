@@ -1,0 +1,657 @@
+//! The Cranelift JIT glue (`codespace_kernel::jit`): programs compiled in the kernel and run from
+//! the code window, guard-page traps unwinding to the caller, calls through jump-table slots,
+//! tier-up under a timer interrupt, lazy compilation, and bad input refused.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use codespace::code_object::RelocKind;
+use codespace::{CodeManager, ManagerConfig};
+use codespace_kernel::code::{self, test_window, KernelMmu, REGISTRIES};
+use codespace_kernel::interrupts::{self, TrapFrame};
+use codespace_kernel::jit::ir::{callee, define, signature};
+use codespace_kernel::jit::lazy::{self, FunctionSource};
+use codespace_kernel::jit::programs::{self, *};
+use codespace_kernel::jit::{
+    self as jit, Compiler, JitConfig, JitError, JitModule, LinearMemory, OptLevel, TierUp, Trap,
+};
+use codespace_kernel::test::ExpectFault;
+use codespace_kernel::{memory, pic, println};
+use cranelift_codegen::ir::types::{F64, I32, I64};
+use cranelift_codegen::ir::{Function, InstBuilder, TrapCode};
+use x86_64::instructions::port::Port;
+
+codespace_kernel::kernel_tests![
+    cranelift_programs_compile_and_run,
+    jit_out_of_bounds_access_traps_back_to_the_caller,
+    jit_calls_between_functions_go_through_jump_slots,
+    jit_tier_up_from_timer_interrupt_while_called,
+    jit_lazy_slots_compile_on_first_call,
+    jit_bad_input_gives_typed_errors_and_installs_nothing,
+];
+
+fn manager(window: usize, config: ManagerConfig) -> CodeManager<KernelMmu> {
+    code::manager(test_window(60 + window), config).expect("manager")
+}
+
+fn program_module(mgr: &CodeManager<KernelMmu>) -> JitModule<KernelMmu> {
+    JitModule::new(
+        mgr,
+        &REGISTRIES,
+        JitConfig {
+            functions: programs::FUNCTIONS,
+            host: programs::host_functions(),
+            lazy_entry: None,
+        },
+    )
+    .expect("module")
+}
+
+/// Compiles `build()` at `opt` and installs it as `index`.
+fn compile_install(
+    m: &mut JitModule<KernelMmu>,
+    c: &mut Compiler,
+    index: u32,
+    build: fn() -> Result<Function, JitError>,
+    opt: OptLevel,
+) {
+    let code = c
+        .compile(build().expect("build"), opt, &m.linkage())
+        .expect("compile");
+    m.install(index, &code, None).expect("install");
+}
+
+/// Deterministic pseudo-random words.
+fn xorshift(seed: &mut u64) -> u64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed
+}
+
+fn cranelift_programs_compile_and_run() {
+    let mgr = manager(0, ManagerConfig::default());
+    for opt in [OptLevel::None, OptLevel::Speed] {
+        let mut m = program_module(&mgr);
+        let mut c = Compiler::new();
+        for (index, source) in (0..).zip(&programs::SOURCES) {
+            compile_install(&mut m, &mut c, index, source.build, opt);
+        }
+        let mut mem = LinearMemory::new(1 << 20).expect("memory");
+
+        for n in [0i64, 1, 2, 10, 20] {
+            assert_eq!(m.call(FIB, &[n as u64]), Ok(fib_ref(n) as u64), "fib({n})");
+        }
+        for n in [0u32, 1, 2, 3, 100, 65_521] {
+            let r = m.call_with_memory(SIEVE, &mut mem, &[u64::from(n)]);
+            assert_eq!(r, Ok(u64::from(sieve_ref(n))), "sieve({n}) at {opt:?}");
+        }
+        mem.write(0x100, b"123456789").expect("write");
+        let check = m.call_with_memory(CRC32, &mut mem, &[0x100, 9]);
+        assert_eq!(check, Ok(0xCBF4_3926), "the CRC-32 check value");
+        let mut seed = 0x1234_5678_9ABC_DEF1;
+        let data: Vec<u8> = (0..4096).map(|_| xorshift(&mut seed) as u8).collect();
+        mem.write(0x3000, &data).expect("write");
+        let crc = m.call_with_memory(CRC32, &mut mem, &[0x3000, 4096]);
+        assert_eq!(crc, Ok(u64::from(crc32_ref(&data))));
+
+        let n = 12usize;
+        let a: Vec<i32> = (0..n * n).map(|_| xorshift(&mut seed) as i32).collect();
+        let b: Vec<i32> = (0..n * n)
+            .map(|_| (xorshift(&mut seed) % 2001) as i32 - 1000)
+            .collect();
+        let (oa, ob, oc) = (0x8000u64, 0x9000u64, 0xA000u64);
+        for (k, (x, y)) in a.iter().zip(&b).enumerate() {
+            mem.write_u32(oa + 4 * k as u64, *x as u32).expect("a");
+            mem.write_u32(ob + 4 * k as u64, *y as u32).expect("b");
+        }
+        let sum = m.call_with_memory(MATMUL, &mut mem, &[oa, ob, oc, n as u64]);
+        let expected = matmul_ref(&a, &b, n);
+        let expected_sum = expected.iter().fold(0i32, |s, &x| s.wrapping_add(x));
+        assert_eq!(sum, Ok(u64::from(expected_sum as u32)), "sum of C");
+        for (k, &x) in expected.iter().enumerate() {
+            assert_eq!(mem.read_u32(oc + 4 * k as u64), Ok(x as u32), "C[{k}]");
+        }
+
+        assert_eq!(
+            m.call(MIX, &[7, 1000]),
+            Ok(mix_ref(7, 1000)),
+            "mix calls the kernel"
+        );
+        mem.write_u32(0, 0).expect("counter");
+        assert_eq!(
+            m.call_with_memory(COUNTED_FIB, &mut mem, &[15]),
+            Ok(fib_ref(15) as u64)
+        );
+        let calls = 2 * fib_ref(16) - 1;
+        assert_eq!(mem.read_u32(0), Ok(calls as u32), "one count per call");
+        println!("    {opt:?}: all programs match their Rust references");
+    }
+
+    // What one compilation needs in this (unoptimised) build: a fresh compiler, matmul.
+    let m = program_module(&mgr);
+    jit::stack::reset_peak();
+    let before = memory::reset_heap_peak();
+    let code = Compiler::new()
+        .compile(matmul().expect("build"), OptLevel::Speed, &m.linkage())
+        .expect("compile");
+    let (heap, stack) = (memory::heap_peak() - before, jit::stack::peak());
+    println!(
+        "    one compilation of matmul: heap peak {} KiB, compile stack {} KiB of {}",
+        heap.div_ceil(1024),
+        stack.div_ceil(1024),
+        jit::stack::SIZE >> 10
+    );
+    assert!(code.code_size() > 0);
+    assert!(stack < jit::stack::SIZE, "the guard page was never reached");
+}
+
+fn jit_out_of_bounds_access_traps_back_to_the_caller() {
+    let mgr = manager(1, ManagerConfig::default());
+    let mut m = program_module(&mgr);
+    let mut c = Compiler::new();
+    compile_install(&mut m, &mut c, LOAD, load, OptLevel::Speed);
+    compile_install(&mut m, &mut c, LOAD_PLUS_ONE, load_plus_one, OptLevel::None);
+    let mut mem = LinearMemory::new(64 << 10).expect("memory");
+    let len = mem.len();
+    mem.write_u32(len - 4, 0xC0DE).expect("write");
+    assert_eq!(m.call_with_memory(LOAD, &mut mem, &[len - 4]), Ok(0xC0DE));
+
+    let traps_before = code::last_trap().map_or(0, |t| t.count);
+    for index in [len, len + 4096 * 7, 0xFFFF_FFFC] {
+        let r = m.call_with_memory(LOAD, &mut mem, &[index]);
+        let Err(JitError::Trapped(Trap::OutOfBounds { pc, address })) = r else {
+            panic!("load({index:#x}) gave {r:?}, expected a trap");
+        };
+        assert_eq!(address, mem.base() + index, "CR2 is base + 32-bit index");
+        let (lo, hi) = mem.reservation();
+        assert!((lo..hi).contains(&address), "inside the reservation");
+        let object = m.lookup(pc).expect("faulting pc is generated code");
+        let offset = (pc - object.instruction_start()) as u32;
+        assert_eq!(object.index(), Some(LOAD));
+        assert!(object.is_protected(offset), "fault at a protected load");
+        assert_eq!(
+            object.source_position_before(offset),
+            Some(1),
+            "source statement 1"
+        );
+        let last = code::last_trap().expect("trap path ran");
+        assert_eq!((last.pc, last.cr2), (pc as u64, address));
+        assert!(!jit::active(), "the landing popped the entry record");
+    }
+    assert_eq!(code::last_trap().map_or(0, |t| t.count), traps_before + 3);
+
+    // Through two generated frames: load_plus_one -> slot -> load, faulting in load.
+    let r = m.call_with_memory(LOAD_PLUS_ONE, &mut mem, &[len + 8]);
+    assert!(
+        matches!(r, Err(JitError::Trapped(Trap::OutOfBounds { address, .. })) if address == mem.base() + len + 8),
+        "{r:?}"
+    );
+    // The caller's frame and registers survived: calls keep working.
+    assert_eq!(
+        m.call_with_memory(LOAD_PLUS_ONE, &mut mem, &[len - 4]),
+        Ok(0xC0DF)
+    );
+
+    // Generated code called around `enter` has no entry to return to: the landing stops with
+    // #UD instead of running on a bogus stack.
+    let code = m.code(LOAD).expect("load");
+    let base = mem.base();
+    let info = ExpectFault::vector(6).run(|| {
+        // SAFETY: deliberately bypasses `enter`; `load` is System V `(i64, i32) -> i32`.
+        let f: extern "C" fn(u64, u32) -> u32 = unsafe { core::mem::transmute(code) };
+        f(base, len as u32);
+    });
+    let stub = jit::trap_landing_address();
+    assert!(
+        (stub..stub + 32).contains(&(info.rip as usize)),
+        "the landing stub's ud2"
+    );
+}
+
+fn jit_calls_between_functions_go_through_jump_slots() {
+    let mgr = manager(2, ManagerConfig::default());
+    let mut m = program_module(&mgr);
+    let mut c = Compiler::new();
+    compile_install(&mut m, &mut c, FIB, fib, OptLevel::Speed);
+    compile_install(&mut m, &mut c, LOAD, load, OptLevel::None);
+    compile_install(&mut m, &mut c, LOAD_PLUS_ONE, load_plus_one, OptLevel::None);
+    compile_install(&mut m, &mut c, MIX, mix, OptLevel::None);
+
+    // fib's two recursive calls are CallSlot relocations whose rel32 lands on fib's slot.
+    let fib_code = m.code(FIB).expect("fib");
+    let object = m.lookup(fib_code).expect("object");
+    let mut bytes = alloc::vec![0u8; object.instructions().size()];
+    mgr.read(fib_code, &mut bytes).expect("read");
+    let slot = m.entry(FIB).expect("slot");
+    let calls: Vec<_> = object.relocations().collect();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    for r in &calls {
+        assert_eq!(r.kind, RelocKind::CallSlot { slot: FIB });
+        let at = r.offset as usize;
+        assert_eq!(bytes[at - 1], 0xE8, "a rel32 call");
+        let rel = i32::from_le_bytes(bytes[at..at + 4].try_into().expect("rel32"));
+        let target = (fib_code + at + 4).wrapping_add_signed(rel as isize);
+        assert_eq!(target, slot, "the call goes to the slot, not to fib's code");
+    }
+    assert_ne!(slot, fib_code);
+    assert_eq!(m.call(FIB, &[18]), Ok(fib_ref(18) as u64));
+
+    // Replace `load` only: load_plus_one, unchanged, reaches the new code through the slot.
+    let mut mem = LinearMemory::new(4096).expect("memory");
+    mem.write_u32(0, 9).expect("write");
+    assert_eq!(m.call_with_memory(LOAD_PLUS_ONE, &mut mem, &[0]), Ok(10));
+    let caller = m.code(LOAD_PLUS_ONE);
+    let old_load = m.code(LOAD).expect("load");
+    let forty_one = || {
+        define(LOAD, signature(&[I64, I32], &[I32]), |b, _| {
+            let v = b.ins().iconst(I32, 41);
+            b.ins().return_(&[v]);
+        })
+    };
+    let code = c
+        .compile(forty_one().expect("build"), OptLevel::None, &m.linkage())
+        .expect("compile");
+    m.install(LOAD, &code, Some("forty_one")).expect("install");
+    assert_eq!(m.call_with_memory(LOAD_PLUS_ONE, &mut mem, &[0]), Ok(42));
+    assert_eq!(m.code(LOAD_PLUS_ONE), caller, "the caller was not touched");
+    assert!(
+        REGISTRIES.lookup_code(old_load).is_some(),
+        "old load retired, not freed"
+    );
+    assert_eq!(m.reclaim(), 1, "freed once no call is active");
+    assert!(REGISTRIES.lookup_code(old_load).is_none());
+    assert!(
+        !REGISTRIES.traps.is_protected(old_load + 4),
+        "its trap entry released"
+    );
+
+    // Calls into the kernel: the absolute address is in the code, no codespace relocation.
+    let mix_code = m.code(MIX).expect("mix");
+    let object = m.lookup(mix_code).expect("object");
+    let mut bytes = alloc::vec![0u8; object.instructions().size()];
+    mgr.read(mix_code, &mut bytes).expect("read");
+    let host = (host_mix as *const () as u64).to_le_bytes();
+    assert!(bytes.windows(8).any(|w| w == host), "movabs of host_mix");
+    assert_eq!(object.relocations().count(), 0);
+    assert_eq!(m.call(MIX, &[3, 50]), Ok(mix_ref(3, 50)));
+}
+
+/// The module, function and bookkeeping the timer handler tiers up.
+struct Tiering {
+    module: JitModule<KernelMmu>,
+    tier: TierUp,
+    /// Starts of every installed version, in order.
+    versions: Vec<usize>,
+    /// Ticks that found the interrupted code outside the running version (no step then).
+    outside: u64,
+    /// Outer calls completed when the last step ran.
+    calls_at_step: u64,
+    error: Option<JitError>,
+}
+
+static TIERING: spin::Mutex<Option<Tiering>> = spin::Mutex::new(None);
+static LOOP_CALLS: AtomicU64 = AtomicU64::new(0);
+const TIER_STEPS: usize = 8;
+
+fn tier_tick(frame: &mut TrapFrame) {
+    let Some(mut guard) = TIERING.try_lock() else {
+        return;
+    };
+    let Some(t) = guard.as_mut() else { return };
+    let calls = LOOP_CALLS.load(Ordering::SeqCst);
+    // Let the loop run each version a few times before the next switch.
+    if t.error.is_some() || t.versions.len() > TIER_STEPS || calls < t.calls_at_step + 3 {
+        return;
+    }
+    // Switch only under a running call of the version being replaced: the interrupted PC is in
+    // it, and returns into it after the switch.
+    let running = t.module.code(COUNTED_FIB).and_then(|s| t.module.lookup(s));
+    if !running.is_some_and(|o| o.contains(frame.rip as usize)) {
+        t.outside += 1;
+        return;
+    }
+    match t.tier.step(&mut t.module) {
+        Ok(_) => {
+            t.versions.extend(t.module.code(COUNTED_FIB));
+            t.calls_at_step = calls;
+        }
+        Err(e) => t.error = Some(e),
+    }
+}
+
+fn jit_tier_up_from_timer_interrupt_while_called() {
+    let mgr = manager(3, ManagerConfig::default());
+    let mut module = program_module(&mgr);
+    let mut tier = TierUp::new(COUNTED_FIB, "counted_fib", counted_fib);
+    let first = tier.install(&mut module, OptLevel::None).expect("baseline");
+    let slot = module.entry(COUNTED_FIB).expect("slot");
+    let mem = LinearMemory::new(4096).expect("memory");
+    *TIERING.lock() = Some(Tiering {
+        module,
+        tier,
+        versions: alloc::vec![first],
+        outside: 0,
+        calls_at_step: 0,
+        error: None,
+    });
+    LOOP_CALLS.store(0, Ordering::SeqCst);
+
+    // PIT channel 0 at ~1 kHz.
+    let divisor: u16 = 1193;
+    // SAFETY: programs the PIT, which only this test uses now.
+    unsafe {
+        Port::<u8>::new(0x43).write(0x34);
+        Port::<u8>::new(0x40).write(divisor as u8);
+        Port::<u8>::new(0x40).write((divisor >> 8) as u8);
+    }
+    interrupts::set_irq_handler(0, Some(tier_tick));
+    pic::set_masked(0, false);
+    x86_64::instructions::interrupts::enable();
+
+    // Allocation-free and lock-free while interrupts are on: the handler compiles.
+    const N: u64 = 16;
+    let expected = fib_ref(N as i64) as u64;
+    let (mut right, mut wrong) = (0u64, 0u64);
+    let args = [mem.base(), N];
+    while LOOP_CALLS.load(Ordering::SeqCst) < 200_000 {
+        // SAFETY: the slot of COUNTED_FIB, `(i64, i64) -> i64` compiled by the glue; the module
+        // lives in TIERING until after the loop.
+        match unsafe { jit::enter(slot, &args) } {
+            Ok(v) if v == expected => right += 1,
+            _ => wrong += 1,
+        }
+        LOOP_CALLS.fetch_add(1, Ordering::SeqCst);
+        let done = TIERING
+            .try_lock()
+            .is_some_and(|t| t.as_ref().is_some_and(|t| t.versions.len() > TIER_STEPS));
+        if done {
+            break;
+        }
+    }
+
+    x86_64::instructions::interrupts::disable();
+    pic::set_masked(0, true);
+    interrupts::set_irq_handler(0, None);
+    let Tiering {
+        mut module,
+        tier,
+        versions,
+        outside,
+        error,
+        ..
+    } = TIERING.lock().take().expect("tiering");
+    let (baseline_calls, optimised_calls) = (
+        mem.read_u32(0).expect("counter"),
+        mem.read_u32(4).expect("counter"),
+    );
+    println!(
+        "    {right} calls; {} versions installed from IRQ0, each while the interrupted code ran \
+         the version it replaced ({outside} ticks elsewhere skipped); calls counted: \
+         {baseline_calls} baseline, {optimised_calls} optimised",
+        tier.installs()
+    );
+    assert_eq!(error, None);
+    assert_eq!(
+        wrong, 0,
+        "every call returned fib({N}): never a broken slot"
+    );
+    assert!(
+        versions.len() > TIER_STEPS,
+        "the timer tiered up {} times",
+        versions.len() - 1
+    );
+    assert!(baseline_calls > 0 && optimised_calls > 0, "both tiers ran");
+
+    // Old versions stayed alive while calls could be inside them; now they are freed.
+    let current = module.code(COUNTED_FIB).expect("installed");
+    assert_eq!(Some(&current), versions.last());
+    for &old in &versions[..versions.len() - 1] {
+        assert!(
+            REGISTRIES.lookup_code(old).is_some(),
+            "retired, not yet freed"
+        );
+    }
+    assert_eq!(module.reclaim(), versions.len() - 1);
+    for &old in &versions[..versions.len() - 1] {
+        assert!(REGISTRIES.lookup_code(old).is_none(), "freed at {old:#x}");
+    }
+    assert_eq!(
+        module.call_with_memory(COUNTED_FIB, &mut { mem }, &[10]),
+        Ok(55)
+    );
+    drop(module);
+    assert!(mgr.audit().is_clean(), "{:?}", mgr.audit());
+}
+
+fn bad_verifier() -> Result<Function, JitError> {
+    define(0, signature(&[I32, I64], &[I32]), |b, p| {
+        let v = b.ins().iadd(p[0], p[1]); // i32 + i64: the verifier refuses
+        b.ins().return_(&[v]);
+    })
+}
+
+fn returns_seven() -> Result<Function, JitError> {
+    define(1, signature(&[], &[I64]), |b, _| {
+        let v = b.ins().iconst(I64, 7);
+        b.ins().return_(&[v]);
+    })
+}
+
+static FAILING_SOURCES: [FunctionSource; 2] = [
+    FunctionSource {
+        name: "bad",
+        params: 2,
+        build: bad_verifier,
+    },
+    FunctionSource {
+        name: "seven",
+        params: 0,
+        build: returns_seven,
+    },
+];
+
+fn read_slot_target(mgr: &CodeManager<KernelMmu>, slot: usize) -> usize {
+    let mut near = [0u8; 8];
+    mgr.read(slot, &mut near).expect("read");
+    assert_eq!(near[0], 0xE9, "a near jump");
+    let rel = i32::from_le_bytes([near[1], near[2], near[3], near[4]]);
+    (slot + 5).wrapping_add_signed(rel as isize)
+}
+
+fn jit_lazy_slots_compile_on_first_call() {
+    let mgr = manager(4, ManagerConfig::default());
+    let host = programs::host_functions();
+    lazy::start(&mgr, &REGISTRIES, &programs::SOURCES, host, OptLevel::None).expect("start");
+    let (fib_slot, lazy_target) = lazy::with_module(|m| {
+        assert_eq!(m.code(FIB), None, "nothing compiled yet");
+        let slot = m.entry(FIB).expect("slot");
+        (slot, read_slot_target(m.manager(), slot))
+    })
+    .expect("module");
+    assert!(REGISTRIES
+        .lookup_code(lazy_target)
+        .is_some_and(|o| o.index().is_none()));
+
+    let before = lazy::compilations();
+    assert_eq!(lazy::call(FIB, &[15]), Ok(fib_ref(15) as u64));
+    assert_eq!(
+        lazy::compilations(),
+        before + 1,
+        "compiled once, then recursed through the slot"
+    );
+    let code = lazy::with_module(|m| m.code(FIB))
+        .flatten()
+        .expect("installed");
+    assert_eq!(
+        read_slot_target(&mgr, fib_slot),
+        code,
+        "the slot now jumps to the code"
+    );
+    assert_eq!(lazy::call(FIB, &[20]), Ok(fib_ref(20) as u64));
+    assert_eq!(lazy::compilations(), before + 1, "no second compilation");
+
+    // load_plus_one compiles on its call, and load compiles when load_plus_one's code calls its
+    // lazy slot: a compilation from inside generated code, resumed with the original arguments.
+    let mut mem = LinearMemory::new(4096).expect("memory");
+    mem.write_u32(12, 99).expect("write");
+    assert_eq!(lazy::call(LOAD_PLUS_ONE, &[mem.base(), 12]), Ok(100));
+    assert_eq!(lazy::compilations(), before + 3);
+    let r = lazy::call(LOAD, &[mem.base(), 4096]);
+    assert!(
+        matches!(r, Err(JitError::Trapped(Trap::OutOfBounds { .. }))),
+        "{r:?}"
+    );
+    drop(lazy::stop().expect("module"));
+
+    // A function whose IR fails to compile: the call returns an error, the slot stays lazy, and
+    // the module's other functions still compile and run.
+    lazy::start(&mgr, &REGISTRIES, &FAILING_SOURCES, host, OptLevel::Speed).expect("start");
+    let slot = lazy::with_module(|m| m.entry(0)).flatten().expect("slot");
+    let lazy_target = read_slot_target(&mgr, slot);
+    assert_eq!(
+        lazy::call(0, &[1, 2]),
+        Err(JitError::Trapped(Trap::LazyCompileFailed))
+    );
+    assert!(
+        matches!(lazy::last_error(), Some(JitError::Verifier(_))),
+        "{:?}",
+        lazy::last_error()
+    );
+    assert_eq!(read_slot_target(&mgr, slot), lazy_target, "still lazy");
+    assert!(!jit::active());
+    assert_eq!(lazy::call(1, &[]), Ok(7));
+    let m = lazy::stop().expect("module");
+    assert_eq!(m.code(0), None);
+    drop(m);
+    assert!(mgr.audit().is_clean());
+}
+
+/// What must not change when an operation is refused.
+fn snapshot(m: &JitModule<KernelMmu>, mgr: &CodeManager<KernelMmu>) -> [usize; 5] {
+    [
+        m.code_count(),
+        mgr.committed(),
+        REGISTRIES.traps.len(),
+        REGISTRIES.code.len(),
+        m.code(0).unwrap_or(0),
+    ]
+}
+
+fn jit_bad_input_gives_typed_errors_and_installs_nothing() {
+    let mgr = manager(
+        5,
+        ManagerConfig {
+            max_code_space_size: 16 << 10,
+            ..ManagerConfig::default()
+        },
+    );
+    let mut m = program_module(&mgr);
+    let mut c = Compiler::new();
+    compile_install(&mut m, &mut c, 0, load, OptLevel::None);
+    let before = snapshot(&m, &mgr);
+    let link = m.linkage();
+    let compile = |c: &mut Compiler, f: Result<Function, JitError>| {
+        c.compile(f.expect("build"), OptLevel::None, &link)
+    };
+
+    let r = compile(&mut c, bad_verifier());
+    assert!(matches!(r, Err(JitError::Verifier(_))), "{r:?}");
+
+    let call_of = |namespace: u32, index: u32| {
+        define(0, signature(&[], &[I64]), move |b, _| {
+            let f = callee(b, namespace, index, signature(&[], &[I64]));
+            let call = b.ins().call(f, &[]);
+            let v = b.inst_results(call)[0];
+            b.ins().return_(&[v]);
+        })
+    };
+    for (namespace, index) in [(jit::MODULE, FUNCTIONS), (jit::HOST, 1), (7, 0)] {
+        let r = compile(&mut c, call_of(namespace, index));
+        assert_eq!(r, Err(JitError::UnknownFunction { namespace, index }));
+    }
+    let address_of = define(0, signature(&[], &[I64]), |b, _| {
+        let f = callee(b, jit::MODULE, FIB, signature(&[I64], &[I64]));
+        let v = b.ins().func_addr(I64, f);
+        b.ins().return_(&[v]);
+    });
+    let r = compile(&mut c, address_of);
+    assert!(
+        matches!(r, Err(JitError::UnsupportedRelocation { .. })),
+        "{r:?}"
+    );
+    let float = define(0, signature(&[F64, F64], &[F64]), |b, p| {
+        let v = b.ins().fadd(p[0], p[1]);
+        b.ins().return_(&[v]);
+    });
+    let r = compile(&mut c, float);
+    assert!(matches!(r, Err(JitError::UnsupportedType { .. })), "{r:?}");
+    let explicit_trap = define(0, signature(&[], &[]), |b, _| {
+        b.ins().trap(TrapCode::unwrap_user(1));
+    });
+    let r = compile(&mut c, explicit_trap);
+    assert!(matches!(r, Err(JitError::UnsupportedTrap { .. })), "{r:?}");
+
+    // Compiles fine, but is larger than a 16 KiB code space.
+    let huge = define(0, signature(&[I64], &[I64]), |b, p| {
+        let mut x = p[0];
+        for k in 0..1800 {
+            x = b.ins().imul_imm_s(x, 0x1234_5679 + k);
+            x = b.ins().iadd_imm_s(x, 0x0765_4321 - k);
+        }
+        b.ins().return_(&[x]);
+    });
+    let code = compile(&mut c, huge).expect("a large function compiles");
+    assert!(
+        code.bytes().len() > 16 << 10,
+        "{} bytes",
+        code.bytes().len()
+    );
+    let r = m.install(0, &code, None);
+    assert!(
+        matches!(r, Err(JitError::CodeTooLarge { max, .. }) if max == 16 << 10),
+        "{r:?}"
+    );
+
+    let small = compile(&mut c, returns_seven()).expect("compile");
+    let r = m
+        .install(FUNCTIONS, &small, None)
+        .map(|o| o.instruction_start());
+    assert_eq!(r, Err(JitError::BadIndex { index: FUNCTIONS }));
+    assert_eq!(
+        snapshot(&m, &mgr),
+        before,
+        "nothing was installed or changed"
+    );
+
+    // Calls are checked against the function too.
+    assert_eq!(
+        m.call(0, &[]),
+        Err(JitError::ArgumentCount {
+            expected: 2,
+            given: 0
+        })
+    );
+    assert_eq!(
+        m.call(SIEVE, &[1, 2]),
+        Err(JitError::NotCompiled { index: SIEVE })
+    );
+    assert_eq!(
+        m.call(FUNCTIONS, &[]),
+        Err(JitError::BadIndex { index: FUNCTIONS })
+    );
+    let mut mem = LinearMemory::new(4096).expect("memory");
+    assert_eq!(
+        m.call_with_memory(0, &mut mem, &[0]),
+        Ok(0),
+        "the installed load still works"
+    );
+    assert_eq!(
+        LinearMemory::new(0).map(|_| ()),
+        Err(JitError::LinearMemory("size must be 1 byte..4 GiB"))
+    );
+}
