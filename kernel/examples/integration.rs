@@ -11,17 +11,35 @@
 
 extern crate alloc;
 
-use codespace::mmu::x86::X86Mmu;
+use codespace::mmu::x86::{LinearMap, PhysOffset, X86Mmu};
 use codespace::module::{CodeModule, ModuleConfig, NewCode, Registries};
+use codespace::sync::grace::GraceDomain;
 use codespace::{AddressRange, CodeManager, ManagerConfig, ProtectionMode};
 use codespace_kernel::interrupts::{self, FaultInfo, TrapFrame, PAGE_FAULT};
-use codespace_kernel::memory::{self, FrameBitmap};
+use codespace_kernel::memory::{self, FrameBitmap, PHYS_MAPPED_LIMIT, PHYS_OFFSET};
 use codespace_kernel::{entry_point, println, BootInfo, ExitCode};
 
 entry_point!(main);
 
-// Step 1: the registries live in a static, so the page-fault handler reaches them lock-free.
-static CODE: Registries = Registries::new();
+// Step 1: the registries live in a static, so the page-fault handler reaches them lock-free;
+// freed code waits for a grace period of their domain, to which CPUs report quiescent states.
+static GRACE: GraceDomain = GraceDomain::new();
+static CODE: Registries = Registries::new(&GRACE);
+
+// The kernel's linear maps of physical memory, which the backend keeps free of writable
+// aliases of code frames.
+static LINEAR: [LinearMap; 2] = [
+    LinearMap {
+        virt: 0,
+        phys: 0,
+        size: PHYS_MAPPED_LIMIT,
+    },
+    LinearMap {
+        virt: PHYS_OFFSET as usize,
+        phys: 0,
+        size: PHYS_MAPPED_LIMIT,
+    },
+];
 
 // Step 2: a code window nobody else maps. One PML4 slot (512 GiB) keeps every code space within
 // one top-level entry; here slot 385, next to the test kernel's own window.
@@ -47,8 +65,29 @@ fn main(_boot: &'static BootInfo) -> ExitCode {
     interrupts::set_fault_handler(Some(page_fault));
 
     // Step 4: the backend over the kernel's own page table and frame allocator, and the manager.
-    let mmu = X86Mmu::new(memory::page_table_lock(), memory::frames_lock())
-        .with_free_count(FrameBitmap::free_frames);
+    // SAFETY: every CPU runs on this page table; the direct map at PHYS_OFFSET maps every frame
+    // the allocator hands out and every table; PML4 slot 255 is unused; LINEAR describes the
+    // identity and direct maps; the CPU hooks are the kernel's.
+    let mmu = match unsafe {
+        X86Mmu::new(
+            memory::page_table_lock(),
+            memory::frames_lock(),
+            PhysOffset::new(PHYS_OFFSET),
+            codespace_kernel::code::smp(),
+            255,
+        )
+    } {
+        // SAFETY: as above.
+        Ok(mmu) => {
+            unsafe { mmu.with_linear_maps(&LINEAR) }.with_free_count(FrameBitmap::free_frames)
+        }
+        Err(e) => {
+            println!("integration example: backend: {e}");
+            return ExitCode::Failure;
+        }
+    };
+    // SAFETY: this kernel runs codespace on one CPU.
+    unsafe { GRACE.set_possible_cpus(1) };
     let config = ManagerConfig {
         protection: ProtectionMode::Alias,
         ..ManagerConfig::default()
@@ -62,7 +101,7 @@ fn main(_boot: &'static BootInfo) -> ExitCode {
     };
 
     // Step 5: a module per program; functions are called through its jump table.
-    let Ok(mut module) = CodeModule::new(
+    let Ok(module) = CodeModule::new(
         &manager,
         &CODE,
         ModuleConfig {
@@ -82,20 +121,27 @@ fn main(_boot: &'static BootInfo) -> ExitCode {
     let Ok(load) = module.add_code(&load) else {
         return ExitCode::Failure;
     };
-    let slot = module
-        .slot_address_for(0, load.instruction_start())
-        .unwrap_or(0);
+    let Ok(Some(slot)) = module.slot_address_for(0, load.instruction_start()) else {
+        return ExitCode::Failure;
+    };
 
     // Step 6: call through the slot; a load from an unmapped address lands instead of crashing.
     // SAFETY: the slot jumps to published code with the C ABI: one pointer argument.
     let f: extern "C" fn(u64) -> u64 = unsafe { core::mem::transmute(slot) };
     let bad = 0xFFFF_C0FF_0000_0000u64; // in the window, never mapped
     let r10 = f(bad);
-    let ok = r10 == load.instruction_start() as u64 && manager.audit().is_clean();
+    let ok = r10 == load.instruction_start() as u64 && manager.audit().is_ok_and(|a| a.is_clean());
     println!("protected load of {bad:#x} landed; r10 = {r10:#x} (the load's PC)");
 
-    // Step 7: dropping the module frees its code: trap entries first, then lookups, then memory.
+    // Step 7: dropping the module frees its code after a grace period (other CPUs may still run
+    // it): trap entries first, then lookups, then memory. This CPU is quiescent here.
     drop(module);
+    for _ in 0..2 {
+        // SAFETY: no generated code runs on this CPU and no lookup reference is held.
+        unsafe { GRACE.quiescent(0) };
+        GRACE.try_advance();
+    }
+    GRACE.reclaim();
     let ok = ok && CODE.traps.is_empty() && manager.committed() == 0;
     interrupts::set_fault_handler(None);
     if ok {

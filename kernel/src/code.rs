@@ -3,15 +3,23 @@
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use codespace::mmu::x86::X86Mmu;
+use codespace::mmu::x86::{LinearMap, PhysOffset, Smp, UniProcessor, X86Mmu};
+use codespace::mmu::MmuError;
 use codespace::module::Registries;
+use codespace::sync::grace::GraceDomain;
 use codespace::{AddressRange, CodeError, CodeManager, ManagerConfig};
+use x86_64::structures::paging::OffsetPageTable;
 
 use crate::interrupts::{FaultInfo, TrapFrame, PAGE_FAULT};
-use crate::memory::{self, FrameBitmap};
+use crate::irq_spin::IrqSpin;
+use crate::memory::{self, FrameBitmap, PHYS_MAPPED_LIMIT, PHYS_OFFSET};
+
+/// The grace domain of all generated code: CPUs report quiescent states here (the test
+/// framework between tests, idle CPUs in their idle loop).
+pub static GRACE: GraceDomain = GraceDomain::new();
 
 /// Trap table and PC lookup of all generated code; the page-fault path looks faults up here.
-pub static REGISTRIES: Registries = Registries::new();
+pub static REGISTRIES: Registries = Registries::new(&GRACE);
 
 static TRAPS_TAKEN: AtomicU64 = AtomicU64::new(0);
 static LAST_TRAP_PC: AtomicU64 = AtomicU64::new(0);
@@ -62,13 +70,90 @@ pub const CODE_WINDOW: AddressRange =
     AddressRange::new(0xFFFF_C000_0000_0000, 0xFFFF_C000_0000_0000 + (512 << 30));
 
 /// The page-table backend over the kernel's page table and frame allocator.
-pub type KernelMmu = X86Mmu<'static, FrameBitmap>;
+pub type KernelMmu = X86Mmu<'static, IrqSpin, OffsetPageTable<'static>, FrameBitmap, PhysOffset>;
+
+/// PML4 slot of the private address space the backend writes live code through: a lower-half
+/// slot nothing in this kernel maps.
+pub const POKE_SLOT: usize = 255;
+
+/// The kernel's linear maps of physical memory, kept free of writable aliases of code frames:
+/// the identity map (PML4 slot 0) and the direct map at [`PHYS_OFFSET`].
+static LINEAR_MAPS: [LinearMap; 2] = [
+    LinearMap {
+        virt: 0,
+        phys: 0,
+        size: PHYS_MAPPED_LIMIT,
+    },
+    LinearMap {
+        virt: PHYS_OFFSET as usize,
+        phys: 0,
+        size: PHYS_MAPPED_LIMIT,
+    },
+];
+
+/// The kernel's CPUs as the backend sees them.
+pub fn smp() -> &'static dyn Smp {
+    &UniProcessor
+}
+
+/// Takes part in grace periods: called once at boot, before anything uses codespace.
+pub(crate) fn init() {
+    // SAFETY: this kernel runs generated code and lookups on the CPUs `smp()` counts only.
+    unsafe { GRACE.set_possible_cpus(smp().online_cpus()) };
+}
+
+/// Reports that the calling CPU passed a quiescent state (see [`GraceDomain::quiescent`]), and
+/// helps grace periods along: the report, an attempt to advance the epoch, a second report. On
+/// a CPU that is alone (or whose peers reported meanwhile) this ends every grace period that
+/// began before the call.
+///
+/// # Safety
+/// The calling CPU holds no reference from a trap-table or PC lookup and is not executing, or
+/// about to return into, generated code (no call into generated code is on its stack).
+pub unsafe fn quiescent() {
+    let cpu = smp().current_cpu();
+    // SAFETY: the caller's contract (twice: nothing changes for the caller in between).
+    unsafe { GRACE.quiescent(cpu) };
+    GRACE.try_advance();
+    // SAFETY: as above.
+    unsafe { GRACE.quiescent(cpu) };
+    GRACE.try_advance();
+}
+
+/// Waits until everything retired before the call can be freed: reports the calling CPU
+/// quiescent and polls until every other CPU reported too (from their idle loops).
+///
+/// # Safety
+/// As [`quiescent`].
+pub unsafe fn synchronize() {
+    let ticket = GRACE.defer();
+    while !GRACE.is_over(ticket) {
+        // SAFETY: the caller's contract.
+        unsafe { quiescent() };
+        core::hint::spin_loop();
+    }
+}
 
 /// A backend over the kernel's live page tables, reporting the frame allocator's free count.
-#[must_use]
-pub fn kernel_mmu() -> KernelMmu {
-    X86Mmu::new(memory::page_table_lock(), memory::frames_lock())
-        .with_free_count(FrameBitmap::free_frames)
+///
+/// # Errors
+/// No frames for its private alias tables.
+pub fn kernel_mmu() -> Result<KernelMmu, MmuError> {
+    // SAFETY: the page table is the one every CPU runs on; PHYS_OFFSET maps all memory the frame
+    // allocator hands out (the first 4 GiB) and every page-table frame; the frame allocator
+    // hands out frames nothing else uses; slot 255 is unused by this kernel; the identity and
+    // direct maps map the first 4 GiB linearly and nothing reads code frames through them.
+    unsafe {
+        Ok(X86Mmu::new(
+            memory::page_table_lock(),
+            memory::frames_lock(),
+            PhysOffset::new(PHYS_OFFSET),
+            smp(),
+            POKE_SLOT,
+        )?
+        .with_linear_maps(&LINEAR_MAPS)
+        .with_free_count(FrameBitmap::free_frames))
+    }
 }
 
 /// A manager over `window` (by default use [`CODE_WINDOW`]; tests take disjoint slices of it).
@@ -79,7 +164,7 @@ pub fn manager(
     window: AddressRange,
     config: ManagerConfig,
 ) -> Result<CodeManager<KernelMmu>, CodeError> {
-    CodeManager::new(kernel_mmu(), window, config)
+    CodeManager::new(kernel_mmu()?, window, config)
 }
 
 /// Slice `n` (4 GiB) of the code window, so tests never share page-table state.

@@ -16,6 +16,7 @@ pub mod catch;
 pub mod code;
 pub mod gdt;
 pub mod interrupts;
+pub mod irq_spin;
 pub mod jit;
 pub mod memory;
 pub mod pic;
@@ -83,6 +84,7 @@ extern "C" fn kernel_entry(magic: u32, info: u32) -> ! {
             .map(|r| (r.start, r.end)),
         &reserved,
     );
+    code::init();
     if boot.has_arg("codespace.probe") {
         accelerator_probe();
     }

@@ -5,7 +5,9 @@ use core::fmt;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicUsize, Ordering};
 use linked_list_allocator::LockedHeap;
-use spin::{Mutex, MutexGuard, Once};
+use spin::Once;
+
+use crate::irq_spin::{IrqMutex, IrqMutexGuard};
 use x86_64::registers::control::Cr3;
 use x86_64::structures::paging::{
     FrameAllocator, FrameDeallocator, Mapper, OffsetPageTable, Page, PageTable, PageTableFlags,
@@ -148,8 +150,8 @@ impl fmt::Debug for FrameBitmap {
     }
 }
 
-static FRAMES: Mutex<FrameBitmap> = Mutex::new(FrameBitmap::new());
-static PAGE_TABLE: Once<Mutex<OffsetPageTable<'static>>> = Once::new();
+static FRAMES: IrqMutex<FrameBitmap> = IrqMutex::new(FrameBitmap::new());
+static PAGE_TABLE: Once<IrqMutex<OffsetPageTable<'static>>> = Once::new();
 
 #[global_allocator]
 static ALLOCATOR: PeakHeap = PeakHeap {
@@ -188,12 +190,12 @@ struct HeapSpace([u8; HEAP_SIZE]);
 static mut HEAP_SPACE: HeapSpace = HeapSpace([0; HEAP_SIZE]);
 
 /// The physical frame allocator.
-pub fn frames() -> MutexGuard<'static, FrameBitmap> {
+pub fn frames() -> IrqMutexGuard<'static, FrameBitmap> {
     FRAMES.lock()
 }
 
 /// The frame allocator's lock itself, for backends that lock per operation.
-pub fn frames_lock() -> &'static Mutex<FrameBitmap> {
+pub fn frames_lock() -> &'static IrqMutex<FrameBitmap> {
     &FRAMES
 }
 
@@ -201,7 +203,7 @@ pub fn frames_lock() -> &'static Mutex<FrameBitmap> {
 ///
 /// # Panics
 /// Before the boot path called `init`.
-pub fn page_table_lock() -> &'static Mutex<OffsetPageTable<'static>> {
+pub fn page_table_lock() -> &'static IrqMutex<OffsetPageTable<'static>> {
     PAGE_TABLE.get().expect("memory::init has run")
 }
 
@@ -209,7 +211,7 @@ pub fn page_table_lock() -> &'static Mutex<OffsetPageTable<'static>> {
 ///
 /// # Panics
 /// Before the boot path called `init`.
-pub fn page_table() -> MutexGuard<'static, OffsetPageTable<'static>> {
+pub fn page_table() -> IrqMutexGuard<'static, OffsetPageTable<'static>> {
     PAGE_TABLE.get().expect("memory::init has run").lock()
 }
 
@@ -230,7 +232,7 @@ pub(crate) fn init(usable: impl Iterator<Item = (u64, u64)>, reserved: &[(u64, u
         // SAFETY: CR3 holds the boot PML4, mapped through the direct map for the kernel's
         // lifetime; this is the only `&mut` to it, kept behind the mutex.
         unsafe {
-            Mutex::new(OffsetPageTable::new(
+            IrqMutex::new(OffsetPageTable::new(
                 &mut *table,
                 VirtAddr::new(PHYS_OFFSET),
             ))
@@ -307,6 +309,44 @@ fn harden_identity_map() {
         }
     }
     x86_64::instructions::tlb::flush_all();
+}
+
+/// The raw entries on the walk to `va`: PML4, PDPT, PD, PT (`None` from the first non-present
+/// level, and past a huge leaf), read through the direct map, for tests and diagnostics.
+#[must_use]
+pub fn raw_entries(va: u64) -> [Option<u64>; 4] {
+    let tables = page_table();
+    let mut out = [None; 4];
+    let mut table: &PageTable = tables.level_4_table();
+    let indices = [
+        (va >> 39) & 511,
+        (va >> 30) & 511,
+        (va >> 21) & 511,
+        (va >> 12) & 511,
+    ];
+    for (level, &i) in indices.iter().enumerate() {
+        let e = &table[i as usize];
+        if !e.flags().contains(PageTableFlags::PRESENT) {
+            break;
+        }
+        out[level] = Some(e.flags().bits() | e.addr().as_u64());
+        if level == 3 || e.flags().contains(PageTableFlags::HUGE_PAGE) {
+            break;
+        }
+        // SAFETY: a present non-leaf entry points at a page-table frame, mapped by the direct
+        // map; the page-table lock is held while reading it.
+        table = unsafe { &*phys_to_virt(e.addr()).as_ptr::<PageTable>() };
+    }
+    out
+}
+
+/// The present leaf entry (4 KiB, 2 MiB or 1 GiB) mapping `va`, for diagnostics.
+#[must_use]
+pub fn leaf_entry(va: u64) -> Option<u64> {
+    let entries = raw_entries(va);
+    let last = entries.iter().rposition(Option::is_some)?;
+    let e = entries[last]?;
+    (last == 3 || e & PageTableFlags::HUGE_PAGE.bits() != 0).then_some(e)
 }
 
 /// Bytes of heap in use and free.

@@ -43,6 +43,7 @@ fn program_module(mgr: &CodeManager<KernelMmu>) -> JitModule<KernelMmu> {
         mgr,
         &REGISTRIES,
         JitConfig {
+            fault_range: None,
             functions: programs::FUNCTIONS,
             host: programs::host_functions(),
             lazy_entry: None,
@@ -425,7 +426,7 @@ fn jit_tier_up_from_timer_interrupt_while_called() {
         Ok(55)
     );
     drop(module);
-    assert!(mgr.audit().is_clean(), "{:?}", mgr.audit());
+    assert!(mgr.audit().expect("audit").is_clean(), "{:?}", mgr.audit());
 }
 
 fn bad_verifier() -> Result<Function, JitError> {
@@ -528,7 +529,7 @@ fn jit_lazy_slots_compile_on_first_call() {
     let m = lazy::stop().expect("module");
     assert_eq!(m.code(0), None);
     drop(m);
-    assert!(mgr.audit().is_clean());
+    assert!(mgr.audit().expect("audit").is_clean());
 }
 
 /// What must not change when an operation is refused.

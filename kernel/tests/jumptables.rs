@@ -8,7 +8,10 @@ extern crate alloc;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use codespace::code_object::{CodeKind, RelocKind, Relocation};
-use codespace::mmu::{FlushStats, Mmu, MmuError, PageMapping, Protection, TlbFlush};
+use codespace::mmu::{
+    CommittedPage, FlushStats, InterruptControl, Leaf, Mmu, MmuError, PageMapping, Poke,
+    Protection, TlbFlush, Unflushed,
+};
 use codespace::module::{CodeModule, ModuleConfig, NewCode};
 use codespace::{AddressRange, AllocatorConfig, CodeAllocator, CodeManager, ManagerConfig};
 use codespace_kernel::code::{self, kernel_mmu, test_window, KernelMmu, REGISTRIES};
@@ -22,50 +25,60 @@ codespace_kernel::kernel_tests![
     lazy_slot_compiles_on_first_call,
 ];
 
-/// The backend, checking from inside the alias write path that every watched (jump-table)
-/// page is R+X in its executable mapping while its slots are stored.
+/// The backend, checking at every write through the private alias that every watched
+/// (jump-table) page is R+X in its executable mapping: live code is never made writable, not
+/// even for a patch. (The mapping cannot change during a session: the page-table lock is held.)
 struct CheckingMmu {
     inner: KernelMmu,
 }
 
 static WATCH: spin::Mutex<AddressRange> = spin::Mutex::new(AddressRange::EMPTY);
-static CHECKED_STORES: AtomicU64 = AtomicU64::new(0);
+static CHECKED_POKES: AtomicU64 = AtomicU64::new(0);
 static WX_DURING_STORE: AtomicU64 = AtomicU64::new(0);
 
-impl Mmu for CheckingMmu {
-    fn check_protection_support(&self) -> Result<(), MmuError> {
-        self.inner.check_protection_support()
+// SAFETY: every operation is the inner backend's, unchanged; `poke` only inspects first.
+unsafe impl Mmu for CheckingMmu {
+    fn check_cpu(&self) -> Result<(), MmuError> {
+        self.inner.check_cpu()
     }
-    fn map_fresh(&mut self, page: usize, tlb: &mut TlbFlush) -> Result<(), MmuError> {
-        self.inner.map_fresh(page, tlb)
+    fn current_cpu(&self) -> usize {
+        self.inner.current_cpu()
     }
-    fn unmap(&mut self, page: usize, tlb: &mut TlbFlush) -> Result<(), MmuError> {
-        self.inner.unmap(page, tlb)
+    fn online_cpus(&self) -> usize {
+        self.inner.online_cpus()
     }
-    fn protect(
+    fn interrupt_control(&self) -> InterruptControl {
+        self.inner.interrupt_control()
+    }
+    unsafe fn map_fresh(&mut self, page: usize) -> Result<CommittedPage, MmuError> {
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { self.inner.map_fresh(page) }
+    }
+    unsafe fn unmap(
         &mut self,
-        page: usize,
+        page: CommittedPage,
+        tlb: &mut TlbFlush,
+    ) -> Result<(), (MmuError, CommittedPage)> {
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { self.inner.unmap(page, tlb) }
+    }
+    unsafe fn protect(
+        &mut self,
+        page: &CommittedPage,
         prot: Protection,
         tlb: &mut TlbFlush,
     ) -> Result<(), MmuError> {
-        self.inner.protect(page, prot, tlb)
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { self.inner.protect(page, prot, tlb) }
     }
-    fn query(&self, page: usize) -> Option<PageMapping> {
-        self.inner.query(page)
+    fn write(&mut self, page: &CommittedPage, offset: usize, data: &[u8]) -> Result<(), MmuError> {
+        self.inner.write(page, offset, data)
     }
-    fn for_each_mapping(&self, range: AddressRange, f: &mut dyn FnMut(usize, PageMapping)) {
-        self.inner.for_each_mapping(range, f)
-    }
-    fn map_alias(&mut self, alias: usize, frame: u64, tlb: &mut TlbFlush) -> Result<(), MmuError> {
-        self.inner.map_alias(alias, frame, tlb)
-    }
-    fn unmap_alias(&mut self, alias: usize, tlb: &mut TlbFlush) -> Result<(), MmuError> {
-        self.inner.unmap_alias(alias, tlb)
-    }
-    fn write(&mut self, addr: usize, data: &[u8]) -> Result<(), MmuError> {
-        self.inner.write(addr, data)
-    }
-    fn write_u64_atomic(&mut self, addr: usize, value: u64) -> Result<(), MmuError> {
+    unsafe fn poke(
+        &mut self,
+        pages: &[&CommittedPage],
+        f: &mut dyn FnMut(&mut dyn Poke) -> Result<(), MmuError>,
+    ) -> Result<(), MmuError> {
         let watch = *WATCH.lock();
         for page in watch.pages() {
             let m = self.inner.query(page);
@@ -73,17 +86,27 @@ impl Mmu for CheckingMmu {
                 WX_DURING_STORE.fetch_add(1, Ordering::SeqCst);
             }
         }
-        CHECKED_STORES.fetch_add(1, Ordering::SeqCst);
-        self.inner.write_u64_atomic(addr, value)
+        CHECKED_POKES.fetch_add(1, Ordering::SeqCst);
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { self.inner.poke(pages, f) }
     }
-    fn read(&self, addr: usize, buf: &mut [u8]) -> Result<(), MmuError> {
-        self.inner.read(addr, buf)
+    fn read(&self, page: &CommittedPage, offset: usize, buf: &mut [u8]) -> Result<(), MmuError> {
+        self.inner.read(page, offset, buf)
     }
-    fn flush(&mut self, tlb: TlbFlush) {
+    fn flush(&mut self, tlb: TlbFlush) -> Result<(), Unflushed> {
         self.inner.flush(tlb)
     }
-    fn serialize(&self) {
-        self.inner.serialize()
+    fn sync_cores(&mut self) -> Result<(), MmuError> {
+        self.inner.sync_cores()
+    }
+    fn query(&self, addr: usize) -> Option<PageMapping> {
+        self.inner.query(addr)
+    }
+    fn for_each_mapping(&self, range: AddressRange, f: &mut dyn FnMut(usize, PageMapping)) {
+        self.inner.for_each_mapping(range, f)
+    }
+    fn for_each_leaf(&self, f: &mut dyn FnMut(&Leaf)) {
+        self.inner.for_each_leaf(f)
     }
     fn flush_stats(&self) -> FlushStats {
         self.inner.flush_stats()
@@ -98,7 +121,7 @@ type Module = CodeModule<CheckingMmu>;
 fn manager(window: usize, max_space: usize) -> CodeManager<CheckingMmu> {
     CodeManager::new(
         CheckingMmu {
-            inner: kernel_mmu(),
+            inner: kernel_mmu().expect("backend"),
         },
         test_window(40 + window),
         ManagerConfig {
@@ -125,7 +148,7 @@ const CALLER: [u8; 18] = [
     0xC3, 0xCC,
 ];
 
-fn add_caller(m: &mut Module, index: u32, slot: u32) -> usize {
+fn add_caller(m: &Module, index: u32, slot: u32) -> usize {
     let relocs = [Relocation {
         offset: 5,
         kind: RelocKind::CallSlot { slot },
@@ -153,24 +176,24 @@ fn watched_module(mgr: &CodeManager<CheckingMmu>, functions: u32) -> Module {
 }
 
 fn watch_tables(m: &Module) {
-    let t = m.jump_tables().next().expect("table").range();
+    let t = m.jump_tables().expect("tables")[0].range();
     *WATCH.lock() = t.page_expand();
 }
 
 fn call_through_slot_then_patch() {
     let mgr = manager(0, 1 << 30);
-    let mut m = watched_module(&mgr, 4);
+    let m = watched_module(&mgr, 4);
     m.add_code(&NewCode::function(1, &ret_const(1))).expect("g");
-    let f = add_caller(&mut m, 0, 1);
+    let f = add_caller(&m, 0, 1);
     assert_eq!(call0(f), 101, "f calls g through slot 1");
     let g2 = m
         .add_code(&NewCode::new(CodeKind::Wrapper, &ret_const(2)))
         .expect("g2");
-    let stores = CHECKED_STORES.load(Ordering::SeqCst);
+    let stores = CHECKED_POKES.load(Ordering::SeqCst);
     m.patch_slot(1, g2.instruction_start()).expect("patch");
     assert_eq!(call0(f), 102, "patched slot reaches g2");
     assert_eq!(
-        CHECKED_STORES.load(Ordering::SeqCst),
+        CHECKED_POKES.load(Ordering::SeqCst),
         stores + 1,
         "an in-reach patch is one store, through the checked path"
     );
@@ -183,14 +206,14 @@ fn call_through_slot_then_patch() {
     m.add_code(&NewCode::function(1, &ret_const(3)))
         .expect("g3");
     assert_eq!(call0(f), 103);
-    assert!(mgr.audit().is_clean(), "{:?}", mgr.audit());
+    assert!(mgr.audit().expect("audit").is_clean(), "{:?}", mgr.audit());
 }
 
 fn target_beyond_2_gib_takes_the_far_path() {
     let mgr = manager(1, 1 << 30);
-    let mut m = watched_module(&mgr, 2);
+    let m = watched_module(&mgr, 2);
     m.add_code(&NewCode::function(1, &ret_const(1))).expect("g");
-    let f = add_caller(&mut m, 0, 1);
+    let f = add_caller(&m, 0, 1);
     // Three 1 GiB reservations (nothing committed) push the next code space > 2 GiB away.
     let fillers: alloc::vec::Vec<_> = (0..3)
         .map(|_| {
@@ -204,17 +227,25 @@ fn target_beyond_2_gib_takes_the_far_path() {
             .expect("filler")
         })
         .collect();
-    let mut far = Module::new(&mgr, &REGISTRIES, ModuleConfig::default()).expect("far module");
+    let far = Module::new(&mgr, &REGISTRIES, ModuleConfig::default()).expect("far module");
     let target = far
         .add_code(&NewCode::new(CodeKind::Wrapper, &ret_const(7)))
         .expect("far code");
-    let table = m.jump_tables().next().expect("table").range();
+    let table = m.jump_tables().expect("tables")[0].range();
     assert!(
         target.instruction_start() - table.end() > i32::MAX as usize,
         "really out of rel32 reach"
     );
+    // Another module's code is not this module's to target unless registered as an external
+    // entry (the module cannot know when `far` frees it otherwise).
+    assert!(matches!(
+        m.patch_slot(1, target.instruction_start()),
+        Err(codespace::module::ModuleError::UnknownTarget { .. })
+    ));
+    m.register_external(target.instruction_start())
+        .expect("external");
     m.patch_slot(1, target.instruction_start()).expect("patch");
-    let layout = m.jump_tables().next().expect("table");
+    let layout = m.jump_tables().expect("tables")[0];
     let mut near = [0u8; 8];
     mgr.read(layout.near_slot_addr(1).expect("slot"), &mut near)
         .expect("read");
@@ -236,7 +267,7 @@ fn target_beyond_2_gib_takes_the_far_path() {
     drop(fillers);
     drop(m);
     assert_eq!(mgr.committed(), 0);
-    assert!(mgr.audit().is_clean());
+    assert!(mgr.audit().expect("audit").is_clean());
 }
 
 static LIVE: spin::Mutex<Option<(Module, usize, usize)>> = spin::Mutex::new(None);
@@ -254,7 +285,7 @@ fn timer_tick(_frame: &mut interrupts::TrapFrame) {
 
 fn timer_interrupt_patches_a_slot_under_a_calling_loop() {
     let mgr = manager(2, 1 << 30);
-    let mut m = watched_module(&mgr, 2);
+    let m = watched_module(&mgr, 2);
     let g = m
         .add_code(&NewCode::function(1, &ret_const(1)))
         .expect("g")
@@ -263,7 +294,7 @@ fn timer_interrupt_patches_a_slot_under_a_calling_loop() {
         .add_code(&NewCode::new(CodeKind::Wrapper, &ret_const(2)))
         .expect("g2")
         .instruction_start();
-    let f = add_caller(&mut m, 0, 1);
+    let f = add_caller(&m, 0, 1);
     *LIVE.lock() = Some((m, g, g2));
     PATCHES.store(0, Ordering::SeqCst);
 
@@ -306,7 +337,7 @@ fn timer_interrupt_patches_a_slot_under_a_calling_loop() {
         0,
         "table stayed R+X during every store"
     );
-    assert!(mgr.audit().is_clean(), "{:?}", mgr.audit());
+    assert!(mgr.audit().expect("audit").is_clean(), "{:?}", mgr.audit());
     drop(m);
 }
 
@@ -335,10 +366,7 @@ fn lazy_slot_compiles_on_first_call() {
         },
     )
     .expect("module");
-    let slot2 = m
-        .jump_tables()
-        .next()
-        .expect("table")
+    let slot2 = m.jump_tables().expect("tables")[0]
         .near_slot_addr(2)
         .expect("slot");
     *LAZY.lock() = Some(m);
@@ -357,7 +385,7 @@ fn lazy_slot_compiles_on_first_call() {
         "no second compilation"
     );
     let m = LAZY.lock().take().expect("module");
-    let code = m.function_code(2).expect("installed");
+    let code = m.function_code(2).expect("module").expect("installed");
     let mut near = [0u8; 8];
     mgr.read(slot2, &mut near).expect("read");
     let rel = i32::from_le_bytes([near[1], near[2], near[3], near[4]]);
@@ -368,5 +396,5 @@ fn lazy_slot_compiles_on_first_call() {
     );
     code::set_lazy_compiler(None);
     drop(m);
-    assert!(mgr.audit().is_clean());
+    assert!(mgr.audit().expect("audit").is_clean());
 }

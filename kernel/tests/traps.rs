@@ -198,7 +198,7 @@ fn freed_module_code_resolves_in_neither_lookup() {
         },
     )
     .expect("manager");
-    let mut module = CodeModule::new(
+    let module = CodeModule::new(
         &m,
         &REGISTRIES,
         ModuleConfig {
@@ -226,8 +226,15 @@ fn freed_module_code_resolves_in_neither_lookup() {
     assert!(REGISTRIES.lookup_code(pc).is_some());
     drop(code);
     drop(module);
+    assert!(
+        REGISTRIES.traps.lookup(pc).is_some(),
+        "a dropped module's code stays registered until its grace period is over"
+    );
+    // SAFETY: this CPU runs no generated code and holds no lookup reference here.
+    unsafe { code::synchronize() };
+    assert_eq!(REGISTRIES.grace().reclaim(), 1, "the module's teardown ran");
     assert!(REGISTRIES.traps.lookup(pc).is_none(), "trap entry released");
     assert!(REGISTRIES.lookup_code(pc).is_none(), "code lookup removed");
     assert_eq!(m.committed(), 0);
-    assert!(m.audit().is_clean());
+    assert!(m.audit().expect("audit").is_clean());
 }

@@ -59,6 +59,7 @@ pub(super) fn run(r: &Report) {
         &manager,
         &REGISTRIES,
         JitConfig {
+            fault_range: None,
             functions: FUNCTIONS + 1,
             host: programs::host_functions(),
             lazy_entry: None,
@@ -188,5 +189,5 @@ pub(super) fn run(r: &Report) {
         samples,
     );
     drop(module);
-    assert!(manager.audit().is_clean());
+    assert!(manager.audit().expect("audit").is_clean());
 }

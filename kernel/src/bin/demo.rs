@@ -11,7 +11,6 @@ use alloc::vec::Vec;
 
 use codespace::code_events::PerfMapListener;
 use codespace::code_object::{CodeKind, RelocKind, Relocation};
-use codespace::mmu::Mmu;
 use codespace::module::{CodeModule, ModuleConfig, NewCode};
 use codespace::{AddressRange, CodeManager, ManagerConfig, ProtectionMode, PAGE_SIZE};
 use codespace_kernel::code::{self, KernelMmu, CODE_WINDOW, REGISTRIES};
@@ -80,7 +79,7 @@ fn tour() -> Result<(), String> {
         "    window {:?}; EFER.NXE and CR0.WP checked",
         manager.window()
     );
-    let mut module = CodeModule::new(
+    let module = CodeModule::new(
         &manager,
         &REGISTRIES,
         ModuleConfig {
@@ -90,7 +89,7 @@ fn tour() -> Result<(), String> {
     )
     .map_err(|e| err(&e))?;
     println!("    module with 4 functions; code perf-map lines follow as code is published:");
-    module.set_listener(Some(&PERF_MAP));
+    module.set_listener(Some(&PERF_MAP)).map_err(|e| err(&e))?;
 
     step(
         2,
@@ -116,7 +115,7 @@ fn tour() -> Result<(), String> {
         .map_err(|e| err(&e))?;
     print_code(&manager, &add);
     print_code(&manager, &load);
-    let leaf = manager.with_mmu(|m| m.raw_entries(add.instruction_start()))[3].unwrap_or(0);
+    let leaf = memory::leaf_entry(add.instruction_start() as u64).unwrap_or(0);
     println!("    published page PTE {leaf:#018x}: present, not writable, executable");
 
     step(3, "call them");
@@ -211,7 +210,11 @@ fn tour() -> Result<(), String> {
     step(9, "map of the code window (one character per page)");
     print_map(&manager);
     drop(module);
-    let audit = manager.audit();
+    // The dropped module's code is freed after a grace period: this CPU is quiescent here.
+    // SAFETY: no generated code is running on this CPU and no lookup reference is held.
+    unsafe { code::synchronize() };
+    REGISTRIES.grace().reclaim();
+    let audit = manager.audit().map_err(|e| alloc::format!("{e}"))?;
     println!(
         "\n    module dropped: committed {} bytes, audit clean: {}",
         manager.committed(),
@@ -287,8 +290,10 @@ fn print_code(manager: &CodeManager<KernelMmu>, code: &codespace::code_object::C
 
 fn print_stats(manager: &CodeManager<KernelMmu>) {
     let s = manager.stats();
-    let audit = manager.audit();
-    let flushes = manager.with_mmu(|m| m.flush_stats());
+    let (Ok(audit), Ok(flushes)) = (manager.audit(), manager.flush_stats()) else {
+        println!("    (manager busy)");
+        return;
+    };
     println!(
         "    code spaces: {}, reserved {} KiB, committed {} KiB (limit {} MiB)",
         s.code_spaces,
@@ -298,19 +303,19 @@ fn print_stats(manager: &CodeManager<KernelMmu>) {
     );
     println!("    free frames: {}", memory::frames().free_frames());
     println!(
-        "    trap entries: {}, trap lookups: {}, code objects: {}",
+        "    trap entries: {}, code objects: {}",
         REGISTRIES.traps.len(),
-        REGISTRIES.traps.lookups(),
         REGISTRIES.code.len()
     );
     println!(
-        "    TLB: {} invlpg, {} full flushes",
-        flushes.single_pages, flushes.full
+        "    TLB: {} invlpg, {} full flushes, {} shootdown rounds, {} alias writes",
+        flushes.single_pages, flushes.full, flushes.shootdowns, flushes.pokes
     );
     println!(
-        "    audit: {} mapped pages, {} W+X, {} outside code spaces -> {}",
+        "    audit: {} mapped pages, {} W+X anywhere, {} writable aliases of code, {} outside code spaces -> {}",
         audit.mapped_pages,
         audit.writable_and_executable,
+        audit.writable_aliases_of_executable,
         audit.outside_code_spaces,
         if audit.is_clean() {
             "clean"
@@ -320,9 +325,11 @@ fn print_stats(manager: &CodeManager<KernelMmu>) {
     );
 }
 
-/// `X` R+X, `w` RW+NX, `.` reserved but uncommitted, `G` guard, `a` alias, ` ` free.
+/// `X` R+X, `w` RW+NX, `.` reserved but uncommitted, `G` guard, ` ` free.
 fn print_map(manager: &CodeManager<KernelMmu>) {
-    let spaces = manager.code_spaces();
+    let Ok(spaces) = manager.code_spaces() else {
+        return;
+    };
     let Some(last) = spaces.iter().map(AddressRange::end).max() else {
         return;
     };
@@ -331,10 +338,9 @@ fn print_map(manager: &CodeManager<KernelMmu>) {
     let mut line = String::new();
     let mut rows: Vec<String> = Vec::new();
     for page in (window.start()..end).step_by(PAGE_SIZE) {
-        let c = match manager.with_mmu(|m| m.query(page)) {
+        let c = match manager.query(page).ok().flatten() {
             Some(m) if m.executable => 'X',
             Some(_) => 'w',
-            None if page < window.start() + 2 * PAGE_SIZE => 'a',
             None if spaces.iter().any(|s| s.contains(page)) => '.',
             None if spaces
                 .iter()
@@ -355,5 +361,5 @@ fn print_map(manager: &CodeManager<KernelMmu>) {
     for (i, row) in rows.iter().enumerate() {
         println!("    {:#x} |{row}|", window.start() + i * 64 * PAGE_SIZE);
     }
-    println!("    X = R+X code, w = RW+NX, . = reserved, G = guard page, a = alias page");
+    println!("    X = R+X code, w = RW+NX, . = reserved, G = guard page");
 }

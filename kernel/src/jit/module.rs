@@ -1,13 +1,17 @@
 //! A JIT module: Cranelift output installed in a codespace `CodeModule`.
 //!
 //! This file holds every call into `CodeModule` the glue makes (`new`, `add_code`, the slot
-//! address, the installed code, freeing retired code), so moving to another codespace API
+//! address, the installed code, reclaiming replaced code), so moving to another codespace API
 //! touches this file only.
+//!
+//! Replaced code is retired by the module and freed once every CPU passed a quiescent state:
+//! this glue reports one for the calling CPU whenever it knows no generated frame is on its
+//! stack (no [`enter`] active), and idle CPUs report from their idle loop.
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
-use codespace::code_object::{CodeObject, DecRef};
+use codespace::code_object::CodeObject;
 use codespace::mmu::Mmu;
 use codespace::module::{CodeModule, ModuleConfig, ModuleError, NewCode, Registries};
 use codespace::{CodeError, CodeManager};
@@ -26,29 +30,29 @@ pub struct JitConfig {
     pub host: &'static [HostFunction],
     /// The lazy-compile entry: functions start as lazy slots that call it (see `lazy`).
     pub lazy_entry: Option<usize>,
+    /// The addresses protected loads and stores may fault on: the linear memory's reservation
+    /// ([`LinearMemory::reservation`]). A fault anywhere else is not a trap of this code.
+    pub fault_range: Option<(u64, u64)>,
 }
 
 /// Compiled functions in a codespace module, callable through their jump-table slots.
-pub struct JitModule<M: Mmu> {
+pub struct JitModule<M: Mmu + Send + 'static> {
     module: CodeModule<M>,
     config: JitConfig,
     /// Parameter count of each function, once known (compiled, or declared for lazy slots).
     params: Vec<Option<usize>>,
-    /// Replaced code still referenced here until no call can be inside it (see `tier`).
-    pub(super) retired: Vec<Arc<CodeObject>>,
 }
 
-impl<M: Mmu> core::fmt::Debug for JitModule<M> {
+impl<M: Mmu + Send + 'static> core::fmt::Debug for JitModule<M> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("JitModule")
             .field("functions", &self.config.functions)
-            .field("retired", &self.retired.len())
             .field("module", &self.module)
             .finish()
     }
 }
 
-impl<M: Mmu> JitModule<M> {
+impl<M: Mmu + Send + 'static> JitModule<M> {
     /// A module over `manager`, its code registered in `registries` (the ones the #PF path
     /// consults).
     ///
@@ -73,7 +77,6 @@ impl<M: Mmu> JitModule<M> {
             module,
             config,
             params: alloc::vec![None; config.functions as usize],
-            retired: Vec::new(),
         })
     }
 
@@ -88,8 +91,9 @@ impl<M: Mmu> JitModule<M> {
 
     /// Installs `code` as function `index`: publishes it, registers its protected instructions
     /// with its landing pad, and points every jump-table slot of the function at it. Code it
-    /// replaces is retired, not freed: it is freed by [`reclaim`](Self::reclaim) once no call
-    /// can be inside it.
+    /// replaces is retired by the module: still registered (a call inside it finishes, a
+    /// protected fault in it lands) until a grace period has passed, then freed by
+    /// [`reclaim`](Self::reclaim).
     ///
     /// # Errors
     /// [`JitError::BadIndex`], [`JitError::CodeTooLarge`], [`JitError::Install`]; nothing is
@@ -104,56 +108,40 @@ impl<M: Mmu> JitModule<M> {
             return Err(JitError::BadIndex { index });
         }
         self.reclaim();
-        // Keep the old version alive past `add_code`, which drops the module's reference.
-        let old = self.hold(index);
         let new = NewCode {
             protected: code.protected(),
             landing_pad: code.landing_pad(),
+            fault_range: self
+                .config
+                .fault_range
+                .map(|(start, end)| codespace::AddressRange::new(start as usize, end as usize)),
             relocations: code.relocations(),
             source_positions: code.source_positions(),
             name,
             ..NewCode::function(index, code.bytes())
         };
-        match self.module.add_code(&new) {
-            Ok(object) => {
-                self.params[index as usize] = Some(code.params());
-                self.retired.extend(old);
-                Ok(object)
-            }
-            Err(e) => {
-                if let Some(old) = old {
-                    // Still installed: the module holds its own reference, this never frees.
-                    let _ = old.dec_ref();
-                }
-                Err(install_error(e))
-            }
-        }
+        let object = self.module.add_code(&new).map_err(install_error)?;
+        self.params[index as usize] = Some(code.params());
+        Ok(object)
     }
 
-    /// A reference to the code installed for `index`, counted in its reference count.
-    fn hold(&self, index: u32) -> Option<Arc<CodeObject>> {
-        let start = self.module.function_code(index)?;
-        let object = self.module.lookup_code(start)?;
-        object.inc_ref().then_some(object)
-    }
-
-    /// Frees retired code when no call can be inside it: no [`enter`] is active on this CPU (the
-    /// only CPU running generated code), so no generated frame exists anywhere. Returns how many
-    /// objects were freed; 0 while a call is active (from an interrupt handler, or a host
-    /// function called by generated code).
+    /// Frees replaced code whose grace period is over. Reports this CPU quiescent first when no
+    /// [`enter`] is active on it (no generated frame on its stack); from inside generated code
+    /// (an interrupt handler, a host function) it only frees what other reports allow. Returns
+    /// how many objects were freed.
     pub fn reclaim(&mut self) -> usize {
-        if enter::active() || self.retired.is_empty() {
-            return 0;
+        if !enter::active() {
+            // SAFETY: no call into generated code is active on this CPU and the glue holds no
+            // reference from a lookup here.
+            unsafe { crate::code::quiescent() };
         }
-        let dead = self
-            .retired
-            .drain(..)
-            .filter(|o| o.dec_ref() == DecRef::Dead)
-            .count();
-        if dead > 0 {
-            self.module.free_dead_code();
-        }
-        dead
+        self.module.reclaim().unwrap_or(0)
+    }
+
+    /// Replaced objects waiting for their grace period.
+    #[must_use]
+    pub fn retired(&self) -> usize {
+        self.module.code_count().map_or(0, |(_, retired)| retired)
     }
 
     /// Declares function `index`'s parameter count before it is compiled (lazy functions).
@@ -167,13 +155,17 @@ impl<M: Mmu> JitModule<M> {
     /// (direct jump to the code, or the lazy stub).
     #[must_use]
     pub fn entry(&self, index: u32) -> Option<usize> {
-        self.module.jump_tables().next()?.near_slot_addr(index)
+        self.module
+            .jump_tables()
+            .ok()?
+            .first()?
+            .near_slot_addr(index)
     }
 
     /// Start of the code installed for `index`, if compiled.
     #[must_use]
     pub fn code(&self, index: u32) -> Option<usize> {
-        self.module.function_code(index)
+        self.module.function_code(index).ok().flatten()
     }
 
     /// The code object holding `pc` (names, source positions, protected instructions).
@@ -185,7 +177,7 @@ impl<M: Mmu> JitModule<M> {
     /// Live code objects, jump tables included.
     #[must_use]
     pub fn code_count(&self) -> usize {
-        self.module.code_count()
+        self.module.code_count().map_or(0, |(live, _)| live)
     }
 
     /// The manager the code lives in (statistics, reading code bytes for disassembly).

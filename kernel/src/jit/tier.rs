@@ -12,11 +12,10 @@
 //!
 //! # When the old code is freed
 //!
-//! `install` keeps a reference to the replaced code (the *retired* list). It is freed by
-//! `JitModule::reclaim` only when no call into generated code is active on the CPU (no `enter`
-//! has an entry record: nothing generated is on any stack, since one CPU runs generated code).
-//! This is a one-CPU quiescent-state check; the library's grace periods (issue 9: `GraceDomain`,
-//! a quiescent state per CPU) replace it once they land.
+//! The module retires the replaced code: it stays registered (calls in it finish, protected
+//! faults in it land) until every CPU passed a quiescent state. `JitModule::reclaim` reports one
+//! for the calling CPU when no `enter` is active on it, and idle CPUs report from their idle
+//! loop; then the code's trap and PC entries go, and its memory.
 //!
 //! # From an interrupt handler
 //!
@@ -79,7 +78,7 @@ impl TierUp {
     ///
     /// # Errors
     /// Compilation or installation failures; the running code stays installed then.
-    pub fn install<M: Mmu>(
+    pub fn install<M: Mmu + Send + 'static>(
         &mut self,
         module: &mut JitModule<M>,
         level: OptLevel,
@@ -101,7 +100,10 @@ impl TierUp {
     ///
     /// # Errors
     /// As [`install`](Self::install).
-    pub fn step<M: Mmu>(&mut self, module: &mut JitModule<M>) -> Result<OptLevel, JitError> {
+    pub fn step<M: Mmu + Send + 'static>(
+        &mut self,
+        module: &mut JitModule<M>,
+    ) -> Result<OptLevel, JitError> {
         let next = match self.level {
             Some(OptLevel::Speed) => OptLevel::None,
             _ => OptLevel::Speed,

@@ -49,7 +49,16 @@ impl LinearMap {
                 return Ok(());
             };
             let e = slot.get();
-            if e & super::P == 0 || (e & W != 0) == writable {
+            if e & super::P == 0 {
+                // Staged already: another linear map shares this leaf (aliased page tables, as
+                // when an identity and a direct map share their PDs). The entry's change is
+                // queued; this map's address must be invalidated too.
+                if e & super::STAGED != 0 {
+                    tlb.add(va as usize);
+                }
+                return Ok(());
+            }
+            if (e & W != 0) == writable {
                 return Ok(());
             }
             if slot.level == 3 {
