@@ -1,6 +1,8 @@
 //! Physical memory: the direct map, the frame allocator, the active page table and the heap.
 
+use core::alloc::{GlobalAlloc, Layout};
 use core::fmt;
+use core::sync::atomic::{AtomicU32, Ordering};
 use linked_list_allocator::LockedHeap;
 use spin::{Mutex, MutexGuard, Once};
 use x86_64::registers::control::Cr3;
@@ -10,6 +12,8 @@ use x86_64::structures::paging::{
 };
 use x86_64::{PhysAddr, VirtAddr};
 
+use crate::percpu::PerCpu;
+
 /// Where all physical memory below [`PHYS_MAPPED_LIMIT`] is mapped (PML4 slot 256), like
 /// `bootloader_api`'s `physical_memory_offset`.
 pub const PHYS_OFFSET: u64 = 0xFFFF_8000_0000_0000;
@@ -17,6 +21,8 @@ pub const PHYS_OFFSET: u64 = 0xFFFF_8000_0000_0000;
 pub const PHYS_MAPPED_LIMIT: u64 = 4 << 30;
 /// A PML4 slot (320) that nothing maps at boot: tests map scratch pages here.
 pub const SCRATCH_BASE: u64 = 0xFFFF_A000_0000_0000;
+/// A PML4 slot (288) for the APs' stacks, each with an unmapped guard page below it.
+pub const STACKS_BASE: u64 = 0xFFFF_9000_0000_0000;
 /// Size of the kernel heap.
 pub const HEAP_SIZE: usize = 16 << 20;
 
@@ -149,7 +155,42 @@ static FRAMES: Mutex<FrameBitmap> = Mutex::new(FrameBitmap::new());
 static PAGE_TABLE: Once<Mutex<OffsetPageTable<'static>>> = Once::new();
 
 #[global_allocator]
-static ALLOCATOR: LockedHeap = LockedHeap::empty();
+static ALLOCATOR: KernelHeap = KernelHeap(LockedHeap::empty());
+
+/// How many heap operations each CPU is inside (the NMI that stops a timed-out work item waits
+/// until its CPU holds no heap lock, or the heap would stay locked for everyone).
+static IN_HEAP: PerCpu<AtomicU32> = crate::per_cpu!(AtomicU32::new(0));
+
+/// The heap, counting per CPU who is inside it.
+struct KernelHeap(LockedHeap);
+
+impl KernelHeap {
+    fn enter<R>(&self, f: impl FnOnce(&LockedHeap) -> R) -> R {
+        let count = IN_HEAP.this();
+        count.fetch_add(1, Ordering::SeqCst);
+        let r = f(&self.0);
+        count.fetch_sub(1, Ordering::SeqCst);
+        r
+    }
+}
+
+// SAFETY: every call is forwarded unchanged to the locked linked-list heap, a correct allocator.
+unsafe impl GlobalAlloc for KernelHeap {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded with the caller's guarantees.
+        self.enter(|h| unsafe { h.alloc(layout) })
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded with the caller's guarantees.
+        self.enter(|h| unsafe { h.dealloc(ptr, layout) })
+    }
+}
+
+/// Whether this CPU is inside a heap operation.
+pub(crate) fn in_heap() -> bool {
+    IN_HEAP.this().load(Ordering::SeqCst) != 0
+}
 
 #[repr(C, align(4096))]
 struct HeapSpace([u8; HEAP_SIZE]);
@@ -205,11 +246,12 @@ pub(crate) fn init(usable: impl Iterator<Item = (u64, u64)>, reserved: &[(u64, u
         }
     });
 
-    harden_identity_map();
+    crate::layout::build();
 
     // SAFETY: HEAP_SPACE is a static used by nothing but the allocator, initialized once here.
     unsafe {
         ALLOCATOR
+            .0
             .lock()
             .init((&raw mut HEAP_SPACE).cast::<u8>(), HEAP_SIZE)
     };
@@ -245,40 +287,25 @@ pub fn map_fresh_page(va: u64, flags: PageTableFlags) -> Result<PhysFrame, &'sta
     Ok(frame)
 }
 
-extern "C" {
-    static __text_end: u8;
-}
-
-/// The boot tables map the first 4 GiB executable in 2 MiB pages; only the kernel's text needs
-/// that. Every identity page past the text becomes NX, so frames handed out later (code frames
-/// included) are never executable at their identity address. (They stay writable there, as
-/// through any kernel direct map.)
-fn harden_identity_map() {
-    let text_end = (&raw const __text_end) as u64;
-    let first_nx = text_end.div_ceil(2 << 20) as usize;
-    let mut tables = page_table();
-    let offset = tables.phys_offset();
-    let pml4 = tables.level_4_table_mut();
-    let pdpt_phys = pml4[0].addr();
-    // SAFETY: the boot PDPT and PDs are page-table frames in the direct map; only leaf flags
-    // change, on the single CPU, before anything but the kernel text runs from these pages.
-    unsafe {
-        let pdpt = &mut *(offset + pdpt_phys.as_u64()).as_mut_ptr::<PageTable>();
-        for (gib, entry) in pdpt.iter_mut().take(4).enumerate() {
-            let pd = &mut *(offset + entry.addr().as_u64()).as_mut_ptr::<PageTable>();
-            for (i, e) in pd.iter_mut().enumerate() {
-                if gib * 512 + i >= first_nx {
-                    e.set_flags(e.flags() | PageTableFlags::NO_EXECUTE);
-                }
-            }
-        }
+/// Maps `pages` fresh zeroed frames RW+NX ending at `top` (page-aligned), with the page below
+/// them left unmapped as a guard: an overflow faults instead of running into other memory.
+/// Returns `top`. Used for the APs' kernel and IST stacks at [`STACKS_BASE`].
+///
+/// # Errors
+/// No free frame, or a page already mapped.
+pub fn map_stack(top: u64, pages: u64) -> Result<VirtAddr, &'static str> {
+    for i in 1..=pages {
+        map_fresh_page(
+            top - i * 4096,
+            PageTableFlags::PRESENT | PageTableFlags::WRITABLE | PageTableFlags::NO_EXECUTE,
+        )?;
     }
-    x86_64::instructions::tlb::flush_all();
+    Ok(VirtAddr::new(top))
 }
 
 /// Bytes of heap in use and free.
 #[must_use]
 pub fn heap_usage() -> (usize, usize) {
-    let heap = ALLOCATOR.lock();
+    let heap = ALLOCATOR.0.lock();
     (heap.used(), heap.free())
 }
