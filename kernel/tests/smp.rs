@@ -203,8 +203,10 @@ fn hung_work_times_out_by_cpu_and_the_cpu_recovers() {
     }
 }
 
-/// A scratch page of this file, mapped and remapped by the shootdown tests.
-const STALE_PAGE: u64 = SCRATCH_BASE + 0x0100_0000;
+/// A scratch page of this file, mapped and remapped by the shootdown tests. Its page number's
+/// low bits (0xc7) differ from those of the kernel image, boot stack and APIC pages, so QEMU's
+/// direct-mapped software TLB does not evict its entry while the test runs.
+const STALE_PAGE: u64 = SCRATCH_BASE + 0x010c_7000;
 
 fn page(va: u64) -> Page<Size4KiB> {
     Page::containing_address(VirtAddr::new(va))
@@ -246,57 +248,90 @@ fn read(va: u64) -> u64 {
     unsafe { core::ptr::read_volatile(va as *const u64) }
 }
 
-fn read_on(cpu: usize, va: u64) -> u64 {
-    let seen = AtomicU64::new(0);
-    smp::run_on(cpu, || seen.store(read(va), Ordering::SeqCst)).unwrap();
-    seen.load(Ordering::SeqCst)
-}
-
 /// Whether we run under KVM, where a vCPU's TLB may be flushed behind our back (VM exits).
 fn under_kvm() -> bool {
     let leaf = core::arch::x86_64::__cpuid(0x4000_0000);
     leaf.ebx.to_le_bytes() == *b"KVMK"
 }
 
+/// Steps of the two-CPU protocol below; each side waits for the other's step.
+struct Steps(AtomicU32);
+
+impl Steps {
+    fn set(&self, step: u32) {
+        self.0.store(step, Ordering::SeqCst);
+    }
+
+    /// Waits (answering IPIs: interrupts stay on) until the other side reached `step`.
+    fn wait(&self, step: u32) {
+        let deadline = Deadline::after(Duration::from_secs(20));
+        while self.0.load(Ordering::SeqCst) < step {
+            assert!(
+                !deadline.expired(),
+                "the other CPU never reached step {step}"
+            );
+            core::hint::spin_loop();
+        }
+    }
+}
+
+/// CPU B caches a translation of the scratch page; CPU A (this one) remaps the page to another
+/// frame flushing only its own TLB: B still reads the old frame (TCG keeps a TLB per vCPU, so
+/// this shows the test can fail). After `shootdown` of the page B reads the new frame; after a
+/// full shootdown following another remap, the third. B keeps running one work item throughout,
+/// so nothing but the shootdown touches its TLB.
 fn shootdown_removes_a_stale_translation_on_another_cpu() {
     if smp::online_cpus() < 2 {
         println!("    one CPU: no other TLB to shoot down");
         return;
     }
-    let b = last_cpu();
+    let (a, b) = (smp::current_cpu(), last_cpu());
     let (old, new, third) = (frame_holding(1), frame_holding(2), frame_holding(3));
     map_locally(STALE_PAGE, old);
-    assert_eq!(
-        read_on(b, STALE_PAGE),
-        1,
-        "cpu {b} caches the translation to the old frame"
-    );
-
-    map_locally(STALE_PAGE, new);
-    assert_eq!(read(STALE_PAGE), 2, "this CPU flushed its own entry");
-    let stale = read_on(b, STALE_PAGE);
-    if under_kvm() {
-        println!("    under KVM cpu {b} read {stale} before the shootdown");
-    } else {
-        // TCG keeps one TLB per vCPU: without a shootdown the other CPU still uses the old frame.
-        // This is what makes the test able to fail.
+    let steps = Steps(AtomicU32::new(0));
+    let seen: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+    smp::on_each_cpu(|cpu| {
+        if cpu == b {
+            seen[0].store(read(STALE_PAGE), Ordering::SeqCst); // caches the translation
+            steps.set(1);
+            steps.wait(2);
+            seen[1].store(read(STALE_PAGE), Ordering::SeqCst); // before any shootdown
+            steps.set(3);
+            steps.wait(4);
+            seen[2].store(read(STALE_PAGE), Ordering::SeqCst); // after the page shootdown
+            steps.set(5);
+            steps.wait(6);
+            seen[3].store(read(STALE_PAGE), Ordering::SeqCst); // after the full shootdown
+        } else if cpu == a {
+            steps.wait(1);
+            map_locally(STALE_PAGE, new);
+            assert_eq!(read(STALE_PAGE), 2, "this CPU flushed its own entry");
+            steps.set(2);
+            steps.wait(3);
+            smp::shootdown(&[STALE_PAGE as usize], false);
+            steps.set(4);
+            steps.wait(5);
+            map_locally(STALE_PAGE, third);
+            smp::shootdown(&[], true);
+            steps.set(6);
+        }
+    })
+    .unwrap();
+    let seen = seen.map(|s| s.load(Ordering::SeqCst));
+    println!("    cpu {b} read {seen:?} (cached, no shootdown, page shootdown, full shootdown)");
+    assert_eq!(seen[0], 1, "cpu {b} read the first frame");
+    if !under_kvm() {
         assert_eq!(
-            stale, 1,
-            "cpu {b} should still see the old frame without a shootdown"
+            seen[1], 1,
+            "without a shootdown cpu {b} still sees the old frame (TCG)"
         );
     }
-    smp::shootdown(&[STALE_PAGE as usize], false);
     assert_eq!(
-        read_on(b, STALE_PAGE),
-        2,
+        seen[2], 2,
         "after the page shootdown cpu {b} sees the new frame"
     );
-
-    map_locally(STALE_PAGE, third);
-    smp::shootdown(&[], true);
     assert_eq!(
-        read_on(b, STALE_PAGE),
-        3,
+        seen[3], 3,
         "after the full shootdown cpu {b} sees the third frame"
     );
 

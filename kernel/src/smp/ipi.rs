@@ -23,6 +23,11 @@
 //! need the outbox its own CPU may be waiting on; [`broadcast`] refuses with a panic (a kernel
 //! bug), which is fatal there.
 //!
+//! # Stopped work
+//! A work item that runs past its deadline is stopped by an NMI (see `work`). Posting (step 2)
+//! is an atomic context, so it is never stopped half-way; a broadcast stopped while waiting
+//! leaves acknowledgements outstanding, which the CPU's next broadcast waits out first.
+//!
 //! # CPUs coming online
 //! Targets are the CPUs online when the sender reads the mask (SeqCst, after its page-table
 //! writes). A CPU sets its online bit (SeqCst) and only then flushes its whole TLB, so a CPU the
@@ -271,36 +276,50 @@ fn execute(request: &Request, me: usize) {
 
 /// Sends the request `fill` writes to every other online CPU and waits for all to acknowledge.
 fn broadcast(fill: impl FnOnce(&mut Request)) {
+    assert!(
+        crate::interrupts::atomic_depth() == 0,
+        "cross-CPU request issued from a request handler on cpu {}",
+        current_cpu()
+    );
     interrupts::without_interrupts(|| {
         let me = current_cpu();
         let outbox = OUTBOX.get(me);
-        assert!(
-            outbox.remaining.load(Ordering::Acquire) == 0,
-            "cross-CPU request issued from a request handler on cpu {me}"
-        );
+        // A broadcast of ours stopped in its wait (a timed-out work item, see `work`) may still
+        // have acknowledgements coming: every target got its bit, so they drain.
+        wait_for_acks(outbox);
         let targets = online_mask() & !(1 << me);
         if targets == 0 {
             return;
         }
-        // SAFETY: only this CPU writes its outbox, and no target reads it: `remaining` is 0, and
-        // interrupts are off, so nothing on this CPU starts another broadcast until we return.
-        fill(unsafe { &mut *outbox.request.get() });
-        outbox
-            .remaining
-            .store(targets.count_ones() as usize, Ordering::Relaxed);
-        let mut rest = targets;
-        while rest != 0 {
-            let t = rest.trailing_zeros() as usize;
-            rest &= rest - 1;
-            if PENDING.get(t).fetch_or(1 << me, Ordering::AcqRel) == 0 {
-                send_ipi(t);
+        // Posting is atomic (no NMI stops it half-way): a target without its bit would never
+        // acknowledge, and the outbox would stay taken.
+        in_atomic(|| {
+            // SAFETY: only this CPU writes its outbox, and no target reads it: `remaining` is 0,
+            // and interrupts are off, so nothing on this CPU starts another broadcast meanwhile.
+            fill(unsafe { &mut *outbox.request.get() });
+            outbox
+                .remaining
+                .store(targets.count_ones() as usize, Ordering::Relaxed);
+            let mut rest = targets;
+            while rest != 0 {
+                let t = rest.trailing_zeros() as usize;
+                rest &= rest - 1;
+                if PENDING.get(t).fetch_or(1 << me, Ordering::AcqRel) == 0 {
+                    send_ipi(t);
+                }
             }
-        }
-        while outbox.remaining.load(Ordering::Acquire) != 0 {
-            service();
-            core::hint::spin_loop();
-        }
+        });
+        wait_for_acks(outbox);
     });
+}
+
+/// Spins until every target acknowledged `outbox`, executing our own pending requests meanwhile
+/// (this is what makes concurrent broadcasts deadlock-free).
+fn wait_for_acks(outbox: &Outbox) {
+    while outbox.remaining.load(Ordering::Acquire) != 0 {
+        service();
+        core::hint::spin_loop();
+    }
 }
 
 /// Invalidates `pages` (virtual addresses) on every other online CPU, or their whole TLB when
