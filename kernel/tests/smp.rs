@@ -59,23 +59,19 @@ fn every_cpu_is_online_with_a_distinct_index() {
     })
     .unwrap();
     let n = smp::online_cpus();
-    for cpu in 0..MAX_CPUS {
+    for (cpu, seen) in SEEN.iter().enumerate() {
         let expected = u32::from(cpu < n);
         assert_eq!(
-            SEEN[cpu].load(Ordering::SeqCst),
+            seen.load(Ordering::SeqCst),
             expected,
             "cpu {cpu} ran its share"
         );
     }
-    for a in 0..n {
-        let id = APIC[a].load(Ordering::SeqCst);
+    let ids: alloc::vec::Vec<u32> = APIC[..n].iter().map(|a| a.load(Ordering::SeqCst)).collect();
+    for (a, &id) in ids.iter().enumerate() {
         assert_eq!(id, smp::apic_id(a), "cpu {a}'s APIC ID");
-        for b in 0..a {
-            assert_ne!(
-                id,
-                APIC[b].load(Ordering::SeqCst),
-                "cpus {a} and {b} share an APIC"
-            );
+        if let Some(b) = ids[..a].iter().position(|&other| other == id) {
+            panic!("cpus {a} and {b} share APIC ID {id}");
         }
     }
     println!(
@@ -372,9 +368,9 @@ fn call_on_others_runs_once_on_each_other_cpu() {
         assert_eq!(cpu, smp::current_cpu());
         RAN[cpu].fetch_add(1, Ordering::SeqCst);
     });
-    for cpu in 0..MAX_CPUS {
+    for (cpu, ran) in RAN.iter().enumerate() {
         let expected = u32::from(cpu != 0 && cpu < smp::online_cpus());
-        assert_eq!(RAN[cpu].load(Ordering::SeqCst), expected, "cpu {cpu}");
+        assert_eq!(ran.load(Ordering::SeqCst), expected, "cpu {cpu}");
     }
 }
 
@@ -443,19 +439,17 @@ fn idle_hook_runs_on_every_idle_cpu() {
         smp::sync_cores(); // wakes the idle CPUs, which then go round their loop
     }
     smp::set_idle_hook(None);
-    for cpu in 1..smp::online_cpus() {
+    for (cpu, calls) in CALLS.iter().enumerate().take(smp::online_cpus()).skip(1) {
         assert!(
-            CALLS[cpu].load(Ordering::SeqCst) > 0,
+            calls.load(Ordering::SeqCst) > 0,
             "cpu {cpu} never called the idle hook"
         );
     }
     let settled: [u64; MAX_CPUS] = core::array::from_fn(|c| CALLS[c].load(Ordering::SeqCst));
     smp::sync_cores();
-    for cpu in 1..smp::online_cpus() {
+    let n = smp::online_cpus();
+    for (cpu, (calls, before)) in CALLS.iter().zip(settled).enumerate().take(n).skip(1) {
         // Removed: a wake-up no longer calls it (allow one call already under way).
-        assert!(
-            CALLS[cpu].load(Ordering::SeqCst) <= settled[cpu] + 1,
-            "cpu {cpu}"
-        );
+        assert!(calls.load(Ordering::SeqCst) <= before + 1, "cpu {cpu}");
     }
 }

@@ -18,6 +18,7 @@
 //! stops the kernel if it cannot within [`STOP_GRACE`]. The owner never returns while a worker may
 //! still call its closure, so the borrow is sound.
 
+use alloc::string::String;
 use alloc::vec::Vec;
 use core::cell::UnsafeCell;
 use core::fmt;
@@ -25,7 +26,7 @@ use core::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use core::time::Duration;
 
 use super::{apic_id, cpu_online, idle_hook, online_mask, CpuPrefix};
-use crate::catch::{self, catch, CatchPoint, Caught, Message};
+use crate::catch::{self, catch, CatchPoint, Caught};
 use crate::interrupts::{FaultInfo, TrapFrame};
 use crate::percpu::{current_cpu, PerCpu};
 use crate::time::Deadline;
@@ -71,7 +72,7 @@ static SLOTS: PerCpu<Slot> = crate::per_cpu!(Slot {
 #[non_exhaustive]
 pub enum WorkFailure {
     /// It panicked; the panic message (`panicked at file:line:col:\nmessage`).
-    Panicked(Message),
+    Panicked(String),
     /// It raised a fault no fixup handled.
     Faulted(FaultInfo),
     /// It ran past its deadline and was stopped.
@@ -95,7 +96,7 @@ impl fmt::Display for CpuFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "cpu {}: ", self.cpu)?;
         match &self.failure {
-            WorkFailure::Panicked(msg) => f.write_str(msg.as_str()),
+            WorkFailure::Panicked(msg) => f.write_str(msg),
             WorkFailure::Faulted(info) => write!(f, "unexpected fault: {info}"),
             WorkFailure::TimedOut(d) => write!(f, "timed out after {} s", d.as_secs_f32()),
             WorkFailure::Offline => f.write_str("not online"),
@@ -148,7 +149,7 @@ impl fmt::Debug for WorkError {
 
 fn failure(cpu: usize, caught: Caught, timeout: Duration) -> CpuFailure {
     let failure = match caught {
-        Caught::Panic(msg) => WorkFailure::Panicked(msg),
+        Caught::Panic(msg) => WorkFailure::Panicked(String::from(msg.as_str())),
         Caught::Fault(info) => WorkFailure::Faulted(info),
         Caught::Stopped => WorkFailure::TimedOut(timeout),
     };
