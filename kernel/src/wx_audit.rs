@@ -50,6 +50,8 @@ pub struct WxReport {
     pub writable_and_executable: Vec<Leaf>,
     /// `(writable leaf, executable leaf)` pairs mapping a common frame.
     pub writable_aliases: Vec<(Leaf, Leaf)>,
+    /// Every executable leaf, by physical address (what may run at all).
+    pub executable: Vec<Leaf>,
 }
 
 impl WxReport {
@@ -100,6 +102,7 @@ pub fn audit(pml4: PhysFrame) -> WxReport {
     };
     let mut exec: Vec<Leaf> = leaves.iter().copied().filter(|l| l.executable).collect();
     exec.sort_by_key(|l| l.phys);
+    report.executable.clone_from(&exec);
     for l in &leaves {
         if l.writable && l.executable {
             report.writable_and_executable.push(*l);

@@ -33,6 +33,7 @@ codespace_kernel::kernel_tests![
     null_page_is_unmapped,
     kernel_text_is_read_only_through_every_mapping,
     page_tables_have_no_writable_executable_frame,
+    only_the_kernel_text_is_executable,
 ];
 
 fn scratch_page(n: u64) -> Page<Size4KiB> {
@@ -382,4 +383,24 @@ fn page_tables_have_no_writable_executable_frame() {
         wx_audit::audit_active().is_clean(),
         "clean again once removed"
     );
+}
+
+/// The kernel text's identity pages are the only executable kernel mappings: the direct map,
+/// the rest of the identity map and the AP trampoline page (executable only while APs start)
+/// are not.
+fn only_the_kernel_text_is_executable() {
+    let (start, end) = layout::kernel_text();
+    let report = wx_audit::audit_active();
+    assert!(
+        !report.executable.is_empty(),
+        "the kernel text is executable"
+    );
+    for leaf in &report.executable {
+        assert!(
+            leaf.va == leaf.phys && leaf.phys >= start && leaf.phys + leaf.size <= end,
+            "executable outside the kernel text: {leaf}"
+        );
+    }
+    let pages: u64 = report.executable.iter().map(|l| l.size / 4096).sum();
+    assert_eq!(pages, (end - start) / 4096, "every text page is executable");
 }
