@@ -8,8 +8,8 @@
 //! - **Direct map** (slot 256, [`PHYS_OFFSET`]): a PDPT and PDs of its own, every page
 //!   writable and NX, except the kernel text's frames, which are read-only (4 KiB pages).
 //! - **Identity map** (slot 0, the boot PDPT/PDs): the image in 4 KiB pages — text R+X, the
-//!   Multiboot header and rodata R+NX, data and bss RW+NX; page 0 unmapped (null dereferences
-//!   fault); everything else RW+NX.
+//!   Multiboot header and rodata R+NX, data and bss RW+NX; page 0 (null dereferences) and the
+//!   guard page below the boot CPU's stack unmapped; everything else RW+NX.
 //!
 //! Regions whose 4 KiB pages all get the same flags stay 2 MiB pages. The first 2 MiB are always
 //! split in both maps, so the AP trampoline page can be flipped alone ([`set_trampoline`]).
@@ -33,6 +33,8 @@ extern "C" {
     static __text_start: u8;
     static __text_end: u8;
     static __rodata_end: u8;
+    #[link_name = "boot_stack_guard"]
+    static BOOT_STACK_GUARD: u8;
 }
 
 /// Physical (= identity) bounds of the image's parts, from the linker script.
@@ -42,6 +44,7 @@ struct Sections {
     text_start: u64,
     text_end: u64,
     rodata_end: u64,
+    stack_guard: u64,
 }
 
 fn sections() -> Sections {
@@ -50,7 +53,14 @@ fn sections() -> Sections {
         text_start: &raw const __text_start as u64,
         text_end: &raw const __text_end as u64,
         rodata_end: &raw const __rodata_end as u64,
+        stack_guard: &raw const BOOT_STACK_GUARD as u64,
     }
+}
+
+/// The unmapped page below the boot CPU's stack.
+#[must_use]
+pub fn boot_stack_guard() -> u64 {
+    sections().stack_guard
 }
 
 /// Physical range of the kernel's text (the only kernel memory that executes).
@@ -66,7 +76,7 @@ const RX: F = F::PRESENT;
 
 /// Leaf flags of the identity page at `phys`; `None`: not mapped.
 fn identity_flags(phys: u64, s: &Sections) -> Option<F> {
-    if phys < PAGE {
+    if phys < PAGE || phys == s.stack_guard {
         None
     } else if (s.text_start..s.text_end).contains(&phys) {
         Some(RX)
@@ -100,9 +110,9 @@ fn new_table() -> (PhysFrame, &'static mut PageTable) {
     }
 }
 
-/// Fills PD `pd` (covering `[gib << 30, (gib + 1) << 30)`) with leaves from `flags`: a 2 MiB
-/// leaf for regions starting at or above `split_below` (both flag functions are constant past
-/// the end of rodata), a new 4 KiB page table for the others.
+/// Fills PD `pd` (covering `[gib << 30, (gib + 1) << 30)`) with leaves from `flags`: a new 4 KiB
+/// page table for regions starting below `split_below` or holding the stack guard, a 2 MiB leaf
+/// for the others (where both flag functions are constant).
 fn fill_pd(
     pd: &mut PageTable,
     gib: usize,
@@ -112,7 +122,7 @@ fn fill_pd(
     let s = sections();
     for (i, entry) in pd.iter_mut().enumerate() {
         let base = ((gib * REGIONS_PER_GIB + i) as u64) * HUGE;
-        if base >= split_below {
+        if base >= split_below && !(base..base + HUGE).contains(&s.stack_guard) {
             match flags(base, &s) {
                 Some(f) => entry.set_addr(PhysAddr::new(base), f | F::HUGE_PAGE),
                 None => entry.set_unused(),

@@ -31,6 +31,7 @@ codespace_kernel::kernel_tests![
     command_line_reaches_the_kernel,
     identity_map_past_the_kernel_text_is_nx,
     null_page_is_unmapped,
+    boot_stack_guard_page_is_unmapped,
     kernel_text_is_read_only_through_every_mapping,
     page_tables_have_no_writable_executable_frame,
     only_the_kernel_text_is_executable,
@@ -303,6 +304,21 @@ fn null_page_is_unmapped() {
         .run(|| {
             // SAFETY: deliberately reads near address 0; the fault is caught.
             let _ = unsafe { core::ptr::read_volatile(core::hint::black_box(0x10) as *const u8) };
+        });
+}
+
+fn boot_stack_guard_page_is_unmapped() {
+    let guard = layout::boot_stack_guard() + 8;
+    let here = &raw const guard as u64;
+    assert!(
+        here > guard && here - guard < 64 << 10,
+        "this test runs on the boot stack just above its guard"
+    );
+    ExpectFault::page_fault(guard)
+        .without_bits(PF_PRESENT)
+        .run(|| {
+            // SAFETY: deliberately reads the guard page; the fault is caught.
+            let _ = unsafe { core::ptr::read_volatile(guard as *const u64) };
         });
 }
 
