@@ -11,8 +11,9 @@
 //!   Multiboot header and rodata R+NX, data and bss RW+NX; page 0 (null dereferences) and the
 //!   guard page below the boot CPU's stack unmapped; everything else RW+NX.
 //!
-//! Regions whose 4 KiB pages all get the same flags stay 2 MiB pages. The first 2 MiB are always
-//! split in both maps, so the AP trampoline page can be flipped alone ([`set_trampoline`]).
+//! The 2 MiB regions up to the end of rodata, and the one holding the stack guard, get 4 KiB pages
+//! in both maps; all others stay 2 MiB pages (their pages' flags are all alike). The first 2 MiB
+//! being split lets the AP trampoline page below 1 MiB be flipped alone ([`set_trampoline`]).
 
 use x86_64::instructions::tlb;
 use x86_64::structures::paging::page_table::PageTableEntry;

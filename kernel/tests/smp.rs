@@ -29,6 +29,7 @@ codespace_kernel::kernel_tests![
     panicking_work_is_reported_by_cpu_and_the_cpu_recovers,
     faulting_work_is_reported_by_cpu_and_the_cpu_recovers,
     one_failing_share_of_on_each_cpu_is_reported_alone,
+    work_on_one_cpu_can_hand_work_to_another,
     hung_work_times_out_by_cpu_and_the_cpu_recovers,
     shootdown_removes_a_stale_translation_on_another_cpu,
     sync_cores_is_acknowledged_by_every_other_cpu,
@@ -163,6 +164,35 @@ fn one_failing_share_of_on_each_cpu_is_reported_alone() {
     assert_eq!(err.failures[0].cpu, target);
     assert!(format!("{err}").contains(&format!("share of cpu {target} fails")));
     assert_eq!(done.load(Ordering::SeqCst), smp::online_cpus() - 1);
+}
+
+fn work_on_one_cpu_can_hand_work_to_another() {
+    let n = smp::online_cpus();
+    if n < 2 {
+        println!("    one CPU: no other CPU to hand work to");
+        return;
+    }
+    // The boot CPU runs the tests, not an idle loop: work posted to it is refused, not lost.
+    let refused = AtomicUsize::new(0);
+    smp::run_on(1, || {
+        let err = smp::run_on(0, || {}).expect_err("the boot CPU takes no posted work");
+        assert!(matches!(err.of(0), Some(WorkFailure::Busy)), "{err}");
+        refused.fetch_add(1, Ordering::SeqCst);
+    })
+    .unwrap();
+    assert_eq!(refused.load(Ordering::SeqCst), 1);
+    if n < 3 {
+        return;
+    }
+    // CPU 1 owns work on CPU 2, whose failure comes back to CPU 1 by name.
+    let ran_on = AtomicUsize::new(usize::MAX);
+    smp::run_on(1, || {
+        smp::run_on(2, || ran_on.store(smp::current_cpu(), Ordering::SeqCst)).unwrap();
+        let err = smp::run_on(2, || panic!("nested failure")).expect_err("reported to cpu 1");
+        assert!(format!("{err}").starts_with("cpu 2: panicked at "), "{err}");
+    })
+    .unwrap();
+    assert_eq!(ran_on.load(Ordering::SeqCst), 2);
 }
 
 fn hung_work_times_out_by_cpu_and_the_cpu_recovers() {
