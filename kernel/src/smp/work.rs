@@ -13,7 +13,7 @@
 //! outcome; each hand-over is a Release store read with Acquire. The worker runs the job inside
 //! `catch`, so a panic or an unhandled fault ends the job, not the CPU, and the CPU goes back to
 //! its idle loop. A job past its deadline is stopped with an NMI whose handler returns into that
-//! `catch` — only at a point where the worker holds nothing shared (no exception or IRQ handler,
+//! `catch` — only at a point where the worker holds nothing shared (no exception or IPI handler,
 //! no mailbox service, no serial or heap lock); the owner re-sends the NMI until it lands, and
 //! stops the kernel if it cannot within [`STOP_GRACE`]. The owner never returns while a worker may
 //! still call its closure, so the borrow is sound.
@@ -181,6 +181,8 @@ pub fn run_on_timeout(cpu: usize, timeout: Duration, f: impl Fn() + Sync) -> Res
 
 /// Runs `f(cpu)` on every online CPU at once, the calling one included, and waits for all, each
 /// for at most [`DEFAULT_TIMEOUT`]. `f` learns which CPU runs it, so each can do different work.
+/// The caller's own share runs in place under `catch`, without a deadline (nothing could stop
+/// it); the other CPUs' deadlines count from when their shares were posted.
 ///
 /// # Errors
 /// One [`CpuFailure`] per CPU whose share failed; the others' shares completed.
@@ -288,7 +290,7 @@ fn wait(cpu: usize, deadline: Deadline, timeout: Duration) -> Option<Caught> {
             if give_up.is_some_and(Deadline::expired) {
                 crate::serial::force_unlock();
                 crate::println!(
-                    "\n{CpuPrefix}cpu {cpu}: timed out after {} s and could not be stopped",
+                    "\n{CpuPrefix}work on cpu {cpu} timed out after {} s and could not be stopped",
                     timeout.as_secs_f32()
                 );
                 crate::exit(crate::ExitCode::Failure);
