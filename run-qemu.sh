@@ -8,7 +8,7 @@
 # Environment:
 #   CODESPACE_QEMU_TIMEOUT  seconds before the kernel is killed (default 120)
 #   CODESPACE_QEMU_MEMORY   guest memory (default 512M)
-#   CODESPACE_QEMU_SMP      guest CPUs (default 1)
+#   CODESPACE_QEMU_SMP      guest CPUs (default 1); the kernel starts all of them
 #   CODESPACE_QEMU_ACCEL    kvm or tcg (default: kvm when a probe boot under /dev/kvm is quick, else tcg)
 #   CODESPACE_QEMU_APPEND   kernel command line (cargo run -- ARGS sets it)
 set -uo pipefail
@@ -35,6 +35,10 @@ fi
 timeout_s=${CODESPACE_QEMU_TIMEOUT:-120}
 memory=${CODESPACE_QEMU_MEMORY:-512M}
 smp=${CODESPACE_QEMU_SMP:-1}
+if ! [[ "$smp" =~ ^[1-9][0-9]*$ ]]; then
+    echo "run-qemu.sh: CODESPACE_QEMU_SMP=$smp is not a positive number of CPUs" >&2
+    exit 2
+fi
 
 # KVM only when it really works here: /dev/kvm can exist and refuse us, or work so slowly (nested
 # virtualization: ~30 s of firmware before the kernel runs) that TCG is faster. The probe boots

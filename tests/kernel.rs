@@ -1,9 +1,12 @@
 //! `cargo test --test kernel`: builds every `kernel/tests/*.rs` test kernel, boots each in QEMU
-//! (sorted by name) and checks its libtest-shaped report; then checks that this harness notices a
-//! failing and a hung kernel (`kernel/examples/harness_selftest.rs`).
+//! (sorted by name) with 1 CPU and again with 4 — or only with `CODESPACE_QEMU_SMP` CPUs when that
+//! is set — and checks its libtest-shaped report; then checks that this harness notices a failing
+//! and a hung kernel (`kernel/examples/harness_selftest.rs`), and boots the demo and the
+//! integration example (with `CODESPACE_QEMU_SMP` CPUs, default 1).
 //!
-//! A kernel passes when `run-qemu.sh` exits 0 and it reported `test result: ok. N passed; 0
-//! failed` with N ≥ 1. The last line sums every kernel test plus the harness checks.
+//! A kernel run passes when `run-qemu.sh` exits 0, the kernel printed `cpus online: N` for the N
+//! CPUs it was given, and it reported `test result: ok. N passed; 0 failed` with N ≥ 1. The last
+//! line sums every kernel test of every run plus the harness checks.
 
 #[path = "../src/bin/codespace-qemu/launcher.rs"]
 mod launcher;
@@ -19,14 +22,25 @@ struct Tally {
     failed: usize,
 }
 
+/// CPU counts each test kernel runs with when `CODESPACE_QEMU_SMP` is unset.
+const DEFAULT_CPU_COUNTS: [usize; 2] = [1, 4];
+
 fn main() -> ExitCode {
     let release = !cfg!(debug_assertions);
     let mut tally = Tally::default();
+    let env_cpus = match launcher::smp_from_env() {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("kernel tests: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let counts = env_cpus.map_or(DEFAULT_CPU_COUNTS.to_vec(), |n| vec![n]);
     if let Err(e) = launcher::ensure_target()
         .and_then(|()| launcher::ensure_qemu())
-        .and_then(|()| run_test_kernels(release, &mut tally))
+        .and_then(|()| run_test_kernels(release, &counts, &mut tally))
         .and_then(|()| harness_selftest(release, &mut tally))
-        .and_then(|()| whole_kernels(release, &mut tally))
+        .and_then(|()| whole_kernels(release, env_cpus.unwrap_or(1), &mut tally))
     {
         eprintln!("kernel tests: error: {e}");
         return ExitCode::FAILURE;
@@ -44,44 +58,64 @@ fn main() -> ExitCode {
     }
 }
 
-/// Builds and boots every test kernel, adding their tests to `tally`.
-fn run_test_kernels(release: bool, tally: &mut Tally) -> Result<(), String> {
+/// Builds every test kernel and boots each with every count of `cpus`, adding their tests to
+/// `tally`.
+fn run_test_kernels(release: bool, cpus: &[usize], tally: &mut Tally) -> Result<(), String> {
     let kernels = launcher::build_kernels(Kernels::Tests, release)?;
     if kernels.is_empty() {
         return Err("cargo built no test kernels".into());
     }
     for kernel in kernels {
-        println!(
-            "\n     Running kernel test {} ({})",
-            kernel.name,
-            kernel.path.display()
-        );
-        let start = Instant::now();
-        let run = launcher::run_kernel(&kernel.path, None, None)?;
-        let summary = launcher::parse_summary(&run.output);
-        let (passed, failed) = summary.unwrap_or((0, 0));
-        tally.passed += passed;
-        tally.failed += failed;
-        let elapsed = start.elapsed().as_secs_f64();
-        if run.status == 0 && passed >= 1 && failed == 0 {
-            println!(
-                "     Kernel {} ok: {passed} passed in {elapsed:.1}s",
-                kernel.name
-            );
-        } else {
-            // A kernel that failed without reporting a failed test is one failure of its own.
-            if failed == 0 {
-                tally.failed += 1;
-            }
-            let counts = match summary {
-                Some(_) => format!("{passed} passed; {failed} failed"),
-                None => "no `test result:` line".into(),
-            };
-            println!(
-                "     Kernel {} FAILED: exit status {}, {counts} in {elapsed:.1}s",
-                kernel.name, run.status
-            );
+        for &n in cpus {
+            run_test_kernel(&kernel, n, tally)?;
         }
+    }
+    Ok(())
+}
+
+/// Boots one test kernel with `cpus` CPUs and checks its report.
+fn run_test_kernel(
+    kernel: &launcher::Kernel,
+    cpus: usize,
+    tally: &mut Tally,
+) -> Result<(), String> {
+    let label = launcher::cpus_label(cpus);
+    println!(
+        "\n     Running kernel test {} ({label}) ({})",
+        kernel.name,
+        kernel.path.display()
+    );
+    let start = Instant::now();
+    let run = launcher::run_kernel(&kernel.path, None, None, Some(cpus))?;
+    let summary = launcher::parse_summary(&run.output);
+    let (passed, failed) = summary.unwrap_or((0, 0));
+    tally.passed += passed;
+    tally.failed += failed;
+    let elapsed = start.elapsed().as_secs_f64();
+    let online = launcher::cpus_online(&run.output);
+    if run.status == 0 && passed >= 1 && failed == 0 && online == Some(cpus) {
+        println!(
+            "     Kernel {} ({label}) ok: {passed} passed in {elapsed:.1}s",
+            kernel.name
+        );
+    } else {
+        // A kernel that failed without reporting a failed test is one failure of its own.
+        if failed == 0 {
+            tally.failed += 1;
+        }
+        let counts = match summary {
+            Some(_) => format!("{passed} passed; {failed} failed"),
+            None => "no `test result:` line".into(),
+        };
+        let cpus_seen = match online {
+            Some(n) if n == cpus => String::new(),
+            Some(n) => format!(", {n} of {cpus} CPUs online"),
+            None => ", no `cpus online:` line".into(),
+        };
+        println!(
+            "     Kernel {} ({label}) FAILED: exit status {}, {counts}{cpus_seen} in {elapsed:.1}s",
+            kernel.name, run.status
+        );
     }
     Ok(())
 }
@@ -98,7 +132,7 @@ fn harness_selftest(release: bool, tally: &mut Tally) -> Result<(), String> {
     );
 
     println!("     Booting it with `fail`: its second test fails on purpose");
-    let run = launcher::run_kernel(&kernel.path, Some("fail"), None)?;
+    let run = launcher::run_kernel(&kernel.path, Some("fail"), None, None)?;
     let summary = launcher::parse_summary(&run.output);
     let result = expect_status(&run, 1).and_then(|()| match summary {
         Some((1, 1)) => Ok(()),
@@ -113,7 +147,7 @@ fn harness_selftest(release: bool, tally: &mut Tally) -> Result<(), String> {
     );
 
     println!("     Booting it with `nested`: its page-fault handler faults; that must stop it");
-    let run = launcher::run_kernel(&kernel.path, Some("nested"), Some(30))?;
+    let run = launcher::run_kernel(&kernel.path, Some("nested"), Some(30), None)?;
     let result = expect_status(&run, 1).and_then(|()| {
         if run.output.contains("nested fault in exception handler") {
             Ok(())
@@ -128,7 +162,7 @@ fn harness_selftest(release: bool, tally: &mut Tally) -> Result<(), String> {
     );
 
     println!("     Booting it with `hang`: it never ends, so a 3 s timeout must stop it");
-    let run = launcher::run_kernel(&kernel.path, Some("hang"), Some(3))?;
+    let run = launcher::run_kernel(&kernel.path, Some("hang"), Some(3), None)?;
     report(
         tally,
         "harness::hung_kernel_times_out",
@@ -137,9 +171,10 @@ fn harness_selftest(release: bool, tally: &mut Tally) -> Result<(), String> {
     Ok(())
 }
 
-/// Boots the demo (what `cargo run` shows) and the integration-guide example: each must exit 0
-/// after printing its closing line.
-fn whole_kernels(release: bool, tally: &mut Tally) -> Result<(), String> {
+/// Boots the demo (what `cargo run` shows) and the integration-guide example with `cpus` CPUs
+/// (`CODESPACE_QEMU_SMP`, default 1): each must bring them all online and exit 0 after printing
+/// its closing line.
+fn whole_kernels(release: bool, cpus: usize, tally: &mut Tally) -> Result<(), String> {
     let demo = launcher::build_kernels(Kernels::Demo, release)?;
     let example = launcher::build_kernels(Kernels::Integration, release)?;
     for (name, kernel, closing) in [
@@ -152,12 +187,14 @@ fn whole_kernels(release: bool, tally: &mut Tally) -> Result<(), String> {
     ] {
         let kernel = kernel.ok_or_else(|| format!("cargo built no kernel for {name}"))?;
         println!("\n     Running {} ({})", kernel.name, kernel.path.display());
-        let run = launcher::run_kernel(&kernel.path, None, None)?;
+        let run = launcher::run_kernel(&kernel.path, None, None, None)?;
         let result = expect_status(&run, 0).and_then(|()| {
-            if run.output.contains(closing) {
-                Ok(())
-            } else {
+            if !run.output.contains(closing) {
                 Err(format!("its output lacks `{closing}`"))
+            } else if launcher::cpus_online(&run.output) != Some(cpus) {
+                Err(format!("it did not report `cpus online: {cpus}`"))
+            } else {
+                Ok(())
             }
         });
         report(tally, name, result);

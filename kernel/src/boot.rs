@@ -33,6 +33,11 @@ multiboot_header:
 boot_pml4:  .skip 4096
 boot_pdpt:  .skip 4096
 boot_pd:    .skip 4096 * 4
+    /* The stack's lowest page is left unmapped once the kernel's own tables are built
+       (layout.rs): an overflow faults instead of running into the page tables below. */
+    .global boot_stack_guard
+boot_stack_guard:
+    .skip 4096
 boot_stack_bottom:
     .skip 64 * 1024
 boot_stack_top:

@@ -6,6 +6,11 @@
 //! closure's frames are abandoned, not dropped: what they owned leaks and any lock they held stays
 //! held (the serial console is force-unlocked). That is the price of recovery with `panic = abort`,
 //! acceptable for a test kernel.
+//!
+//! Everything is per CPU: each CPU has its own chain of catch frames (a fault on one CPU never
+//! lands in another CPU's `catch`), and a frame only catches failures raised at the interrupt
+//! nesting it was set up at (an exception or panic inside an IPI handler is fatal, not unwound
+//! out of the handler).
 
 use core::arch::global_asm;
 use core::fmt::{self, Write};
@@ -14,6 +19,7 @@ use core::ptr;
 use core::sync::atomic::{AtomicPtr, Ordering};
 
 use crate::interrupts::{self, FaultInfo, TrapFrame};
+use crate::percpu::PerCpu;
 
 /// Registers that survive a call, saved where `catch_call` was entered.
 #[repr(C)]
@@ -77,6 +83,8 @@ pub enum Caught {
     Panic(Message),
     /// It raised a fault that no fixup handled.
     Fault(FaultInfo),
+    /// Another CPU stopped it (a cross-CPU work item ran past its timeout; see `smp`).
+    Stopped,
 }
 
 #[repr(C)]
@@ -84,10 +92,12 @@ struct CatchFrame {
     buf: JumpBuf,
     prev: *mut CatchFrame,
     depth: u32,
+    atomic: u32,
     caught: Option<Caught>,
 }
 
-static TOP: AtomicPtr<CatchFrame> = AtomicPtr::new(ptr::null_mut());
+/// Each CPU's innermost active catch frame (only that CPU reads or writes its slot).
+static TOP: PerCpu<AtomicPtr<CatchFrame>> = crate::per_cpu!(AtomicPtr::new(ptr::null_mut()));
 
 global_asm!(
     r#"
@@ -149,13 +159,14 @@ extern "C" fn trampoline<F: FnOnce()>(data: *mut u8) {
 pub fn catch<F: FnOnce()>(f: F) -> Result<(), Caught> {
     let mut frame = CatchFrame {
         buf: JumpBuf::default(),
-        prev: TOP.load(Ordering::SeqCst),
+        prev: TOP.this().load(Ordering::SeqCst),
         depth: interrupts::depth(),
+        atomic: interrupts::atomic_depth(),
         caught: None,
     };
     let mut f = Some(f);
     let frame_ptr: *mut CatchFrame = &mut frame;
-    TOP.store(frame_ptr, Ordering::SeqCst);
+    TOP.this().store(frame_ptr, Ordering::SeqCst);
     // SAFETY: `catch_call` saves the callee-saved registers into the frame's jump buffer and calls
     // the trampoline with a pointer to `f`; both live on this stack frame until it returns.
     let unwound = unsafe {
@@ -167,7 +178,7 @@ pub fn catch<F: FnOnce()>(f: F) -> Result<(), Caught> {
     };
     // SAFETY: the frame is still ours; a redirect only wrote through the published pointer.
     let frame = unsafe { &mut *frame_ptr };
-    TOP.store(frame.prev, Ordering::SeqCst);
+    TOP.this().store(frame.prev, Ordering::SeqCst);
     if unwound == 0 {
         Ok(())
     } else {
@@ -178,19 +189,71 @@ pub fn catch<F: FnOnce()>(f: F) -> Result<(), Caught> {
 /// Whether a [`catch`] is active, i.e. a panic can be recovered.
 #[must_use]
 pub fn active() -> bool {
-    !TOP.load(Ordering::SeqCst).is_null()
+    !usable_top().is_null()
+}
+
+/// This CPU's innermost catch frame if it catches failures raised here (same atomic depth).
+fn usable_top() -> *mut CatchFrame {
+    let top = TOP.this().load(Ordering::SeqCst);
+    // SAFETY: a non-null TOP points at the CatchFrame of a `catch` still running on this CPU's
+    // stack; only its `atomic` field is read.
+    if !top.is_null() && unsafe { (*top).atomic } == interrupts::atomic_depth() {
+        top
+    } else {
+        ptr::null_mut()
+    }
+}
+
+/// An active [`catch`] of this CPU, so that another context can later return there
+/// ([`stop_at`]). Only an address: it is dereferenced only by `stop_at`, on the CPU that created
+/// it, while that catch still runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CatchPoint(*mut CatchFrame);
+
+impl CatchPoint {
+    /// The frame's address (never 0), to keep in an atomic.
+    pub(crate) fn addr(self) -> usize {
+        self.0 as usize
+    }
+
+    /// The point whose [`addr`](Self::addr) was `addr`.
+    pub(crate) fn from_addr(addr: usize) -> Self {
+        CatchPoint(addr as *mut CatchFrame)
+    }
+}
+
+/// The catch frame that is innermost now (call from inside the closure given to [`catch`]).
+pub(crate) fn innermost() -> Option<CatchPoint> {
+    let top = usable_top();
+    (!top.is_null()).then_some(CatchPoint(top))
+}
+
+/// Called by the NMI handler on the CPU that created `point`, while that catch is still running
+/// at exception depth 0 and atomic depth 0: drops every inner catch frame and edits `frame` so
+/// that `iretq` returns from `point`'s `catch_call` with [`Caught::Stopped`].
+pub(crate) fn stop_at(frame: &mut TrapFrame, point: CatchPoint) {
+    TOP.this().store(point.0, Ordering::SeqCst);
+    // SAFETY: the caller guarantees the frame is live on this CPU's stack.
+    let c = unsafe { &mut *point.0 };
+    resume_at(frame, c, Caught::Stopped);
 }
 
 /// Called by the exception dispatcher for a fault nobody fixed up: when a [`catch`] is active,
 /// edits `frame` so that `iretq` returns from that `catch_call` with 1 and records the fault.
 pub(crate) fn redirect_fault(frame: &mut TrapFrame, info: FaultInfo) -> bool {
-    let top = TOP.load(Ordering::SeqCst);
+    let top = usable_top();
     if top.is_null() {
         return false;
     }
     // SAFETY: a non-null TOP points at the CatchFrame of a `catch` still running on this stack.
     let c = unsafe { &mut *top };
-    c.caught = Some(Caught::Fault(info));
+    resume_at(frame, c, Caught::Fault(info));
+    true
+}
+
+/// Edits `frame` so that `iretq` returns from `c`'s `catch_call` with 1, recording `caught`.
+fn resume_at(frame: &mut TrapFrame, c: &mut CatchFrame, caught: Caught) {
+    c.caught = Some(caught);
     frame.rbx = c.buf.rbx;
     frame.rbp = c.buf.rbp;
     frame.r12 = c.buf.r12;
@@ -200,13 +263,12 @@ pub(crate) fn redirect_fault(frame: &mut TrapFrame, info: FaultInfo) -> bool {
     frame.rsp = c.buf.rsp;
     frame.rax = 1;
     frame.rip = catch_resume as *const () as u64;
-    true
 }
 
 /// Called by the panic handler: records the message in the innermost [`catch`] and returns there.
 /// Returns only when no catch is active.
 pub(crate) fn unwind_panic(info: &PanicInfo<'_>) {
-    let top = TOP.load(Ordering::SeqCst);
+    let top = usable_top();
     if top.is_null() {
         return;
     }

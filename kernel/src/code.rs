@@ -3,7 +3,7 @@
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use codespace::mmu::x86::{LinearMap, PhysOffset, Smp, UniProcessor, X86Mmu};
+use codespace::mmu::x86::{LinearMap, PhysOffset, Smp, X86Mmu};
 use codespace::mmu::MmuError;
 use codespace::module::Registries;
 use codespace::sync::grace::GraceDomain;
@@ -91,15 +91,55 @@ static LINEAR_MAPS: [LinearMap; 2] = [
     },
 ];
 
-/// The kernel's CPUs as the backend sees them.
-pub fn smp() -> &'static dyn Smp {
-    &UniProcessor
+/// The kernel's CPUs, as codespace's x86 backend sees them: [`crate::smp`]'s IPI layer.
+struct KernelSmp;
+
+// SAFETY: `current_cpu` is the dense per-CPU index read from GS (set before a CPU runs anything
+// else, never changed); `online_cpus` counts every CPU that entered the kernel. `smp::shootdown`
+// returns after every other online CPU executed `invlpg` for each page, or reloaded CR3 — which
+// flushes every translation here: this kernel uses neither global pages nor PCIDs.
+// `smp::sync_cores` returns after every other online CPU executed `cpuid`. Both may be called
+// with interrupts off and serve the caller's own mailbox while waiting (see `smp::ipi`).
+unsafe impl Smp for KernelSmp {
+    fn current_cpu(&self) -> usize {
+        crate::smp::current_cpu()
+    }
+
+    fn online_cpus(&self) -> usize {
+        crate::smp::online_cpus()
+    }
+
+    fn shootdown(&self, pages: &[usize], full: bool) -> Result<(), MmuError> {
+        crate::smp::shootdown(pages, full);
+        Ok(())
+    }
+
+    fn sync_cores(&self) -> Result<(), MmuError> {
+        crate::smp::sync_cores();
+        Ok(())
+    }
 }
 
-/// Takes part in grace periods: called once at boot, before anything uses codespace.
+/// The kernel's CPUs as the backend sees them.
+pub fn smp() -> &'static dyn Smp {
+    &KernelSmp
+}
+
+/// Takes part in grace periods: called once at boot when every CPU is online, before anything
+/// uses codespace. Idle CPUs report quiescent states from then on.
 pub(crate) fn init() {
-    // SAFETY: this kernel runs generated code and lookups on the CPUs `smp()` counts only.
-    unsafe { GRACE.set_possible_cpus(smp().online_cpus()) };
+    // SAFETY: this kernel runs generated code and lookups on the CPUs `smp` started only, whose
+    // indices are `0..max_cpus()`.
+    unsafe { GRACE.set_possible_cpus(crate::smp::max_cpus()) };
+    crate::smp::set_idle_hook(Some(idle_quiescent));
+}
+
+/// The idle hook: an AP in its idle loop, or a CPU waiting in `smp::run_on`/`on_each_cpu` for
+/// work it handed out, runs no generated code and holds no lookup reference (the test framework
+/// never calls them from generated code or from inside a lookup).
+fn idle_quiescent(cpu: usize) {
+    // SAFETY: see above: the hook runs only at those quiescent points.
+    unsafe { GRACE.quiescent(cpu) };
 }
 
 /// Reports that the calling CPU passed a quiescent state (see [`GraceDomain::quiescent`]), and
@@ -127,9 +167,15 @@ pub unsafe fn quiescent() {
 /// As [`quiescent`].
 pub unsafe fn synchronize() {
     let ticket = GRACE.defer();
+    let mut polls = 0u32;
     while !GRACE.is_over(ticket) {
         // SAFETY: the caller's contract.
         unsafe { quiescent() };
+        polls += 1;
+        if polls % 64 == 0 {
+            // Idle CPUs sleep in `hlt` and report only when woken: an IPI wakes them.
+            crate::smp::sync_cores();
+        }
         core::hint::spin_loop();
     }
 }

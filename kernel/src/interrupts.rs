@@ -15,6 +15,7 @@ use x86_64::structures::idt::InterruptDescriptorTable;
 use x86_64::VirtAddr;
 
 use crate::gdt;
+use crate::percpu::PerCpu;
 use crate::qemu::{exit, ExitCode};
 
 /// Register state of the interrupted code, as saved by `isr_common`; every field is written back.
@@ -48,6 +49,8 @@ pub struct TrapFrame {
     pub ss: u64,
 }
 
+/// Vector of the non-maskable interrupt.
+pub const NMI: u8 = 2;
 /// Vector of the page fault.
 pub const PAGE_FAULT: u8 = 14;
 /// Vector of the double fault.
@@ -56,6 +59,8 @@ pub const DOUBLE_FAULT: u8 = 8;
 pub const IRQ_BASE: u8 = 32;
 /// Number of stubbed vectors: the 32 exceptions and 16 legacy IRQs.
 const STUBBED_VECTORS: usize = 48;
+/// Vector of the inter-processor interrupt that signals a mailbox request (`smp`).
+pub const IPI_VECTOR: u8 = 0xF0;
 
 /// What the CPU reported about a fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,8 +154,12 @@ pub type IrqHandler = fn(&mut TrapFrame);
 
 static FAULT_HANDLER: AtomicUsize = AtomicUsize::new(0);
 static IRQ_HANDLERS: [AtomicUsize; 16] = [const { AtomicUsize::new(0) }; 16];
-/// How many exception handlers are running on this (the only) CPU.
-static DEPTH: AtomicU32 = AtomicU32::new(0);
+/// How many exception handlers are running on each CPU (only that CPU writes its slot).
+static DEPTH: PerCpu<AtomicU32> = crate::per_cpu!(AtomicU32::new(0));
+/// How many mailbox services (IPI handler, or a waiter polling its own mailbox) are running on
+/// each CPU. A `catch` frame only catches a failure raised at the atomic depth it was set up at:
+/// unwinding out of a half-serviced request would leave its sender waiting for ever.
+static ATOMIC: PerCpu<AtomicU32> = crate::per_cpu!(AtomicU32::new(0));
 static IDT: Once<InterruptDescriptorTable> = Once::new();
 
 /// Installs the fixup consulted first for every exception (the trap table's hook), or removes it.
@@ -166,11 +175,35 @@ pub fn set_irq_handler(irq: u8, handler: Option<IrqHandler>) {
 }
 
 pub(crate) fn reset_depth(depth: u32) {
-    DEPTH.store(depth, Ordering::SeqCst);
+    DEPTH.this().store(depth, Ordering::SeqCst);
 }
 
 pub(crate) fn depth() -> u32 {
-    DEPTH.load(Ordering::SeqCst)
+    DEPTH.this().load(Ordering::SeqCst)
+}
+
+pub(crate) fn atomic_depth() -> u32 {
+    ATOMIC.this().load(Ordering::SeqCst)
+}
+
+/// Whether the code `frame` interrupted (from an NMI) is an exception or IPI handler, a mailbox
+/// service, or the entry/exit assembly around them: code that must not be abandoned. (Legacy
+/// IRQs reach only the boot CPU, which never runs stoppable work.)
+pub(crate) fn interrupted_handler(frame: &TrapFrame) -> bool {
+    // Only the addresses of the two labels are taken.
+    let (start, end) = (
+        &raw const isr_text_start as u64,
+        &raw const isr_text_end as u64,
+    );
+    depth() != 0 || atomic_depth() != 0 || (start..end).contains(&frame.rip)
+}
+
+/// Runs `f` as an atomic context of this CPU (see `ATOMIC`).
+pub(crate) fn in_atomic<R>(f: impl FnOnce() -> R) -> R {
+    ATOMIC.this().fetch_add(1, Ordering::SeqCst);
+    let r = f();
+    ATOMIC.this().fetch_sub(1, Ordering::SeqCst);
+    r
 }
 
 global_asm!(
@@ -188,13 +221,15 @@ global_asm!(
     .endm
 
     .section .text
+    .global isr_text_start
+isr_text_start:
     .irp n, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31
         STUB_NOERR \n
     .endr
     .irp n, 8,10,11,12,13,14,17,21,29,30
         STUB_ERR \n
     .endr
-    .irp n, 32,33,34,35,36,37,38,39,40,41,42,43,44,45,46,47
+    .irp n, 32,33,34,35,36,37,38,39,40,41,42,43,44,45,46,47,240,255
         STUB_NOERR \n
     .endr
 
@@ -235,6 +270,8 @@ isr_common:
     popq %rax
     addq $16, %rsp
     iretq
+    .global isr_text_end
+isr_text_end:
 
     .section .rodata
     .balign 8
@@ -243,20 +280,39 @@ isr_stub_table:
     .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,32,33,34,35,36,37,38,39,40,41,42,43,44,45,46,47
         .quad isr_stub_\n
     .endr
+    .global isr_stub_ipi
+isr_stub_ipi:
+    .quad isr_stub_240
+    .global isr_stub_spurious
+isr_stub_spurious:
+    .quad isr_stub_255
 "#,
     options(att_syntax)
 );
 
 extern "C" {
     static isr_stub_table: [u64; STUBBED_VECTORS];
+    static isr_stub_ipi: u64;
+    static isr_stub_spurious: u64;
+    static isr_text_start: u8;
+    static isr_text_end: u8;
 }
 
 fn stub(vector: usize) -> VirtAddr {
-    // SAFETY: the table is immutable data emitted by the assembly above, with STUBBED_VECTORS entries.
-    VirtAddr::new(unsafe { isr_stub_table[vector] })
+    // SAFETY: the tables are immutable data emitted by the assembly above, with STUBBED_VECTORS
+    // entries plus the two APIC vectors.
+    VirtAddr::new(unsafe {
+        match vector {
+            v if v == usize::from(IPI_VECTOR) => isr_stub_ipi,
+            v if v == usize::from(crate::apic::SPURIOUS_VECTOR) => isr_stub_spurious,
+            v => isr_stub_table[v],
+        }
+    })
 }
 
-/// Builds and loads the IDT: exceptions 0..32 (except reserved ones) and IRQ vectors 32..48.
+/// Builds the IDT (once) and loads it on this CPU: exceptions 0..32 (except reserved ones), IRQ
+/// vectors 32..48, the IPI vector and the APIC's spurious vector. One IDT serves every CPU: the
+/// IST indices name slots of each CPU's own TSS.
 pub fn init() {
     let idt = IDT.call_once(|| {
         let mut idt = InterruptDescriptorTable::new();
@@ -265,7 +321,9 @@ pub fn init() {
         unsafe {
             idt.divide_error.set_handler_addr(stub(0));
             idt.debug.set_handler_addr(stub(1));
-            idt.non_maskable_interrupt.set_handler_addr(stub(2));
+            idt.non_maskable_interrupt
+                .set_handler_addr(stub(2))
+                .set_stack_index(gdt::NMI_IST_INDEX);
             idt.breakpoint.set_handler_addr(stub(3));
             idt.overflow.set_handler_addr(stub(4));
             idt.bound_range_exceeded.set_handler_addr(stub(5));
@@ -278,15 +336,17 @@ pub fn init() {
             idt.segment_not_present.set_handler_addr(stub(11));
             idt.stack_segment_fault.set_handler_addr(stub(12));
             idt.general_protection_fault.set_handler_addr(stub(13));
-            idt.page_fault
-                .set_handler_addr(stub(14))
-                .set_stack_index(gdt::PAGE_FAULT_IST_INDEX);
+            // No IST: a nested #PF must push below the outer frame, not overwrite it.
+            idt.page_fault.set_handler_addr(stub(14));
             idt.x87_floating_point.set_handler_addr(stub(16));
             idt.alignment_check.set_handler_addr(stub(17));
             idt.machine_check.set_handler_addr(stub(18));
             idt.simd_floating_point.set_handler_addr(stub(19));
             for irq in 0..16u8 {
                 idt[IRQ_BASE + irq].set_handler_addr(stub(usize::from(IRQ_BASE + irq)));
+            }
+            for v in [IPI_VECTOR, crate::apic::SPURIOUS_VECTOR] {
+                idt[v].set_handler_addr(stub(usize::from(v)));
             }
         }
         idt
@@ -298,6 +358,21 @@ pub fn init() {
 #[no_mangle]
 extern "C" fn exception_dispatch(frame: &mut TrapFrame) {
     let vector = frame.vector as u8;
+    if vector == IPI_VECTOR {
+        // Atomic as a whole: no catch frame unwinds out of it, no NMI stops it.
+        in_atomic(|| {
+            crate::smp::ipi_interrupt();
+            crate::apic::eoi();
+        });
+        return;
+    }
+    if vector == crate::apic::SPURIOUS_VECTOR {
+        return; // no EOI for a spurious APIC interrupt
+    }
+    if vector == NMI {
+        crate::smp::nmi(frame);
+        return;
+    }
     if vector >= IRQ_BASE {
         let irq = vector - IRQ_BASE;
         let handler = IRQ_HANDLERS[usize::from(irq)].load(Ordering::SeqCst);
@@ -311,7 +386,7 @@ extern "C" fn exception_dispatch(frame: &mut TrapFrame) {
     }
 
     let info = FaultInfo::from_frame(frame);
-    let outer = DEPTH.fetch_add(1, Ordering::SeqCst);
+    let outer = DEPTH.this().fetch_add(1, Ordering::SeqCst);
     if vector == DOUBLE_FAULT || outer > 0 {
         // A fault inside a fault handler: report once and stop, never loop.
         fatal(
@@ -332,11 +407,11 @@ extern "C" fn exception_dispatch(frame: &mut TrapFrame) {
     if !handled && !crate::catch::redirect_fault(frame, info) {
         fatal("unhandled exception", &info);
     }
-    DEPTH.fetch_sub(1, Ordering::SeqCst);
+    DEPTH.this().fetch_sub(1, Ordering::SeqCst);
 }
 
 fn fatal(what: &str, info: &FaultInfo) -> ! {
     crate::serial::force_unlock();
-    crate::println!("\n{what}: {info}");
+    crate::println!("\n{}{what}: {info}", crate::smp::CpuPrefix);
     exit(ExitCode::Failure)
 }

@@ -1,5 +1,6 @@
 //! The codespace test kernel: Multiboot boot, serial console, GDT/IDT with a frame-editing fault
-//! path, frame allocator, heap, and a libtest-shaped test framework over serial.
+//! path, frame allocator, heap, W^X kernel mappings, every CPU of the machine (`smp`), and a
+//! libtest-shaped test framework over serial.
 //!
 //! Every binary of this crate (the demo, `tests/*.rs`, examples) is a kernel: it names its main
 //! function with [`entry_point!`] (or lists tests with [`kernel_tests!`]) and `cargo run` / `cargo
@@ -9,6 +10,7 @@
 
 extern crate alloc;
 
+pub mod apic;
 pub mod bench;
 mod boot;
 pub mod boot_info;
@@ -18,11 +20,17 @@ pub mod gdt;
 pub mod interrupts;
 pub mod irq_spin;
 pub mod jit;
+pub mod layout;
+pub mod madt;
 pub mod memory;
+pub mod percpu;
 pub mod pic;
 pub mod qemu;
 pub mod serial;
+pub mod smp;
 pub mod test;
+pub mod time;
+pub mod wx_audit;
 
 use core::panic::PanicInfo;
 use spin::Once;
@@ -63,8 +71,10 @@ extern "Rust" {
 /// 64-bit entry, called by the boot assembly with the Multiboot magic and info address.
 #[no_mangle]
 extern "C" fn kernel_entry(magic: u32, info: u32) -> ! {
+    // First: the fault path and every per-CPU structure find this CPU through GS.
+    percpu::init_cpu(0);
     serial::init();
-    gdt::init();
+    gdt::init(0, gdt::bsp_stacks());
     interrupts::init();
     pic::init();
     let boot = match boot_info::parse(magic, info) {
@@ -84,10 +94,13 @@ extern "C" fn kernel_entry(magic: u32, info: u32) -> ! {
             .map(|r| (r.start, r.end)),
         &reserved,
     );
-    code::init();
     if boot.has_arg("codespace.probe") {
         accelerator_probe();
     }
+    time::init();
+    smp::init(boot);
+    code::init();
+    println!("cpus online: {}", smp::online_cpus());
     // SAFETY: every kernel binary defines this symbol through `entry_point!`.
     let code = unsafe { codespace_kernel_main(boot) };
     exit(code)
@@ -120,6 +133,6 @@ macro_rules! entry_point {
 fn panic(info: &PanicInfo<'_>) -> ! {
     serial::force_unlock();
     catch::unwind_panic(info);
-    println!("\nkernel panic: {info}");
+    println!("\n{}kernel panic: {info}", smp::CpuPrefix);
     exit(ExitCode::Failure)
 }

@@ -3,7 +3,7 @@
 use core::alloc::{GlobalAlloc, Layout};
 use core::fmt;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use linked_list_allocator::LockedHeap;
 use spin::Once;
 
@@ -15,6 +15,8 @@ use x86_64::structures::paging::{
 };
 use x86_64::{PhysAddr, VirtAddr};
 
+use crate::percpu::PerCpu;
+
 /// Where all physical memory below [`PHYS_MAPPED_LIMIT`] is mapped (PML4 slot 256), like
 /// `bootloader_api`'s `physical_memory_offset`.
 pub const PHYS_OFFSET: u64 = 0xFFFF_8000_0000_0000;
@@ -22,6 +24,8 @@ pub const PHYS_OFFSET: u64 = 0xFFFF_8000_0000_0000;
 pub const PHYS_MAPPED_LIMIT: u64 = 4 << 30;
 /// A PML4 slot (320) that nothing maps at boot: tests map scratch pages here.
 pub const SCRATCH_BASE: u64 = 0xFFFF_A000_0000_0000;
+/// A PML4 slot (288) for the APs' stacks, each with an unmapped guard page below it.
+pub const STACKS_BASE: u64 = 0xFFFF_9000_0000_0000;
 /// Size of the kernel heap.
 pub const HEAP_SIZE: usize = 16 << 20;
 
@@ -154,35 +158,58 @@ static FRAMES: IrqMutex<FrameBitmap> = IrqMutex::new(FrameBitmap::new());
 static PAGE_TABLE: Once<IrqMutex<OffsetPageTable<'static>>> = Once::new();
 
 #[global_allocator]
-static ALLOCATOR: PeakHeap = PeakHeap {
+static ALLOCATOR: KernelHeap = KernelHeap {
     heap: LockedHeap::empty(),
     peak: AtomicUsize::new(0),
 };
 
-/// The heap, remembering the most bytes it ever had in use (what a workload needs of it).
-struct PeakHeap {
+/// How many heap operations each CPU is inside (the NMI that stops a timed-out work item waits
+/// until its CPU holds no heap lock, or the heap would stay locked for everyone).
+static IN_HEAP: PerCpu<AtomicU32> = crate::per_cpu!(AtomicU32::new(0));
+
+/// The heap: counts per CPU who is inside it, keeps interrupts off while its lock is held (so
+/// an interrupt handler that allocates, such as a tier-up compile, never finds the heap locked
+/// by the code it interrupted), and remembers the most bytes it ever had in use.
+struct KernelHeap {
     heap: LockedHeap,
     peak: AtomicUsize,
 }
 
+impl KernelHeap {
+    fn enter<R>(&self, f: impl FnOnce(&LockedHeap) -> R) -> R {
+        let count = IN_HEAP.this();
+        count.fetch_add(1, Ordering::SeqCst);
+        let r = x86_64::instructions::interrupts::without_interrupts(|| f(&self.heap));
+        count.fetch_sub(1, Ordering::SeqCst);
+        r
+    }
+}
+
 // SAFETY: allocation and deallocation are `linked_list_allocator`'s, under its lock; the peak is
 // read from the same locked heap after each allocation.
-unsafe impl GlobalAlloc for PeakHeap {
+unsafe impl GlobalAlloc for KernelHeap {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let mut heap = self.heap.lock();
-        let ptr = heap
-            .allocate_first_fit(layout)
-            .map_or(core::ptr::null_mut(), NonNull::as_ptr);
-        self.peak.fetch_max(heap.used(), Ordering::Relaxed);
-        ptr
+        self.enter(|h| {
+            let mut heap = h.lock();
+            let ptr = heap
+                .allocate_first_fit(layout)
+                .map_or(core::ptr::null_mut(), NonNull::as_ptr);
+            self.peak.fetch_max(heap.used(), Ordering::Relaxed);
+            ptr
+        })
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         if let Some(ptr) = NonNull::new(ptr) {
             // SAFETY: the caller passes memory `alloc` returned for `layout`.
-            unsafe { self.heap.lock().deallocate(ptr, layout) };
+            self.enter(|h| unsafe { h.lock().deallocate(ptr, layout) });
         }
     }
+}
+
+/// Whether this CPU is inside a heap operation.
+pub(crate) fn in_heap() -> bool {
+    IN_HEAP.this().load(Ordering::SeqCst) != 0
 }
 
 #[repr(C, align(4096))]
@@ -239,7 +266,7 @@ pub(crate) fn init(usable: impl Iterator<Item = (u64, u64)>, reserved: &[(u64, u
         }
     });
 
-    harden_identity_map();
+    crate::layout::build();
 
     // SAFETY: HEAP_SPACE is a static used by nothing but the allocator, initialized once here.
     unsafe {
@@ -280,35 +307,20 @@ pub fn map_fresh_page(va: u64, flags: PageTableFlags) -> Result<PhysFrame, &'sta
     Ok(frame)
 }
 
-extern "C" {
-    static __text_end: u8;
-}
-
-/// The boot tables map the first 4 GiB executable in 2 MiB pages; only the kernel's text needs
-/// that. Every identity page past the text becomes NX, so frames handed out later (code frames
-/// included) are never executable at their identity address. (They stay writable there, as
-/// through any kernel direct map.)
-fn harden_identity_map() {
-    let text_end = (&raw const __text_end) as u64;
-    let first_nx = text_end.div_ceil(2 << 20) as usize;
-    let mut tables = page_table();
-    let offset = tables.phys_offset();
-    let pml4 = tables.level_4_table_mut();
-    let pdpt_phys = pml4[0].addr();
-    // SAFETY: the boot PDPT and PDs are page-table frames in the direct map; only leaf flags
-    // change, on the single CPU, before anything but the kernel text runs from these pages.
-    unsafe {
-        let pdpt = &mut *(offset + pdpt_phys.as_u64()).as_mut_ptr::<PageTable>();
-        for (gib, entry) in pdpt.iter_mut().take(4).enumerate() {
-            let pd = &mut *(offset + entry.addr().as_u64()).as_mut_ptr::<PageTable>();
-            for (i, e) in pd.iter_mut().enumerate() {
-                if gib * 512 + i >= first_nx {
-                    e.set_flags(e.flags() | PageTableFlags::NO_EXECUTE);
-                }
-            }
-        }
+/// Maps `pages` fresh zeroed frames RW+NX ending at `top` (page-aligned), with the page below
+/// them left unmapped as a guard: an overflow faults instead of running into other memory.
+/// Returns `top`. Used for the APs' kernel and IST stacks at [`STACKS_BASE`].
+///
+/// # Errors
+/// No free frame, or a page already mapped.
+pub fn map_stack(top: u64, pages: u64) -> Result<VirtAddr, &'static str> {
+    for i in 1..=pages {
+        map_fresh_page(
+            top - i * 4096,
+            PageTableFlags::PRESENT | PageTableFlags::WRITABLE | PageTableFlags::NO_EXECUTE,
+        )?;
     }
-    x86_64::instructions::tlb::flush_all();
+    Ok(VirtAddr::new(top))
 }
 
 /// The raw entries on the walk to `va`: PML4, PDPT, PD, PT (`None` from the first non-present
@@ -352,8 +364,10 @@ pub fn leaf_entry(va: u64) -> Option<u64> {
 /// Bytes of heap in use and free.
 #[must_use]
 pub fn heap_usage() -> (usize, usize) {
-    let heap = ALLOCATOR.heap.lock();
-    (heap.used(), heap.free())
+    ALLOCATOR.enter(|h| {
+        let heap = h.lock();
+        (heap.used(), heap.free())
+    })
 }
 
 /// Most heap bytes in use at once since the last [`reset_heap_peak`] (or boot).
@@ -364,7 +378,9 @@ pub fn heap_peak() -> usize {
 
 /// Starts a new peak measurement from the bytes in use now; returns them.
 pub fn reset_heap_peak() -> usize {
-    let used = ALLOCATOR.heap.lock().used();
-    ALLOCATOR.peak.store(used, Ordering::Relaxed);
-    used
+    ALLOCATOR.enter(|h| {
+        let used = h.lock().used();
+        ALLOCATOR.peak.store(used, Ordering::Relaxed);
+        used
+    })
 }

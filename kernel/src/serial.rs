@@ -1,6 +1,7 @@
 //! Serial console on COM1 (16550 UART): everything the kernel says goes to QEMU's stdio.
 
 use core::fmt::{self, Write};
+use core::sync::atomic::{AtomicUsize, Ordering};
 use spin::Mutex;
 use uart_16550::backend::PioBackend;
 use uart_16550::{Config, Uart16550Tty};
@@ -9,6 +10,9 @@ use uart_16550::{Config, Uart16550Tty};
 const COM1: u16 = 0x3F8;
 
 static SERIAL: Mutex<Option<Uart16550Tty<PioBackend>>> = Mutex::new(None);
+/// 1 + index of the CPU holding `SERIAL`, 0 when free. Written only by the holder, with
+/// interrupts off, so a CPU that finds its own index here was interrupted mid-print.
+static OWNER: AtomicUsize = AtomicUsize::new(0);
 
 /// Initializes COM1; called once by the boot path before anything prints.
 pub fn init() {
@@ -21,9 +25,12 @@ pub fn init() {
 #[doc(hidden)]
 pub fn _print(args: fmt::Arguments<'_>) {
     x86_64::instructions::interrupts::without_interrupts(|| {
-        if let Some(serial) = SERIAL.lock().as_mut() {
+        let mut serial = SERIAL.lock();
+        OWNER.store(crate::percpu::current_cpu() + 1, Ordering::SeqCst);
+        if let Some(serial) = serial.as_mut() {
             let _ = serial.write_fmt(args);
         }
+        OWNER.store(0, Ordering::SeqCst);
     });
 }
 
@@ -38,15 +45,24 @@ impl Write for SerialWriter {
     }
 }
 
-/// Makes the console usable from a panic or fault path that may have interrupted a writer.
+/// Makes the console usable from a panic or fault path that may have interrupted a writer on
+/// this CPU. Another CPU's print is left alone: it finishes and releases the lock itself.
 ///
 /// The interrupted writer never resumes (the kernel exits or jumps back to the test runner),
 /// so releasing its lock cannot interleave two writers.
 pub fn force_unlock() {
-    if SERIAL.is_locked() {
-        // SAFETY: see above: the holder was interrupted for good and will not touch the port again.
+    if holds_lock() {
+        OWNER.store(0, Ordering::SeqCst);
+        // SAFETY: see above: the holder is this CPU, interrupted for good; it will not touch the
+        // port again.
         unsafe { SERIAL.force_unlock() };
     }
+}
+
+/// Whether this CPU is in the middle of printing (the NMI that stops a timed-out work item
+/// waits until it is not).
+pub(crate) fn holds_lock() -> bool {
+    OWNER.load(Ordering::SeqCst) == crate::percpu::current_cpu() + 1
 }
 
 /// Prints to the serial console.

@@ -35,6 +35,9 @@ pub fn run(tests: &[Test]) -> ExitCode {
                     Caught::Fault(info) => {
                         println!("---- {} ----\nunexpected fault: {info}", test.name)
                     }
+                    Caught::Stopped => {
+                        println!("---- {} ----\nstopped from another CPU", test.name)
+                    }
                 }
             }
         }
@@ -120,6 +123,7 @@ impl ExpectFault {
             Err(Caught::Panic(msg)) => panic!("expected {self:?}, but the code panicked: {msg:?}"),
             Err(Caught::Fault(info)) if self.matches(&info) => info,
             Err(Caught::Fault(info)) => panic!("expected {self:?}, got {info}"),
+            Err(Caught::Stopped) => panic!("expected {self:?}, but another CPU stopped the code"),
         }
     }
 }

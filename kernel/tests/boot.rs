@@ -9,6 +9,7 @@ use alloc::vec::Vec;
 use codespace_kernel::interrupts::{self, FaultInfo, TrapFrame, PAGE_FAULT};
 use codespace_kernel::memory::{self, phys_to_virt, SCRATCH_BASE};
 use codespace_kernel::test::{ExpectFault, PF_INSTRUCTION, PF_PRESENT, PF_WRITE};
+use codespace_kernel::{layout, wx_audit};
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicU64, Ordering};
 use x86_64::registers::control::{Cr0, Cr0Flags, Efer, EferFlags};
@@ -29,6 +30,11 @@ codespace_kernel::kernel_tests![
     heap_holds_a_one_mebibyte_vec,
     command_line_reaches_the_kernel,
     identity_map_past_the_kernel_text_is_nx,
+    null_page_is_unmapped,
+    boot_stack_guard_page_is_unmapped,
+    kernel_text_is_read_only_through_every_mapping,
+    page_tables_have_no_writable_executable_frame,
+    only_the_kernel_text_is_executable,
 ];
 
 fn scratch_page(n: u64) -> Page<Size4KiB> {
@@ -290,4 +296,128 @@ fn identity_map_past_the_kernel_text_is_nx() {
         TranslateResult::Mapped { .. } => {}
         other => panic!("direct map missing: {other:?}"),
     }
+}
+
+fn null_page_is_unmapped() {
+    ExpectFault::page_fault(0x10)
+        .without_bits(PF_PRESENT)
+        .run(|| {
+            // SAFETY: deliberately reads near address 0; the fault is caught.
+            let _ = unsafe { core::ptr::read_volatile(core::hint::black_box(0x10) as *const u8) };
+        });
+}
+
+fn boot_stack_guard_page_is_unmapped() {
+    let guard = layout::boot_stack_guard() + 8;
+    let here = core::hint::black_box(&raw const guard) as u64;
+    // The boot stack: 64 KiB right above the 4 KiB guard page.
+    assert!(
+        here > guard && here - guard < (4 + 64) << 10,
+        "this test runs on the boot stack just above its guard ({here:#x} vs {guard:#x})"
+    );
+    ExpectFault::page_fault(guard)
+        .without_bits(PF_PRESENT)
+        .run(|| {
+            // SAFETY: deliberately reads the guard page; the fault is caught.
+            let _ = unsafe { core::ptr::read_volatile(guard as *const u64) };
+        });
+}
+
+fn kernel_text_is_read_only_through_every_mapping() {
+    let text = cpu_protections_are_on as *const () as u64;
+    let (start, end) = layout::kernel_text();
+    assert!(
+        (start..end).contains(&text),
+        "this function lies in the kernel text"
+    );
+    let direct = phys_to_virt(x86_64::PhysAddr::new(text)).as_u64();
+    for addr in [text, direct] {
+        ExpectFault::page_fault(addr)
+            .with_bits(PF_PRESENT | PF_WRITE)
+            .run(|| {
+                // SAFETY: deliberately writes the kernel text (same byte back); it must fault
+                // before anything changes.
+                unsafe {
+                    let p = addr as *mut u8;
+                    p.write_volatile(p.read_volatile());
+                }
+            });
+    }
+}
+
+/// Walks every PML4 slot: no leaf is writable and executable, and no frame executable through
+/// one mapping is writable through another (identity, direct map, anything a test mapped).
+/// Then plants one violation of each kind and checks the audit reports both: it can fail.
+fn page_tables_have_no_writable_executable_frame() {
+    let report = wx_audit::audit_active();
+    assert!(report.is_clean(), "W^X violations: {report}");
+    assert!(
+        report.leaves > 2 * 2048,
+        "the identity and direct maps were walked: {report}"
+    );
+
+    // A W+X scratch page, and a writable alias of the kernel text's first frame.
+    let wx = map_scratch(10, F::PRESENT | F::WRITABLE);
+    let alias = scratch_page(11);
+    let text =
+        PhysFrame::<Size4KiB>::containing_address(x86_64::PhysAddr::new(layout::kernel_text().0));
+    {
+        let mut frames = memory::frames();
+        // SAFETY: maps the text frame writable for the duration of the audit only; nothing
+        // writes through the alias, and it is unmapped (without freeing the frame) right after.
+        unsafe {
+            memory::page_table()
+                .map_to(
+                    alias,
+                    text,
+                    F::PRESENT | F::WRITABLE | F::NO_EXECUTE,
+                    &mut *frames,
+                )
+                .expect("map the alias")
+                .flush();
+        }
+    }
+    let planted = wx_audit::audit_active();
+    let (_, flush) = memory::page_table().unmap(alias).expect("alias mapped");
+    flush.flush();
+    unmap_scratch(wx);
+    let wx_va = wx.start_address().as_u64();
+    assert!(
+        planted
+            .writable_and_executable
+            .iter()
+            .any(|l| l.va == wx_va),
+        "the planted W+X page is not reported: {planted}"
+    );
+    assert!(
+        planted
+            .writable_aliases
+            .iter()
+            .any(|(w, x)| w.va == alias.start_address().as_u64() && x.executable),
+        "the planted writable alias of kernel text is not reported: {planted}"
+    );
+    assert!(
+        wx_audit::audit_active().is_clean(),
+        "clean again once removed"
+    );
+}
+
+/// The kernel text's identity pages are the only executable kernel mappings: the direct map,
+/// the rest of the identity map and the AP trampoline page (executable only while APs start)
+/// are not.
+fn only_the_kernel_text_is_executable() {
+    let (start, end) = layout::kernel_text();
+    let report = wx_audit::audit_active();
+    assert!(
+        !report.executable.is_empty(),
+        "the kernel text is executable"
+    );
+    for leaf in &report.executable {
+        assert!(
+            leaf.va == leaf.phys && leaf.phys >= start && leaf.phys + leaf.size <= end,
+            "executable outside the kernel text: {leaf}"
+        );
+    }
+    let pages: u64 = report.executable.iter().map(|l| l.size / 4096).sum();
+    assert_eq!(pages, (end - start) / 4096, "every text page is executable");
 }

@@ -264,7 +264,14 @@ fn jit_calls_between_functions_go_through_jump_slots() {
         REGISTRIES.lookup_code(old_load).is_some(),
         "old load retired, not freed"
     );
-    assert_eq!(m.reclaim(), 1, "freed once no call is active");
+    // Every CPU passes a quiescent state (idle CPUs are woken to report).
+    // SAFETY: no generated code runs on this CPU and no lookup reference is held.
+    unsafe { code::synchronize() };
+    assert_eq!(
+        m.reclaim(),
+        1,
+        "freed once every CPU passed a quiescent state"
+    );
     assert!(REGISTRIES.lookup_code(old_load).is_none());
     assert!(
         !REGISTRIES.traps.is_protected(old_load + 4),
@@ -417,6 +424,8 @@ fn jit_tier_up_from_timer_interrupt_while_called() {
             "retired, not yet freed"
         );
     }
+    // SAFETY: no generated code runs on this CPU and no lookup reference is held.
+    unsafe { code::synchronize() };
     assert_eq!(module.reclaim(), versions.len() - 1);
     for &old in &versions[..versions.len() - 1] {
         assert!(REGISTRIES.lookup_code(old).is_none(), "freed at {old:#x}");

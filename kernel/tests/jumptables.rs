@@ -26,7 +26,7 @@ codespace_kernel::kernel_tests![
 ];
 
 /// The backend, checking at every write through the private alias that every watched
-/// (jump-table) page is R+X in its executable mapping: live code is never made writable, not
+/// (jump-table) page still mapped is R+X in its executable mapping: live code is never made writable, not
 /// even for a patch. (The mapping cannot change during a session: the page-table lock is held.)
 struct CheckingMmu {
     inner: KernelMmu,
@@ -82,7 +82,8 @@ unsafe impl Mmu for CheckingMmu {
         let watch = *WATCH.lock();
         for page in watch.pages() {
             let m = self.inner.query(page);
-            if !m.is_some_and(|m| !m.writable && m.executable) {
+            // A table page that is mapped must be R+X (one freed with its module is not).
+            if m.is_some_and(|m| m.writable || !m.executable) {
                 WX_DURING_STORE.fetch_add(1, Ordering::SeqCst);
             }
         }
@@ -266,6 +267,10 @@ fn target_beyond_2_gib_takes_the_far_path() {
     drop(far);
     drop(fillers);
     drop(m);
+    // Dropped modules' code goes after a grace period: this CPU is quiescent here.
+    // SAFETY: no generated code runs on this CPU and no lookup reference is held.
+    unsafe { code::synchronize() };
+    REGISTRIES.grace().reclaim();
     assert_eq!(mgr.committed(), 0);
     assert!(mgr.audit().expect("audit").is_clean());
 }

@@ -431,10 +431,12 @@ impl<M: Mmu> CodeAllocator<M> {
         if code.owner != self.id {
             return Err(FreeError::Foreign(code));
         }
-        self.free_range(code.range).map_err(FreeError::Decommit)
+        self.free_range(code.range, true)
+            .map_err(FreeError::Decommit)
     }
 
-    /// Frees code that was never published.
+    /// Frees code that was never published. Its bytes never reached memory, so nothing is
+    /// written: the range keeps what it held before (INT3 or never-executed zeros).
     ///
     /// # Errors
     /// As [`free`](Self::free).
@@ -442,7 +444,8 @@ impl<M: Mmu> CodeAllocator<M> {
         if code.owner != self.id {
             return Err(FreeError::Foreign(code));
         }
-        self.free_range(code.range).map_err(FreeError::Decommit)
+        self.free_range(code.range, false)
+            .map_err(FreeError::Decommit)
     }
 
     /// Hands `code` back as [`CodeError::ForeignCode`] unless this allocator created it.
@@ -457,7 +460,7 @@ impl<M: Mmu> CodeAllocator<M> {
         }
     }
 
-    fn free_range(&mut self, range: AddressRange) -> Result<(), CodeError> {
+    fn free_range(&mut self, range: AddressRange, fill: bool) -> Result<(), CodeError> {
         let manager = self.manager.clone();
         let mut state = manager.lock()?;
         // Handles are unique and owned, so their range is allocated: a failure here would be a

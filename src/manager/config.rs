@@ -11,8 +11,9 @@ pub const MAX_CODE_SPACE_SIZE: usize = (i32::MAX as usize + 1) - PAGE_SIZE;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ProtectionMode {
     /// Make the page RW+NX, write, make it R+X again, each step flushed. Other code on the page
-    /// cannot execute meanwhile, so this mode is refused
-    /// ([`CodeError::FlipNeedsOneCpu`]) while more than one CPU is online. V8's write scopes.
+    /// cannot execute meanwhile, so this mode is for kernels that run one CPU: a manager in this
+    /// mode is refused ([`CodeError::FlipNeedsOneCpu`]) while more than one CPU is online, and
+    /// so is any write that would flip a page if more CPUs came online later. V8's write scopes.
     Flip,
     /// Write through a private, writable alias of the page's frame that only the writing CPU
     /// can see; the executable mapping is never writable. Linux's `text_poke`. The default.

@@ -137,10 +137,15 @@ impl<M: Mmu> CodeManager<M> {
     ///
     /// # Errors
     /// [`CodeError::InvalidConfig`] for a bad window or setting;
-    /// [`CodeError::CpuUnsupported`] when the calling CPU does not enforce NX or CR0.WP.
+    /// [`CodeError::CpuUnsupported`] when the calling CPU does not enforce NX or CR0.WP;
+    /// [`CodeError::FlipNeedsOneCpu`] for [`ProtectionMode::Flip`] while several CPUs are online
+    /// (writes that would flip refuse the same way if more CPUs come online later).
     pub fn new(mmu: M, window: AddressRange, config: ManagerConfig) -> Result<Self, CodeError> {
         config.validate(window)?;
         mmu.check_cpu().map_err(CodeError::CpuUnsupported)?;
+        if config.protection == ProtectionMode::Flip && mmu.online_cpus() > 1 {
+            return Err(CodeError::FlipNeedsOneCpu);
+        }
         let mut checked_cpus = [0; 4];
         if let Some(w) = checked_cpus.get_mut(mmu.current_cpu() / 64) {
             *w |= 1 << (mmu.current_cpu() % 64);

@@ -205,12 +205,42 @@ pub struct RunResult {
     pub output: String,
 }
 
-/// Boots `kernel` with `run-qemu.sh`, with kernel command line `append` and a timeout in seconds.
-/// The kernel's output is copied to our stdout as it arrives and also captured.
+/// The CPU counts `CODESPACE_QEMU_SMP` asks for: `Some(n)` when set to a positive integer,
+/// `None` when unset or empty; an error for anything else.
+pub fn smp_from_env() -> Result<Option<usize>, String> {
+    match std::env::var("CODESPACE_QEMU_SMP") {
+        Err(_) => Ok(None),
+        Ok(v) if v.trim().is_empty() => Ok(None),
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(Some(n)),
+            _ => Err(format!(
+                "CODESPACE_QEMU_SMP={v:?} is not a positive number of CPUs"
+            )),
+        },
+    }
+}
+
+/// `1 cpu`, `4 cpus`.
+pub fn cpus_label(n: usize) -> String {
+    format!("{n} cpu{}", if n == 1 { "" } else { "s" })
+}
+
+/// The `cpus online: N` count a kernel printed at start, if it did.
+pub fn cpus_online(output: &str) -> Option<usize> {
+    output
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("cpus online: "))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+/// Boots `kernel` with `run-qemu.sh`, with kernel command line `append`, a timeout in seconds and
+/// `smp` CPUs (`None`: whatever `CODESPACE_QEMU_SMP` says, default 1). The kernel's output is
+/// copied to our stdout as it arrives and also captured.
 pub fn run_kernel(
     kernel: &Path,
     append: Option<&str>,
     timeout: Option<u64>,
+    smp: Option<usize>,
 ) -> Result<RunResult, String> {
     let mut cmd = Command::new(workspace().join("run-qemu.sh"));
     cmd.arg(kernel)
@@ -223,6 +253,9 @@ pub fn run_kernel(
     }
     if let Some(timeout) = timeout {
         cmd.env("CODESPACE_QEMU_TIMEOUT", timeout.to_string());
+    }
+    if let Some(smp) = smp {
+        cmd.env("CODESPACE_QEMU_SMP", smp.to_string());
     }
     let mut child = cmd
         .spawn()

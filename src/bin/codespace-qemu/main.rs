@@ -52,5 +52,6 @@ fn run(append: &str) -> Result<i32, String> {
         .find(|k| k.name == "demo")
         .ok_or("cargo built no `demo` kernel")?;
     let append = (!append.is_empty()).then_some(append);
-    Ok(launcher::run_kernel(&demo.path, append, None)?.status)
+    launcher::smp_from_env()?;
+    Ok(launcher::run_kernel(&demo.path, append, None, None)?.status)
 }
