@@ -39,7 +39,7 @@ boot_pd:    .skip 4096 * 4
 boot_stack_guard:
     .skip 4096
 boot_stack_bottom:
-    .skip 64 * 1024
+    .skip 256 * 1024
 boot_stack_top:
 
     .section .rodata

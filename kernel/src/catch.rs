@@ -41,7 +41,7 @@ pub struct Message {
 }
 
 impl Message {
-    const fn new() -> Self {
+    pub(crate) const fn new() -> Self {
         Message {
             buf: [0; 480],
             len: 0,

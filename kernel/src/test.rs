@@ -20,12 +20,21 @@ pub struct Test {
 }
 
 /// Runs `tests` in order and prints libtest-shaped results; `Success` when all passed.
+///
+/// After each test the whole page table is audited (no W+X leaf, no writable alias of an
+/// executable frame, on any address): a test that leaves one behind fails. Between tests this
+/// CPU is quiescent (no generated code runs, no lookup is held), so it reports that to the grace
+/// domain and runs the deferred frees that are due (dropped modules).
 pub fn run(tests: &[Test]) -> ExitCode {
     println!("\nrunning {} tests", tests.len());
     let mut failed = 0;
     for test in tests {
         print!("test {} ... ", test.name);
-        match catch(test.run) {
+        let result = catch(test.run).and_then(|()| audit_after_test());
+        // SAFETY: between tests: this CPU runs no generated code and holds no lookup reference.
+        unsafe { crate::code::quiescent() };
+        crate::code::GRACE.reclaim();
+        match result {
             Ok(()) => println!("ok"),
             Err(caught) => {
                 failed += 1;
@@ -52,6 +61,20 @@ pub fn run(tests: &[Test]) -> ExitCode {
     } else {
         ExitCode::Failure
     }
+}
+
+/// The whole-page-table W^X audit, as a test failure when it is not clean.
+fn audit_after_test() -> Result<(), Caught> {
+    let report = crate::wx_audit::audit_active();
+    if report.is_clean() {
+        return Ok(());
+    }
+    let mut msg = crate::catch::Message::new();
+    let _ = core::fmt::Write::write_fmt(
+        &mut msg,
+        format_args!("the page-table audit after the test is not clean: {report}"),
+    );
+    Err(Caught::Panic(msg))
 }
 
 /// Page-fault error-code bit: the page was present (protection violation).

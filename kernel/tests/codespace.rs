@@ -26,6 +26,7 @@ codespace_kernel::kernel_tests![
     guard_pages_fault,
     commit_limit_changes_nothing,
     publish_flush_policy_32_vs_33_pages,
+    direct_map_and_identity_aliases_of_published_code_are_read_only,
 ];
 
 /// `lea eax, [rdi + rsi]; ret`
@@ -300,4 +301,34 @@ fn publish_flush_policy_32_vs_33_pages() {
         a.free(code).expect("free");
         assert_clean(&a);
     }
+}
+
+fn direct_map_and_identity_aliases_of_published_code_are_read_only() {
+    let mut a = allocator(11, ProtectionMode::Alias).expect("alias mode");
+    let code = publish(&mut a, &ADD);
+    let leaf = memory::leaf_entry(code.start() as u64).expect("mapped");
+    let frame = leaf & 0x000F_FFFF_FFFF_F000;
+    let offset = (code.start() % 4096) as u64;
+    // The direct map and the identity map each map the frame too: neither may write it.
+    for alias in [memory::PHYS_OFFSET + frame + offset, frame + offset] {
+        let info = ExpectFault::page_fault(alias)
+            .with_bits(PF_PRESENT | PF_WRITE)
+            .run(|| {
+                // SAFETY: deliberately writes published code through a linear-map alias; the
+                // write faults.
+                unsafe { core::ptr::write_volatile(alias as *mut u8, 0x90) };
+            });
+        assert_eq!(info.cr2, alias);
+        let entry = memory::leaf_entry(alias).expect("alias mapped");
+        assert_eq!(entry & PTE_WRITABLE, 0, "alias {alias:#x} is read-only");
+    }
+    assert_eq!(call2(&code, 2, 3), 5, "code unchanged");
+    assert_clean(&a);
+    // Freed (the page is wholly free, so decommitted): the aliases are writable again.
+    a.free(code).expect("free");
+    for alias in [memory::PHYS_OFFSET + frame, frame] {
+        let entry = memory::leaf_entry(alias).expect("alias mapped");
+        assert_ne!(entry & PTE_WRITABLE, 0, "alias {alias:#x} restored");
+    }
+    assert_clean(&a);
 }

@@ -476,8 +476,9 @@ impl<M: Mmu> CodeAllocator<M> {
         let end =
             page_round_down(merged.end()).min(page_round_up(range.end()).unwrap_or(usize::MAX));
         let dead = AddressRange::new(start, end.max(start));
-        // What stays committed of the freed range becomes INT3 first: if that fails, the range
-        // stays allocated and nothing but its own bytes changed.
+        // What stays committed of published code becomes INT3 first: if that fails, the range
+        // stays allocated and nothing but its own bytes changed. (Code never published never
+        // reached memory: nothing to overwrite.)
         for part in [
             AddressRange::new(
                 range.start(),
@@ -485,7 +486,7 @@ impl<M: Mmu> CodeAllocator<M> {
             ),
             AddressRange::new(dead.end().clamp(range.start(), range.end()), range.end()),
         ] {
-            if !part.is_empty() {
+            if fill && !part.is_empty() {
                 fill_int3(&mut state, part)?;
             }
         }

@@ -57,9 +57,10 @@ pub fn wx_report(leaves: &[Leaf]) -> (usize, usize) {
             _ => merged.push((s, e)),
         }
     }
+    // A W+X leaf is reported as such, not also as an alias of itself.
     let aliases = leaves
         .iter()
-        .filter(|l| l.writable)
+        .filter(|l| l.writable && !l.executable)
         .filter(|l| {
             let (s, e) = l.frames();
             let i = merged.partition_point(|r| r.1 <= s);
