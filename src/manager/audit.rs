@@ -40,14 +40,20 @@ impl AuditReport {
     }
 }
 
-/// W+X leaves and writable aliases of executable frames among `leaves` (address order).
-pub fn wx_report(leaves: &[Leaf]) -> (usize, usize) {
-    let wx = leaves.iter().filter(|l| l.writable && l.executable).count();
-    let mut exec: Vec<(u64, u64)> = leaves
-        .iter()
-        .filter(|l| l.executable)
-        .map(Leaf::frames)
-        .collect();
+/// W+X leaves and writable aliases of executable frames among the leaves `walk` visits:
+/// `walk` is called twice (first to collect the executable frames, which are few, then to check
+/// every writable leaf against them), so memory stays small however many leaves the tables hold.
+pub fn wx_report(walk: &mut dyn FnMut(&mut dyn FnMut(&Leaf))) -> (usize, usize) {
+    let mut wx = 0;
+    let mut exec: Vec<(u64, u64)> = Vec::new();
+    walk(&mut |l| {
+        if l.executable {
+            exec.push(l.frames());
+            if l.writable {
+                wx += 1;
+            }
+        }
+    });
     exec.sort_unstable();
     // Merge into disjoint sorted ranges.
     let mut merged: Vec<(u64, u64)> = Vec::with_capacity(exec.len());
@@ -58,15 +64,16 @@ pub fn wx_report(leaves: &[Leaf]) -> (usize, usize) {
         }
     }
     // A W+X leaf is reported as such, not also as an alias of itself.
-    let aliases = leaves
-        .iter()
-        .filter(|l| l.writable && !l.executable)
-        .filter(|l| {
+    let mut aliases = 0;
+    walk(&mut |l| {
+        if l.writable && !l.executable {
             let (s, e) = l.frames();
             let i = merged.partition_point(|r| r.1 <= s);
-            merged.get(i).is_some_and(|r| r.0 < e)
-        })
-        .count();
+            if merged.get(i).is_some_and(|r| r.0 < e) {
+                aliases += 1;
+            }
+        }
+    });
     (wx, aliases)
 }
 
@@ -90,11 +97,9 @@ pub(super) fn audit<M: Mmu>(state: &State<M>) -> AuditReport {
         }
     });
     report.unaccounted += state.pages.len() - in_window;
-    let mut leaves = Vec::new();
-    state.mmu.for_each_leaf(&mut |l| leaves.push(*l));
     (
         report.writable_and_executable,
         report.writable_aliases_of_executable,
-    ) = wx_report(&leaves);
+    ) = wx_report(&mut |f| state.mmu.for_each_leaf(f));
     report
 }

@@ -41,7 +41,7 @@ fn main(boot: &'static BootInfo) -> ExitCode {
     );
     drop(frames);
     if boot.has_arg("bench") {
-        return bench::run();
+        return bench::run(boot.has_arg("smp-only"));
     }
     match tour() {
         Ok(()) => {

@@ -12,7 +12,8 @@ usage: cargo run [--release] -- [KERNEL ARGS...]
 Builds the codespace demo kernel (for x86_64-unknown-none, into target/kernel) and boots it in
 QEMU through run-qemu.sh, with KERNEL ARGS joined by spaces as the kernel command line
 (e.g. `cargo run -- bench`). The kernel is built with this program's profile (`--release` for an
-optimized kernel); `bench` always builds it optimized. A leading `--` is dropped, so
+optimized kernel); `bench` always builds it optimized, runs every row with one CPU, then the
+rows that depend on the CPU count with two and four CPUs. A leading `--` is dropped, so
 `cargo run -- -- --help` passes `--help` to the kernel.
 
 Exit status: 0 when the kernel reported success, 1 on failure, 124 on timeout.
@@ -53,5 +54,17 @@ fn run(append: &str) -> Result<i32, String> {
         .ok_or("cargo built no `demo` kernel")?;
     let append = (!append.is_empty()).then_some(append);
     launcher::smp_from_env()?;
-    Ok(launcher::run_kernel(&demo.path, append, None, None)?.status)
+    if !bench {
+        return Ok(launcher::run_kernel(&demo.path, append, None, None)?.status);
+    }
+    // The bench: every row with one CPU, then the rows that depend on the CPU count again with
+    // two and four.
+    let mut status = launcher::run_kernel(&demo.path, append, None, Some(1))?.status;
+    for cpus in [2, 4] {
+        if status != 0 {
+            break;
+        }
+        status = launcher::run_kernel(&demo.path, Some("bench smp-only"), None, Some(cpus))?.status;
+    }
+    Ok(status)
 }

@@ -1,166 +1,35 @@
-//! In-kernel benchmarks (`cargo run -- bench`): what codespace operations cost on real page
-//! tables, measured with the TSC.
-//!
-//! The TSC is calibrated against PIT channel 2. Each figure is `REPS` timed repetitions after
-//! `WARMUP` untimed ones; the median and the 99th percentile are printed in cycles and ns. Each
-//! repetition is bracketed by `lfence; rdtsc` and `lfence; rdtsc; lfence`, so the timed work can
-//! neither start before the first read nor finish after the second.
-
-mod jit;
+//! Rows of a single code manager: publish, commit, trap round trip, slot patch, allocation,
+//! lookups.
 
 use alloc::vec::Vec;
-use core::arch::x86_64::{__cpuid, _mm_lfence, _rdtsc};
 
 use codespace::code_object::{CodeDesc, CodeKind, CodeObject};
 use codespace::module::{CodeModule, ModuleConfig, NewCode};
-use codespace::{AddressRange, AllocatorConfig, CodeAllocator, ManagerConfig, ProtectionMode};
-use x86_64::instructions::port::Port;
+use codespace::{
+    AddressRange, AllocatorConfig, CodeAllocator, CodeManager, ManagerConfig, ProtectionMode,
+};
 use x86_64::structures::paging::PageTableFlags as F;
 
-use crate::code::{self, test_window, REGISTRIES};
-use crate::qemu::ExitCode;
-use crate::{memory, println};
+use super::{start, stop, Report, XorShift};
+use crate::code::{self, test_window, KernelMmu, REGISTRIES};
 
-const WARMUP: usize = 100;
-const REPS: usize = 1000;
-
-/// Time stamp, ordered after everything before it.
-fn start() -> u64 {
-    // SAFETY: lfence and rdtsc have no preconditions on x86-64.
-    unsafe {
-        _mm_lfence();
-        _rdtsc()
-    }
-}
-
-/// Time stamp, ordered after the timed work and before everything after it.
-fn stop() -> u64 {
-    // rdtscp is missing from QEMU's qemu64 model: lfence before and after rdtsc orders it the
-    // same way (the timed work retires before the read, later work starts after it).
-    // SAFETY: lfence and rdtsc have no preconditions on x86-64.
-    unsafe {
-        _mm_lfence();
-        let t = _rdtsc();
-        _mm_lfence();
-        t
-    }
-}
-
-/// TSC ticks per microsecond, measured over 20 ms of PIT channel 2.
-fn calibrate() -> f64 {
-    const PIT_HZ: u64 = 1_193_182;
-    const LATCH: u16 = (PIT_HZ / 50) as u16; // 20 ms
-                                             // SAFETY: ports 0x61 and 0x42/0x43 drive PIT channel 2, which nothing else uses.
-    unsafe {
-        let mut gate = Port::<u8>::new(0x61);
-        let mut cmd = Port::<u8>::new(0x43);
-        let mut ch2 = Port::<u8>::new(0x42);
-        let g = gate.read();
-        gate.write((g & !0x02) | 0x01);
-        cmd.write(0xB0); // channel 2, lobyte/hibyte, mode 0
-        ch2.write(LATCH as u8);
-        ch2.write((LATCH >> 8) as u8);
-        let t0 = start();
-        while gate.read() & 0x20 == 0 {}
-        let t1 = stop();
-        gate.write(g);
-        (t1 - t0) as f64 / 20_000.0
-    }
-}
-
-/// "KVM", "TCG" or another hypervisor signature from CPUID 0x4000_0000; "bare metal" without.
-fn hypervisor() -> &'static str {
-    let leaf1 = __cpuid(1);
-    if leaf1.ecx & (1 << 31) == 0 {
-        return "bare metal";
-    }
-    let hv = __cpuid(0x4000_0000);
-    let mut sig = [0u8; 12];
-    sig[..4].copy_from_slice(&hv.ebx.to_le_bytes());
-    sig[4..8].copy_from_slice(&hv.ecx.to_le_bytes());
-    sig[8..].copy_from_slice(&hv.edx.to_le_bytes());
-    match &sig {
-        b"KVMKVMKVM\0\0\0" => "KVM",
-        b"TCGTCGTCGTCG" => "TCG",
-        _ => "other hypervisor",
-    }
-}
-
-struct Report {
-    ticks_per_us: f64,
-}
-
-impl Report {
-    /// Runs `rep` `WARMUP + REPS` times; each run returns the cycles of its timed part.
-    fn measure(&self, name: &str, per: usize, mut rep: impl FnMut() -> u64) {
-        let mut samples = Vec::with_capacity(REPS);
-        for i in 0..WARMUP + REPS {
-            let cycles = rep();
-            if i >= WARMUP {
-                samples.push(cycles);
-            }
-        }
-        samples.sort_unstable();
-        let median = samples[samples.len() / 2];
-        let p99 = samples[samples.len() * 99 / 100];
-        let ns = |c: u64| c as f64 * 1000.0 / self.ticks_per_us;
-        let per_item = if per > 1 {
-            alloc::format!("{:>9.0} ns/page", ns(median) / per as f64)
-        } else {
-            alloc::string::String::new()
-        };
-        println!(
-            "  {name:<58} {median:>10} {p99:>10} {:>11.0} {:>11.0} {per_item}",
-            ns(median),
-            ns(p99)
-        );
-    }
-}
-
-/// A tiny xorshift generator: reproducible sizes and addresses without a dependency.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
-/// Runs every benchmark and prints the table.
-#[must_use]
-pub fn run() -> ExitCode {
-    let hv = hypervisor();
-    let ticks = calibrate();
-    println!("\ncodespace in-kernel benchmarks");
-    println!("  running under: {hv}; TSC {ticks:.0} MHz (calibrated on PIT channel 2)");
-    if hv == "TCG" {
-        println!("  NOTE: TCG emulates the CPU: these figures are NOT representative of hardware.");
-    }
-    println!("  {REPS} repetitions after {WARMUP} warm-up runs each\n");
-    println!(
-        "  {:<58} {:>10} {:>10} {:>11} {:>11}",
-        "operation", "median cyc", "p99 cyc", "median ns", "p99 ns"
-    );
-    let r = Report {
-        ticks_per_us: ticks,
-    };
-    let manager = code::manager(
-        test_window(100),
+/// A manager over test window `window`, for a group of rows.
+pub(super) fn manager(window: usize) -> CodeManager<KernelMmu> {
+    code::manager(
+        test_window(window),
         ManagerConfig {
             protection: ProtectionMode::Alias,
             max_committed: 256 << 20,
             ..ManagerConfig::default()
         },
     )
-    .expect("manager");
-    let flushes_before = manager.flush_stats().expect("flush stats");
+    .expect("manager")
+}
 
+pub(super) fn run(r: &Report, manager: &CodeManager<KernelMmu>) {
     // Publish: copy-in, RW+NX -> R+X for every page, one TLB batch.
     let mut a = CodeAllocator::new(
-        &manager,
+        manager,
         AllocatorConfig {
             initial_reservation: 8 << 20,
             ..AllocatorConfig::default()
@@ -195,7 +64,7 @@ pub fn run() -> ExitCode {
 
     // Trap round trip and slot patch, through a module.
     let module = CodeModule::new(
-        &manager,
+        manager,
         &REGISTRIES,
         ModuleConfig {
             functions: 2,
@@ -254,7 +123,7 @@ pub fn run() -> ExitCode {
     drop(module);
 
     // Allocate + free with 10^4 live objects of 64 B .. 4 KiB.
-    let mut a = CodeAllocator::new(&manager, AllocatorConfig::default()).expect("allocator");
+    let mut a = CodeAllocator::new(manager, AllocatorConfig::default()).expect("allocator");
     let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
     let size = |rng: &mut XorShift| 64usize << (rng.next() % 7);
     let live: Vec<_> = (0..10_000)
@@ -315,16 +184,4 @@ pub fn run() -> ExitCode {
             t1 - t0
         },
     );
-
-    jit::run(&r);
-
-    let flushes = manager.flush_stats().expect("flush stats");
-    println!(
-        "\n  TLB invalidations issued: {} invlpg, {} full flushes; audit clean: {}",
-        flushes.single_pages - flushes_before.single_pages,
-        flushes.full - flushes_before.full,
-        manager.audit().expect("audit").is_clean()
-    );
-    println!("  free frames: {}", memory::frames().free_frames());
-    ExitCode::Success
 }
