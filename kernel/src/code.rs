@@ -172,7 +172,7 @@ pub unsafe fn synchronize() {
         // SAFETY: the caller's contract.
         unsafe { quiescent() };
         polls += 1;
-        if polls % 64 == 0 {
+        if polls.is_multiple_of(64) {
             // Idle CPUs sleep in `hlt` and report only when woken: an IPI wakes them.
             crate::smp::sync_cores();
         }

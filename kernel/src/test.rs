@@ -30,13 +30,16 @@ pub fn run(tests: &[Test]) -> ExitCode {
     let mut failed = 0;
     for test in tests {
         print!("test {} ... ", test.name);
-        let result = catch(test.run).and_then(|()| audit_after_test());
+        let failure = match catch(test.run) {
+            Ok(()) => audit_after_test(),
+            Err(caught) => Some(caught),
+        };
         // SAFETY: between tests: this CPU runs no generated code and holds no lookup reference.
         unsafe { crate::code::quiescent() };
         crate::code::GRACE.reclaim();
-        match result {
-            Ok(()) => println!("ok"),
-            Err(caught) => {
+        match failure {
+            None => println!("ok"),
+            Some(caught) => {
                 failed += 1;
                 println!("FAILED");
                 match caught {
@@ -64,17 +67,17 @@ pub fn run(tests: &[Test]) -> ExitCode {
 }
 
 /// The whole-page-table W^X audit, as a test failure when it is not clean.
-fn audit_after_test() -> Result<(), Caught> {
+fn audit_after_test() -> Option<Caught> {
     let report = crate::wx_audit::audit_active();
     if report.is_clean() {
-        return Ok(());
+        return None;
     }
     let mut msg = crate::catch::Message::new();
     let _ = core::fmt::Write::write_fmt(
         &mut msg,
         format_args!("the page-table audit after the test is not clean: {report}"),
     );
-    Err(Caught::Panic(msg))
+    Some(Caught::Panic(msg))
 }
 
 /// Page-fault error-code bit: the page was present (protection violation).

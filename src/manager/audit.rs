@@ -40,10 +40,13 @@ impl AuditReport {
     }
 }
 
+/// Visits leaves: calls its argument for each (e.g. [`Mmu::for_each_leaf`]).
+pub type LeafWalk<'a> = dyn FnMut(&mut dyn FnMut(&Leaf)) + 'a;
+
 /// W+X leaves and writable aliases of executable frames among the leaves `walk` visits:
 /// `walk` is called twice (first to collect the executable frames, which are few, then to check
 /// every writable leaf against them), so memory stays small however many leaves the tables hold.
-pub fn wx_report(walk: &mut dyn FnMut(&mut dyn FnMut(&Leaf))) -> (usize, usize) {
+pub fn wx_report(walk: &mut LeafWalk<'_>) -> (usize, usize) {
     let mut wx = 0;
     let mut exec: Vec<(u64, u64)> = Vec::new();
     walk(&mut |l| {

@@ -38,7 +38,7 @@ mod state;
 mod write;
 
 pub use allocator::{AllocatorConfig, AllocatorStats, CodeAllocator, CODE_ALIGNMENT};
-pub use audit::{wx_report, AuditReport};
+pub use audit::{wx_report, AuditReport, LeafWalk};
 pub use code::{PublishedCode, WritableCode};
 pub use config::{ManagerConfig, ProtectionMode, MAX_CODE_SPACE_SIZE};
 pub use error::{CodeError, FreeError, Rejected};
