@@ -5,13 +5,18 @@
 //! Each binary uses a subset, hence the `allow(dead_code)`.
 #![allow(dead_code)]
 
-use codespace::code_object::CodeObject;
+use std::sync::Arc;
+
+use codespace::code_object::{CodeKind, CodeObject};
 use codespace::jump_table::{JumpTableLayout, FAR_SLOT_SIZE, FAR_SLOT_TARGET_OFFSET};
 use codespace::jump_table::{LAZY_SLOT_SIZE, NEAR_SLOT_SIZE};
 use codespace::mmu::soft::{SoftMmu, Violation};
-use codespace::module::{CodeModule, ModuleConfig, Registries};
+use codespace::module::{CodeModule, ModuleConfig, NewCode, Registries};
 use codespace::sync::grace::GraceDomain;
-use codespace::{AddressRange, CodeManager, ManagerConfig, ProtectionMode, PAGE_SIZE};
+use codespace::{
+    AddressRange, AllocatorConfig, CodeAllocator, CodeManager, ManagerConfig, ProtectionMode,
+    PAGE_SIZE,
+};
 use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
 
 /// Start of a 512 GiB PML4 slot in the higher half (PML4 index 384), the code window.
@@ -311,6 +316,34 @@ pub fn first_table(module: &CodeModule<SoftMmu>) -> JumpTableLayout {
 pub fn finds(regs: &Registries, pc: usize, object: &CodeObject) -> bool {
     regs.lookup_code(pc)
         .is_some_and(|o| core::ptr::eq(&*o, object))
+}
+
+/// Fills the free rest of the module's (single, contiguous) free space with a wrapper.
+pub fn fill_free_space(module: &CodeModule<SoftMmu>) -> Arc<CodeObject> {
+    let stats = module.stats().unwrap();
+    let rest = stats.reserved - stats.allocated;
+    assert!(rest > 0);
+    let filler = vec![INT3; rest];
+    let spaces = module.code_spaces().unwrap().len();
+    let o = module
+        .add_code(&NewCode::new(CodeKind::Wrapper, &filler))
+        .expect("filler");
+    assert_eq!(module.code_spaces().unwrap().len(), spaces, "filler fits");
+    o
+}
+
+/// Three other allocators on `m` reserving 1 GiB each, so that the window's next free range is
+/// more than 2 GiB above everything reserved so far. They commit nothing.
+pub fn far_fillers(m: &CodeManager<SoftMmu>) -> Vec<CodeAllocator<SoftMmu>> {
+    (0..3)
+        .map(|_| {
+            let config = AllocatorConfig {
+                initial_reservation: GIB,
+                ..AllocatorConfig::default()
+            };
+            CodeAllocator::new(m, config).expect("filler reservation")
+        })
+        .collect()
 }
 
 /// xorshift64*: deterministic, no crates.

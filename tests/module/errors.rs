@@ -7,7 +7,7 @@ use codespace::mmu::soft::SoftMmu;
 use codespace::module::{ModuleConfig, ModuleError, NewCode};
 use codespace::{AddressRange, CodeError, CodeManager, ManagerConfig, ProtectionMode};
 
-use super::{default_rig, fill_free_space, rig_with, state};
+use super::{default_rig, rig_with, state};
 use crate::common::*;
 
 #[test]

@@ -16,15 +16,12 @@ mod errors;
 mod lifetime;
 mod tables;
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
-
-use codespace::code_object::{CodeKind, CodeObject};
 use codespace::manager::AllocatorStats;
 use codespace::mmu::soft::SoftMmu;
 use codespace::mmu::Leaf;
-use codespace::module::{CodeModule, NewCode, Registries};
-use codespace::{AllocatorConfig, AuditReport, CodeAllocator, CodeManager, ManagerConfig};
+use codespace::module::{CodeModule, Registries};
+use codespace::{AuditReport, CodeManager, ManagerConfig};
+use std::collections::BTreeSet;
 
 use common::*;
 
@@ -96,32 +93,4 @@ pub fn state(
         functions: (0..64).map(|i| module.function_code(i).unwrap()).collect(),
         slots: (0..64).map(|i| module.slot_target(i).unwrap()).collect(),
     }
-}
-
-/// Fills the free rest of the module's (single, contiguous) free space with a wrapper.
-pub fn fill_free_space(module: &CodeModule<SoftMmu>) -> Arc<CodeObject> {
-    let stats = module.stats().unwrap();
-    let rest = stats.reserved - stats.allocated;
-    assert!(rest > 0);
-    let filler = vec![INT3; rest];
-    let spaces = module.code_spaces().unwrap().len();
-    let o = module
-        .add_code(&NewCode::new(CodeKind::Wrapper, &filler))
-        .expect("filler");
-    assert_eq!(module.code_spaces().unwrap().len(), spaces, "filler fits");
-    o
-}
-
-/// Three other allocators on `m` reserving 1 GiB each, so that the window's next free range is
-/// more than 2 GiB above everything reserved so far. They commit nothing.
-pub fn far_fillers(m: &CodeManager<SoftMmu>) -> Vec<CodeAllocator<SoftMmu>> {
-    (0..3)
-        .map(|_| {
-            let config = AllocatorConfig {
-                initial_reservation: GIB,
-                ..AllocatorConfig::default()
-            };
-            CodeAllocator::new(m, config).expect("filler reservation")
-        })
-        .collect()
 }

@@ -11,7 +11,7 @@ use codespace::module::{ModuleConfig, NewCode};
 use codespace::{CodeManager, ManagerConfig};
 use iced_x86::{Code, Mnemonic};
 
-use super::{default_rig, far_fillers, fill_free_space, rig_with};
+use super::{default_rig, rig_with};
 use crate::common::*;
 
 #[test]
