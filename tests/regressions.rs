@@ -9,10 +9,11 @@ use codespace::code_object::{CodeKind, DecRef, RelocKind, Relocation};
 use codespace::code_pointer_table::CodePointerTable;
 use codespace::manager::{CODE_ALIGNMENT, MAX_CODE_SPACE_SIZE};
 use codespace::mmu::soft::{CallKind, SoftMmu};
-use codespace::mmu::{MmuError, MAX_POKE_PAGES};
+use codespace::mmu::{Mmu, MmuError, MAX_POKE_PAGES};
 use codespace::module::{CodeModule, ModuleConfig, ModuleError, NewCode};
 use codespace::{
     AddressRange, AllocatorConfig, CodeAllocator, CodeError, CodeManager, ManagerConfig,
+    ProtectionMode,
 };
 
 use common::*;
@@ -362,6 +363,46 @@ fn bug_08_a_page_allocation_finds_the_free_aligned_page() {
     a.discard(small).unwrap();
     a.discard(table).unwrap();
     assert_sound_no_leak(&machine, &m);
+}
+
+/// Bug 9: in flip mode, a page that cannot be made executable again after a write is reported
+/// (never `Ok`), is never W+X, and is restored by the next operation, so the published code
+/// sharing it runs again.
+#[test]
+fn bug_09_a_failed_flip_back_is_reported_and_repaired() {
+    let (machine, m) = rig(1024, config(ProtectionMode::Flip));
+    assert_eq!(machine.online_cpus(), 1);
+    let mut a = allocator_with_space(&m, 4 * PAGE);
+    let mut w = a.allocate(64).unwrap();
+    w.as_mut_slice().fill(0x90);
+    let first = a.publish(w).unwrap();
+    let mut w = a.allocate(64).unwrap();
+    w.as_mut_slice().fill(0xC3);
+
+    // The flip there (protect 0) works; the flip back (protect 1) fails.
+    machine.fail_nth(CallKind::Protect, 1);
+    let rejected = a.publish(w).unwrap_err();
+    assert_eq!(rejected.error, CodeError::NotRestored(MmuError::Injected));
+    assert_sound_without_audit(&machine);
+    // Discarding it is the next operation: the page is R+X again, the first code runs.
+    a.discard(rejected.code).unwrap();
+    let mut seen = [0; 64];
+    machine.exec_as(0, first.start(), &mut seen).unwrap();
+    assert_eq!(seen, [0x90; 64]);
+    assert_eq!(leaf_flags(&machine, first.start()), R_X);
+
+    a.free(first).unwrap();
+    assert_eq!(m.committed(), 0);
+    assert_sound_no_leak(&machine, &m);
+}
+
+fn assert_sound_without_audit(machine: &SoftMmu) {
+    assert!(
+        machine.violations().is_empty(),
+        "{:?}",
+        machine.violations()
+    );
+    assert!(!machine.wx_ever_observed());
 }
 
 /// Bug 10: patching slots on several pages is all or nothing, and more pages than one alias

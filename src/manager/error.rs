@@ -63,6 +63,10 @@ pub enum CodeError {
     /// The stores landed, but a CPU did not acknowledge serializing: it may run the old bytes
     /// until it next serializes (an interrupt or `iretq` does).
     SyncFailed(MmuError),
+    /// Flip mode: a page was written but could not be made executable again. It stays RW+NX
+    /// (never writable and executable), so published code sharing it cannot run until the next
+    /// operation of the manager makes it R+X again.
+    NotRestored(MmuError),
     /// The range was freed, but not every wholly free page could be decommitted: those stay
     /// committed (and counted) until a later free or the allocator's drop decommits them.
     PartialDecommit(MmuError),
@@ -96,6 +100,9 @@ impl fmt::Display for CodeError {
             CodeError::CpuUnsupported(e) => write!(f, "CPU unsupported: {e}"),
             CodeError::FlushFailed(e) => write!(f, "TLB flush incomplete: {e}"),
             CodeError::SyncFailed(e) => write!(f, "stored, but cores not serialized: {e}"),
+            CodeError::NotRestored(e) => {
+                write!(f, "written, but the page is not executable again yet: {e}")
+            }
             CodeError::PartialDecommit(e) => write!(f, "freed, but decommit incomplete: {e}"),
             CodeError::Mmu(e) => write!(f, "page tables: {e}"),
         }

@@ -71,6 +71,9 @@ pub(crate) struct State<M> {
     checked_cpus: [u64; 4],
     /// A batch whose flush failed: merged into (and retried by) the next flush.
     unflushed: Option<TlbFlush>,
+    /// Pages holding published code that a failed flip back left RW+NX (flip mode): made R+X
+    /// again by the next operation.
+    pub(crate) unrestored: Vec<usize>,
     /// Reused list for commits, so a warm allocation path does not allocate.
     pub(crate) scratch: Vec<usize>,
 }
@@ -164,6 +167,7 @@ impl<M: Mmu> CodeManager<M> {
                     critical_crossings: 0,
                     checked_cpus,
                     unflushed: None,
+                    unrestored: Vec::new(),
                     scratch: Vec::new(),
                 }),
             }),
@@ -177,7 +181,8 @@ impl<M: Mmu> CodeManager<M> {
         self.inner.irq
     }
 
-    /// Locks the state with interrupts off, after checking the calling CPU once.
+    /// Locks the state with interrupts off, after checking the calling CPU once, and finishes
+    /// what a failed operation left pending (see [`State::finish_pending`]).
     pub(crate) fn lock(&self) -> Result<Locked<'_, M>, CodeError> {
         let guard = self.inner.state.lock(self.inner.irq)?;
         let mut locked = Locked {
@@ -185,6 +190,7 @@ impl<M: Mmu> CodeManager<M> {
             counters: &self.inner.counters,
         };
         locked.check_cpu()?;
+        locked.finish_pending();
         Ok(locked)
     }
 
@@ -383,6 +389,48 @@ impl<M: Mmu> State<M> {
                 hook(self.committed);
             }
         }
+    }
+
+    /// Retries what failed operations left pending, as their errors promise "the next operation"
+    /// does: the flush of [`CodeError::FlushFailed`] and the flip back of
+    /// [`CodeError::NotRestored`]. What fails again stays pending (and safe) for the next try.
+    pub(crate) fn finish_pending(&mut self) {
+        if self.unflushed.is_some() {
+            let _ = self.flush(TlbFlush::new());
+        }
+        if self.unrestored.is_empty() {
+            return;
+        }
+        let mut tlb = TlbFlush::new();
+        let mut left = Vec::new();
+        for page in core::mem::take(&mut self.unrestored) {
+            let Some(committed) = self.pages.get(&page) else {
+                continue; // decommitted since
+            };
+            match self.mmu.query(page) {
+                Some(m) if m.writable => {}
+                Some(_) => continue, // R+X again
+                None => {
+                    // Staged by a flush that failed again: wait for it.
+                    left.push(page);
+                    continue;
+                }
+            }
+            // SAFETY: the page held published code before the failed flip back and nothing
+            // executes it while it is RW+NX; it holds only bytes written as code (flip mode
+            // writes code and INT3 fill only).
+            if unsafe {
+                self.mmu
+                    .protect(committed, crate::mmu::Protection::ReadExecute, &mut tlb)
+            }
+            .is_err()
+            {
+                left.push(page);
+            }
+        }
+        self.unrestored = left;
+        // A failed flush leaves the pages staged R+X, to be finished by the next retry.
+        let _ = self.flush(tlb);
     }
 
     /// Flushes `tlb` (with any batch a failed flush left behind).
