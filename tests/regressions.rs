@@ -12,7 +12,7 @@ use codespace::mmu::soft::{CallKind, SoftMmu};
 use codespace::mmu::{Mmu, MmuError, MAX_POKE_PAGES};
 use codespace::module::{CodeModule, ModuleConfig, ModuleError, NewCode};
 use codespace::{
-    AddressRange, AllocatorConfig, CodeAllocator, CodeError, CodeManager, ManagerConfig,
+    AddressRange, AllocatorConfig, CodeAllocator, CodeError, CodeManager, FreeError, ManagerConfig,
     ProtectionMode,
 };
 
@@ -391,6 +391,22 @@ fn bug_09_a_failed_flip_back_is_reported_and_repaired() {
     assert_eq!(seen, [0x90; 64]);
     assert_eq!(leaf_flags(&machine, first.start()), R_X);
 
+    // The same for the INT3 fill of a free on the shared page: the handle comes back, and any
+    // later operation repairs the page.
+    let mut w = a.allocate(64).unwrap();
+    w.as_mut_slice().fill(0xC3);
+    let second = a.publish(w).unwrap();
+    machine.fail_nth(CallKind::Protect, 1);
+    let second = match a.free(second) {
+        Err(FreeError::NotFreed(CodeError::NotRestored(MmuError::Injected), code)) => code,
+        other => panic!("{other:?}"),
+    };
+    assert_sound_without_audit(&machine);
+    assert_eq!(m.audit().unwrap().mapped_pages, 1);
+    assert_eq!(leaf_flags(&machine, first.start()), R_X);
+    machine.exec_as(0, first.start(), &mut seen).unwrap();
+    assert_eq!(seen, [0x90; 64]);
+    a.free(second).unwrap();
     a.free(first).unwrap();
     assert_eq!(m.committed(), 0);
     assert_sound_no_leak(&machine, &m);

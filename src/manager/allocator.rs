@@ -425,13 +425,17 @@ impl<M: Mmu> CodeAllocator<M> {
     /// wholly free are decommitted.
     ///
     /// # Errors
-    /// [`FreeError::Foreign`] (handed back); [`FreeError::Decommit`] (freed, some pages stay
-    /// committed for now).
+    /// [`FreeError::Foreign`] and [`FreeError::NotFreed`] hand the code back, nothing freed;
+    /// [`FreeError::Decommit`] (freed, some pages stay committed for now).
     pub fn free(&mut self, code: PublishedCode) -> Result<(), FreeError<PublishedCode>> {
         if code.owner != self.id {
             return Err(FreeError::Foreign(code));
         }
-        self.free_range(code.range).map_err(FreeError::Decommit)
+        match self.free_range(code.range) {
+            Ok(()) => Ok(()),
+            Err(Freeing::NotFreed(e)) => Err(FreeError::NotFreed(e, code)),
+            Err(Freeing::Decommit(e)) => Err(FreeError::Decommit(e)),
+        }
     }
 
     /// Frees code that was never published.
@@ -442,7 +446,11 @@ impl<M: Mmu> CodeAllocator<M> {
         if code.owner != self.id {
             return Err(FreeError::Foreign(code));
         }
-        self.free_range(code.range).map_err(FreeError::Decommit)
+        match self.free_range(code.range) {
+            Ok(()) => Ok(()),
+            Err(Freeing::NotFreed(e)) => Err(FreeError::NotFreed(e, code)),
+            Err(Freeing::Decommit(e)) => Err(FreeError::Decommit(e)),
+        }
     }
 
     /// Hands `code` back as [`CodeError::ForeignCode`] unless this allocator created it.
@@ -457,15 +465,15 @@ impl<M: Mmu> CodeAllocator<M> {
         }
     }
 
-    fn free_range(&mut self, range: AddressRange) -> Result<(), CodeError> {
+    fn free_range(&mut self, range: AddressRange) -> Result<(), Freeing> {
         let manager = self.manager.clone();
-        let mut state = manager.lock()?;
+        let mut state = manager.lock().map_err(Freeing::NotFreed)?;
         // Handles are unique and owned, so their range is allocated: a failure here would be a
         // bookkeeping bug, and changes nothing.
         let merged = self
             .free
             .merged_extent(range)
-            .map_err(|_| CodeError::InvalidSize { size: range.size() })?;
+            .map_err(|_| Freeing::NotFreed(CodeError::InvalidSize { size: range.size() }))?;
         // V8's rule: decommit the whole pages that are now free and touch the freed range.
         let start = page_round_up(merged.start())
             .unwrap_or(usize::MAX)
@@ -474,7 +482,8 @@ impl<M: Mmu> CodeAllocator<M> {
             page_round_down(merged.end()).min(page_round_up(range.end()).unwrap_or(usize::MAX));
         let dead = AddressRange::new(start, end.max(start));
         // What stays committed of the freed range becomes INT3 first: if that fails, the range
-        // stays allocated and nothing but its own bytes changed.
+        // stays allocated (the caller gets its handle back) and nothing but its own bytes
+        // changed.
         for part in [
             AddressRange::new(
                 range.start(),
@@ -483,13 +492,13 @@ impl<M: Mmu> CodeAllocator<M> {
             AddressRange::new(dead.end().clamp(range.start(), range.end()), range.end()),
         ] {
             if !part.is_empty() {
-                fill_int3(&mut state, part)?;
+                fill_int3(&mut state, part).map_err(Freeing::NotFreed)?;
             }
         }
         let _ = self.free.merge(range);
         self.allocated -= range.size();
         self.freed += range.size();
-        state.decommit(dead)
+        state.decommit(dead).map_err(Freeing::Decommit)
     }
 
     /// Decommits every committed page of this allocator's spaces that holds no allocation (left
@@ -509,6 +518,14 @@ impl<M: Mmu> CodeAllocator<M> {
         }
         Ok(())
     }
+}
+
+/// How freeing a range failed.
+enum Freeing {
+    /// Nothing was freed.
+    NotFreed(CodeError),
+    /// Freed; the decommit failed.
+    Decommit(CodeError),
 }
 
 /// Writes INT3 over `range` of committed code, whatever the pages' protection.

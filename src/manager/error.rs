@@ -129,6 +129,11 @@ impl From<crate::sync::irq_lock::Busy> for CodeError {
 pub enum FreeError<T> {
     /// The handle belongs to another allocator: handed back, nothing changed.
     Foreign(T),
+    /// Nothing was freed and the handle comes back, to be freed again later: the manager was
+    /// [`Busy`](CodeError::Busy), or writing INT3 over the code failed (some of its bytes may be
+    /// INT3 already; with [`CodeError::NotRestored`] all are, and the page is repaired by the
+    /// next operation).
+    NotFreed(CodeError, T),
     /// The code was freed, but decommitting its wholly free pages failed
     /// ([`CodeError::PartialDecommit`] or [`CodeError::FlushFailed`]): those pages stay
     /// committed and counted, and a later free, [`trim`](super::CodeAllocator::trim) or the
@@ -141,6 +146,7 @@ impl<T> FreeError<T> {
     pub fn error(&self) -> CodeError {
         match self {
             FreeError::Foreign(_) => CodeError::ForeignCode,
+            FreeError::NotFreed(e, _) => *e,
             FreeError::Decommit(e) => *e,
         }
     }

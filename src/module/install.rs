@@ -63,7 +63,7 @@ impl<M: Mmu> ModuleState<M> {
             Ok(p) => p,
             Err(r) => {
                 for w in r.code {
-                    let _ = self.allocator.discard(w);
+                    self.discard_or_retry(w);
                 }
                 self.release_new_spaces(spaces_before);
                 return Err(r.error.into());
@@ -134,7 +134,7 @@ impl<M: Mmu> ModuleState<M> {
                 Ok(pair) => out.push(pair),
                 Err(e) => {
                     for (_, w) in out {
-                        let _ = self.allocator.discard(w);
+                        self.discard_or_retry(w);
                     }
                     return Err(e);
                 }
@@ -169,7 +169,7 @@ impl<M: Mmu> ModuleState<M> {
         match result {
             Ok(object) => Ok((object, w)),
             Err(e) => {
-                let _ = self.allocator.discard(w);
+                self.discard_or_retry(w);
                 Err(e)
             }
         }
@@ -242,7 +242,7 @@ impl<M: Mmu> ModuleState<M> {
                     let _ = self.registries.code.remove(s.code.start());
                 }
             }
-            let _ = self.allocator.free(s.code);
+            self.free_or_retry(s.code);
         }
         self.drop_unused_function_pointers();
     }

@@ -109,7 +109,7 @@ impl<M: Mmu> ModuleState<M> {
         let (layout, image) = match result {
             Ok(r) => r,
             Err(e) => {
-                let _ = self.allocator.discard(w);
+                self.discard_or_retry(w);
                 return Err(e);
             }
         };
@@ -117,19 +117,19 @@ impl<M: Mmu> ModuleState<M> {
         let code = match self.allocator.publish(w) {
             Ok(c) => c,
             Err(r) => {
-                let _ = self.allocator.discard(r.code);
+                self.discard_or_retry(r.code);
                 return Err(r.error.into());
             }
         };
         let object = match CodeObject::new(&CodeDesc::new(CodeKind::JumpTable, code.range())) {
             Ok(o) => Arc::new(o),
             Err(e) => {
-                let _ = self.allocator.free(code);
+                self.free_or_retry(code);
                 return Err(ModuleError::Metadata(e));
             }
         };
         if let Err(e) = self.registries.code.insert(Arc::clone(&object)) {
-            let _ = self.allocator.free(code);
+            self.free_or_retry(code);
             return Err(ModuleError::CodeMap(e));
         }
         self.live.insert(

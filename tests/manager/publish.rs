@@ -367,3 +367,33 @@ fn allocators_on_threads_share_one_manager() {
     assert_eq!(m.audit().unwrap().mapped_pages, 0);
     assert_sound_no_leak(&machine, &m);
 }
+
+/// A free whose INT3 fill fails frees nothing and hands the code back, instead of consuming the
+/// handle and leaking its range (and its pages) for the allocator's lifetime.
+#[test]
+fn a_free_that_cannot_fill_int3_hands_the_code_back() {
+    let (machine, m) = rig(1024, ManagerConfig::default());
+    let mut a = allocator_with_space(&m, 4 * PAGE);
+    let keep = publish_filled(&mut a, 64, 0x90);
+    let code = publish_filled(&mut a, 64, 0x91);
+    let stats = a.stats();
+    // The fill of the freed bytes on the shared, live page goes through the alias: make it fail.
+    machine.fail_nth(codespace::mmu::soft::CallKind::Poke, 0);
+    let code = match a.free(code) {
+        Err(codespace::FreeError::NotFreed(e, code)) => {
+            assert_eq!(
+                e,
+                codespace::CodeError::Mmu(codespace::mmu::MmuError::Injected)
+            );
+            code
+        }
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(a.stats(), stats, "nothing freed");
+    assert_eq!(read(&m, code.start(), 64), [0x91; 64]);
+    a.free(code).unwrap();
+    a.free(keep).unwrap();
+    assert_eq!(a.stats().allocated, 0);
+    assert_eq!(m.committed(), 0);
+    assert_sound_no_leak(&machine, &m);
+}
