@@ -69,6 +69,8 @@ pub struct CodeAllocator<M: Mmu> {
     free: DisjointAllocationPool,
     allocated: usize,
     freed: usize,
+    /// A decommit failed part way: free pages stay committed until a later free trims them.
+    trim_pending: bool,
 }
 
 /// `size` rounded up to [`CODE_ALIGNMENT`]; zero and overflowing sizes are invalid.
@@ -115,6 +117,7 @@ impl<M: Mmu> CodeAllocator<M> {
             free: DisjointAllocationPool::new(),
             allocated: 0,
             freed: 0,
+            trim_pending: false,
         };
         if config.initial_reservation > 0 {
             let max = manager.config().max_code_space_size;
@@ -498,7 +501,14 @@ impl<M: Mmu> CodeAllocator<M> {
         let _ = self.free.merge(range);
         self.allocated -= range.size();
         self.freed += range.size();
-        state.decommit(dead).map_err(Freeing::Decommit)
+        let decommitted = state.decommit(dead);
+        if matches!(decommitted, Err(CodeError::PartialDecommit(_))) {
+            self.trim_pending = true;
+        } else if decommitted.is_ok() && self.trim_pending {
+            // Pages an earlier failed decommit left behind go now.
+            self.trim_pending = self.trim_locked(&mut state).is_err();
+        }
+        decommitted.map_err(Freeing::Decommit)
     }
 
     /// Decommits every committed page of this allocator's spaces that holds no allocation (left
@@ -509,6 +519,12 @@ impl<M: Mmu> CodeAllocator<M> {
     pub fn trim(&mut self) -> Result<(), CodeError> {
         let manager = self.manager.clone();
         let mut state = manager.lock()?;
+        self.trim_locked(&mut state)?;
+        self.trim_pending = false;
+        Ok(())
+    }
+
+    fn trim_locked(&self, state: &mut State<M>) -> Result<(), CodeError> {
         let free: Vec<AddressRange> = self.free.ranges().collect();
         for r in free {
             let whole = r.page_shrink();

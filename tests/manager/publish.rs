@@ -397,3 +397,38 @@ fn a_free_that_cannot_fill_int3_hands_the_code_back() {
     assert_eq!(m.committed(), 0);
     assert_sound_no_leak(&machine, &m);
 }
+
+/// A decommit that fails part way leaves wholly free pages committed; the next free decommits
+/// them, as `PartialDecommit` promises, so a module (which never trims) does not keep them.
+#[test]
+fn pages_a_partial_decommit_left_go_with_the_next_free() {
+    let (machine, m) = rig(1024, ManagerConfig::default());
+    let mut a = allocator_with_space(&m, 8 * PAGE);
+    let s = a.code_spaces()[0].start();
+    let first = publish_filled(&mut a, 64, 0x90);
+    let big = publish_filled(&mut a, 3 * PAGE, 0x91);
+    let last = publish_filled(&mut a, 64, 0x92);
+    assert_eq!(last.start(), s + 64 + 3 * PAGE);
+    assert_eq!(m.committed(), 4 * PAGE);
+    // Pages 1 and 2 die with `big`; unmapping the first of them fails.
+    machine.fail_nth(codespace::mmu::soft::CallKind::Unmap, 0);
+    let e = a.free(big).unwrap_err();
+    assert!(matches!(
+        e,
+        codespace::FreeError::Decommit(codespace::CodeError::PartialDecommit(_))
+    ));
+    assert_eq!(
+        m.committed(),
+        4 * PAGE,
+        "pages 1 and 2 stay committed for now"
+    );
+    assert_sound(&machine, &m);
+    // Freeing `last` (which decommits page 3) takes pages 1 and 2 along.
+    a.free(last).unwrap();
+    assert_eq!(m.committed(), PAGE);
+    for p in 1..4 {
+        assert!(!is_mapped(&m, s + p * PAGE), "page {p}");
+    }
+    a.free(first).unwrap();
+    assert_sound_no_leak(&machine, &m);
+}
