@@ -438,8 +438,10 @@ impl<M: Mmu> State<M> {
     /// # Errors
     /// [`CodeError::FlushFailed`]: the batch is kept for the next flush.
     pub(crate) fn flush(&mut self, mut tlb: TlbFlush) -> Result<(), CodeError> {
-        if let Some(left) = self.unflushed.take() {
-            tlb.merge(left);
+        if let Some(mut left) = self.unflushed.take() {
+            // The older work first: what `tlb` staged since replaces it.
+            left.merge(tlb);
+            tlb = left;
         }
         if tlb.is_empty() {
             return Ok(());

@@ -432,3 +432,33 @@ fn pages_a_partial_decommit_left_go_with_the_next_free() {
     a.free(first).unwrap();
     assert_sound_no_leak(&machine, &m);
 }
+
+/// A publish whose second page cannot be made executable undoes the first page's staged
+/// change before the flush: the undone R+X entry is never stored (where another CPU could cache
+/// it while the page becomes writable again), and the handle comes back intact.
+#[test]
+fn a_publish_failing_midway_never_stores_the_undone_protection() {
+    let (machine, m) = rig(1024, ManagerConfig::default());
+    let mut a = allocator_with_space(&m, 8 * PAGE);
+    let mut w = a.allocate(2 * PAGE).unwrap();
+    w.as_mut_slice().fill(0x90);
+    let start = w.start();
+    machine.fail_nth(codespace::mmu::soft::CallKind::Protect, 1);
+    let rejected = a.publish(w).unwrap_err();
+    assert_eq!(
+        rejected.error,
+        codespace::CodeError::Mmu(codespace::mmu::MmuError::Injected)
+    );
+    assert!(
+        machine.violations().is_empty(),
+        "{:?}",
+        machine.violations()
+    );
+    for p in 0..2 {
+        assert_eq!(leaf_flags(&machine, start + p * PAGE), RW_NX, "page {p}");
+    }
+    let code = a.publish(rejected.code).unwrap();
+    assert_eq!(read(&m, start, 2 * PAGE), vec![0x90; 2 * PAGE]);
+    a.free(code).unwrap();
+    assert_sound_no_leak(&machine, &m);
+}
