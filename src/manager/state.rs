@@ -266,6 +266,15 @@ impl<M: Mmu> CodeManager<M> {
         }
     }
 
+    /// Makes every online CPU serialize, so each executes code as it is now (after a
+    /// [`CodeError::SyncFailed`], before freeing what old bytes may still jump to).
+    ///
+    /// # Errors
+    /// [`CodeError::SyncFailed`], [`CodeError::Busy`].
+    pub(crate) fn sync_cores(&self) -> Result<(), CodeError> {
+        self.lock()?.mmu.sync_cores().map_err(CodeError::SyncFailed)
+    }
+
     /// The backend's TLB and cross-CPU counters.
     ///
     /// # Errors

@@ -113,9 +113,14 @@ impl<M: Mmu> ModuleState<M> {
                 }
                 return Err(e);
             }
-            // Stored but not serialized everywhere: install anyway (the slots do point at the
-            // new code) and report.
+            // Stored but not serialized everywhere: the functions are installed (the slots do
+            // point at them, and `reclaim` frees what they replaced only after a serialization
+            // round succeeded). Anonymous code of the batch is reachable from nowhere — no
+            // slot, and the error hands back no object or pointer — so it goes now.
             self.install_functions(&changes);
+            for o in objects.iter().filter(|o| o.index().is_none()) {
+                self.unpublish_now(o.instruction_start());
+            }
             return Err(e);
         }
         self.install_functions(&changes);
@@ -250,6 +255,9 @@ impl<M: Mmu> ModuleState<M> {
     /// Removes code that was installed a moment ago but never reached by a slot.
     fn unpublish_now(&mut self, start: usize) {
         if let Some(live) = self.live.remove(&start) {
+            if let Some(listener) = self.listener {
+                listener.code_freed(&CodeEvent::new(&live.object));
+            }
             self.abandon(alloc::vec![Staged {
                 object: live.object,
                 code: live.code,

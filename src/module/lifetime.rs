@@ -124,6 +124,14 @@ impl<M: Mmu> ModuleState<M> {
                 Unfreed::Writable(code) => self.discard_or_retry(code),
             }
         }
+        if self.needs_sync && !self.retired.is_empty() {
+            // A failed slot patch may have left CPUs running old slot bytes into retired code:
+            // they must serialize before it goes.
+            if self.allocator.manager().sync_cores().is_err() {
+                return 0;
+            }
+            self.needs_sync = false;
+        }
         let grace = self.registries.grace();
         let mut freed = 0;
         let mut i = 0;
@@ -163,6 +171,8 @@ pub(super) struct Orphan<M: Mmu>(pub ModuleState<M>);
 
 impl<M: Mmu> Drop for Orphan<M> {
     fn drop(&mut self) {
+        // `needs_sync` does not matter here: after the grace period no CPU enters the dropped
+        // module's tables or code any more, whatever slot bytes it holds.
         let state = &mut self.0;
         if let Some(table) = state.pointers {
             for p in state.function_pointers.iter_mut().filter_map(Option::take) {

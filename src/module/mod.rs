@@ -121,6 +121,7 @@ impl<M: Mmu + Send + 'static> CodeModule<M> {
             externals: alloc::collections::BTreeSet::new(),
             retired: Vec::new(),
             unfreed: Vec::new(),
+            needs_sync: false,
         };
         let irq = manager.lock_control();
         let module = CodeModule {

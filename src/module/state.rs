@@ -74,6 +74,9 @@ pub(super) struct ModuleState<M: Mmu> {
     pub retired: Vec<Retired>,
     /// Unreachable code whose free failed before it started, retried by `reclaim`.
     pub unfreed: Vec<Unfreed>,
+    /// A slot change was stored but not every CPU serialized (`SyncFailed`): some may still
+    /// jump to old targets, so nothing retired is freed before a serialization round succeeds.
+    pub needs_sync: bool,
 }
 
 /// A vector of `n` `None`s, or a typed error instead of an out-of-memory abort.

@@ -182,8 +182,11 @@ impl<M: Mmu> ModuleState<M> {
         let handles = self.table_handles();
         let patched = self.allocator.patch(&handles, &stores);
         match patched {
-            // Stored (and maybe not yet seen everywhere): the books follow the slots.
+            // Stored (and maybe not yet seen everywhere): the books follow the slots. Until a
+            // serialization round succeeds, a CPU may still jump to an old target: `reclaim`
+            // frees nothing retired before one has.
             Ok(()) | Err(crate::manager::CodeError::SyncFailed(_)) => {
+                self.needs_sync = patched.is_err();
                 for &(index, target) in changes {
                     let old = core::mem::replace(&mut self.slots[index as usize], target);
                     self.retarget(old, target);

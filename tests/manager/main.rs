@@ -12,6 +12,7 @@
 mod common;
 
 mod commit;
+mod failures;
 mod patch;
 mod publish;
 mod spaces;

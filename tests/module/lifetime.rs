@@ -584,37 +584,3 @@ fn install_if_absent_installs_once() {
     assert_eq!(module.function_code(2).unwrap(), Some(start));
     assert_sound(&machine, &m);
 }
-
-/// A retired object whose free cannot start (its INT3 fill fails) is not lost: the next reclaim
-/// frees it, and nothing stays committed.
-#[test]
-fn a_free_that_cannot_start_is_retried_by_the_next_reclaim() {
-    let (machine, m) = default_rig();
-    let regs = registries();
-    let module = module(&m, regs, functions(2));
-    module
-        .add_code(&NewCode::function(0, &body(64, 0x90)))
-        .unwrap();
-    let w = module
-        .add_code(&NewCode::new(CodeKind::Wrapper, &body(64, 0x91)))
-        .unwrap();
-    let stats = module.stats().unwrap();
-    module.free_code(w.instruction_start()).unwrap();
-    pass_grace(regs);
-    machine.fail_nth(codespace::mmu::soft::CallKind::Poke, 0);
-    assert_eq!(
-        module.reclaim().unwrap(),
-        1,
-        "unregistered and retired for good"
-    );
-    assert!(regs.lookup_code(w.instruction_start()).is_none());
-    assert_eq!(
-        module.stats().unwrap().allocated,
-        stats.allocated,
-        "not freed yet"
-    );
-    module.reclaim().unwrap();
-    assert_eq!(module.stats().unwrap().allocated, stats.allocated - 64);
-    assert_eq!(read(&m, w.instruction_start(), 64), [INT3; 64]);
-    assert_sound(&machine, &m);
-}

@@ -13,6 +13,7 @@
 mod common;
 
 mod errors;
+mod failures;
 mod lifetime;
 mod tables;
 
