@@ -49,12 +49,12 @@ impl<M: Mmu> ModuleState<M> {
         batch: &[NewCode<'_>],
     ) -> Result<Vec<Arc<CodeObject>>, ModuleError> {
         self.check_new(batch)?;
-        let spaces_before = self.allocator.code_spaces().len();
+        let before = (self.allocator.code_spaces().len(), self.tables.len());
         let written = self.allocate_and_write(batch);
         let written = match written {
             Ok(w) => w,
             Err(e) => {
-                self.release_new_spaces(spaces_before);
+                self.undo_new_spaces(before);
                 return Err(e);
             }
         };
@@ -65,7 +65,7 @@ impl<M: Mmu> ModuleState<M> {
                 for w in r.code {
                     self.discard_or_retry(w);
                 }
-                self.release_new_spaces(spaces_before);
+                self.undo_new_spaces(before);
                 return Err(r.error.into());
             }
         };
@@ -81,6 +81,7 @@ impl<M: Mmu> ModuleState<M> {
             .collect();
         if let Err(e) = self.register(batch, &mut staged) {
             self.abandon(staged);
+            self.undo_new_spaces(before);
             return Err(e);
         }
         // Installed from here on: the objects are in `live` and PC lookup.
@@ -111,6 +112,7 @@ impl<M: Mmu> ModuleState<M> {
                 for o in &objects {
                     self.unpublish_now(o.instruction_start());
                 }
+                self.undo_new_spaces(before);
                 return Err(e);
             }
             // Stored but not serialized everywhere: the functions are installed (the slots do
@@ -180,10 +182,25 @@ impl<M: Mmu> ModuleState<M> {
         }
     }
 
-    /// Gives back code spaces created after the first `before` that hold nothing (their code
-    /// was discarded because the add failed).
-    fn release_new_spaces(&mut self, before: usize) {
-        let created: Vec<AddressRange> = self.allocator.code_spaces()[before..].to_vec();
+    /// Undoes what a failed add created besides its code, given the counts of code spaces and
+    /// tables before it: the jump tables it created (only its own code, freed already, could
+    /// reach them: every space gets its tables before its first code is written), then the code
+    /// spaces it reserved, now empty.
+    fn undo_new_spaces(&mut self, (spaces, tables): (usize, usize)) {
+        for table in self.tables.split_off(tables) {
+            if let Some(live) = self.live.remove(&table.start) {
+                if self
+                    .registries
+                    .code
+                    .lookup(table.start)
+                    .is_some_and(|o| Arc::ptr_eq(&o, &live.object))
+                {
+                    let _ = self.registries.code.remove(table.start);
+                }
+                self.free_or_retry(live.code);
+            }
+        }
+        let created: Vec<AddressRange> = self.allocator.code_spaces()[spaces..].to_vec();
         for space in created {
             self.allocator.release_if_empty(space);
         }

@@ -114,3 +114,43 @@ fn a_batch_with_a_failed_serialization_keeps_no_unnamed_code() {
     assert_eq!(module.stats().unwrap().allocated, before.allocated + PAGE);
     assert_sound_no_leak(&machine, &m);
 }
+
+/// An add that reserved a new code space and published its jump tables, then failed, gives
+/// both back: all or nothing, as promised (and no empty space with tables is left in the way).
+#[test]
+fn a_failed_add_gives_back_the_space_and_tables_it_created() {
+    let (machine, m) = rig(1 << 14, codespace::ManagerConfig::default());
+    let regs = registries();
+    let module = module(
+        &m,
+        regs,
+        codespace::module::ModuleConfig {
+            functions: 4,
+            initial_reservation: 2 * PAGE,
+            ..Default::default()
+        },
+    );
+    fill_free_space(&module);
+    let _fillers = far_fillers(&m);
+    let spaces = m.stats().code_spaces;
+    let committed = m.committed();
+    let code_map = regs.code.len();
+    // Protect 0 makes the new tables executable; protect 1, the code's page, fails.
+    machine.fail_nth(CallKind::Protect, 1);
+    let r = module.add_code(&NewCode::function(1, &body(100, 0x90)));
+    assert!(
+        matches!(r, Err(ModuleError::Code(CodeError::Mmu(_)))),
+        "{r:?}"
+    );
+    assert_eq!(module.jump_tables().unwrap().len(), 1);
+    assert_eq!(module.code_spaces().unwrap().len(), 1);
+    assert_eq!(m.stats().code_spaces, spaces);
+    assert_eq!(m.committed(), committed);
+    assert_eq!(regs.code.len(), code_map);
+    // The same add works afterwards, with tables of its own again.
+    module
+        .add_code(&NewCode::function(1, &body(100, 0x90)))
+        .unwrap();
+    assert_eq!(module.jump_tables().unwrap().len(), 2);
+    assert_sound_no_leak(&machine, &m);
+}
