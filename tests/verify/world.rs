@@ -112,7 +112,15 @@ impl World {
 
         let mut alloc = CodeAllocator::new(&manager, AllocatorConfig::default()).unwrap();
         let mut published = Vec::new();
-        for (len, fill) in [(64, 0x30), (2 * PAGE + 64, 0x31)] {
+        // Spaces of 1 page (the first, 64 bytes spare), 3 pages and 2 pages: the second code
+        // spans three pages, its last shared with the fourth code and the second staged handle;
+        // freeing it decommits two pages and fills INT3 on a live one.
+        for (len, fill) in [
+            (PAGE - 64, 0x30),
+            (2 * PAGE + 64, 0x31),
+            (64, 0x34),
+            (64, 0x35),
+        ] {
             let mut w = alloc.allocate(len).unwrap();
             w.as_mut_slice().fill(fill);
             published.push(alloc.publish(w).unwrap());
