@@ -151,6 +151,10 @@ impl<M: Mmu> ModuleState<M> {
     /// returns every CPU executes the new targets. Far targets are stored before the near slots
     /// that jump to them. Targets must be live code of this module or external entries.
     pub fn set_slots(&mut self, changes: &[(u32, Option<usize>)]) -> Result<(), ModuleError> {
+        if changes.is_empty() {
+            // Nothing to store, and nothing for other CPUs to see: no alias, no serialization.
+            return Ok(());
+        }
         let mut stores = Vec::new();
         for &(index, target) in changes {
             self.check_index(index)?;

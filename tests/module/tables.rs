@@ -456,3 +456,22 @@ fn patch_slot_writes_only_through_the_alias_and_every_cpu_runs_the_new_target() 
     assert_eq!(stats.single_pages, stats_before.single_pages);
     assert_sound(&machine, &m);
 }
+
+/// Adding anonymous code changes no slot: it costs no alias session and no serialization
+/// round of every CPU (publishing it on fresh pages needs neither).
+#[test]
+fn adding_anonymous_code_patches_no_slot_and_serializes_nothing() {
+    let (machine, m) = default_rig();
+    let regs = registries();
+    let module = module(&m, regs, functions(4));
+    let before = machine.flush_stats();
+    let w = module
+        .add_code(&NewCode::new(CodeKind::Wrapper, &body(PAGE, 0x90)))
+        .unwrap();
+    let after = machine.flush_stats();
+    assert_eq!((after.pokes, after.syncs), (before.pokes, before.syncs));
+    assert!(finds(regs, w.instruction_start(), &w));
+    module.patch_slots(&[]).unwrap();
+    assert_eq!(machine.flush_stats().syncs, before.syncs);
+    assert_sound(&machine, &m);
+}
