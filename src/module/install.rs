@@ -66,7 +66,14 @@ impl<M: Mmu> ModuleState<M> {
                     self.discard_or_retry(w);
                 }
                 self.undo_new_spaces(before);
-                return Err(r.error.into());
+                // Rolled back, so nothing changed even if the bytes landed and only a CPU's
+                // serialization failed: `SyncFailed` from an add means its functions were
+                // installed, which these were not.
+                let error = match r.error {
+                    crate::CodeError::SyncFailed(e) => crate::CodeError::Mmu(e),
+                    e => e,
+                };
+                return Err(error.into());
             }
         };
         let mut staged: Vec<Staged> = objects

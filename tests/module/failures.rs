@@ -154,3 +154,38 @@ fn a_failed_add_gives_back_the_space_and_tables_it_created() {
     assert_eq!(module.jump_tables().unwrap().len(), 2);
     assert_sound_no_leak(&machine, &m);
 }
+
+/// `SyncFailed` from an add means its functions were installed. When the serialization that
+/// fails is the publish's own (its bytes share a live page), the add is rolled back and says
+/// so with an error that means nothing changed.
+#[test]
+fn an_add_rolled_back_after_a_failed_publish_sync_reports_nothing_changed() {
+    let (machine, m) = default_rig();
+    let regs = registries();
+    let module = module(&m, regs, functions(4));
+    let old = module
+        .add_code(&NewCode::function(2, &body(64, 0x90)))
+        .unwrap();
+    let stats = module.stats().unwrap();
+    // The new version lands on the live page after the old one: publishing it writes a live
+    // page, which makes other CPUs serialize (the first sync), before the slot patch (the
+    // second).
+    machine.fail_nth(CallKind::Sync, 0);
+    let r = module.add_code(&NewCode::function(2, &body(64, 0x91)));
+    assert!(
+        matches!(
+            r,
+            Err(ModuleError::Code(CodeError::Mmu(
+                codespace::mmu::MmuError::Injected
+            )))
+        ),
+        "{r:?}"
+    );
+    assert_eq!(
+        module.function_code(2).unwrap(),
+        Some(old.instruction_start())
+    );
+    assert_eq!(module.stats().unwrap().allocated, stats.allocated);
+    assert_eq!(module.code_count().unwrap(), (2, 0));
+    assert_sound_no_leak(&machine, &m);
+}
