@@ -295,7 +295,9 @@ impl<M: Mmu> ModuleState<M> {
     fn drop_unused_function_pointers(&mut self) {
         let Some(table) = self.pointers else { return };
         for i in 0..self.function_pointers.len() {
-            if self.slots[i].is_none() {
+            // A slot may have a target without the function having code (`patch_slot` to a
+            // wrapper or stub): what counts is whether code was ever installed.
+            if self.functions[i].is_none() {
                 if let Some(p) = self.function_pointers[i].take() {
                     let _ = table.free(p);
                 }

@@ -189,3 +189,40 @@ fn an_add_rolled_back_after_a_failed_publish_sync_reports_nothing_changed() {
     assert_eq!(module.code_count().unwrap(), (2, 0));
     assert_sound_no_leak(&machine, &m);
 }
+
+/// A failed first add of a function whose slot was already patched elsewhere leaves no code
+/// pointer behind (one aimed at the trap address while the slot jumps to the stub would send
+/// indirect calls elsewhere than direct ones).
+#[test]
+fn a_failed_first_add_leaves_no_code_pointer_even_for_a_patched_slot() {
+    let table: &'static codespace::code_pointer_table::CodePointerTable = Box::leak(Box::new(
+        codespace::code_pointer_table::CodePointerTable::with_capacity(8),
+    ));
+    let (machine, m) = default_rig();
+    let regs = registries();
+    let module = module(&m, regs, functions(2));
+    module.set_code_pointer_table(Some(table)).unwrap();
+    let stub = 0xFFFF_FFFF_8000_1000;
+    module.register_external(stub).unwrap();
+    module.patch_slot(1, stub).unwrap();
+    assert_eq!(module.function_pointer(1).unwrap(), None, "no code yet");
+    // The slot patch of the add (its only alias session: the code is on a fresh page) fails.
+    machine.fail_nth(CallKind::Poke, 0);
+    let r = module.add_code(&NewCode::function(1, &body(PAGE, 0x90)));
+    assert!(
+        matches!(r, Err(ModuleError::Code(CodeError::Mmu(_)))),
+        "{r:?}"
+    );
+    assert_eq!(module.function_pointer(1).unwrap(), None);
+    assert_eq!(table.len(), 0);
+    assert_eq!(module.slot_target(1).unwrap(), Some(stub));
+    let f = module
+        .add_code(&NewCode::function(1, &body(PAGE, 0x90)))
+        .unwrap();
+    let p = module
+        .function_pointer(1)
+        .unwrap()
+        .expect("now it has code");
+    assert_eq!(table.get(p), f.instruction_start());
+    assert_sound_no_leak(&machine, &m);
+}
