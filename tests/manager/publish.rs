@@ -300,7 +300,7 @@ fn tlb_flushes_are_batched_per_operation() {
         let big = a.allocate(40 * PAGE).unwrap();
         let big_range = big.range();
         let big = a.publish(big).unwrap();
-        assert!(40 > TlbFlush::MAX_SINGLE_PAGES);
+        const { assert!(40 > TlbFlush::MAX_SINGLE_PAGES) };
         assert_eq!(delta(before), (on_shared_page, 1), "{mode:?}: publish");
 
         // Freeing it decommits 40 wholly dead pages (a full flush) and fills INT3 on page 3,
