@@ -287,12 +287,14 @@ impl<M: Mmu> CodeAllocator<M> {
         !self.spaces.contains(&space)
     }
 
-    /// Gives back a wholly free code space that this allocator just reserved.
+    /// Gives back a wholly free code space; keeps it (free) if the release fails.
     fn drop_space(&mut self, state: &mut State<M>, space: AddressRange) {
         if self.free.allocate_in_region(space.size(), space) == Some(space) {
-            self.spaces.retain(|s| *s != space);
-            // Nothing was committed in it (a failed commit unmapped what it mapped).
-            let _ = state.release(space);
+            if state.release(space).is_ok() {
+                self.spaces.retain(|s| *s != space);
+            } else {
+                let _ = self.free.merge(space);
+            }
         }
     }
 
@@ -560,12 +562,15 @@ impl<M: Mmu> Drop for CodeAllocator<M> {
     fn drop(&mut self) {
         let manager = self.manager.clone();
         // Dropping cannot report: a space that cannot be released now stays reserved (and
-        // committed pages stay counted), which is safe.
+        // committed pages stay counted), which is safe, and the manager's next operation
+        // releases it.
         let Ok(mut state) = manager.lock() else {
             return;
         };
         for space in self.spaces.drain(..) {
-            let _ = state.release(space);
+            if state.release(space).is_err() {
+                state.orphaned.push(space);
+            }
         }
         drop(state);
     }

@@ -74,6 +74,8 @@ pub(crate) struct State<M> {
     /// Pages holding published code that a failed flip back left RW+NX (flip mode): made R+X
     /// again by the next operation.
     pub(crate) unrestored: Vec<usize>,
+    /// Code spaces of dropped allocators whose release failed: released by the next operation.
+    pub(crate) orphaned: Vec<AddressRange>,
     /// Reused list for commits, so a warm allocation path does not allocate.
     pub(crate) scratch: Vec<usize>,
 }
@@ -168,6 +170,7 @@ impl<M: Mmu> CodeManager<M> {
                     checked_cpus,
                     unflushed: None,
                     unrestored: Vec::new(),
+                    orphaned: Vec::new(),
                     scratch: Vec::new(),
                 }),
             }),
@@ -401,11 +404,17 @@ impl<M: Mmu> State<M> {
     }
 
     /// Retries what failed operations left pending, as their errors promise "the next operation"
-    /// does: the flush of [`CodeError::FlushFailed`] and the flip back of
-    /// [`CodeError::NotRestored`]. What fails again stays pending (and safe) for the next try.
+    /// does: the flush of [`CodeError::FlushFailed`], the release of a dropped allocator's code
+    /// space, and the flip back of [`CodeError::NotRestored`]. What fails again stays pending
+    /// (and safe) for the next try.
     pub(crate) fn finish_pending(&mut self) {
         if self.unflushed.is_some() {
             let _ = self.flush(TlbFlush::new());
+        }
+        for space in core::mem::take(&mut self.orphaned) {
+            if self.release(space).is_err() {
+                self.orphaned.push(space);
+            }
         }
         if self.unrestored.is_empty() {
             return;

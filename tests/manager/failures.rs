@@ -96,3 +96,28 @@ fn a_publish_failing_midway_never_stores_the_undone_protection() {
     a.free(code).unwrap();
     assert_sound_no_leak(&machine, &m);
 }
+
+/// Dropping an allocator whose code space cannot be released (a page fails to unmap) must not
+/// leave the space and its pages behind for good: the next manager operation releases it.
+#[test]
+fn a_space_a_dropped_allocator_could_not_release_is_released_later() {
+    let (machine, m) = rig(1024, ManagerConfig::default());
+    let mut a = allocator_with_space(&m, 4 * PAGE);
+    let code = publish_filled(&mut a, 64, 0x90);
+    // The free's decommit fails: the page stays committed (the allocator would trim it).
+    machine.fail_nth(CallKind::Unmap, 0);
+    assert!(matches!(a.free(code), Err(FreeError::Decommit(_))));
+    assert_eq!(m.committed(), PAGE);
+    // So does the release when the allocator goes.
+    machine.fail_nth(CallKind::Unmap, 0);
+    drop(a);
+    // Any later operation finishes it.
+    let _other = allocator_with_space(&m, PAGE);
+    assert_eq!(m.committed(), 0);
+    assert_eq!(
+        m.code_spaces().unwrap().len(),
+        1,
+        "only the new allocator's space"
+    );
+    assert_sound_no_leak(&machine, &m);
+}
