@@ -184,8 +184,9 @@ impl<M: Mmu> CodeManager<M> {
         self.inner.irq
     }
 
-    /// Locks the state with interrupts off, after checking the calling CPU once, and finishes
-    /// what a failed operation left pending (see [`State::finish_pending`]).
+    /// Locks the state with interrupts off, after checking the calling CPU once, and (unless
+    /// called with interrupts already off) finishes what a failed operation left pending (see
+    /// [`State::finish_pending`]).
     pub(crate) fn lock(&self) -> Result<Locked<'_, M>, CodeError> {
         let guard = self.inner.state.lock(self.inner.irq)?;
         let mut locked = Locked {
@@ -193,7 +194,11 @@ impl<M: Mmu> CodeManager<M> {
             counters: &self.inner.counters,
         };
         locked.check_cpu()?;
-        locked.finish_pending();
+        // Not from interrupt context (a slot patch from a handler): finishing may unmap and
+        // free frames, which takes the kernel's allocator locks.
+        if locked.guard.interrupts_were_enabled() {
+            locked.finish_pending();
+        }
         Ok(locked)
     }
 

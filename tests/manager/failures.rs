@@ -121,3 +121,46 @@ fn a_space_a_dropped_allocator_could_not_release_is_released_later() {
     );
     assert_sound_no_leak(&machine, &m);
 }
+
+static IRQS_OFF: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn disable() -> bool {
+    !IRQS_OFF.swap(true, std::sync::atomic::Ordering::SeqCst)
+}
+
+fn restore(enabled: bool) {
+    if enabled {
+        IRQS_OFF.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// What a failed flush left pending is retried by the next operation, but not by one called
+/// from interrupt context (a slot patch from a handler), where unmapping and freeing frames
+/// could need locks the interrupted code holds.
+#[test]
+fn pending_work_waits_for_an_operation_outside_interrupt_context() {
+    let machine = machine(1024);
+    // Read by the manager when it is created.
+    machine.set_interrupt_control(codespace::mmu::InterruptControl { disable, restore });
+    let m = manager_on(&machine, slot(), ManagerConfig::default());
+    let mut a = allocator_with_space(&m, 4 * PAGE);
+    let mut t = a.allocate_table(64, None).unwrap();
+    t.as_mut_slice().fill(INT3);
+    let table = a.publish(t).unwrap();
+    let code = publish_filled(&mut a, 2 * PAGE, 0x90);
+    machine.fail_nth(CallKind::Flush, 0);
+    assert!(matches!(
+        a.free(code),
+        Err(FreeError::Decommit(CodeError::FlushFailed(_)))
+    ));
+    let flushes = machine.calls(CallKind::Flush);
+    // "Interrupt context": the patch works, and leaves the pending flush alone.
+    IRQS_OFF.store(true, std::sync::atomic::Ordering::SeqCst);
+    a.patch(&[&table], &[(table.start(), 7)]).unwrap();
+    IRQS_OFF.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(machine.calls(CallKind::Flush), flushes);
+    // The next operation with interrupts on finishes it: the frames go back.
+    m.audit().unwrap();
+    assert_eq!(machine.calls(CallKind::Flush), flushes + 1);
+    assert_sound_no_leak(&machine, &m);
+}
