@@ -69,6 +69,8 @@ pub struct CodeAllocator<M: Mmu> {
     free: DisjointAllocationPool,
     allocated: usize,
     freed: usize,
+    /// A decommit failed part way: free pages stay committed until a later free trims them.
+    trim_pending: bool,
 }
 
 /// `size` rounded up to [`CODE_ALIGNMENT`]; zero and overflowing sizes are invalid.
@@ -115,6 +117,7 @@ impl<M: Mmu> CodeAllocator<M> {
             free: DisjointAllocationPool::new(),
             allocated: 0,
             freed: 0,
+            trim_pending: false,
         };
         if config.initial_reservation > 0 {
             let max = manager.config().max_code_space_size;
@@ -284,12 +287,14 @@ impl<M: Mmu> CodeAllocator<M> {
         !self.spaces.contains(&space)
     }
 
-    /// Gives back a wholly free code space that this allocator just reserved.
+    /// Gives back a wholly free code space; keeps it (free) if the release fails.
     fn drop_space(&mut self, state: &mut State<M>, space: AddressRange) {
         if self.free.allocate_in_region(space.size(), space) == Some(space) {
-            self.spaces.retain(|s| *s != space);
-            // Nothing was committed in it (a failed commit unmapped what it mapped).
-            let _ = state.release(space);
+            if state.release(space).is_ok() {
+                self.spaces.retain(|s| *s != space);
+            } else {
+                let _ = self.free.merge(space);
+            }
         }
     }
 
@@ -425,14 +430,17 @@ impl<M: Mmu> CodeAllocator<M> {
     /// wholly free are decommitted.
     ///
     /// # Errors
-    /// [`FreeError::Foreign`] (handed back); [`FreeError::Decommit`] (freed, some pages stay
-    /// committed for now).
+    /// [`FreeError::Foreign`] and [`FreeError::NotFreed`] hand the code back, nothing freed;
+    /// [`FreeError::Decommit`] (freed, some pages stay committed for now).
     pub fn free(&mut self, code: PublishedCode) -> Result<(), FreeError<PublishedCode>> {
         if code.owner != self.id {
             return Err(FreeError::Foreign(code));
         }
-        self.free_range(code.range, true)
-            .map_err(FreeError::Decommit)
+        match self.free_range(code.range, true) {
+            Ok(()) => Ok(()),
+            Err(Freeing::NotFreed(e)) => Err(FreeError::NotFreed(e, code)),
+            Err(Freeing::Decommit(e)) => Err(FreeError::Decommit(e)),
+        }
     }
 
     /// Frees code that was never published. Its bytes never reached memory, so nothing is
@@ -444,8 +452,11 @@ impl<M: Mmu> CodeAllocator<M> {
         if code.owner != self.id {
             return Err(FreeError::Foreign(code));
         }
-        self.free_range(code.range, false)
-            .map_err(FreeError::Decommit)
+        match self.free_range(code.range, false) {
+            Ok(()) => Ok(()),
+            Err(Freeing::NotFreed(e)) => Err(FreeError::NotFreed(e, code)),
+            Err(Freeing::Decommit(e)) => Err(FreeError::Decommit(e)),
+        }
     }
 
     /// Hands `code` back as [`CodeError::ForeignCode`] unless this allocator created it.
@@ -460,15 +471,15 @@ impl<M: Mmu> CodeAllocator<M> {
         }
     }
 
-    fn free_range(&mut self, range: AddressRange, fill: bool) -> Result<(), CodeError> {
+    fn free_range(&mut self, range: AddressRange, fill: bool) -> Result<(), Freeing> {
         let manager = self.manager.clone();
-        let mut state = manager.lock()?;
+        let mut state = manager.lock().map_err(Freeing::NotFreed)?;
         // Handles are unique and owned, so their range is allocated: a failure here would be a
         // bookkeeping bug, and changes nothing.
         let merged = self
             .free
             .merged_extent(range)
-            .map_err(|_| CodeError::InvalidSize { size: range.size() })?;
+            .map_err(|_| Freeing::NotFreed(CodeError::InvalidSize { size: range.size() }))?;
         // V8's rule: decommit the whole pages that are now free and touch the freed range.
         let start = page_round_up(merged.start())
             .unwrap_or(usize::MAX)
@@ -477,8 +488,8 @@ impl<M: Mmu> CodeAllocator<M> {
             page_round_down(merged.end()).min(page_round_up(range.end()).unwrap_or(usize::MAX));
         let dead = AddressRange::new(start, end.max(start));
         // What stays committed of published code becomes INT3 first: if that fails, the range
-        // stays allocated and nothing but its own bytes changed. (Code never published never
-        // reached memory: nothing to overwrite.)
+        // stays allocated (the caller gets its handle back) and nothing but its own bytes
+        // changed. (Code never published never reached memory: nothing to overwrite.)
         for part in [
             AddressRange::new(
                 range.start(),
@@ -487,13 +498,20 @@ impl<M: Mmu> CodeAllocator<M> {
             AddressRange::new(dead.end().clamp(range.start(), range.end()), range.end()),
         ] {
             if fill && !part.is_empty() {
-                fill_int3(&mut state, part)?;
+                fill_int3(&mut state, part).map_err(Freeing::NotFreed)?;
             }
         }
         let _ = self.free.merge(range);
         self.allocated -= range.size();
         self.freed += range.size();
-        state.decommit(dead)
+        let decommitted = state.decommit(dead);
+        if matches!(decommitted, Err(CodeError::PartialDecommit(_))) {
+            self.trim_pending = true;
+        } else if decommitted.is_ok() && self.trim_pending {
+            // Pages an earlier failed decommit left behind go now.
+            self.trim_pending = self.trim_locked(&mut state).is_err();
+        }
+        decommitted.map_err(Freeing::Decommit)
     }
 
     /// Decommits every committed page of this allocator's spaces that holds no allocation (left
@@ -504,6 +522,12 @@ impl<M: Mmu> CodeAllocator<M> {
     pub fn trim(&mut self) -> Result<(), CodeError> {
         let manager = self.manager.clone();
         let mut state = manager.lock()?;
+        self.trim_locked(&mut state)?;
+        self.trim_pending = false;
+        Ok(())
+    }
+
+    fn trim_locked(&self, state: &mut State<M>) -> Result<(), CodeError> {
         let free: Vec<AddressRange> = self.free.ranges().collect();
         for r in free {
             let whole = r.page_shrink();
@@ -513,6 +537,14 @@ impl<M: Mmu> CodeAllocator<M> {
         }
         Ok(())
     }
+}
+
+/// How freeing a range failed.
+enum Freeing {
+    /// Nothing was freed.
+    NotFreed(CodeError),
+    /// Freed; the decommit failed.
+    Decommit(CodeError),
 }
 
 /// Writes INT3 over `range` of committed code, whatever the pages' protection.
@@ -531,12 +563,15 @@ impl<M: Mmu> Drop for CodeAllocator<M> {
     fn drop(&mut self) {
         let manager = self.manager.clone();
         // Dropping cannot report: a space that cannot be released now stays reserved (and
-        // committed pages stay counted), which is safe.
+        // committed pages stay counted), which is safe, and the manager's next operation
+        // releases it.
         let Ok(mut state) = manager.lock() else {
             return;
         };
         for space in self.spaces.drain(..) {
-            let _ = state.release(space);
+            if state.release(space).is_err() {
+                state.orphaned.push(space);
+            }
         }
         drop(state);
     }

@@ -63,6 +63,10 @@ pub enum CodeError {
     /// The stores landed, but a CPU did not acknowledge serializing: it may run the old bytes
     /// until it next serializes (an interrupt or `iretq` does).
     SyncFailed(MmuError),
+    /// Flip mode: a page was written but could not be made executable again. It stays RW+NX
+    /// (never writable and executable), so published code sharing it cannot run until the next
+    /// operation of the manager makes it R+X again.
+    NotRestored(MmuError),
     /// The range was freed, but not every wholly free page could be decommitted: those stay
     /// committed (and counted) until a later free or the allocator's drop decommits them.
     PartialDecommit(MmuError),
@@ -96,6 +100,9 @@ impl fmt::Display for CodeError {
             CodeError::CpuUnsupported(e) => write!(f, "CPU unsupported: {e}"),
             CodeError::FlushFailed(e) => write!(f, "TLB flush incomplete: {e}"),
             CodeError::SyncFailed(e) => write!(f, "stored, but cores not serialized: {e}"),
+            CodeError::NotRestored(e) => {
+                write!(f, "written, but the page is not executable again yet: {e}")
+            }
             CodeError::PartialDecommit(e) => write!(f, "freed, but decommit incomplete: {e}"),
             CodeError::Mmu(e) => write!(f, "page tables: {e}"),
         }
@@ -122,6 +129,11 @@ impl From<crate::sync::irq_lock::Busy> for CodeError {
 pub enum FreeError<T> {
     /// The handle belongs to another allocator: handed back, nothing changed.
     Foreign(T),
+    /// Nothing was freed and the handle comes back, to be freed again later: the manager was
+    /// [`Busy`](CodeError::Busy), or writing INT3 over the code failed (some of its bytes may be
+    /// INT3 already; with [`CodeError::NotRestored`] all are, and the page is repaired by the
+    /// next operation).
+    NotFreed(CodeError, T),
     /// The code was freed, but decommitting its wholly free pages failed
     /// ([`CodeError::PartialDecommit`] or [`CodeError::FlushFailed`]): those pages stay
     /// committed and counted, and a later free, [`trim`](super::CodeAllocator::trim) or the
@@ -134,6 +146,7 @@ impl<T> FreeError<T> {
     pub fn error(&self) -> CodeError {
         match self {
             FreeError::Foreign(_) => CodeError::ForeignCode,
+            FreeError::NotFreed(e, _) => *e,
             FreeError::Decommit(e) => *e,
         }
     }

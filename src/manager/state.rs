@@ -71,6 +71,11 @@ pub(crate) struct State<M> {
     checked_cpus: [u64; 4],
     /// A batch whose flush failed: merged into (and retried by) the next flush.
     unflushed: Option<TlbFlush>,
+    /// Pages holding published code that a failed flip back left RW+NX (flip mode): made R+X
+    /// again by the next operation.
+    pub(crate) unrestored: Vec<usize>,
+    /// Code spaces of dropped allocators whose release failed: released by the next operation.
+    pub(crate) orphaned: Vec<AddressRange>,
     /// Reused list for commits, so a warm allocation path does not allocate.
     pub(crate) scratch: Vec<usize>,
 }
@@ -169,6 +174,8 @@ impl<M: Mmu> CodeManager<M> {
                     critical_crossings: 0,
                     checked_cpus,
                     unflushed: None,
+                    unrestored: Vec::new(),
+                    orphaned: Vec::new(),
                     scratch: Vec::new(),
                 }),
             }),
@@ -182,7 +189,9 @@ impl<M: Mmu> CodeManager<M> {
         self.inner.irq
     }
 
-    /// Locks the state with interrupts off, after checking the calling CPU once.
+    /// Locks the state with interrupts off, after checking the calling CPU once, and (unless
+    /// called with interrupts already off) finishes what a failed operation left pending (see
+    /// [`State::finish_pending`]).
     pub(crate) fn lock(&self) -> Result<Locked<'_, M>, CodeError> {
         let guard = self.inner.state.lock(self.inner.irq)?;
         let mut locked = Locked {
@@ -190,6 +199,11 @@ impl<M: Mmu> CodeManager<M> {
             counters: &self.inner.counters,
         };
         locked.check_cpu()?;
+        // Not from interrupt context (a slot patch from a handler): finishing may unmap and
+        // free frames, which takes the kernel's allocator locks.
+        if locked.guard.interrupts_were_enabled() {
+            locked.finish_pending();
+        }
         Ok(locked)
     }
 
@@ -263,6 +277,15 @@ impl<M: Mmu> CodeManager<M> {
                 free => free,
             },
         }
+    }
+
+    /// Makes every online CPU serialize, so each executes code as it is now (after a
+    /// [`CodeError::SyncFailed`], before freeing what old bytes may still jump to).
+    ///
+    /// # Errors
+    /// [`CodeError::SyncFailed`], [`CodeError::Busy`].
+    pub(crate) fn sync_cores(&self) -> Result<(), CodeError> {
+        self.lock()?.mmu.sync_cores().map_err(CodeError::SyncFailed)
     }
 
     /// The backend's TLB and cross-CPU counters.
@@ -390,13 +413,63 @@ impl<M: Mmu> State<M> {
         }
     }
 
+    /// Retries what failed operations left pending, as their errors promise "the next operation"
+    /// does: the flush of [`CodeError::FlushFailed`], the release of a dropped allocator's code
+    /// space, and the flip back of [`CodeError::NotRestored`]. What fails again stays pending
+    /// (and safe) for the next try.
+    pub(crate) fn finish_pending(&mut self) {
+        if self.unflushed.is_some() {
+            let _ = self.flush(TlbFlush::new());
+        }
+        for space in core::mem::take(&mut self.orphaned) {
+            if self.release(space).is_err() {
+                self.orphaned.push(space);
+            }
+        }
+        if self.unrestored.is_empty() {
+            return;
+        }
+        let mut tlb = TlbFlush::new();
+        let mut left = Vec::new();
+        for page in core::mem::take(&mut self.unrestored) {
+            let Some(committed) = self.pages.get(&page) else {
+                continue; // decommitted since
+            };
+            match self.mmu.query(page) {
+                Some(m) if m.writable => {}
+                Some(_) => continue, // R+X again
+                None => {
+                    // Staged by a flush that failed again: wait for it.
+                    left.push(page);
+                    continue;
+                }
+            }
+            // SAFETY: the page held published code before the failed flip back and nothing
+            // executes it while it is RW+NX; it holds only bytes written as code (flip mode
+            // writes code and INT3 fill only).
+            if unsafe {
+                self.mmu
+                    .protect(committed, crate::mmu::Protection::ReadExecute, &mut tlb)
+            }
+            .is_err()
+            {
+                left.push(page);
+            }
+        }
+        self.unrestored = left;
+        // A failed flush leaves the pages staged R+X, to be finished by the next retry.
+        let _ = self.flush(tlb);
+    }
+
     /// Flushes `tlb` (with any batch a failed flush left behind).
     ///
     /// # Errors
     /// [`CodeError::FlushFailed`]: the batch is kept for the next flush.
     pub(crate) fn flush(&mut self, mut tlb: TlbFlush) -> Result<(), CodeError> {
-        if let Some(left) = self.unflushed.take() {
-            tlb.merge(left);
+        if let Some(mut left) = self.unflushed.take() {
+            // The older work first: what `tlb` staged since replaces it.
+            left.merge(tlb);
+            tlb = left;
         }
         if tlb.is_empty() {
             return Ok(());

@@ -102,14 +102,36 @@ impl<M: Mmu> State<M> {
         Ok(())
     }
 
-    /// Flip mode, one CPU: RW+NX (flushed), write, R+X (flushed).
+    /// Flip mode, one CPU: RW+NX (flushed), write, R+X (flushed). A page that cannot be made
+    /// R+X again is remembered and restored by the next operation
+    /// ([`State::finish_pending`]); the error says so.
     fn flip_write(&mut self, (page, offset, bytes): Chunk<'_>) -> Result<(), CodeError> {
-        self.protect_flushed(page, Protection::ReadWrite)?;
+        match self.protect_flushed(page, Protection::ReadWrite) {
+            Ok(()) => {}
+            Err(e @ CodeError::FlushFailed(_)) => {
+                // Staged: the retried flush makes the page RW+NX; it must come back to R+X.
+                self.unrestored.push(page);
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        }
         let committed = self.pages.get(&page).ok_or(MmuError::NotMapped { page })?;
         let written = self.mmu.write(committed, offset, bytes);
-        let restored = self.protect_flushed(page, Protection::ReadExecute);
-        written?;
-        restored
+        match (written, self.protect_flushed(page, Protection::ReadExecute)) {
+            // R+X again, or staged R+X for the retried flush to finish.
+            (written, Ok(()) | Err(CodeError::FlushFailed(_))) if written.is_err() => {
+                written.map_err(CodeError::from)
+            }
+            (_, Ok(())) => Ok(()),
+            (_, Err(e @ CodeError::FlushFailed(_))) => Err(e),
+            (_, Err(e)) => {
+                self.unrestored.push(page);
+                Err(match e {
+                    CodeError::Mmu(e) => CodeError::NotRestored(e),
+                    e => e,
+                })
+            }
+        }
     }
 
     fn protect_flushed(&mut self, page: usize, prot: Protection) -> Result<(), CodeError> {

@@ -67,14 +67,20 @@ impl TlbFlush {
     }
 
     /// Queues the store of `entry` (a backend-defined page-table entry value) for the leaf of
-    /// `virt`, to happen after every CPU invalidated `virt`; also records `virt`.
+    /// `virt`, to happen after every CPU invalidated `virt`; also records `virt`. A store already
+    /// queued for `virt` is replaced: only the last staging of a leaf is ever stored, so a change
+    /// staged and then undone before the flush (a rolled-back publish) never makes the leaf
+    /// briefly present with the undone permissions, which another CPU could cache.
     ///
     /// # Safety
     /// For backends: the leaf of `virt` is not present now and stays so until the flush, and
     /// `entry` is what the backend means to store there.
     pub unsafe fn store_after_flush(&mut self, virt: usize, entry: u64) {
         self.add(virt);
-        self.stores.push((virt, entry));
+        match self.stores.iter_mut().find(|(v, _)| *v == virt) {
+            Some(queued) => queued.1 = entry,
+            None => self.stores.push((virt, entry)),
+        }
     }
 
     /// Queues `frame` to return to the frame allocator after the flush.
@@ -126,7 +132,8 @@ impl TlbFlush {
         &self.frames
     }
 
-    /// Moves `other`'s work into this batch.
+    /// Moves `other`'s work into this batch, as if it was staged after this batch's: its
+    /// stores replace queued ones for the same leaves.
     pub fn merge(&mut self, mut other: TlbFlush) {
         if other.full {
             self.full = true;
@@ -134,7 +141,10 @@ impl TlbFlush {
         for &p in other.pages() {
             self.add(p);
         }
-        self.stores.append(&mut other.stores);
+        for (virt, entry) in core::mem::take(&mut other.stores) {
+            // SAFETY: moved from a batch whose backend promised this for `virt`.
+            unsafe { self.store_after_flush(virt, entry) };
+        }
         self.frames.append(&mut other.frames);
         other.len = 0;
         other.full = false;
@@ -168,6 +178,24 @@ mod tests {
         assert!(t.is_full());
         assert!(t.pages().is_empty());
         assert!(t.needs_invalidation());
+    }
+
+    #[test]
+    fn the_last_staging_of_a_leaf_is_the_one_stored() {
+        let mut a = TlbFlush::new();
+        let mut b = TlbFlush::new();
+        // SAFETY: no backend consumes these; the test only moves them around.
+        unsafe {
+            a.store_after_flush(0x5000, 1);
+            a.store_after_flush(0x6000, 2);
+            a.store_after_flush(0x5000, 3);
+            b.store_after_flush(0x6000, 4);
+            b.store_after_flush(0x7000, 5);
+        }
+        assert_eq!(a.stores(), &[(0x5000, 3), (0x6000, 2)]);
+        a.merge(b);
+        assert_eq!(a.stores(), &[(0x5000, 3), (0x6000, 4), (0x7000, 5)]);
+        assert_eq!(a.pages(), &[0x5000, 0x6000, 0x7000]);
     }
 
     #[test]

@@ -49,12 +49,12 @@ impl<M: Mmu> ModuleState<M> {
         batch: &[NewCode<'_>],
     ) -> Result<Vec<Arc<CodeObject>>, ModuleError> {
         self.check_new(batch)?;
-        let spaces_before = self.allocator.code_spaces().len();
+        let before = (self.allocator.code_spaces().len(), self.tables.len());
         let written = self.allocate_and_write(batch);
         let written = match written {
             Ok(w) => w,
             Err(e) => {
-                self.release_new_spaces(spaces_before);
+                self.undo_new_spaces(before);
                 return Err(e);
             }
         };
@@ -63,10 +63,17 @@ impl<M: Mmu> ModuleState<M> {
             Ok(p) => p,
             Err(r) => {
                 for w in r.code {
-                    let _ = self.allocator.discard(w);
+                    self.discard_or_retry(w);
                 }
-                self.release_new_spaces(spaces_before);
-                return Err(r.error.into());
+                self.undo_new_spaces(before);
+                // Rolled back, so nothing changed even if the bytes landed and only a CPU's
+                // serialization failed: `SyncFailed` from an add means its functions were
+                // installed, which these were not.
+                let error = match r.error {
+                    crate::CodeError::SyncFailed(e) => crate::CodeError::Mmu(e),
+                    e => e,
+                };
+                return Err(error.into());
             }
         };
         let mut staged: Vec<Staged> = objects
@@ -81,6 +88,7 @@ impl<M: Mmu> ModuleState<M> {
             .collect();
         if let Err(e) = self.register(batch, &mut staged) {
             self.abandon(staged);
+            self.undo_new_spaces(before);
             return Err(e);
         }
         // Installed from here on: the objects are in `live` and PC lookup.
@@ -111,11 +119,17 @@ impl<M: Mmu> ModuleState<M> {
                 for o in &objects {
                     self.unpublish_now(o.instruction_start());
                 }
+                self.undo_new_spaces(before);
                 return Err(e);
             }
-            // Stored but not serialized everywhere: install anyway (the slots do point at the
-            // new code) and report.
+            // Stored but not serialized everywhere: the functions are installed (the slots do
+            // point at them, and `reclaim` frees what they replaced only after a serialization
+            // round succeeded). Anonymous code of the batch is reachable from nowhere — no
+            // slot, and the error hands back no object or pointer — so it goes now.
             self.install_functions(&changes);
+            for o in objects.iter().filter(|o| o.index().is_none()) {
+                self.unpublish_now(o.instruction_start());
+            }
             return Err(e);
         }
         self.install_functions(&changes);
@@ -134,7 +148,7 @@ impl<M: Mmu> ModuleState<M> {
                 Ok(pair) => out.push(pair),
                 Err(e) => {
                     for (_, w) in out {
-                        let _ = self.allocator.discard(w);
+                        self.discard_or_retry(w);
                     }
                     return Err(e);
                 }
@@ -169,16 +183,31 @@ impl<M: Mmu> ModuleState<M> {
         match result {
             Ok(object) => Ok((object, w)),
             Err(e) => {
-                let _ = self.allocator.discard(w);
+                self.discard_or_retry(w);
                 Err(e)
             }
         }
     }
 
-    /// Gives back code spaces created after the first `before` that hold nothing (their code
-    /// was discarded because the add failed).
-    fn release_new_spaces(&mut self, before: usize) {
-        let created: Vec<AddressRange> = self.allocator.code_spaces()[before..].to_vec();
+    /// Undoes what a failed add created besides its code, given the counts of code spaces and
+    /// tables before it: the jump tables it created (only its own code, freed already, could
+    /// reach them: every space gets its tables before its first code is written), then the code
+    /// spaces it reserved, now empty.
+    fn undo_new_spaces(&mut self, (spaces, tables): (usize, usize)) {
+        for table in self.tables.split_off(tables) {
+            if let Some(live) = self.live.remove(&table.start) {
+                if self
+                    .registries
+                    .code
+                    .lookup(table.start)
+                    .is_some_and(|o| Arc::ptr_eq(&o, &live.object))
+                {
+                    let _ = self.registries.code.remove(table.start);
+                }
+                self.free_or_retry(live.code);
+            }
+        }
+        let created: Vec<AddressRange> = self.allocator.code_spaces()[spaces..].to_vec();
         for space in created {
             self.allocator.release_if_empty(space);
         }
@@ -242,7 +271,7 @@ impl<M: Mmu> ModuleState<M> {
                     let _ = self.registries.code.remove(s.code.start());
                 }
             }
-            let _ = self.allocator.free(s.code);
+            self.free_or_retry(s.code);
         }
         self.drop_unused_function_pointers();
     }
@@ -250,6 +279,9 @@ impl<M: Mmu> ModuleState<M> {
     /// Removes code that was installed a moment ago but never reached by a slot.
     fn unpublish_now(&mut self, start: usize) {
         if let Some(live) = self.live.remove(&start) {
+            if let Some(listener) = self.listener {
+                listener.code_freed(&CodeEvent::new(&live.object));
+            }
             self.abandon(alloc::vec![Staged {
                 object: live.object,
                 code: live.code,
@@ -263,7 +295,9 @@ impl<M: Mmu> ModuleState<M> {
     fn drop_unused_function_pointers(&mut self) {
         let Some(table) = self.pointers else { return };
         for i in 0..self.function_pointers.len() {
-            if self.slots[i].is_none() {
+            // A slot may have a target without the function having code (`patch_slot` to a
+            // wrapper or stub): what counts is whether code was ever installed.
+            if self.functions[i].is_none() {
                 if let Some(p) = self.function_pointers[i].take() {
                     let _ = table.free(p);
                 }

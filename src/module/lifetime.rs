@@ -14,9 +14,10 @@
 use alloc::vec::Vec;
 
 use super::config::ModuleError;
-use super::state::{Live, ModuleState, Retired};
+use super::state::{Live, ModuleState, Retired, Unfreed};
 use crate::code_events::CodeEvent;
 use crate::code_object::{CodeKind, DecRef};
+use crate::manager::{FreeError, PublishedCode, WritableCode};
 use crate::mmu::Mmu;
 
 impl<M: Mmu> ModuleState<M> {
@@ -99,8 +100,38 @@ impl<M: Mmu> ModuleState<M> {
             .count()
     }
 
-    /// Frees retired code whose grace period is over (step 3); returns how many objects.
+    /// Frees `code`, or keeps it to try again at the next [`reclaim`](Self::reclaim) when
+    /// nothing could be freed (the INT3 fill failed): code never leaks out of the books.
+    pub fn free_or_retry(&mut self, code: PublishedCode) {
+        if let Err(FreeError::NotFreed(_, code)) = self.allocator.free(code) {
+            self.unfreed.push(Unfreed::Published(code));
+        }
+    }
+
+    /// As [`free_or_retry`](Self::free_or_retry), for code that was never published.
+    pub fn discard_or_retry(&mut self, code: WritableCode) {
+        if let Err(FreeError::NotFreed(_, code)) = self.allocator.discard(code) {
+            self.unfreed.push(Unfreed::Writable(code));
+        }
+    }
+
+    /// Frees retired code whose grace period is over (step 3), after retrying frees that could
+    /// not start before; returns how many retired objects were freed.
     pub fn reclaim(&mut self) -> usize {
+        for code in core::mem::take(&mut self.unfreed) {
+            match code {
+                Unfreed::Published(code) => self.free_or_retry(code),
+                Unfreed::Writable(code) => self.discard_or_retry(code),
+            }
+        }
+        if self.needs_sync && !self.retired.is_empty() {
+            // A failed slot patch may have left CPUs running old slot bytes into retired code:
+            // they must serialize before it goes.
+            if self.allocator.manager().sync_cores().is_err() {
+                return 0;
+            }
+            self.needs_sync = false;
+        }
         let grace = self.registries.grace();
         let mut freed = 0;
         let mut i = 0;
@@ -128,9 +159,9 @@ impl<M: Mmu> ModuleState<M> {
         if let Some(listener) = self.listener {
             listener.code_freed(&CodeEvent::new(&live.object));
         }
-        // A failed decommit leaves pages committed and counted; the allocator's drop (or trim)
-        // gets them later.
-        let _ = self.allocator.free(live.code);
+        // A failed decommit leaves pages committed and counted; the allocator's next free (or
+        // drop) gets them later. A free that could not start is retried by `reclaim`.
+        self.free_or_retry(live.code);
     }
 }
 
@@ -140,6 +171,8 @@ pub(super) struct Orphan<M: Mmu>(pub ModuleState<M>);
 
 impl<M: Mmu> Drop for Orphan<M> {
     fn drop(&mut self) {
+        // `needs_sync` does not matter here: after the grace period no CPU enters the dropped
+        // module's tables or code any more, whatever slot bytes it holds.
         let state = &mut self.0;
         if let Some(table) = state.pointers {
             for p in state.function_pointers.iter_mut().filter_map(Option::take) {

@@ -120,6 +120,8 @@ impl<M: Mmu + Send + 'static> CodeModule<M> {
             function_pointers: nones(functions)?,
             externals: alloc::collections::BTreeSet::new(),
             retired: Vec::new(),
+            unfreed: Vec::new(),
+            needs_sync: false,
         };
         let irq = manager.lock_control();
         let module = CodeModule {

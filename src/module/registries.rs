@@ -10,9 +10,15 @@ use crate::trap::TrapTable;
 /// The lookups the fault handler and profilers need, shared by all modules; keep one in a
 /// `static` so a page-fault handler reaches it without locks:
 ///
-/// ```ignore
+/// ```
+/// use codespace::module::Registries;
+/// use codespace::sync::grace::GraceDomain;
+///
 /// static GRACE: GraceDomain = GraceDomain::new();
 /// static CODE: Registries = Registries::new(&GRACE);
+///
+/// assert!(CODE.lookup_code(0x1000).is_none());
+/// assert_eq!(CODE.traps.len(), 0);
 /// ```
 #[derive(Debug)]
 pub struct Registries {

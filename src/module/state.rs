@@ -10,7 +10,7 @@ use crate::code_events::CodeEventListener;
 use crate::code_object::{CodeKind, CodeObject};
 use crate::code_pointer_table::{CodePointer, CodePointerTable};
 use crate::jump_table::JumpTableLayout;
-use crate::manager::{CodeAllocator, PublishedCode};
+use crate::manager::{CodeAllocator, PublishedCode, WritableCode};
 use crate::mmu::Mmu;
 use crate::sync::grace::GraceTicket;
 use crate::trap::TrapHandle;
@@ -41,6 +41,12 @@ pub(super) struct Retired {
     pub ticket: GraceTicket,
 }
 
+/// Code whose free could not start (its INT3 fill failed), to free again at the next reclaim.
+pub(super) enum Unfreed {
+    Published(PublishedCode),
+    Writable(WritableCode),
+}
+
 /// A module's books. Invariants, kept by every operation under the module lock:
 /// - `slots[i]` is what slot `i` of every table jumps to (`None`: the lazy slot or INT3), and
 ///   `targeted[s]` counts the slots whose target is `s`; a targeted start is in `live` or is a
@@ -66,6 +72,11 @@ pub(super) struct ModuleState<M: Mmu> {
     /// Entries outside the module that slots may target (runtime stubs, kernel functions).
     pub externals: BTreeSet<usize>,
     pub retired: Vec<Retired>,
+    /// Unreachable code whose free failed before it started, retried by `reclaim`.
+    pub unfreed: Vec<Unfreed>,
+    /// A slot change was stored but not every CPU serialized (`SyncFailed`): some may still
+    /// jump to old targets, so nothing retired is freed before a serialization round succeeds.
+    pub needs_sync: bool,
 }
 
 /// A vector of `n` `None`s, or a typed error instead of an out-of-memory abort.

@@ -109,7 +109,7 @@ impl<M: Mmu> ModuleState<M> {
         let (layout, image) = match result {
             Ok(r) => r,
             Err(e) => {
-                let _ = self.allocator.discard(w);
+                self.discard_or_retry(w);
                 return Err(e);
             }
         };
@@ -117,19 +117,19 @@ impl<M: Mmu> ModuleState<M> {
         let code = match self.allocator.publish(w) {
             Ok(c) => c,
             Err(r) => {
-                let _ = self.allocator.discard(r.code);
+                self.discard_or_retry(r.code);
                 return Err(r.error.into());
             }
         };
         let object = match CodeObject::new(&CodeDesc::new(CodeKind::JumpTable, code.range())) {
             Ok(o) => Arc::new(o),
             Err(e) => {
-                let _ = self.allocator.free(code);
+                self.free_or_retry(code);
                 return Err(ModuleError::Metadata(e));
             }
         };
         if let Err(e) = self.registries.code.insert(Arc::clone(&object)) {
-            let _ = self.allocator.free(code);
+            self.free_or_retry(code);
             return Err(ModuleError::CodeMap(e));
         }
         self.live.insert(
@@ -151,6 +151,10 @@ impl<M: Mmu> ModuleState<M> {
     /// returns every CPU executes the new targets. Far targets are stored before the near slots
     /// that jump to them. Targets must be live code of this module or external entries.
     pub fn set_slots(&mut self, changes: &[(u32, Option<usize>)]) -> Result<(), ModuleError> {
+        if changes.is_empty() {
+            // Nothing to store, and nothing for other CPUs to see: no alias, no serialization.
+            return Ok(());
+        }
         let mut stores = Vec::new();
         for &(index, target) in changes {
             self.check_index(index)?;
@@ -182,8 +186,11 @@ impl<M: Mmu> ModuleState<M> {
         let handles = self.table_handles();
         let patched = self.allocator.patch(&handles, &stores);
         match patched {
-            // Stored (and maybe not yet seen everywhere): the books follow the slots.
+            // Stored (and maybe not yet seen everywhere): the books follow the slots. Until a
+            // serialization round succeeds, a CPU may still jump to an old target: `reclaim`
+            // frees nothing retired before one has.
             Ok(()) | Err(crate::manager::CodeError::SyncFailed(_)) => {
+                self.needs_sync = patched.is_err();
                 for &(index, target) in changes {
                     let old = core::mem::replace(&mut self.slots[index as usize], target);
                     self.retarget(old, target);

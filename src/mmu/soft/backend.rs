@@ -191,6 +191,10 @@ impl Machine {
         if let Some(i) = self.mem.frame_index(frame) {
             self.mem.free_frame(i);
         }
+        // Every CPU invalidated the frame's translations in the flush freeing it, and on x86
+        // every invalidation (INVLPG, a CR3 reload, the shootdown interrupt) serializes: no CPU
+        // keeps bytes it fetched from the frame for when it holds other code.
+        self.tlbs.forget_code(frame);
     }
 
     fn leaf_of(&self, page: &CommittedPage) -> Result<Slot, MmuError> {

@@ -135,6 +135,14 @@ impl Tlbs {
         }
     }
 
+    /// `frame` went back to the allocator after every CPU invalidated it (which serialized
+    /// them): no CPU executes bytes it fetched from it before.
+    pub fn forget_code(&mut self, frame: u64) {
+        for cpu in &mut self.cpus {
+            cpu.code_view.remove(&frame);
+        }
+    }
+
     /// CPU `cpu` executed a serializing instruction.
     pub fn serialize(&mut self, cpu: usize) {
         if let Some(c) = self.cpus.get_mut(cpu) {

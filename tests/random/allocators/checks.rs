@@ -1,0 +1,127 @@
+//! The allocator run's checks against its shadow model.
+
+use codespace::mmu::Mmu;
+
+use super::{Counters, Run};
+use crate::common::*;
+
+impl Run<'_> {
+    pub(super) fn counters(&self) -> Counters {
+        Counters {
+            manager: self.manager.stats(),
+            allocators: self.modules.iter().map(|m| m.alloc.stats()).collect(),
+            audit: self.manager.audit().unwrap(),
+            data_frames: self.machine.total_frames()
+                - self.machine.free_frames().unwrap()
+                - self.machine.table_frames(),
+        }
+    }
+
+    /// A refused operation: counters and audit as after the last step, and every committed
+    /// page as the model says.
+    pub(super) fn assert_unchanged(&self) {
+        assert_eq!(
+            Some(&self.counters()),
+            self.last.as_ref(),
+            "{}",
+            self.label()
+        );
+        self.verify_pages(self.pages.keys().copied());
+    }
+
+    /// As `assert_unchanged`, but the allocators' cumulative `freed` is not compared.
+    pub(super) fn check_counters_unchanged(&self) {
+        let now = self.counters();
+        let last = self.last.as_ref().unwrap();
+        assert_eq!(now.manager, last.manager, "{}", self.label());
+        assert_eq!(now.audit, last.audit, "{}", self.label());
+        for (a, b) in now.allocators.iter().zip(&last.allocators) {
+            assert_eq!(
+                (a.allocated, a.reserved),
+                (b.allocated, b.reserved),
+                "{}",
+                self.label()
+            );
+        }
+    }
+
+    pub(super) fn verify_pages(&self, pages: impl IntoIterator<Item = usize>) {
+        for page in pages {
+            let expected = match self.pages.get(&page) {
+                Some(shadow) if shadow.executable => R_X,
+                Some(_) => RW_NX,
+                None => 0,
+            };
+            let flags = leaf_flags(&self.machine, page);
+            assert_eq!(flags, expected, "{} page {page:#x}", self.label());
+        }
+    }
+
+    /// After every operation: no broken promise in the TLB model, a clean audit counting
+    /// exactly the pages live code touches, the touched pages as the model says, counters that
+    /// agree. Every 500 steps all pages and bytes.
+    pub(super) fn check(&mut self) {
+        let label = self.label();
+        let v = self.machine.violations();
+        assert!(v.is_empty(), "{label}: {v:#?}");
+        assert!(!self.machine.wx_ever_observed(), "{label}");
+        let snap = self.counters();
+        let audit = snap.audit;
+        assert!(audit.is_clean(), "{label}: {audit:?}");
+        assert_eq!(audit.mapped_pages, self.pages.len(), "{label}");
+        assert_eq!(
+            snap.data_frames * PAGE,
+            snap.manager.committed,
+            "{label}: frame leak"
+        );
+        let touched = std::mem::take(&mut self.touched);
+        self.verify_pages(touched);
+        if self.step.is_multiple_of(100) {
+            self.verify_pages(self.pages.keys().copied());
+        }
+        let reserved: usize = snap.allocators.iter().map(|s| s.reserved).sum();
+        let spaces: usize = snap.allocators.iter().map(|s| s.code_spaces).sum();
+        assert_eq!(snap.manager.reserved, reserved, "{label}");
+        assert_eq!(snap.manager.code_spaces, spaces, "{label}");
+        for (mi, stats) in snap.allocators.iter().enumerate() {
+            assert_eq!(stats.allocated, self.allocated[mi], "{label} module {mi}");
+        }
+        self.last = Some(snap);
+        if self.step.is_multiple_of(500) {
+            self.check_bytes();
+        }
+    }
+
+    /// Every byte the model knows reads back, and what every CPU fetches from published code
+    /// is what was published.
+    pub(super) fn check_bytes(&self) {
+        let mut buf = vec![0; PAGE];
+        for (&page, shadow) in &self.pages {
+            self.manager.read(page, &mut buf).unwrap();
+            for (offset, (&got, want)) in buf.iter().zip(&shadow.bytes).enumerate() {
+                if let Some(want) = *want {
+                    assert_eq!(got, want, "{} at {:#x}", self.label(), page + offset);
+                }
+            }
+        }
+        let cpus = self.machine.online_cpus();
+        for module in &self.modules {
+            for (code, bytes) in &module.published {
+                let Some(bytes) = bytes else { continue };
+                assert_eq!(
+                    &read(&self.manager, code.start(), bytes.len()),
+                    bytes,
+                    "{}: {:?}",
+                    self.label(),
+                    code.range()
+                );
+                let mut fetched = vec![0; bytes.len()];
+                let cpu = (code.start() / 64) % cpus;
+                self.machine
+                    .exec_as(cpu, code.start(), &mut fetched)
+                    .unwrap();
+                assert_eq!(&fetched, bytes, "{}: CPU {cpu}", self.label());
+            }
+        }
+    }
+}
