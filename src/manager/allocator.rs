@@ -269,6 +269,7 @@ impl<M: Mmu> CodeAllocator<M> {
             owner: self.id,
             bytes: alloc::vec![0; size],
             patchable: false,
+            written: false,
         })
     }
 
@@ -305,7 +306,8 @@ impl<M: Mmu> CodeAllocator<M> {
     /// A handle of another allocator, flip mode on several CPUs, or a backend failure; the handle
     /// comes back and the pages are as they were ([`CodeError::FlushFailed`] says otherwise).
     pub fn publish(&mut self, code: WritableCode) -> Result<PublishedCode, Rejected<WritableCode>> {
-        let code = self.own(code.owner, code)?;
+        let mut code = self.own(code.owner, code)?;
+        code.written = true;
         match self.publish_ranges(&[(code.range, &code.bytes)]) {
             Ok(()) => Ok(self.published(&code)),
             Err(error) => Err(Rejected { error, code }),
@@ -319,13 +321,16 @@ impl<M: Mmu> CodeAllocator<M> {
     /// As [`publish`](Self::publish).
     pub fn publish_batch(
         &mut self,
-        codes: Vec<WritableCode>,
+        mut codes: Vec<WritableCode>,
     ) -> Result<Vec<PublishedCode>, Rejected<Vec<WritableCode>>> {
         if codes.iter().any(|c| c.owner != self.id) {
             return Err(Rejected {
                 error: CodeError::ForeignCode,
                 code: codes,
             });
+        }
+        for c in &mut codes {
+            c.written = true;
         }
         let ranges: Vec<(AddressRange, &[u8])> =
             codes.iter().map(|c| (c.range, &c.bytes[..])).collect();
@@ -443,8 +448,9 @@ impl<M: Mmu> CodeAllocator<M> {
         }
     }
 
-    /// Frees code that was never published. Its bytes never reached memory, so nothing is
-    /// written: the range keeps what it held before (INT3 or never-executed zeros).
+    /// Frees code that was never published. Unless a failed publish wrote its bytes, they never
+    /// reached memory and nothing is written: the range still holds INT3 (what fresh pages and
+    /// freed ranges hold); else the range is filled with INT3 again.
     ///
     /// # Errors
     /// As [`free`](Self::free).
@@ -452,7 +458,7 @@ impl<M: Mmu> CodeAllocator<M> {
         if code.owner != self.id {
             return Err(FreeError::Foreign(code));
         }
-        match self.free_range(code.range, false) {
+        match self.free_range(code.range, code.written) {
             Ok(()) => Ok(()),
             Err(Freeing::NotFreed(e)) => Err(FreeError::NotFreed(e, code)),
             Err(Freeing::Decommit(e)) => Err(FreeError::Decommit(e)),

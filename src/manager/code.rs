@@ -19,6 +19,9 @@ pub struct WritableCode {
     pub(crate) bytes: Vec<u8>,
     /// Whole pages of its own whose 8-byte slots may be patched once published (jump tables).
     pub(crate) patchable: bool,
+    /// Whether a publish attempt (that failed and handed it back) may have written its bytes
+    /// into memory: then discarding it fills the range with INT3 again.
+    pub(crate) written: bool,
 }
 
 impl WritableCode {

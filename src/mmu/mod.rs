@@ -118,7 +118,9 @@ pub unsafe trait Mmu {
     /// How codespace's locks disable interrupts on the calling CPU.
     fn interrupt_control(&self) -> InterruptControl;
 
-    /// Maps a fresh, zeroed frame at `page`, RW+NX, creating intermediate tables as needed.
+    /// Maps a fresh frame at `page`, RW+NX, creating intermediate tables as needed. The frame is
+    /// filled with INT3 (0xCC): every byte of a committed code page is code written on purpose
+    /// or a trap, and nothing of the frame's previous use shows through.
     /// Needs no invalidation: a not-present entry is never cached (Intel SDM 4.10.2.3).
     ///
     /// # Errors

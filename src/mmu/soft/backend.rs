@@ -323,7 +323,9 @@ unsafe impl Mmu for SoftMmu {
             return Err(MmuError::OutOfFrames);
         }
         let slot = m.mem.make_leaf_slot(va).ok_or(MmuError::OutOfFrames)?;
-        let frame = Memory::phys(m.mem.alloc_frame().ok_or(MmuError::OutOfFrames)?);
+        let index = m.mem.alloc_frame().ok_or(MmuError::OutOfFrames)?;
+        m.mem.int3.insert(index);
+        let frame = Memory::phys(index);
         m.store(
             "map_fresh",
             va,

@@ -66,6 +66,8 @@ pub(super) struct Memory {
     freed: BTreeSet<usize>,
     pub tables: BTreeSet<usize>,
     pub data: BTreeMap<usize, FrameData>,
+    /// Frames whose bytes not written yet read as INT3 (committed code frames), not zeros.
+    pub int3: BTreeSet<usize>,
     pub pml4: usize,
     /// Virtual base of the direct map, when the machine has one.
     pub direct_map: Option<u64>,
@@ -79,6 +81,7 @@ impl Memory {
             freed: BTreeSet::new(),
             tables: BTreeSet::new(),
             data: BTreeMap::new(),
+            int3: BTreeSet::new(),
             pml4: 0,
             direct_map: None,
         };
@@ -123,6 +126,7 @@ impl Memory {
             None => return None,
         };
         self.data.remove(&frame);
+        self.int3.remove(&frame);
         Some(frame)
     }
 
@@ -135,6 +139,7 @@ impl Memory {
     /// Returns `frame` to the pool, keeping the pool canonical so equal pools compare equal.
     pub fn free_frame(&mut self, frame: usize) {
         self.data.remove(&frame);
+        self.int3.remove(&frame);
         self.freed.insert(frame);
         while self.next_fresh > 0 && self.freed.remove(&(self.next_fresh - 1)) {
             self.next_fresh -= 1;
@@ -162,11 +167,23 @@ impl Memory {
     }
 
     pub fn frame_bytes(&self, frame: usize) -> Option<&[u8; PAGE_SIZE]> {
-        self.data.get(&frame).map(|b| &**b)
+        static INT3_PAGE: [u8; PAGE_SIZE] = [0xCC; PAGE_SIZE];
+        match self.data.get(&frame) {
+            Some(b) => Some(&**b),
+            None if self.int3.contains(&frame) => Some(&INT3_PAGE),
+            None => None,
+        }
     }
 
     pub fn frame_bytes_mut(&mut self, frame: usize) -> &mut [u8; PAGE_SIZE] {
-        self.data.entry(frame).or_insert_with(zeroed)
+        let int3 = self.int3.contains(&frame);
+        self.data.entry(frame).or_insert_with(|| {
+            if int3 {
+                Box::new([0xCC; PAGE_SIZE])
+            } else {
+                zeroed()
+            }
+        })
     }
 
     /// The slot of the leaf (present or staged) for `va`, and the tables missing on the way

@@ -39,6 +39,9 @@ use crate::{AddressRange, PAGE_SIZE};
 use poke::PokeSpace;
 use tables::{Slot, Tables, ADDR, NX, P, STAGED, W};
 
+/// What fresh code frames are filled with: INT3, so a stray jump into free bytes traps.
+const INT3: u8 = 0xCC;
+
 /// A physical-memory mapping at a fixed offset (a kernel's direct map).
 #[derive(Debug, Clone, Copy)]
 pub struct PhysOffset(u64);
@@ -350,7 +353,7 @@ where
             }
         }
         // SAFETY: the page was just mapped RW+NX to a fresh frame only we know of.
-        unsafe { core::ptr::write_bytes(page as *mut u8, 0, PAGE_SIZE) };
+        unsafe { core::ptr::write_bytes(page as *mut u8, INT3, PAGE_SIZE) };
         // SAFETY: `f` was allocated for `page` and is mapped there.
         Ok(unsafe { CommittedPage::new(page, f.start_address().as_u64()) })
     }
