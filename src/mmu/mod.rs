@@ -194,7 +194,9 @@ pub unsafe trait Mmu {
     fn read(&self, page: &CommittedPage, offset: usize, buf: &mut [u8]) -> Result<(), MmuError>;
 
     /// Invalidates the batch's pages on this CPU and every other online CPU (one round), then
-    /// stores the staged final entries, then frees the queued frames.
+    /// stores the staged final entries, then frees the queued frames. Every CPU that invalidates
+    /// also serializes (on x86, `invlpg`, a CR3 write and taking the shootdown interrupt each do):
+    /// a freed frame that is reused for new code is never executed from a stale prefetch.
     ///
     /// # Errors
     /// A CPU did not acknowledge: nothing after the invalidation happened and the batch comes
