@@ -11,12 +11,12 @@
 
 extern crate alloc;
 
-use codespace::mmu::x86::{LinearMap, PhysOffset, X86Mmu};
+use codespace::mmu::x86::{PhysOffset, X86Mmu};
 use codespace::module::{CodeModule, ModuleConfig, NewCode, Registries};
 use codespace::sync::grace::GraceDomain;
 use codespace::{AddressRange, CodeManager, ManagerConfig, ProtectionMode};
 use codespace_kernel::interrupts::{self, FaultInfo, TrapFrame, PAGE_FAULT};
-use codespace_kernel::memory::{self, FrameBitmap, PHYS_MAPPED_LIMIT, PHYS_OFFSET};
+use codespace_kernel::memory::{self, FrameBitmap, PHYS_OFFSET};
 use codespace_kernel::{entry_point, println, BootInfo, ExitCode};
 
 entry_point!(main);
@@ -25,21 +25,6 @@ entry_point!(main);
 // freed code waits for a grace period of their domain, to which CPUs report quiescent states.
 static GRACE: GraceDomain = GraceDomain::new();
 static CODE: Registries = Registries::new(&GRACE);
-
-// The kernel's linear maps of physical memory, which the backend keeps free of writable
-// aliases of code frames.
-static LINEAR: [LinearMap; 2] = [
-    LinearMap {
-        virt: 0,
-        phys: 0,
-        size: PHYS_MAPPED_LIMIT,
-    },
-    LinearMap {
-        virt: PHYS_OFFSET as usize,
-        phys: 0,
-        size: PHYS_MAPPED_LIMIT,
-    },
-];
 
 // Step 2: a code window nobody else maps. One PML4 slot (512 GiB) keeps every code space within
 // one top-level entry; here slot 385, next to the test kernel's own window.
@@ -66,8 +51,9 @@ fn main(_boot: &'static BootInfo) -> ExitCode {
 
     // Step 4: the backend over the kernel's own page table and frame allocator, and the manager.
     // SAFETY: every CPU runs on this page table; the direct map at PHYS_OFFSET maps every frame
-    // the allocator hands out and every table; PML4 slot 255 is unused; LINEAR describes the
-    // identity and direct maps; the CPU hooks are the kernel's.
+    // the allocator hands out and every table; PML4 slot 255 is unused; LINEAR_MAPS describes the
+    // identity and direct maps (the kernel's own, which the
+    // backend keeps free of writable aliases of code frames); the CPU hooks are the kernel's.
     let mmu = match unsafe {
         X86Mmu::new(
             memory::page_table_lock(),
@@ -78,9 +64,8 @@ fn main(_boot: &'static BootInfo) -> ExitCode {
         )
     } {
         // SAFETY: as above.
-        Ok(mmu) => {
-            unsafe { mmu.with_linear_maps(&LINEAR) }.with_free_count(FrameBitmap::free_frames)
-        }
+        Ok(mmu) => unsafe { mmu.with_linear_maps(&codespace_kernel::code::LINEAR_MAPS) }
+            .with_free_count(FrameBitmap::free_frames),
         Err(e) => {
             println!("integration example: backend: {e}");
             return ExitCode::Failure;

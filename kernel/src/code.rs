@@ -78,7 +78,7 @@ pub const POKE_SLOT: usize = 255;
 
 /// The kernel's linear maps of physical memory, kept free of writable aliases of code frames:
 /// the identity map (PML4 slot 0) and the direct map at [`PHYS_OFFSET`].
-static LINEAR_MAPS: [LinearMap; 2] = [
+pub static LINEAR_MAPS: [LinearMap; 2] = [
     LinearMap {
         virt: 0,
         phys: 0,

@@ -7,16 +7,44 @@
 //! on every CPU) — which stops other code on the page from executing meanwhile, so it is
 //! refused while more than one CPU is online.
 
+use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
 use super::config::ProtectionMode;
 use super::error::CodeError;
 use super::state::State;
-use crate::mmu::{Mmu, MmuError, Protection, TlbFlush, MAX_POKE_PAGES};
+use crate::mmu::{CommittedPage, Mmu, MmuError, Protection, TlbFlush, MAX_POKE_PAGES};
 use crate::PAGE_SIZE;
 
 /// One write inside one page: (page, offset in page, data).
 type Chunk<'d> = (usize, usize, &'d [u8]);
+
+/// The distinct pages of one private-alias session, in first-seen order (page `i` of the
+/// session is `pages[i]`), and their committed pages: at most [`MAX_POKE_PAGES`], all committed,
+/// checked before anything is written.
+fn session(
+    committed: &BTreeMap<usize, CommittedPage>,
+    addrs: impl Iterator<Item = usize>,
+) -> Result<(Vec<usize>, Vec<&CommittedPage>), CodeError> {
+    let mut pages: Vec<usize> = Vec::new();
+    for page in addrs {
+        if !pages.contains(&page) {
+            pages.push(page);
+        }
+    }
+    if pages.len() > MAX_POKE_PAGES {
+        return Err(MmuError::TooManyPages {
+            pages: pages.len(),
+            max: MAX_POKE_PAGES,
+        }
+        .into());
+    }
+    let pages_ref = pages
+        .iter()
+        .map(|&page| committed.get(&page).ok_or(MmuError::NotMapped { page }))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((pages, pages_ref))
+}
 
 fn chunks(addr: usize, data: &[u8]) -> impl Iterator<Item = Chunk<'_>> {
     let mut done = 0;
@@ -79,16 +107,7 @@ impl<M: Mmu> State<M> {
 
     /// Writes `chunks` of live pages in one private-alias session.
     fn poke_chunks(&mut self, chunks: &[Chunk<'_>]) -> Result<(), CodeError> {
-        let mut pages: Vec<usize> = chunks.iter().map(|c| c.0).collect();
-        pages.dedup();
-        if pages.len() > MAX_POKE_PAGES {
-            return Err(MmuError::TooManyPages {
-                pages: pages.len(),
-                max: MAX_POKE_PAGES,
-            }
-            .into());
-        }
-        let committed: Vec<_> = pages.iter().filter_map(|p| self.pages.get(p)).collect();
+        let (pages, committed) = session(&self.pages, chunks.iter().map(|c| c.0))?;
         let mut write = |poke: &mut dyn crate::mmu::Poke| {
             for &(page, offset, bytes) in chunks {
                 let i = pages.iter().position(|&p| p == page).unwrap_or(usize::MAX);
@@ -148,25 +167,13 @@ impl<M: Mmu> State<M> {
     /// for published pages, all in one session, so either every store lands or none does — and
     /// then makes every CPU serialize: when this returns, every CPU executes the new bytes.
     pub(crate) fn patch(&mut self, stores: &[(usize, u64)]) -> Result<(), CodeError> {
-        let mut pages: Vec<usize> = Vec::new();
-        for &(addr, _) in stores {
-            if !addr.is_multiple_of(8) {
-                return Err(CodeError::NotPatchable { addr });
-            }
-            let page = addr & !(PAGE_SIZE - 1);
-            self.pages.get(&page).ok_or(MmuError::NotMapped { page })?;
-            if !pages.contains(&page) {
-                pages.push(page);
-            }
+        if let Some(&(addr, _)) = stores.iter().find(|(a, _)| !a.is_multiple_of(8)) {
+            return Err(CodeError::NotPatchable { addr });
         }
-        if pages.len() > MAX_POKE_PAGES {
-            return Err(MmuError::TooManyPages {
-                pages: pages.len(),
-                max: MAX_POKE_PAGES,
-            }
-            .into());
-        }
-        let committed: Vec<_> = pages.iter().filter_map(|p| self.pages.get(p)).collect();
+        let (pages, committed) = session(
+            &self.pages,
+            stores.iter().map(|(a, _)| a & !(PAGE_SIZE - 1)),
+        )?;
         let mut store = |poke: &mut dyn crate::mmu::Poke| {
             for &(addr, value) in stores {
                 let page = addr & !(PAGE_SIZE - 1);
