@@ -114,3 +114,64 @@ fn a_call_with_interrupts_off_answers_busy_instead_of_spinning_on_a_held_module_
     assert_eq!(module.slot_target(0), Ok(Some(target)));
     assert!(machine.violations().is_empty());
 }
+
+static CRITICAL_INSIDE: Barrier = Barrier::new(2);
+static CRITICAL_RELEASE: Barrier = Barrier::new(2);
+
+/// The critical-threshold hook runs with the manager's lock held: it parks the first thread
+/// that crosses the threshold there.
+fn park_in_manager_lock(_committed: usize) {
+    static PARKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !PARKED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        CRITICAL_INSIDE.wait();
+        CRITICAL_RELEASE.wait();
+    }
+}
+
+#[test]
+fn a_module_whose_manager_lock_is_held_elsewhere_waits_when_its_caller_can() {
+    static GRACE: GraceDomain = GraceDomain::new();
+    static REGISTRIES: OnceLock<&'static Registries> = OnceLock::new();
+    let registries = *REGISTRIES.get_or_init(|| Box::leak(Box::new(Registries::new(&GRACE))));
+    let machine = SoftMmu::new(1024);
+    machine.set_interrupt_control(InterruptControl { disable, restore });
+    // A's commit of 2 pages crosses the critical threshold (half of 4 pages).
+    let config = ManagerConfig {
+        max_committed: 4 * 4096,
+        on_critical: Some(park_in_manager_lock),
+        ..ManagerConfig::default()
+    };
+    let manager = CodeManager::new(machine.clone(), WINDOW, config).unwrap();
+    let module = |functions| {
+        CodeModule::new(
+            &manager,
+            registries,
+            ModuleConfig {
+                functions,
+                initial_reservation: 2 * 4096,
+                ..ModuleConfig::default()
+            },
+        )
+    };
+    let (a, b) = (Arc::new(module(0).unwrap()), Arc::new(module(0).unwrap()));
+    let holder = {
+        let a = Arc::clone(&a);
+        std::thread::spawn(move || {
+            a.add_code(&NewCode::new(CodeKind::Wrapper, &[0xC3; 5000]))
+                .unwrap()
+        })
+    };
+    CRITICAL_INSIDE.wait();
+    // Module B's lock is free; the manager's is held by A. B's caller has interrupts on, so it
+    // must wait for the manager lock, not answer Busy.
+    let waiter = {
+        let b = Arc::clone(&b);
+        std::thread::spawn(move || b.add_code(&NewCode::new(CodeKind::Wrapper, &[0xC3])))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    CRITICAL_RELEASE.wait();
+    holder.join().unwrap();
+    let added = waiter.join().unwrap();
+    assert!(added.is_ok(), "waited for the manager lock: {added:?}");
+    assert!(machine.violations().is_empty());
+}

@@ -8,9 +8,10 @@
 //! 8-byte store per table, through the private alias, and one serialization of every CPU.
 //!
 //! # Concurrency
-//! All methods take `&self`. The module's books live behind an [`IrqLock`]: held with
-//! interrupts off, so an interrupt handler on the same CPU never finds it held; called with
-//! interrupts already off (an interrupt handler) while another CPU holds it, a method answers
+//! All methods take `&self`. The module's books live behind an [`IrqLock`], held with interrupts
+//! as the caller had them (so the manager's lock, taken under it, still knows whether the caller
+//! can wait). Called with interrupts off (an interrupt handler) while the lock is held — by
+//! another CPU, or by the code the handler interrupted — a method answers
 //! [`ModuleError::Busy`] instead of spinning. Lock order: this module's lock, then the trap
 //! table's and code map's writer locks, then the manager's lock, then the backend's. Nothing
 //! takes a module lock while holding one of those.
@@ -144,8 +145,10 @@ impl<M: Mmu + Send + 'static> CodeModule<M> {
         &self,
         f: impl FnOnce(&mut ModuleState<M>) -> Result<R, ModuleError>,
     ) -> Result<R, ModuleError> {
-        let mut guard: IrqGuard<'_, _> =
-            self.state.lock(self.irq).map_err(|_| ModuleError::Busy)?;
+        let mut guard: IrqGuard<'_, _> = self
+            .state
+            .lock_interruptible(self.irq)
+            .map_err(|_| ModuleError::Busy)?;
         let state = guard.as_mut().ok_or(ModuleError::Busy)?;
         f(state)
     }
@@ -156,7 +159,10 @@ impl<M: Mmu + Send + 'static> CodeModule<M> {
         &self,
         f: impl FnOnce(&mut ModuleState<M>) -> Result<R, ModuleError>,
     ) -> Result<R, ModuleError> {
-        let mut guard = self.state.lock(self.irq).map_err(|_| ModuleError::Busy)?;
+        let mut guard = self
+            .state
+            .lock_interruptible(self.irq)
+            .map_err(|_| ModuleError::Busy)?;
         let reclaim_ok = guard.interrupts_were_enabled();
         let state = guard.as_mut().ok_or(ModuleError::Busy)?;
         if reclaim_ok {

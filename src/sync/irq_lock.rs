@@ -1,15 +1,19 @@
-//! [`IrqLock`]: a spin lock held with interrupts disabled, that refuses instead of deadlocking
-//! when the caller cannot wait.
+//! [`IrqLock`]: a spin lock that refuses instead of deadlocking when the caller cannot wait.
 //!
 //! Codespace's locks can be taken from interrupt handlers (a timer patching a jump slot, a
-//! lazy-compile path). Two rules make that safe on SMP:
-//! - **Held with interrupts off.** An interrupt handler on the same CPU can never find the lock
-//!   held by the code it interrupted.
+//! lazy-compile path). These rules make that safe on SMP:
 //! - **Waited for with interrupts as the caller had them.** A CPU spinning for the lock keeps
 //!   taking interrupts, so it still answers the TLB-shootdown and serialization IPIs the holder
 //!   may be waiting for. A caller that already runs with interrupts off (an interrupt handler,
 //!   or a critical section of its own) could not answer them, so it does not spin: a contended
-//!   lock answers [`Busy`] at once.
+//!   lock answers [`Busy`] at once. An interrupt handler that finds the lock held by the code it
+//!   interrupted gets [`Busy`] the same way, never a deadlock.
+//! - **Held with interrupts off** ([`lock`](IrqLock::lock)) for the innermost lock, whose holder
+//!   waits for other CPUs (the manager's: shootdowns, serialization); or **held with interrupts
+//!   as they were** ([`lock_interruptible`](IrqLock::lock_interruptible)) for an outer lock (a
+//!   module's), so that the inner lock taken under it still knows whether the real caller can
+//!   wait: were the outer lock to turn interrupts off, every contended inner lock would answer
+//!   [`Busy`] to callers that could have waited.
 
 use core::ops::{Deref, DerefMut};
 
@@ -30,6 +34,8 @@ pub struct IrqGuard<'a, T> {
     guard: core::mem::ManuallyDrop<spin::MutexGuard<'a, T>>,
     irq: InterruptControl,
     enabled: bool,
+    /// Whether this guard disabled interrupts (and so restores them on drop).
+    disabled: bool,
 }
 
 impl<T> IrqLock<T> {
@@ -52,12 +58,37 @@ impl<T> IrqLock<T> {
                     guard: core::mem::ManuallyDrop::new(guard),
                     irq,
                     enabled,
+                    disabled: true,
                 });
             }
             if !enabled {
                 return Err(Busy);
             }
             (irq.restore)(enabled);
+            core::hint::spin_loop();
+        }
+    }
+
+    /// Takes the lock, leaving interrupts as the caller has them while it is held.
+    ///
+    /// # Errors
+    /// [`Busy`] when the lock is held and interrupts are off on entry.
+    pub fn lock_interruptible(&self, irq: InterruptControl) -> Result<IrqGuard<'_, T>, Busy> {
+        loop {
+            // Only to learn the caller's state: restored at once.
+            let enabled = (irq.disable)();
+            (irq.restore)(enabled);
+            if let Some(guard) = self.inner.try_lock() {
+                return Ok(IrqGuard {
+                    guard: core::mem::ManuallyDrop::new(guard),
+                    irq,
+                    enabled,
+                    disabled: false,
+                });
+            }
+            if !enabled {
+                return Err(Busy);
+            }
             core::hint::spin_loop();
         }
     }
@@ -96,7 +127,9 @@ impl<T> Drop for IrqGuard<'_, T> {
         // lock free.
         // SAFETY: dropped exactly once, here.
         unsafe { core::mem::ManuallyDrop::drop(&mut self.guard) };
-        (self.irq.restore)(self.enabled);
+        if self.disabled {
+            (self.irq.restore)(self.enabled);
+        }
     }
 }
 
@@ -139,5 +172,26 @@ mod tests {
         drop(lock.lock(SIM).unwrap());
         assert!(OFF.load(Ordering::SeqCst));
         OFF.store(false, Ordering::SeqCst);
+    }
+
+    #[test]
+    fn an_outer_interruptible_lock_leaves_the_caller_able_to_wait_for_an_inner_one() {
+        let outer = IrqLock::new(());
+        let inner = IrqLock::new(());
+        let g = outer.lock_interruptible(SIM).unwrap();
+        assert!(
+            !OFF.load(Ordering::SeqCst),
+            "held with interrupts as they were"
+        );
+        assert!(g.interrupts_were_enabled());
+        // The inner lock sees the caller's real state: it could wait, and takes it.
+        drop(inner.lock(SIM).unwrap());
+        // From "interrupt context" the outer lock refuses at once.
+        OFF.store(true, Ordering::SeqCst);
+        assert_eq!(outer.lock_interruptible(SIM).err(), Some(Busy));
+        assert!(OFF.load(Ordering::SeqCst), "left as they were");
+        OFF.store(false, Ordering::SeqCst);
+        drop(g);
+        assert!(!OFF.load(Ordering::SeqCst));
     }
 }
