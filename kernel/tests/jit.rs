@@ -780,6 +780,8 @@ struct Callers {
     calls: Vec<AtomicU64>,
     /// Calls that returned anything but `fib(CROSS_N)`, and the first such result.
     wrong: AtomicU64,
+    /// Sum over tier-ups of the callers inside a call when it returned.
+    inside_at_switch: AtomicU64,
     first_wrong: spin::Mutex<Option<Result<u64, Trap>>>,
 }
 
@@ -798,10 +800,20 @@ impl Callers {
             let lagging = (0..now.len()).find(|&c| c != tierer && now[c] < since[c] + 2);
             match lagging {
                 None => return now,
-                Some(c) => assert!(!deadline.expired(), "caller cpu {c} made no progress"),
+                Some(c) if deadline.expired() => {
+                    self.fail(format_args!("cpu {c} made no progress"))
+                }
+                Some(_) => {}
             }
             core::hint::spin_loop();
         }
+    }
+
+    /// Stops the callers, then fails (a panic abandons the tiering CPU's frames: nothing else
+    /// would tell the callers).
+    fn fail(&self, why: core::fmt::Arguments<'_>) -> ! {
+        self.stop.store(true, Ordering::SeqCst);
+        panic!("{why}");
     }
 }
 
@@ -828,6 +840,7 @@ fn jit_tier_up_from_another_cpu_while_called_on_all_cpus() {
         stop: AtomicBool::new(false),
         calls: (0..n).map(|_| AtomicU64::new(0)).collect(),
         wrong: AtomicU64::new(0),
+        inside_at_switch: AtomicU64::new(0),
         first_wrong: spin::Mutex::new(None),
     };
     let call = |cpu: usize| {
@@ -874,21 +887,29 @@ fn jit_tier_up_from_another_cpu_while_called_on_all_cpus() {
             for step in 0..CROSS_STEPS {
                 let result = tier.lock().step(&module);
                 if let Err(e) = result {
-                    callers.stop.store(true, Ordering::SeqCst);
-                    panic!("tier-up {step}: {e}");
+                    callers.fail(format_args!("tier-up {step}: {e}"));
                 }
+                // Callers inside generated code right after the switch (a snapshot, for the report):
+                // they run, or return into, a version just replaced.
+                let inside = (0..n).filter(|&c| c != tierer && jit::active_on(c)).count();
+                callers
+                    .inside_at_switch
+                    .fetch_add(inside as u64, Ordering::SeqCst);
                 let mut v = versions.lock();
                 v.extend(module.code(COUNTED_FIB).and_then(|s| module.lookup(s)));
                 // No caller reported a quiescent state since it started calling: every replaced
                 // version may still be running somewhere, so none is freed.
-                for (k, old) in v.iter().enumerate() {
-                    assert!(
-                        registered(old),
-                        "version {k} of {}: still registered",
-                        v.len()
-                    );
+                if let Some(k) = v.iter().position(|o| !registered(o)) {
+                    let n = v.len();
+                    callers.fail(format_args!(
+                        "version {k} of {n} left PC lookup under callers"
+                    ));
                 }
-                assert_eq!(module.retired(), v.len() - 1, "retired, not freed");
+                let retired = module.retired();
+                if retired != v.len() - 1 {
+                    let n = v.len();
+                    callers.fail(format_args!("{retired} of {n} versions retired, not freed"));
+                }
                 drop(v);
                 seen = callers.progress(&seen, tierer);
             }
@@ -903,8 +924,10 @@ fn jit_tier_up_from_another_cpu_while_called_on_all_cpus() {
         .map(|c| c.load(Ordering::SeqCst))
         .collect();
     println!(
-        "    {} versions installed by cpu {tierer}; calls per CPU while it tiered up: {calls:?}",
+        "    {} versions installed by cpu {tierer}; calls per CPU while it tiered up: {calls:?}; \
+         callers inside a call as a tier-up returned: {} in all",
         versions.len(),
+        callers.inside_at_switch.load(Ordering::SeqCst)
     );
     assert_eq!(
         callers.wrong.load(Ordering::SeqCst),

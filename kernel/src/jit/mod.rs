@@ -38,7 +38,7 @@ pub mod stack;
 mod tier;
 
 pub use compile::{CompiledFunction, Compiler, HostFunction, Linkage, HOST, MODULE};
-pub use enter::{active, enter, trap_landing_address, Trap};
+pub use enter::{active, active_on, enter, trap_landing_address, Trap};
 pub use error::JitError;
 pub use isa::{frontend_config, isa, OptLevel};
 pub use linear_memory::{LinearMemory, MAX_LEN, RESERVATION};
