@@ -1,15 +1,20 @@
 //! The Cranelift JIT glue (`codespace_kernel::jit`): programs compiled in the kernel and run from
 //! the code window, guard-page traps unwinding to the caller, calls through jump-table slots,
-//! tier-up under a timer interrupt, lazy compilation, and bad input refused.
+//! tier-up under a timer interrupt, lazy compilation, and bad input refused; then the same on
+//! every CPU at once: compiling, calling and trapping on all CPUs, tier-up from one CPU while the
+//! others call, and one lazy function first called by every CPU at once. With one CPU the SMP
+//! tests run their single-CPU form (said in each).
 #![no_std]
 #![no_main]
 
 extern crate alloc;
 
+use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use core::time::Duration;
 
-use codespace::code_object::RelocKind;
+use codespace::code_object::{CodeObject, RelocKind};
 use codespace::{CodeManager, ManagerConfig};
 use codespace_kernel::code::{self, test_window, KernelMmu, REGISTRIES};
 use codespace_kernel::interrupts::{self, TrapFrame};
@@ -20,7 +25,8 @@ use codespace_kernel::jit::{
     self as jit, Compiler, JitConfig, JitError, JitModule, LinearMemory, OptLevel, TierUp, Trap,
 };
 use codespace_kernel::test::ExpectFault;
-use codespace_kernel::{memory, pic, println};
+use codespace_kernel::time::Deadline;
+use codespace_kernel::{memory, pic, println, smp};
 use cranelift_codegen::ir::types::{F64, I32, I64};
 use cranelift_codegen::ir::{Function, InstBuilder, TrapCode};
 use x86_64::instructions::port::Port;
@@ -32,6 +38,9 @@ codespace_kernel::kernel_tests![
     jit_tier_up_from_timer_interrupt_while_called,
     jit_lazy_slots_compile_on_first_call,
     jit_bad_input_gives_typed_errors_and_installs_nothing,
+    jit_compile_call_and_trap_on_every_cpu_at_once,
+    jit_tier_up_from_another_cpu_while_called_on_all_cpus,
+    jit_lazy_function_first_called_on_every_cpu_at_once_installs_once,
 ];
 
 fn manager(window: usize, config: ManagerConfig) -> CodeManager<KernelMmu> {
@@ -54,7 +63,7 @@ fn program_module(mgr: &CodeManager<KernelMmu>) -> JitModule<KernelMmu> {
 
 /// Compiles `build()` at `opt` and installs it as `index`.
 fn compile_install(
-    m: &mut JitModule<KernelMmu>,
+    m: &JitModule<KernelMmu>,
     c: &mut Compiler,
     index: u32,
     build: fn() -> Result<Function, JitError>,
@@ -77,10 +86,10 @@ fn xorshift(seed: &mut u64) -> u64 {
 fn cranelift_programs_compile_and_run() {
     let mgr = manager(0, ManagerConfig::default());
     for opt in [OptLevel::None, OptLevel::Speed] {
-        let mut m = program_module(&mgr);
+        let m = program_module(&mgr);
         let mut c = Compiler::new();
         for (index, source) in (0..).zip(&programs::SOURCES) {
-            compile_install(&mut m, &mut c, index, source.build, opt);
+            compile_install(&m, &mut c, index, source.build, opt);
         }
         let mut mem = LinearMemory::new(1 << 20).expect("memory");
 
@@ -153,10 +162,10 @@ fn cranelift_programs_compile_and_run() {
 
 fn jit_out_of_bounds_access_traps_back_to_the_caller() {
     let mgr = manager(1, ManagerConfig::default());
-    let mut m = program_module(&mgr);
+    let m = program_module(&mgr);
     let mut c = Compiler::new();
-    compile_install(&mut m, &mut c, LOAD, load, OptLevel::Speed);
-    compile_install(&mut m, &mut c, LOAD_PLUS_ONE, load_plus_one, OptLevel::None);
+    compile_install(&m, &mut c, LOAD, load, OptLevel::Speed);
+    compile_install(&m, &mut c, LOAD_PLUS_ONE, load_plus_one, OptLevel::None);
     let mut mem = LinearMemory::new(64 << 10).expect("memory");
     let len = mem.len();
     mem.write_u32(len - 4, 0xC0DE).expect("write");
@@ -209,19 +218,19 @@ fn jit_out_of_bounds_access_traps_back_to_the_caller() {
     });
     let stub = jit::trap_landing_address();
     assert!(
-        (stub..stub + 32).contains(&(info.rip as usize)),
+        (stub..stub + 64).contains(&(info.rip as usize)),
         "the landing stub's ud2"
     );
 }
 
 fn jit_calls_between_functions_go_through_jump_slots() {
     let mgr = manager(2, ManagerConfig::default());
-    let mut m = program_module(&mgr);
+    let m = program_module(&mgr);
     let mut c = Compiler::new();
-    compile_install(&mut m, &mut c, FIB, fib, OptLevel::Speed);
-    compile_install(&mut m, &mut c, LOAD, load, OptLevel::None);
-    compile_install(&mut m, &mut c, LOAD_PLUS_ONE, load_plus_one, OptLevel::None);
-    compile_install(&mut m, &mut c, MIX, mix, OptLevel::None);
+    compile_install(&m, &mut c, FIB, fib, OptLevel::Speed);
+    compile_install(&m, &mut c, LOAD, load, OptLevel::None);
+    compile_install(&m, &mut c, LOAD_PLUS_ONE, load_plus_one, OptLevel::None);
+    compile_install(&m, &mut c, MIX, mix, OptLevel::None);
 
     // fib's two recursive calls are CallSlot relocations whose rel32 lands on fib's slot.
     let fib_code = m.code(FIB).expect("fib");
@@ -323,7 +332,7 @@ fn tier_tick(frame: &mut TrapFrame) {
         t.outside += 1;
         return;
     }
-    match t.tier.step(&mut t.module) {
+    match t.tier.step(&t.module) {
         Ok(_) => {
             t.versions.extend(t.module.code(COUNTED_FIB));
             t.calls_at_step = calls;
@@ -334,9 +343,9 @@ fn tier_tick(frame: &mut TrapFrame) {
 
 fn jit_tier_up_from_timer_interrupt_while_called() {
     let mgr = manager(3, ManagerConfig::default());
-    let mut module = program_module(&mgr);
+    let module = program_module(&mgr);
     let mut tier = TierUp::new(COUNTED_FIB, "counted_fib", counted_fib);
-    let first = tier.install(&mut module, OptLevel::None).expect("baseline");
+    let first = tier.install(&module, OptLevel::None).expect("baseline");
     let slot = module.entry(COUNTED_FIB).expect("slot");
     let mem = LinearMemory::new(4096).expect("memory");
     *TIERING.lock() = Some(Tiering {
@@ -386,7 +395,7 @@ fn jit_tier_up_from_timer_interrupt_while_called() {
     pic::set_masked(0, true);
     interrupts::set_irq_handler(0, None);
     let Tiering {
-        mut module,
+        module,
         tier,
         versions,
         outside,
@@ -477,51 +486,48 @@ fn jit_lazy_slots_compile_on_first_call() {
     let mgr = manager(4, ManagerConfig::default());
     let host = programs::host_functions();
     lazy::start(&mgr, &REGISTRIES, &programs::SOURCES, host, OptLevel::None).expect("start");
-    let (fib_slot, lazy_target) = lazy::with_module(|m| {
-        assert_eq!(m.code(FIB), None, "nothing compiled yet");
-        let slot = m.entry(FIB).expect("slot");
-        (slot, read_slot_target(m.manager(), slot))
-    })
-    .expect("module");
+    let m = lazy::module().expect("module");
+    assert_eq!(m.code(FIB), None, "nothing compiled yet");
+    let fib_slot = m.entry(FIB).expect("slot");
+    let lazy_target = read_slot_target(m.manager(), fib_slot);
     assert!(REGISTRIES
         .lookup_code(lazy_target)
         .is_some_and(|o| o.index().is_none()));
 
-    let before = lazy::compilations();
+    let before = lazy::stats().installed;
     assert_eq!(lazy::call(FIB, &[15]), Ok(fib_ref(15) as u64));
     assert_eq!(
-        lazy::compilations(),
+        lazy::stats().installed,
         before + 1,
         "compiled once, then recursed through the slot"
     );
-    let code = lazy::with_module(|m| m.code(FIB))
-        .flatten()
-        .expect("installed");
+    let code = m.code(FIB).expect("installed");
     assert_eq!(
         read_slot_target(&mgr, fib_slot),
         code,
         "the slot now jumps to the code"
     );
     assert_eq!(lazy::call(FIB, &[20]), Ok(fib_ref(20) as u64));
-    assert_eq!(lazy::compilations(), before + 1, "no second compilation");
+    assert_eq!(lazy::stats().installed, before + 1, "no second compilation");
 
     // load_plus_one compiles on its call, and load compiles when load_plus_one's code calls its
     // lazy slot: a compilation from inside generated code, resumed with the original arguments.
     let mut mem = LinearMemory::new(4096).expect("memory");
     mem.write_u32(12, 99).expect("write");
     assert_eq!(lazy::call(LOAD_PLUS_ONE, &[mem.base(), 12]), Ok(100));
-    assert_eq!(lazy::compilations(), before + 3);
+    assert_eq!(lazy::stats().installed, before + 3);
     let r = lazy::call(LOAD, &[mem.base(), 4096]);
     assert!(
         matches!(r, Err(JitError::Trapped(Trap::OutOfBounds { .. }))),
         "{r:?}"
     );
+    drop(m);
     drop(lazy::stop().expect("module"));
 
     // A function whose IR fails to compile: the call returns an error, the slot stays lazy, and
     // the module's other functions still compile and run.
     lazy::start(&mgr, &REGISTRIES, &FAILING_SOURCES, host, OptLevel::Speed).expect("start");
-    let slot = lazy::with_module(|m| m.entry(0)).flatten().expect("slot");
+    let slot = lazy::module().and_then(|m| m.entry(0)).expect("slot");
     let lazy_target = read_slot_target(&mgr, slot);
     assert_eq!(
         lazy::call(0, &[1, 2]),
@@ -560,9 +566,9 @@ fn jit_bad_input_gives_typed_errors_and_installs_nothing() {
             ..ManagerConfig::default()
         },
     );
-    let mut m = program_module(&mgr);
+    let m = program_module(&mgr);
     let mut c = Compiler::new();
-    compile_install(&mut m, &mut c, 0, load, OptLevel::None);
+    compile_install(&m, &mut c, 0, load, OptLevel::None);
     let before = snapshot(&m, &mgr);
     let link = m.linkage();
     let compile = |c: &mut Compiler, f: Result<Function, JitError>| {
@@ -664,4 +670,384 @@ fn jit_bad_input_gives_typed_errors_and_installs_nothing() {
         LinearMemory::new(0).map(|_| ()),
         Err(JitError::LinearMemory("size must be 1 byte..4 GiB"))
     );
+}
+
+/// Runs `f(cpu)` on every online CPU at once, each with interrupts on, and fails with every
+/// CPU's failure. Interrupts on matter: a CPU answers other CPUs' shootdown and serialization
+/// IPIs only with interrupts on (or while it waits for them itself), and with interrupts off a
+/// contended codespace lock answers `Busy` instead of waiting. The test framework runs the boot
+/// CPU with interrupts off otherwise.
+fn on_every_cpu(f: impl Fn(usize) + Sync) {
+    let enabled = x86_64::instructions::interrupts::are_enabled();
+    x86_64::instructions::interrupts::enable();
+    let result = smp::on_each_cpu(|cpu| {
+        x86_64::instructions::interrupts::enable();
+        f(cpu);
+    });
+    if !enabled {
+        x86_64::instructions::interrupts::disable();
+    }
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+/// Waits until `n` CPUs arrived at `count` (each adds one), for at most 20 s.
+fn all_arrive(count: &AtomicUsize, n: usize, what: &str) {
+    count.fetch_add(1, Ordering::SeqCst);
+    let deadline = Deadline::after(Duration::from_secs(20));
+    while count.load(Ordering::SeqCst) < n {
+        assert!(
+            !deadline.expired(),
+            "only {} of {n} CPUs {what}",
+            count.load(Ordering::SeqCst)
+        );
+        core::hint::spin_loop();
+    }
+}
+
+/// Out-of-bounds calls per CPU in the every-CPU trap test.
+const TRAPS_PER_CPU: u64 = 200;
+
+fn jit_compile_call_and_trap_on_every_cpu_at_once() {
+    // Every CPU compiles two functions into a module of its own (all at once: one compile stack
+    // per CPU), then calls them and makes them trap, alternately, while the other CPUs do the
+    // same. A trap unwinds to the `enter` of its own CPU: with a shared entry record, one CPU's
+    // landing would resume on another CPU's stack. (Each CPU's module has a manager of its own:
+    // a module takes its manager's lock inside its own, where interrupts are already off, so
+    // two modules of one manager used on two CPUs at once may answer `Busy` instead of waiting.)
+    let n = smp::online_cpus();
+    let managers: Vec<_> = (0..n)
+        .map(|cpu| manager(10 + cpu, ManagerConfig::default()))
+        .collect();
+    let (compiling, compiled) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    on_every_cpu(|cpu| {
+        let mut mem = LinearMemory::new(8192).expect("memory");
+        let len = mem.len();
+        let value = 0x1000 * cpu as u32 + 7;
+        mem.write_u32(len - 4, value).expect("write");
+        all_arrive(&compiling, n, "started compiling");
+        let m = program_module(&managers[cpu]);
+        let mut c = Compiler::new();
+        compile_install(&m, &mut c, LOAD, load, OptLevel::Speed);
+        compile_install(&m, &mut c, LOAD_PLUS_ONE, load_plus_one, OptLevel::None);
+        all_arrive(&compiled, n, "compiled");
+        let load_code = m.lookup(m.code(LOAD).expect("load")).expect("load object");
+        for i in 0..TRAPS_PER_CPU {
+            let r = m.call_with_memory(LOAD_PLUS_ONE, &mut mem, &[len - 4]);
+            assert_eq!(r, Ok(u64::from(value + 1)), "cpu {cpu}, call {i}");
+            // Through two generated frames, faulting in `load`, at an address of this CPU's
+            // memory only.
+            let index = len + 4096 * (i % 16) + 4 * (cpu as u64);
+            let r = m.call_with_memory(LOAD_PLUS_ONE, &mut mem, &[index]);
+            let Err(JitError::Trapped(Trap::OutOfBounds { pc, address })) = r else {
+                panic!("cpu {cpu}: load_plus_one({index:#x}) gave {r:?}, expected a trap");
+            };
+            assert_eq!(
+                address,
+                mem.base() + index,
+                "cpu {cpu}: CR2 of this CPU's fault"
+            );
+            assert!(
+                load_code.contains(pc),
+                "cpu {cpu}: the fault is in this module's load"
+            );
+            assert!(
+                !jit::active(),
+                "cpu {cpu}: the landing popped this CPU's record"
+            );
+        }
+    });
+    println!("    {n} CPUs compiled at once, then each trapped {TRAPS_PER_CPU} times through two generated frames");
+}
+
+/// Whether `object` is still registered for PC lookup: found at its start, and not a newer
+/// object in reused memory.
+fn registered(object: &Arc<CodeObject>) -> bool {
+    REGISTRIES
+        .lookup_code(object.instruction_start())
+        .is_some_and(|o| Arc::ptr_eq(&o, object))
+}
+
+/// Tier-up steps in the cross-CPU tier-up test, and the `n` of `counted_fib(n)` its callers run.
+const CROSS_STEPS: usize = 6;
+const CROSS_N: u64 = 12;
+
+/// What the callers of the cross-CPU tier-up test share with the tiering CPU.
+struct Callers {
+    stop: AtomicBool,
+    /// Completed calls per CPU.
+    calls: Vec<AtomicU64>,
+    /// Calls that returned anything but `fib(CROSS_N)`, and the first such result.
+    wrong: AtomicU64,
+    /// Sum over tier-ups of the callers inside a call when it returned.
+    inside_at_switch: AtomicU64,
+    first_wrong: spin::Mutex<Option<Result<u64, Trap>>>,
+}
+
+impl Callers {
+    /// Waits until every caller completed two more calls than in `since`, so each ran the
+    /// installed version (a call that began before the install may have run the old one; the
+    /// next one cannot). Returns the new counts.
+    fn progress(&self, since: &[u64], tierer: usize) -> Vec<u64> {
+        let deadline = Deadline::after(Duration::from_secs(20));
+        loop {
+            let now: Vec<u64> = self
+                .calls
+                .iter()
+                .map(|c| c.load(Ordering::SeqCst))
+                .collect();
+            let lagging = (0..now.len()).find(|&c| c != tierer && now[c] < since[c] + 2);
+            match lagging {
+                None => return now,
+                Some(c) if deadline.expired() => {
+                    self.fail(format_args!("cpu {c} made no progress"))
+                }
+                Some(_) => {}
+            }
+            core::hint::spin_loop();
+        }
+    }
+
+    /// Stops the callers, then fails (a panic abandons the tiering CPU's frames: nothing else
+    /// would tell the callers).
+    fn fail(&self, why: core::fmt::Arguments<'_>) -> ! {
+        self.stop.store(true, Ordering::SeqCst);
+        panic!("{why}");
+    }
+}
+
+fn jit_tier_up_from_another_cpu_while_called_on_all_cpus() {
+    // The last CPU recompiles counted_fib at the other level and installs it, again and again,
+    // while every other CPU calls it in a loop through its slot. With one CPU, the CPU itself
+    // alternates calls and tier-ups.
+    let mgr = manager(7, ManagerConfig::default());
+    let module = program_module(&mgr);
+    let tier = spin::Mutex::new(TierUp::new(COUNTED_FIB, "counted_fib", counted_fib));
+    let first = tier
+        .lock()
+        .install(&module, OptLevel::None)
+        .expect("baseline");
+    let slot = module.entry(COUNTED_FIB).expect("slot");
+    let n = smp::online_cpus();
+    let tierer = n - 1;
+    // Each caller counts its calls per tier in its own 64 bytes of one memory.
+    let mem = LinearMemory::new(4096).expect("memory");
+    let counters = |cpu: usize| mem.base() + 64 * cpu as u64;
+    let expected = fib_ref(CROSS_N as i64) as u64;
+    let versions = spin::Mutex::new(alloc::vec![module.lookup(first).expect("baseline object")]);
+    let callers = Callers {
+        stop: AtomicBool::new(false),
+        calls: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        wrong: AtomicU64::new(0),
+        inside_at_switch: AtomicU64::new(0),
+        first_wrong: spin::Mutex::new(None),
+    };
+    let call = |cpu: usize| {
+        // SAFETY: COUNTED_FIB's slot, `(i64, i64) -> i64` compiled by the glue; `module` outlives
+        // every call (the work framework returns only after every CPU finished).
+        let r = unsafe { jit::enter(slot, &[counters(cpu), CROSS_N]) };
+        if r != Ok(expected) {
+            callers.wrong.fetch_add(1, Ordering::SeqCst);
+            callers.first_wrong.lock().get_or_insert(r);
+        }
+        callers.calls[cpu].fetch_add(1, Ordering::SeqCst);
+    };
+
+    if n == 1 {
+        // One CPU: tier-up between calls. The version just replaced stays registered; the ones
+        // before it were freed by this install, which reported this CPU quiescent (no call is
+        // running) and, the CPU being alone, ended their grace period.
+        for _ in 0..CROSS_STEPS {
+            for _ in 0..4 {
+                call(0);
+            }
+            tier.lock().step(&module).expect("tier-up");
+            let mut v = versions.lock();
+            v.extend(module.code(COUNTED_FIB).and_then(|s| module.lookup(s)));
+            let k = v.len();
+            assert!(registered(&v[k - 2]), "just replaced: retired, not freed");
+            assert!(
+                v[..k - 2].iter().all(|o| !registered(o)),
+                "older ones freed"
+            );
+            assert_eq!(module.retired(), 1);
+        }
+        call(0);
+    } else {
+        on_every_cpu(|cpu| {
+            if cpu != tierer {
+                let deadline = Deadline::after(Duration::from_secs(40));
+                while !callers.stop.load(Ordering::SeqCst) && !deadline.expired() {
+                    call(cpu);
+                }
+                return;
+            }
+            let mut seen = callers.progress(&alloc::vec![0; n], tierer);
+            for step in 0..CROSS_STEPS {
+                let result = tier.lock().step(&module);
+                if let Err(e) = result {
+                    callers.fail(format_args!("tier-up {step}: {e}"));
+                }
+                // Callers inside generated code right after the switch (a snapshot, for the report):
+                // they run, or return into, a version just replaced.
+                let inside = (0..n).filter(|&c| c != tierer && jit::active_on(c)).count();
+                callers
+                    .inside_at_switch
+                    .fetch_add(inside as u64, Ordering::SeqCst);
+                let mut v = versions.lock();
+                v.extend(module.code(COUNTED_FIB).and_then(|s| module.lookup(s)));
+                // No caller reported a quiescent state since it started calling: every replaced
+                // version may still be running somewhere, so none is freed.
+                if let Some(k) = v.iter().position(|o| !registered(o)) {
+                    let n = v.len();
+                    callers.fail(format_args!(
+                        "version {k} of {n} left PC lookup under callers"
+                    ));
+                }
+                let retired = module.retired();
+                if retired != v.len() - 1 {
+                    let n = v.len();
+                    callers.fail(format_args!("{retired} of {n} versions retired, not freed"));
+                }
+                drop(v);
+                seen = callers.progress(&seen, tierer);
+            }
+            callers.stop.store(true, Ordering::SeqCst);
+        });
+    }
+
+    let versions = versions.into_inner();
+    let calls: Vec<u64> = callers
+        .calls
+        .iter()
+        .map(|c| c.load(Ordering::SeqCst))
+        .collect();
+    println!(
+        "    {} versions installed by cpu {tierer}; calls per CPU while it tiered up: {calls:?}; \
+         callers inside a call as a tier-up returned: {} in all",
+        versions.len(),
+        callers.inside_at_switch.load(Ordering::SeqCst)
+    );
+    assert_eq!(
+        callers.wrong.load(Ordering::SeqCst),
+        0,
+        "every call returned fib({CROSS_N}), never a broken slot; first wrong: {:?}",
+        callers.first_wrong.lock()
+    );
+    assert_eq!(versions.len(), CROSS_STEPS + 1);
+    let current = versions.last().expect("a version");
+    assert_eq!(module.code(COUNTED_FIB), Some(current.instruction_start()));
+    for cpu in (0..n).filter(|&c| c != tierer || n == 1) {
+        let base = counters(cpu) - mem.base();
+        let (baseline, optimised) = (mem.read_u32(base), mem.read_u32(base + 4));
+        assert!(
+            baseline.as_ref().is_ok_and(|&c| c > 0) && optimised.as_ref().is_ok_and(|&c| c > 0),
+            "cpu {cpu} ran both tiers: {baseline:?} baseline, {optimised:?} optimised calls"
+        );
+    }
+
+    // Callers stopped: after a grace period every replaced version is freed and leaves PC
+    // lookup.
+    // SAFETY: no generated code runs on this CPU and no lookup reference is held.
+    unsafe { code::synchronize() };
+    module.reclaim();
+    assert_eq!(module.retired(), 0, "every replaced version freed");
+    for old in &versions[..versions.len() - 1] {
+        let start = old.instruction_start();
+        assert!(!registered(old), "the version at {start:#x} left PC lookup");
+    }
+    assert!(registered(current));
+    assert_eq!(
+        module.call_with_memory(COUNTED_FIB, &mut { mem }, &[10]),
+        Ok(55)
+    );
+    drop(module);
+    assert!(mgr.audit().expect("audit").is_clean(), "{:?}", mgr.audit());
+}
+
+/// CPUs inside the build of [`fib_when_every_cpu_builds`].
+static RACE_BUILDERS: AtomicUsize = AtomicUsize::new(0);
+
+/// Builds fib once every online CPU is inside this function (or 20 s passed): so every CPU that
+/// took the lazy slot compiles, and they all race to install.
+fn fib_when_every_cpu_builds() -> Result<Function, JitError> {
+    RACE_BUILDERS.fetch_add(1, Ordering::SeqCst);
+    let deadline = Deadline::after(Duration::from_secs(20));
+    while RACE_BUILDERS.load(Ordering::SeqCst) < smp::online_cpus() && !deadline.expired() {
+        core::hint::spin_loop();
+    }
+    fib()
+}
+
+static RACE_SOURCES: [FunctionSource; 1] = [FunctionSource {
+    name: "fib",
+    params: 1,
+    build: fib_when_every_cpu_builds,
+}];
+
+fn jit_lazy_function_first_called_on_every_cpu_at_once_installs_once() {
+    let mgr = manager(8, ManagerConfig::default());
+    let host = programs::host_functions();
+    lazy::start(&mgr, &REGISTRIES, &RACE_SOURCES, host, OptLevel::None).expect("start");
+    let m = lazy::module().expect("module");
+    let slot = m.entry(FIB).expect("slot");
+    let lazy_target = read_slot_target(&mgr, slot);
+    let (objects, registered) = (m.code_count(), REGISTRIES.code.len());
+    let n = smp::online_cpus();
+    RACE_BUILDERS.store(0, Ordering::SeqCst);
+    let before = lazy::stats();
+
+    let arrived = AtomicUsize::new(0);
+    on_every_cpu(|cpu| {
+        all_arrive(&arrived, n, "arrived");
+        let r = lazy::call(FIB, &[20]);
+        assert_eq!(
+            r,
+            Ok(fib_ref(20) as u64),
+            "cpu {cpu}: {:?}",
+            lazy::last_error()
+        );
+    });
+    let after = lazy::stats();
+    let (compiled, installed, lost) = (
+        after.compiled - before.compiled,
+        after.installed - before.installed,
+        after.lost_races - before.lost_races,
+    );
+    println!("    {n} CPUs called the lazy slot at once: {compiled} compiled, {installed} installed, {lost} lost the race");
+    assert_eq!(
+        compiled, n as u64,
+        "every CPU took the lazy slot and compiled"
+    );
+    assert_eq!(installed, 1, "exactly one install");
+    assert_eq!(
+        lost,
+        n as u64 - 1,
+        "the others resumed in the winner's code"
+    );
+    assert_eq!(after.failed, before.failed);
+    assert_eq!(m.code_count(), objects + 1, "one code object added");
+    assert_eq!(m.retired(), 0, "no version replaced another");
+    assert_eq!(
+        REGISTRIES.code.len(),
+        registered + 1,
+        "one object registered"
+    );
+    let code = m.code(FIB).expect("installed");
+    assert_ne!(read_slot_target(&mgr, slot), lazy_target);
+    assert_eq!(
+        read_slot_target(&mgr, slot),
+        code,
+        "the slot jumps to the winner"
+    );
+
+    // Installed: calls on every CPU go straight to the code, nothing compiles again.
+    on_every_cpu(|cpu| {
+        assert_eq!(lazy::call(FIB, &[15]), Ok(fib_ref(15) as u64), "cpu {cpu}");
+    });
+    assert_eq!(lazy::stats(), after);
+    drop(m);
+    drop(lazy::stop().expect("module"));
+    assert!(mgr.audit().expect("audit").is_clean());
 }

@@ -55,7 +55,7 @@ pub(super) fn run(r: &Report) {
         },
     )
     .expect("manager");
-    let mut module = JitModule::new(
+    let module = JitModule::new(
         &manager,
         &REGISTRIES,
         JitConfig {

@@ -4,8 +4,8 @@
 //! # Design
 //!
 //! Generated code runs only through [`enter`] (the assembly `codespace_jit_enter`). It saves the
-//! callee-saved registers and pushes the previous *entry record*, then stores its stack pointer in
-//! `codespace_jit_entry_sp` and calls the function with up to six integer arguments. A normal
+//! callee-saved registers and pushes the previous *entry record* of its CPU, then stores its
+//! stack pointer in that record (`codespace_jit_entry_sp[cpu]`) and calls the function with up to six integer arguments. A normal
 //! return pops the record and returns `(value, 0)`.
 //!
 //! Every compiled function that has protected loads or stores ends with a landing pad the glue
@@ -26,24 +26,52 @@
 //!
 //! # Concurrency
 //!
-//! One CPU runs generated code today (SMP is issue 9), so the entry record is one word. Entries
-//! nest LIFO: an interrupt handler that enters generated code pushes the interrupted entry's
-//! record and restores it on the way out, on both ways back; a landing or abort always belongs
-//! to the innermost entry, because whatever interrupted it has left again. With SMP the word
-//! becomes per CPU (indexed by the current CPU with interrupts off, or GS-relative).
+//! Every CPU runs generated code, so the entry record is per CPU: `codespace_jit_entry_sp` is an
+//! array of [`MAX_CPUS`] cache-line-sized records, and the assembly finds its CPU's record from
+//! the dense CPU index at `%gs:0` (`percpu::current_cpu`). A trap on one CPU therefore unwinds to
+//! the innermost [`enter`] *of that CPU*: the #PF handler runs on the faulting CPU, resumes at the
+//! landing pad on that CPU, and the landing stub reads that CPU's record. With one shared word,
+//! CPU A's trap would load the stack pointer CPU B stored last and run on B's stack. The record
+//! is written only by its own CPU (plain loads and stores; the `AtomicUsize` only makes the
+//! static shareable), and a running context never moves to another CPU in this kernel, so the
+//! CPU that pushes a record is the CPU that pops it. A kernel that migrates tasks would keep the
+//! record in the task instead (and save it on a switch), since a task may then return on another
+//! CPU.
+//!
+//! Entries nest LIFO on each CPU: an interrupt handler that enters generated code pushes the
+//! interrupted entry's record and restores it on the way out, on both ways back; a landing or
+//! abort always belongs to the innermost entry, because whatever interrupted it has left again.
+//! The record's push (`pushq` of the old value, then the store of RSP) may be interrupted between
+//! its two instructions: the handler's own entry saves and restores whichever value it finds, so
+//! the interrupted sequence resumes unchanged.
 //!
 //! A protected fault with no entry active (generated code called directly, bypassing [`enter`])
 //! has nowhere to go back to: the stub executes `ud2`, which the kernel reports as an unexpected
 //! #UD instead of running on a bogus stack.
+//!
+//! A test item stopped by the work framework's NMI while inside generated code abandons its
+//! frames without popping the record, so the record keeps the abandoned stack pointer: later
+//! entries push and pop it like any other value (calls and traps keep working), and that CPU
+//! looks [`active`] from then on. That is the safe direction: no quiescent state is reported for
+//! an [`active`] CPU.
 
 use core::arch::global_asm;
 use core::fmt;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-/// Stack pointer of the innermost active [`enter`], 0 when none: the entry record. Written only
-/// by the assembly below, on the CPU that runs the generated code.
+use crate::percpu::{current_cpu, MAX_CPUS};
+
+/// One CPU's entry record: the stack pointer of its innermost active [`enter`], 0 when none.
+/// One cache line each, so CPUs entering generated code never write a shared line.
+#[repr(C, align(64))]
+struct EntryRecord(AtomicUsize);
+
+// The assembly indexes the records with `cpu << 6`.
+const _: () = assert!(core::mem::size_of::<EntryRecord>() == 64);
+
+/// The entry records, indexed by CPU. Written only by the assembly below, each by its own CPU.
 #[export_name = "codespace_jit_entry_sp"]
-static ENTRY_SP: AtomicUsize = AtomicUsize::new(0);
+static ENTRY_SP: [EntryRecord; MAX_CPUS] = [const { EntryRecord(AtomicUsize::new(0)) }; MAX_CPUS];
 
 /// `status` of a call whose lazy compilation failed (no PC is 1).
 const LAZY_FAILED: u64 = 1;
@@ -60,7 +88,8 @@ pub enum Trap {
         /// The faulting address (CR2, read by the landing stub).
         address: u64,
     },
-    /// The first call of a lazy function could not compile it; see `lazy::last_error`.
+    /// The first call of a lazy function could not compile it; `lazy::last_error` on the same
+    /// CPU says why.
     LazyCompileFailed,
 }
 
@@ -115,12 +144,21 @@ pub unsafe fn enter(target: usize, args: &[u64]) -> Result<u64, Trap> {
     }
 }
 
-/// Whether generated code is running (or interrupted) on this CPU: an [`enter`] has not
-/// returned yet. When false, no call can be inside any generated code, and retired code may be
-/// freed (see `tier`).
+/// Whether generated code is running (or interrupted) on this CPU: an [`enter`] on this CPU has
+/// not returned yet. When false, this CPU is inside no generated code (other CPUs may be), so it
+/// may report a quiescent state (see `JitModule::reclaim`).
 #[must_use]
 pub fn active() -> bool {
-    ENTRY_SP.load(Ordering::SeqCst) != 0
+    active_on(current_cpu())
+}
+
+/// Whether CPU `cpu` is inside an [`enter`] (a snapshot: it may enter or leave right after).
+///
+/// # Panics
+/// When `cpu >= MAX_CPUS`.
+#[must_use]
+pub fn active_on(cpu: usize) -> bool {
+    ENTRY_SP[cpu].0.load(Ordering::SeqCst) != 0
 }
 
 /// Where every landing pad jumps: the stub that unwinds to the innermost [`enter`].
@@ -138,6 +176,12 @@ pub fn abort_address() -> usize {
 
 // Stack at the call: return address (8) + six saved registers (48) + the previous record (8)
 // leaves RSP 16-byte aligned, as System V requires before `call`.
+//
+// `%gs:0` is this CPU's dense index (`percpu`); `index << 6` is its record's offset. The record
+// address is recomputed wherever it is needed rather than kept in a register: on the trap path
+// no register survives the generated frames. Scratch registers: r10 and r11 before the call
+// (caller-saved, not arguments), rcx and r10 in `leave` (rax and rdx hold the result), rax and
+// rdx in the stubs before they load the result (r10 holds the faulting PC there).
 global_asm!(
     r#"
     .section .text
@@ -149,8 +193,12 @@ codespace_jit_enter:
     pushq %r13
     pushq %r14
     pushq %r15
-    pushq codespace_jit_entry_sp(%rip)
-    movq %rsp, codespace_jit_entry_sp(%rip)
+    movq %gs:0, %r10
+    shlq $6, %r10
+    leaq codespace_jit_entry_sp(%rip), %r11
+    addq %r11, %r10
+    pushq (%r10)
+    movq %rsp, (%r10)
     movq %rsi, %r11
     movq %rdi, %rax
     movq 0(%rax), %rdi
@@ -162,7 +210,10 @@ codespace_jit_enter:
     callq *%r11
     xorl %edx, %edx
 codespace_jit_leave:
-    popq codespace_jit_entry_sp(%rip)
+    movq %gs:0, %rcx
+    shlq $6, %rcx
+    leaq codespace_jit_entry_sp(%rip), %r10
+    popq (%r10,%rcx)
     popq %r15
     popq %r14
     popq %r13
@@ -173,7 +224,10 @@ codespace_jit_leave:
 
     .global codespace_jit_trap_landing
 codespace_jit_trap_landing:
-    movq codespace_jit_entry_sp(%rip), %rax
+    movq %gs:0, %rax
+    shlq $6, %rax
+    leaq codespace_jit_entry_sp(%rip), %rdx
+    movq (%rdx,%rax), %rax
     testq %rax, %rax
     jz 1f
     movq %rax, %rsp
@@ -184,7 +238,10 @@ codespace_jit_trap_landing:
 
     .global codespace_jit_abort
 codespace_jit_abort:
-    movq codespace_jit_entry_sp(%rip), %rax
+    movq %gs:0, %rax
+    shlq $6, %rax
+    leaq codespace_jit_entry_sp(%rip), %rdx
+    movq (%rdx,%rax), %rax
     testq %rax, %rax
     jz 1f
     movq %rax, %rsp

@@ -81,7 +81,7 @@ pub enum JitError {
     LinearMemory(&'static str),
     /// The compile stack could not be mapped (no free frames).
     CompileStack(&'static str),
-    /// The module is in use (locked by an interrupted caller on this CPU).
+    /// No lazy module is active, or one is already (lazy `start`).
     Busy,
 }
 
@@ -120,7 +120,7 @@ impl fmt::Display for JitError {
             JitError::Trapped(trap) => write!(f, "{trap}"),
             JitError::LinearMemory(why) => write!(f, "linear memory: {why}"),
             JitError::CompileStack(why) => write!(f, "compile stack: {why}"),
-            JitError::Busy => f.write_str("module busy"),
+            JitError::Busy => f.write_str("no lazy module active, or one already"),
         }
     }
 }

@@ -6,14 +6,26 @@
 //!
 //! Replaced code is retired by the module and freed once every CPU passed a quiescent state:
 //! this glue reports one for the calling CPU whenever it knows no generated frame is on its
-//! stack (no [`enter`] active), and idle CPUs report from their idle loop.
+//! stack (no [`enter`] active on it), and idle CPUs report from their idle loop.
+//!
+//! # Concurrency
+//!
+//! A [`JitModule`] is shared between CPUs (in a `static`, an `Arc`, or borrowed by work on other
+//! CPUs): every method takes `&self`. Code, slots and retirement are `CodeModule`'s, behind its
+//! IRQ-safe lock (interrupt context gets `Busy` instead of spinning on it). The only state of
+//! the glue itself is each function's parameter count, one atomic word per function: written
+//! after the code is installed (a caller that reads the word first gets `NotCompiled`, as before
+//! the install), read before a call. Calls take no lock at all: they read the slot address (fixed
+//! for the module's life) and jump, so generated code never runs with a module lock held.
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 use codespace::code_object::CodeObject;
+use codespace::jump_table::JumpTableLayout;
 use codespace::mmu::Mmu;
-use codespace::module::{CodeModule, ModuleConfig, ModuleError, NewCode, Registries};
+use codespace::module::{CodeModule, Installed, ModuleConfig, ModuleError, NewCode, Registries};
 use codespace::{CodeError, CodeManager};
 
 use super::compile::{CompiledFunction, HostFunction, Linkage};
@@ -39,9 +51,16 @@ pub struct JitConfig {
 pub struct JitModule<M: Mmu + Send + 'static> {
     module: CodeModule<M>,
     config: JitConfig,
-    /// Parameter count of each function, once known (compiled, or declared for lazy slots).
-    params: Vec<Option<usize>>,
+    /// The first jump table, where callers enter (fixed for the module's life: created with the
+    /// module, never moved), so a call needs no module lock.
+    table: Option<JumpTableLayout>,
+    /// Parameter count of each function once known (compiled, or declared for lazy slots),
+    /// [`UNKNOWN`] before.
+    params: Vec<AtomicUsize>,
 }
+
+/// `params` entry of a function with no code and no declaration.
+const UNKNOWN: usize = usize::MAX;
 
 impl<M: Mmu + Send + 'static> core::fmt::Debug for JitModule<M> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
@@ -73,10 +92,18 @@ impl<M: Mmu + Send + 'static> JitModule<M> {
             },
         )
         .map_err(install_error)?;
+        let table = module
+            .jump_tables()
+            .map_err(install_error)?
+            .first()
+            .copied();
         Ok(JitModule {
             module,
             config,
-            params: alloc::vec![None; config.functions as usize],
+            table,
+            params: (0..config.functions)
+                .map(|_| AtomicUsize::new(UNKNOWN))
+                .collect(),
         })
     }
 
@@ -93,22 +120,69 @@ impl<M: Mmu + Send + 'static> JitModule<M> {
     /// with its landing pad, and points every jump-table slot of the function at it. Code it
     /// replaces is retired by the module: still registered (a call inside it finishes, a
     /// protected fault in it lands) until a grace period has passed, then freed by
-    /// [`reclaim`](Self::reclaim).
+    /// [`reclaim`](Self::reclaim). Any CPU may install while others call the function: a call
+    /// that reads the slot before the patch runs the old code, after it the new code.
     ///
     /// # Errors
     /// [`JitError::BadIndex`], [`JitError::CodeTooLarge`], [`JitError::Install`]; nothing is
     /// installed then and the slot keeps its old target.
     pub fn install(
-        &mut self,
+        &self,
         index: u32,
         code: &CompiledFunction,
         name: Option<&str>,
     ) -> Result<Arc<CodeObject>, JitError> {
+        self.check_install(index)?;
+        let object = self
+            .module
+            .add_code(&self.new_code(index, code, name))
+            .map_err(install_error)?;
+        self.params[index as usize].store(code.params(), Ordering::SeqCst);
+        Ok(object)
+    }
+
+    /// Installs `code` as function `index` unless the function has code already (lazy
+    /// compilation: several CPUs may compile the same function at once). The first to get here
+    /// installs; the others get [`Installed::Existing`] with the winner's code, and their
+    /// compiled bytes are simply dropped — they were never copied into the code window, so
+    /// nothing needs freeing.
+    ///
+    /// # Errors
+    /// As [`install`](Self::install).
+    pub fn install_if_absent(
+        &self,
+        index: u32,
+        code: &CompiledFunction,
+        name: Option<&str>,
+    ) -> Result<Installed, JitError> {
+        self.check_install(index)?;
+        let installed = self
+            .module
+            .install_if_absent(&self.new_code(index, code, name))
+            .map_err(install_error)?;
+        if let Installed::New(_) = installed {
+            self.params[index as usize].store(code.params(), Ordering::SeqCst);
+        }
+        Ok(installed)
+    }
+
+    /// Checks `index` and frees what can be freed before adding code.
+    fn check_install(&self, index: u32) -> Result<(), JitError> {
         if index >= self.config.functions {
             return Err(JitError::BadIndex { index });
         }
         self.reclaim();
-        let new = NewCode {
+        Ok(())
+    }
+
+    /// `code` as codespace's `NewCode` for function `index`.
+    fn new_code<'a>(
+        &self,
+        index: u32,
+        code: &'a CompiledFunction,
+        name: Option<&'a str>,
+    ) -> NewCode<'a> {
+        NewCode {
             protected: code.protected(),
             landing_pad: code.landing_pad(),
             fault_range: self
@@ -119,20 +193,19 @@ impl<M: Mmu + Send + 'static> JitModule<M> {
             source_positions: code.source_positions(),
             name,
             ..NewCode::function(index, code.bytes())
-        };
-        let object = self.module.add_code(&new).map_err(install_error)?;
-        self.params[index as usize] = Some(code.params());
-        Ok(object)
+        }
     }
 
     /// Frees replaced code whose grace period is over. Reports this CPU quiescent first when no
     /// [`enter`] is active on it (no generated frame on its stack); from inside generated code
     /// (an interrupt handler, a host function) it only frees what other reports allow. Returns
-    /// how many objects were freed.
-    pub fn reclaim(&mut self) -> usize {
+    /// how many objects were freed. Other CPUs' calls are unaffected: code they may be running
+    /// is freed only once they, too, reported a quiescent state.
+    pub fn reclaim(&self) -> usize {
         if !enter::active() {
-            // SAFETY: no call into generated code is active on this CPU and the glue holds no
-            // reference from a lookup here.
+            // SAFETY: no call into generated code is active on this CPU (its entry record is
+            // empty; no context migrates between CPUs here) and the glue holds no reference from
+            // a lookup here.
             unsafe { crate::code::quiescent() };
         }
         self.module.reclaim().unwrap_or(0)
@@ -145,21 +218,17 @@ impl<M: Mmu + Send + 'static> JitModule<M> {
     }
 
     /// Declares function `index`'s parameter count before it is compiled (lazy functions).
-    pub(super) fn declare_params(&mut self, index: u32, params: usize) {
-        if let Some(p) = self.params.get_mut(index as usize) {
-            *p = Some(params);
+    pub(super) fn declare_params(&self, index: u32, params: usize) {
+        if let Some(p) = self.params.get(index as usize) {
+            p.store(params, Ordering::SeqCst);
         }
     }
 
     /// Address callers use for function `index`: its near slot in the module's first jump table
-    /// (direct jump to the code, or the lazy stub).
+    /// (direct jump to the code, or the lazy stub). Lock-free.
     #[must_use]
     pub fn entry(&self, index: u32) -> Option<usize> {
-        self.module
-            .jump_tables()
-            .ok()?
-            .first()?
-            .near_slot_addr(index)
+        self.table?.near_slot_addr(index)
     }
 
     /// Start of the code installed for `index`, if compiled.
@@ -188,11 +257,14 @@ impl<M: Mmu + Send + 'static> JitModule<M> {
 
     /// Checks `index` is callable with `args` and returns its slot.
     pub(super) fn callable(&self, index: u32, args: &[u64]) -> Result<usize, JitError> {
-        let declared = *self
+        let expected = self
             .params
             .get(index as usize)
-            .ok_or(JitError::BadIndex { index })?;
-        let expected = declared.ok_or(JitError::NotCompiled { index })?;
+            .ok_or(JitError::BadIndex { index })?
+            .load(Ordering::SeqCst);
+        if expected == UNKNOWN {
+            return Err(JitError::NotCompiled { index });
+        }
         if args.len() != expected || expected > 6 {
             return Err(JitError::ArgumentCount {
                 expected,

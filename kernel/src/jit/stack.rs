@@ -1,13 +1,21 @@
-//! The stack Cranelift runs on. Compiling a function needs more stack than the kernel's 64 KiB
-//! boot stack has left (an unoptimised kernel build of Cranelift needs well over that), and the
-//! boot stack has no guard: an overflow would silently overwrite the boot page tables below it.
-//! So compilation switches to a stack of its own: [`SIZE`] bytes in the scratch PML4 slot, mapped
-//! on first use, with an unmapped guard page below it, so an overflow is a reported page fault
-//! (the #PF handler runs on its own IST stack), never corruption.
+//! The stacks Cranelift runs on. Compiling a function needs more stack than a kernel stack has
+//! left (an unoptimised kernel build of Cranelift needs well over 64 KiB), and an overflow must
+//! be a reported fault, never a silent write over whatever lies below. So compilation switches to
+//! a stack of its own: [`SIZE`] bytes per CPU in the scratch PML4 slot, mapped on that CPU's first
+//! compilation, with an unmapped guard below each. An overflow faults on the guard; the #PF
+//! handler then runs on the same (exhausted) stack, faults again, and the #DF handler (on its own
+//! IST stack) reports a double fault: a stop with a report, never corruption.
+//!
+//! # Concurrency
+//!
+//! One stack per CPU, so CPUs compile at the same time without a lock: stack `cpu` is
+//! `[BASE + cpu × STRIDE + GUARD, BASE + (cpu + 1) × STRIDE)`, and only CPU `cpu` runs on it
+//! (nothing in this kernel migrates a running context). Mapping happens once per CPU under that
+//! CPU's `Once`; other CPUs only read the `Once` ([`peak`] of the current CPU only).
 //!
 //! Re-entrancy: a compilation interrupted by an interrupt handler that compiles too (a tier-up
-//! from the timer) finds the stack pointer already inside the compile stack and keeps running on
-//! it. One CPU compiles at a time today; with SMP each CPU gets its own stack (slot index = CPU).
+//! from the timer) finds the stack pointer already inside this CPU's compile stack and keeps
+//! running on it, below the interrupted compilation's frames.
 
 use core::arch::global_asm;
 use core::mem::MaybeUninit;
@@ -17,16 +25,28 @@ use x86_64::structures::paging::PageTableFlags as F;
 
 use super::JitError;
 use crate::memory::{self, SCRATCH_BASE};
+use crate::percpu::{current_cpu, PerCpu};
 
-/// Bytes of the compile stack.
+/// Bytes of one compile stack.
 pub const SIZE: usize = 1 << 20;
-/// Lowest address of the stack; the page below it is the unmapped guard.
-const BOTTOM: usize = (SCRATCH_BASE + (48 << 30)) as usize;
-const TOP: usize = BOTTOM + SIZE;
+/// Unmapped bytes below each stack.
+const GUARD: usize = 1 << 20;
+/// Distance between two CPUs' stacks.
+const STRIDE: usize = GUARD + SIZE;
+/// Start of CPU 0's guard: 48 GiB into the scratch slot (the stacks of 64 CPUs end at 48.125 GiB,
+/// below the linear memories at 64 GiB).
+const BASE: usize = (SCRATCH_BASE + (48 << 30)) as usize;
 /// Fill of unused stack, for measuring the deepest use.
 const PAINT: u64 = 0x5AC4_5AC4_5AC4_5AC4;
 
-static MAPPED: Once<Result<(), &'static str>> = Once::new();
+/// `[bottom, top)` of CPU `cpu`'s stack.
+fn range(cpu: usize) -> (usize, usize) {
+    let bottom = BASE + cpu * STRIDE + GUARD;
+    (bottom, bottom + SIZE)
+}
+
+/// Whether each CPU's stack is mapped (and painted), or why it could not be.
+static MAPPED: PerCpu<Once<Result<(), &'static str>>> = crate::per_cpu!(Once::new());
 
 extern "C" {
     fn codespace_jit_call_on_stack(data: *mut u8, run: extern "C" fn(*mut u8), top: usize);
@@ -56,34 +76,37 @@ fn current_rsp() -> usize {
     rsp
 }
 
-fn map() -> Result<(), JitError> {
-    let mapped = MAPPED.call_once(|| {
-        for page in (BOTTOM..TOP).step_by(4096) {
+/// Maps CPU `cpu`'s stack on first use. Called on CPU `cpu` only.
+fn map(cpu: usize) -> Result<(usize, usize), JitError> {
+    let (bottom, top) = range(cpu);
+    let mapped = MAPPED.get(cpu).call_once(|| {
+        for page in (bottom..top).step_by(4096) {
             memory::map_fresh_page(page as u64, F::PRESENT | F::WRITABLE | F::NO_EXECUTE)?;
         }
-        paint_below(TOP);
+        paint(bottom, top);
         Ok(())
     });
-    mapped.map_err(JitError::CompileStack)
+    mapped.map_err(JitError::CompileStack)?;
+    Ok((bottom, top))
 }
 
-/// Repaints the compile stack from its bottom up to `end`.
-fn paint_below(end: usize) {
-    for word in (BOTTOM..end).step_by(8) {
-        // SAFETY: `[BOTTOM, end)` is mapped RW (see `map`) and unused: nothing runs on the
-        // compile stack below the current frame or at all when `end` is `TOP`.
+/// Repaints `[bottom, end)` of a compile stack.
+fn paint(bottom: usize, end: usize) {
+    for word in (bottom..end).step_by(8) {
+        // SAFETY: `[bottom, end)` lies in this CPU's stack, mapped RW (see `map`), and is unused:
+        // nothing runs on it below the current frame, or at all when `end` is its top.
         unsafe { (word as *mut u64).write_volatile(PAINT) };
     }
 }
 
-/// Runs `f` on the compile stack (or directly when already on it).
+/// Runs `f` on this CPU's compile stack (or directly when already on it).
 ///
 /// # Errors
 /// [`JitError::CompileStack`] when the stack cannot be mapped (no frames).
 pub fn on_compile_stack<F: FnOnce() -> R, R>(f: F) -> Result<R, JitError> {
-    map()?;
+    let (bottom, top) = map(current_cpu())?;
     let rsp = current_rsp();
-    if (BOTTOM..TOP).contains(&rsp) {
+    if (bottom..top).contains(&rsp) {
         return Ok(f());
     }
     struct Call<G, S> {
@@ -101,10 +124,11 @@ pub fn on_compile_stack<F: FnOnce() -> R, R>(f: F) -> Result<R, JitError> {
         f: Some(f),
         result: MaybeUninit::uninit(),
     };
-    // SAFETY: the compile stack is mapped, 16-byte aligned at `TOP` and unused (we are not on
-    // it); the assembly restores RSP and RBP before returning, so this frame is intact.
+    // SAFETY: this CPU's compile stack is mapped, 16-byte aligned at `top` and unused (we are
+    // not on it, and no other CPU ever runs on it); the assembly restores RSP and RBP before
+    // returning, so this frame is intact.
     unsafe {
-        codespace_jit_call_on_stack((&raw mut call).cast::<u8>(), run::<F, R>, TOP);
+        codespace_jit_call_on_stack((&raw mut call).cast::<u8>(), run::<F, R>, top);
     }
     // `run` always takes `f` and writes the result: `f` was `Some` and a panic never returns
     // here (the kernel's panic path abandons the frames).
@@ -112,30 +136,34 @@ pub fn on_compile_stack<F: FnOnce() -> R, R>(f: F) -> Result<R, JitError> {
     Ok(unsafe { call.result.assume_init() })
 }
 
-/// Deepest use of the compile stack since the last [`reset_peak`], in bytes.
+/// Deepest use of this CPU's compile stack since the last [`reset_peak`] on it, in bytes.
 #[must_use]
 pub fn peak() -> usize {
-    if !matches!(MAPPED.get(), Some(Ok(()))) {
+    let cpu = current_cpu();
+    if !matches!(MAPPED.get(cpu).get(), Some(Ok(()))) {
         return 0;
     }
-    let lowest = (BOTTOM..TOP)
+    let (bottom, top) = range(cpu);
+    let lowest = (bottom..top)
         .step_by(8)
         // SAFETY: the stack is mapped (checked above); reading never disturbs a user of it.
         .find(|&w| unsafe { (w as *const u64).read_volatile() } != PAINT)
-        .unwrap_or(TOP);
-    TOP - lowest
+        .unwrap_or(top);
+    top - lowest
 }
 
-/// Repaints the unused compile stack so [`peak`] measures from now on.
+/// Repaints the unused part of this CPU's compile stack so [`peak`] measures from now on.
 pub fn reset_peak() {
-    if matches!(MAPPED.get(), Some(Ok(()))) {
+    let cpu = current_cpu();
+    if matches!(MAPPED.get(cpu).get(), Some(Ok(()))) {
+        let (bottom, top) = range(cpu);
         let rsp = current_rsp();
         // On the compile stack, only the part below this frame is unused.
-        let end = if (BOTTOM..TOP).contains(&rsp) {
+        let end = if (bottom..top).contains(&rsp) {
             rsp - 256
         } else {
-            TOP
+            top
         };
-        paint_below(end);
+        paint(bottom, end);
     }
 }

@@ -17,6 +17,17 @@
 //! for the calling CPU when no `enter` is active on it, and idle CPUs report from their idle
 //! loop; then the code's trap and PC entries go, and its memory.
 //!
+//! # From another CPU
+//!
+//! Any CPU may tier up a function that others are calling: `JitModule` is shared by reference
+//! and installing is `CodeModule::add_code`, which patches the slot with one aligned store
+//! through the patching CPU's private alias and then makes every other CPU execute a serializing
+//! instruction before it returns (Intel SDM vol. 3, "cross-modifying code"). A CPU that is
+//! in the middle of the old code keeps running it — it has not reported a quiescent state, so
+//! the old code stays mapped and registered — and its next call through the slot reaches the new
+//! code. The tiering CPU compiles on its own compile stack; a [`TierUp`] (which owns a compiler)
+//! belongs to one CPU at a time (`&mut self`).
+//!
 //! # From an interrupt handler
 //!
 //! Compiling allocates from the kernel heap and installing takes codespace's locks, so an
@@ -80,7 +91,7 @@ impl TierUp {
     /// Compilation or installation failures; the running code stays installed then.
     pub fn install<M: Mmu + Send + 'static>(
         &mut self,
-        module: &mut JitModule<M>,
+        module: &JitModule<M>,
         level: OptLevel,
     ) -> Result<usize, JitError> {
         // All of it on the compile stack: from an interrupt handler the interrupted stack may
@@ -102,7 +113,7 @@ impl TierUp {
     /// As [`install`](Self::install).
     pub fn step<M: Mmu + Send + 'static>(
         &mut self,
-        module: &mut JitModule<M>,
+        module: &JitModule<M>,
     ) -> Result<OptLevel, JitError> {
         let next = match self.level {
             Some(OptLevel::Speed) => OptLevel::None,

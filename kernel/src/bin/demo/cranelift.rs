@@ -12,7 +12,7 @@ use codespace_kernel::println;
 /// Compiles fib, load and load_plus_one into a module of `manager` and runs them.
 pub fn tour(manager: &CodeManager<KernelMmu>) -> Result<(), String> {
     let err = |e: JitError| e.to_string();
-    let mut module = JitModule::new(
+    let module = JitModule::new(
         manager,
         &REGISTRIES,
         JitConfig {
