@@ -9,6 +9,7 @@
 //! CPUs never write each other's lines.
 
 use core::arch::asm;
+use core::sync::atomic::{AtomicUsize, Ordering};
 use x86_64::registers::model_specific::GsBase;
 use x86_64::VirtAddr;
 
@@ -21,10 +22,22 @@ pub const MAX_CPUS: usize = 64;
 pub struct CpuLocal {
     /// Dense CPU index; must stay the first field (`current_cpu` reads `%gs:0`).
     index: usize,
+    /// The JIT glue's entry record (`jit::enter`): stack pointer of this CPU's innermost active
+    /// entry into generated code, 0 when none. Written only by that assembly, on this CPU,
+    /// through `%gs:`[`JIT_ENTRY_SP_OFFSET`].
+    jit_entry_sp: AtomicUsize,
 }
 
+/// Offset of [`CpuLocal`]'s JIT entry record from GS base.
+pub const JIT_ENTRY_SP_OFFSET: usize = core::mem::offset_of!(CpuLocal, jit_entry_sp);
+
 static LOCALS: [CpuLocal; MAX_CPUS] = {
-    let mut locals = [const { CpuLocal { index: 0 } }; MAX_CPUS];
+    let mut locals = [const {
+        CpuLocal {
+            index: 0,
+            jit_entry_sp: AtomicUsize::new(0),
+        }
+    }; MAX_CPUS];
     let mut i = 0;
     while i < MAX_CPUS {
         locals[i].index = i;
@@ -53,6 +66,12 @@ pub fn current_cpu() -> usize {
         asm!("mov {}, gs:[0]", out(reg) index, options(nostack, preserves_flags, readonly));
     }
     index
+}
+
+/// This CPU's JIT entry record (see [`CpuLocal`]).
+#[must_use]
+pub fn jit_entry_sp() -> usize {
+    LOCALS[current_cpu()].jit_entry_sp.load(Ordering::SeqCst)
 }
 
 /// A value padded to its own cache line.

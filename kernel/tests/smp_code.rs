@@ -24,7 +24,7 @@
 use codespace_kernel::println;
 use codespace_kernel::smp;
 use codespace_kernel::stress::{
-    cpu_check, lazy, mixed, module_api, patching, replace, tlb, traps, wx,
+    cpu_check, jit, lazy, mixed, module_api, patching, replace, tlb, traps, wx,
 };
 use codespace_kernel::time::{duration, rdtsc};
 
@@ -37,6 +37,7 @@ codespace_kernel::kernel_tests![
     lazy_slot_race,
     concurrent_module_api,
     cpu_without_write_protect_is_refused,
+    jit_enter_on_every_cpu_at_once,
     all_scenarios_mixed_at_once,
 ];
 
@@ -183,6 +184,17 @@ fn cpu_without_write_protect_is_refused() {
     } else {
         println!("    cpu {cpu} without WP refused by a manager made on cpu 0, accepted with WP");
     }
+}
+
+/// Every CPU calls Cranelift code through `jit::enter` at once, trapping and returning.
+fn jit_enter_on_every_cpu_at_once() {
+    let s = timed(|| jit::run(79, 200));
+    println!(
+        "    {} calls trapped back to their own caller, {} returned",
+        s.traps, s.returns
+    );
+    assert_eq!(s.traps, 200 * cpus() as u64);
+    assert_eq!(s.returns, s.traps);
 }
 
 /// The stress mode's mixed round: patching, replacing and trap churn at once.

@@ -5,7 +5,7 @@
 //!
 //! Generated code runs only through [`enter`] (the assembly `codespace_jit_enter`). It saves the
 //! callee-saved registers and pushes the previous *entry record*, then stores its stack pointer in
-//! `codespace_jit_entry_sp` and calls the function with up to six integer arguments. A normal
+//! this CPU's entry record and calls the function with up to six integer arguments. A normal
 //! return pops the record and returns `(value, 0)`.
 //!
 //! Every compiled function that has protected loads or stores ends with a landing pad the glue
@@ -26,11 +26,14 @@
 //!
 //! # Concurrency
 //!
-//! One CPU runs generated code today (SMP is issue 9), so the entry record is one word. Entries
-//! nest LIFO: an interrupt handler that enters generated code pushes the interrupted entry's
-//! record and restores it on the way out, on both ways back; a landing or abort always belongs
-//! to the innermost entry, because whatever interrupted it has left again. With SMP the word
-//! becomes per CPU (indexed by the current CPU with interrupts off, or GS-relative).
+//! Every CPU may run generated code at once, so the entry record is one word *per CPU*: a field
+//! of the CPU's `percpu::CpuLocal`, addressed GS-relative (`%gs:JIT_ENTRY_SP_OFFSET`) by the
+//! assembly, so a landing or an abort on one CPU finds that CPU's innermost entry, never
+//! another CPU's stack. Nothing migrates a running context between CPUs here, so an entry ends
+//! on the CPU it began on. Entries nest LIFO per CPU: an interrupt handler that enters
+//! generated code pushes the interrupted entry's record and restores it on the way out, on both
+//! ways back; a landing or abort always belongs to the innermost entry, because whatever
+//! interrupted it has left again.
 //!
 //! A protected fault with no entry active (generated code called directly, bypassing [`enter`])
 //! has nowhere to go back to: the stub executes `ud2`, which the kernel reports as an unexpected
@@ -38,12 +41,6 @@
 
 use core::arch::global_asm;
 use core::fmt;
-use core::sync::atomic::{AtomicUsize, Ordering};
-
-/// Stack pointer of the innermost active [`enter`], 0 when none: the entry record. Written only
-/// by the assembly below, on the CPU that runs the generated code.
-#[export_name = "codespace_jit_entry_sp"]
-static ENTRY_SP: AtomicUsize = AtomicUsize::new(0);
 
 /// `status` of a call whose lazy compilation failed (no PC is 1).
 const LAZY_FAILED: u64 = 1;
@@ -120,7 +117,7 @@ pub unsafe fn enter(target: usize, args: &[u64]) -> Result<u64, Trap> {
 /// freed (see `tier`).
 #[must_use]
 pub fn active() -> bool {
-    ENTRY_SP.load(Ordering::SeqCst) != 0
+    crate::percpu::jit_entry_sp() != 0
 }
 
 /// Where every landing pad jumps: the stub that unwinds to the innermost [`enter`].
@@ -149,8 +146,8 @@ codespace_jit_enter:
     pushq %r13
     pushq %r14
     pushq %r15
-    pushq codespace_jit_entry_sp(%rip)
-    movq %rsp, codespace_jit_entry_sp(%rip)
+    pushq %gs:{sp}
+    movq %rsp, %gs:{sp}
     movq %rsi, %r11
     movq %rdi, %rax
     movq 0(%rax), %rdi
@@ -162,7 +159,7 @@ codespace_jit_enter:
     callq *%r11
     xorl %edx, %edx
 codespace_jit_leave:
-    popq codespace_jit_entry_sp(%rip)
+    popq %gs:{sp}
     popq %r15
     popq %r14
     popq %r13
@@ -173,7 +170,7 @@ codespace_jit_leave:
 
     .global codespace_jit_trap_landing
 codespace_jit_trap_landing:
-    movq codespace_jit_entry_sp(%rip), %rax
+    movq %gs:{sp}, %rax
     testq %rax, %rax
     jz 1f
     movq %rax, %rsp
@@ -184,7 +181,7 @@ codespace_jit_trap_landing:
 
     .global codespace_jit_abort
 codespace_jit_abort:
-    movq codespace_jit_entry_sp(%rip), %rax
+    movq %gs:{sp}, %rax
     testq %rax, %rax
     jz 1f
     movq %rax, %rsp
@@ -193,5 +190,6 @@ codespace_jit_abort:
     jmp codespace_jit_leave
 1:  ud2
 "#,
+    sp = const crate::percpu::JIT_ENTRY_SP_OFFSET,
     options(att_syntax)
 );

@@ -18,6 +18,7 @@
 //! | [`lazy`] | a lazy slot hit by every CPU at once installs one function |
 //! | [`module_api`] | a module used from every CPU at once keeps its books |
 //! | [`cpu_check`] | a CPU without CR0.WP is refused |
+//! | [`jit`] | `jit::enter`'s entry records and trap landings are per CPU |
 //!
 //! # TCG and cross-modifying code
 //!
@@ -41,6 +42,7 @@
 
 pub mod common;
 pub mod cpu_check;
+pub mod jit;
 pub mod lazy;
 pub mod mixed;
 pub mod module_api;
@@ -81,6 +83,7 @@ struct Totals {
     lazy_races: u64,
     module_ops: u64,
     cpu_checks: u64,
+    jit_calls: u64,
     mixed: u64,
 }
 
@@ -89,7 +92,7 @@ impl Totals {
         alloc::format!(
             "{} rounds; patches {}, calls {}, slot reads {}, replacements {} (reclaimed {}), \
              stale-TLB checks {}, W^X probes {}, traps {}, lazy rounds {} (races {}), module ops \
-             {}, CPU checks {}, mixed rounds {}",
+             {}, CPU checks {}, JIT calls {}, mixed rounds {}",
             self.rounds,
             self.patches,
             self.calls,
@@ -103,13 +106,14 @@ impl Totals {
             self.lazy_races,
             self.module_ops,
             self.cpu_checks,
+            self.jit_calls,
             self.mixed
         )
     }
 }
 
 /// Scenarios in the order the stress run cycles through them.
-const SCENARIOS: [&str; 10] = [
+const SCENARIOS: [&str; 11] = [
     "patching",
     "replace",
     "tlb",
@@ -119,6 +123,7 @@ const SCENARIOS: [&str; 10] = [
     "lazy",
     "module-api",
     "cpu-check",
+    "jit",
     "mixed",
 ];
 
@@ -167,6 +172,10 @@ fn scenario(which: usize, round: u64, t: &mut Totals) {
         "cpu-check" => {
             cpu_check::run(WINDOW + 8);
             t.cpu_checks += 1;
+        }
+        "jit" => {
+            let s = jit::run(WINDOW + 11, 50 + 25 * vary);
+            t.jit_calls += s.traps + s.returns;
         }
         _ => {
             let s = mixed::run(WINDOW + 10, 6 + 3 * vary, 1 << 22);
