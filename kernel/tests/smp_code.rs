@@ -38,6 +38,7 @@ codespace_kernel::kernel_tests![
     concurrent_module_api,
     cpu_without_write_protect_is_refused,
     jit_enter_on_every_cpu_at_once,
+    jit_linear_memory_drop_shoots_down_every_cpu,
     all_scenarios_mixed_at_once,
 ];
 
@@ -195,6 +196,14 @@ fn jit_enter_on_every_cpu_at_once() {
     );
     assert_eq!(s.traps, 200 * cpus() as u64);
     assert_eq!(s.returns, s.traps);
+}
+
+/// A dropped linear memory's frame, reused, is not reachable through another CPU's TLB.
+fn jit_linear_memory_drop_shoots_down_every_cpu() {
+    let rounds = 2 * cpus().max(2) as u32;
+    let faults = timed(|| jit::memory_drop(rounds));
+    println!("    {rounds} memories dropped and their frames reused: {faults} reads faulted");
+    assert_eq!(faults, u64::from(rounds));
 }
 
 /// The stress mode's mixed round: patching, replacing and trap churn at once.

@@ -4,11 +4,16 @@
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use core::time::Duration;
 
+use alloc::vec::Vec;
+use x86_64::structures::paging::{FrameAllocator, FrameDeallocator, PhysFrame};
+use x86_64::PhysAddr;
+
 use codespace::{CodeManager, ManagerConfig};
 
 use crate::catch::{catch, Caught};
 use crate::code::{self, test_window, KernelMmu, REGISTRIES};
 use crate::interrupts::{FaultInfo, PAGE_FAULT};
+use crate::memory;
 use crate::smp;
 use crate::time::Deadline;
 use x86_64::instructions::interrupts;
@@ -302,4 +307,39 @@ pub fn settle_slot<M: codespace::mmu::Mmu + Send + 'static>(
     if let Some(target) = m.slot_target(index).expect("slot books") {
         m.patch_slot(index, target).expect("patch the slot again");
     }
+}
+
+/// Allocates frames until `frame` comes back; gives the others back. The frame allocator hands
+/// out the lowest free frame at or after its cursor, so this is usually the first allocation.
+///
+/// # Panics
+/// When the frame never comes back (it is not free).
+pub fn take_frame(frame: u64) -> PhysFrame {
+    let wanted = PhysFrame::containing_address(PhysAddr::new(frame));
+    let mut frames = memory::frames();
+    let mut others = Vec::new();
+    let got = if frames.is_free(wanted) {
+        loop {
+            match frames.allocate_frame() {
+                Some(f) if f == wanted => break Some(f),
+                Some(f) => others.push(f),
+                None => break None,
+            }
+        }
+    } else {
+        None
+    };
+    for f in others {
+        // SAFETY: allocated just above and never used.
+        unsafe { frames.deallocate_frame(f) };
+    }
+    drop(frames);
+    got.unwrap_or_else(|| panic!("frame {frame:#x} did not go back to the frame allocator"))
+}
+
+/// Gives a frame [`take_frame`] took back to the frame allocator.
+pub fn release(frame: PhysFrame) {
+    // SAFETY: the caller took the frame with `take_frame` and no longer uses it; it is mapped
+    // nowhere but the linear maps.
+    unsafe { memory::frames().deallocate_frame(frame) };
 }

@@ -4,6 +4,8 @@
 //! records are pushed and popped, and landing pads unwind to them, on all CPUs at the same
 //! time. Every trap must come back to the CPU's own caller as `Trap::OutOfBounds` with its own
 //! faulting address, every return with its value, and no entry may stay active afterwards.
+//!
+//! [`memory_drop`]: a linear memory's pages leave every CPU's TLB before its frames are reused.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -97,4 +99,84 @@ pub fn run(window: usize, calls: u32) -> JitStats {
     drop(m);
     settle(&mgr);
     stats
+}
+
+/// What the frame's next owner writes over a dropped memory's first word.
+const MARKER: u64 = 0x0BAD_0BAD_0BAD_0BAD;
+
+/// `rounds` times: CPU B (the CPUs other than 0 in turn) reads a fresh linear memory's first
+/// page, caching its translation; CPU 0 drops the memory, takes its first frame back from the
+/// frame allocator and writes a marker into it. B's next read of the address must fault (not
+/// present) instead of reading the marker. Returns the faults seen.
+///
+/// # Panics
+/// When B reads the reused frame through a stale translation, naming the CPU.
+pub fn memory_drop(rounds: u32) -> u64 {
+    use super::common::{check_fault, load_u64, release, take_frame, try_access, Access};
+    use super::common::{Phase, PF_FETCH, PF_PRESENT, PF_WRITE};
+    let n = crate::smp::online_cpus();
+    let faults = AtomicU64::new(0);
+    for round in 0..rounds {
+        let b = if n == 1 {
+            0
+        } else {
+            1 + round as usize % (n - 1)
+        };
+        let mut mem = LinearMemory::new(4096).expect("linear memory");
+        mem.write_u32(0, CONTENT).expect("write");
+        let base = mem.base();
+        let frame = crate::memory::leaf_entry(base).expect("mapped") & 0x000F_FFFF_FFFF_F000;
+        let mem = spin::Mutex::new(Some(mem));
+        let reused = spin::Mutex::new(None);
+        let phase = Phase::new();
+        let a_side = || {
+            drop(mem.lock().take());
+            let f = take_frame(frame);
+            let marker = crate::memory::phys_to_virt(f.start_address()).as_mut_ptr::<u64>();
+            // SAFETY: the frame is ours again (just taken from the allocator) and writable in
+            // the direct map.
+            unsafe { marker.write_volatile(MARKER) };
+            *reused.lock() = Some(f);
+        };
+        let b_side = || match try_access(|| load_u64(base as usize)) {
+            Access::Completed(v) => panic!(
+                "cpu {b}: read {v:#x} at {base:#x} after its linear memory was dropped and the \
+                 frame {frame:#x} reused (the new owner wrote {MARKER:#x}): a stale TLB entry"
+            ),
+            Access::Faulted(info) => {
+                let clear = PF_PRESENT | PF_WRITE | PF_FETCH;
+                check_fault(&info, base, 0, clear, "read of a dropped memory");
+                faults.fetch_add(1, Ordering::SeqCst);
+            }
+        };
+        if n == 1 {
+            assert_eq!(
+                load_u64(base as usize) as u32,
+                CONTENT,
+                "cpu 0 reads the memory"
+            );
+            a_side();
+            b_side();
+        } else {
+            common::on_each_cpu(|cpu| {
+                if cpu == b {
+                    assert_eq!(load_u64(base as usize) as u32, CONTENT, "cpu {b} reads it");
+                    phase.set(1);
+                    phase.wait(2);
+                    b_side();
+                    phase.set(3);
+                } else if cpu == 0 {
+                    phase.wait(1);
+                    a_side();
+                    phase.set(2);
+                    phase.wait(3);
+                }
+            });
+        }
+        let taken = reused.lock().take();
+        if let Some(f) = taken {
+            release(f);
+        }
+    }
+    faults.load(Ordering::SeqCst)
 }

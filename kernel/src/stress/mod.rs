@@ -18,7 +18,7 @@
 //! | [`lazy`] | a lazy slot hit by every CPU at once installs one function |
 //! | [`module_api`] | a module used from every CPU at once keeps its books |
 //! | [`cpu_check`] | a CPU without CR0.WP is refused |
-//! | [`jit`] | `jit::enter`'s entry records and trap landings are per CPU |
+//! | [`jit`] | `jit::enter`'s entry records and trap landings are per CPU; a dropped linear memory leaves every TLB |
 //!
 //! # TCG and cross-modifying code
 //!
@@ -176,6 +176,7 @@ fn scenario(which: usize, round: u64, t: &mut Totals) {
         "jit" => {
             let s = jit::run(WINDOW + 11, 50 + 25 * vary);
             t.jit_calls += s.traps + s.returns;
+            t.tlb_checks += jit::memory_drop(2 + vary);
         }
         _ => {
             let s = mixed::run(WINDOW + 10, 6 + 3 * vary, 1 << 22);

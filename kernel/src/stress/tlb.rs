@@ -8,20 +8,19 @@
 //!
 //! With one CPU, A is B: the same sequence checks the local invalidation.
 
-use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use codespace::code_object::CodeKind;
 use codespace::module::{CodeModule, ModuleConfig, NewCode};
-use x86_64::structures::paging::{FrameAllocator, FrameDeallocator, PhysFrame};
+use x86_64::structures::paging::PhysFrame;
 use x86_64::PhysAddr;
 
 use super::common::{
-    self, call0, check_fault, ret_const, settle, try_access, Access, Phase, PF_FETCH, PF_PRESENT,
-    PF_WRITE,
+    self, call0, check_fault, release, ret_const, settle, take_frame, try_access, Access, Phase,
+    PF_FETCH, PF_PRESENT, PF_WRITE,
 };
 use crate::code::REGISTRIES;
-use crate::memory::{self, phys_to_virt};
+use crate::memory::phys_to_virt;
 use crate::smp;
 
 /// What the freed function returned.
@@ -158,35 +157,4 @@ fn check_stale_accesses(start: usize, frame: u64, b: usize, faults: &AtomicU64) 
             }
         }
     }
-}
-
-/// A: the marker's frame goes back to the allocator.
-fn release(frame: PhysFrame) {
-    // SAFETY: B is done with the address; the frame is mapped nowhere but the linear maps and
-    // nothing else uses it.
-    unsafe { memory::frames().deallocate_frame(frame) };
-}
-
-/// Allocates frames until `frame` comes back; gives the others back. The frame allocator hands
-/// out the lowest free frame at or after its cursor, so this is usually the first allocation.
-///
-/// # Panics
-/// When the frame never comes back (it is not free).
-fn take_frame(frame: u64) -> PhysFrame {
-    let wanted = PhysFrame::containing_address(PhysAddr::new(frame));
-    let mut frames = memory::frames();
-    assert!(frames.is_free(wanted), "frame {frame:#x} is free again");
-    let mut others = Vec::new();
-    let got = loop {
-        match frames.allocate_frame() {
-            Some(f) if f == wanted => break f,
-            Some(f) => others.push(f),
-            None => panic!("frame {frame:#x} never came back"),
-        }
-    };
-    for f in others {
-        // SAFETY: allocated just above and never used.
-        unsafe { frames.deallocate_frame(f) };
-    }
-    got
 }
