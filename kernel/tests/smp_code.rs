@@ -39,6 +39,7 @@ codespace_kernel::kernel_tests![
     cpu_without_write_protect_is_refused,
     jit_enter_on_every_cpu_at_once,
     jit_linear_memory_drop_shoots_down_every_cpu,
+    jit_compiles_on_every_cpu_at_once,
     all_scenarios_mixed_at_once,
 ];
 
@@ -204,6 +205,13 @@ fn jit_linear_memory_drop_shoots_down_every_cpu() {
     let faults = timed(|| jit::memory_drop(rounds));
     println!("    {rounds} memories dropped and their frames reused: {faults} reads faulted");
     assert_eq!(faults, u64::from(rounds));
+}
+
+/// Every CPU compiles with Cranelift at the same time and gets the same code.
+fn jit_compiles_on_every_cpu_at_once() {
+    let checked = timed(|| jit::compile_everywhere(81, 1));
+    println!("    {checked} concurrent compilations matched the one-CPU result");
+    assert_eq!(checked, 2 * cpus() as u64);
 }
 
 /// The stress mode's mixed round: patching, replacing and trap churn at once.

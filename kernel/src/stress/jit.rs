@@ -6,6 +6,9 @@
 //! faulting address, every return with its value, and no entry may stay active afterwards.
 //!
 //! [`memory_drop`]: a linear memory's pages leave every CPU's TLB before its frames are reused.
+//!
+//! [`compile_everywhere`]: every CPU compiles with Cranelift at once (each on its own compile
+//! stack) and gets the same machine code as a compilation on one CPU.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -179,4 +182,52 @@ pub fn memory_drop(rounds: u32) -> u64 {
         }
     }
     faults.load(Ordering::SeqCst)
+}
+
+/// Compiles matmul (at both levels) on CPU 0 alone, then `rounds` times on every CPU at once;
+/// every concurrent compilation must produce the same bytes as CPU 0's. Returns the
+/// compilations checked.
+///
+/// # Panics
+/// When a compilation fails or differs, naming the CPU.
+pub fn compile_everywhere(window: usize, rounds: u32) -> u64 {
+    let mgr = common::manager(window);
+    let m = JitModule::new(
+        &mgr,
+        &REGISTRIES,
+        JitConfig {
+            fault_range: None,
+            functions: programs::FUNCTIONS,
+            host: programs::host_functions(),
+            lazy_entry: None,
+        },
+    )
+    .expect("JIT module");
+    let linkage = m.linkage();
+    let compile = |c: &mut Compiler, opt| {
+        let func = programs::matmul().expect("IR");
+        c.compile(func, opt, &linkage).expect("compile")
+    };
+    let mut alone = Compiler::new();
+    let reference = [OptLevel::None, OptLevel::Speed].map(|opt| compile(&mut alone, opt));
+    let checked = AtomicU64::new(0);
+    for _ in 0..rounds {
+        common::on_each_cpu(|cpu| {
+            let mut c = Compiler::new();
+            for (i, opt) in [OptLevel::None, OptLevel::Speed].into_iter().enumerate() {
+                let code = compile(&mut c, opt);
+                assert!(
+                    code.bytes() == reference[i].bytes(),
+                    "cpu {cpu}: matmul at {opt:?} compiled to other bytes while every CPU \
+                     compiled ({} bytes, {} expected)",
+                    code.bytes().len(),
+                    reference[i].bytes().len()
+                );
+                checked.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+    drop(m);
+    settle(&mgr);
+    checked.load(Ordering::SeqCst)
 }

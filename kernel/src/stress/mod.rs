@@ -18,7 +18,7 @@
 //! | [`lazy`] | a lazy slot hit by every CPU at once installs one function |
 //! | [`module_api`] | a module used from every CPU at once keeps its books |
 //! | [`cpu_check`] | a CPU without CR0.WP is refused |
-//! | [`jit`] | `jit::enter`'s entry records and trap landings are per CPU; a dropped linear memory leaves every TLB |
+//! | [`jit`] | `jit::enter`'s entry records, trap landings and compile stacks are per CPU; a dropped linear memory leaves every TLB |
 //!
 //! # TCG and cross-modifying code
 //!
@@ -84,6 +84,7 @@ struct Totals {
     module_ops: u64,
     cpu_checks: u64,
     jit_calls: u64,
+    jit_compilations: u64,
     mixed: u64,
 }
 
@@ -92,7 +93,7 @@ impl Totals {
         alloc::format!(
             "{} rounds; patches {}, calls {}, slot reads {}, replacements {} (reclaimed {}), \
              stale-TLB checks {}, W^X probes {}, traps {}, lazy rounds {} (races {}), module ops \
-             {}, CPU checks {}, JIT calls {}, mixed rounds {}",
+             {}, CPU checks {}, JIT calls {} (concurrent compilations {}), mixed rounds {}",
             self.rounds,
             self.patches,
             self.calls,
@@ -107,6 +108,7 @@ impl Totals {
             self.module_ops,
             self.cpu_checks,
             self.jit_calls,
+            self.jit_compilations,
             self.mixed
         )
     }
@@ -177,6 +179,9 @@ fn scenario(which: usize, round: u64, t: &mut Totals) {
             let s = jit::run(WINDOW + 11, 50 + 25 * vary);
             t.jit_calls += s.traps + s.returns;
             t.tlb_checks += jit::memory_drop(2 + vary);
+            if vary == 0 {
+                t.jit_compilations += jit::compile_everywhere(WINDOW + 12, 1);
+            }
         }
         _ => {
             let s = mixed::run(WINDOW + 10, 6 + 3 * vary, 1 << 22);
