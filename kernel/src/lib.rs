@@ -28,6 +28,7 @@ pub mod pic;
 pub mod qemu;
 pub mod serial;
 pub mod smp;
+pub mod stress;
 pub mod test;
 pub mod time;
 pub mod wx_audit;

@@ -1,6 +1,7 @@
 //! The demo kernel that `cargo run` boots: a narrated tour of codespace on real page tables.
 //!
-//! `cargo run -- bench` runs the in-kernel benchmarks instead.
+//! `cargo run -- bench` runs the in-kernel benchmarks instead; `cargo run -- stress [SECONDS]` the SMP
+//! stress mode (`codespace_kernel::stress`).
 #![no_std]
 #![no_main]
 
@@ -42,6 +43,9 @@ fn main(boot: &'static BootInfo) -> ExitCode {
     drop(frames);
     if boot.has_arg("bench") {
         return bench::run(boot.has_arg("smp-only"));
+    }
+    if boot.has_arg("stress") {
+        return codespace_kernel::stress::run(boot);
     }
     match tour() {
         Ok(()) => {

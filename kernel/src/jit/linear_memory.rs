@@ -19,11 +19,16 @@
 
 use core::sync::atomic::{AtomicU32, Ordering};
 
-use x86_64::structures::paging::{FrameDeallocator, Mapper, Page, PageTableFlags as F, Size4KiB};
+use alloc::vec::Vec;
+
+use x86_64::structures::paging::{
+    FrameDeallocator, Mapper, Page, PageTableFlags as F, PhysFrame, Size4KiB,
+};
 use x86_64::VirtAddr;
 
 use super::JitError;
 use crate::memory::{self, SCRATCH_BASE};
+use crate::smp::ipi::MAX_FLUSH_PAGES;
 
 /// Bytes of one reservation.
 pub const RESERVATION: u64 = 8 << 30;
@@ -145,21 +150,38 @@ impl LinearMemory {
 
 impl Drop for LinearMemory {
     fn drop(&mut self) {
-        // Page table, then frames: the kernel's lock order (as `memory::map_fresh_page`).
+        // Unmap every page (and flush this CPU), keeping the frames: other CPUs may still cache
+        // translations of the pages (generated code or the kernel read the memory there), so a
+        // frame may be reused only once every CPU dropped them.
+        let mut unmapped: Vec<PhysFrame> = Vec::new();
         let mut tables = memory::page_table();
-        let mut frames = memory::frames();
         for va in (self.base..self.base + self.len).step_by(PAGE as usize) {
             let page = Page::<Size4KiB>::containing_address(VirtAddr::new(va));
             if let Ok((frame, flush)) = tables.unmap(page) {
                 flush.flush();
-                // SAFETY: the frame was allocated for this page by `map_fresh_page` and is mapped
-                // nowhere else but the direct map; the page is gone from this CPU's TLB (the
-                // only CPU), so neither generated nor kernel code can reach it through `va`.
-                unsafe { frames.deallocate_frame(frame) };
+                unmapped.push(frame);
             }
         }
-        drop(frames);
         drop(tables);
+        // No lock held: other CPUs may need them to get to our request. More than
+        // `MAX_FLUSH_PAGES` pages become one full flush on each CPU.
+        let pages = (self.len / PAGE) as usize;
+        if pages <= MAX_FLUSH_PAGES {
+            let addrs: [usize; MAX_FLUSH_PAGES] =
+                core::array::from_fn(|i| (self.base + i as u64 * PAGE) as usize);
+            crate::smp::shootdown(&addrs[..pages], false);
+        } else {
+            crate::smp::shootdown(&[], true);
+        }
+        let mut frames = memory::frames();
+        for frame in unmapped {
+            // SAFETY: the frame was allocated for this page by `map_fresh_page` and is mapped
+            // nowhere else but the direct map; the page is gone from this CPU's TLB (flushed
+            // above) and every other CPU's (the shootdown returned after all invalidated it), so
+            // neither generated nor kernel code can reach the frame through `va` any more.
+            unsafe { frames.deallocate_frame(frame) };
+        }
+        drop(frames);
         SLOTS_TAKEN.fetch_and(!(1 << self.slot), Ordering::SeqCst);
     }
 }

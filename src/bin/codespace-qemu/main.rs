@@ -13,7 +13,9 @@ Builds the codespace demo kernel (for x86_64-unknown-none, into target/kernel) a
 QEMU through run-qemu.sh, with KERNEL ARGS joined by spaces as the kernel command line
 (e.g. `cargo run -- bench`). The kernel is built with this program's profile (`--release` for an
 optimized kernel); `bench` always builds it optimized, runs every row with one CPU, then the
-rows that depend on the CPU count with two and four CPUs. A leading `--` is dropped, so
+rows that depend on the CPU count with two and four CPUs. `cargo run -- stress [SECONDS]` runs
+the SMP stress mode for SECONDS (default 60) on 4 CPUs, with a QEMU timeout of SECONDS + 120
+(CODESPACE_QEMU_SMP and CODESPACE_QEMU_TIMEOUT override both). A leading `--` is dropped, so
 `cargo run -- -- --help` passes `--help` to the kernel.
 
 Exit status: 0 when the kernel reported success, 1 on failure, 124 on timeout.
@@ -52,10 +54,10 @@ fn run(append: &str) -> Result<i32, String> {
         .into_iter()
         .find(|k| k.name == "demo")
         .ok_or("cargo built no `demo` kernel")?;
+    let (timeout, smp) = stress_settings(append)?;
     let append = (!append.is_empty()).then_some(append);
-    launcher::smp_from_env()?;
     if !bench {
-        return Ok(launcher::run_kernel(&demo.path, append, None, None)?.status);
+        return Ok(launcher::run_kernel(&demo.path, append, timeout, smp)?.status);
     }
     // The bench: every row with one CPU, then the rows that depend on the CPU count again with
     // two and four.
@@ -67,4 +69,29 @@ fn run(append: &str) -> Result<i32, String> {
         status = launcher::run_kernel(&demo.path, Some("bench smp-only"), None, Some(cpus))?.status;
     }
     Ok(status)
+}
+
+/// Extra seconds a stress run gets beyond what it asks for: booting, the last scenario round
+/// (a round that starts just before the end finishes) and the teardown, under TCG.
+const STRESS_SLACK_SECONDS: u64 = 120;
+
+/// For `stress [SECONDS]` (the first word): 4 CPUs unless `CODESPACE_QEMU_SMP` says otherwise,
+/// and a QEMU timeout of SECONDS (default 60) plus [`STRESS_SLACK_SECONDS`] unless
+/// `CODESPACE_QEMU_TIMEOUT` is set. `(None, None)` otherwise: run-qemu.sh's defaults.
+fn stress_settings(append: &str) -> Result<(Option<u64>, Option<usize>), String> {
+    let env_smp = launcher::smp_from_env()?;
+    let mut words = append.split_ascii_whitespace();
+    if words.next() != Some("stress") {
+        return Ok((None, None));
+    }
+    let seconds = match words.next() {
+        None => 60,
+        Some(w) => w
+            .parse::<u64>()
+            .map_err(|_| format!("stress: {w:?} is not a number of seconds"))?,
+    };
+    let timeout_set = std::env::var("CODESPACE_QEMU_TIMEOUT").is_ok_and(|v| !v.trim().is_empty());
+    let timeout = (!timeout_set).then_some(seconds + STRESS_SLACK_SECONDS);
+    let smp = env_smp.is_none().then_some(4);
+    Ok((timeout, smp))
 }

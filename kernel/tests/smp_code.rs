@@ -1,0 +1,225 @@
+//! codespace on every CPU at once (issue 9's tests): live jump-slot patching under calls,
+//! replacing and freeing code that other CPUs are running, stale TLB entries after a decommit,
+//! W^X and the private patching alias across CPUs, concurrent traps, the lazy-slot race, one
+//! module used from every CPU, and the per-CPU WP check.
+//!
+//! Each test runs one scenario of `codespace_kernel::stress` (where the checks live, so that
+//! `cargo run -- stress` runs the very same code) with fixed sizes and checks its counts. With
+//! one CPU each scenario is a reduced check of the same property, run on CPU 0 alone. Under
+//! QEMU's TCG, scenarios that check which target a call through a just-patched slot reaches
+//! patch it a second time first (`stress` module docs: "TCG and cross-modifying code").
+//!
+//! Each safety check was run once against a broken variant and failed: the slot store split in
+//! two 4-byte stores (torn slot read), no grace period (the replaced version freed under a
+//! running CPU, INT3 executed), no TLB shootdown (stale-TLB read of the reused frame; a write
+//! through a stale writable direct-map translation), the alias also mapped in the shared page
+//! table (alias readable on other CPUs), no reader drain in the trap table's latch (a fault
+//! handler reading a freed table), `add_code` instead of `install_if_absent` (4 installs of one
+//! lazy function), no module/manager lock exclusion (corrupted books), no per-CPU check (a
+//! CPU without WP accepted) and no cross-CPU serialization after a patch (a call reached the
+//! previous target after `patch_slot` returned).
+#![no_std]
+#![no_main]
+
+use codespace_kernel::println;
+use codespace_kernel::smp;
+use codespace_kernel::stress::{
+    cpu_check, jit, lazy, mixed, module_api, patching, replace, tlb, traps, wx,
+};
+use codespace_kernel::time::{duration, rdtsc};
+
+codespace_kernel::kernel_tests![
+    jump_table_patching_stress,
+    replace_and_free_under_execution,
+    stale_tlb_detector,
+    wx_across_cpus,
+    concurrent_traps,
+    lazy_slot_race,
+    concurrent_module_api,
+    cpu_without_write_protect_is_refused,
+    jit_enter_on_every_cpu_at_once,
+    jit_linear_memory_drop_shoots_down_every_cpu,
+    jit_compiles_on_every_cpu_at_once,
+    all_scenarios_mixed_at_once,
+];
+
+fn cpus() -> usize {
+    smp::online_cpus()
+}
+
+/// Runs `f` and says how long it took (TCG time: emulated, for keeping tests short).
+fn timed<T>(f: impl FnOnce() -> T) -> T {
+    let start = rdtsc();
+    let r = f();
+    println!("    ({:.1} s)", duration(rdtsc() - start).as_secs_f32());
+    r
+}
+
+/// One slot, four implementations (two below the table, two above: a torn store would show),
+/// patched 600 times by CPU 0 while the other CPUs call through it and read it.
+fn jump_table_patching_stress() {
+    println!(
+        "    under TCG: {}",
+        codespace_kernel::stress::common::under_tcg()
+    );
+    let s = timed(|| patching::run(70, 150));
+    println!(
+        "    {} patches, {} calls, {} slot reads ({} too close to patches to check recency), \
+         calls per implementation {:?}",
+        s.patches, s.calls, s.reads, s.unchecked, s.per_impl
+    );
+    assert!(s.calls >= s.patches, "a call after every patch at least");
+    if cpus() > 1 {
+        assert!(
+            s.reads >= 4 * s.calls.min(s.patches),
+            "the observers read the slot"
+        );
+        let seen = s.per_impl.iter().filter(|&&c| c > 0).count();
+        assert!(
+            seen >= 2,
+            "calls reached several implementations: {:?}",
+            s.per_impl
+        );
+        assert!(
+            s.unchecked < s.calls + s.reads,
+            "some results were checked for recency"
+        );
+    }
+}
+
+/// 12 replacements of a function the other CPUs are running (each call 2^23 loop iterations).
+fn replace_and_free_under_execution() {
+    let s = timed(|| replace::run(71, 12, 1 << 23));
+    println!(
+        "    {} replacements, {} calls, {} polls saw a CPU inside retired code (still registered), \
+         {} versions reclaimed",
+        s.replacements, s.calls, s.inside_while_retired, s.reclaimed
+    );
+    assert_eq!(s.replacements, 12);
+    assert_eq!(s.reclaimed, 12, "every old version was freed in the end");
+    if cpus() > 1 {
+        assert!(
+            s.inside_while_retired > 0,
+            "a CPU was running a retired version while it was polled"
+        );
+    }
+}
+
+/// B caches a code page's translations, A decommits it and reuses the frame: B must fault.
+fn stale_tlb_detector() {
+    let rounds = 2 * cpus().max(2) as u32;
+    let s = timed(|| tlb::run(72, rounds));
+    println!(
+        "    {} rounds, {} accesses through freed translations faulted",
+        s.rounds, s.faults
+    );
+    assert_eq!(s.faults, 2 * s.rounds, "a read and a call per round");
+}
+
+/// Published code cannot be written through any mapping by any CPU; the alias is private.
+fn wx_across_cpus() {
+    let p = timed(|| wx::publish(73, 3));
+    println!(
+        "    {} pages published: {} writes refused (3 mappings x {} cpus each)",
+        p.pages,
+        p.refused_writes,
+        cpus()
+    );
+    assert_eq!(p.refused_writes, 3 * p.pages * cpus() as u64);
+    let a = timed(|| wx::alias(74, 200));
+    println!(
+        "    {} patches through the alias ({} sessions), {} probes of the alias and the slot \
+         faulted",
+        a.patches, a.pokes, a.probes
+    );
+    assert!(a.probes > 0, "the alias was probed");
+}
+
+/// Every CPU but 0 faults in protected code while CPU 0 registers and releases code.
+fn concurrent_traps() {
+    let s = timed(|| traps::run(75, 40, 300));
+    println!(
+        "    {} faults landed, {} protected objects registered and released meanwhile",
+        s.faults, s.churned
+    );
+    assert!(s.churned >= 40);
+    let others = cpus() as u64 - 1;
+    assert!(s.faults >= 300 * others, "each faulting CPU faulted enough");
+}
+
+/// Every CPU calls the same lazy slot at once: one installation per function.
+fn lazy_slot_race() {
+    let s = timed(|| lazy::run(76, 8, 3000));
+    println!(
+        "    {} rounds, {} compilations, {} rounds with a race (one install each)",
+        s.rounds, s.compilations, s.races
+    );
+    assert_eq!(s.rounds, 8);
+    assert!(s.compilations >= s.rounds);
+}
+
+/// Every CPU adds, patches and frees code of one module at once.
+fn concurrent_module_api() {
+    const ITERATIONS: u32 = 15;
+    let s = timed(|| module_api::run(77, ITERATIONS, 1 << 22));
+    println!(
+        "    {} objects added, {} patches, {} frees, {} calls of other CPUs' slots",
+        s.added, s.patches, s.freed, s.cross_calls
+    );
+    let n = cpus() as u64;
+    assert_eq!(s.cross_calls, 2 * u64::from(ITERATIONS) * n);
+    // Iteration k (from 4 on) frees a wrapper when k % 3 == 1.
+    let wrappers = (4..4 + ITERATIONS).filter(|k| k % 3 == 1).count() as u64;
+    assert_eq!(
+        s.freed,
+        wrappers * n,
+        "one wrapper freed every third iteration"
+    );
+    assert_eq!(s.patches, 2 * s.freed, "to the wrapper and back");
+}
+
+/// An AP with CR0.WP off is refused on its first use of a manager (one CPU: when creating one).
+fn cpu_without_write_protect_is_refused() {
+    let cpu = timed(|| cpu_check::run(78));
+    if cpu == 0 {
+        println!("    cpu 0 without WP could not create a manager");
+    } else {
+        println!("    cpu {cpu} without WP refused by a manager made on cpu 0, accepted with WP");
+    }
+}
+
+/// Every CPU calls Cranelift code through `jit::enter` at once, trapping and returning.
+fn jit_enter_on_every_cpu_at_once() {
+    let s = timed(|| jit::run(79, 200));
+    println!(
+        "    {} calls trapped back to their own caller, {} returned",
+        s.traps, s.returns
+    );
+    assert_eq!(s.traps, 200 * cpus() as u64);
+    assert_eq!(s.returns, s.traps);
+}
+
+/// A dropped linear memory's frame, reused, is not reachable through another CPU's TLB.
+fn jit_linear_memory_drop_shoots_down_every_cpu() {
+    let rounds = 2 * cpus().max(2) as u32;
+    let faults = timed(|| jit::memory_drop(rounds));
+    println!("    {rounds} memories dropped and their frames reused: {faults} reads faulted");
+    assert_eq!(faults, u64::from(rounds));
+}
+
+/// Every CPU compiles with Cranelift at the same time and gets the same code.
+fn jit_compiles_on_every_cpu_at_once() {
+    let checked = timed(|| jit::compile_everywhere(81, 1));
+    println!("    {checked} concurrent compilations matched the one-CPU result");
+    assert_eq!(checked, 2 * cpus() as u64);
+}
+
+/// The stress mode's mixed round: patching, replacing and trap churn at once.
+fn all_scenarios_mixed_at_once() {
+    let s = timed(|| mixed::run(80, 20, 1 << 24));
+    println!(
+        "    {} rounds, {} calls, {} faults landed",
+        s.rounds, s.calls, s.faults
+    );
+    assert!(s.calls > 0);
+}
