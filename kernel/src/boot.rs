@@ -39,7 +39,7 @@ boot_pd:    .skip 4096 * 4
 boot_stack_guard:
     .skip 4096
 boot_stack_bottom:
-    .skip 256 * 1024
+    .skip {stack}
 boot_stack_top:
 
     .section .rodata
@@ -136,6 +136,7 @@ long_mode_start:
     jmp 3b
 "#,
     magic = const MB_MAGIC,
+    stack = const crate::layout::BOOT_STACK_SIZE,
     flags = const MB_FLAGS,
     checksum = const 0u32.wrapping_sub(MB_MAGIC).wrapping_sub(MB_FLAGS),
     options(att_syntax)

@@ -180,6 +180,47 @@ pub unsafe fn synchronize() {
     }
 }
 
+/// Whether this runs under QEMU's TCG (CPUID leaf 0x4000_0000 says `TCGTCGTCGTCG`).
+#[must_use]
+pub fn under_tcg() -> bool {
+    if core::arch::x86_64::__cpuid(1).ecx & (1 << 31) == 0 {
+        return false; // no hypervisor
+    }
+    let leaf = core::arch::x86_64::__cpuid(0x4000_0000);
+    let mut id = [0u8; 12];
+    id[..4].copy_from_slice(&leaf.ebx.to_le_bytes());
+    id[4..8].copy_from_slice(&leaf.ecx.to_le_bytes());
+    id[8..].copy_from_slice(&leaf.edx.to_le_bytes());
+    &id == b"TCGTCGTCGTCG"
+}
+
+/// Under QEMU's TCG, stores slot `index`'s current target again (one more `patch_slot`) after
+/// a patch other CPUs may be executing through. Does nothing elsewhere.
+///
+/// `patch_slot` stores the slot with one aligned 8-byte store and makes every other CPU
+/// serialize; on hardware (and under KVM) a CPU's next fetch then sees the new bytes (Intel SDM
+/// vol. 3, "cross-modifying code"). QEMU's multi-threaded TCG caches translations of guest code
+/// shared by all vCPUs and drops those of a page when it notices a store to it, but a vCPU
+/// translating the slot *while* another stores to it can link a translation of the old bytes
+/// after the store, and that translation then runs the old target until the page is written
+/// again — past the grace period that frees the old code. Once every vCPU acknowledged the first
+/// patch's serialization IPI, every such translation is linked, and a second store removes it;
+/// a translation racing with the second store reads bytes that are already the new ones.
+///
+/// # Panics
+/// Never for a slot the module knows; a refused patch is ignored (the first one stands).
+pub fn settle_slot<M: codespace::mmu::Mmu + Send + 'static>(
+    m: &codespace::module::CodeModule<M>,
+    index: u32,
+) {
+    if !under_tcg() {
+        return;
+    }
+    if let Ok(Some(target)) = m.slot_target(index) {
+        let _ = m.patch_slot(index, target);
+    }
+}
+
 /// A backend over the kernel's live page tables, reporting the frame allocator's free count.
 ///
 /// # Errors

@@ -58,6 +58,10 @@ fn sections() -> Sections {
     }
 }
 
+/// Bytes of the boot CPU's stack (above its guard page). Debug builds of the tests need room:
+/// some frames hold several KiB of per-CPU statistics.
+pub const BOOT_STACK_SIZE: usize = 256 << 10;
+
 /// The unmapped page below the boot CPU's stack.
 #[must_use]
 pub fn boot_stack_guard() -> u64 {

@@ -138,6 +138,9 @@ impl<M: Mmu + Send + 'static> JitModule<M> {
             .add_code(&self.new_code(index, code, name))
             .map_err(install_error)?;
         self.params[index as usize].store(code.params(), Ordering::SeqCst);
+        // Under QEMU's TCG a CPU may go on running a translation of the old slot (see
+        // `code::settle_slot`); nothing to do on hardware.
+        crate::code::settle_slot(&self.module, index);
         Ok(object)
     }
 

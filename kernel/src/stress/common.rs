@@ -279,35 +279,7 @@ pub unsafe fn poll_grace(mut done: impl FnMut() -> bool) -> bool {
     true
 }
 
-/// Whether this runs under QEMU's TCG (CPUID leaf 0x4000_0000 says `TCGTCGTCGTCG`).
-#[must_use]
-pub fn under_tcg() -> bool {
-    let leaf = core::arch::x86_64::__cpuid(0x4000_0000);
-    let mut id = [0u8; 12];
-    id[..4].copy_from_slice(&leaf.ebx.to_le_bytes());
-    id[4..8].copy_from_slice(&leaf.ecx.to_le_bytes());
-    id[8..].copy_from_slice(&leaf.edx.to_le_bytes());
-    &id == b"TCGTCGTCGTCG"
-}
-
-/// Under TCG, stores slot `index`'s current target again (one more `patch_slot`), after a patch
-/// other CPUs may be executing through: see the module docs of [`super`] ("TCG and
-/// cross-modifying code"). Does nothing on hardware (and under KVM), where the first patch's
-/// serialization is what the SDM asks for.
-///
-/// # Panics
-/// When the module refuses (a bug of the scenario).
-pub fn settle_slot<M: codespace::mmu::Mmu + Send + 'static>(
-    m: &codespace::module::CodeModule<M>,
-    index: u32,
-) {
-    if !under_tcg() {
-        return;
-    }
-    if let Some(target) = m.slot_target(index).expect("slot books") {
-        m.patch_slot(index, target).expect("patch the slot again");
-    }
-}
+pub use crate::code::{settle_slot, under_tcg};
 
 /// Allocates frames until `frame` comes back; gives the others back. The frame allocator hands
 /// out the lowest free frame at or after its cursor, so this is usually the first allocation.
