@@ -13,6 +13,7 @@ use std::time::Duration;
 use codespace::jump_table::JumpTableLayout;
 use codespace::mmu::soft::SoftMmu;
 use codespace::module::{CodeModule, ModuleConfig, NewCode, Registries};
+use codespace::sync::grace::GraceDomain;
 use codespace::{AddressRange, CodeManager, ManagerConfig};
 use criterion::{criterion_group, criterion_main, Criterion};
 
@@ -27,7 +28,8 @@ fn setup() -> (CodeManager<SoftMmu>, CodeModule<SoftMmu>, [usize; 2]) {
     let window = AddressRange::new(BASE, BASE + (512 << 30));
     let manager =
         CodeManager::new(SoftMmu::new(1 << 12), window, ManagerConfig::default()).expect("manager");
-    let registries: &'static Registries = Box::leak(Box::new(Registries::new()));
+    let grace: &'static GraceDomain = Box::leak(Box::new(GraceDomain::new()));
+    let registries: &'static Registries = Box::leak(Box::new(Registries::new(grace)));
     let config = ModuleConfig {
         functions: FUNCTIONS,
         ..ModuleConfig::default()

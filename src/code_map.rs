@@ -2,28 +2,29 @@
 //!
 //! [`CodeMap`] answers "which [`CodeObject`] holds this PC?" for stack walkers, profilers and
 //! fault handlers (V8 keeps a `std::map` under a mutex plus a hashed cache; Linux looks modules
-//! up through a latch tree). Here the code objects are kept in an immutable array sorted by
-//! start address behind a [`Latch`]: a lookup is a binary search over one snapshot, O(log n),
-//! without locks, waiting or allocation, and stays correct in a fault handler that interrupted a
-//! writer on the same CPU.
-//!
-//! Writers serialize on a [`spin::Mutex`] and rebuild the snapshot: O(n) time and one
-//! allocation per insert or remove (the snapshot copies `Arc` pointers, never code objects).
-//! That suits maps that change at compile/free time and are read on every stack walk.
+//! up through a latch tree). It is the shared range index ([`crate::index`]) over the code
+//! objects' instruction ranges: a lookup is one descent of a B+-tree, O(log n), without locks,
+//! waiting, retries or allocation, correct in a fault handler that interrupted a writer on the
+//! same CPU. Inserts and removals copy the O(log n) nodes on their path; a batch copies each
+//! node at most once and is published in one step. The map's own reference to a removed code
+//! object, like the replaced nodes, is dropped after a grace period of the map's
+//! [`GraceDomain`], so a reader that found the object just before the removal can still use it.
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
 
 use crate::code_object::CodeObject;
-use crate::latch::Latch;
+use crate::index::{HasRange, IndexMemory, RangeIndex, UpdateStep};
 use crate::range::AddressRange;
+use crate::sync::grace::GraceDomain;
 
 /// Why [`CodeMap::insert`] refused; the map is unchanged.
 #[non_exhaustive]
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum CodeMapError {
-    /// The code's range overlaps a mapped one; remove that one first.
+    /// The code's range overlaps a mapped one (or another one of the same batch); remove that
+    /// one first.
     Overlap {
         /// The mapped range that overlaps (the lowest one if several do).
         existing: AddressRange,
@@ -42,59 +43,9 @@ impl fmt::Display for CodeMapError {
 
 impl core::error::Error for CodeMapError {}
 
-/// An immutable map: code objects sorted by start, disjoint.
-struct Snapshot {
-    /// `codes[i].instruction_start()`, kept apart so the binary search touches one dense array.
-    starts: Vec<usize>,
-    codes: Vec<Arc<CodeObject>>,
-}
-
-impl Snapshot {
-    /// Copy of `codes` with `codes[skip]` left out and `insert` placed before index `at`.
-    fn rebuilt(
-        codes: &[Arc<CodeObject>],
-        skip: Option<usize>,
-        insert: Option<(usize, Arc<CodeObject>)>,
-    ) -> Self {
-        let mut out = Vec::with_capacity(codes.len() + 1);
-        let (at, mut insert) = match insert {
-            Some((at, code)) => (at, Some(code)),
-            None => (usize::MAX, None),
-        };
-        for (i, code) in codes.iter().enumerate() {
-            if i == at {
-                out.extend(insert.take());
-            }
-            if skip != Some(i) {
-                out.push(Arc::clone(code));
-            }
-        }
-        out.extend(insert);
-        Snapshot {
-            starts: out.iter().map(|c| c.instruction_start()).collect(),
-            codes: out,
-        }
-    }
-
-    /// The code object whose instructions hold `pc`. Allocation- and panic-free.
-    fn find(&self, pc: usize) -> Option<&Arc<CodeObject>> {
-        let idx = self.starts.partition_point(|&s| s <= pc);
-        let code = self.codes.get(idx.checked_sub(1)?)?;
-        code.contains(pc).then_some(code)
-    }
-
-    /// Index of the lowest code object overlapping `range`, or `Err(insertion index)`.
-    fn overlap(&self, range: AddressRange) -> Result<usize, usize> {
-        // Disjoint and sorted by start, so ends are sorted too.
-        let first_ending_after = self
-            .codes
-            .partition_point(|c| c.instructions().end() <= range.start());
-        let first_starting_after = self.starts.partition_point(|&s| s < range.end());
-        if first_ending_after < first_starting_after {
-            Ok(first_ending_after)
-        } else {
-            Err(first_starting_after)
-        }
+impl HasRange for CodeObject {
+    fn range_end(&self, _start: usize) -> usize {
+        self.instructions().end()
     }
 }
 
@@ -102,19 +53,11 @@ impl Snapshot {
 ///
 /// Usable as a `static` ([`CodeMap::new`] is `const`). [`lookup`](Self::lookup),
 /// [`lookup_with`](Self::lookup_with) and [`len`](Self::len) never lock or allocate; writers
-/// ([`insert`](Self::insert), [`remove`](Self::remove)) serialize on a spin lock, allocate, and
-/// must not run in interrupt context.
+/// ([`insert`](Self::insert), [`insert_batch`](Self::insert_batch), [`remove`](Self::remove))
+/// serialize on a spin lock, allocate, never wait for readers, and must not run in interrupt
+/// context.
 pub struct CodeMap {
-    /// What readers see; `None` (nothing published yet) is the empty map.
-    latch: Latch<Snapshot>,
-    /// The current snapshot, for writers.
-    writer: spin::Mutex<Option<Arc<Snapshot>>>,
-}
-
-impl Default for CodeMap {
-    fn default() -> Self {
-        Self::new()
-    }
+    index: RangeIndex<Arc<CodeObject>>,
 }
 
 impl fmt::Debug for CodeMap {
@@ -126,16 +69,31 @@ impl fmt::Debug for CodeMap {
 }
 
 impl CodeMap {
-    /// An empty map.
+    /// An empty map whose replaced memory waits for grace periods of `grace`.
+    #[cfg(not(loom))]
     #[must_use]
-    pub const fn new() -> Self {
+    pub const fn new(grace: &'static GraceDomain) -> Self {
         CodeMap {
-            latch: Latch::new(),
-            writer: spin::Mutex::new(None),
+            index: RangeIndex::new(grace),
         }
     }
 
-    /// Maps `code`'s instructions to it.
+    /// An empty map (loom atomics are not `const`).
+    #[cfg(loom)]
+    #[must_use]
+    pub fn new(grace: &'static GraceDomain) -> Self {
+        CodeMap {
+            index: RangeIndex::new(grace),
+        }
+    }
+
+    /// The grace domain replaced memory waits for.
+    #[must_use]
+    pub fn grace(&self) -> &'static GraceDomain {
+        self.index.grace()
+    }
+
+    /// Maps `code`'s instructions to it. O(log n).
     ///
     /// # Errors
     ///
@@ -143,36 +101,27 @@ impl CodeMap {
     /// the map is unchanged.
     pub fn insert(&self, code: Arc<CodeObject>) -> Result<(), CodeMapError> {
         let range = code.instructions();
-        let mut current = self.writer.lock();
-        let codes = current.as_deref().map_or(&[][..], |s| &s.codes[..]);
-        let at = match current.as_deref().map(|s| s.overlap(range)) {
-            Some(Ok(i)) => {
-                return Err(CodeMapError::Overlap {
-                    existing: codes[i].instructions(),
-                })
-            }
-            Some(Err(at)) => at,
-            None => 0,
-        };
-        let next = Arc::new(Snapshot::rebuilt(codes, None, Some((at, code))));
-        self.latch.publish(Arc::clone(&next));
-        *current = Some(next);
+        let mut update = self.index.update();
+        if let Some(existing) = update.first_overlap(range) {
+            return Err(CodeMapError::Overlap { existing });
+        }
+        update.insert(range.start(), code);
         Ok(())
     }
 
-    /// Maps a batch of code objects with one snapshot rebuild (V8 publishes code in batches too):
-    /// O(n + k log k) for k objects into a map of n, where k separate inserts cost O(n k).
+    /// Maps a batch of code objects (any order), published in one step: O(k log(n + k)) for k
+    /// objects into a map of n, each node copied at most once.
     ///
     /// # Errors
     ///
-    /// [`CodeMapError::Overlap`] when two objects of the batch overlap, or one overlaps mapped
-    /// code; the map is unchanged.
+    /// [`CodeMapError::Overlap`] when two objects of the batch overlap (naming the lower one),
+    /// or one overlaps mapped code; the map is unchanged.
     pub fn insert_batch(
         &self,
         batch: impl IntoIterator<Item = Arc<CodeObject>>,
     ) -> Result<(), CodeMapError> {
         let mut batch: Vec<Arc<CodeObject>> = batch.into_iter().collect();
-        batch.sort_by_key(|c| c.instruction_start());
+        batch.sort_unstable_by_key(|c| c.instruction_start());
         for pair in batch.windows(2) {
             if pair[0].instructions().end() > pair[1].instruction_start() {
                 return Err(CodeMapError::Overlap {
@@ -180,52 +129,27 @@ impl CodeMap {
                 });
             }
         }
-        let mut current = self.writer.lock();
-        let codes = current.as_deref().map_or(&[][..], |s| &s.codes[..]);
-        if let Some(snapshot) = current.as_deref() {
-            for code in &batch {
-                if let Ok(i) = snapshot.overlap(code.instructions()) {
-                    return Err(CodeMapError::Overlap {
-                        existing: codes[i].instructions(),
-                    });
-                }
+        let mut update = self.index.update();
+        for code in &batch {
+            if let Some(existing) = update.first_overlap(code.instructions()) {
+                return Err(CodeMapError::Overlap { existing });
             }
         }
-        // Merge two sorted, mutually disjoint sequences.
-        let mut out = Vec::with_capacity(codes.len() + batch.len());
-        let (mut i, mut j) = (0, 0);
-        while i < codes.len() || j < batch.len() {
-            let take_old = j == batch.len()
-                || (i < codes.len() && codes[i].instruction_start() < batch[j].instruction_start());
-            if take_old {
-                out.push(Arc::clone(&codes[i]));
-                i += 1;
-            } else {
-                out.push(Arc::clone(&batch[j]));
-                j += 1;
-            }
+        for code in batch {
+            update.insert(code.instruction_start(), code);
         }
-        let next = Arc::new(Snapshot {
-            starts: out.iter().map(|c| c.instruction_start()).collect(),
-            codes: out,
-        });
-        self.latch.publish(Arc::clone(&next));
-        *current = Some(next);
         Ok(())
     }
 
     /// Unmaps the code object whose instructions start exactly at `start` and returns it;
-    /// `None` if there is none. Its PCs stop resolving once this returns (a reader that looked
-    /// it up earlier may still hold a clone).
+    /// `None` if there is none. Its PCs stop resolving once this returns. The map's own
+    /// reference is dropped after a grace period (a reader that found the object just before
+    /// may still use it).
     pub fn remove(&self, start: usize) -> Option<Arc<CodeObject>> {
-        let mut current = self.writer.lock();
-        let snapshot = current.as_deref()?;
-        let idx = snapshot.starts.binary_search(&start).ok()?;
-        let removed = Arc::clone(&snapshot.codes[idx]);
-        let next = Arc::new(Snapshot::rebuilt(&snapshot.codes, Some(idx), None));
-        self.latch.publish(Arc::clone(&next));
-        *current = Some(next);
-        Some(removed)
+        let mut update = self.index.update();
+        let code = update.get(start)?.to_arc();
+        update.remove(start);
+        Some(code)
     }
 
     /// The code object whose instructions hold `pc`.
@@ -235,26 +159,27 @@ impl CodeMap {
     /// [`lookup_with`](Self::lookup_with) instead.
     #[must_use]
     pub fn lookup(&self, pc: usize) -> Option<Arc<CodeObject>> {
-        self.latch
-            .read(|snapshot| snapshot.and_then(|s| s.find(pc)).map(Arc::clone))
+        self.index
+            .find(pc, |_, code| code.contains(pc).then(|| code.to_arc()))
+            .flatten()
     }
 
     /// Runs `f` on the code object whose instructions hold `pc` and returns its result; `None`
     /// when no code holds `pc` (`f` is not called).
     ///
-    /// Lock-free, allocation-free, O(log n), no reference-count traffic: usable from a fault
-    /// handler that interrupted a writer on the same CPU. `f` must not insert into or remove
-    /// from this map.
+    /// Lock-free, wait-free, allocation-free, O(log n), no reference-count traffic: usable from a
+    /// fault handler that interrupted a writer on the same CPU. `f` must not report a quiescent
+    /// state of the map's grace domain.
     pub fn lookup_with<R>(&self, pc: usize, f: impl FnOnce(&CodeObject) -> R) -> Option<R> {
-        self.latch
-            .read(|snapshot| snapshot.and_then(|s| s.find(pc)).map(|c| f(c)))
+        self.index
+            .find(pc, |_, code| code.contains(pc).then(|| f(&code)))
+            .flatten()
     }
 
     /// Number of mapped code objects. Lock-free.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.latch
-            .read(|snapshot| snapshot.map_or(0, |s| s.codes.len()))
+        self.index.len()
     }
 
     /// Whether no code is mapped. Lock-free.
@@ -262,9 +187,29 @@ impl CodeMap {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Frees replaced memory (and drops removed objects' map references) whose grace period is
+    /// over; updates do this too. Never waits.
+    pub fn reclaim(&self) {
+        self.index.reclaim();
+    }
+
+    /// Bytes of index nodes (the code objects are not the map's) and of memory waiting for its
+    /// grace period.
+    #[must_use]
+    pub fn memory(&self) -> IndexMemory {
+        self.index.update().memory()
+    }
+
+    /// Test hook: `hook` runs after every step of every later update and reclaim, with the
+    /// writer lock held; see [`TrapTable::set_step_hook`](crate::trap::TrapTable::set_step_hook).
+    #[doc(hidden)]
+    pub fn set_step_hook(&self, hook: Option<fn(UpdateStep)>) {
+        self.index.set_step_hook(hook);
+    }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
     use crate::code_object::{CodeDesc, CodeKind};
@@ -275,6 +220,15 @@ mod tests {
 
     fn r(start: usize, end: usize) -> AddressRange {
         AddressRange::new(start, end)
+    }
+
+    /// A 1-CPU grace domain, leaked (maps keep a `&'static`).
+    fn grace() -> &'static GraceDomain {
+        let d: &'static GraceDomain =
+            std::boxed::Box::leak(std::boxed::Box::new(GraceDomain::new()));
+        // SAFETY: CPU 0 is the test thread.
+        unsafe { d.set_possible_cpus(1) };
+        d
     }
 
     fn code(start: usize, end: usize, index: u32) -> Arc<CodeObject> {
@@ -293,7 +247,7 @@ mod tests {
 
     #[test]
     fn found_at_start_middle_and_last_byte() {
-        let map = CodeMap::new();
+        let map = CodeMap::new(grace());
         map.insert(code(0x1000, 0x1100, 1)).unwrap();
         map.insert(code(0x3000, 0x3040, 2)).unwrap();
         for pc in [0x1000, 0x1080, 0x10ff] {
@@ -307,7 +261,7 @@ mod tests {
 
     #[test]
     fn not_found_at_end_or_unrelated_address() {
-        let map = CodeMap::new();
+        let map = CodeMap::new(grace());
         assert_eq!(map.lookup(0x1000).map(|c| c.index()), None);
         map.insert(code(0x1000, 0x1100, 1)).unwrap();
         for pc in [0x1100, 0xfff, 0, 0x2000, usize::MAX] {
@@ -318,7 +272,7 @@ mod tests {
 
     #[test]
     fn not_found_after_removal() {
-        let map = CodeMap::new();
+        let map = CodeMap::new(grace());
         map.insert(code(0x1000, 0x1100, 1)).unwrap();
         map.insert(code(0x1100, 0x1200, 2)).unwrap();
         assert!(map.remove(0x1080).is_none(), "remove needs the exact start");
@@ -336,7 +290,7 @@ mod tests {
     #[test]
     fn replaced_code_found_at_own_address() {
         // Tier-up: the same function index gets new code at another address.
-        let map = CodeMap::new();
+        let map = CodeMap::new(grace());
         map.insert(code(0x1000, 0x1100, 7)).unwrap();
         let old = map.remove(0x1000).unwrap();
         let new = code(0x5000, 0x5080, 7);
@@ -351,7 +305,7 @@ mod tests {
 
     #[test]
     fn overlapping_insert_fails_and_map_is_unchanged() {
-        let map = CodeMap::default();
+        let map = CodeMap::new(grace());
         map.insert(code(0x1000, 0x1100, 1)).unwrap();
         map.insert(code(0x1200, 0x1300, 2)).unwrap();
         for (s, e) in [
@@ -389,7 +343,7 @@ mod tests {
 
     #[test]
     fn lookup_with_has_no_refcount_traffic() {
-        let map = CodeMap::new();
+        let map = CodeMap::new(grace());
         let c = code(0x1000, 0x1100, 1);
         map.insert(Arc::clone(&c)).unwrap();
         // Ours plus the snapshot's (the latch shares the snapshot, not the code).
@@ -410,7 +364,8 @@ mod tests {
         );
     }
 
-    static STATIC_MAP: CodeMap = CodeMap::new();
+    static STATIC_GRACE: GraceDomain = GraceDomain::new();
+    static STATIC_MAP: CodeMap = CodeMap::new(&STATIC_GRACE);
 
     #[test]
     fn usable_as_static() {
@@ -420,39 +375,163 @@ mod tests {
     }
 
     #[test]
+    fn removed_code_keeps_the_map_reference_until_the_grace_period_ends() {
+        let map = CodeMap::new(grace());
+        let c = code(0x1000, 0x1100, 1);
+        map.insert(Arc::clone(&c)).unwrap();
+        let removed = map.remove(0x1000).unwrap();
+        assert!(Arc::ptr_eq(&removed, &c));
+        assert!(map.lookup(0x1010).is_none());
+        assert_eq!(
+            Arc::strong_count(&c),
+            3,
+            "ours, the returned one, the retired map's"
+        );
+        assert!(map.memory().retired > 0);
+        for _ in 0..3 {
+            // SAFETY: the test thread holds nothing from a lookup.
+            unsafe { map.grace().quiescent(0) };
+            map.reclaim();
+        }
+        assert_eq!(Arc::strong_count(&c), 2);
+        assert_eq!(map.memory(), IndexMemory::default());
+    }
+
+    static HOOK_GRACE: GraceDomain = GraceDomain::new();
+    static HOOK_MAP: CodeMap = CodeMap::new(&HOOK_GRACE);
+    /// `(old, new, published, failures, steps)` for the hook.
+    #[allow(clippy::type_complexity)]
+    static HOOK_STATE: std::sync::Mutex<(Vec<Option<u32>>, Vec<Option<u32>>, bool, usize, usize)> =
+        std::sync::Mutex::new((Vec::new(), Vec::new(), false, 0, 0));
+
+    fn hook_snapshot() -> Vec<Option<u32>> {
+        (0..64)
+            .map(|i| {
+                HOOK_MAP
+                    .lookup_with(0x1000 + i * 0x40 + 8, |c| c.index())
+                    .flatten()
+            })
+            .collect()
+    }
+
+    fn map_hook(step: UpdateStep) {
+        let mut st = HOOK_STATE.lock().unwrap();
+        if step == UpdateStep::Publish {
+            st.2 = true;
+        }
+        let seen = hook_snapshot();
+        let ok = if st.2 { seen == st.1 } else { seen == st.0 };
+        if !ok {
+            st.3 += 1;
+        }
+        st.4 += 1;
+    }
+
+    /// At every step of inserts, removals and batches, lookups see the whole old map before the
+    /// publication and the whole new one after.
+    #[test]
+    fn every_step_of_map_updates_shows_old_or_new_map() {
+        // SAFETY: CPU 0 is this test's thread.
+        unsafe { HOOK_GRACE.set_possible_cpus(1) };
+        let obj = |i: usize| code(0x1000 + i * 0x40, 0x1000 + i * 0x40 + 0x30, i as u32);
+        let mut expected: Vec<Option<u32>> = std::vec![None; 64];
+        let run = |expected: &mut Vec<Option<u32>>,
+                   change: &dyn Fn(&mut Vec<Option<u32>>),
+                   op: &dyn Fn()| {
+            let old = hook_snapshot();
+            assert_eq!(&old, expected);
+            change(expected);
+            *HOOK_STATE.lock().unwrap() = (old, expected.clone(), false, 0, 0);
+            HOOK_MAP.set_step_hook(Some(map_hook));
+            op();
+            HOOK_MAP.set_step_hook(None);
+            let st = HOOK_STATE.lock().unwrap();
+            assert!(
+                st.2 && st.3 == 0 && st.4 > 2,
+                "published {}, {} bad of {} steps",
+                st.2,
+                st.3,
+                st.4
+            );
+        };
+        for i in (0..64).step_by(2) {
+            run(&mut expected, &|e| e[i] = Some(i as u32), &|| {
+                HOOK_MAP.insert(obj(i)).unwrap()
+            });
+            // SAFETY: the test thread holds nothing from a lookup.
+            unsafe { HOOK_GRACE.quiescent(0) };
+        }
+        let odd: Vec<usize> = (1..64).step_by(2).collect();
+        run(
+            &mut expected,
+            &|e| odd.iter().for_each(|&i| e[i] = Some(i as u32)),
+            &|| HOOK_MAP.insert_batch(odd.iter().map(|&i| obj(i))).unwrap(),
+        );
+        for i in (0..64).step_by(3) {
+            // SAFETY: as above.
+            unsafe { HOOK_GRACE.quiescent(0) };
+            let start = 0x1000 + i * 0x40;
+            run(&mut expected, &|e| e[i] = None, &|| {
+                assert!(HOOK_MAP.remove(start).is_some())
+            });
+        }
+    }
+
+    #[test]
     fn stress_readers_against_writer() {
-        let map = Arc::new(CodeMap::new());
+        const READERS: usize = 2;
+        let d: &'static GraceDomain =
+            std::boxed::Box::leak(std::boxed::Box::new(GraceDomain::new()));
+        // SAFETY: CPUs 0..=READERS are this test's threads.
+        unsafe { d.set_possible_cpus(READERS + 1) };
+        let map = Arc::new(CodeMap::new(d));
         map.insert(code(0x10_0000, 0x10_1000, 0)).unwrap();
         let done = Arc::new(AtomicBool::new(false));
-        let readers: Vec<_> = (0..2)
-            .map(|k| {
+        let readers: Vec<_> = (1..=READERS)
+            .map(|cpu| {
                 let map = Arc::clone(&map);
                 let done = Arc::clone(&done);
                 std::thread::spawn(move || {
                     let mut n = 0usize;
                     while !done.load(Ordering::Relaxed) || n < 1000 {
-                        let pc = 0x10_0000 + (n * 61 + k) % 0x1000;
+                        let pc = 0x10_0000 + (n * 61 + cpu) % 0x1000;
                         assert_eq!(map.lookup_with(pc, |c| c.index()), Some(Some(0)));
                         assert_eq!(index_at(&map, pc), Some(0));
+                        let churn = 0x1000 + (n * 37) % (32 * 0x100);
+                        if let Some(c) = map.lookup(churn) {
+                            assert!(c.contains(churn) && c.index() == Some(1));
+                        }
+                        // SAFETY: this reader holds nothing from a lookup (the `Arc` is its own).
+                        unsafe { d.quiescent(cpu) };
                         n += 1;
                     }
+                    // SAFETY: this reader looks nothing up any more.
+                    unsafe { d.cpu_offline(cpu) };
                 })
             })
             .collect();
         let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
-        for i in 0..2000usize {
+        for i in 0..20_000usize {
             if std::time::Instant::now() > deadline {
                 break;
             }
-            let base = if i % 2 == 0 { 0x1000 } else { 0x20_0000 } + (i % 32) * 0x100;
+            let base = 0x1000 + (i % 32) * 0x100;
             if map.insert(code(base, base + 0x100, 1)).is_err() {
                 assert!(map.remove(base).is_some());
             }
+            // SAFETY: the writer holds nothing from a lookup.
+            unsafe { d.quiescent(0) };
         }
         done.store(true, Ordering::Relaxed);
         for h in readers {
             h.join().unwrap();
         }
+        for _ in 0..2 {
+            // SAFETY: the writer holds nothing from a lookup; the readers are offline.
+            unsafe { d.quiescent(0) };
+            map.reclaim();
+        }
+        assert_eq!(map.memory().retired, 0);
     }
 
     // Model test: random insert/remove/lookup against a brute-force scan of a Vec.
@@ -489,7 +568,7 @@ mod tests {
         #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
         #[test]
         fn model_insert_remove_lookup(ops in prop::collection::vec(op(), 1..80)) {
-            let map = CodeMap::new();
+            let map = CodeMap::new(grace());
             let mut model: Vec<Arc<CodeObject>> = Vec::new();
             let mut next_index = 0;
             for op in ops {

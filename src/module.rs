@@ -26,6 +26,7 @@ use crate::code_pointer_table::{CodePointer, CodePointerError, CodePointerTable}
 use crate::jump_table::{self, JumpTableLayout};
 use crate::manager::{AllocatorConfig, CodeAllocator, CodeError, CodeManager, PublishedCode};
 use crate::mmu::Mmu;
+use crate::sync::grace::GraceDomain;
 use crate::trap::{TrapError, TrapHandle, TrapTable};
 use crate::AddressRange;
 
@@ -37,7 +38,7 @@ const REACH: usize = i32::MAX as usize;
 
 /// The lookups the fault handler and profilers need, shared by all modules of a manager; keep one
 /// in a `static` so a page-fault handler reaches it without locks.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Registries {
     /// Protected instructions of all published code.
     pub traps: TrapTable,
@@ -46,13 +47,31 @@ pub struct Registries {
 }
 
 impl Registries {
-    /// Empty registries.
+    /// Empty registries whose replaced memory waits for grace periods of `grace` (the domain
+    /// the kernel reports quiescent states to).
+    #[cfg(not(loom))]
     #[must_use]
-    pub const fn new() -> Self {
+    pub const fn new(grace: &'static GraceDomain) -> Self {
         Registries {
-            traps: TrapTable::new(),
-            code: CodeMap::new(),
+            traps: TrapTable::new(grace),
+            code: CodeMap::new(grace),
         }
+    }
+
+    /// Empty registries (loom atomics are not `const`).
+    #[cfg(loom)]
+    #[must_use]
+    pub fn new(grace: &'static GraceDomain) -> Self {
+        Registries {
+            traps: TrapTable::new(grace),
+            code: CodeMap::new(grace),
+        }
+    }
+
+    /// The grace domain of both registries.
+    #[must_use]
+    pub fn grace(&self) -> &'static GraceDomain {
+        self.traps.grace()
     }
 
     /// The code object holding `pc`: lock-free, O(log n).

@@ -19,6 +19,7 @@ use codespace::manager::CODE_ALIGNMENT;
 use codespace::mmu::soft::SoftMmu;
 use codespace::mmu::{Mmu, PTE_ADDR_MASK, PTE_PRESENT};
 use codespace::module::{CodeModule, ModuleConfig, ModuleError, NewCode, Registries};
+use codespace::sync::grace::GraceDomain;
 use codespace::{
     AddressRange, AllocatorConfig, AuditReport, CodeAllocator, CodeError, CodeManager,
     ManagerConfig, PAGE_SIZE,
@@ -39,7 +40,8 @@ const GIB: usize = 1 << 30;
 
 /// Fresh registries for one test; `CodeModule` wants them `'static`.
 fn registries() -> &'static Registries {
-    Box::leak(Box::new(Registries::new()))
+    let grace: &'static GraceDomain = Box::leak(Box::new(GraceDomain::new()));
+    Box::leak(Box::new(Registries::new(grace)))
 }
 
 /// A manager over the whole PML4 slot with a software MMU.

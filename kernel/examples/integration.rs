@@ -13,6 +13,7 @@ extern crate alloc;
 
 use codespace::mmu::x86::X86Mmu;
 use codespace::module::{CodeModule, ModuleConfig, NewCode, Registries};
+use codespace::sync::grace::GraceDomain;
 use codespace::{AddressRange, CodeManager, ManagerConfig, ProtectionMode};
 use codespace_kernel::interrupts::{self, FaultInfo, TrapFrame, PAGE_FAULT};
 use codespace_kernel::memory::{self, FrameBitmap};
@@ -20,20 +21,30 @@ use codespace_kernel::{entry_point, println, BootInfo, ExitCode};
 
 entry_point!(main);
 
-// Step 1: the registries live in a static, so the page-fault handler reaches them lock-free.
-static CODE: Registries = Registries::new();
+// Step 1: the registries live in a static, so the page-fault handler reaches them lock-free. The
+// memory they replace is freed after a grace period of `GRACE`: the kernel reports quiescent
+// states (idle loop, between tasks) with `GRACE.quiescent(cpu)`.
+static GRACE: GraceDomain = GraceDomain::new();
+static CODE: Registries = Registries::new(&GRACE);
 
 // Step 2: a code window nobody else maps. One PML4 slot (512 GiB) keeps every code space within
 // one top-level entry; here slot 385, next to the test kernel's own window.
 const WINDOW: AddressRange = AddressRange::new(0xFFFF_C080_0000_0000, 0xFFFF_C100_0000_0000);
 
-// Step 3: the page-fault handler asks the trap table first. A hit resumes at the landing pad
-// with the faulting PC in r10 (V8's convention); a miss is the kernel's usual fault.
+// Step 3: the page-fault handler asks the trap table first, with the faulting PC and address, for
+// a plain not-present or protection fault (no reserved-bit violation, no instruction fetch). A
+// hit resumes at the landing pad with the faulting PC in r10 (V8's convention); a miss is the
+// kernel's usual fault.
 fn page_fault(frame: &mut TrapFrame, info: &FaultInfo) -> bool {
-    if info.vector != PAGE_FAULT {
+    const RSVD: u64 = 1 << 3;
+    const FETCH: u64 = 1 << 4;
+    if info.vector != PAGE_FAULT || info.error_code & (RSVD | FETCH) != 0 {
         return false;
     }
-    match CODE.traps.lookup(frame.rip as usize) {
+    match CODE
+        .traps
+        .lookup_fault(frame.rip as usize, info.cr2 as usize)
+    {
         Some(hit) => {
             frame.r10 = frame.rip;
             frame.rip = hit.landing_pad() as u64;
@@ -44,6 +55,9 @@ fn page_fault(frame: &mut TrapFrame, info: &FaultInfo) -> bool {
 }
 
 fn main(_boot: &'static BootInfo) -> ExitCode {
+    // This kernel runs on one CPU, CPU 0.
+    // SAFETY: no other CPU looks up the registries or runs generated code.
+    unsafe { GRACE.set_possible_cpus(1) };
     interrupts::set_fault_handler(Some(page_fault));
 
     // Step 4: the backend over the kernel's own page table and frame allocator, and the manager.
@@ -97,6 +111,15 @@ fn main(_boot: &'static BootInfo) -> ExitCode {
     // Step 7: dropping the module frees its code: trap entries first, then lookups, then memory.
     drop(module);
     let ok = ok && CODE.traps.is_empty() && manager.committed() == 0;
+    // Step 8: from a quiescent point (here: no lookup running, no generated code on the stack),
+    // report and let the registries free what they replaced.
+    for _ in 0..2 {
+        // SAFETY: CPU 0 holds nothing from a lookup and runs no generated code here.
+        unsafe { GRACE.quiescent(0) };
+        CODE.traps.reclaim();
+        CODE.code.reclaim();
+    }
+    let ok = ok && CODE.traps.retired_count() == 0 && CODE.code.memory().retired == 0;
     interrupts::set_fault_handler(None);
     if ok {
         println!("integration example: ok");

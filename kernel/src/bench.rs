@@ -306,7 +306,7 @@ pub fn run() -> ExitCode {
     for h in handles {
         REGISTRIES.traps.release(h).expect("release");
     }
-    let map = codespace::code_map::CodeMap::new();
+    let map = codespace::code_map::CodeMap::new(&code::GRACE);
     map.insert_batch((0..10_000usize).map(|i| {
         let code = AddressRange::new(base + i * 4096, base + i * 4096 + 2048);
         alloc::sync::Arc::new(

@@ -5,13 +5,37 @@ use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use codespace::mmu::x86::X86Mmu;
 use codespace::module::Registries;
+use codespace::sync::grace::GraceDomain;
 use codespace::{AddressRange, CodeError, CodeManager, ManagerConfig};
 
 use crate::interrupts::{FaultInfo, TrapFrame, PAGE_FAULT};
 use crate::memory::{self, FrameBitmap};
 
+/// Grace periods of the registries: memory they replace is freed once every CPU passed a
+/// quiescent state. This kernel runs on CPU 0 alone ([`init`]) and the test framework reports
+/// a quiescent state between tests ([`quiescent`]).
+pub static GRACE: GraceDomain = GraceDomain::new();
+
 /// Trap table and PC lookup of all generated code; the page-fault path looks faults up here.
-pub static REGISTRIES: Registries = Registries::new();
+pub static REGISTRIES: Registries = Registries::new(&GRACE);
+
+/// Tells the grace domain that CPU 0 is the only CPU. Called once at boot.
+pub(crate) fn init() {
+    // SAFETY: this kernel never starts another CPU, so no CPU other than 0 looks up the
+    // registries or runs generated code.
+    unsafe { GRACE.set_possible_cpus(1) };
+}
+
+/// Reports that CPU 0 passed a quiescent state.
+///
+/// # Safety
+/// The caller runs where CPU 0 holds nothing obtained from a lookup of the registries and is
+/// neither executing generated code nor going to return into it (e.g. the test framework between
+/// two tests, an idle loop).
+pub unsafe fn quiescent() {
+    // SAFETY: the caller's contract is `GraceDomain::quiescent`'s, for CPU 0, the only CPU.
+    unsafe { GRACE.quiescent(0) };
+}
 
 static TRAPS_TAKEN: AtomicU64 = AtomicU64::new(0);
 static LAST_TRAP_PC: AtomicU64 = AtomicU64::new(0);
@@ -39,14 +63,23 @@ pub fn last_trap() -> Option<TrapRecord> {
     })
 }
 
-/// The #PF path into the trap table (called first for every page fault): a protected PC
-/// resumes at its landing pad with the faulting PC in r10 (V8's convention). Lock-free and
-/// allocation-free, like the lookup it relies on.
+/// Page-fault error-code bits a trap may carry: present (a protection fault, else not-present)
+/// and write. Anything else — user mode, a reserved-bit violation (corrupt page tables), an
+/// instruction fetch, protection keys, shadow stacks, SGX — is never a bounds check.
+const PLAIN_FAULT_BITS: u64 = 0b11;
+
+/// The #PF path into the trap table (called first for every page fault): a plain not-present or
+/// protection fault at a protected PC, on an address its registration accepts, resumes at the
+/// landing pad with the faulting PC in r10 (V8's convention). Anything else goes to the
+/// kernel's usual handling. Lock-free and allocation-free, like the lookup it relies on.
 pub(crate) fn trap_fixup(frame: &mut TrapFrame, info: &FaultInfo) -> bool {
-    if info.vector != PAGE_FAULT {
+    if info.vector != PAGE_FAULT || info.error_code & !PLAIN_FAULT_BITS != 0 {
         return false;
     }
-    let Some(hit) = REGISTRIES.traps.lookup(frame.rip as usize) else {
+    let Some(hit) = REGISTRIES
+        .traps
+        .lookup_fault(frame.rip as usize, info.cr2 as usize)
+    else {
         return false;
     };
     LAST_TRAP_PC.store(frame.rip, Ordering::SeqCst);

@@ -11,10 +11,10 @@ pub mod grace;
 /// `core::sync::atomic`, or loom's model of it under `cfg(loom)`.
 pub(crate) mod atomic {
     #[cfg(loom)]
-    pub(crate) use loom::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
+    pub(crate) use loom::sync::atomic::{fence, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
     #[cfg(not(loom))]
-    pub(crate) use core::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
+    pub(crate) use core::sync::atomic::{fence, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 }
 
 /// A value alone on its cache line, so CPUs writing neighbouring values never false-share.

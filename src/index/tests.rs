@@ -1,0 +1,414 @@
+//! Host tests of the range index: a random model test against a `BTreeMap`, structural
+//! invariants, reclamation, and readers on other threads.
+
+use super::node::{Node, CAP};
+use super::*;
+use alloc::sync::Arc;
+use std::boxed::Box;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::vec::Vec;
+
+const LIVE: u64 = 0x11FE_11FE;
+const DEAD: u64 = 0xDEAD_DEAD;
+
+/// A stored range: poisoned when dropped, so a reader that sees a freed value notices.
+struct Probe {
+    end: usize,
+    id: u64,
+    magic: AtomicU64,
+}
+
+impl HasRange for Probe {
+    fn range_end(&self, _start: usize) -> usize {
+        self.end
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.magic.store(DEAD, Ordering::SeqCst);
+    }
+}
+
+fn probe(end: usize, id: u64) -> Arc<Probe> {
+    Arc::new(Probe {
+        end,
+        id,
+        magic: AtomicU64::new(LIVE),
+    })
+}
+
+type Index = RangeIndex<Arc<Probe>>;
+
+/// A domain of `cpus` CPUs, leaked (indexes keep a `&'static`).
+fn domain(cpus: usize) -> &'static GraceDomain {
+    let d: &'static GraceDomain = Box::leak(Box::new(GraceDomain::new()));
+    // SAFETY: the tests' CPUs are the indices they report for.
+    unsafe { d.set_possible_cpus(cpus) };
+    d
+}
+
+/// Lets every grace period taken so far end on a 1-CPU domain, and reclaims.
+fn settle(index: &Index) {
+    for _ in 0..3 {
+        // SAFETY: the test thread holds nothing from a lookup.
+        unsafe { index.grace().quiescent(0) };
+        index.reclaim();
+    }
+}
+
+/// `(start, end, id)` of the entry with the greatest start `<= key`, through the reader path.
+fn find(index: &Index, key: usize) -> Option<(usize, usize, u64)> {
+    index.find(key, |s, p| {
+        assert_eq!(
+            p.magic.load(Ordering::SeqCst),
+            LIVE,
+            "reader saw a freed value"
+        );
+        (s, p.end, p.id)
+    })
+}
+
+fn model_find(model: &BTreeMap<usize, (usize, u64)>, key: usize) -> Option<(usize, usize, u64)> {
+    model
+        .range(..=key)
+        .next_back()
+        .map(|(&s, &(e, id))| (s, e, id))
+}
+
+/// Checks the tree's shape: sorted keys, exact separators, fill bounds, levels, padding, no
+/// fresh node left, node and entry counts. Returns the number of nodes.
+fn check_node(node: *const Node, level: Option<u8>, keys: &mut Vec<usize>) -> usize {
+    // SAFETY: the test holds the writer lock (through `Update`), so the tree is stable.
+    let n = unsafe { &*node };
+    assert!(!n.fresh, "fresh node published");
+    if let Some(l) = level {
+        assert_eq!(n.level, l, "all leaves at one depth");
+    }
+    assert!(n.len() <= CAP);
+    assert!(n.len() >= 1, "empty node in the tree");
+    assert!(
+        n.keys[n.len()..].iter().all(|&k| k == usize::MAX),
+        "padding"
+    );
+    assert!(n.keys[..n.len()].windows(2).all(|w| w[0] < w[1]), "sorted");
+    if n.level == 0 {
+        keys.extend_from_slice(&n.keys[..n.len()]);
+        return 1;
+    }
+    let mut count = 1;
+    for i in 0..n.len() {
+        let child = n.slots[i].cast::<Node>();
+        // SAFETY: as above.
+        assert_eq!(n.keys[i], unsafe { (*child).min_key() }, "exact separator");
+        count += check_node(child, Some(n.level - 1), keys);
+    }
+    count
+}
+
+fn check_invariants(index: &Index, model: &BTreeMap<usize, (usize, u64)>) {
+    let update = index.update();
+    let mut keys = Vec::new();
+    let nodes = if update.w.draft.is_null() {
+        0
+    } else {
+        check_node(update.w.draft, None, &mut keys)
+    };
+    assert_eq!(update.w.nodes, nodes);
+    assert_eq!(update.memory().nodes, nodes * core::mem::size_of::<Node>());
+    assert_eq!(keys, model.keys().copied().collect::<Vec<_>>());
+    assert_eq!(index.root.load(Ordering::SeqCst), update.w.draft);
+    assert_eq!(index.len(), model.len());
+    drop(update);
+}
+
+/// Small deterministic generator.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        self.0 >> 33
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// One random change inside `update`, mirrored in `model`.
+fn random_change(
+    rng: &mut Lcg,
+    update: &mut Update<'_, Arc<Probe>>,
+    model: &mut BTreeMap<usize, (usize, u64)>,
+    space: usize,
+    insert_bias: usize,
+    next_id: &mut u64,
+) {
+    if rng.below(100) < insert_bias || model.is_empty() {
+        let start = rng.below(space);
+        let end = start + 1 + rng.below(6);
+        let expected = model_find(model, end - 1)
+            .filter(|&(_, e, _)| e > start)
+            .map(|(s, _, _)| s);
+        // The lowest overlapping entry, if any: the one holding `start`, or the first after it.
+        let lowest = model_find(model, start)
+            .filter(|&(_, e, _)| e > start)
+            .or_else(|| {
+                model
+                    .range(start + 1..end)
+                    .next()
+                    .map(|(&s, &(e, id))| (s, e, id))
+            })
+            .map(|(s, e, _)| AddressRange::new(s, e));
+        let got = update.first_overlap(AddressRange::new(start, end));
+        assert_eq!(got, lowest, "first_overlap [{start}, {end})");
+        assert_eq!(got.is_some(), expected.is_some());
+        if got.is_none() {
+            *next_id += 1;
+            update.insert(start, probe(end, *next_id));
+            model.insert(start, (end, *next_id));
+        }
+    } else {
+        let start = if rng.below(8) == 0 {
+            rng.below(space)
+        } else {
+            let from = rng.below(space);
+            let mut after = model.range(from..).map(|(&s, _)| s);
+            after
+                .next()
+                .or_else(|| model.keys().next().copied())
+                .unwrap_or(0)
+        };
+        assert_eq!(update.remove(start), model.remove(&start).is_some());
+    }
+}
+
+/// Runs `steps` random updates (single changes and batches of up to 40), with lookups from the
+/// reader path during and after each; the insert bias swings so the tree grows and shrinks.
+fn model_run(seed: u64, steps: usize, space: usize) {
+    let index = Index::new(domain(1));
+    let mut rng = Lcg(seed);
+    let mut model = BTreeMap::new();
+    let mut next_id = 0;
+    for step in 0..steps {
+        let bias = if (step / 2000) % 2 == 0 { 70 } else { 35 };
+        let changes = if rng.below(4) == 0 {
+            2 + rng.below(40)
+        } else {
+            1
+        };
+        // What readers must keep seeing until the batch is published.
+        let before = if changes > 1 {
+            model.clone()
+        } else {
+            BTreeMap::new()
+        };
+        {
+            let mut update = index.update();
+            for _ in 0..changes {
+                random_change(&mut rng, &mut update, &mut model, space, bias, &mut next_id);
+                // A reader during a batch sees the table as it was.
+                if changes > 1 {
+                    let key = rng.below(space + 8);
+                    assert_eq!(find(&index, key), model_find(&before, key), "mid-update");
+                }
+            }
+        }
+        for _ in 0..4 {
+            let key = rng.below(space + 8);
+            assert_eq!(find(&index, key), model_find(&model, key), "key {key}");
+        }
+        if step % 64 == 0 {
+            check_invariants(&index, &model);
+        }
+        if step % 16 == 0 {
+            // SAFETY: the test thread holds nothing from a lookup.
+            unsafe { index.grace().quiescent(0) };
+        }
+    }
+    check_invariants(&index, &model);
+    for key in [0, 1, space / 2, space, usize::MAX] {
+        assert_eq!(find(&index, key), model_find(&model, key));
+    }
+    // Empty it in one batch, then everything retired is freed after a grace period.
+    {
+        let mut update = index.update();
+        for start in model.keys() {
+            assert!(update.remove(*start));
+        }
+    }
+    settle(&index);
+    assert_eq!(index.retired_count(), 0);
+    assert_eq!(index.update().memory(), IndexMemory::default());
+    assert!(index.root.load(Ordering::SeqCst).is_null());
+}
+
+#[test]
+fn model_small_space_deep_churn() {
+    model_run(1, 40_000, 600);
+}
+
+#[test]
+fn model_large_space_many_levels() {
+    model_run(2, 40_000, 20_000);
+}
+
+#[test]
+fn model_dense_space_sequential_batches() {
+    model_run(3, 30_000, 3_000);
+}
+
+#[test]
+fn ascending_inserts_fill_leaves_and_descending_removals_merge() {
+    let index = Index::new(domain(1));
+    let mut model = BTreeMap::new();
+    for i in 0..(CAP * CAP * 3) {
+        index.update().insert(i * 2, probe(i * 2 + 1, i as u64));
+        model.insert(i * 2, (i * 2 + 1, i as u64));
+    }
+    check_invariants(&index, &model);
+    let nodes = index.update().w.nodes;
+    // Full leaves (append splits), plus a few inner nodes.
+    let leaves = model.len().div_ceil(CAP);
+    assert!(nodes <= leaves + leaves.div_ceil(CAP) + 2, "{nodes} nodes");
+    for i in (0..model.len()).rev() {
+        assert!(index.update().remove(i * 2));
+        model.remove(&(i * 2));
+        if i % 50 == 0 {
+            check_invariants(&index, &model);
+        }
+    }
+    assert!(index.root.load(Ordering::SeqCst).is_null());
+}
+
+#[test]
+fn retired_values_live_until_the_grace_period_ends() {
+    let grace = domain(2);
+    let index = Index::new(grace);
+    let p = probe(20, 1);
+    index.update().insert(10, Arc::clone(&p));
+    assert_eq!(Arc::strong_count(&p), 2);
+    assert!(index.update().remove(10));
+    assert_eq!(find(&index, 15), None);
+    // SAFETY (all quiescent calls): the test's CPUs hold nothing from a lookup.
+    unsafe { grace.quiescent(0) };
+    index.reclaim();
+    assert_eq!(
+        Arc::strong_count(&p),
+        2,
+        "CPU 1 has not passed a quiescent state"
+    );
+    assert!(index.retired_count() > 0);
+    let retired = index.update().memory().retired;
+    assert!(retired >= core::mem::size_of::<Node>());
+    for _ in 0..2 {
+        unsafe {
+            grace.quiescent(0);
+            grace.quiescent(1);
+        }
+        index.reclaim();
+    }
+    assert_eq!(Arc::strong_count(&p), 1, "freed after the grace period");
+    assert_eq!(index.retired_count(), 0);
+}
+
+#[test]
+fn drop_frees_values_and_retired_memory() {
+    let index = Index::new(domain(3));
+    let a = probe(2, 1);
+    let b = probe(4, 2);
+    index.update().insert(1, Arc::clone(&a));
+    index.update().insert(3, Arc::clone(&b));
+    index.update().remove(1);
+    assert_eq!(Arc::strong_count(&a), 2, "retired, waiting");
+    drop(index);
+    assert_eq!(Arc::strong_count(&a), 1);
+    assert_eq!(Arc::strong_count(&b), 1);
+}
+
+/// Readers on other threads look up permanent entries and churned ones, reporting quiescent
+/// states between lookups; the writer inserts, removes and batches, and reclaims as it goes.
+/// A value freed too early shows as poisoned (or as a wrong entry).
+#[test]
+fn stress_readers_against_writer_with_reclamation() {
+    const READERS: usize = 2;
+    let grace = domain(READERS + 1);
+    let index: &'static Index = Box::leak(Box::new(Index::new(grace)));
+    // Permanent entries at multiples of 1000, id = start.
+    {
+        let mut update = index.update();
+        for k in 0..64 {
+            update.insert(k * 1000, probe(k * 1000 + 10, (k * 1000) as u64));
+        }
+    }
+    let done: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
+    let readers: Vec<_> = (1..=READERS)
+        .map(|cpu| {
+            std::thread::spawn(move || {
+                let mut rng = Lcg(cpu as u64);
+                let mut n = 0u64;
+                while !done.load(Ordering::Relaxed) || n < 10_000 {
+                    let k = rng.below(64) * 1000;
+                    let key = k + rng.below(10);
+                    assert_eq!(
+                        find(index, key).map(|(s, _, id)| (s, id)),
+                        Some((k, k as u64))
+                    );
+                    // Churned entries live in [k + 100, k + 900): whatever is found is whole.
+                    if let Some((s, e, id)) = find(index, k + 100 + rng.below(800)) {
+                        assert!(s == k && id == k as u64 || id >= 1_000_000 && e == s + 5);
+                    }
+                    // SAFETY: this reader holds nothing from a lookup here.
+                    unsafe { grace.quiescent(cpu) };
+                    n += 1;
+                }
+                // SAFETY: this reader looks nothing up any more.
+                unsafe { grace.cpu_offline(cpu) };
+                n
+            })
+        })
+        .collect();
+    let mut rng = Lcg(99);
+    let mut live: Vec<usize> = Vec::new();
+    let mut id = 1_000_000u64;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(600);
+    while std::time::Instant::now() < deadline {
+        let batch = 1 + rng.below(8);
+        let mut update = index.update();
+        for _ in 0..batch {
+            let start = rng.below(64) * 1000 + 100 + rng.below(160) * 5;
+            if update
+                .first_overlap(AddressRange::new(start, start + 5))
+                .is_none()
+            {
+                id += 1;
+                update.insert(start, probe(start + 5, id));
+                live.push(start);
+            } else if let Some(i) = live.iter().position(|&s| s == start) {
+                assert!(update.remove(live.swap_remove(i)));
+            }
+        }
+        if live.len() > 400 {
+            for _ in 0..100 {
+                let s = live.swap_remove(rng.below(live.len()));
+                assert!(update.remove(s));
+            }
+        }
+        drop(update);
+        // SAFETY: the writer holds nothing from a lookup.
+        unsafe { grace.quiescent(0) };
+    }
+    done.store(true, Ordering::Relaxed);
+    let total: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
+    assert!(total >= 20_000);
+    // SAFETY: as above.
+    unsafe { grace.quiescent(0) };
+    index.reclaim();
+    index.reclaim();
+    assert_eq!(index.retired_count(), 0, "every grace period ended");
+}
