@@ -11,7 +11,6 @@
 //! [`GraceDomain`], so a reader that found the object just before the removal can still use it.
 
 use alloc::sync::Arc;
-use alloc::vec::Vec;
 use core::fmt;
 
 use crate::code_object::CodeObject;
@@ -114,31 +113,20 @@ impl CodeMap {
     ///
     /// # Errors
     ///
-    /// [`CodeMapError::Overlap`] when two objects of the batch overlap (naming the lower one),
-    /// or one overlaps mapped code; the map is unchanged.
+    /// [`CodeMapError::Overlap`] naming the lowest range (mapped, or of the batch) that
+    /// overlaps another; the map is unchanged.
     pub fn insert_batch(
         &self,
         batch: impl IntoIterator<Item = Arc<CodeObject>>,
     ) -> Result<(), CodeMapError> {
-        let mut batch: Vec<Arc<CodeObject>> = batch.into_iter().collect();
-        batch.sort_unstable_by_key(|c| c.instruction_start());
-        for pair in batch.windows(2) {
-            if pair[0].instructions().end() > pair[1].instruction_start() {
-                return Err(CodeMapError::Overlap {
-                    existing: pair[0].instructions(),
-                });
-            }
-        }
-        let mut update = self.index.update();
-        for code in &batch {
-            if let Some(existing) = update.first_overlap(code.instructions()) {
-                return Err(CodeMapError::Overlap { existing });
-            }
-        }
-        for code in batch {
-            update.insert(code.instruction_start(), code);
-        }
-        Ok(())
+        let batch = batch
+            .into_iter()
+            .map(|c| (c.instruction_start(), c))
+            .collect();
+        self.index
+            .update()
+            .insert_batch(batch)
+            .map_err(|existing| CodeMapError::Overlap { existing })
     }
 
     /// Unmaps the code object whose instructions start exactly at `start` and returns it;
@@ -394,7 +382,8 @@ mod tests {
             map.reclaim();
         }
         assert_eq!(Arc::strong_count(&c), 2);
-        assert_eq!(map.memory(), IndexMemory::default());
+        let m = map.memory();
+        assert_eq!((m.nodes, m.retired), (0, 0));
     }
 
     static HOOK_GRACE: GraceDomain = GraceDomain::new();

@@ -37,6 +37,7 @@
 //! contract of [`GraceDomain::quiescent`]); [`find`](RangeIndex::find) scopes what it hands out
 //! to a closure. Writers must not run in interrupt context (the writer lock is a spin lock).
 
+mod bulk;
 mod node;
 mod retire;
 #[cfg(all(test, not(loom)))]
@@ -51,7 +52,8 @@ use alloc::vec::Vec;
 use core::fmt;
 use core::ptr::{self, NonNull};
 
-use self::node::Node;
+pub(crate) use self::node::prefetch;
+use self::node::{Node, NodePool};
 use self::retire::RetireQueue;
 pub(crate) use self::value::{HasRange, IndexValue};
 use crate::range::AddressRange;
@@ -85,6 +87,8 @@ pub struct IndexMemory {
     pub values: usize,
     /// Nodes and values unlinked but waiting for their grace period.
     pub retired: usize,
+    /// Free nodes kept for reuse by later updates (at most 32 KiB).
+    pub spare: usize,
 }
 
 /// Writer-only state, behind the writer lock.
@@ -97,6 +101,8 @@ struct Writer<V> {
     /// Values the running update removed, with their heap bytes.
     removed: Vec<(V, usize)>,
     retired: RetireQueue<V>,
+    /// Spare nodes for the next updates.
+    pool: NodePool,
     hook: Option<fn(UpdateStep)>,
     /// Nodes in the draft tree.
     nodes: usize,
@@ -138,6 +144,7 @@ impl<V: IndexValue> Writer<V> {
             replaced: Vec::new(),
             removed: Vec::new(),
             retired: RetireQueue::new(),
+            pool: NodePool::new(),
             hook: None,
             nodes: 0,
             value_bytes: 0,
@@ -179,7 +186,7 @@ impl<V: IndexValue> RangeIndex<V> {
     ///
     /// Lock-free, wait-free, allocation-free, panic-free; safe in a fault handler that
     /// interrupted a writer on the same CPU.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn find<R>(&self, key: usize, f: impl FnOnce(usize, V::View<'_>) -> R) -> Option<R> {
         // Acquire: pairs with the Release store that published this root, so every node and
         // value reachable from it is seen as built.
@@ -210,8 +217,8 @@ impl<V: IndexValue> RangeIndex<V> {
     /// Frees retired memory whose grace period is over. Never waits.
     pub(crate) fn reclaim(&self) {
         let mut w = self.writer.lock();
-        let hook = w.hook;
-        w.retired.reclaim(self.grace, hook);
+        let w = &mut *w;
+        w.retired.reclaim(self.grace, w.hook, &mut w.pool);
     }
 
     /// Number of retired nodes and values not freed yet.
@@ -233,7 +240,8 @@ impl<V: IndexValue> Drop for RangeIndex<V> {
         // SAFETY: the draft is the published tree (no update is running), owned by the index.
         unsafe { update::free_tree::<V>(w.draft) };
         w.draft = ptr::null_mut();
-        w.retired.clear();
+        w.retired.clear(&mut w.pool);
+        w.pool.clear();
     }
 }
 
@@ -277,6 +285,7 @@ impl<V: IndexValue> Update<'_, V> {
             nodes: self.w.nodes * core::mem::size_of::<Node>(),
             values: self.w.value_bytes,
             retired: self.w.retired.bytes,
+            spare: self.w.pool.bytes(),
         }
     }
 
@@ -290,6 +299,18 @@ impl<V: IndexValue> Update<'_, V> {
     pub(crate) fn insert(&mut self, start: usize, value: V) {
         debug_assert!(self.get(start).is_none());
         self.w.insert(start, value.into_raw());
+    }
+
+    /// Adds `batch` (any order) unless some range overlaps another, of the table or of the
+    /// batch: then returns the lowest such range, drops the batch and changes nothing. One by
+    /// one when the batch is small against the table, O(k log n); else by merging and rebuilding
+    /// the tree bottom-up, O(n + k).
+    pub(crate) fn insert_batch(&mut self, mut batch: Vec<(usize, V)>) -> Result<(), AddressRange> {
+        if !batch.is_sorted_by_key(|e| e.0) {
+            batch.sort_unstable_by_key(|e| e.0);
+        }
+        let raw = batch.into_iter().map(|(k, v)| (k, v.into_raw())).collect();
+        self.w.insert_batch(raw)
     }
 
     /// Removes the entry at exactly `start`; its value is retired when the update is published.

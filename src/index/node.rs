@@ -14,6 +14,7 @@
 //! current update and that no reader can reach yet (see the module docs of `index`).
 
 use alloc::boxed::Box;
+use alloc::vec::Vec;
 use core::ptr;
 
 /// Most entries of a leaf, children of an inner node.
@@ -44,8 +45,8 @@ const _: () = assert!(core::mem::size_of::<Node>() == 256);
 
 impl Node {
     /// An empty fresh node.
-    pub(super) fn new(level: u8) -> Box<Node> {
-        Box::new(Node {
+    fn empty(level: u8) -> Node {
+        Node {
             keys: [usize::MAX; CAP + 1],
             len: 0,
             level,
@@ -53,13 +54,13 @@ impl Node {
             slots: [ptr::null_mut(); CAP],
             #[cfg(loom)]
             check: loom::cell::UnsafeCell::new(()),
-        })
+        }
     }
 
     /// A fresh copy of a node (the slots are shared, not copied).
-    pub(super) fn copy(&self) -> Box<Node> {
+    fn copy(&self) -> Node {
         self.read_check();
-        Box::new(Node {
+        Node {
             keys: self.keys,
             len: self.len,
             level: self.level,
@@ -67,7 +68,7 @@ impl Node {
             slots: self.slots,
             #[cfg(loom)]
             check: loom::cell::UnsafeCell::new(()),
-        })
+        }
     }
 
     /// Number of entries or children.
@@ -89,6 +90,14 @@ impl Node {
     /// Smallest key under this node (`usize::MAX` when empty).
     pub(super) fn min_key(&self) -> usize {
         self.keys[0]
+    }
+
+    /// Starts loading the slot lines while the keys are compared, so the child or value pointer
+    /// is there when the rank is known: one memory round trip per node instead of two.
+    #[inline(always)]
+    pub(super) fn prefetch_slots(&self) {
+        prefetch(self.slots.as_ptr().cast());
+        prefetch(self.slots[CAP - 1..].as_ptr().cast());
     }
 
     /// Loom: records a read of the node's contents (no-op otherwise).
@@ -139,12 +148,12 @@ impl Node {
         out
     }
 
-    /// Moves the entries from `at` on into a new fresh node of the same level.
-    pub(super) fn split_off(&mut self, at: usize) -> Box<Node> {
+    /// Moves the entries from `at` on into `right`, an empty fresh node of the same level.
+    pub(super) fn split_off(&mut self, at: usize, right: &mut Node) {
         let len = self.len();
-        debug_assert!(self.fresh && at <= len);
+        debug_assert!(self.fresh && right.fresh && at <= len && right.len == 0);
         self.write_check();
-        let mut right = Node::new(self.level);
+        right.write_check();
         let n = len - at;
         right.keys[..n].copy_from_slice(&self.keys[at..len]);
         right.slots[..n].copy_from_slice(&self.slots[at..len]);
@@ -152,7 +161,6 @@ impl Node {
         self.keys[at..len].fill(usize::MAX);
         self.slots[at..len].fill(ptr::null_mut());
         self.len = at as u8;
-        right
     }
 
     /// Appends every entry of `other` (same level, all keys above ours); the node is fresh.
@@ -196,4 +204,101 @@ impl Node {
         right.len = (l + r - want) as u8;
         self.len = want as u8;
     }
+}
+
+/// Most spare nodes a [`NodePool`] keeps (32 KiB).
+const SPARE_MAX: usize = if cfg!(loom) { 0 } else { 128 };
+
+/// Nodes for the writer: spare ones (freed by earlier updates, no reader can reach them) are
+/// reused before the allocator is asked, so steady-state updates do not allocate nodes.
+pub(super) struct NodePool {
+    spare: Vec<*mut Node>,
+}
+
+impl NodePool {
+    pub(super) const fn new() -> Self {
+        NodePool { spare: Vec::new() }
+    }
+
+    fn place(&mut self, node: Node) -> *mut Node {
+        match self.spare.pop() {
+            Some(p) => {
+                // SAFETY: a spare node is allocated, unreachable by readers and owned by the
+                // pool; `Node` has no destructor to skip.
+                unsafe { p.write(node) };
+                p
+            }
+            None => Box::into_raw(Box::new(node)),
+        }
+    }
+
+    /// An empty fresh node.
+    pub(super) fn empty(&mut self, level: u8) -> *mut Node {
+        self.place(Node::empty(level))
+    }
+
+    /// A fresh copy of `node`.
+    pub(super) fn copy(&mut self, node: &Node) -> *mut Node {
+        self.place(node.copy())
+    }
+
+    /// Takes back a node no reader can reach any more (never published, or retired and its
+    /// grace period over).
+    ///
+    /// # Safety
+    /// As for [`free_node`]: `node` came from this pool or `Box::into_raw`, is given back once,
+    /// and no reader can reach it.
+    pub(super) unsafe fn give(&mut self, node: *mut Node) {
+        if self.spare.len() < SPARE_MAX {
+            self.spare.push(node);
+        } else {
+            // SAFETY: the caller's contract.
+            unsafe { free_node(node) };
+        }
+    }
+
+    /// Bytes of spare nodes.
+    pub(super) fn bytes(&self) -> usize {
+        self.spare.len() * core::mem::size_of::<Node>()
+    }
+
+    /// Frees every spare node.
+    pub(super) fn clear(&mut self) {
+        for node in self.spare.drain(..) {
+            // SAFETY: spare nodes are the pool's alone.
+            unsafe { free_node(node) };
+        }
+    }
+}
+
+/// Frees a node's memory (never its children or values, which other nodes may own now).
+///
+/// # Safety
+/// `node` came from `Box::into_raw`, is freed once, and no reader can reach it any more.
+pub(super) unsafe fn free_node(node: *mut Node) {
+    // SAFETY: the caller's contract.
+    let node = unsafe { Box::from_raw(node) };
+    // Under loom the memory is poisoned, not released: a reader the protocol failed to wait for
+    // is then reported as racing with this write instead of reading freed memory.
+    #[cfg(loom)]
+    {
+        node.write_check();
+        core::mem::forget(node);
+    }
+    #[cfg(not(loom))]
+    drop(node);
+}
+
+/// Hints the CPU to load the cache line holding `p` (a no-op elsewhere). Never faults, whatever
+/// `p` is: a prefetch is not an access.
+#[inline(always)]
+pub(crate) fn prefetch(p: *const u8) {
+    #[cfg(all(target_arch = "x86_64", not(loom)))]
+    // SAFETY: `prefetcht0` reads nothing architecturally and cannot fault, on any address; it
+    // touches no register but its operand and no flag, and no stack.
+    unsafe {
+        core::arch::asm!("prefetcht0 [{}]", in(reg) p, options(nostack, preserves_flags, readonly));
+    }
+    #[cfg(not(all(target_arch = "x86_64", not(loom))))]
+    let _ = p;
 }

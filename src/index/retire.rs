@@ -8,7 +8,7 @@
 
 use alloc::collections::VecDeque;
 
-use super::node::Node;
+use super::node::{Node, NodePool};
 use super::{IndexValue, UpdateStep};
 use crate::sync::grace::{GraceDomain, GraceTicket};
 
@@ -46,8 +46,14 @@ impl<V: IndexValue> RetireQueue<V> {
         self.nodes.len() + self.values.len()
     }
 
-    /// Frees everything whose grace period is over; `hook` runs after each free.
-    pub(super) fn reclaim(&mut self, grace: &GraceDomain, hook: Option<fn(UpdateStep)>) {
+    /// Frees everything whose grace period is over (nodes go back to `pool`); `hook` runs after
+    /// each free.
+    pub(super) fn reclaim(
+        &mut self,
+        grace: &GraceDomain,
+        hook: Option<fn(UpdateStep)>,
+        pool: &mut NodePool,
+    ) {
         // Tickets are monotone: once one is over, every earlier one is.
         let mut over: Option<GraceTicket> = None;
         let mut is_over = |t: GraceTicket| {
@@ -68,7 +74,7 @@ impl<V: IndexValue> RetireQueue<V> {
             self.bytes -= core::mem::size_of::<Node>();
             // SAFETY: `node` was unlinked by an update published before `t` was taken, and the
             // grace period of `t` is over, so no reader holds it; the writer queued it once.
-            unsafe { free_node(node) };
+            unsafe { pool.give(node) };
             if let Some(h) = hook {
                 h(UpdateStep::Free);
             }
@@ -88,30 +94,12 @@ impl<V: IndexValue> RetireQueue<V> {
     }
 
     /// Frees everything now. Only with `&mut` access to the index: no reader exists.
-    pub(super) fn clear(&mut self) {
+    pub(super) fn clear(&mut self, pool: &mut NodePool) {
         for (_, node) in self.nodes.drain(..) {
             // SAFETY: no reader exists (caller) and each node was queued once.
-            unsafe { free_node(node) };
+            unsafe { pool.give(node) };
         }
         self.values.clear();
         self.bytes = 0;
     }
-}
-
-/// Frees a node's memory (never its children or values, which other nodes may own now).
-///
-/// # Safety
-/// `node` came from `Box::into_raw`, is freed once, and no reader can reach it any more.
-pub(super) unsafe fn free_node(node: *mut Node) {
-    // SAFETY: the caller's contract.
-    let node = unsafe { alloc::boxed::Box::from_raw(node) };
-    // Under loom the memory is poisoned, not released: a reader the protocol failed to wait for
-    // is then reported as racing with this write instead of reading freed memory.
-    #[cfg(loom)]
-    {
-        node.write_check();
-        core::mem::forget(node);
-    }
-    #[cfg(not(loom))]
-    drop(node);
 }

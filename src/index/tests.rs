@@ -188,6 +188,49 @@ fn random_change(
     }
 }
 
+/// A batch of up to `max` new ranges with distinct starts, inserted with `insert_batch` and
+/// mirrored in `model`; half the batches may overlap the table or themselves, and must then be
+/// refused naming the lowest range that overlaps another.
+fn random_batch(
+    rng: &mut Lcg,
+    update: &mut Update<'_, Arc<Probe>>,
+    model: &mut BTreeMap<usize, (usize, u64)>,
+    space: usize,
+    max: usize,
+    next_id: &mut u64,
+) {
+    let careful = rng.below(2) == 0;
+    let mut batch: BTreeMap<usize, (usize, u64)> = BTreeMap::new();
+    for _ in 0..1 + rng.below(max) {
+        let start = rng.below(space);
+        let end = start + 1 + rng.below(6);
+        let clashes = |m: &BTreeMap<usize, (usize, u64)>| {
+            model_find(m, end - 1).is_some_and(|(_, e, _)| e > start)
+        };
+        if !careful || !clashes(model) && !clashes(&batch) {
+            *next_id += 1;
+            batch.insert(start, (end, *next_id));
+        }
+    }
+    // Reference: table first on equal starts, then the first neighbours that overlap.
+    let mut all: Vec<(usize, usize, bool)> =
+        model.iter().map(|(&s, &(e, _))| (s, e, false)).collect();
+    all.extend(batch.iter().map(|(&s, &(e, _))| (s, e, true)));
+    all.sort_by_key(|&(s, _, from_batch)| (s, from_batch));
+    let expected = all
+        .windows(2)
+        .find(|w| w[0].1 > w[1].0)
+        .map(|w| AddressRange::new(w[0].0, w[0].1));
+    let values = batch
+        .iter()
+        .map(|(&s, &(e, id))| (s, probe(e, id)))
+        .collect();
+    assert_eq!(update.insert_batch(values), expected.map_or(Ok(()), Err));
+    if expected.is_none() {
+        model.extend(batch);
+    }
+}
+
 /// Runs `steps` random updates (single changes and batches of up to 40), with lookups from the
 /// reader path during and after each; the insert bias swings so the tree grows and shrinks.
 fn model_run(seed: u64, steps: usize, space: usize) {
@@ -211,7 +254,13 @@ fn model_run(seed: u64, steps: usize, space: usize) {
         {
             let mut update = index.update();
             for _ in 0..changes {
-                random_change(&mut rng, &mut update, &mut model, space, bias, &mut next_id);
+                if rng.below(10) == 0 {
+                    // Small batches take the one-by-one path, large ones the rebuild.
+                    let max = if rng.below(2) == 0 { 4 } else { 200 };
+                    random_batch(&mut rng, &mut update, &mut model, space, max, &mut next_id);
+                } else {
+                    random_change(&mut rng, &mut update, &mut model, space, bias, &mut next_id);
+                }
                 // A reader during a batch sees the table as it was.
                 if changes > 1 {
                     let key = rng.below(space + 8);
@@ -244,7 +293,9 @@ fn model_run(seed: u64, steps: usize, space: usize) {
     }
     settle(&index);
     assert_eq!(index.retired_count(), 0);
-    assert_eq!(index.update().memory(), IndexMemory::default());
+    let m = index.update().memory();
+    assert_eq!((m.nodes, m.values, m.retired), (0, 0, 0));
+    assert!(m.spare <= 128 * core::mem::size_of::<Node>());
     assert!(index.root.load(Ordering::SeqCst).is_null());
 }
 
@@ -406,9 +457,10 @@ fn stress_readers_against_writer_with_reclamation() {
     done.store(true, Ordering::Relaxed);
     let total: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
     assert!(total >= 20_000);
-    // SAFETY: as above.
-    unsafe { grace.quiescent(0) };
-    index.reclaim();
-    index.reclaim();
+    for _ in 0..2 {
+        // SAFETY: as above; the readers are offline.
+        unsafe { grace.quiescent(0) };
+        index.reclaim();
+    }
     assert_eq!(index.retired_count(), 0, "every grace period ended");
 }

@@ -7,11 +7,10 @@
 //! it) and retired otherwise. Separators stay exact: `keys[i]` of an inner node is always the
 //! smallest key under child `i`, which the search relies on.
 
-use alloc::boxed::Box;
 use core::ptr::{self, NonNull};
 
+use super::node::free_node;
 use super::node::{Node, CAP, MIN};
-use super::retire::free_node;
 use super::{IndexValue, UpdateStep, Writer};
 use crate::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use crate::sync::grace::GraceDomain;
@@ -20,12 +19,13 @@ use crate::sync::grace::GraceDomain;
 ///
 /// # Safety
 /// `node` is null or the root of a tree whose nodes stay allocated and unchanged for the call.
-#[inline]
+#[inline(always)]
 pub(super) unsafe fn find(mut node: *const Node, key: usize) -> Option<(usize, NonNull<()>)> {
     loop {
         // SAFETY: the caller's contract.
         let n = unsafe { node.as_ref() }?;
         n.read_check();
+        n.prefetch_slots();
         let r = n.rank(key);
         if n.level == 0 {
             let i = r.checked_sub(1)?;
@@ -156,16 +156,16 @@ fn min_key(node: *mut Node) -> usize {
 }
 
 impl<V: IndexValue> Writer<V> {
-    fn step(&self, step: UpdateStep) {
+    pub(super) fn step(&self, step: UpdateStep) {
         if let Some(hook) = self.hook {
             hook(step);
         }
     }
 
-    /// Adds a new fresh node to the draft.
-    fn alloc(&mut self, node: Box<Node>) -> *mut Node {
+    /// Adds a new, empty fresh node to the draft.
+    pub(super) fn alloc(&mut self, level: u8) -> *mut Node {
         self.nodes += 1;
-        let p = Box::into_raw(node);
+        let p = self.pool.empty(level);
         self.step(UpdateStep::Allocate);
         p
     }
@@ -179,19 +179,19 @@ impl<V: IndexValue> Writer<V> {
         if n.fresh {
             return node;
         }
-        let copy = Box::into_raw(n.copy());
+        let copy = self.pool.copy(n);
         self.replaced.push(node);
         self.step(UpdateStep::Allocate);
         copy
     }
 
     /// Takes `node` out of the draft: freed now when fresh, retired when published.
-    fn unlink(&mut self, node: *mut Node) {
+    pub(super) fn unlink(&mut self, node: *mut Node) {
         self.nodes -= 1;
         // SAFETY: a draft node.
         if unsafe { (*node).fresh } {
             // SAFETY: fresh, so never published: no reader can reach it, and it left the draft.
-            unsafe { free_node(node) };
+            unsafe { self.pool.give(node) };
         } else {
             self.replaced.push(node);
         }
@@ -204,7 +204,7 @@ impl<V: IndexValue> Writer<V> {
         // SAFETY: the value is ours and alive.
         self.value_bytes += V::heap_bytes(unsafe { V::view(value) });
         if self.draft.is_null() {
-            let leaf = self.alloc(Node::new(0));
+            let leaf = self.alloc(0);
             fresh(leaf).insert(0, key, value.as_ptr());
             self.step(UpdateStep::Modify);
             self.draft = leaf;
@@ -216,7 +216,7 @@ impl<V: IndexValue> Writer<V> {
             Some(right) => {
                 // SAFETY: a draft node.
                 let level = unsafe { (*node).level } + 1;
-                let root = self.alloc(Node::new(level));
+                let root = self.alloc(level);
                 let r = fresh(root);
                 r.insert(0, min_key(node), node.cast());
                 r.insert(1, min_key(right), right.cast());
@@ -261,9 +261,8 @@ impl<V: IndexValue> Writer<V> {
         slot: *mut (),
         rightmost: bool,
     ) -> (*mut Node, Option<*mut Node>) {
-        let n = fresh(p);
-        if n.len() < CAP {
-            n.insert(i, key, slot);
+        if fresh(p).len() < CAP {
+            fresh(p).insert(i, key, slot);
             self.step(UpdateStep::Modify);
             return (p, None);
         }
@@ -275,8 +274,10 @@ impl<V: IndexValue> Writer<V> {
         } else {
             CAP.div_ceil(2)
         };
-        let right = n.split_off(at);
-        let right = self.alloc(right);
+        // SAFETY: a draft node.
+        let level = unsafe { (*p).level };
+        let right = self.alloc(level);
+        fresh(p).split_off(at, fresh(right));
         if i < at {
             fresh(p).insert(i, key, slot);
         } else {
@@ -401,6 +402,6 @@ impl<V: IndexValue> Writer<V> {
                 self.removed = removed;
             }
         }
-        self.retired.reclaim(grace, self.hook);
+        self.retired.reclaim(grace, self.hook, &mut self.pool);
     }
 }

@@ -215,7 +215,7 @@ fn every_step_of_updates_and_batches_shows_old_or_new_table() {
 /// and every grace period ends once the readers stop.
 #[test]
 fn stress_readers_against_writer() {
-    use std::sync::atomic::AtomicBool;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     const READERS: usize = 2;
     let d: &'static GraceDomain = std::boxed::Box::leak(std::boxed::Box::new(GraceDomain::new()));

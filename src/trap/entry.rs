@@ -1,12 +1,15 @@
 //! One registered code range of the trap table, in one allocation:
 //!
 //! ```text
-//! header    serial u64 | code size u32 | landing-pad offset u32 | count u32 | flags u32   24 B
+//! header    code size u32 | landing-pad offset u32 | count u32 | flags u32 | serial u64   24 B
 //! [fault]   accepted fault-address range: start, end (usize each)   only with FAULT_RANGE 16 B
-//! offsets   count protected offsets, sorted: u16 when the code is at most 64 KiB, else u32
+//! offsets   the protected offsets, sorted: u16 when the code is at most 64 KiB, else u32,
+//!           padded to whole 8-byte words by repeating the last one
 //! ```
 //! A function of 32 protected loads under 64 KiB takes 24 + 64 bytes. The index stores a thin
-//! pointer to the header; lookups read the header line, then binary-search the offsets.
+//! pointer to the header. A lookup reads the header, then compares the offset against four
+//! (or two) offsets per word at once, every word independently, so no load waits for another;
+//! long lists are binary-searched instead.
 
 use alloc::alloc::{alloc, dealloc, handle_alloc_error, Layout};
 use core::marker::PhantomData;
@@ -17,34 +20,40 @@ use crate::range::AddressRange;
 
 #[repr(C)]
 struct Header {
-    serial: u64,
     size: u32,
     landing: u32,
     count: u32,
     flags: u32,
+    serial: u64,
 }
 
 /// The offsets are `u16`.
 const NARROW: u32 = 1;
 /// An accepted fault-address range follows the header.
 const FAULT_RANGE: u32 = 2;
+/// Longest offset list scanned word by word; longer ones are binary-searched.
+const SCAN_MAX_WORDS: usize = 16;
 
-/// The allocation's layout and where the offsets start in it.
-fn layout(count: usize, flags: u32) -> (Layout, usize) {
-    let mut l = Layout::new::<Header>();
-    if flags & FAULT_RANGE != 0 {
-        l = extend(l, Layout::new::<[usize; 2]>()).0;
-    }
-    let width = if flags & NARROW != 0 { 2 } else { 4 };
-    // `count` is at most the code size, which is below 2^32: no overflow on 64-bit targets.
-    let offsets = Layout::from_size_align(count * width, width).unwrap_or(Layout::new::<u32>());
-    let (l, at) = extend(l, offsets);
-    (l.pad_to_align(), at)
+/// Where the offsets start.
+const fn offsets_at(flags: u32) -> usize {
+    core::mem::size_of::<Header>() + if flags & FAULT_RANGE != 0 { 16 } else { 0 }
 }
 
-fn extend(l: Layout, next: Layout) -> (Layout, usize) {
-    // Sizes here are far below `isize::MAX` (see `layout`); the fallback is unreachable.
-    l.extend(next).unwrap_or((l, l.size()))
+/// Offsets per 8-byte word.
+const fn per_word(flags: u32) -> usize {
+    if flags & NARROW != 0 {
+        4
+    } else {
+        2
+    }
+}
+
+/// The allocation's layout: header, fault range, `count` offsets in whole words.
+fn layout(count: usize, flags: u32) -> Layout {
+    let words = count.div_ceil(per_word(flags));
+    // `count` is at most the code size, below 2^32: the size is far below `isize::MAX`, so the
+    // fallback is unreachable.
+    Layout::from_size_align(offsets_at(flags) + words * 8, 8).unwrap_or(Layout::new::<Header>())
 }
 
 /// What a registration stores: validated by the trap table before it gets here.
@@ -72,22 +81,23 @@ impl EntryBox {
         let narrow = e.size <= 1 << 16;
         let flags = u32::from(narrow) * NARROW | u32::from(e.fault_range.is_some()) * FAULT_RANGE;
         let count = e.offsets.len();
-        let (l, at) = layout(count, flags);
+        let l = layout(count, flags);
         // SAFETY: `l` has a non-zero size (the header).
         let base = unsafe { alloc(l) };
         let Some(base) = NonNull::new(base) else {
             handle_alloc_error(l)
         };
         let header = Header {
-            serial: e.serial,
             size: e.size,
             landing: e.landing,
             count: count as u32,
             flags,
+            serial: e.serial,
         };
-        // SAFETY: `base` is a fresh allocation of layout `l`, which holds the header at 0, the
-        // fault range right after it (when flagged) and `count` offsets of the flagged width at
-        // `at`, each suitably aligned (`Layout::extend`).
+        let slots = count.div_ceil(per_word(flags)) * per_word(flags);
+        // SAFETY: `base` is a fresh allocation of layout `l` (align 8): the header at 0, the
+        // fault range at 24 when flagged, and `slots` offsets of the flagged width from
+        // `offsets_at(flags)` to the end, each aligned.
         unsafe {
             base.cast::<Header>().write(header);
             if let Some(r) = e.fault_range {
@@ -96,8 +106,11 @@ impl EntryBox {
                     .cast::<[usize; 2]>();
                 p.write([r.start(), r.end()]);
             }
-            let offsets = base.add(at);
-            for (i, &o) in e.offsets.iter().enumerate() {
+            let offsets = base.add(offsets_at(flags));
+            // Padding repeats the last offset: matching it means matching a protected offset.
+            let last = e.offsets.last().copied().unwrap_or(0);
+            for i in 0..slots {
+                let o = e.offsets.get(i).copied().unwrap_or(last);
                 if narrow {
                     // `o < size <= 2^16`.
                     offsets.cast::<u16>().add(i).write(o as u16);
@@ -119,7 +132,7 @@ impl EntryBox {
 
 impl Drop for EntryBox {
     fn drop(&mut self) {
-        let (l, _) = self.view().layout();
+        let l = self.view().layout();
         // SAFETY: allocated in `new` with this layout (recomputed from the same header).
         unsafe { dealloc(self.0.as_ptr().cast(), l) };
     }
@@ -140,12 +153,13 @@ pub(super) enum Offsets<'a> {
 }
 
 impl<'a> EntryRef<'a> {
+    #[inline]
     fn header(&self) -> &'a Header {
         // SAFETY: the allocation outlives `'a` (whoever made this view guarantees it).
         unsafe { self.ptr.as_ref() }
     }
 
-    fn layout(&self) -> (Layout, usize) {
+    fn layout(&self) -> Layout {
         let h = self.header();
         layout(h.count as usize, h.flags)
     }
@@ -154,15 +168,18 @@ impl<'a> EntryRef<'a> {
         self.header().serial
     }
 
+    #[inline]
     pub(super) fn size(&self) -> usize {
         self.header().size as usize
     }
 
+    #[inline]
     pub(super) fn landing(&self) -> usize {
         self.header().landing as usize
     }
 
     /// The accepted fault-address range, if the registration gave one.
+    #[inline]
     pub(super) fn fault_range(&self) -> Option<AddressRange> {
         if self.header().flags & FAULT_RANGE == 0 {
             return None;
@@ -178,40 +195,77 @@ impl<'a> EntryRef<'a> {
         Some(AddressRange::new(start, end))
     }
 
+    /// The offsets as whole words (padding included).
+    #[inline]
+    fn words(&self) -> &'a [u64] {
+        let h = self.header();
+        let words = (h.count as usize).div_ceil(per_word(h.flags));
+        // SAFETY: `words` initialized 8-byte words live at `offsets_at` (see `new`), 8-aligned,
+        // never written again; alive for `'a`.
+        unsafe {
+            core::slice::from_raw_parts(
+                self.ptr
+                    .cast::<u8>()
+                    .add(offsets_at(h.flags))
+                    .cast::<u64>()
+                    .as_ptr(),
+                words,
+            )
+        }
+    }
+
+    /// The sorted protected offsets (without padding).
+    #[inline]
     pub(super) fn offsets(&self) -> Offsets<'a> {
         let h = self.header();
-        let at = self.layout().1;
-        // SAFETY: `count` offsets of the flagged width live at `at` (see `new`), initialized
-        // and never written again; alive for `'a`.
+        let p = self.words().as_ptr();
+        // SAFETY: the words hold at least `count` offsets of the flagged width (see `new`).
         unsafe {
-            let p = self.ptr.cast::<u8>().add(at);
             if h.flags & NARROW != 0 {
-                Offsets::Narrow(core::slice::from_raw_parts(
-                    p.cast::<u16>().as_ptr(),
-                    h.count as usize,
-                ))
+                Offsets::Narrow(core::slice::from_raw_parts(p.cast(), h.count as usize))
             } else {
-                Offsets::Wide(core::slice::from_raw_parts(
-                    p.cast::<u32>().as_ptr(),
-                    h.count as usize,
-                ))
+                Offsets::Wide(core::slice::from_raw_parts(p.cast(), h.count as usize))
             }
         }
     }
 
-    /// Whether `offset` is protected. Binary search; panic-free.
+    /// Whether `offset` is protected. Short lists: every word compared at once (SWAR "has a
+    /// zero lane" on `word ^ offset-in-every-lane`), no load depending on another; long ones:
+    /// binary search. Panic-free.
     #[inline]
     pub(super) fn is_protected(&self, offset: u32) -> bool {
-        match self.offsets() {
-            Offsets::Narrow(o) => u16::try_from(offset).is_ok_and(|x| o.binary_search(&x).is_ok()),
-            Offsets::Wide(o) => o.binary_search(&offset).is_ok(),
+        let h = self.header();
+        let narrow = h.flags & NARROW != 0;
+        let words = self.words();
+        if words.len() > SCAN_MAX_WORDS {
+            return match self.offsets() {
+                Offsets::Narrow(o) => {
+                    u16::try_from(offset).is_ok_and(|x| o.binary_search(&x).is_ok())
+                }
+                Offsets::Wide(o) => o.binary_search(&offset).is_ok(),
+            };
         }
+        let (ones, highs) = if narrow {
+            if offset > 0xFFFF {
+                return false;
+            }
+            (0x0001_0001_0001_0001u64, 0x8000_8000_8000_8000u64)
+        } else {
+            (0x0000_0001_0000_0001u64, 0x8000_0000_8000_0000u64)
+        };
+        let pattern = u64::from(offset).wrapping_mul(ones);
+        let mut zero_lanes = 0;
+        for &w in words {
+            let v = w ^ pattern;
+            zero_lanes |= v.wrapping_sub(ones) & !v & highs;
+        }
+        zero_lanes != 0
     }
 
     /// Bytes of the allocation: `(header and fault range, offsets)`.
     pub(super) fn bytes(&self) -> (usize, usize) {
-        let (l, at) = self.layout();
-        (at, l.size() - at)
+        let at = offsets_at(self.header().flags);
+        (at, self.layout().size() - at)
     }
 }
 

@@ -18,175 +18,20 @@
 #[cfg(all(test, not(loom)))]
 mod concurrency_tests;
 mod entry;
+mod prepare;
 #[cfg(all(test, not(loom)))]
 mod tests;
+mod types;
 
 use alloc::vec::Vec;
 use core::fmt;
-use core::sync::atomic::{AtomicU64, Ordering};
 
-use self::entry::{EntryBox, EntryRef, NewEntry};
-use crate::index::{IndexMemory, RangeIndex, UpdateStep};
+use self::entry::{EntryBox, EntryRef};
+use self::prepare::{has_duplicates, prepare};
+pub use self::types::{TrapError, TrapHandle, TrapHit, TrapMemory, TrapRegistration};
+use crate::index::{prefetch, IndexMemory, RangeIndex, UpdateStep};
 use crate::range::AddressRange;
 use crate::sync::grace::GraceDomain;
-
-/// Serial numbers of registrations, unique across every table of the program: a handle names
-/// one registration of one table, so a table answers a handle issued by another one (or a
-/// released one) with [`TrapError::UnknownHandle`].
-static SERIALS: AtomicU64 = AtomicU64::new(1);
-
-/// Identifies one registration; pass it to [`TrapTable::release`].
-///
-/// It holds the range start (to find the entry in O(log n)) and a serial number unique across
-/// all tables and never reused, so a stale handle or one from another table is always rejected.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
-pub struct TrapHandle {
-    start: usize,
-    serial: u64,
-}
-
-/// A successful lookup: the faulting PC is a protected instruction.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub struct TrapHit {
-    code: AddressRange,
-    landing_pad: usize,
-    offset: u32,
-}
-
-impl TrapHit {
-    /// Address at which the faulting code resumes.
-    #[must_use]
-    pub const fn landing_pad(&self) -> usize {
-        self.landing_pad
-    }
-
-    /// Start of the registered code range that holds the PC.
-    #[must_use]
-    pub const fn code_start(&self) -> usize {
-        self.code.start()
-    }
-
-    /// The registered code range that holds the PC.
-    #[must_use]
-    pub const fn code(&self) -> AddressRange {
-        self.code
-    }
-
-    /// Offset of the PC from [`code_start`](Self::code_start): one of the protected offsets.
-    #[must_use]
-    pub const fn offset(&self) -> u32 {
-        self.offset
-    }
-
-    /// The faulting PC itself (`code_start() + offset()`).
-    #[must_use]
-    pub const fn pc(&self) -> usize {
-        self.code.start() + self.offset as usize
-    }
-}
-
-/// Why a registration or release was refused; the table is unchanged.
-#[non_exhaustive]
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum TrapError {
-    /// The code range holds no byte.
-    EmptyCode,
-    /// The code range is 4 GiB or larger (offsets are 32-bit).
-    CodeTooLarge {
-        /// Its size.
-        size: usize,
-    },
-    /// A protected offset is not below the code size (the first such offset, in input order).
-    OffsetOutOfRange {
-        /// The offending offset.
-        offset: u32,
-    },
-    /// A protected offset was given twice (the smallest such offset).
-    DuplicateOffset {
-        /// The repeated offset.
-        offset: u32,
-    },
-    /// The landing pad lies outside the code range.
-    LandingPadOutsideCode {
-        /// The landing pad given.
-        landing_pad: usize,
-    },
-    /// The accepted fault-address range is empty: it would accept no fault.
-    EmptyFaultRange,
-    /// The code range overlaps a registered one (or another one of the same batch).
-    Overlap {
-        /// The range it overlaps (the lowest one if several do).
-        existing: AddressRange,
-    },
-    /// The handle does not name a live registration of this table (never issued by it, already
-    /// released, or given twice in one batch).
-    UnknownHandle,
-}
-
-impl fmt::Display for TrapError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            TrapError::EmptyCode => f.write_str("empty code range"),
-            TrapError::CodeTooLarge { size } => {
-                write!(f, "code range of {size:#x} bytes is 4 GiB or larger")
-            }
-            TrapError::OffsetOutOfRange { offset } => {
-                write!(
-                    f,
-                    "protected offset {offset:#x} lies outside the code range"
-                )
-            }
-            TrapError::DuplicateOffset { offset } => {
-                write!(f, "protected offset {offset:#x} given twice")
-            }
-            TrapError::LandingPadOutsideCode { landing_pad } => {
-                write!(
-                    f,
-                    "landing pad {landing_pad:#x} lies outside the code range"
-                )
-            }
-            TrapError::EmptyFaultRange => f.write_str("empty accepted fault-address range"),
-            TrapError::Overlap { existing } => {
-                write!(f, "code range overlaps registered range {existing:?}")
-            }
-            TrapError::UnknownHandle => f.write_str("unknown or already released trap handle"),
-        }
-    }
-}
-
-impl core::error::Error for TrapError {}
-
-/// One registration: code, its protected instructions, where they resume, and optionally the
-/// fault addresses they may fault on.
-#[derive(Clone, Copy, Debug)]
-pub struct TrapRegistration<'a> {
-    /// The code range.
-    pub code: AddressRange,
-    /// Offsets from `code.start()` of the protected instructions, any order.
-    pub protected: &'a [u32],
-    /// Where a protected fault resumes; inside `code`.
-    pub landing_pad: usize,
-    /// The fault addresses the protected instructions may fault on (e.g. a linear memory and
-    /// its guard region); a fault elsewhere is not this table's. `None`: any address (V8).
-    pub fault_range: Option<AddressRange>,
-}
-
-/// Bytes a [`TrapTable`] uses (allocator overhead not included).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct TrapMemory {
-    /// Registered ranges.
-    pub ranges: usize,
-    /// Protected instructions of all ranges.
-    pub protected: usize,
-    /// Index nodes.
-    pub index: usize,
-    /// Entry headers (with accepted fault ranges and padding), one per range.
-    pub headers: usize,
-    /// Protected offsets (2 or 4 bytes each).
-    pub offsets: usize,
-    /// Unlinked memory waiting for its grace period.
-    pub retired: usize,
-}
 
 /// Lock-free table from protected instruction addresses of generated code to landing pads.
 ///
@@ -204,13 +49,6 @@ impl fmt::Debug for TrapTable {
             .field("len", &self.len())
             .finish_non_exhaustive()
     }
-}
-
-/// Validated, allocated, not yet published.
-struct Prepared {
-    code: AddressRange,
-    serial: u64,
-    entry: EntryBox,
 }
 
 impl TrapTable {
@@ -285,37 +123,32 @@ impl TrapTable {
     ///
     /// # Errors
     /// The first registration that [`register_with`](Self::register_with) would refuse, in
-    /// input order; then [`TrapError::Overlap`] for two registrations of the batch that overlap
-    /// (naming the lower one) or one that overlaps the table. Nothing is registered.
+    /// input order; then [`TrapError::Overlap`] naming the lowest range (registered, or of the
+    /// batch) that overlaps another. Nothing is registered.
     pub fn register_batch(
         &self,
         regs: &[TrapRegistration<'_>],
     ) -> Result<Vec<TrapHandle>, TrapError> {
-        let mut prepared = regs.iter().map(prepare).collect::<Result<Vec<_>, _>>()?;
-        let handles = prepared
-            .iter()
-            .map(|p| TrapHandle {
+        let mut prepared = Vec::with_capacity(regs.len());
+        let mut handles = Vec::with_capacity(regs.len());
+        for (i, reg) in regs.iter().enumerate() {
+            // The callers' offset arrays are scattered allocations: start loading the ones a few
+            // registrations ahead while this one is validated and copied.
+            if let Some(ahead) = regs.get(i + 8) {
+                prefetch(ahead.protected.as_ptr().cast());
+                prefetch(ahead.protected.as_ptr().wrapping_add(16).cast());
+            }
+            let p = prepare(reg)?;
+            handles.push(TrapHandle {
                 start: p.code.start(),
                 serial: p.serial,
-            })
-            .collect();
-        prepared.sort_unstable_by_key(|p| p.code.start());
-        for w in prepared.windows(2) {
-            if w[0].code.end() > w[1].code.start() {
-                return Err(TrapError::Overlap {
-                    existing: w[0].code,
-                });
-            }
+            });
+            prepared.push((p.code.start(), p.entry));
         }
         let mut update = self.index.update();
-        for p in &prepared {
-            if let Some(existing) = update.first_overlap(p.code) {
-                return Err(TrapError::Overlap { existing });
-            }
-        }
-        for p in prepared {
-            update.insert(p.code.start(), p.entry);
-        }
+        update
+            .insert_batch(prepared)
+            .map_err(|existing| TrapError::Overlap { existing })?;
         Ok(handles)
     }
 
@@ -452,57 +285,4 @@ impl TrapTable {
     pub fn set_step_hook(&self, hook: Option<fn(UpdateStep)>) {
         self.index.set_step_hook(hook);
     }
-}
-
-/// Validates a registration and builds its entry, before any lock is taken.
-fn prepare(reg: &TrapRegistration<'_>) -> Result<Prepared, TrapError> {
-    let code = reg.code;
-    if code.is_empty() {
-        return Err(TrapError::EmptyCode);
-    }
-    let size =
-        u32::try_from(code.size()).map_err(|_| TrapError::CodeTooLarge { size: code.size() })?;
-    if let Some(&offset) = reg.protected.iter().find(|&&o| o >= size) {
-        return Err(TrapError::OffsetOutOfRange { offset });
-    }
-    let mut sorted = reg.protected.to_vec();
-    sorted.sort_unstable();
-    if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
-        return Err(TrapError::DuplicateOffset { offset: w[0] });
-    }
-    if !code.contains(reg.landing_pad) {
-        return Err(TrapError::LandingPadOutsideCode {
-            landing_pad: reg.landing_pad,
-        });
-    }
-    if reg.fault_range.is_some_and(|r| r.is_empty()) {
-        return Err(TrapError::EmptyFaultRange);
-    }
-    let serial = SERIALS.fetch_add(1, Ordering::Relaxed);
-    let entry = EntryBox::new(&NewEntry {
-        serial,
-        size,
-        // Inside the code, so below `size`.
-        landing: (reg.landing_pad - code.start()) as u32,
-        fault_range: reg.fault_range,
-        offsets: &sorted,
-    });
-    Ok(Prepared {
-        code,
-        serial,
-        entry,
-    })
-}
-
-/// Whether a handle appears twice.
-fn has_duplicates(handles: &[TrapHandle]) -> bool {
-    if handles.len() <= 16 {
-        return handles
-            .iter()
-            .enumerate()
-            .any(|(i, h)| handles[..i].contains(h));
-    }
-    let mut sorted = handles.to_vec();
-    sorted.sort_unstable();
-    sorted.windows(2).any(|w| w[0] == w[1])
 }
