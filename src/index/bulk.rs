@@ -157,7 +157,7 @@ impl<V: IndexValue> Writer<V> {
         let mut rest = items;
         for i in 0..count {
             // Even split: the first `len % count` nodes take one more.
-            let take = rest.len() / (count - i) + usize::from(rest.len() % (count - i) != 0);
+            let take = rest.len().div_ceil(count - i);
             let (chunk, tail) = rest.split_at(take);
             rest = tail;
             let node = self.alloc(level);

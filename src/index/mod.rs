@@ -38,6 +38,8 @@
 //! to a closure. Writers must not run in interrupt context (the writer lock is a spin lock).
 
 mod bulk;
+#[cfg(all(test, not(loom)))]
+mod concurrency_tests;
 mod node;
 mod retire;
 #[cfg(all(test, not(loom)))]

@@ -18,7 +18,7 @@ use alloc::vec::Vec;
 use core::ptr;
 
 /// Most entries of a leaf, children of an inner node.
-pub(super) const CAP: usize = 15;
+pub(super) const CAP: usize = 31;
 /// Fewest entries or children of a node other than the root after a removal.
 pub(super) const MIN: usize = CAP / 2;
 
@@ -41,7 +41,7 @@ pub(super) struct Node {
 }
 
 #[cfg(not(loom))]
-const _: () = assert!(core::mem::size_of::<Node>() == 256);
+const _: () = assert!(core::mem::size_of::<Node>() == 512);
 
 impl Node {
     /// An empty fresh node.
@@ -78,12 +78,33 @@ impl Node {
 
     /// Number of keys `<= key`: the slot after the last entry not above `key`. Branch-free over
     /// the 16 key slots, clamped to `len`. Panic-free.
-    #[inline]
+    #[inline(always)]
     pub(super) fn rank(&self, key: usize) -> usize {
-        let mut r = 0;
-        for &k in &self.keys {
-            r += usize::from(k <= key);
-        }
+        // Four independent counts of 8 keys (one cache line each) instead of one chain of 32;
+        // keys are sorted, so the count is 8 per full group before the group holding the rank.
+        let count = |g: &[usize]| {
+            let mut r = 0;
+            for &k in g {
+                r += usize::from(k <= key);
+            }
+            r
+        };
+        let k = &self.keys;
+        let (c0, c1, c2, c3) = (
+            count(&k[..8]),
+            count(&k[8..16]),
+            count(&k[16..24]),
+            count(&k[24..]),
+        );
+        let r = if c2 == 8 {
+            24 + c3
+        } else if c1 == 8 {
+            16 + c2
+        } else if c0 == 8 {
+            8 + c1
+        } else {
+            c0
+        };
         r.min(self.len())
     }
 
@@ -207,7 +228,7 @@ impl Node {
 }
 
 /// Most spare nodes a [`NodePool`] keeps (32 KiB).
-const SPARE_MAX: usize = if cfg!(loom) { 0 } else { 128 };
+const SPARE_MAX: usize = if cfg!(loom) { 0 } else { 64 };
 
 /// Nodes for the writer: spare ones (freed by earlier updates, no reader can reach them) are
 /// reused before the allocator is asked, so steady-state updates do not allocate nodes.

@@ -21,7 +21,9 @@ fn registration(i: usize) -> TrapRegistration<'static> {
         code: code(i),
         protected: &OFFSETS,
         landing_pad: code(i).start() + 0x70,
-        fault_range: (i % 3 == 0).then(|| AddressRange::new(0x1000, 0x2000)),
+        fault_range: i
+            .is_multiple_of(3)
+            .then(|| AddressRange::new(0x1000, 0x2000)),
     }
 }
 
@@ -259,9 +261,9 @@ fn stress_readers_against_writer() {
     let mut k = 0usize;
     while std::time::Instant::now() < deadline {
         k += 1;
-        if k % 5 == 0 {
+        if k.is_multiple_of(5) {
             let batch: Vec<_> = (0..RANGES)
-                .filter(|i| i % 8 != 0 && (i + k) % 11 == 0)
+                .filter(|i| !i.is_multiple_of(8) && (i + k).is_multiple_of(11))
                 .map(registration)
                 .collect();
             match t.register_batch(&batch) {
@@ -274,7 +276,7 @@ fn stress_readers_against_writer() {
             }
         } else {
             let i = (k * 13) % RANGES;
-            if i % 8 != 0 {
+            if !i.is_multiple_of(8) {
                 match t.register_with(&registration(i)) {
                     Ok(h) => live.push(h),
                     Err(TrapError::Overlap { .. }) => {}

@@ -18,6 +18,8 @@
 #[cfg(all(test, not(loom)))]
 mod concurrency_tests;
 mod entry;
+#[cfg(all(test, not(loom)))]
+mod model_tests;
 mod prepare;
 #[cfg(all(test, not(loom)))]
 mod tests;
@@ -204,6 +206,7 @@ impl TrapTable {
     fn find(&self, pc: usize, fault_addr: Option<usize>) -> Option<TrapHit> {
         self.index
             .find(pc, |start, e: EntryRef<'_>| {
+                e.prefetch();
                 // `start <= pc` (the index returns the greatest start not above `pc`).
                 let offset = pc.wrapping_sub(start);
                 if offset >= e.size() || !e.is_protected(offset as u32) {
