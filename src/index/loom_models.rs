@@ -189,11 +189,11 @@ fn loom_index_batch_split_two_readers() {
         |u| {
             assert!(u.remove(70));
             // Two entries into fifteen: the batch path rebuilds the whole tree.
-            let batch = std::vec![(33, Leaky::new(34, 101)), (152, Leaky::new(153, 100))];
+            let batch = std::vec![(36, Leaky::new(37, 101)), (152, Leaky::new(153, 100))];
             assert_eq!(u.insert_batch(batch), Ok(()));
         },
         &[(0, 1), (141, 15)],
-        &[(72, Some(8), None), (152, None, Some(100))],
+        &[(72, Some(8), None), (152, None, Some(100)), (36, None, Some(101))],
         false,
     );
 }
