@@ -193,7 +193,11 @@ fn loom_index_batch_split_two_readers() {
             assert_eq!(u.insert_batch(batch), Ok(()));
         },
         &[(0, 1), (141, 15)],
-        &[(72, Some(8), None), (152, None, Some(100)), (36, None, Some(101))],
+        &[
+            (72, Some(8), None),
+            (152, None, Some(100)),
+            (36, None, Some(101)),
+        ],
         false,
     );
 }

@@ -1,14 +1,17 @@
-//! Nodes of the range index: one layout for leaves and inner nodes, four cache lines each.
+//! Nodes of the range index: one layout for leaves and inner nodes, eight cache lines each.
 //!
 //! ```text
-//! bytes   0..128  keys[16]   sorted; unused slots and keys[15] hold usize::MAX
-//! bytes 128..136  len, level, fresh
-//! bytes 136..256  slots[15]  leaf: values (IndexValue::into_raw); inner: children
+//! bytes   0..256  keys[32]   sorted; unused slots and keys[31] hold usize::MAX
+//! bytes 256..264  len, level, fresh
+//! bytes 264..512  slots[31]  leaf: values (IndexValue::into_raw); inner: children
 //! ```
-//! A lookup reads the two key lines of each node it visits and one slot line: it counts the keys
-//! `<= pc` over all 16 slots with no branch on the data (the `usize::MAX` padding never counts,
-//! except for `pc == usize::MAX`, which the clamp to `len` handles). In an inner node `keys[i]`
-//! is the smallest key under `slots[i]`, so the same count picks the child.
+//! A lookup finds the rank of the PC (the number of keys `<= pc`) with 11 comparisons and no
+//! branch on the data: the last key of three of the four 8-key groups says how many groups lie
+//! wholly below the PC, then the 8 keys of the next group are counted (the `usize::MAX` padding
+//! never counts, except for `pc == usize::MAX`, which the clamp to `len` handles). Keys are
+//! 8-aligned groups of one cache line each. In an inner node `keys[i]` is the smallest key under
+//! `slots[i]`, so the same rank picks the child. Measured on the host against 256-byte nodes and
+//! 1 KiB nodes, and against counting all keys: this layout was fastest at 10^4 and 10^5 ranges.
 //!
 //! Published nodes are immutable: the writer changes only *fresh* nodes, ones it allocated in the
 //! current update and that no reader can reach yet (see the module docs of `index`).
@@ -80,32 +83,18 @@ impl Node {
     /// the 16 key slots, clamped to `len`. Panic-free.
     #[inline(always)]
     pub(super) fn rank(&self, key: usize) -> usize {
-        // Four independent counts of 8 keys (one cache line each) instead of one chain of 32;
-        // keys are sorted, so the count is 8 per full group before the group holding the rank.
-        let count = |g: &[usize]| {
-            let mut r = 0;
-            for &k in g {
-                r += usize::from(k <= key);
-            }
-            r
-        };
-        let k = &self.keys;
-        let (c0, c1, c2, c3) = (
-            count(&k[..8]),
-            count(&k[8..16]),
-            count(&k[16..24]),
-            count(&k[24..]),
-        );
-        let r = if c2 == 8 {
-            24 + c3
-        } else if c1 == 8 {
-            16 + c2
-        } else if c0 == 8 {
-            8 + c1
-        } else {
-            c0
-        };
-        r.min(self.len())
+        let (groups, _) = self.keys.as_chunks::<8>();
+        // The last key of each group but the last tells how many groups lie wholly below
+        // `key` (keys are sorted); then one group of 8 is counted.
+        let mut g = 0;
+        for group in &groups[..groups.len() - 1] {
+            g += usize::from(group[7] <= key);
+        }
+        let mut c = 0;
+        for &k in &groups[g % groups.len()] {
+            c += usize::from(k <= key);
+        }
+        (8 * g + c).min(self.len())
     }
 
     /// Smallest key under this node (`usize::MAX` when empty).
