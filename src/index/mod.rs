@@ -6,16 +6,16 @@
 //!
 //! Leaves hold up to 15 `(start, value)` entries, inner nodes up to 15 children with the
 //! smallest key under each; every node is 256 bytes, keys in its first two cache lines (see
-//! `node`). A value is one thin owning pointer ([`IndexValue`]). Ranges are disjoint, so the
+//! `node`). A value is one thin owning pointer (`IndexValue`). Ranges are disjoint, so the
 //! range holding an address is the one with the greatest start `<=` the address, if it reaches
 //! that far.
 //!
 //! # Concurrency
 //!
-//! **Readers** ([`RangeIndex::find`]) do one `Acquire` load of `root` and walk nodes that never
+//! **Readers** (`RangeIndex::find`) do one `Acquire` load of `root` and walk nodes that never
 //! change once published: no lock, no store, no retry, no allocation, no panic.
 //!
-//! **Writers** serialize on the writer lock ([`RangeIndex::update`]). An update never changes a
+//! **Writers** serialize on the writer lock (`RangeIndex::update`). An update never changes a
 //! published node: it copies each node on the path it changes (the copy is *fresh*: allocated in
 //! this update, unreachable by readers, so the writer edits it in place; a batch copies each
 //! node at most once), links the copies to each other, and publishes the new tree with one
@@ -29,12 +29,12 @@
 //! **Reclamation.** Right after the store, the update takes a grace ticket
 //! ([`GraceDomain::defer`], which orders the unlink before the ticket) and queues the nodes it
 //! replaced and the values it removed under it (`retire`). They are freed by a later update or
-//! [`RangeIndex::reclaim`] once [`GraceDomain::is_over`] says every CPU passed a quiescent state
+//! `RangeIndex::reclaim` once [`GraceDomain::is_over`] says every CPU passed a quiescent state
 //! since: a reader holding the old root was inside a lookup, so not quiescent, so it finished
 //! before the free. Writers never wait for readers; memory waits instead.
 //!
 //! A reader must not report a quiescent state while it holds anything from a lookup (the
-//! contract of [`GraceDomain::quiescent`]); [`find`](RangeIndex::find) scopes what it hands out
+//! contract of [`GraceDomain::quiescent`]); `find` scopes what it hands out
 //! to a closure. Writers must not run in interrupt context (the writer lock is a spin lock).
 
 mod bulk;

@@ -4,7 +4,7 @@ use core::fmt;
 
 use crate::range::AddressRange;
 
-/// Identifies one registration; pass it to [`TrapTable::release`].
+/// Identifies one registration; pass it to [`TrapTable::release`](super::TrapTable::release).
 ///
 /// It holds the range start (to find the entry in O(log n)) and a serial number unique across
 /// all tables and never reused, so a stale handle or one from another table is always rejected.
@@ -140,7 +140,7 @@ pub struct TrapRegistration<'a> {
     pub fault_range: Option<AddressRange>,
 }
 
-/// Bytes a [`TrapTable`] uses (allocator overhead not included).
+/// Bytes a [`TrapTable`](super::TrapTable) uses (allocator overhead not included).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TrapMemory {
     /// Registered ranges.
