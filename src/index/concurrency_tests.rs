@@ -30,6 +30,7 @@ fn retired_values_live_until_the_grace_period_ends() {
     let retired = index.update().memory().retired;
     assert!(retired >= core::mem::size_of::<Node>());
     for _ in 0..2 {
+        // SAFETY: the test's CPUs hold nothing from a lookup.
         unsafe {
             grace.quiescent(0);
             grace.quiescent(1);

@@ -4,11 +4,16 @@
 //!
 //! # Structure
 //!
-//! Leaves hold up to 15 `(start, value)` entries, inner nodes up to 15 children with the
-//! smallest key under each; every node is 256 bytes, keys in its first two cache lines (see
-//! `node`). A value is one thin owning pointer (`IndexValue`). Ranges are disjoint, so the
-//! range holding an address is the one with the greatest start `<=` the address, if it reaches
-//! that far.
+//! Leaves hold up to 31 `(start, value)` entries, inner nodes up to 31 children with the
+//! smallest key under each; every node is 512 bytes, its keys in the first four cache lines, one
+//! 8-key group per line (see `node`). A value is one thin owning pointer (`IndexValue`). Ranges
+//! are disjoint, so the range holding an address is the one with the greatest start `<=` the
+//! address, if it reaches that far. Removals keep nodes (but the root and the right edge) at
+//! least half full; insertions even out a full node with a neighbour before splitting it
+//! (B*-tree style), and fill nodes completely when entries arrive in ascending order or in a
+//! large batch (rebuilt bottom-up, see `bulk`), so 10^5 ranges take four levels. Steady-state
+//! updates take their nodes from a small pool of nodes whose grace period ended, not from the
+//! allocator.
 //!
 //! # Concurrency
 //!
@@ -34,8 +39,15 @@
 //! before the free. Writers never wait for readers; memory waits instead.
 //!
 //! A reader must not report a quiescent state while it holds anything from a lookup (the
-//! contract of [`GraceDomain::quiescent`]); `find` scopes what it hands out
-//! to a closure. Writers must not run in interrupt context (the writer lock is a spin lock).
+//! contract of [`GraceDomain::quiescent`]); `find` scopes what it hands out to a closure. Writers
+//! must not run in interrupt context (the writer lock is a spin lock). A kernel that never
+//! reports quiescent states is safe but never frees replaced memory.
+//!
+//! The loom models (`loom_models`) check this protocol under every interleaving within a
+//! preemption bound; they fail when retired memory is freed without waiting, when the root is
+//! published `Relaxed`, or when the ticket is taken before the root store. The step-hook tests
+//! (`set_step_hook` on the trap table and code map) look up after every step of an update and
+//! fail when a published node is changed in place.
 
 mod bulk;
 #[cfg(all(test, not(loom)))]

@@ -79,8 +79,8 @@ impl Node {
         usize::from(self.len)
     }
 
-    /// Number of keys `<= key`: the slot after the last entry not above `key`. Branch-free over
-    /// the 16 key slots, clamped to `len`. Panic-free.
+    /// Number of keys `<= key`: the slot after the last entry not above `key`. Three group
+    /// fences, then one 8-key group; no branch on the data, clamped to `len`. Panic-free.
     #[inline(always)]
     pub(super) fn rank(&self, key: usize) -> usize {
         let (groups, _) = self.keys.as_chunks::<8>();

@@ -64,6 +64,7 @@ pub(super) unsafe fn neighbours(root: *const Node, key: usize) -> (Option<Entry>
         node = n.slots[ci].cast();
     }
     // The successor is the smallest entry of `right`.
+    // SAFETY: `right` is null or a node of the tree (the caller's contract).
     while let Some(n) = unsafe { right.as_ref() } {
         if n.level == 0 {
             return (before, NonNull::new(n.slots[0]).map(|v| (n.keys[0], v)));
