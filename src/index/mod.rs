@@ -53,6 +53,7 @@ mod bulk;
 #[cfg(all(test, not(loom)))]
 mod concurrency_tests;
 mod node;
+mod remove;
 mod retire;
 #[cfg(all(test, not(loom)))]
 mod tests;

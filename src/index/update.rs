@@ -1,4 +1,5 @@
-//! Searching the tree, and changing it by path copying (writer side).
+//! Searching the tree, inserting by path copying and publishing (writer side; removal is in
+//! `remove`, batches in `bulk`).
 //!
 //! An update works on the *draft*: the published tree plus the fresh nodes built so far. Before
 //! changing a node the writer *owns* it: a fresh node is changed in place; a published one is
@@ -10,7 +11,7 @@
 use core::ptr::{self, NonNull};
 
 use super::node::free_node;
-use super::node::{Node, CAP, MIN};
+use super::node::{Node, CAP};
 use super::{IndexValue, UpdateStep, Writer};
 use crate::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use crate::sync::grace::GraceDomain;
@@ -142,7 +143,7 @@ unsafe fn clear_fresh(node: *mut Node) {
 }
 
 /// `node` after a change: it must be fresh.
-fn fresh<'a>(node: *mut Node) -> &'a mut Node {
+pub(super) fn fresh<'a>(node: *mut Node) -> &'a mut Node {
     // SAFETY: only called on nodes `own` or `alloc` returned during the running update: fresh,
     // allocated, unreachable by readers and referenced by no other live borrow.
     let n = unsafe { &mut *node };
@@ -151,7 +152,7 @@ fn fresh<'a>(node: *mut Node) -> &'a mut Node {
 }
 
 /// Smallest key under a draft node.
-fn min_key(node: *mut Node) -> usize {
+pub(super) fn min_key(node: *mut Node) -> usize {
     // SAFETY: a draft node, allocated while the writer lock is held.
     unsafe { (*node).min_key() }
 }
@@ -173,7 +174,7 @@ impl<V: IndexValue> Writer<V> {
 
     /// `node`, writable: itself when fresh, else a fresh copy (the original is retired at
     /// publication).
-    fn own(&mut self, node: *mut Node) -> *mut Node {
+    pub(super) fn own(&mut self, node: *mut Node) -> *mut Node {
         // SAFETY: a draft node (published ones are immutable and stay allocated while they are
         // in the draft; fresh ones are ours).
         let n = unsafe { &*node };
@@ -317,87 +318,6 @@ impl<V: IndexValue> Writer<V> {
         }
         self.step(UpdateStep::Modify);
         (p, Some(right))
-    }
-
-    /// Removes `key`, which is present; its value is retired at publication.
-    pub(super) fn remove(&mut self, key: usize) {
-        self.dirty = true;
-        let (mut root, value) = self.remove_from(self.draft, key);
-        self.len -= 1;
-        if let Some(value) = value {
-            // SAFETY: the value was the tree's; it left the tree, so it is ours now.
-            let bytes = V::heap_bytes(unsafe { V::view(value) });
-            self.value_bytes -= bytes;
-            // SAFETY: as above, turned back once.
-            self.removed.push((unsafe { V::from_raw(value) }, bytes));
-        }
-        // Shrink the root: an empty root goes, an inner root with one child gives way to it.
-        while !root.is_null() {
-            // SAFETY: a draft node.
-            let (len, level, first) = unsafe { ((*root).len(), (*root).level, (*root).slots[0]) };
-            if len == 0 {
-                self.unlink(root);
-                root = ptr::null_mut();
-            } else if level > 0 && len == 1 {
-                self.unlink(root);
-                root = first.cast();
-            } else {
-                break;
-            }
-        }
-        self.draft = root;
-    }
-
-    fn remove_from(&mut self, node: *mut Node, key: usize) -> (*mut Node, Option<NonNull<()>>) {
-        let p = self.own(node);
-        let n = fresh(p);
-        let r = n.rank(key);
-        let i = r.saturating_sub(1);
-        if n.level == 0 {
-            debug_assert!(r > 0 && n.keys[i] == key);
-            let (_, v) = n.remove(i);
-            self.step(UpdateStep::Modify);
-            return (p, NonNull::new(v));
-        }
-        let (child, value) = self.remove_from(n.slots[i].cast(), key);
-        let n = fresh(p);
-        n.set(i, min_key(child), child.cast());
-        // SAFETY: a draft node.
-        let child_len = unsafe { (*child).len() };
-        if child_len == 0 {
-            n.remove(i);
-            self.unlink(child);
-        } else if child_len < MIN && n.len() > 1 {
-            self.rebalance(p, i);
-        }
-        self.step(UpdateStep::Modify);
-        (p, value)
-    }
-
-    /// Child `i` of the owned node `p` is underfull: merge it with a neighbour, or even out.
-    fn rebalance(&mut self, p: *mut Node, i: usize) {
-        let li = i.saturating_sub(1);
-        let ri = li + 1;
-        let n = fresh(p);
-        let (l, r) = (n.slots[li].cast::<Node>(), n.slots[ri].cast::<Node>());
-        // SAFETY: draft nodes.
-        let (ll, rl) = unsafe { ((*l).len(), (*r).len()) };
-        let l = self.own(l);
-        if ll + rl <= CAP {
-            // SAFETY: `r` is a draft node, read only.
-            fresh(l).append(unsafe { &*r });
-            let n = fresh(p);
-            n.set(li, min_key(l), l.cast());
-            n.remove(ri);
-            self.unlink(r);
-        } else {
-            let r = self.own(r);
-            fresh(l).rebalance_with(fresh(r));
-            let n = fresh(p);
-            n.set(li, min_key(l), l.cast());
-            n.set(ri, min_key(r), r.cast());
-        }
-        self.step(UpdateStep::Modify);
     }
 
     /// Publishes the draft (if changed), retires what it replaced, reclaims what is due.
