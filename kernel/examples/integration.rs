@@ -21,8 +21,9 @@ use codespace_kernel::{entry_point, println, BootInfo, ExitCode};
 
 entry_point!(main);
 
-// Step 1: the registries live in a static, so the page-fault handler reaches them lock-free;
-// freed code waits for a grace period of their domain, to which CPUs report quiescent states.
+// Step 1: the registries live in a static, so the page-fault handler reaches them lock-free. The
+// memory they replace is freed after a grace period of `GRACE`: the kernel reports quiescent
+// states (idle loop, between tasks) with `GRACE.quiescent(cpu)`.
 static GRACE: GraceDomain = GraceDomain::new();
 static CODE: Registries = Registries::new(&GRACE);
 
@@ -30,13 +31,20 @@ static CODE: Registries = Registries::new(&GRACE);
 // one top-level entry; here slot 385, next to the test kernel's own window.
 const WINDOW: AddressRange = AddressRange::new(0xFFFF_C080_0000_0000, 0xFFFF_C100_0000_0000);
 
-// Step 3: the page-fault handler asks the trap table first. A hit resumes at the landing pad
-// with the faulting PC in r10 (V8's convention); a miss is the kernel's usual fault.
+// Step 3: the page-fault handler asks the trap table first, with the faulting PC and address, for
+// a plain not-present or protection fault (no reserved-bit violation, no instruction fetch). A
+// hit resumes at the landing pad with the faulting PC in r10 (V8's convention); a miss is the
+// kernel's usual fault.
 fn page_fault(frame: &mut TrapFrame, info: &FaultInfo) -> bool {
-    if info.vector != PAGE_FAULT {
+    const RSVD: u64 = 1 << 3;
+    const FETCH: u64 = 1 << 4;
+    if info.vector != PAGE_FAULT || info.error_code & (RSVD | FETCH) != 0 {
         return false;
     }
-    match CODE.traps.lookup(frame.rip as usize) {
+    match CODE
+        .traps
+        .lookup_fault(frame.rip as usize, info.cr2 as usize)
+    {
         Some(hit) => {
             frame.r10 = frame.rip;
             frame.rip = hit.landing_pad() as u64;
@@ -47,6 +55,10 @@ fn page_fault(frame: &mut TrapFrame, info: &FaultInfo) -> bool {
 }
 
 fn main(_boot: &'static BootInfo) -> ExitCode {
+    // Only CPU 0 uses codespace here (an SMP kernel counts every CPU that may run generated code
+    // or lookups, and reports quiescent states from each CPU's idle loop).
+    // SAFETY: no other CPU looks up these registries or runs their generated code.
+    unsafe { GRACE.set_possible_cpus(1) };
     interrupts::set_fault_handler(Some(page_fault));
 
     // Step 4: the backend over the kernel's own page table and frame allocator, and the manager.
@@ -71,8 +83,6 @@ fn main(_boot: &'static BootInfo) -> ExitCode {
             return ExitCode::Failure;
         }
     };
-    // SAFETY: this kernel runs codespace on one CPU.
-    unsafe { GRACE.set_possible_cpus(1) };
     let config = ManagerConfig {
         protection: ProtectionMode::Alias,
         ..ManagerConfig::default()
@@ -119,15 +129,24 @@ fn main(_boot: &'static BootInfo) -> ExitCode {
     println!("protected load of {bad:#x} landed; r10 = {r10:#x} (the load's PC)");
 
     // Step 7: dropping the module frees its code after a grace period (other CPUs may still run
-    // it): trap entries first, then lookups, then memory. This CPU is quiescent here.
+    // it): trap entries first, then lookups, then memory. The registries free what they replaced
+    // after a grace period of their own. This CPU is quiescent here (no lookup running, no
+    // generated code on its stack); report it, and reclaim.
     drop(module);
-    for _ in 0..2 {
-        // SAFETY: no generated code runs on this CPU and no lookup reference is held.
-        unsafe { GRACE.quiescent(0) };
-        GRACE.try_advance();
-    }
-    GRACE.reclaim();
+    let pass_grace_period = || {
+        for _ in 0..2 {
+            // SAFETY: CPU 0 holds nothing from a lookup and runs no generated code here.
+            unsafe { GRACE.quiescent(0) };
+            GRACE.try_advance();
+        }
+        GRACE.reclaim();
+        CODE.traps.reclaim();
+        CODE.code.reclaim();
+    };
+    pass_grace_period(); // the module's teardown runs
+    pass_grace_period(); // the index nodes it replaced go
     let ok = ok && CODE.traps.is_empty() && manager.committed() == 0;
+    let ok = ok && CODE.traps.retired_count() == 0 && CODE.code.memory().retired == 0;
     interrupts::set_fault_handler(None);
     if ok {
         println!("integration example: ok");

@@ -47,14 +47,23 @@ pub fn last_trap() -> Option<TrapRecord> {
     })
 }
 
-/// The #PF path into the trap table (called first for every page fault): a protected PC
-/// resumes at its landing pad with the faulting PC in r10 (V8's convention). Lock-free and
-/// allocation-free, like the lookup it relies on.
+/// Page-fault error-code bits a trap may carry: present (a protection fault, else not-present)
+/// and write. Anything else — user mode, a reserved-bit violation (corrupt page tables), an
+/// instruction fetch, protection keys, shadow stacks, SGX — is never a bounds check.
+const PLAIN_FAULT_BITS: u64 = 0b11;
+
+/// The #PF path into the trap table (called first for every page fault): a plain not-present or
+/// protection fault at a protected PC, on an address its registration accepts, resumes at the
+/// landing pad with the faulting PC in r10 (V8's convention). Anything else goes to the
+/// kernel's usual handling. Lock-free and allocation-free, like the lookup it relies on.
 pub(crate) fn trap_fixup(frame: &mut TrapFrame, info: &FaultInfo) -> bool {
-    if info.vector != PAGE_FAULT {
+    if info.vector != PAGE_FAULT || info.error_code & !PLAIN_FAULT_BITS != 0 {
         return false;
     }
-    let Some(hit) = REGISTRIES.traps.lookup(frame.rip as usize) else {
+    let Some(hit) = REGISTRIES
+        .traps
+        .lookup_fault(frame.rip as usize, info.cr2 as usize)
+    else {
         return false;
     };
     LAST_TRAP_PC.store(frame.rip, Ordering::SeqCst);

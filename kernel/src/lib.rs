@@ -78,6 +78,7 @@ extern "C" fn kernel_entry(magic: u32, info: u32) -> ! {
     gdt::init(0, gdt::bsp_stacks());
     interrupts::init();
     pic::init();
+    code::init();
     let boot = match boot_info::parse(magic, info) {
         Ok(boot) => BOOT_INFO.call_once(|| boot),
         Err(why) => {

@@ -11,7 +11,7 @@ use crate::code_object::{CodeDesc, CodeObject};
 use crate::code_pointer_table::CodePointer;
 use crate::manager::{PublishedCode, WritableCode};
 use crate::mmu::Mmu;
-use crate::trap::TrapHandle;
+use crate::trap::{TrapHandle, TrapRegistration};
 use crate::AddressRange;
 
 /// One new object on its way in.
@@ -219,16 +219,36 @@ impl<M: Mmu> ModuleState<M> {
         batch: &[NewCode<'_>],
         staged: &mut [Staged],
     ) -> Result<(), ModuleError> {
-        for (new, s) in batch.iter().zip(staged.iter_mut()) {
-            if let Some(pad) = new.landing_pad.filter(|_| !new.protected.is_empty()) {
-                let start = s.code.start();
-                let trap = self
-                    .registries
-                    .traps
-                    .register(s.object.instructions(), new.protected, start + pad as usize)
-                    .map_err(ModuleError::Trap)?;
-                s.trap = Some(trap);
+        // Trap data for the whole batch: one update of the trap table, all or nothing.
+        let protected: Vec<(usize, TrapRegistration<'_>)> = batch
+            .iter()
+            .zip(staged.iter())
+            .enumerate()
+            .filter_map(|(i, (new, s))| {
+                let pad = new.landing_pad.filter(|_| !new.protected.is_empty())?;
+                Some((
+                    i,
+                    TrapRegistration {
+                        code: s.object.instructions(),
+                        protected: new.protected,
+                        landing_pad: s.code.start() + pad as usize,
+                        fault_range: new.fault_range,
+                    },
+                ))
+            })
+            .collect();
+        if !protected.is_empty() {
+            let regs: Vec<TrapRegistration<'_>> = protected.iter().map(|(_, r)| *r).collect();
+            let handles = self
+                .registries
+                .traps
+                .register_batch(&regs)
+                .map_err(ModuleError::Trap)?;
+            for ((i, _), h) in protected.iter().zip(handles) {
+                staged[*i].trap = Some(h);
             }
+        }
+        for (new, s) in batch.iter().zip(staged.iter_mut()) {
             if let Some(table) = self.pointers {
                 match new.index {
                     // Anonymous code gets a pointer of its own, aimed at it once registered.

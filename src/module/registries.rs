@@ -26,24 +26,34 @@ pub struct Registries {
     pub traps: TrapTable,
     /// PC → code object for all published code.
     pub code: CodeMap,
-    grace: &'static GraceDomain,
 }
 
 impl Registries {
-    /// Empty registries whose freed code waits for grace periods of `grace`.
+    /// Empty registries whose freed code and replaced memory wait for grace periods of `grace`
+    /// (the domain the kernel reports quiescent states to).
+    #[cfg(not(loom))]
     #[must_use]
     pub const fn new(grace: &'static GraceDomain) -> Self {
         Registries {
-            traps: TrapTable::new(),
-            code: CodeMap::new(),
-            grace,
+            traps: TrapTable::new(grace),
+            code: CodeMap::new(grace),
+        }
+    }
+
+    /// Empty registries (loom atomics are not `const`).
+    #[cfg(loom)]
+    #[must_use]
+    pub fn new(grace: &'static GraceDomain) -> Self {
+        Registries {
+            traps: TrapTable::new(grace),
+            code: CodeMap::new(grace),
         }
     }
 
     /// The grace domain: the kernel reports quiescent states to it.
     #[must_use]
     pub fn grace(&self) -> &'static GraceDomain {
-        self.grace
+        self.traps.grace()
     }
 
     /// The code object holding `pc`: lock-free, O(log n).

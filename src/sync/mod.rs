@@ -12,10 +12,14 @@ pub mod irq_lock;
 /// `core::sync::atomic`, or loom's model of it under `cfg(loom)`.
 pub(crate) mod atomic {
     #[cfg(loom)]
-    pub(crate) use loom::sync::atomic::{fence, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+    pub(crate) use loom::sync::atomic::{
+        fence, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering,
+    };
 
     #[cfg(not(loom))]
-    pub(crate) use core::sync::atomic::{fence, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+    pub(crate) use core::sync::atomic::{
+        fence, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering,
+    };
 }
 
 /// A spin lock (`spin::Mutex`), or loom's model of a lock under `cfg(loom)` (loom cannot see

@@ -3,11 +3,9 @@
 
 use alloc::vec::Vec;
 
-use codespace::code_object::{CodeDesc, CodeKind, CodeObject};
+use codespace::code_object::CodeKind;
 use codespace::module::{CodeModule, ModuleConfig, NewCode};
-use codespace::{
-    AddressRange, AllocatorConfig, CodeAllocator, CodeManager, ManagerConfig, ProtectionMode,
-};
+use codespace::{AllocatorConfig, CodeAllocator, CodeManager, ManagerConfig, ProtectionMode};
 use x86_64::structures::paging::PageTableFlags as F;
 
 use super::{start, stop, Report, XorShift};
@@ -140,48 +138,4 @@ pub(super) fn run(r: &Report, manager: &CodeManager<KernelMmu>) {
         a.discard(w).expect("discard");
     }
     drop(a);
-
-    // Lookups with 10^4 registered ranges.
-    let base = 0xFFFF_D000_0000_0000usize;
-    let handles: Vec<_> = (0..10_000usize)
-        .map(|i| {
-            let code = AddressRange::new(base + i * 4096, base + i * 4096 + 2048);
-            let offsets: Vec<u32> = (0..32).map(|k| k * 64).collect();
-            REGISTRIES
-                .traps
-                .register(code, &offsets, code.start())
-                .expect("register")
-        })
-        .collect();
-    r.measure("TrapTable::lookup, 10^4 ranges x 32 offsets", 1, || {
-        let pc = base + (rng.next() as usize % 10_000) * 4096 + 64 * (rng.next() as usize % 32);
-        let t0 = start();
-        let hit = REGISTRIES.traps.lookup(pc);
-        let t1 = stop();
-        assert!(hit.is_some());
-        t1 - t0
-    });
-    for h in handles {
-        REGISTRIES.traps.release(h).expect("release");
-    }
-    let map = codespace::code_map::CodeMap::new();
-    map.insert_batch((0..10_000usize).map(|i| {
-        let code = AddressRange::new(base + i * 4096, base + i * 4096 + 2048);
-        alloc::sync::Arc::new(
-            CodeObject::new(&CodeDesc::new(CodeKind::Function, code)).expect("code"),
-        )
-    }))
-    .expect("insert");
-    r.measure(
-        "lookup_code (CodeMap::lookup_with), 10^4 objects",
-        1,
-        || {
-            let pc = base + (rng.next() as usize % 10_000) * 4096 + 100;
-            let t0 = start();
-            let hit = map.lookup_with(pc, CodeObject::instruction_start);
-            let t1 = stop();
-            assert!(hit.is_some());
-            t1 - t0
-        },
-    );
 }

@@ -8,6 +8,7 @@
 
 mod jit;
 mod memory_rows;
+mod module_rows;
 mod smp;
 
 use alloc::vec::Vec;
@@ -155,6 +156,7 @@ pub fn run(smp_only: bool) -> ExitCode {
     let manager = memory_rows::manager(100);
     let flushes_before = manager.flush_stats().expect("flush stats");
     memory_rows::run(&r, &manager);
+    module_rows::run(&r);
     smp::run(&r);
     jit::run(&r);
 

@@ -307,8 +307,9 @@ fn print_stats(manager: &CodeManager<KernelMmu>) {
     );
     println!("    free frames: {}", memory::frames().free_frames());
     println!(
-        "    trap entries: {}, code objects: {}",
+        "    trap entries: {}, traps taken: {}, code objects: {}",
         REGISTRIES.traps.len(),
+        code::last_trap().map_or(0, |t| t.count),
         REGISTRIES.code.len()
     );
     println!(

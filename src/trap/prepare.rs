@@ -1,0 +1,127 @@
+//! Validating a registration and building its entry, before the writer lock is taken.
+
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use super::entry::{EntryBox, NewEntry};
+use super::types::{TrapError, TrapHandle, TrapRegistration};
+use crate::range::AddressRange;
+
+/// Serial numbers of registrations, unique across every table of the program: a handle names
+/// one registration of one table, so a table answers a handle issued by another one (or a
+/// released one) with [`TrapError::UnknownHandle`].
+static SERIALS: AtomicU64 = AtomicU64::new(1);
+
+/// Validated, allocated, not yet published.
+pub(super) struct Prepared {
+    pub(super) code: AddressRange,
+    pub(super) serial: u64,
+    pub(super) entry: EntryBox,
+}
+
+/// Validates a registration and builds its entry, before any lock is taken.
+pub(super) fn prepare(reg: &TrapRegistration<'_>) -> Result<Prepared, TrapError> {
+    let code = reg.code;
+    if code.is_empty() {
+        return Err(TrapError::EmptyCode);
+    }
+    let size =
+        u32::try_from(code.size()).map_err(|_| TrapError::CodeTooLarge { size: code.size() })?;
+    if let Some(&offset) = reg.protected.iter().find(|&&o| o >= size) {
+        return Err(TrapError::OffsetOutOfRange { offset });
+    }
+    // A sorted copy: on the stack for the usual handful of offsets, else on the heap.
+    let mut stack = [0u32; 64];
+    let mut heap = Vec::new();
+    let sorted: &mut [u32] = match stack.get_mut(..reg.protected.len()) {
+        Some(s) => s,
+        None => {
+            heap.resize(reg.protected.len(), 0);
+            &mut heap
+        }
+    };
+    sort_checked(reg.protected, sorted).map_err(|offset| TrapError::DuplicateOffset { offset })?;
+    if !code.contains(reg.landing_pad) {
+        return Err(TrapError::LandingPadOutsideCode {
+            landing_pad: reg.landing_pad,
+        });
+    }
+    if reg.fault_range.is_some_and(|r| r.is_empty()) {
+        return Err(TrapError::EmptyFaultRange);
+    }
+    let serial = SERIALS.fetch_add(1, Ordering::Relaxed);
+    let entry = EntryBox::new(&NewEntry {
+        serial,
+        size,
+        // Inside the code, so below `size`.
+        landing: (reg.landing_pad - code.start()) as u32,
+        fault_range: reg.fault_range,
+        offsets: sorted,
+    });
+    Ok(Prepared {
+        code,
+        serial,
+        entry,
+    })
+}
+
+/// Writes `offsets` sorted into `out` (of the same length), or returns the smallest offset
+/// given twice. Code generators emit offsets in order, so the sort usually reduces to one
+/// ordered pass. (A bitmap of the code's bytes was tried and was slower: reading the bits back
+/// mispredicts a branch per word.)
+fn sort_checked(offsets: &[u32], out: &mut [u32]) -> Result<(), u32> {
+    out.copy_from_slice(offsets);
+    if !out.is_sorted() {
+        out.sort_unstable();
+    }
+    match out.windows(2).find(|w| w[0] == w[1]) {
+        Some(w) => Err(w[0]),
+        None => Ok(()),
+    }
+}
+
+/// Whether a handle appears twice.
+pub(super) fn has_duplicates(handles: &[TrapHandle]) -> bool {
+    if handles.len() <= 16 {
+        return handles
+            .iter()
+            .enumerate()
+            .any(|(i, h)| handles[..i].contains(h));
+    }
+    let mut sorted = handles.to_vec();
+    sorted.sort_unstable();
+    sorted.windows(2).any(|w| w[0] == w[1])
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::vec;
+
+    proptest! {
+        /// Against a plain sort: the same order, or the same smallest duplicate.
+        #[test]
+        fn sort_checked_sorts_or_names_the_smallest_duplicate(
+            size in prop_oneof![1u32..200, 200u32..20_000],
+            raw in prop::collection::vec(any::<u32>(), 0..80),
+            sorted_input in any::<bool>(),
+        ) {
+            let mut offsets: Vec<u32> = raw.iter().map(|o| o % size).collect();
+            if sorted_input {
+                offsets.sort_unstable();
+            }
+            let mut reference = offsets.clone();
+            reference.sort_unstable();
+            let duplicate = reference.windows(2).find(|w| w[0] == w[1]).map(|w| w[0]);
+            let mut out = vec![0; offsets.len()];
+            match duplicate {
+                Some(d) => prop_assert_eq!(sort_checked(&offsets, &mut out), Err(d)),
+                None => {
+                    prop_assert_eq!(sort_checked(&offsets, &mut out), Ok(()));
+                    prop_assert_eq!(out, reference);
+                }
+            }
+        }
+    }
+}
