@@ -223,9 +223,10 @@ fn probe_every_step<R>(changing: &[usize], appears: bool, op: impl FnOnce() -> R
         p.appears = appears;
         p.published = false;
     }
-    // Memory retired by the previous update may be freed inside this one: probe that too.
+    // Memory retired by the previous update may be freed inside this one: probe that too. With
+    // more than one CPU that takes a whole grace period (every CPU reports), so wait for one.
     // SAFETY: the test holds nothing from a lookup and runs no generated code here.
-    unsafe { code::quiescent() };
+    unsafe { code::synchronize() };
     REGISTRIES.traps.set_step_hook(Some(fault_at_every_step));
     let r = op();
     REGISTRIES.traps.set_step_hook(None);
