@@ -140,6 +140,16 @@ impl CodeMap {
         Some(code)
     }
 
+    /// Unmaps every code object whose instructions start at one of `starts` (starts mapping
+    /// nothing are skipped), published in one step: O(k log n), each node copied at most once,
+    /// so tearing down a large module retires one tree's worth of nodes, not one path per
+    /// object. Returns how many objects were unmapped; their map references go after a grace
+    /// period, as with [`remove`](Self::remove).
+    pub fn remove_batch(&self, starts: &[usize]) -> usize {
+        let mut update = self.index.update();
+        starts.iter().filter(|&&s| update.remove(s)).count()
+    }
+
     /// The code object whose instructions hold `pc`.
     ///
     /// Lock-free, O(log n). Cloning the `Arc` is one atomic increment, no allocation; dropping

@@ -77,6 +77,25 @@ fn not_found_after_removal() {
 }
 
 #[test]
+fn remove_batch_unmaps_what_is_mapped_and_skips_the_rest() {
+    let map = CodeMap::new(grace());
+    let starts: Vec<usize> = (0..100).map(|i| 0x10_0000 + i * 0x100).collect();
+    map.insert_batch(starts.iter().zip(0..).map(|(&s, i)| code(s, s + 0x80, i)))
+        .unwrap();
+    // Every other one, plus a start inside code and one where nothing is mapped.
+    let gone: Vec<usize> = starts.iter().copied().step_by(2).collect();
+    let mut ask = gone.clone();
+    ask.extend([starts[1] + 4, 0x99_0000]);
+    assert_eq!(map.remove_batch(&ask), gone.len());
+    assert_eq!(map.len(), 50);
+    for (i, &s) in starts.iter().enumerate() {
+        let want = (i % 2 == 1).then_some(i as u32);
+        assert_eq!(index_at(&map, s + 0x40), want, "code {i}");
+    }
+    assert_eq!(map.remove_batch(&gone), 0, "already gone");
+}
+
+#[test]
 fn replaced_code_found_at_own_address() {
     // Tier-up: the same function index gets new code at another address.
     let map = CodeMap::new(grace());

@@ -133,35 +133,53 @@ impl<M: Mmu> ModuleState<M> {
             self.needs_sync = false;
         }
         let grace = self.registries.grace();
-        let mut freed = 0;
-        let mut i = 0;
-        while i < self.retired.len() {
-            if grace.is_over(self.retired[i].ticket) {
-                let r = self.retired.swap_remove(i);
-                self.free_now(r.live);
-                freed += 1;
-            } else {
-                i += 1;
-            }
-        }
+        let (over, waiting): (Vec<Retired>, Vec<Retired>) = core::mem::take(&mut self.retired)
+            .into_iter()
+            .partition(|r| grace.is_over(r.ticket));
+        self.retired = waiting;
+        let freed = over.len();
+        self.free_now(over.into_iter().map(|r| r.live).collect());
         freed
     }
 
-    /// Unregisters and frees `live` now. Only for code no CPU can be running.
-    pub fn free_now(&mut self, live: Live) {
-        if let Some(h) = live.trap {
-            let _ = self.registries.traps.release(h);
+    /// Unregisters and frees `lives` now. Only for code no CPU can be running.
+    pub fn free_now(&mut self, lives: Vec<Live>) {
+        self.unregister(&lives);
+        for live in lives {
+            // A failed decommit leaves pages committed and counted; the allocator's next free
+            // (or drop) gets them later. A free that could not start is retried by `reclaim`.
+            self.free_or_retry(live.code);
         }
-        if let (Some(table), Some(p)) = (self.pointers, live.pointer) {
-            let _ = table.free(p);
+    }
+
+    /// Takes `lives` out of the trap table, the PC map and the code-pointer table, and reports
+    /// them freed to the listener. Only for code no CPU can be running.
+    ///
+    /// The trap entries go in one table update and the PC-lookup entries in one map update:
+    /// one published step each, every index node copied at most once, however many objects a
+    /// module teardown frees (one update per object would retire a root-to-leaf path each, all
+    /// waiting for the same grace period).
+    fn unregister(&mut self, lives: &[Live]) {
+        if lives.is_empty() {
+            return;
         }
-        let _ = self.registries.code.remove(live.code.start());
-        if let Some(listener) = self.listener {
-            listener.code_freed(&CodeEvent::new(&live.object));
+        let handles: Vec<_> = lives.iter().filter_map(|l| l.trap).collect();
+        if self.registries.traps.release_batch(&handles).is_err() {
+            // Not ours to judge which handle is stale: release what can be, one by one.
+            for h in handles {
+                let _ = self.registries.traps.release(h);
+            }
         }
-        // A failed decommit leaves pages committed and counted; the allocator's next free (or
-        // drop) gets them later. A free that could not start is retried by `reclaim`.
-        self.free_or_retry(live.code);
+        let starts: Vec<usize> = lives.iter().map(|l| l.code.start()).collect();
+        self.registries.code.remove_batch(&starts);
+        for live in lives {
+            if let (Some(table), Some(p)) = (self.pointers, live.pointer) {
+                let _ = table.free(p);
+            }
+            if let Some(listener) = self.listener {
+                listener.code_freed(&CodeEvent::new(&live.object));
+            }
+        }
     }
 }
 
@@ -179,11 +197,13 @@ impl<M: Mmu> Drop for Orphan<M> {
                 let _ = table.free(p);
             }
         }
-        let retired: Vec<Live> = state.retired.drain(..).map(|r| r.live).collect();
-        let live: Vec<Live> = core::mem::take(&mut state.live).into_values().collect();
-        for l in retired.into_iter().chain(live) {
-            state.free_now(l);
-        }
-        // The allocator drops with the state, releasing the code spaces.
+        let mut lives: Vec<Live> = state.retired.drain(..).map(|r| r.live).collect();
+        lives.extend(core::mem::take(&mut state.live).into_values());
+        state.unregister(&lives);
+        // The code is not freed one object at a time (an INT3 fill and a decommit each): the
+        // allocator drops with the state and releases whole code spaces, every page in one
+        // flush. Dropping the handles first is fine: they own nothing but the range.
+        drop(lives);
+        state.unfreed.clear();
     }
 }

@@ -584,3 +584,68 @@ fn install_if_absent_installs_once() {
     assert_eq!(module.function_code(2).unwrap(), Some(start));
     assert_sound(&machine, &m);
 }
+
+/// A module's teardown unregisters its code in one trap-table update and one code-map update,
+/// then releases its code spaces whole. Every index node is copied at most once, so what waits
+/// for the grace period is about one tree, not a root-to-leaf path per function (which, for a
+/// large module, would hold tens of times the table's size until CPUs pass a quiescent state);
+/// and the pages go in one shootdown round per space, not one INT3 fill per function.
+#[test]
+fn dropping_a_large_module_takes_one_index_update_and_one_flush_per_space() {
+    const N: u32 = 2000;
+    let (machine, m) = default_rig();
+    let regs = registries();
+    let module = module(&m, regs, functions(N));
+    let bytes = body(64, 0x90);
+    let protected = [1, 5, 9];
+    let batch: Vec<NewCode<'_>> = (0..N)
+        .map(|i| NewCode {
+            protected: &protected,
+            landing_pad: Some(60),
+            ..NewCode::function(i, &bytes)
+        })
+        .collect();
+    module.add_code_batch(&batch).expect("load");
+    settle(regs);
+    regs.traps.reclaim();
+    regs.code.reclaim();
+    let traps = regs.traps.memory();
+    let code = regs.code.memory();
+    assert_eq!(
+        (traps.ranges, traps.retired, code.retired),
+        (N as usize, 0, 0)
+    );
+
+    let spaces = module.code_spaces().unwrap().len();
+    let before = m.flush_stats().unwrap();
+    drop(module);
+    assert_eq!(settle(regs), 1);
+    assert_eq!((regs.traps.len(), regs.code.len()), (0, 0));
+    assert_eq!((m.committed(), m.stats().code_spaces), (0, 0));
+    // The code goes with its code spaces, not object by object: no INT3 fill through the alias
+    // and one shootdown round per code space, however many functions there were.
+    let after = m.flush_stats().unwrap();
+    assert_eq!(after.pokes - before.pokes, 0, "alias sessions");
+    assert_eq!(after.shootdowns - before.shootdowns, spaces as u64);
+    // What the teardown retired: the nodes it replaced, and the removed entries.
+    let (trap_retired, code_retired) = (regs.traps.memory().retired, regs.code.memory().retired);
+    let trap_table = traps.index + traps.headers + traps.offsets;
+    assert!(
+        trap_retired <= trap_table + trap_table / 4,
+        "trap table of {trap_table} B retired {trap_retired} B"
+    );
+    assert!(
+        code_retired <= code.nodes + code.values + code.nodes / 4,
+        "code map of {} B retired {code_retired} B",
+        code.nodes + code.values
+    );
+    // And it all goes after the next grace period.
+    pass_grace(regs);
+    regs.traps.reclaim();
+    regs.code.reclaim();
+    assert_eq!(
+        (regs.traps.memory().retired, regs.code.memory().retired),
+        (0, 0)
+    );
+    assert_sound_no_leak(&machine, &m);
+}

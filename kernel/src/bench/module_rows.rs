@@ -104,10 +104,13 @@ pub(super) fn run(r: &Report) {
         },
     );
 
+    // Teardown: the module's code goes after a grace period (this CPU is quiescent here), its
+    // trap and PC-map entries in one update each, then the index nodes they replaced after
+    // another.
+    let flushes = manager.flush_stats().expect("stats");
+    let t0 = start();
     drop(objects);
     drop(module);
-    // The module's code, then the index nodes it replaced, go after grace periods; this CPU is
-    // quiescent here.
     for _ in 0..2 {
         // SAFETY: no generated code runs on this CPU and no lookup reference is held.
         unsafe { code::synchronize() };
@@ -115,4 +118,22 @@ pub(super) fn run(r: &Report) {
         REGISTRIES.traps.reclaim();
         REGISTRIES.code.reclaim();
     }
+    let cycles = stop() - t0;
+    let after = manager.flush_stats().expect("stats");
+    assert!(REGISTRIES.traps.is_empty() && REGISTRIES.code.is_empty());
+    println!(
+        "  {:<58} {cycles:>10} cycles, {:.0} us; per function {:.0} cycles",
+        "drop it (grace periods, unregister, release code spaces)",
+        cycles as f64 / r.ticks_per_us,
+        cycles as f64 / f64::from(FUNCTIONS)
+    );
+    println!(
+        "  {:<58} {} shootdown + {} sync rounds, {} invlpg + {} full flushes here; heap back to {} KiB above the start",
+        "",
+        after.shootdowns - flushes.shootdowns,
+        after.syncs - flushes.syncs,
+        after.single_pages - flushes.single_pages,
+        after.full - flushes.full,
+        (crate::memory::heap_usage().0.saturating_sub(heap.0)) / 1024
+    );
 }
