@@ -80,6 +80,7 @@ pub(super) fn run(r: &Report) {
             let insts = build().expect("build").dfg.num_insts();
             let (mut in_cranelift, mut in_codespace) = (Vec::new(), Vec::new());
             let mut bytes = 0;
+            let mut counts = [0u64; 4];
             for i in 0..WARMUP + REPS {
                 let func = build().expect("build");
                 let t0 = start();
@@ -87,9 +88,19 @@ pub(super) fn run(r: &Report) {
                 let t1 = stop();
                 // The version this replaces is freed outside the timed part.
                 module.reclaim();
+                let before = manager.flush_stats().expect("stats");
                 let t2 = start();
                 module.install(index, &code, None).expect("install");
                 let t3 = stop();
+                let after = manager.flush_stats().expect("stats");
+                for (c, d) in counts.iter_mut().zip([
+                    after.pokes - before.pokes,
+                    after.single_pages - before.single_pages,
+                    after.full - before.full,
+                    after.syncs - before.syncs,
+                ]) {
+                    *c += d;
+                }
                 bytes = code.bytes().len();
                 if i >= WARMUP {
                     in_cranelift.push(t1 - t0);
@@ -108,6 +119,14 @@ pub(super) fn run(r: &Report) {
                 r,
                 "    install (codespace: publish, traps, slot patch)",
                 in_codespace,
+            );
+            let per = |c: u64| c as f64 / (WARMUP + REPS) as f64;
+            println!(
+                "      per install: {:.1} alias sessions, {:.1} invlpg, {:.1} full flushes, {:.1} sync rounds",
+                per(counts[0]),
+                per(counts[1]),
+                per(counts[2]),
+                per(counts[3])
             );
             let total = row(r, "    compile + install", totals);
             println!(
