@@ -108,7 +108,7 @@ pub(super) fn run(r: &Report, manager: &CodeManager<KernelMmu>) {
         .instruction_start();
     let mut flip = false;
     r.measure(
-        "jump-slot patch, near (alias map+store+unmap+invlpg+cpuid)",
+        "jump-slot patch, near (private alias session + store + sync)",
         1,
         || {
             flip = !flip;
