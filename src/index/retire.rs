@@ -12,6 +12,11 @@ use super::node::{Node, NodePool};
 use super::{IndexValue, UpdateStep};
 use crate::sync::grace::{GraceDomain, GraceTicket};
 
+/// Entries of queue (and update scratch list) capacity kept once it is empty. A large teardown (a module of 10^4
+/// functions removed in one update) queues an entry per node and value it unlinked; without a
+/// shrink that capacity (hundreds of KiB per queue) would stay allocated for good.
+pub(super) const KEEP_CAPACITY: usize = 256;
+
 /// Unlinked nodes and values, oldest first. Owned by the writer (behind the writer lock).
 pub(super) struct RetireQueue<V> {
     nodes: VecDeque<(GraceTicket, *mut Node)>,
@@ -91,6 +96,18 @@ impl<V: IndexValue> RetireQueue<V> {
                 h(UpdateStep::Free);
             }
         }
+        if self.nodes.is_empty() {
+            self.nodes.shrink_to(KEEP_CAPACITY);
+        }
+        if self.values.is_empty() {
+            self.values.shrink_to(KEEP_CAPACITY);
+        }
+    }
+
+    /// Entries the queues can hold without allocating.
+    #[cfg(test)]
+    pub(super) fn capacity(&self) -> usize {
+        self.nodes.capacity() + self.values.capacity()
     }
 
     /// Frees everything now. Only with `&mut` access to the index: no reader exists.

@@ -337,3 +337,26 @@ fn ascending_inserts_fill_leaves_and_descending_removals_merge() {
     }
     assert!(index.root.load(Ordering::SeqCst).is_null());
 }
+
+#[test]
+fn a_large_removal_leaves_no_large_queue_or_scratch_list_behind() {
+    let index = Index::new(domain(1));
+    let batch: Vec<(usize, Arc<Probe>)> = (0..20_000)
+        .map(|i| (i * 0x100, probe(i * 0x100 + 0x80, i as u64)))
+        .collect();
+    index.update().insert_batch(batch).unwrap();
+    {
+        let mut update = index.update();
+        for i in 0..20_000 {
+            assert!(update.remove(i * 0x100));
+        }
+    }
+    assert!(index.retired_count() > 20_000, "values and nodes queued");
+    settle(&index);
+    assert_eq!(index.retired_count(), 0);
+    let w = index.writer.lock();
+    let capacity = w.retired.capacity();
+    assert!(capacity <= 2 * 256, "{capacity} queue entries kept");
+    let scratch = w.replaced.capacity() + w.removed.capacity();
+    assert!(scratch <= 2 * 256, "{scratch} scratch entries kept");
+}

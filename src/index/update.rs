@@ -12,6 +12,7 @@ use core::ptr::{self, NonNull};
 
 use super::node::free_node;
 use super::node::{Node, CAP};
+use super::retire::KEEP_CAPACITY;
 use super::{IndexValue, UpdateStep, Writer};
 use crate::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use crate::sync::grace::GraceDomain;
@@ -345,12 +346,16 @@ impl<V: IndexValue> Writer<V> {
                     self.retired.node(ticket, node);
                     self.step(UpdateStep::Retire);
                 }
+                replaced.shrink_to(KEEP_CAPACITY);
                 self.replaced = replaced;
                 let mut removed = core::mem::take(&mut self.removed);
                 for (value, bytes) in removed.drain(..) {
                     self.retired.value(ticket, value, bytes);
                     self.step(UpdateStep::Retire);
                 }
+                // The scratch lists are reused by the next update; a large one (a module
+                // teardown) keeps no more than a small one would.
+                removed.shrink_to(KEEP_CAPACITY);
                 self.removed = removed;
             }
         }
