@@ -713,13 +713,11 @@ fn jit_compile_call_and_trap_on_every_cpu_at_once() {
     // Every CPU compiles two functions into a module of its own (all at once: one compile stack
     // per CPU), then calls them and makes them trap, alternately, while the other CPUs do the
     // same. A trap unwinds to the `enter` of its own CPU: with a shared entry record, one CPU's
-    // landing would resume on another CPU's stack. (Each CPU's module has a manager of its own:
-    // a module takes its manager's lock inside its own, where interrupts are already off, so
-    // two modules of one manager used on two CPUs at once may answer `Busy` instead of waiting.)
+    // landing would resume on another CPU's stack. All the modules share one manager: each
+    // takes the manager's lock inside its own, and with interrupts on a contended lock is
+    // waited for, never answered with `Busy`.
     let n = smp::online_cpus();
-    let managers: Vec<_> = (0..n)
-        .map(|cpu| manager(10 + cpu, ManagerConfig::default()))
-        .collect();
+    let shared = manager(10, ManagerConfig::default());
     let (compiling, compiled) = (AtomicUsize::new(0), AtomicUsize::new(0));
     on_every_cpu(|cpu| {
         let mut mem = LinearMemory::new(8192).expect("memory");
@@ -727,7 +725,7 @@ fn jit_compile_call_and_trap_on_every_cpu_at_once() {
         let value = 0x1000 * cpu as u32 + 7;
         mem.write_u32(len - 4, value).expect("write");
         all_arrive(&compiling, n, "started compiling");
-        let m = program_module(&managers[cpu]);
+        let m = program_module(&shared);
         let mut c = Compiler::new();
         compile_install(&m, &mut c, LOAD, load, OptLevel::Speed);
         compile_install(&m, &mut c, LOAD_PLUS_ONE, load_plus_one, OptLevel::None);
