@@ -175,3 +175,85 @@ fn a_module_whose_manager_lock_is_held_elsewhere_waits_when_its_caller_can() {
     assert!(added.is_ok(), "waited for the manager lock: {added:?}");
     assert!(machine.violations().is_empty());
 }
+
+thread_local! {
+    /// Index steps this thread ran with its simulated interrupts enabled.
+    static STEPS_WITH_INTERRUPTS_ON: Cell<usize> = const { Cell::new(0) };
+    /// Index steps this thread ran.
+    static STEPS: Cell<usize> = const { Cell::new(0) };
+}
+
+fn record_interrupt_state(_: codespace::index::UpdateStep) {
+    STEPS.with(|s| s.set(s.get() + 1));
+    if ENABLED.with(Cell::get) {
+        STEPS_WITH_INTERRUPTS_ON.with(|s| s.set(s.get() + 1));
+    }
+}
+
+/// With interrupt control, every step of every registry update (allocate, modify, publish,
+/// retire, free) runs with interrupts off: an interrupt handler that installs code can then
+/// never interrupt its own CPU's holder of the registry's writer lock and spin on it forever.
+/// Interrupts come back on afterwards.
+#[test]
+fn registries_with_interrupt_control_update_with_interrupts_off() {
+    static GRACE: GraceDomain = GraceDomain::new();
+    let pass_grace = || {
+        for _ in 0..2 {
+            // SAFETY: this thread (CPU 0) holds nothing from a lookup and runs no generated code.
+            unsafe { GRACE.quiescent(0) };
+            GRACE.try_advance();
+        }
+    };
+    static REGISTRIES: Registries =
+        Registries::new(&GRACE).with_interrupt_control(InterruptControl { disable, restore });
+    // SAFETY: only this thread (CPU 0) looks up these registries or runs their code.
+    unsafe { GRACE.set_possible_cpus(1) };
+    REGISTRIES.traps.set_step_hook(Some(record_interrupt_state));
+    REGISTRIES.code.set_step_hook(Some(record_interrupt_state));
+    let machine = SoftMmu::new(1024);
+    let manager = CodeManager::new(machine.clone(), WINDOW, ManagerConfig::default()).unwrap();
+    let module = CodeModule::new(
+        &manager,
+        &REGISTRIES,
+        ModuleConfig {
+            functions: 4,
+            ..ModuleConfig::default()
+        },
+    )
+    .unwrap();
+    let body = [0x90, 0x90, 0x31, 0xC0, 0xC3];
+    let guarded = |index| NewCode {
+        protected: &[0, 1],
+        landing_pad: Some(4),
+        ..NewCode::function(index, &body)
+    };
+    for index in 0..4 {
+        module.add_code(&guarded(index)).unwrap();
+    }
+    // Replacements retire the old entries and code objects; reclaiming frees them once every
+    // CPU (this thread) has passed a quiescent state.
+    for index in 0..4 {
+        module.add_code(&guarded(index)).unwrap();
+    }
+    pass_grace();
+    assert_eq!(module.reclaim().unwrap(), 4);
+    // The dropped module's code leaves the registries after a grace period.
+    drop(module);
+    pass_grace();
+    assert_eq!(GRACE.reclaim(), 1);
+    pass_grace();
+    REGISTRIES.traps.reclaim();
+    REGISTRIES.code.reclaim();
+
+    let steps = STEPS.with(Cell::get);
+    assert_eq!(REGISTRIES.traps.retired_count(), 0, "frees were seen too");
+    assert!(steps > 40, "the hook saw the updates: {steps} steps");
+    assert_eq!(
+        STEPS_WITH_INTERRUPTS_ON.with(Cell::get),
+        0,
+        "of {steps} steps"
+    );
+    assert!(ENABLED.with(Cell::get), "interrupts are back on");
+    assert!(REGISTRIES.traps.is_empty());
+    assert!(machine.violations().is_empty());
+}

@@ -3,7 +3,7 @@
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use codespace::mmu::x86::{LinearMap, PhysOffset, Smp, X86Mmu};
+use codespace::mmu::x86::{LinearMap, PhysOffset, Smp, X86Mmu, X86_INTERRUPTS};
 use codespace::mmu::MmuError;
 use codespace::module::Registries;
 use codespace::sync::grace::GraceDomain;
@@ -19,7 +19,7 @@ use crate::memory::{self, FrameBitmap, PHYS_MAPPED_LIMIT, PHYS_OFFSET};
 pub static GRACE: GraceDomain = GraceDomain::new();
 
 /// Trap table and PC lookup of all generated code; the page-fault path looks faults up here.
-pub static REGISTRIES: Registries = Registries::new(&GRACE);
+pub static REGISTRIES: Registries = Registries::new(&GRACE).with_interrupt_control(X86_INTERRUPTS);
 
 static TRAPS_TAKEN: AtomicU64 = AtomicU64::new(0);
 static LAST_TRAP_PC: AtomicU64 = AtomicU64::new(0);

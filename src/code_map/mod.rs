@@ -15,6 +15,7 @@ use core::fmt;
 
 use crate::code_object::CodeObject;
 use crate::index::{HasRange, IndexMemory, RangeIndex, UpdateStep};
+use crate::mmu::InterruptControl;
 use crate::range::AddressRange;
 use crate::sync::grace::GraceDomain;
 
@@ -53,8 +54,9 @@ impl HasRange for CodeObject {
 /// Usable as a `static` ([`CodeMap::new`] is `const`). [`lookup`](Self::lookup),
 /// [`lookup_with`](Self::lookup_with) and [`len`](Self::len) never lock or allocate; writers
 /// ([`insert`](Self::insert), [`insert_batch`](Self::insert_batch), [`remove`](Self::remove))
-/// serialize on a spin lock, allocate, never wait for readers, and must not run in interrupt
-/// context.
+/// serialize on a spin lock, allocate and never wait for readers; they may run in an interrupt
+/// handler when the map was built [`with_interrupt_control`](Self::with_interrupt_control),
+/// else not in interrupt context.
 pub struct CodeMap {
     index: RangeIndex<Arc<CodeObject>>,
 }
@@ -84,6 +86,20 @@ impl CodeMap {
         CodeMap {
             index: RangeIndex::new(grace),
         }
+    }
+
+    /// The map, holding its writer lock with interrupts disabled through `irq`, as
+    /// [`TrapTable::with_interrupt_control`](crate::trap::TrapTable::with_interrupt_control).
+    #[must_use]
+    pub const fn with_interrupt_control(mut self, irq: InterruptControl) -> Self {
+        self.set_interrupt_control(irq);
+        self
+    }
+
+    /// In-place form of [`with_interrupt_control`](Self::with_interrupt_control), for owners
+    /// built in `const` context.
+    pub(crate) const fn set_interrupt_control(&mut self, irq: InterruptControl) {
+        self.index.set_interrupt_control(irq);
     }
 
     /// The grace domain replaced memory waits for.

@@ -71,6 +71,7 @@ pub(crate) use self::node::prefetch;
 use self::node::{Node, NodePool};
 use self::retire::RetireQueue;
 pub(crate) use self::value::{HasRange, IndexValue};
+use crate::mmu::InterruptControl;
 use crate::range::AddressRange;
 use crate::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use crate::sync::grace::GraceDomain;
@@ -134,6 +135,9 @@ pub(crate) struct RangeIndex<V: IndexValue> {
     len: AtomicUsize,
     grace: &'static GraceDomain,
     writer: spin::Mutex<Writer<V>>,
+    /// How the writer lock keeps interrupts off on its CPU while held; see
+    /// [`set_interrupt_control`](Self::set_interrupt_control).
+    irq: InterruptControl,
 }
 
 // SAFETY: the raw pointers are owned tree nodes and `V`s (`IndexValue::into_raw`). Readers on
@@ -177,6 +181,7 @@ impl<V: IndexValue> RangeIndex<V> {
             len: AtomicUsize::new(0),
             grace,
             writer: spin::Mutex::new(Writer::new()),
+            irq: InterruptControl::NONE,
         }
     }
 
@@ -188,6 +193,28 @@ impl<V: IndexValue> RangeIndex<V> {
             len: AtomicUsize::new(0),
             grace,
             writer: spin::Mutex::new(Writer::new()),
+            irq: InterruptControl::NONE,
+        }
+    }
+
+    /// The index, holding its writer lock with interrupts disabled through `irq`: an interrupt
+    /// handler that updates it (a JIT installing code from a timer tick) then never finds the
+    /// lock held by the code it interrupted on its own CPU, which would spin forever. Holders on
+    /// other CPUs never wait for anything while holding it (no IPI, no other lock), so spinning
+    /// on it with interrupts off is bounded. Readers are unaffected (they take no lock).
+    pub(crate) const fn set_interrupt_control(&mut self, irq: InterruptControl) {
+        self.irq = irq;
+    }
+
+    /// Takes the writer lock with interrupts off on this CPU until the guard drops.
+    fn lock_writer(&self) -> WriterGuard<'_, V> {
+        let enabled = (self.irq.disable)();
+        WriterGuard {
+            w: self.writer.lock(),
+            _irq: IrqRestore {
+                irq: self.irq,
+                enabled,
+            },
         }
     }
 
@@ -225,20 +252,20 @@ impl<V: IndexValue> RangeIndex<V> {
     pub(crate) fn update(&self) -> Update<'_, V> {
         Update {
             index: self,
-            w: self.writer.lock(),
+            w: self.lock_writer(),
         }
     }
 
     /// Frees retired memory whose grace period is over. Never waits.
     pub(crate) fn reclaim(&self) {
-        let mut w = self.writer.lock();
-        let w = &mut *w;
+        let mut guard = self.lock_writer();
+        let w = &mut *guard;
         w.retired.reclaim(self.grace, w.hook, &mut w.pool);
     }
 
     /// Number of retired nodes and values not freed yet.
     pub(crate) fn retired_count(&self) -> usize {
-        self.writer.lock().retired.len()
+        self.lock_writer().retired.len()
     }
 
     /// Test hook run after every step of every later update and reclaim; see [`UpdateStep`].
@@ -260,11 +287,43 @@ impl<V: IndexValue> Drop for RangeIndex<V> {
     }
 }
 
+/// Re-enables interrupts (if they were enabled) when dropped.
+struct IrqRestore {
+    irq: InterruptControl,
+    enabled: bool,
+}
+
+impl Drop for IrqRestore {
+    fn drop(&mut self) {
+        (self.irq.restore)(self.enabled);
+    }
+}
+
+/// The writer lock, held with interrupts off. Fields drop in order: the lock is released
+/// before interrupts come back.
+struct WriterGuard<'a, V> {
+    w: spin::MutexGuard<'a, Writer<V>>,
+    _irq: IrqRestore,
+}
+
+impl<V> core::ops::Deref for WriterGuard<'_, V> {
+    type Target = Writer<V>;
+    fn deref(&self) -> &Writer<V> {
+        &self.w
+    }
+}
+
+impl<V> core::ops::DerefMut for WriterGuard<'_, V> {
+    fn deref_mut(&mut self) -> &mut Writer<V> {
+        &mut self.w
+    }
+}
+
 /// The writer lock and an update in progress; see [`RangeIndex::update`]. Queries see the table
 /// as changed so far. Dropping it publishes the changes (if any) and reclaims what it can.
 pub(crate) struct Update<'a, V: IndexValue> {
     index: &'a RangeIndex<V>,
-    w: spin::MutexGuard<'a, Writer<V>>,
+    w: WriterGuard<'a, V>,
 }
 
 impl<V: IndexValue> Update<'_, V> {

@@ -14,7 +14,10 @@
 //! another CPU, or by the code the handler interrupted — a method answers
 //! [`ModuleError::Busy`] instead of spinning. Lock order: this module's lock, then the trap
 //! table's and code map's writer locks, then the manager's lock, then the backend's. Nothing
-//! takes a module lock while holding one of those.
+//! takes a module lock while holding one of those. An interrupt handler may add code when the
+//! registries were built [`with_interrupt_control`](Registries::with_interrupt_control) (their
+//! writer locks are then held with interrupts off, so the handler never finds one held by the
+//! code it interrupted); without it, add code only with interrupts on.
 //!
 //! Freed and replaced code lives on until a grace period has passed (see [`lifetime`]); call
 //! [`CodeModule::reclaim`] (or any other writing method, which reclaims first) after CPUs
@@ -153,8 +156,9 @@ impl<M: Mmu + Send + 'static> CodeModule<M> {
         f(state)
     }
 
-    /// Like `with`, after reclaiming retired code whose grace period is over. Not from interrupt
-    /// context: reclaiming writes the registries, whose writer locks are plain spin locks.
+    /// Like `with`, after reclaiming retired code whose grace period is over — unless the caller
+    /// had interrupts off: reclaiming may free many objects (an INT3 fill and perhaps a decommit
+    /// each), too long for an interrupt handler; the next call with interrupts on does it.
     fn writing<R>(
         &self,
         f: impl FnOnce(&mut ModuleState<M>) -> Result<R, ModuleError>,

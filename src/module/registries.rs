@@ -4,6 +4,7 @@ use alloc::sync::Arc;
 
 use crate::code_map::CodeMap;
 use crate::code_object::CodeObject;
+use crate::mmu::InterruptControl;
 use crate::sync::grace::GraceDomain;
 use crate::trap::TrapTable;
 
@@ -48,6 +49,29 @@ impl Registries {
             traps: TrapTable::new(grace),
             code: CodeMap::new(grace),
         }
+    }
+
+    /// The registries, their writer locks held with interrupts disabled through `irq` (for
+    /// example [`X86_INTERRUPTS`](crate::mmu::x86::X86_INTERRUPTS)): then a module may add code
+    /// from an interrupt handler (a JIT tiering up from a timer tick) even when the handler
+    /// interrupted another module's registration on the same CPU, which would otherwise spin
+    /// forever on a lock its own CPU holds.
+    ///
+    /// ```
+    /// # use codespace::{module::Registries, sync::grace::GraceDomain};
+    /// # fn disable() -> bool { true }
+    /// # fn restore(_: bool) {}
+    /// use codespace::mmu::InterruptControl;
+    /// static GRACE: GraceDomain = GraceDomain::new();
+    /// static CODE: Registries =
+    ///     Registries::new(&GRACE).with_interrupt_control(InterruptControl { disable, restore });
+    /// # assert!(CODE.traps.is_empty());
+    /// ```
+    #[must_use]
+    pub const fn with_interrupt_control(mut self, irq: InterruptControl) -> Self {
+        self.traps.set_interrupt_control(irq);
+        self.code.set_interrupt_control(irq);
+        self
     }
 
     /// The grace domain: the kernel reports quiescent states to it.

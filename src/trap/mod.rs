@@ -32,6 +32,7 @@ use self::entry::{EntryBox, EntryRef};
 use self::prepare::{has_duplicates, prepare};
 pub use self::types::{TrapError, TrapHandle, TrapHit, TrapMemory, TrapRegistration};
 use crate::index::{prefetch, IndexMemory, RangeIndex, UpdateStep};
+use crate::mmu::InterruptControl;
 use crate::range::AddressRange;
 use crate::sync::grace::GraceDomain;
 
@@ -39,8 +40,10 @@ use crate::sync::grace::GraceDomain;
 ///
 /// Usable as a `static` ([`TrapTable::new`] is `const`). Lookups never lock, wait, allocate or
 /// panic and may run in a page-fault handler that interrupted an update on the same CPU.
-/// Writers allocate, serialize on a spin lock, never wait for readers, and must not run in
-/// interrupt context.
+/// Writers allocate, serialize on a spin lock and never wait for readers. They may run in an
+/// interrupt handler when the table was built [`with_interrupt_control`](Self::with_interrupt_control)
+/// (the lock is then held with interrupts off, so the handler never finds it held by the code
+/// it interrupted); without it, not in interrupt context.
 pub struct TrapTable {
     index: RangeIndex<EntryBox>,
 }
@@ -70,6 +73,21 @@ impl TrapTable {
         TrapTable {
             index: RangeIndex::new(grace),
         }
+    }
+
+    /// The table, holding its writer lock with interrupts disabled through `irq` (for example
+    /// [`X86_INTERRUPTS`](crate::mmu::x86::X86_INTERRUPTS)), so updates may also come from
+    /// interrupt handlers. A holder on another CPU waits for nothing while it holds the lock.
+    #[must_use]
+    pub const fn with_interrupt_control(mut self, irq: InterruptControl) -> Self {
+        self.set_interrupt_control(irq);
+        self
+    }
+
+    /// In-place form of [`with_interrupt_control`](Self::with_interrupt_control), for owners
+    /// built in `const` context.
+    pub(crate) const fn set_interrupt_control(&mut self, irq: InterruptControl) {
+        self.index.set_interrupt_control(irq);
     }
 
     /// The grace domain replaced memory waits for.

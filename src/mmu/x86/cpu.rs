@@ -88,5 +88,6 @@ fn restore(enabled: bool) {
     }
 }
 
-/// `cli` / `sti` with the previous state remembered.
-pub(super) const INTERRUPTS: InterruptControl = InterruptControl { disable, restore };
+/// `cli` / `sti` with the previous state remembered: interrupt control at ring 0 on x86-64
+/// (exported as [`X86_INTERRUPTS`](super::X86_INTERRUPTS)).
+pub const INTERRUPTS: InterruptControl = InterruptControl { disable, restore };

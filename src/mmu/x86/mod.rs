@@ -28,6 +28,7 @@ mod poke;
 mod smp;
 mod tables;
 
+pub use cpu::INTERRUPTS as X86_INTERRUPTS;
 pub use linear::LinearMap;
 pub use smp::{Smp, UniProcessor};
 
