@@ -369,14 +369,16 @@ impl<V: IndexValue> Update<'_, V> {
         unsafe { update::for_each(self.w.draft, &mut |k, v| f(k, V::view(v))) };
     }
 
-    /// Adds `value` at `start`. The caller made sure its range overlaps no entry.
+    /// Adds `value` at `start`. The caller made sure its range overlaps no entry and is not
+    /// empty (so `start < usize::MAX`, which lookups rely on).
     pub(crate) fn insert(&mut self, start: usize, value: V) {
-        debug_assert!(self.get(start).is_none());
+        debug_assert!(self.get(start).is_none() && start < usize::MAX);
         self.w.insert(start, value.into_raw());
     }
 
     /// Adds `batch` (any order) unless some range overlaps another, of the table or of the
-    /// batch: then returns the lowest such range, drops the batch and changes nothing. One by
+    /// batch: then returns the lowest such range, drops the batch and changes nothing. Ranges
+    /// are not empty (as for [`insert`](Self::insert)). One by
     /// one when the batch is small against the table, O(k log n); else by merging and rebuilding
     /// the tree bottom-up, O(n + k).
     pub(crate) fn insert_batch(&mut self, mut batch: Vec<(usize, V)>) -> Result<(), AddressRange> {

@@ -22,18 +22,26 @@ use crate::sync::grace::GraceDomain;
 /// # Safety
 /// `node` is null or the root of a tree whose nodes stay allocated and unchanged for the call.
 #[inline(always)]
-pub(super) unsafe fn find(mut node: *const Node, key: usize) -> Option<(usize, NonNull<()>)> {
+pub(super) unsafe fn find(root: *const Node, key: usize) -> Option<(usize, NonNull<()>)> {
+    // SAFETY: the caller's contract.
+    let mut n = unsafe { root.as_ref() }?;
+    // `path_slot` needs `keys[0] <= key < usize::MAX` on the path. No entry has the key
+    // `usize::MAX` (entries are starts of non-empty ranges, see `RangeIndex::insert`), so the
+    // greatest key `<= usize::MAX - 1` is the answer for `usize::MAX` too; and a key below the
+    // root's first key (the smallest of all) has no entry.
+    let key = key.min(usize::MAX - 1);
+    if key < n.min_key() {
+        return None;
+    }
     loop {
-        // SAFETY: the caller's contract.
-        let n = unsafe { node.as_ref() }?;
         n.read_check();
         n.prefetch_slots();
-        let r = n.rank(key);
+        let i = n.path_slot(key);
         if n.level == 0 {
-            let i = r.checked_sub(1)?;
             return Some((*n.keys.get(i)?, NonNull::new(*n.slots.get(i)?)?));
         }
-        node = (*n.slots.get(r.saturating_sub(1))?).cast::<Node>();
+        // SAFETY: the caller's contract (children of a published node are published nodes).
+        n = unsafe { n.slots.get(i)?.cast::<Node>().as_ref() }?;
     }
 }
 

@@ -384,3 +384,57 @@ fn handles_are_distinct_across_release() {
         t.release(h).unwrap();
     }
 }
+
+/// Entries of every word count the lookup dispatches on (1 to 16 words scanned at once, longer
+/// lists binary-searched), with 2- and 4-byte offsets, padded or not, with and without an
+/// accepted fault range: each hits exactly its offsets, and the serial (release) and fault range
+/// stored after the offsets read back.
+#[test]
+fn every_offset_count_and_width_hits_exactly_its_offsets() {
+    let t = table();
+    for size in [0x1000usize, 0x1_1000] {
+        for count in 1..=70usize {
+            for with_fault_range in [false, true] {
+                let start = 0x100_0000;
+                let code = r(start, start + size);
+                // Distinct, ascending, spread over the code (the last one near its end).
+                let offs: Vec<u32> = (0..count)
+                    .map(|i| ((i * (size - 1)) / count + i % 3) as u32)
+                    .collect();
+                let fault = r(0x7000_0000, 0x7000_1000);
+                let registration = TrapRegistration {
+                    code,
+                    protected: &offs,
+                    landing_pad: start + 1,
+                    fault_range: with_fault_range.then_some(fault),
+                };
+                let h = t.register_with(&registration).unwrap();
+                let m = t.memory();
+                assert_eq!(m.protected, count);
+                let width = if size <= 1 << 16 { 2 } else { 4 };
+                assert_eq!(m.offsets, count.next_multiple_of(8 / width) * width);
+                // Every offset of the small code; around each protected one and a sample of the
+                // rest of the large one.
+                let probes: Vec<usize> = if size <= 0x1000 {
+                    (0..size).collect()
+                } else {
+                    let near = offs.iter().flat_map(|&o| [o as usize, o as usize + 1]);
+                    near.chain((0..size).step_by(61)).collect()
+                };
+                for o in probes {
+                    assert_eq!(
+                        t.lookup(start + o).is_some(),
+                        offs.binary_search(&(o as u32)).is_ok(),
+                        "size {size:#x}, {count} offsets, offset {o:#x}"
+                    );
+                }
+                let pc = start + offs[count / 2] as usize;
+                assert!(t.lookup_fault(pc, 0x7000_0800).is_some());
+                assert_eq!(t.lookup_fault(pc, 0x100).is_some(), !with_fault_range);
+                t.release(h).unwrap();
+                assert!(t.is_empty());
+                assert_eq!(t.release(h), Err(TrapError::UnknownHandle));
+            }
+        }
+    }
+}
