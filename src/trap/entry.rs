@@ -2,8 +2,9 @@
 //!
 //! ```text
 //! header    code size u32 | landing-pad offset u32 | words u32 | flags u32         16 B
-//! offsets   the protected offsets, sorted: u16 when the code is at most 64 KiB, else u32,
-//!           padded to whole 8-byte words by repeating the last one
+//! offsets   the protected offsets: u16 when the code is at most 64 KiB, else u32, padded to
+//!           whole 8-byte words by repeating the last one; sorted when there are more than a
+//!           scan covers (`scanned_whole`), else in the order given
 //! serial    u64                                                                   8 B
 //! [fault]   accepted fault-address range: start, end (usize each)   only with FAULT_RANGE 16 B
 //! ```
@@ -40,6 +41,13 @@ const FAULT_RANGE: u32 = 2;
 const PAD_SHIFT: u32 = 8;
 /// Longest offset list scanned word by word; longer ones are binary-searched.
 const SCAN_MAX_WORDS: usize = 16;
+
+/// Whether a lookup scans all `count` offsets of code of `size` bytes (so their order does not
+/// matter) rather than binary-searching them (so they must be sorted).
+pub(super) const fn scanned_whole(count: usize, size: u32) -> bool {
+    let per_word = if size <= 1 << 16 { 4 } else { 2 };
+    count.div_ceil(per_word) <= SCAN_MAX_WORDS
+}
 
 /// Where the offsets start: right after the header, whatever the flags.
 const OFFSETS_AT: usize = core::mem::size_of::<Header>();
@@ -79,7 +87,7 @@ pub(super) struct NewEntry<'a> {
     /// Landing pad offset, below `size`.
     pub(super) landing: u32,
     pub(super) fault_range: Option<AddressRange>,
-    /// Sorted, distinct, below `size`.
+    /// Distinct, below `size`; sorted unless [`scanned_whole`].
     pub(super) offsets: &'a [u32],
 }
 
@@ -162,7 +170,7 @@ pub(super) struct EntryRef<'a> {
     _borrow: PhantomData<&'a Header>,
 }
 
-/// The sorted protected offsets of an entry.
+/// The protected offsets of an entry (sorted unless [`scanned_whole`]).
 #[derive(Clone, Copy, Debug)]
 pub(super) enum Offsets<'a> {
     Narrow(&'a [u16]),
@@ -239,7 +247,7 @@ impl<'a> EntryRef<'a> {
         }
     }
 
-    /// The sorted protected offsets (without padding).
+    /// The protected offsets (without padding); sorted unless [`scanned_whole`].
     #[inline]
     pub(super) fn offsets(&self) -> Offsets<'a> {
         let h = self.header();
