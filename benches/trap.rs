@@ -11,7 +11,7 @@
 //!
 //! Grace periods: the tables use a 1-CPU domain and every register + release iteration reports
 //! one quiescent state (`quiescent(0)`), so reclaiming the replaced nodes and the released
-//! entry is part of the measured cost.
+//! entry is part of the measured cost; building a lookup table reports one per registration.
 
 use std::hint::black_box;
 use std::sync::{Arc, Mutex};
@@ -192,12 +192,18 @@ impl V8Table {
     }
 }
 
-/// A table of `specs`, registered one at a time in their (shuffled) order.
+/// A table of `specs`, registered one at a time in their (shuffled) order, with a quiescent
+/// state after each registration as a kernel's CPUs report them all the time: the nodes each
+/// update replaces are then reused by the next ones. (Without any, every replaced node stays
+/// allocated — 193 MiB at 10^5 ranges — and the live tree ends up scattered across that heap:
+/// lookups measured up to commit `0f957a2` paid for the cache and TLB misses, 10^5 hot 37 ns
+/// against 34 ns here.)
 fn build_codespace(specs: &[Spec]) -> TrapTable {
     let t0 = Instant::now();
     let table = TrapTable::new(grace());
     for s in specs {
         table.register_with(&s.registration()).unwrap();
+        quiescent(table.grace());
     }
     eprintln!(
         "built TrapTable of {} ranges by single registrations in {:?}",
@@ -220,13 +226,14 @@ fn report_memory(how: &str, table: &TrapTable) {
     let m = table.memory();
     eprintln!(
         "memory ({how}): {} ranges, {} protected: {:.2} B per protected instruction (offsets), \
-         {:.1} B per range (index nodes {:.1} + entry header {:.1})",
+         {:.1} B per range (index nodes {:.1} + entry header {:.1}); {} KiB retired",
         m.ranges,
         m.protected,
         m.offsets as f64 / m.protected as f64,
         (m.index + m.headers) as f64 / m.ranges as f64,
         m.index as f64 / m.ranges as f64,
         m.headers as f64 / m.ranges as f64,
+        m.retired / 1024,
     );
 }
 
