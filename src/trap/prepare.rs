@@ -74,15 +74,17 @@ pub(super) fn prepare(reg: &TrapRegistration<'_>) -> Result<Prepared, TrapError>
 /// was tried for sorting and was slower: reading the bits back mispredicts a branch per word.)
 fn order_checked(offsets: &[u32], out: &mut [u32], any_order: bool) -> Result<(), u32> {
     out.copy_from_slice(offsets);
-    if any_order && !out.is_sorted() && out.len() <= DISTINCT_MAX {
-        if !has_duplicate(out) {
+    if !out.is_sorted() {
+        if any_order && out.len() <= DISTINCT_MAX && !has_duplicate(out) {
             return Ok(());
         }
-        // Rare: sorting names the smallest duplicate.
-        let mut sorted = out.to_vec();
-        return sort_checked(offsets, &mut sorted);
+        // Lookups binary-search long lists; a duplicate is named after sorting (the smallest).
+        out.sort_unstable();
     }
-    sort_checked(offsets, out)
+    match out.windows(2).find(|w| w[0] == w[1]) {
+        Some(w) => Err(w[0]),
+        None => Ok(()),
+    }
 }
 
 /// Most offsets [`has_duplicate`] takes.
@@ -110,19 +112,6 @@ fn has_duplicate(offsets: &[u32]) -> bool {
         }
     }
     false
-}
-
-/// Writes `offsets` sorted into `out` (of the same length), or returns the smallest offset
-/// given twice.
-fn sort_checked(offsets: &[u32], out: &mut [u32]) -> Result<(), u32> {
-    out.copy_from_slice(offsets);
-    if !out.is_sorted() {
-        out.sort_unstable();
-    }
-    match out.windows(2).find(|w| w[0] == w[1]) {
-        Some(w) => Err(w[0]),
-        None => Ok(()),
-    }
 }
 
 /// Whether a handle appears twice.
