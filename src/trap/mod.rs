@@ -9,7 +9,9 @@
 //!
 //! Lookups run inside the page-fault handler: lock-free, wait-free, allocation-free and
 //! panic-free, O(log n + log k) — a descent of the shared range index
-//! ([`crate::index`]) to the range holding the PC, then a binary search of its protected offsets.
+//! ([`crate::index`]) to the range holding the PC, then a check of its protected offsets: up to
+//! 64 (2-byte) or 32 (4-byte) compared all at once, word by word, in any order; longer lists
+//! sorted and binary-searched.
 //! Updates copy the O(log n) nodes on their path and publish them with one store, so a lookup
 //! sees the whole table before or after an update, also when the fault interrupted that update
 //! on the same CPU; replaced memory is freed after a grace period of the table's
