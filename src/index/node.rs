@@ -124,12 +124,15 @@ impl Node {
         self.keys[0]
     }
 
-    /// Starts loading the slot lines while the keys are compared, so the child or value pointer
-    /// is there when the rank is known: one memory round trip per node instead of two.
+    /// Starts loading the four slot lines while the keys are compared, so the child or value
+    /// pointer is there when the rank is known: one memory round trip per node instead of two.
+    /// (Fetching only the first and last slot lines, as this once did, left half the lookups a
+    /// second round trip: spread over 10^5 ranges, 69–70 ns against 63–66 ns for all four.)
     #[inline(always)]
     pub(super) fn prefetch_slots(&self) {
-        prefetch(self.slots.as_ptr().cast());
-        prefetch(self.slots[CAP - 1..].as_ptr().cast());
+        for first in [0, 8, 16, CAP - 1] {
+            prefetch(self.slots[first..].as_ptr().cast());
+        }
     }
 
     /// Loom: records a read of the node's contents (no-op otherwise).
