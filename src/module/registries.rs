@@ -57,6 +57,11 @@ impl Registries {
     /// interrupted another module's registration on the same CPU, which would otherwise spin
     /// forever on a lock its own CPU holds.
     ///
+    /// The price is interrupt latency: a registry update, and the freeing of retired memory at
+    /// its end, run with interrupts off whole, and both scale with the update — one function
+    /// added is a few node copies, a module of 10^4 functions torn down is one update removing
+    /// them all. Without interrupt control, add code only with interrupts on.
+    ///
     /// ```
     /// # use codespace::{module::Registries, sync::grace::GraceDomain};
     /// # fn disable() -> bool { true }
