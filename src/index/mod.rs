@@ -271,7 +271,7 @@ impl<V: IndexValue> RangeIndex<V> {
     /// Test hook run after every step of every later update and reclaim; see [`UpdateStep`].
     /// It runs with the writer lock held: it may look up, not update. `None` removes it.
     pub(crate) fn set_step_hook(&self, hook: Option<fn(UpdateStep)>) {
-        self.writer.lock().hook = hook;
+        self.lock_writer().hook = hook;
     }
 }
 
