@@ -40,7 +40,9 @@
 //!
 //! A reader must not report a quiescent state while it holds anything from a lookup (the
 //! contract of [`GraceDomain::quiescent`]); `find` scopes what it hands out to a closure. Writers
-//! must not run in interrupt context (the writer lock is a spin lock). A kernel that never
+//! may run in interrupt context only when the index holds its writer lock with interrupts off
+//! (`set_interrupt_control`); else a handler could spin on the lock the code it interrupted
+//! holds. A kernel that never
 //! reports quiescent states is safe but never frees replaced memory.
 //!
 //! The loom models (`loom_models`) check this protocol under every interleaving within a
@@ -75,6 +77,7 @@ use crate::mmu::InterruptControl;
 use crate::range::AddressRange;
 use crate::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use crate::sync::grace::GraceDomain;
+use crate::sync::irq_lock::{IrqGuard, IrqLock};
 
 /// A step of an update that a reader could in principle observe; a test hook
 /// (`set_step_hook` of [`TrapTable`](crate::trap::TrapTable) and
@@ -134,7 +137,7 @@ pub(crate) struct RangeIndex<V: IndexValue> {
     root: AtomicPtr<Node>,
     len: AtomicUsize,
     grace: &'static GraceDomain,
-    writer: spin::Mutex<Writer<V>>,
+    writer: IrqLock<Writer<V>>,
     /// How the writer lock keeps interrupts off on its CPU while held; see
     /// [`set_interrupt_control`](Self::set_interrupt_control).
     irq: InterruptControl,
@@ -180,7 +183,7 @@ impl<V: IndexValue> RangeIndex<V> {
             root: AtomicPtr::new(ptr::null_mut()),
             len: AtomicUsize::new(0),
             grace,
-            writer: spin::Mutex::new(Writer::new()),
+            writer: IrqLock::new(Writer::new()),
             irq: InterruptControl::NONE,
         }
     }
@@ -192,7 +195,7 @@ impl<V: IndexValue> RangeIndex<V> {
             root: AtomicPtr::new(ptr::null_mut()),
             len: AtomicUsize::new(0),
             grace,
-            writer: spin::Mutex::new(Writer::new()),
+            writer: IrqLock::new(Writer::new()),
             irq: InterruptControl::NONE,
         }
     }
@@ -200,22 +203,16 @@ impl<V: IndexValue> RangeIndex<V> {
     /// The index, holding its writer lock with interrupts disabled through `irq`: an interrupt
     /// handler that updates it (a JIT installing code from a timer tick) then never finds the
     /// lock held by the code it interrupted on its own CPU, which would spin forever. Holders on
-    /// other CPUs never wait for anything while holding it (no IPI, no other lock), so spinning
-    /// on it with interrupts off is bounded. Readers are unaffected (they take no lock).
+    /// other CPUs never wait for anything while holding it (no IPI, no other lock), so waiting
+    /// for it is bounded whatever the waiter's interrupt state
+    /// ([`IrqLock::lock_spinning`]). Readers are unaffected (they take no lock).
     pub(crate) const fn set_interrupt_control(&mut self, irq: InterruptControl) {
         self.irq = irq;
     }
 
     /// Takes the writer lock with interrupts off on this CPU until the guard drops.
-    fn lock_writer(&self) -> WriterGuard<'_, V> {
-        let enabled = (self.irq.disable)();
-        WriterGuard {
-            w: self.writer.lock(),
-            _irq: IrqRestore {
-                irq: self.irq,
-                enabled,
-            },
-        }
+    fn lock_writer(&self) -> IrqGuard<'_, Writer<V>> {
+        self.writer.lock_spinning(self.irq)
     }
 
     /// The grace domain retired memory waits for.
@@ -287,43 +284,11 @@ impl<V: IndexValue> Drop for RangeIndex<V> {
     }
 }
 
-/// Re-enables interrupts (if they were enabled) when dropped.
-struct IrqRestore {
-    irq: InterruptControl,
-    enabled: bool,
-}
-
-impl Drop for IrqRestore {
-    fn drop(&mut self) {
-        (self.irq.restore)(self.enabled);
-    }
-}
-
-/// The writer lock, held with interrupts off. Fields drop in order: the lock is released
-/// before interrupts come back.
-struct WriterGuard<'a, V> {
-    w: spin::MutexGuard<'a, Writer<V>>,
-    _irq: IrqRestore,
-}
-
-impl<V> core::ops::Deref for WriterGuard<'_, V> {
-    type Target = Writer<V>;
-    fn deref(&self) -> &Writer<V> {
-        &self.w
-    }
-}
-
-impl<V> core::ops::DerefMut for WriterGuard<'_, V> {
-    fn deref_mut(&mut self) -> &mut Writer<V> {
-        &mut self.w
-    }
-}
-
 /// The writer lock and an update in progress; see [`RangeIndex::update`]. Queries see the table
 /// as changed so far. Dropping it publishes the changes (if any) and reclaims what it can.
 pub(crate) struct Update<'a, V: IndexValue> {
     index: &'a RangeIndex<V>,
-    w: WriterGuard<'a, V>,
+    w: IrqGuard<'a, Writer<V>>,
 }
 
 impl<V: IndexValue> Update<'_, V> {

@@ -354,7 +354,7 @@ fn a_large_removal_leaves_no_large_queue_or_scratch_list_behind() {
     assert!(index.retired_count() > 20_000, "values and nodes queued");
     settle(&index);
     assert_eq!(index.retired_count(), 0);
-    let w = index.writer.lock();
+    let w = index.lock_writer();
     let capacity = w.retired.capacity();
     assert!(capacity <= 2 * 256, "{capacity} queue entries kept");
     let scratch = w.replaced.capacity() + w.removed.capacity();

@@ -93,6 +93,26 @@ impl<T> IrqLock<T> {
         }
     }
 
+    /// Takes the lock with interrupts off (through `irq`), waiting however interrupts were on
+    /// entry: for a lock whose holders never wait for another CPU (no IPI, no other lock), so
+    /// a waiter with interrupts off is never waiting for itself. While it waits, interrupts are
+    /// as the caller had them.
+    pub fn lock_spinning(&self, irq: InterruptControl) -> IrqGuard<'_, T> {
+        loop {
+            let enabled = (irq.disable)();
+            if let Some(guard) = self.inner.try_lock() {
+                return IrqGuard {
+                    guard: core::mem::ManuallyDrop::new(guard),
+                    irq,
+                    enabled,
+                    disabled: true,
+                };
+            }
+            (irq.restore)(enabled);
+            core::hint::spin_loop();
+        }
+    }
+
     /// The value, through exclusive access (no locking needed).
     pub fn get_mut(&mut self) -> &mut T {
         self.inner.get_mut()

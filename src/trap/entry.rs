@@ -45,8 +45,13 @@ const SCAN_MAX_WORDS: usize = 16;
 /// Whether a lookup scans all `count` offsets of code of `size` bytes (so their order does not
 /// matter) rather than binary-searching them (so they must be sorted).
 pub(super) const fn scanned_whole(count: usize, size: u32) -> bool {
-    let per_word = if size <= 1 << 16 { 4 } else { 2 };
-    count.div_ceil(per_word) <= SCAN_MAX_WORDS
+    let kind = if is_narrow(size) { NARROW } else { 0 };
+    count.div_ceil(per_word(kind)) <= SCAN_MAX_WORDS
+}
+
+/// Whether code of `size` bytes stores its offsets as `u16`.
+const fn is_narrow(size: u32) -> bool {
+    size <= 1 << 16
 }
 
 /// Where the offsets start: right after the header, whatever the flags.
@@ -101,7 +106,7 @@ unsafe impl Sync for EntryBox {}
 
 impl EntryBox {
     pub(super) fn new(e: &NewEntry<'_>) -> EntryBox {
-        let narrow = e.size <= 1 << 16;
+        let narrow = is_narrow(e.size);
         let kind =
             (u32::from(narrow) * NARROW) | (u32::from(e.fault_range.is_some()) * FAULT_RANGE);
         let count = e.offsets.len();
