@@ -62,6 +62,8 @@ pub(crate) struct State<M> {
     free_va: DisjointAllocationPool,
     /// Code spaces by usable start.
     pub(crate) spaces: BTreeMap<usize, Space>,
+    /// Usable bytes of all `spaces`, kept with them (the counters publish it on every unlock).
+    reserved: usize,
     /// Every committed page of every space, owning its frame.
     pub(crate) pages: BTreeMap<usize, CommittedPage>,
     pub(crate) committed: usize,
@@ -124,10 +126,7 @@ impl<M> Drop for Locked<'_, M> {
     fn drop(&mut self) {
         let s = &*self.guard;
         let c = self.counters;
-        c.reserved.store(
-            s.spaces.values().map(|sp| sp.usable.size()).sum(),
-            Ordering::Relaxed,
-        );
+        c.reserved.store(s.reserved, Ordering::Relaxed);
         c.committed.store(s.committed, Ordering::Relaxed);
         c.critical.store(s.critical, Ordering::Relaxed);
         c.crossings.store(s.critical_crossings, Ordering::Relaxed);
@@ -168,6 +167,7 @@ impl<M: Mmu> CodeManager<M> {
                     window,
                     free_va: DisjointAllocationPool::from_range(window),
                     spaces: BTreeMap::new(),
+                    reserved: 0,
                     pages: BTreeMap::new(),
                     committed: 0,
                     critical: config.max_committed / 2,
@@ -369,6 +369,7 @@ impl<M: Mmu> State<M> {
                 reservation,
             },
         );
+        self.reserved += usable.size();
         Ok(usable)
     }
 
@@ -383,6 +384,7 @@ impl<M: Mmu> State<M> {
         };
         self.decommit(usable)?;
         self.spaces.remove(&usable.start());
+        self.reserved -= space.usable.size();
         // The reservation came out of this pool, so it cannot overlap free space.
         let _ = self.free_va.merge(space.reservation);
         Ok(())
