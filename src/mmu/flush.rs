@@ -83,12 +83,15 @@ impl TlbFlush {
         }
     }
 
-    /// Queues `frame` to return to the frame allocator after the flush.
+    /// Records `page` for invalidation and queues `frame`, which it mapped, to return to the
+    /// frame allocator after the flush.
     ///
     /// # Safety
-    /// For backends: `frame` is mapped nowhere any more (but may still be cached), and its
-    /// former pages were recorded with [`add`](Self::add).
-    pub unsafe fn free_after_flush(&mut self, frame: u64) {
+    /// For backends: `frame` is mapped nowhere any more (but may still be cached), and `page`
+    /// is every page that mapped it (other pages that did were recorded with
+    /// [`add`](Self::add)).
+    pub unsafe fn free_after_flush(&mut self, page: usize, frame: u64) {
+        self.add(page);
         self.frames.push(frame);
     }
 
@@ -206,7 +209,7 @@ mod tests {
         // SAFETY: no backend consumes these; the test only moves them around.
         unsafe {
             b.store_after_flush(0x5000, 7);
-            b.free_after_flush(0x9000);
+            b.free_after_flush(0x5000, 0x9000);
         }
         a.merge(b);
         assert_eq!(a.pages(), &[0x5000]);

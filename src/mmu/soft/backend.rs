@@ -354,9 +354,8 @@ unsafe impl Mmu for SoftMmu {
             return Err((e, page));
         }
         m.store("unmap", page.page() as u64, slot, 0);
-        tlb.add(page.page());
-        // SAFETY: the frame is mapped nowhere now; its page was recorded above.
-        unsafe { tlb.free_after_flush(page.frame()) };
+        // SAFETY: the frame is mapped nowhere now; its page goes into the batch with it.
+        unsafe { tlb.free_after_flush(page.page(), page.frame()) };
         Ok(())
     }
 

@@ -379,9 +379,9 @@ where
             }
         }
         slot.set(0);
-        tlb.add(page.page());
-        // SAFETY: the frame is mapped nowhere in the window now; its page is in the batch.
-        unsafe { tlb.free_after_flush(page.frame()) };
+        // SAFETY: the frame is mapped nowhere in the window now; its page goes into the batch
+        // with it.
+        unsafe { tlb.free_after_flush(page.page(), page.frame()) };
         Ok(())
     }
 
