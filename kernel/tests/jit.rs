@@ -52,7 +52,6 @@ fn program_module(mgr: &CodeManager<KernelMmu>) -> JitModule<KernelMmu> {
         mgr,
         &REGISTRIES,
         JitConfig {
-            fault_range: None,
             functions: programs::FUNCTIONS,
             host: programs::host_functions(),
             lazy_entry: None,

@@ -59,7 +59,6 @@ pub(super) fn run(r: &Report) {
         &manager,
         &REGISTRIES,
         JitConfig {
-            fault_range: None,
             functions: FUNCTIONS + 1,
             host: programs::host_functions(),
             lazy_entry: None,

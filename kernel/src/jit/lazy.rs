@@ -123,7 +123,6 @@ pub fn start(
         manager,
         registries,
         JitConfig {
-            fault_range: None,
             functions,
             host,
             lazy_entry: Some(code::lazy_compile_entry()),

@@ -42,9 +42,6 @@ pub struct JitConfig {
     pub host: &'static [HostFunction],
     /// The lazy-compile entry: functions start as lazy slots that call it (see `lazy`).
     pub lazy_entry: Option<usize>,
-    /// The addresses protected loads and stores may fault on: the linear memory's reservation
-    /// ([`LinearMemory::reservation`]). A fault anywhere else is not a trap of this code.
-    pub fault_range: Option<(u64, u64)>,
 }
 
 /// Compiled functions in a codespace module, callable through their jump-table slots.
@@ -188,10 +185,7 @@ impl<M: Mmu + Send + 'static> JitModule<M> {
         NewCode {
             protected: code.protected(),
             landing_pad: code.landing_pad(),
-            fault_range: self
-                .config
-                .fault_range
-                .map(|(start, end)| codespace::AddressRange::new(start as usize, end as usize)),
+            fault_range: None,
             relocations: code.relocations(),
             source_positions: code.source_positions(),
             name,

@@ -51,16 +51,6 @@ pub fn settle(manager: &CodeManager<KernelMmu>) {
     assert!(audit.is_clean(), "audit at the end: {audit:?}");
 }
 
-/// Reports a quiescent state for the calling CPU.
-///
-/// # Safety
-/// As [`code::quiescent`]: the caller is not executing (nor will return into) generated code
-/// and holds no trap-table or PC-lookup reference.
-pub unsafe fn quiescent() {
-    // SAFETY: the caller's contract.
-    unsafe { code::quiescent() };
-}
-
 /// `mov eax, imm32; ret`.
 #[must_use]
 pub fn ret_const(v: u32) -> [u8; 6] {
@@ -279,7 +269,7 @@ pub unsafe fn poll_grace(mut done: impl FnMut() -> bool) -> bool {
     true
 }
 
-pub use crate::code::{settle_slot, under_tcg};
+pub use crate::code::{quiescent, settle_slot, under_tcg};
 
 /// Allocates frames until `frame` comes back; gives the others back. The frame allocator hands
 /// out the lowest free frame at or after its cursor, so this is usually the first allocation.

@@ -40,7 +40,6 @@ pub fn run(window: usize, calls: u32) -> JitStats {
         &mgr,
         &REGISTRIES,
         JitConfig {
-            fault_range: None,
             functions: programs::FUNCTIONS,
             host: programs::host_functions(),
             lazy_entry: None,
@@ -196,7 +195,6 @@ pub fn compile_everywhere(window: usize, rounds: u32) -> u64 {
         &mgr,
         &REGISTRIES,
         JitConfig {
-            fault_range: None,
             functions: programs::FUNCTIONS,
             host: programs::host_functions(),
             lazy_entry: None,

@@ -16,7 +16,6 @@ pub fn tour(manager: &CodeManager<KernelMmu>) -> Result<(), String> {
         manager,
         &REGISTRIES,
         JitConfig {
-            fault_range: None,
             functions: programs::FUNCTIONS,
             host: programs::host_functions(),
             lazy_entry: None,
