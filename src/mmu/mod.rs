@@ -25,6 +25,7 @@ use crate::AddressRange;
 mod error;
 mod flush;
 mod page;
+pub(crate) mod pte;
 pub mod soft;
 #[cfg(feature = "x86_64")]
 pub mod x86;

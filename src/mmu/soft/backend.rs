@@ -5,7 +5,8 @@ use alloc::vec::Vec;
 use super::inject::CallKind;
 use super::machine::{canonical, present, Memory, Slot, ADDR, P, STAGED, W};
 use super::tlb::{Violation, ViolationKind};
-use super::{cached, leaf_entry, Machine, SoftMmu};
+use super::{cached, Machine, SoftMmu};
+use crate::mmu::pte::leaf_entry;
 use crate::mmu::{
     page_aligned, CommittedPage, FlushStats, InterruptControl, Leaf, Mmu, MmuError, PageMapping,
     Poke, Protection, TlbFlush, Unflushed, MAX_POKE_PAGES,

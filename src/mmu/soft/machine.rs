@@ -14,14 +14,7 @@ use crate::PAGE_SIZE;
 /// Physical address of frame 0; frame `i` sits at `PHYS_BASE + i * 4096`.
 pub const PHYS_BASE: u64 = 0x10_0000;
 
-pub(super) const P: u64 = 1 << 0;
-pub(super) const W: u64 = 1 << 1;
-pub(super) const PS: u64 = 1 << 7;
-pub(super) const NX: u64 = 1 << 63;
-/// Software bit (ignored by hardware) set in staged not-present entries, so they never read as
-/// empty even for a frame at physical address 0.
-pub(super) const STAGED: u64 = 1 << 9;
-pub(super) const ADDR: u64 = 0x000F_FFFF_FFFF_F000;
+pub(super) use crate::mmu::pte::{ADDR, NX, P, PS, STAGED, W};
 const TABLE_FLAGS: u64 = P | W;
 const SHIFT: [u32; 4] = [39, 30, 21, 12];
 const PAGE: u64 = PAGE_SIZE as u64;

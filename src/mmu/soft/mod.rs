@@ -29,7 +29,7 @@ pub use tlb::{Violation, ViolationKind};
 
 use super::{FlushStats, InterruptControl, Leaf};
 use inject::Inject;
-use machine::{Memory, ADDR, NX, P, W};
+use machine::{Memory, ADDR, NX, W};
 use tlb::{Cached, Tlbs};
 
 /// The shared machine.
@@ -272,13 +272,5 @@ fn cached(entry: u64) -> Cached {
         frame: entry & ADDR,
         writable: entry & W != 0,
         executable: entry & NX == 0,
-    }
-}
-
-/// A present RW+NX or R+X leaf for `frame`.
-fn leaf_entry(frame: u64, prot: super::Protection) -> u64 {
-    match prot {
-        super::Protection::ReadWrite => frame | P | W | NX,
-        super::Protection::ReadExecute => frame | P,
     }
 }

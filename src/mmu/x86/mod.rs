@@ -32,13 +32,14 @@ pub use cpu::INTERRUPTS as X86_INTERRUPTS;
 pub use linear::LinearMap;
 pub use smp::{Smp, UniProcessor};
 
+use crate::mmu::pte::leaf_entry;
 use crate::mmu::{
     CommittedPage, FlushStats, InterruptControl, Leaf, Mmu, MmuError, PageMapping, Poke,
     Protection, TlbFlush, Unflushed,
 };
 use crate::{AddressRange, PAGE_SIZE};
 use poke::PokeSpace;
-use tables::{Slot, Tables, ADDR, NX, P, STAGED, W};
+use tables::{Slot, Tables, ADDR, P, STAGED};
 
 /// What fresh code frames are filled with: INT3, so a stray jump into free bytes traps.
 const INT3: u8 = 0xCC;
@@ -77,13 +78,6 @@ pub struct X86Mmu<'a, R: RawMutex, M, A: FrameDeallocator<Size4KiB>, F> {
     free_count: Option<fn(&A) -> usize>,
     stats: FlushStats,
     _tables: PhantomData<M>,
-}
-
-fn leaf_entry(frame: u64, prot: Protection) -> u64 {
-    match prot {
-        Protection::ReadWrite => (frame & ADDR) | P | W | NX,
-        Protection::ReadExecute => (frame & ADDR) | P,
-    }
 }
 
 fn frame(phys: u64) -> PhysFrame {

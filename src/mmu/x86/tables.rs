@@ -12,18 +12,11 @@ use x86_64::PhysAddr;
 
 use crate::mmu::Leaf;
 
-pub(super) const P: u64 = 1 << 0;
-pub(super) const W: u64 = 1 << 1;
+pub(super) use crate::mmu::pte::{ADDR, NX, P, PS, STAGED, W};
 pub(super) const US: u64 = 1 << 2;
-pub(super) const PS: u64 = 1 << 7;
 /// PAT bit of a 4 KiB leaf; in a huge leaf the PAT bit is bit 12 instead.
 const PAT_4K: u64 = 1 << 7;
 const PAT_HUGE: u64 = 1 << 12;
-pub(super) const NX: u64 = 1 << 63;
-/// An AVL bit (ignored by hardware): marks a staged not-present leaf, so it never reads as an
-/// empty entry and nothing maps over it.
-pub(super) const STAGED: u64 = 1 << 9;
-pub(super) const ADDR: u64 = 0x000F_FFFF_FFFF_F000;
 const SHIFT: [u32; 4] = [39, 30, 21, 12];
 
 /// An entry's location: the table (as a pointer into the physical-memory mapping), index and
