@@ -189,18 +189,24 @@ pub unsafe fn synchronize() {
     }
 }
 
-/// Whether this runs under QEMU's TCG (CPUID leaf 0x4000_0000 says `TCGTCGTCGTCG`).
+/// The hypervisor's signature from CPUID leaf 0x4000_0000; `None` without a hypervisor.
 #[must_use]
-pub fn under_tcg() -> bool {
+pub fn hypervisor_signature() -> Option<[u8; 12]> {
     if core::arch::x86_64::__cpuid(1).ecx & (1 << 31) == 0 {
-        return false; // no hypervisor
+        return None;
     }
     let leaf = core::arch::x86_64::__cpuid(0x4000_0000);
     let mut id = [0u8; 12];
     id[..4].copy_from_slice(&leaf.ebx.to_le_bytes());
     id[4..8].copy_from_slice(&leaf.ecx.to_le_bytes());
     id[8..].copy_from_slice(&leaf.edx.to_le_bytes());
-    &id == b"TCGTCGTCGTCG"
+    Some(id)
+}
+
+/// Whether this runs under QEMU's TCG (CPUID leaf 0x4000_0000 says `TCGTCGTCGTCG`).
+#[must_use]
+pub fn under_tcg() -> bool {
+    hypervisor_signature().is_some_and(|id| &id == b"TCGTCGTCGTCG")
 }
 
 /// Under QEMU's TCG, stores slot `index`'s current target again (one more `patch_slot`) after

@@ -22,30 +22,37 @@ pub fn rdtsc() -> u64 {
     unsafe { _rdtsc() }
 }
 
-/// Measures the TSC rate over 10 ms of PIT channel 2 (boot CPU, interrupts off, before any
-/// other CPU runs, so nothing else touches the PIT ports).
-pub(crate) fn init() {
+/// TSC ticks during `ms` (at most 54) milliseconds of PIT channel 2, or about 2^31 if its
+/// output never rises. Only on the boot CPU with nothing running beside it (boot, the
+/// benchmarks), so nothing else touches the PIT ports.
+pub(crate) fn pit_ticks(ms: u64) -> u64 {
     const PIT_HZ: u64 = 1_193_182;
-    const MS: u64 = 10;
-    const LATCH: u16 = (PIT_HZ * MS / 1000) as u16;
+    let latch = (PIT_HZ * ms / 1000) as u16;
     // SAFETY: ports 0x61 and 0x42/0x43 drive PIT channel 2 and its gate; only this function
-    // and the benchmark calibration use them, both on the boot CPU with nothing running beside.
-    let ticks = unsafe {
+    // uses them, on the boot CPU with nothing running beside (its contract above).
+    unsafe {
         let mut gate = Port::<u8>::new(0x61);
         let mut cmd = Port::<u8>::new(0x43);
         let mut ch2 = Port::<u8>::new(0x42);
         let saved = gate.read();
         gate.write((saved & !0x02) | 0x01);
         cmd.write(0xB0); // channel 2, lobyte/hibyte, mode 0 (interrupt on terminal count)
-        ch2.write(LATCH as u8);
-        ch2.write((LATCH >> 8) as u8);
+        ch2.write(latch as u8);
+        ch2.write((latch >> 8) as u8);
         let t0 = rdtsc();
         // Bounded: should OUT2 never rise, give up after ~2^31 TSC ticks.
         while gate.read() & 0x20 == 0 && rdtsc() - t0 < 1 << 31 {}
         let t1 = rdtsc();
         gate.write(saved);
-        (t1 - t0) / MS
-    };
+        t1 - t0
+    }
+}
+
+/// Measures the TSC rate over 10 ms of PIT channel 2 (boot CPU, interrupts off, before any
+/// other CPU runs).
+pub(crate) fn init() {
+    const MS: u64 = 10;
+    let ticks = pit_ticks(MS) / MS;
     let rate = if ticks == 0 || ticks >= (1 << 31) / MS {
         FALLBACK_TICKS_PER_MS
     } else {

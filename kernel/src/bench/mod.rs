@@ -12,9 +12,7 @@ mod module_rows;
 mod smp;
 
 use alloc::vec::Vec;
-use core::arch::x86_64::{__cpuid, _mm_lfence, _rdtsc};
-
-use x86_64::instructions::port::Port;
+use core::arch::x86_64::{_mm_lfence, _rdtsc};
 
 use crate::qemu::ExitCode;
 use crate::{memory, println};
@@ -46,41 +44,16 @@ fn stop() -> u64 {
 
 /// TSC ticks per microsecond, measured over 20 ms of PIT channel 2.
 fn calibrate() -> f64 {
-    const PIT_HZ: u64 = 1_193_182;
-    const LATCH: u16 = (PIT_HZ / 50) as u16; // 20 ms
-                                             // SAFETY: ports 0x61 and 0x42/0x43 drive PIT channel 2, which nothing else uses.
-    unsafe {
-        let mut gate = Port::<u8>::new(0x61);
-        let mut cmd = Port::<u8>::new(0x43);
-        let mut ch2 = Port::<u8>::new(0x42);
-        let g = gate.read();
-        gate.write((g & !0x02) | 0x01);
-        cmd.write(0xB0); // channel 2, lobyte/hibyte, mode 0
-        ch2.write(LATCH as u8);
-        ch2.write((LATCH >> 8) as u8);
-        let t0 = start();
-        while gate.read() & 0x20 == 0 {}
-        let t1 = stop();
-        gate.write(g);
-        (t1 - t0) as f64 / 20_000.0
-    }
+    crate::time::pit_ticks(20) as f64 / 20_000.0
 }
 
 /// "KVM", "TCG" or another hypervisor signature from CPUID 0x4000_0000; "bare metal" without.
 fn hypervisor() -> &'static str {
-    let leaf1 = __cpuid(1);
-    if leaf1.ecx & (1 << 31) == 0 {
-        return "bare metal";
-    }
-    let hv = __cpuid(0x4000_0000);
-    let mut sig = [0u8; 12];
-    sig[..4].copy_from_slice(&hv.ebx.to_le_bytes());
-    sig[4..8].copy_from_slice(&hv.ecx.to_le_bytes());
-    sig[8..].copy_from_slice(&hv.edx.to_le_bytes());
-    match &sig {
-        b"KVMKVMKVM\0\0\0" => "KVM",
-        b"TCGTCGTCGTCG" => "TCG",
-        _ => "other hypervisor",
+    match crate::code::hypervisor_signature() {
+        None => "bare metal",
+        Some(sig) if &sig == b"KVMKVMKVM\0\0\0" => "KVM",
+        Some(sig) if &sig == b"TCGTCGTCGTCG" => "TCG",
+        Some(_) => "other hypervisor",
     }
 }
 
