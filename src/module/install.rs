@@ -25,14 +25,14 @@ struct Staged {
 impl<M: Mmu> ModuleState<M> {
     /// Checks what can be checked before anything is allocated.
     fn check_new(&self, batch: &[NewCode<'_>]) -> Result<(), ModuleError> {
-        let mut seen = Vec::new();
+        // Ordered, so a batch of a whole module is O(k log k), not O(k²).
+        let mut seen = alloc::collections::BTreeSet::new();
         for new in batch {
             if let Some(index) = new.index {
                 self.check_index(index)?;
-                if seen.contains(&index) {
+                if !seen.insert(index) {
                     return Err(ModuleError::BadIndex { index });
                 }
-                seen.push(index);
             }
             match (new.protected.is_empty(), new.landing_pad) {
                 (true, _) => {}

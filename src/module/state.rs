@@ -106,8 +106,14 @@ impl<M: Mmu> ModuleState<M> {
                 .is_some_and(|l| l.object.kind() != CodeKind::JumpTable)
     }
 
+    /// Whether live code at `start` is its function's installed code. Only function `i`'s own
+    /// code (built with index `i`) is ever installed at `functions[i]`, so one look at that
+    /// entry answers, not a scan of every function (a tier-up of k functions would be O(k·n)).
     pub fn is_installed(&self, start: usize) -> bool {
-        self.functions.contains(&Some(start))
+        self.live
+            .get(&start)
+            .and_then(|l| l.object.index())
+            .is_some_and(|i| self.functions.get(i as usize) == Some(&Some(start)))
     }
 
     pub fn is_targeted(&self, start: usize) -> bool {

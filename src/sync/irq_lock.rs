@@ -51,22 +51,7 @@ impl<T> IrqLock<T> {
     /// # Errors
     /// [`Busy`] when the lock is held and interrupts were already off on entry.
     pub fn lock(&self, irq: InterruptControl) -> Result<IrqGuard<'_, T>, Busy> {
-        loop {
-            let enabled = (irq.disable)();
-            if let Some(guard) = self.inner.try_lock() {
-                return Ok(IrqGuard {
-                    guard: core::mem::ManuallyDrop::new(guard),
-                    irq,
-                    enabled,
-                    disabled: true,
-                });
-            }
-            if !enabled {
-                return Err(Busy);
-            }
-            (irq.restore)(enabled);
-            core::hint::spin_loop();
-        }
+        self.acquire_with_interrupts_off(irq, true)
     }
 
     /// Takes the lock, leaving interrupts as the caller has them while it is held.
@@ -99,14 +84,32 @@ impl<T> IrqLock<T> {
     /// as the caller had them.
     pub fn lock_spinning(&self, irq: InterruptControl) -> IrqGuard<'_, T> {
         loop {
+            // Never refused (`refuse_when_off` is false); the loop only makes that total.
+            if let Ok(guard) = self.acquire_with_interrupts_off(irq, false) {
+                return guard;
+            }
+        }
+    }
+
+    /// Spins for the lock, trying it with interrupts off and waiting with them as on entry;
+    /// answers [`Busy`] instead of waiting when they were off on entry and `refuse_when_off`.
+    fn acquire_with_interrupts_off(
+        &self,
+        irq: InterruptControl,
+        refuse_when_off: bool,
+    ) -> Result<IrqGuard<'_, T>, Busy> {
+        loop {
             let enabled = (irq.disable)();
             if let Some(guard) = self.inner.try_lock() {
-                return IrqGuard {
+                return Ok(IrqGuard {
                     guard: core::mem::ManuallyDrop::new(guard),
                     irq,
                     enabled,
                     disabled: true,
-                };
+                });
+            }
+            if !enabled && refuse_when_off {
+                return Err(Busy);
             }
             (irq.restore)(enabled);
             core::hint::spin_loop();
