@@ -34,13 +34,13 @@ impl<M: Mmu> ModuleState<M> {
                 return Err(ModuleError::BadRelocation { offset: w[1].2 });
             }
         }
+        let table = self.table_for(start);
         for r in relocations {
             let at = r.offset as usize;
             let bad = ModuleError::BadRelocation { offset: r.offset };
             match r.kind {
                 RelocKind::CallSlot { slot } => {
-                    let slot_addr = self
-                        .table_for(start)
+                    let slot_addr = table
                         .and_then(|t| t.layout.near_slot_addr(slot))
                         .ok_or(bad)?;
                     // A rel32 call or jump: the opcode byte precedes the field.
