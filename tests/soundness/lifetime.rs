@@ -1,0 +1,1 @@
+//! Issue 18 items of this area; see `main.rs`.
