@@ -190,7 +190,9 @@ impl Run<'_> {
                 let pointers: &'static CodePointerTable =
                     Box::leak(Box::new(CodePointerTable::with_capacity(512)));
                 module.set_code_pointer_table(Some(pointers)).unwrap();
-                module.register_external(EXTERNAL).unwrap();
+                // SAFETY: nothing executes on the software machine; EXTERNAL stands for
+                // kernel text outside the window.
+                unsafe { module.register_external(EXTERNAL) }.unwrap();
                 self.models[mi] = Some(Model {
                     module,
                     pointers,
