@@ -4,7 +4,7 @@
 use codespace::code_object::{CodeKind, CodeObject};
 use codespace::code_pointer_table::CodePointerTable;
 use codespace::mmu::soft::SoftMmu;
-use codespace::module::{CodeModule, ModuleConfig, ModuleError, NewCode};
+use codespace::module::{CodeModule, ModuleConfig, ModuleError, NewCode, Registries};
 use codespace::{AllocatorConfig, CodeAllocator, CodeError, CodeManager, ManagerConfig};
 use std::sync::Arc;
 
@@ -91,7 +91,7 @@ fn item_01_dropping_a_module_resets_its_code_pointers_before_the_grace_period() 
 
 fn module_with_table(
     m: &CodeManager<SoftMmu>,
-    regs: &'static codespace::module::Registries,
+    regs: &'static Registries,
     table: &'static CodePointerTable,
 ) -> CodeModule<SoftMmu> {
     let module = module(m, regs, functions(1));
@@ -268,57 +268,73 @@ fn item_19_the_code_pointer_table_cannot_change_under_existing_pointers() {
     assert_sound(&machine, &m);
 }
 
-/// What a failed `CodeModule::new` must leave exactly as it was.
-#[derive(Debug, PartialEq, Eq)]
+/// What a failed `CodeModule::new` must leave exactly as it was: the manager's counters, code
+/// spaces and audit, the grace domain's deferred values, PC lookup, and every page-table leaf
+/// and frame of the machine.
 struct Before {
-    stats: codespace::manager::ManagerStats,
-    spaces: Vec<codespace::AddressRange>,
-    audit: codespace::AuditReport,
+    books: (
+        codespace::manager::ManagerStats,
+        Vec<codespace::AddressRange>,
+        codespace::AuditReport,
+        usize,
+        usize,
+    ),
     snapshot: codespace::mmu::soft::Snapshot,
-    deferred: usize,
-    code_map: usize,
 }
 
-fn before(
-    machine: &SoftMmu,
-    m: &CodeManager<SoftMmu>,
-    regs: &codespace::module::Registries,
-) -> Before {
-    Before {
-        stats: m.stats(),
-        spaces: m.code_spaces().unwrap(),
-        audit: m.audit().unwrap(),
-        snapshot: machine.snapshot(),
-        deferred: regs.grace().deferred(),
-        code_map: regs.code.len(),
+impl Before {
+    fn take(machine: &SoftMmu, m: &CodeManager<SoftMmu>, regs: &Registries) -> Self {
+        Before {
+            books: (
+                m.stats(),
+                m.code_spaces().unwrap(),
+                m.audit().unwrap(),
+                regs.grace().deferred(),
+                regs.code.len(),
+            ),
+            snapshot: machine.snapshot(),
+        }
+    }
+
+    fn assert_unchanged(&self, machine: &SoftMmu, m: &CodeManager<SoftMmu>, regs: &Registries) {
+        let now = Before::take(machine, m, regs);
+        assert_eq!(
+            now.books, self.books,
+            "counters, spaces, audit, deferred, PC lookup"
+        );
+        assert!(
+            now.snapshot == self.snapshot,
+            "page tables or frames changed"
+        );
     }
 }
 
-/// Item 20: a constructor that fails (jump tables larger than the initial reservation; the
-/// commit limit reached by the tables) changes nothing: no code space stays reserved waiting for
-/// a grace period (the old code handed it to the grace domain).
+/// Item 20: a constructor whose jump tables do not fit the initial reservation changes nothing
+/// (the old code kept the reserved space, handed to the grace domain, until a grace period and
+/// a `GraceDomain::reclaim`).
 #[test]
-fn item_20_a_failed_module_constructor_changes_nothing() {
-    // Tables that do not fit the initial reservation.
+fn item_20_a_module_whose_tables_do_not_fit_its_reservation_changes_nothing() {
     let (machine, m) = default_rig();
     let regs = registries();
     let keep = module(&m, regs, functions(2));
     function(&keep, 0, 0x90);
-    let was = before(&machine, &m, regs);
+    let was = Before::take(&machine, &m, regs);
     let config = ModuleConfig {
         functions: 2000,
         initial_reservation: PAGE,
         ..ModuleConfig::default()
     };
-    let r = CodeModule::new(&m, regs, config);
-    assert!(
-        matches!(r, Err(ModuleError::TooManyFunctions { functions: 2000 })),
-        "{r:?}"
-    );
-    drop(r);
-    assert_eq!(before(&machine, &m, regs), was);
+    let r = CodeModule::new(&m, regs, config).map(drop);
+    was.assert_unchanged(&machine, &m, regs);
+    // Refused before anything is reserved.
+    assert_eq!(r, Err(ModuleError::TooManyFunctions { functions: 2000 }));
+    assert_sound(&machine, &m);
+}
 
-    // The commit limit: every committable page is taken by another allocator.
+/// Item 20: a constructor whose jump tables hit the commit limit changes nothing: its initial
+/// reservation is given back at once, and nothing waits in the grace domain.
+#[test]
+fn item_20_a_module_whose_tables_hit_the_commit_limit_changes_nothing() {
     let (machine, m) = rig(
         1 << 14,
         ManagerConfig {
@@ -327,19 +343,24 @@ fn item_20_a_failed_module_constructor_changes_nothing() {
         },
     );
     let regs = registries();
+    // Every committable page is taken by another allocator.
     let mut other = CodeAllocator::new(&m, AllocatorConfig::default()).unwrap();
     let code = other.allocate(4 * PAGE).unwrap();
-    let was = before(&machine, &m, regs);
-    let r = CodeModule::new(&m, regs, functions(8));
+    let was = Before::take(&machine, &m, regs);
+    let config = ModuleConfig {
+        functions: 8,
+        initial_reservation: 16 * PAGE,
+        ..ModuleConfig::default()
+    };
+    let r = CodeModule::new(&m, regs, config).map(drop);
+    was.assert_unchanged(&machine, &m, regs);
     assert!(
         matches!(r, Err(ModuleError::Code(CodeError::CommitLimit { .. }))),
         "{r:?}"
     );
-    drop(r);
-    assert_eq!(before(&machine, &m, regs), was);
     other.discard(code).map_err(|e| e.error()).unwrap();
     drop(other);
-    // Still works afterwards, and nothing was left to the grace domain.
+    // Works afterwards; a module that existed goes through the grace domain.
     let module = module(&m, regs, functions(8));
     function(&module, 0, 0x90);
     assert_eq!(settle(regs), 0);
