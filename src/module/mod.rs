@@ -29,6 +29,8 @@ use alloc::vec::Vec;
 mod config;
 mod install;
 mod lifetime;
+#[cfg(all(test, loom))]
+mod loom_models;
 mod registries;
 mod relocation;
 mod state;
@@ -68,8 +70,9 @@ impl Installed {
     }
 }
 
-/// One module's code (V8's `NativeModule`). Dropping it hands its code to the registries' grace
-/// domain, which frees it once every CPU passed a quiescent state
+/// One module's code (V8's `NativeModule`). Dropping it resets its code pointers to the trap
+/// address at once and hands its code to the registries' grace domain, which frees it once every
+/// CPU passed a quiescent state
 /// ([`GraceDomain::reclaim`](crate::sync::grace::GraceDomain::reclaim)).
 pub struct CodeModule<M: Mmu + Send + 'static> {
     manager: CodeManager<M>,

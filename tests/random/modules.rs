@@ -209,8 +209,7 @@ impl Run<'_> {
                     "{}: {e:?}",
                     self.label()
                 );
-                // The half-built module waits for a grace period like a dropped one.
-                self.orphans.push((Vec::new(), false));
+                // A failed constructor changes nothing: nothing waits for a grace period.
             }
         }
     }
@@ -365,9 +364,7 @@ impl Run<'_> {
             Err(e) => return self.expect_failure(&e, false),
         };
         let m = self.model(mi);
-        for &(i, t) in &patches {
-            m.slots[i as usize] = Some(t);
-        }
+        m.set_slots(&patches);
         m.stale = stale;
     }
 
