@@ -88,7 +88,7 @@ fn model(teardown: Teardown, rounds: usize) {
 /// quiescent state that the grace period waited for, or found the trap address.
 #[test]
 fn loom_module_drop_unpublishes_before_the_ticket() {
-    model(Teardown::UnlinkThenTicket, 2);
+    model(Teardown::UnlinkThenTicket, 3);
 }
 
 /// The model has teeth: with the ticket taken first, a reader that reports a quiescent state
