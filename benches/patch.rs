@@ -42,7 +42,9 @@ fn setup() -> (
     };
     let module = CodeModule::new(&manager, registries, config).expect("module");
     for stub in [KERNEL_TEXT, KERNEL_TEXT + 0x40] {
-        module.register_external(stub).expect("stub");
+        // SAFETY: the stubs are never called (the bench only patches and reads slots), and the
+        // module is dropped with the bench.
+        unsafe { module.register_external(stub) }.expect("stub");
     }
     let code = [0x8D, 0x04, 0x37, 0xC3]; // lea eax, [rdi+rsi]; ret
     let targets = [0, 1].map(|i| {

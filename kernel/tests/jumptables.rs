@@ -243,8 +243,9 @@ fn target_beyond_2_gib_takes_the_far_path() {
         m.patch_slot(1, target.instruction_start()),
         Err(codespace::module::ModuleError::UnknownTarget { .. })
     ));
-    m.register_external(target.instruction_start())
-        .expect("external");
+    // SAFETY: `far` keeps `target` (a `ret_const` function, callable like `m`'s) and is
+    // dropped with `m` below; no CPU calls slot 1 after that.
+    unsafe { m.register_external(target.instruction_start()) }.expect("external");
     m.patch_slot(1, target.instruction_start()).expect("patch");
     let layout = m.jump_tables().expect("tables")[0];
     let mut near = [0u8; 8];

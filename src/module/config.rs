@@ -127,14 +127,26 @@ pub enum ModuleError {
         /// The target given.
         target: usize,
     },
+    /// An external entry cannot be code that stays callable: it lies inside one of this
+    /// module's code spaces (whose code is freed and reused on the module's own schedule), or
+    /// inside the code window but in no code space at all.
+    BadExternal {
+        /// The entry given.
+        entry: usize,
+    },
+    /// The module's code already has pointers in its code-pointer table: switching tables would
+    /// free them in the wrong one (another module's live pointers) and leave the old entries
+    /// aimed at code that is freed.
+    CodePointersExist,
     /// A jump table could not be emitted.
     JumpTable(JumpTableError),
     /// The code overlaps code already registered for PC lookup.
     CodeMap(CodeMapError),
     /// The code pointer table refused (full).
     CodePointer(CodePointerError),
-    /// Too many functions: their jump tables would not fit in a code space, or memory for the
-    /// per-function tables could not be allocated.
+    /// Too many functions: their jump tables would not fit in a code space (or in the
+    /// configured initial reservation), or memory for the per-function tables could not be
+    /// allocated.
     TooManyFunctions {
         /// Functions asked for.
         functions: u32,
@@ -166,6 +178,13 @@ impl fmt::Display for ModuleError {
                     f,
                     "{target:#x} is neither code of this module nor an external entry"
                 )
+            }
+            ModuleError::BadExternal { entry } => write!(
+                f,
+                "{entry:#x} lies in this module's code or in no code space of the window"
+            ),
+            ModuleError::CodePointersExist => {
+                f.write_str("the module's code already has pointers in its code pointer table")
             }
             ModuleError::JumpTable(e) => write!(f, "jump table: {e:?}"),
             ModuleError::CodeMap(e) => write!(f, "PC lookup: {e}"),

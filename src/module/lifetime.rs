@@ -10,6 +10,20 @@
 //! 3. **Reclaimed.** Its trap entry and PC-lookup entry go first, then its memory (INT3 fill,
 //!    decommit, reuse) — so a lookup never finds freed code whose memory was reused
 //!    (wasmtime #12511).
+//!
+//! Code becomes unreachable when its module drops its reference (replacement, `free_code`), when
+//! a holder's `dec_ref` ends it ([`free_dead_code`](ModuleState::free_dead_code)), or when the
+//! last slot targeting it moves away (`set_slots`): each of these checks step 1 again.
+//!
+//! A dropped module goes the same way as a whole ([`unpublish`](ModuleState::unpublish)): under
+//! its lock (exclusive access, in `drop`) every code pointer leading into it is reset to the trap
+//! address, *then* the grace ticket is taken, and the code spaces are released when the grace
+//! period is over ([`Orphan`]). A CPU that loads a pointer after reporting a quiescent state
+//! past the ticket gets the trap address; one that loaded the module's code before is waited
+//! for. The module's jump tables need no reset: they are its own memory, entered only by its own
+//! code and by callers holding addresses the module handed out, which end with it (holding
+//! one across a quiescent state breaks the grace domain's contract). Trap and PC-lookup entries
+//! stay until the end: a CPU still running the code needs them.
 
 use alloc::vec::Vec;
 
@@ -17,8 +31,32 @@ use super::config::ModuleError;
 use super::state::{Live, ModuleState, Retired, Unfreed};
 use crate::code_events::CodeEvent;
 use crate::code_object::{CodeKind, DecRef};
+use crate::code_pointer_table::{CodePointer, CodePointerTable};
 use crate::manager::{FreeError, PublishedCode, WritableCode};
 use crate::mmu::Mmu;
+use crate::sync::grace::{GraceDomain, GraceTicket};
+
+/// Step 1 then the ticket, for code leaving through `pointers` of `table`: every pointer is
+/// reset to the trap address (one `Release` store each, under the table's lock) before
+/// [`GraceDomain::defer`] (whose `SeqCst` fence orders those stores before the epoch it reads).
+/// So a CPU that announces a quiescent state after the ticket's epoch and then loads one of the
+/// pointers sees the trap address (its announcement's fence follows the defer's in the `SeqCst`
+/// order); a CPU that loaded the old entry announced before, and the grace period waits for its
+/// next announcement. Taking the ticket first would let a CPU announce, load the old entry and
+/// run the code while the grace period ends (the loom model `loom_module_drop_*` checks both).
+pub(super) fn unlink_then_defer(
+    grace: &GraceDomain,
+    table: Option<&CodePointerTable>,
+    pointers: impl IntoIterator<Item = CodePointer>,
+) -> GraceTicket {
+    if let Some(table) = table {
+        for p in pointers {
+            // `NotAllocated` would be a handle the module does not hold: nothing to reset.
+            let _ = table.free(p);
+        }
+    }
+    grace.defer()
+}
 
 impl<M: Mmu> ModuleState<M> {
     /// Drops the module's reference to the code at `start`; retires it if that was the last.
@@ -36,7 +74,7 @@ impl<M: Mmu> ModuleState<M> {
     }
 
     /// Retires the code at `start` if nothing can reach it any more (step 1 of the module docs).
-    fn retire_if_unreachable(&mut self, start: usize) -> bool {
+    pub fn retire_if_unreachable(&mut self, start: usize) -> bool {
         let Some(live) = self.live.get(&start) else {
             return false;
         };
@@ -51,11 +89,8 @@ impl<M: Mmu> ModuleState<M> {
         let Some(live) = self.live.remove(&start) else {
             return false;
         };
-        if let (Some(table), Some(p)) = (self.pointers, live.pointer) {
-            // From now on an indirect call through the pointer traps instead of arriving here.
-            let _ = table.free(p);
-        }
-        let ticket = self.registries.grace().defer();
+        // From now on an indirect call through the pointer traps instead of arriving here.
+        let ticket = unlink_then_defer(self.registries.grace(), self.pointers, live.pointer);
         self.retired.push(Retired {
             live: Live {
                 pointer: None,
@@ -98,6 +133,16 @@ impl<M: Mmu> ModuleState<M> {
         dead.into_iter()
             .filter(|&s| self.retire_if_unreachable(s))
             .count()
+    }
+
+    /// A dropped module's step 1 and ticket: every code pointer into it (its functions' and its
+    /// anonymous code's) reset to the trap address, then the ticket its [`Orphan`] waits for.
+    /// Only from `drop`, with the books exclusively ours.
+    pub fn unpublish(&mut self) -> GraceTicket {
+        let functions = self.function_pointers.iter_mut().filter_map(Option::take);
+        let anonymous = self.live.values_mut().filter_map(|l| l.pointer.take());
+        let pointers: Vec<CodePointer> = functions.chain(anonymous).collect();
+        unlink_then_defer(self.registries.grace(), self.pointers, pointers)
     }
 
     /// Frees `code`, or keeps it to try again at the next [`reclaim`](Self::reclaim) when
@@ -190,13 +235,9 @@ pub(super) struct Orphan<M: Mmu>(pub ModuleState<M>);
 impl<M: Mmu> Drop for Orphan<M> {
     fn drop(&mut self) {
         // `needs_sync` does not matter here: after the grace period no CPU enters the dropped
-        // module's tables or code any more, whatever slot bytes it holds.
+        // module's tables or code any more, whatever slot bytes it holds. Its code pointers
+        // were reset before the ticket (`unpublish`): none is left to free here.
         let state = &mut self.0;
-        if let Some(table) = state.pointers {
-            for p in state.function_pointers.iter_mut().filter_map(Option::take) {
-                let _ = table.free(p);
-            }
-        }
         let mut lives: Vec<Live> = state.retired.drain(..).map(|r| r.live).collect();
         lives.extend(core::mem::take(&mut state.live).into_values());
         state.unregister(&lives);

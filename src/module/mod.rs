@@ -29,6 +29,8 @@ use alloc::vec::Vec;
 mod config;
 mod install;
 mod lifetime;
+#[cfg(all(test, loom))]
+mod loom_models;
 mod registries;
 mod relocation;
 mod state;
@@ -68,8 +70,9 @@ impl Installed {
     }
 }
 
-/// One module's code (V8's `NativeModule`). Dropping it hands its code to the registries' grace
-/// domain, which frees it once every CPU passed a quiescent state
+/// One module's code (V8's `NativeModule`). Dropping it resets its code pointers to the trap
+/// address at once and hands its code to the registries' grace domain, which frees it once every
+/// CPU passed a quiescent state
 /// ([`GraceDomain::reclaim`](crate::sync::grace::GraceDomain::reclaim)).
 pub struct CodeModule<M: Mmu + Send + 'static> {
     manager: CodeManager<M>,
@@ -103,7 +106,14 @@ impl<M: Mmu + Send + 'static> CodeModule<M> {
         if overhead > manager.config().max_code_space_size {
             return Err(too_many);
         }
-        let state = ModuleState {
+        // The first tables go into the initial reservation (page aligned, so whole pages fit
+        // without slack): refuse before reserving it when they cannot.
+        let initial = config.initial_reservation;
+        let fits = |tables| page_round_up(initial).zip(page_round_up(tables));
+        if tables > 0 && initial > 0 && fits(tables).is_some_and(|(room, need)| room < need) {
+            return Err(too_many);
+        }
+        let mut state = ModuleState {
             allocator: CodeAllocator::new(
                 manager,
                 AllocatorConfig {
@@ -127,20 +137,21 @@ impl<M: Mmu + Send + 'static> CodeModule<M> {
             unfreed: Vec::new(),
             needs_sync: false,
         };
+        if functions > 0 {
+            let first = state.allocator.code_spaces().first().copied();
+            // On error `state` is dropped here, not handed to the grace domain: no CPU can have
+            // run code of a module that never existed (`create_tables` took back its table, and
+            // nothing else was added), so its allocator releases the code space it reserved at
+            // once and the manager is as before.
+            state.create_tables(first)?;
+        }
         let irq = manager.lock_control();
-        let module = CodeModule {
+        Ok(CodeModule {
             manager: manager.clone(),
             registries,
             irq,
             state: IrqLock::new(Some(state)),
-        };
-        if functions > 0 {
-            module.with(|s| {
-                let first = s.allocator.code_spaces().first().copied();
-                s.create_tables(first)
-            })?;
-        }
-        Ok(module)
+        })
     }
 
     /// Runs `f` on the books under the module lock.
@@ -192,26 +203,58 @@ impl<M: Mmu + Send + 'static> CodeModule<M> {
     /// Gives code entry points handles in `table` for indirect calls (V8's
     /// `WasmCodePointerTable`): each function index gets one handle, shared by its versions and
     /// aimed at whatever its slot targets; anonymous code (wrappers) gets a handle of its own,
-    /// reset to the trap address when the code is retired. Set it before adding code.
+    /// reset to the trap address when the code is retired. Set it before adding code: once the
+    /// module holds pointers the table cannot change (they would be freed in the wrong table).
     ///
     /// # Errors
-    /// [`ModuleError::Busy`].
+    /// [`ModuleError::CodePointersExist`] for a different table (or `None`) once the module
+    /// holds pointers; [`ModuleError::Busy`].
     pub fn set_code_pointer_table(
         &self,
         table: Option<&'static CodePointerTable>,
     ) -> Result<(), ModuleError> {
         self.with(|s| {
+            let same = match (s.pointers, table) {
+                (Some(a), Some(b)) => core::ptr::eq(a, b),
+                (a, b) => a.is_none() && b.is_none(),
+            };
+            if !same && s.holds_pointers() {
+                return Err(ModuleError::CodePointersExist);
+            }
             s.pointers = table;
             Ok(())
         })
     }
 
-    /// Lets slots target `entry`, an address outside the module (a runtime stub).
+    /// Lets slots target `entry`, code outside the module: a runtime stub, a kernel function,
+    /// another module's code. A slot jumps wherever it points, and the module cannot know when
+    /// code it does not own goes away; hence the contract.
+    ///
+    /// What can be checked is: `entry` must lie outside every code space of this module (code
+    /// there is freed and its range reused on the module's own schedule, while the slot would
+    /// still jump there), and, inside the manager's code window, in some code space (anywhere
+    /// else in the window is unmapped, or a code space reserved later).
+    ///
+    /// # Safety
+    /// `entry` is the first instruction of code that stays mapped, executable and callable the
+    /// way the module's generated code calls through its slots (its calling convention and
+    /// signature) for as long as any slot of this module may jump to it: until every slot
+    /// patched to it was patched elsewhere and a grace period of the registries' domain passed
+    /// since, or until this module was dropped and its grace period passed. For another module's
+    /// code this means that module (and the code, not freed or replaced) outlives those uses.
     ///
     /// # Errors
-    /// [`ModuleError::Busy`].
-    pub fn register_external(&self, entry: usize) -> Result<(), ModuleError> {
+    /// [`ModuleError::BadExternal`] (nothing recorded); [`ModuleError::Busy`].
+    pub unsafe fn register_external(&self, entry: usize) -> Result<(), ModuleError> {
         self.with(|s| {
+            let bad = ModuleError::BadExternal { entry };
+            if s.allocator.space_of(entry).is_some() {
+                return Err(bad);
+            }
+            // Lock order: the module's lock (held), then the manager's.
+            if self.manager.window().contains(entry) && self.manager.space_of(entry)?.is_none() {
+                return Err(bad);
+            }
             s.externals.insert(entry);
             Ok(())
         })
@@ -400,15 +443,21 @@ impl<M: Mmu + Send + 'static> CodeModule<M> {
 }
 
 impl<M: Mmu + Send + 'static> Drop for CodeModule<M> {
+    /// The module's teardown, in the order of the per-object retire path (see [`lifetime`]):
+    /// first nothing shared leads into the module any more, then the grace ticket, then — in a
+    /// later [`GraceDomain::reclaim`](crate::sync::grace::GraceDomain::reclaim) — the frees.
     fn drop(&mut self) {
-        if let Some(state) = self.state.get_mut().take() {
+        // `&mut self`: no other CPU holds the module lock or can take it any more; the books
+        // are ours as if under it.
+        if let Some(mut state) = self.state.get_mut().take() {
             // Other CPUs may still be running (or about to return into) this module's code:
-            // everything it owns is freed after a grace period.
-            let grace = self.registries.grace();
-            grace.defer_drop(
-                grace.defer(),
-                alloc::boxed::Box::new(lifetime::Orphan(state)),
-            );
+            // everything it owns is freed after a grace period. But one that passes a quiescent
+            // state after the ticket must find no way in, else the grace period would not wait
+            // for it: the pointers go before the ticket is taken.
+            let ticket = state.unpublish();
+            self.registries
+                .grace()
+                .defer_drop(ticket, alloc::boxed::Box::new(lifetime::Orphan(state)));
         }
     }
 }

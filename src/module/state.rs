@@ -97,9 +97,11 @@ impl<M: Mmu> ModuleState<M> {
         }
     }
 
-    /// Whether `start` is live code a slot may target (not a jump table).
+    /// Whether `start` is live code a slot may target (not a jump table), or an external entry
+    /// outside the module's code spaces (one registered elsewhere may lie in a space reserved
+    /// since, where only the module's own live code is a target).
     pub fn is_target(&self, start: usize) -> bool {
-        self.externals.contains(&start)
+        (self.externals.contains(&start) && self.allocator.space_of(start).is_none())
             || self
                 .live
                 .get(&start)
@@ -120,19 +122,27 @@ impl<M: Mmu> ModuleState<M> {
         self.targeted.get(&start).is_some_and(|&n| n > 0)
     }
 
-    /// Records that one slot moved from `old` to `new` target.
-    pub fn retarget(&mut self, old: Option<usize>, new: Option<usize>) {
-        if let Some(o) = old {
-            if let Some(n) = self.targeted.get_mut(&o) {
-                *n -= 1;
-                if *n == 0 {
-                    self.targeted.remove(&o);
-                }
-            }
-        }
+    /// Records that one slot moved from `old` to `new` target; returns `old` when no slot
+    /// targets it any more (the caller then retires it if nothing else reaches it).
+    #[must_use = "code no slot targets any more may have to be retired"]
+    pub fn retarget(&mut self, old: Option<usize>, new: Option<usize>) -> Option<usize> {
         if let Some(n) = new {
             *self.targeted.entry(n).or_insert(0) += 1;
         }
+        let o = old?;
+        let n = self.targeted.get_mut(&o)?;
+        *n -= 1;
+        if *n > 0 {
+            return None;
+        }
+        self.targeted.remove(&o);
+        Some(o)
+    }
+
+    /// Whether the module holds any handle of its code-pointer table.
+    pub fn holds_pointers(&self) -> bool {
+        self.function_pointers.iter().any(Option::is_some)
+            || self.live.values().any(|l| l.pointer.is_some())
     }
 
     /// The table objects' handles, for patching.

@@ -191,14 +191,22 @@ impl<M: Mmu> ModuleState<M> {
             // frees nothing retired before one has.
             Ok(()) | Err(crate::manager::CodeError::SyncFailed(_)) => {
                 self.needs_sync = patched.is_err();
+                let mut untargeted = Vec::new();
                 for &(index, target) in changes {
                     let old = core::mem::replace(&mut self.slots[index as usize], target);
-                    self.retarget(old, target);
+                    untargeted.extend(self.retarget(old, target));
                     if let (Some(table), Some(p)) =
                         (self.pointers, self.function_pointers[index as usize])
                     {
                         let _ = table.update(p, target.unwrap_or(table.trap_address()));
                     }
+                }
+                // Code whose last slot just moved away goes once nothing else reaches it, however
+                // the changes were split into calls (the books are final here: a later change of
+                // this batch may have targeted it again, and code still installed or held stays).
+                // The code pointers were updated above, so none leads there either.
+                for old in untargeted {
+                    self.retire_if_unreachable(old);
                 }
                 patched.map_err(ModuleError::from)
             }

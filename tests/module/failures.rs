@@ -203,7 +203,8 @@ fn a_failed_first_add_leaves_no_code_pointer_even_for_a_patched_slot() {
     let module = module(&m, regs, functions(2));
     module.set_code_pointer_table(Some(table)).unwrap();
     let stub = 0xFFFF_FFFF_8000_1000;
-    module.register_external(stub).unwrap();
+    // SAFETY: nothing executes on the software machine; `stub` stands for kernel text.
+    unsafe { module.register_external(stub) }.unwrap();
     module.patch_slot(1, stub).unwrap();
     assert_eq!(module.function_pointer(1).unwrap(), None, "no code yet");
     // The slot patch of the add (its only alias session: the code is on a fresh page) fails.

@@ -190,7 +190,9 @@ impl Run<'_> {
                 let pointers: &'static CodePointerTable =
                     Box::leak(Box::new(CodePointerTable::with_capacity(512)));
                 module.set_code_pointer_table(Some(pointers)).unwrap();
-                module.register_external(EXTERNAL).unwrap();
+                // SAFETY: nothing executes on the software machine; EXTERNAL stands for
+                // kernel text outside the window.
+                unsafe { module.register_external(EXTERNAL) }.unwrap();
                 self.models[mi] = Some(Model {
                     module,
                     pointers,
@@ -207,8 +209,7 @@ impl Run<'_> {
                     "{}: {e:?}",
                     self.label()
                 );
-                // The half-built module waits for a grace period like a dropped one.
-                self.orphans.push((Vec::new(), false));
+                // A failed constructor changes nothing: nothing waits for a grace period.
             }
         }
     }
@@ -363,9 +364,7 @@ impl Run<'_> {
             Err(e) => return self.expect_failure(&e, false),
         };
         let m = self.model(mi);
-        for &(i, t) in &patches {
-            m.slots[i as usize] = Some(t);
-        }
+        m.set_slots(&patches);
         m.stale = stale;
     }
 

@@ -67,7 +67,9 @@ impl World {
         )
         .expect("module");
         module.set_code_pointer_table(Some(pointers)).unwrap();
-        module.register_external(EXTERNAL).unwrap();
+        // SAFETY: nothing executes on the software machine; EXTERNAL stands for kernel text
+        // outside the window.
+        unsafe { module.register_external(EXTERNAL) }.unwrap();
         let mut objects = Vec::new();
         let add = |objects: &mut Vec<Arc<CodeObject>>, code: &NewCode<'_>| {
             let o = module.add_code(code).expect("setup add");

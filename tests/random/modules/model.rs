@@ -84,12 +84,25 @@ impl Model {
         }
     }
 
+    /// The module's `set_slots` books: the slots move, then code no slot targets any more is
+    /// retired if nothing else reaches it.
+    pub(super) fn set_slots(&mut self, changes: &[(u32, usize)]) {
+        let old: Vec<usize> = changes
+            .iter()
+            .filter_map(|&(i, t)| self.slots[i as usize].replace(t))
+            .collect();
+        for o in old {
+            if !self.targeted(o) {
+                self.retire_if_unreachable(o);
+            }
+        }
+    }
+
     /// An add that installed `functions` (index, start) and `anonymous` code: slots first, then
     /// the books, releasing what the functions replace (as `add_batch` does).
     pub(super) fn installed_batch(&mut self, functions: &[(u32, Obj)], anonymous: Vec<Obj>) {
-        for (i, o) in functions {
-            self.slots[*i as usize] = Some(o.start());
-        }
+        let changes: Vec<(u32, usize)> = functions.iter().map(|(i, o)| (*i, o.start())).collect();
+        self.set_slots(&changes);
         let mut replaced = Vec::new();
         for (i, o) in functions {
             if let Some(old) = self.functions[*i as usize].replace(o.start()) {
