@@ -17,17 +17,39 @@
 //! generated code. Swapping the code behind a handle (tier-up, deoptimization, unloading) is
 //! one atomic store ([`CodePointerTable::update`]); no call site has to be patched.
 //!
+//! # Soundness
+//!
+//! Every entry is a jump target for ring-0 code, so whatever an entry holds runs. The table
+//! therefore takes raw addresses only through `unsafe` functions whose contract is that the
+//! address is code the caller owns and keeps alive until it replaces the entry or frees the
+//! handle ([`allocate`](CodePointerTable::allocate), [`update`](CodePointerTable::update),
+//! [`with_capacity_and_trap`](CodePointerTable::with_capacity_and_trap)), and releases handles
+//! only through the `unsafe` [`free`](CodePointerTable::free) (its caller owns the handle).
+//! The safe path is a [`CodeModule`](crate::module::CodeModule) with the table set: it aims
+//! entries only at code it installed and resets them before that code is retired.
+//! [`allocate_trap`](CodePointerTable::allocate_trap) (a handle holding the trap address) and the
+//! readers are safe.
+//!
 //! # Concurrency
 //!
 //! * Readers ([`CodePointerTable::get`], and generated code loading an entry) are lock-free and
 //!   allocation-free: one `Acquire` load (a plain aligned 8-byte load in generated code, which
 //!   x86-64 makes atomic). They may run in any context, including interrupt handlers.
 //! * Writers ([`allocate`](CodePointerTable::allocate), [`free`](CodePointerTable::free),
-//!   [`update`](CodePointerTable::update)) serialize on a [`spin::Mutex`] that guards the free
+//!   [`update`](CodePointerTable::update)) serialize on an [`IrqLock`] that guards the free
 //!   list and the allocation bitmap; each changes an entry with exactly one `Release` store made
 //!   while holding the lock, so an `update` can never land in an entry that a concurrent `free`
 //!   already reset. Writers never allocate memory (the free list's capacity is reserved up
-//!   front) and must not run in interrupt context (the mutex is not reentrant).
+//!   front).
+//! * Writers may run in interrupt context (a timer handler patching a module's slots updates
+//!   the function's entry) when the table is built
+//!   [`with_interrupt_control`](CodePointerTable::with_interrupt_control): the lock is then held
+//!   with interrupts off, so a handler never finds it held by the code it interrupted on its own
+//!   CPU. **Decision: `IrqLock`, waited for, never `Busy`.** A holder runs a constant number of
+//!   steps and waits for no other CPU (no IPI, no other lock; the grace check it may make is
+//!   lock-free), so a waiter on another CPU — also one with interrupts off — waits a bounded
+//!   time; answering `Busy` would only make `free` fallible on paths (module teardown) that
+//!   cannot retry.
 //! * A reader racing an update sees the old or the new entry, never a torn value. Publishing the
 //!   *code* an entry points to (its bytes, protection and cache maintenance) is the caller's
 //!   business and must happen before `update`/`allocate`; the `Release` store orders it before
@@ -36,10 +58,14 @@
 //! # Freed handles
 //!
 //! Freeing a handle resets its entry to the table's *trap address* (0 by default, see
-//! [`CodePointerTable::with_capacity_and_trap`]), so a stale call through a freed handle jumps
-//! to the trap (or faults on address 0) instead of into freed code. Handles are reused in LIFO
-//! order: the most recently freed handle is handed out first. Entries that were never allocated
-//! also hold the trap address.
+//! [`CodePointerTable::with_capacity_and_trap`]) at once, so a stale call through a freed handle
+//! jumps to the trap (or faults on address 0) instead of into freed code. The handle itself is
+//! handed out again only after a grace period of the table's [`GraceDomain`]: a CPU that read
+//! the handle from a function table before the free, and calls through it a moment later,
+//! reaches the trap, never an unrelated function (of another signature) that took the handle
+//! in between. CPUs therefore must not hold a handle they read across a quiescent state, the
+//! same rule as for every lookup the domain protects. Freed handles are reused in FIFO order,
+//! each once its grace period is over.
 //!
 //! # Who gets a handle
 //!
@@ -51,11 +77,14 @@
 //! Code with no function slot (import wrappers, adapter thunks, other anonymous stubs) allocates
 //! a handle of its own and frees it when the code dies. Freeing a function's shared handle while
 //! another user still holds it would send that user's calls to the trap, or, after reuse, to
-//! unrelated code: free a handle only when its last user is gone.
+//! unrelated code: free a handle only when its last user is gone (the contract of `free`).
 
+use crate::mmu::InterruptControl;
 use crate::sync::atomic::{AtomicUsize, Ordering};
-use crate::sync::Mutex;
+use crate::sync::grace::{GraceDomain, GraceTicket};
+use crate::sync::irq_lock::{IrqGuard, IrqLock};
 use alloc::boxed::Box;
+use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -74,7 +103,7 @@ pub struct CodePointer(u32);
 impl CodePointer {
     /// The handle with index `index` (e.g. read back from generated code or a data structure).
     ///
-    /// A made-up handle is harmless: the table rejects it with an error in
+    /// A made-up handle is harmless to the table: it rejects it with an error in
     /// [`free`](CodePointerTable::free) and [`update`](CodePointerTable::update) unless it is
     /// allocated, and [`get`](CodePointerTable::get) returns the trap address for it unless it
     /// is allocated.
@@ -105,10 +134,19 @@ pub enum CodePointerError {
         /// The table's capacity.
         capacity: usize,
     },
+    /// No handle is free now, but `waiting` freed handles become reusable once their grace
+    /// period is over: report quiescent states and try again.
+    AwaitingGracePeriod {
+        /// Freed handles whose grace period is not over yet.
+        waiting: usize,
+    },
     /// The handle's index is not below the table's capacity.
     OutOfRange(CodePointer),
     /// The handle is not allocated (freed already, or never handed out).
     NotAllocated(CodePointer),
+    /// The table's handles are reused after grace periods of another domain than the one the
+    /// code it would point to is retired through (a module's registries).
+    OtherGraceDomain,
 }
 
 impl fmt::Display for CodePointerError {
@@ -117,11 +155,18 @@ impl fmt::Display for CodePointerError {
             CodePointerError::CapacityExhausted { capacity } => {
                 write!(f, "code pointer table full ({capacity} entries)")
             }
+            CodePointerError::AwaitingGracePeriod { waiting } => write!(
+                f,
+                "code pointer table full until {waiting} freed handles pass a grace period"
+            ),
             CodePointerError::OutOfRange(h) => {
                 write!(f, "code pointer {} is out of the table's range", h.index())
             }
             CodePointerError::NotAllocated(h) => {
                 write!(f, "code pointer {} is not allocated", h.index())
+            }
+            CodePointerError::OtherGraceDomain => {
+                f.write_str("code pointer table uses another grace domain")
             }
         }
     }
@@ -129,10 +174,12 @@ impl fmt::Display for CodePointerError {
 
 impl core::error::Error for CodePointerError {}
 
-/// Writer-side bookkeeping, guarded by the table's mutex.
+/// Writer-side bookkeeping, guarded by the table's lock.
 struct State {
-    /// Freed indices, most recently freed last (LIFO); capacity reserved for every entry.
-    free: Vec<u32>,
+    /// Freed indices with the grace ticket taken when they were freed, oldest first. Tickets
+    /// never decrease along the queue (taken under the lock from a monotonic epoch), so the
+    /// front is the first to become reusable. Capacity reserved for every entry.
+    freed: VecDeque<(GraceTicket, u32)>,
     /// First index never handed out; indices `next..capacity` are implicitly free.
     next: usize,
     /// One bit per entry: set while allocated.
@@ -160,37 +207,72 @@ impl State {
 /// module docs).
 pub struct CodePointerTable {
     entries: Box<[AtomicUsize]>,
-    state: Mutex<State>,
+    /// Free list and bitmap; held with interrupts off through `irq` (see the module docs,
+    /// "Concurrency", for why this is an `IrqLock` that waits rather than answers `Busy`).
+    state: IrqLock<State>,
+    irq: InterruptControl,
     trap: usize,
+    /// Freed handles are reused only after a grace period of this domain.
+    grace: &'static GraceDomain,
 }
 
 impl CodePointerTable {
     /// A table of `capacity` entries (clamped to [`MAX_CAPACITY`]), all free, whose trap address
-    /// is 0.
+    /// is 0 and whose freed handles are reused after grace periods of `grace` (the domain the
+    /// CPUs calling through the table report quiescent states to: a module's registries').
     ///
     /// Allocates all memory the table will ever use: the entries and the free list.
     #[must_use]
-    pub fn with_capacity(capacity: usize) -> Self {
-        Self::with_capacity_and_trap(capacity, 0)
+    pub fn with_capacity(capacity: usize, grace: &'static GraceDomain) -> Self {
+        // SAFETY: a call through address 0 faults (page 0 is never mapped in a kernel using
+        // codespace; the module docs say so), it never runs anything.
+        unsafe { Self::with_capacity_and_trap(capacity, grace, 0) }
     }
 
     /// A table of `capacity` entries (clamped to [`MAX_CAPACITY`]) whose free entries hold
     /// `trap`: the address a call through a freed (or never allocated) handle goes to.
+    ///
+    /// # Safety
+    /// `trap` is 0 (unmapped) or code that stops a stray call safely (a trap stub) and stays so
+    /// for the table's lifetime: every call through a freed or never allocated handle runs it,
+    /// whatever the caller's signature.
     #[must_use]
-    pub fn with_capacity_and_trap(capacity: usize, trap: usize) -> Self {
+    pub unsafe fn with_capacity_and_trap(
+        capacity: usize,
+        grace: &'static GraceDomain,
+        trap: usize,
+    ) -> Self {
         let capacity = capacity.min(MAX_CAPACITY);
         let entries = (0..capacity).map(|_| AtomicUsize::new(trap)).collect();
         let state = State {
-            free: Vec::with_capacity(capacity),
+            freed: VecDeque::with_capacity(capacity),
             next: 0,
             allocated: alloc::vec![0; capacity.div_ceil(64)],
             len: 0,
         };
         CodePointerTable {
             entries,
-            state: Mutex::new(state),
+            state: IrqLock::new(state),
+            irq: InterruptControl::NONE,
             trap,
+            grace,
         }
+    }
+
+    /// The table, holding its lock with interrupts disabled through `irq` (for example
+    /// [`X86_INTERRUPTS`](crate::mmu::x86::X86_INTERRUPTS)), so writers may also run in
+    /// interrupt handlers (a module's [`patch_slots`](crate::module::CodeModule::patch_slots)
+    /// from a timer tick updates its functions' entries). Without it, write only with
+    /// interrupts on.
+    #[must_use]
+    pub fn with_interrupt_control(mut self, irq: InterruptControl) -> Self {
+        self.irq = irq;
+        self
+    }
+
+    /// Takes the lock, interrupts off on this CPU until the guard drops.
+    fn lock(&self) -> IrqGuard<'_, State> {
+        self.state.lock_spinning(self.irq)
     }
 
     /// Number of entries.
@@ -202,7 +284,7 @@ impl CodePointerTable {
     /// Number of allocated handles.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.state.lock().len
+        self.lock().len
     }
 
     /// Whether no handle is allocated.
@@ -211,10 +293,22 @@ impl CodePointerTable {
         self.len() == 0
     }
 
+    /// Freed handles not handed out again yet (those waiting for their grace period included).
+    #[must_use]
+    pub fn freed(&self) -> usize {
+        self.lock().freed.len()
+    }
+
     /// The address free entries hold.
     #[must_use]
     pub fn trap_address(&self) -> usize {
         self.trap
+    }
+
+    /// The grace domain freed handles wait for.
+    #[must_use]
+    pub fn grace(&self) -> &'static GraceDomain {
+        self.grace
     }
 
     /// Address of entry 0; entry `i` lies at `base_address() + i × ENTRY_SIZE`. Stable for the
@@ -236,50 +330,91 @@ impl CodePointerTable {
     #[must_use]
     pub fn is_allocated(&self, h: CodePointer) -> bool {
         let index = h.index() as usize;
-        index < self.capacity() && self.state.lock().is_allocated(index)
+        index < self.capacity() && self.lock().is_allocated(index)
     }
 
-    /// A fresh handle whose entry holds `entry`: the most recently freed one if any, else the
-    /// lowest never-used index.
+    /// A fresh handle whose entry holds `entry`: the longest-freed handle whose grace period is
+    /// over if any, else the lowest never-used index.
     ///
     /// # Errors
-    /// [`CapacityExhausted`](CodePointerError::CapacityExhausted) when every entry is allocated;
-    /// nothing changes then.
-    pub fn allocate(&self, entry: usize) -> Result<CodePointer, CodePointerError> {
-        let mut state = self.state.lock();
-        let index = match state.free.pop() {
-            Some(index) => index,
-            None if state.next < self.capacity() => {
-                // `next < capacity <= MAX_CAPACITY = u32::MAX`, so it fits.
-                let index = state.next as u32;
-                state.next += 1;
-                index
-            }
-            None => {
-                return Err(CodePointerError::CapacityExhausted {
-                    capacity: self.capacity(),
-                })
-            }
-        };
+    /// [`AwaitingGracePeriod`](CodePointerError::AwaitingGracePeriod) when every entry is
+    /// allocated or freed within its grace period,
+    /// [`CapacityExhausted`](CodePointerError::CapacityExhausted) when every entry is
+    /// allocated; nothing changes then.
+    ///
+    /// # Safety
+    /// `entry` is the trap address or the start of code the caller owns, published (bytes,
+    /// protection, cache maintenance done) and callable with the signature every holder of the
+    /// handle calls it with, and kept so until the caller [`update`](Self::update)s the entry
+    /// away from it or [`free`](Self::free)s the handle and a grace period of
+    /// [`grace`](Self::grace) passed.
+    pub unsafe fn allocate(&self, entry: usize) -> Result<CodePointer, CodePointerError> {
+        let mut state = self.lock();
+        let index = self.take_index(&mut state)?;
         self.entries[index as usize].store(entry, Ordering::Release);
         state.set_allocated(index as usize, true);
         state.len += 1;
         Ok(CodePointer(index))
     }
 
-    /// Releases `h`: its entry is reset to the trap address and the handle becomes the next one
-    /// [`allocate`](Self::allocate) hands out.
+    /// A fresh handle whose entry holds the trap address, as [`allocate`](Self::allocate) but
+    /// safe: a call through it traps until its owner aims it at code.
+    ///
+    /// # Errors
+    /// As [`allocate`](Self::allocate).
+    pub fn allocate_trap(&self) -> Result<CodePointer, CodePointerError> {
+        // SAFETY: the trap address is a safe target by the table's construction contract.
+        unsafe { self.allocate(self.trap) }
+    }
+
+    /// The index `allocate` hands out, under the lock: a freed one past its grace period, else
+    /// a never-used one.
+    fn take_index(&self, state: &mut State) -> Result<u32, CodePointerError> {
+        if let Some(&(ticket, index)) = state.freed.front() {
+            // Lock-free check (it may advance the epoch); waits for nobody.
+            if self.grace.is_over(ticket) {
+                state.freed.pop_front();
+                return Ok(index);
+            }
+        }
+        if state.next < self.capacity() {
+            // `next < capacity <= MAX_CAPACITY = u32::MAX`, so it fits.
+            let index = state.next as u32;
+            state.next += 1;
+            return Ok(index);
+        }
+        Err(match state.freed.len() {
+            0 => CodePointerError::CapacityExhausted {
+                capacity: self.capacity(),
+            },
+            waiting => CodePointerError::AwaitingGracePeriod { waiting },
+        })
+    }
+
+    /// Releases `h`: its entry is reset to the trap address at once, and the handle is handed
+    /// out again only after a grace period of [`grace`](Self::grace), so a CPU that read `h`
+    /// before this call and calls through it afterwards reaches the trap, never another
+    /// function that took `h` in between.
     ///
     /// # Errors
     /// [`OutOfRange`](CodePointerError::OutOfRange), or
     /// [`NotAllocated`](CodePointerError::NotAllocated) for a double free; nothing changes then.
-    pub fn free(&self, h: CodePointer) -> Result<(), CodePointerError> {
-        let mut state = self.state.lock();
+    ///
+    /// # Safety
+    /// The caller owns `h` (allocated it, or was given it by its owner) and releases it once:
+    /// nothing that calls through `h` once this grace period is over still expects it to lead
+    /// to its own code (after that the handle may lead to unrelated code).
+    pub unsafe fn free(&self, h: CodePointer) -> Result<(), CodePointerError> {
+        let mut state = self.lock();
         let index = self.check_allocated(&state, h)?;
         self.entries[index].store(self.trap, Ordering::Release);
         state.set_allocated(index, false);
-        // Never reallocates: at most `capacity` indices are ever free, and that much is reserved.
-        state.free.push(h.index());
+        // Taken after the reset (`defer` fences): a CPU that reads the entry after this grace
+        // period began sees the trap; one that read it before is waited for. Tickets taken under
+        // the lock never decrease, which keeps `freed` ordered.
+        let ticket = self.grace.defer();
+        // Never reallocates: at most `capacity` indices are ever freed, and that much is reserved.
+        state.freed.push_back((ticket, h.index()));
         state.len -= 1;
         Ok(())
     }
@@ -290,8 +425,14 @@ impl CodePointerTable {
     /// # Errors
     /// [`OutOfRange`](CodePointerError::OutOfRange) or
     /// [`NotAllocated`](CodePointerError::NotAllocated); nothing changes then.
-    pub fn update(&self, h: CodePointer, entry: usize) -> Result<(), CodePointerError> {
-        let state = self.state.lock();
+    ///
+    /// # Safety
+    /// The caller owns `h`, and `entry` satisfies the contract of [`allocate`](Self::allocate)
+    /// (the trap address, or published code the caller owns, callable with the handle's
+    /// signature, kept until replaced or freed and a grace period passed). The code the entry
+    /// held before may still be running or about to be entered: retire it after a grace period.
+    pub unsafe fn update(&self, h: CodePointer, entry: usize) -> Result<(), CodePointerError> {
+        let state = self.lock();
         let index = self.check_allocated(&state, h)?;
         // Stored under the lock, so a concurrent `free` cannot be overwritten.
         self.entries[index].store(entry, Ordering::Release);
@@ -345,65 +486,195 @@ mod tests {
     use std::thread;
     use std::time::{Duration, Instant};
 
+    /// A grace domain of one CPU (this thread), leaked: tables hold `&'static` domains.
+    fn grace() -> &'static GraceDomain {
+        grace_of(1)
+    }
+
+    /// A grace domain of `cpus` CPUs (test threads reporting for indices `0..cpus`), leaked.
+    fn grace_of(cpus: usize) -> &'static GraceDomain {
+        let d = Box::leak(Box::new(GraceDomain::new()));
+        // SAFETY: the tests' "CPUs" are the threads reporting for these indices.
+        unsafe { d.set_possible_cpus(cpus) };
+        d
+    }
+
+    /// Ends every grace period begun so far on `d` (CPU 0 holds nothing between operations).
+    fn pass_grace(d: &GraceDomain) {
+        for _ in 0..2 {
+            // SAFETY: the test thread holds no handle it read across this point.
+            unsafe { d.quiescent(0) };
+            d.try_advance();
+        }
+    }
+
+    /// The table under test: every entry it is given is a made-up address nothing calls.
+    fn table(capacity: usize) -> CodePointerTable {
+        CodePointerTable::with_capacity(capacity, grace())
+    }
+
+    /// `allocate` for made-up entries (nothing calls through these tables).
+    fn alloc(t: &CodePointerTable, entry: usize) -> Result<CodePointer, CodePointerError> {
+        // SAFETY: no code calls through the test tables; the entries are only read back.
+        unsafe { t.allocate(entry) }
+    }
+
+    /// `update` for made-up entries (nothing calls through these tables).
+    fn set(t: &CodePointerTable, h: CodePointer, entry: usize) -> Result<(), CodePointerError> {
+        // SAFETY: as `alloc`.
+        unsafe { t.update(h, entry) }
+    }
+
+    /// `free` of the tests' own handles.
+    fn release(t: &CodePointerTable, h: CodePointer) -> Result<(), CodePointerError> {
+        // SAFETY: the test owns every handle it frees and never calls through one.
+        unsafe { t.free(h) }
+    }
+
     #[test]
-    fn allocate_free_reuse_lifo() {
-        let t = CodePointerTable::with_capacity(4);
+    fn allocate_free_reuse_fifo_after_a_grace_period() {
+        let t = table(4);
         assert_eq!(t.capacity(), 4);
         assert!(t.is_empty());
-        let a = t.allocate(0xA000).unwrap();
-        let b = t.allocate(0xB000).unwrap();
-        let c = t.allocate(0xC000).unwrap();
+        let a = alloc(&t, 0xA000).unwrap();
+        let b = alloc(&t, 0xB000).unwrap();
+        let c = alloc(&t, 0xC000).unwrap();
         assert_eq!([a.index(), b.index(), c.index()], [0, 1, 2]);
         assert_eq!([t.get(a), t.get(b), t.get(c)], [0xA000, 0xB000, 0xC000]);
         assert_eq!(t.len(), 3);
 
-        t.free(b).unwrap();
-        t.free(a).unwrap();
+        release(&t, b).unwrap();
+        release(&t, a).unwrap();
         assert_eq!(t.len(), 1);
+        assert_eq!(t.freed(), 2);
         assert!(!t.is_allocated(a) && !t.is_allocated(b) && t.is_allocated(c));
         assert_eq!(t.get(a), 0);
         assert_eq!(t.get(b), 0);
-        // LIFO: a (freed last) first, then b, then the never-used index 3.
-        assert_eq!(t.allocate(0xA1).unwrap(), a);
-        assert_eq!(t.allocate(0xB1).unwrap(), b);
-        assert_eq!(t.allocate(0xD1).unwrap().index(), 3);
+        // Within the grace period the never-used index 3 comes first, then nothing is left.
+        let d = alloc(&t, 0xD1).unwrap();
+        assert_eq!(d.index(), 3);
+        assert_eq!(
+            alloc(&t, 0xE1),
+            Err(CodePointerError::AwaitingGracePeriod { waiting: 2 })
+        );
+        // After it, FIFO: b (freed first), then a.
+        pass_grace(t.grace());
+        assert_eq!(alloc(&t, 0xB1).unwrap(), b);
+        assert_eq!(alloc(&t, 0xA1).unwrap(), a);
         assert_eq!([t.get(a), t.get(b), t.get(c)], [0xA1, 0xB1, 0xC000]);
         assert_eq!(t.len(), 4);
+        assert_eq!(t.freed(), 0);
+    }
+
+    /// Issue 18 item 4: a freed handle is reset to the trap at once but handed out again only
+    /// after a grace period. A CPU that read the handle (from a function table) before the free
+    /// and calls through it afterwards finds the trap, never a new, unrelated function that took
+    /// the handle. Before the fix the next `allocate` returned the freed handle at once.
+    #[test]
+    fn item_04_a_freed_handle_is_reused_only_after_a_grace_period() {
+        let d = grace_of(2);
+        let t = CodePointerTable::with_capacity(2, d);
+        let old = alloc(&t, 0xA000).unwrap();
+        // CPU 1 reads the handle from a function table: it holds `old` until its next
+        // quiescent state.
+        let held = old;
+        release(&t, old).unwrap();
+        assert_eq!(t.get(held), 0, "reset to the trap at once");
+        // A new, unrelated function (another signature) gets a handle: not the freed one.
+        let other = alloc(&t, 0xB000).unwrap();
+        assert_ne!(
+            other, held,
+            "a freed handle was handed out within its grace period"
+        );
+        assert_eq!(
+            t.get(held),
+            0,
+            "CPU 1's call through its handle still traps"
+        );
+        assert_eq!(
+            alloc(&t, 0xC000),
+            Err(CodePointerError::AwaitingGracePeriod { waiting: 1 })
+        );
+        // CPU 0 alone passing quiescent states does not end the grace period.
+        for _ in 0..3 {
+            // SAFETY: CPU 0 (this thread) holds no handle.
+            unsafe { d.quiescent(0) };
+            d.try_advance();
+        }
+        assert!(alloc(&t, 0xC000).is_err(), "CPU 1 still holds the handle");
+        // CPU 1 is done with the handle; after that grace period the handle is reused.
+        for _ in 0..2 {
+            for cpu in 0..2 {
+                // SAFETY: neither CPU holds a handle read before the free any more.
+                unsafe { d.quiescent(cpu) };
+            }
+            d.try_advance();
+        }
+        assert_eq!(alloc(&t, 0xC000).unwrap(), held);
+        assert_eq!((t.get(held), t.get(other), t.len()), (0xC000, 0xB000, 2));
+    }
+
+    /// Issue 18 item 9: the table's lock is held with interrupts off, so a handler on this CPU
+    /// (a timer tick patching a module's slots, which updates its functions' entries) can never
+    /// find it held by the code it interrupted and spin forever. Every acquisition is counted
+    /// while the lock is held, with the simulated interrupt flag.
+    #[test]
+    fn item_09_code_pointer_table_lock_is_held_with_interrupts_off() {
+        use crate::sync::irq_lock::test_hook;
+        let t = table(4).with_interrupt_control(test_hook::SIM);
+        test_hook::watch();
+        let a = alloc(&t, 0xA000).unwrap();
+        let b = t.allocate_trap().unwrap();
+        set(&t, b, 0xB000).unwrap();
+        release(&t, a).unwrap();
+        assert!(t.is_allocated(b) && t.len() == 1 && t.freed() == 1);
+        let (off, on) = test_hook::unwatch();
+        assert_eq!(
+            (off, on),
+            (7, 0),
+            "every acquisition with interrupts off, none with them on"
+        );
+        assert!(test_hook::enabled(), "interrupts are back on");
+        assert_eq!(t.get(b), 0xB000);
     }
 
     #[test]
     fn double_free_and_bad_handles() {
-        let t = CodePointerTable::with_capacity(2);
-        let a = t.allocate(0x1000).unwrap();
-        t.free(a).unwrap();
-        assert_eq!(t.free(a), Err(CodePointerError::NotAllocated(a)));
-        assert_eq!(t.update(a, 0x2000), Err(CodePointerError::NotAllocated(a)));
+        let t = table(2);
+        let a = alloc(&t, 0x1000).unwrap();
+        release(&t, a).unwrap();
+        assert_eq!(release(&t, a), Err(CodePointerError::NotAllocated(a)));
+        assert_eq!(set(&t, a, 0x2000), Err(CodePointerError::NotAllocated(a)));
         assert_eq!(t.get(a), 0);
         let never = CodePointer::from_index(1);
-        assert_eq!(t.free(never), Err(CodePointerError::NotAllocated(never)));
+        assert_eq!(
+            release(&t, never),
+            Err(CodePointerError::NotAllocated(never))
+        );
         let out = CodePointer::from_index(2);
-        assert_eq!(t.free(out), Err(CodePointerError::OutOfRange(out)));
-        assert_eq!(t.update(out, 1), Err(CodePointerError::OutOfRange(out)));
+        assert_eq!(release(&t, out), Err(CodePointerError::OutOfRange(out)));
+        assert_eq!(set(&t, out, 1), Err(CodePointerError::OutOfRange(out)));
         assert_eq!(t.get(out), 0);
         assert_eq!(t.get(CodePointer::from_index(u32::MAX)), 0);
         assert_eq!(t.entry_address(out), None);
         assert!(!t.is_allocated(out));
         assert_eq!(t.len(), 0);
         // The double free did not push `a` twice: two allocations give two distinct handles.
-        let x = t.allocate(1).unwrap();
-        let y = t.allocate(2).unwrap();
+        pass_grace(t.grace());
+        let x = alloc(&t, 1).unwrap();
+        let y = alloc(&t, 2).unwrap();
         assert_ne!(x, y);
-        assert!(t.allocate(3).is_err());
+        assert!(alloc(&t, 3).is_err());
         assert!(!CodePointerError::NotAllocated(a).to_string().is_empty());
     }
 
     #[test]
     fn capacity_exhausted_changes_nothing() {
-        let t = CodePointerTable::with_capacity(3);
+        let t = table(3);
         let hs: Vec<_> = (0..3)
-            .map(|i| t.allocate(0x100 * (i + 1)).unwrap())
+            .map(|i| alloc(&t, 0x100 * (i + 1)).unwrap())
             .collect();
-        let err = t.allocate(0xDEAD);
+        let err = alloc(&t, 0xDEAD);
         assert_eq!(
             err,
             Err(CodePointerError::CapacityExhausted { capacity: 3 })
@@ -412,12 +683,18 @@ mod tests {
         for (i, &h) in hs.iter().enumerate() {
             assert_eq!(t.get(h), 0x100 * (i + 1));
         }
-        t.free(hs[1]).unwrap();
-        assert_eq!(t.allocate(0xEE).unwrap(), hs[1]);
-
-        let empty = CodePointerTable::with_capacity(0);
+        release(&t, hs[1]).unwrap();
         assert_eq!(
-            empty.allocate(1),
+            alloc(&t, 0xEE),
+            Err(CodePointerError::AwaitingGracePeriod { waiting: 1 })
+        );
+        assert_eq!(t.len(), 2);
+        pass_grace(t.grace());
+        assert_eq!(alloc(&t, 0xEE).unwrap(), hs[1]);
+
+        let empty = table(0);
+        assert_eq!(
+            alloc(&empty, 1),
             Err(CodePointerError::CapacityExhausted { capacity: 0 })
         );
         assert_eq!(empty.len(), 0);
@@ -427,21 +704,22 @@ mod tests {
     #[test]
     fn freed_entries_hold_trap_address() {
         let trap = 0xFFFF_FFFF_8000_DEAD;
-        let t = CodePointerTable::with_capacity_and_trap(8, trap);
+        // SAFETY: nothing calls through the table, so the trap address is never run.
+        let t = unsafe { CodePointerTable::with_capacity_and_trap(8, grace(), trap) };
         assert_eq!(t.trap_address(), trap);
         assert_eq!(t.get(CodePointer::from_index(5)), trap); // never allocated
-        let h = t.allocate(0x1234).unwrap();
-        t.update(h, 0x5678).unwrap();
+        let h = alloc(&t, 0x1234).unwrap();
+        set(&t, h, 0x5678).unwrap();
         assert_eq!(t.get(h), 0x5678);
-        t.free(h).unwrap();
+        release(&t, h).unwrap();
         assert_eq!(t.get(h), trap);
         assert_eq!(t.get(CodePointer::from_index(8)), trap); // out of range
     }
 
     #[test]
     fn entry_addresses_match_generated_code_view() {
-        let t = CodePointerTable::with_capacity(16);
-        let hs: Vec<_> = (0..16).map(|i| t.allocate(0x4000 + i).unwrap()).collect();
+        let t = table(16);
+        let hs: Vec<_> = (0..16).map(|i| alloc(&t, 0x4000 + i).unwrap()).collect();
         assert_eq!(t.base_address() % ENTRY_SIZE, 0);
         for &h in &hs {
             let addr = t.entry_address(h).unwrap();
@@ -462,9 +740,9 @@ mod tests {
     fn concurrent_readers_see_old_or_new_entry() {
         const A: usize = 0xFFFF_C000_0000_1000;
         const B: usize = 0x0000_7FFF_FFFF_F000;
-        let t = Arc::new(CodePointerTable::with_capacity(4));
-        let _pad = t.allocate(1).unwrap();
-        let h = t.allocate(A).unwrap();
+        let t = Arc::new(table(4));
+        let _pad = alloc(&t, 1).unwrap();
+        let h = alloc(&t, A).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let start = Instant::now();
         let readers: Vec<_> = (0..2)
@@ -491,8 +769,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_millis(200);
         let mut updates = 0u32;
         while updates < 100_000 && Instant::now() < deadline {
-            t.update(h, if updates.is_multiple_of(2) { B } else { A })
-                .unwrap();
+            set(&t, h, if updates.is_multiple_of(2) { B } else { A }).unwrap();
             updates += 1;
         }
         stop.store(true, Ordering::Relaxed);
@@ -513,22 +790,42 @@ mod tests {
 
     #[test]
     fn concurrent_allocate_free_gives_distinct_handles() {
-        let t = Arc::new(CodePointerTable::with_capacity(64));
+        let t = Arc::new(CodePointerTable::with_capacity(64, grace_of(2)));
         let workers: Vec<_> = (0..2usize)
             .map(|w| {
                 let t = Arc::clone(&t);
                 thread::spawn(move || {
+                    // Worker `w` is CPU `w`: it reports a quiescent state whenever it waits, so
+                    // freed handles come back after both workers did.
+                    let quiescent = || {
+                        // SAFETY: the worker never calls through a handle.
+                        unsafe { t.grace().quiescent(w) };
+                        t.grace().try_advance();
+                    };
                     for round in 0..500usize {
                         let mine: Vec<_> = (0..16)
-                            .map(|k| (t.allocate(w << 32 | round << 8 | k).unwrap(), k))
+                            .map(|k| loop {
+                                match alloc(&t, w << 32 | round << 8 | k) {
+                                    Ok(h) => break (h, k),
+                                    Err(CodePointerError::AwaitingGracePeriod { .. }) => {
+                                        quiescent();
+                                        thread::yield_now();
+                                    }
+                                    Err(e) => panic!("{e}"),
+                                }
+                            })
                             .collect();
                         for &(h, k) in &mine {
                             assert_eq!(t.get(h), w << 32 | round << 8 | k);
                         }
                         for (h, _) in mine {
-                            t.free(h).unwrap();
+                            release(&t, h).unwrap();
                         }
+                        quiescent();
                     }
+                    // The other worker may still wait for this CPU's reports.
+                    // SAFETY: this worker is done with the table.
+                    unsafe { t.grace().cpu_offline(w) };
                 })
             })
             .collect();
@@ -540,7 +837,9 @@ mod tests {
 }
 
 /// Model checks of the table's protocol: every interleaving of writers against a reader, for a
-/// handle whose code moves. Run with `RUSTFLAGS="--cfg loom" cargo test --release --lib loom_`.
+/// handle whose code moves, and for a handle freed and taken by other code while a reader holds
+/// it. Run with
+/// `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test --release --lib loom_`.
 #[cfg(all(test, loom))]
 mod loom_models {
     use super::*;
@@ -555,16 +854,26 @@ mod loom_models {
         builder.check(f);
     }
 
+    /// A table of `capacity` whose grace domain has CPUs 0 (the writer) and 1 (the reader).
+    fn table(capacity: usize) -> Arc<CodePointerTable> {
+        let d: &'static GraceDomain = Box::leak(Box::new(GraceDomain::new()));
+        // SAFETY: the models' threads are CPUs 0 and 1.
+        unsafe { d.set_possible_cpus(2) };
+        // SAFETY: the trap address is never called, only compared.
+        Arc::new(unsafe { CodePointerTable::with_capacity_and_trap(capacity, d, TRAP) })
+    }
+
     /// A reader calling through the handle while the writer moves it from code A to code B
     /// sees A or B, never anything else, never B then A, and sees B's bytes once it sees B
     /// (the writer publishes the code before `update`, as callers must).
     #[test]
     fn loom_code_pointer_readers_see_the_old_or_the_new_entry() {
         checked(|| {
-            let table = Arc::new(CodePointerTable::with_capacity_and_trap(2, TRAP));
+            let table = table(2);
             // "Code bytes" behind the entries: 0 = not written yet.
             let code = Arc::new([UnsafeCell::new(1u8), UnsafeCell::new(0u8)]);
-            let h = table.allocate(0xA000).unwrap();
+            // SAFETY: the model's "code" is only read through the cells.
+            let h = unsafe { table.allocate(0xA000) }.unwrap();
             let reader = {
                 let (table, code) = (Arc::clone(&table), Arc::clone(&code));
                 loom::thread::spawn(move || {
@@ -586,7 +895,8 @@ mod loom_models {
             };
             // SAFETY: loom tracks the cell (see the reader).
             unsafe { code[1].with_mut(|b| *b = 0xC3) };
-            table.update(h, 0xB000).unwrap();
+            // SAFETY: as for `allocate`.
+            unsafe { table.update(h, 0xB000) }.unwrap();
             reader.join().unwrap();
             assert_eq!(table.get(h), 0xB000);
         });
@@ -597,18 +907,71 @@ mod loom_models {
     #[test]
     fn loom_code_pointer_update_never_revives_a_freed_entry() {
         checked(|| {
-            let table = Arc::new(CodePointerTable::with_capacity_and_trap(2, TRAP));
-            let h = table.allocate(0xA000).unwrap();
+            let table = table(2);
+            // SAFETY: nothing calls through the model's table.
+            let h = unsafe { table.allocate(0xA000) }.unwrap();
             let updater = {
                 let table = Arc::clone(&table);
                 loom::thread::spawn(move || {
-                    let _ = table.update(h, 0xB000);
+                    // SAFETY: as above.
+                    let _ = unsafe { table.update(h, 0xB000) };
                 })
             };
-            table.free(h).unwrap();
+            // SAFETY: the model owns the handle.
+            unsafe { table.free(h) }.unwrap();
             updater.join().unwrap();
             assert_eq!(table.get(h), TRAP);
             assert!(!table.is_allocated(h));
+        });
+    }
+
+    /// Issue 18 item 4 under every interleaving: CPU 1 read handle `h` (from a function table)
+    /// and calls through it while CPU 0 frees `h`, waits until the table hands out a handle
+    /// again for an unrelated function B (in a table of one entry: necessarily `h`), then frees
+    /// A's code. The reader reaches A (whose bytes are intact: loom reports a read racing the
+    /// free's poisoning write) or the trap, never B.
+    #[test]
+    fn loom_code_pointer_freed_handle_is_not_reused_under_a_reader() {
+        checked(|| {
+            let table = table(1);
+            let code_a = Arc::new(UnsafeCell::new(0xC3u8));
+            // SAFETY: the model's "code" is only read through the cell.
+            let h = unsafe { table.allocate(0xA000) }.unwrap();
+            let reader = {
+                let (table, code_a) = (Arc::clone(&table), Arc::clone(&code_a));
+                loom::thread::spawn(move || {
+                    match table.get(h) {
+                        // SAFETY: loom tracks the cell; see the doc comment.
+                        0xA000 => assert_eq!(unsafe { code_a.with(|b| *b) }, 0xC3),
+                        TRAP => {}
+                        other => panic!("called {other:#x} through a stale handle"),
+                    }
+                    // SAFETY: the call is over; CPU 1 holds the handle no longer.
+                    unsafe { table.grace().quiescent(1) };
+                    // SAFETY: CPU 1 calls through the table no more.
+                    unsafe { table.grace().cpu_offline(1) };
+                })
+            };
+            // SAFETY: the model owns the handle and is done with it.
+            unsafe { table.free(h) }.unwrap();
+            let again = loop {
+                // SAFETY: as for the first `allocate`.
+                match unsafe { table.allocate(0xB000) } {
+                    Ok(again) => break again,
+                    Err(CodePointerError::AwaitingGracePeriod { waiting: 1 }) => {
+                        // SAFETY: CPU 0 holds no handle.
+                        unsafe { table.grace().quiescent(0) };
+                        loom::thread::yield_now();
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            };
+            assert_eq!(again, h);
+            // A's code is freed only once no CPU can reach it (the grace period `allocate`
+            // waited for covers it: the handle was its last way in).
+            // SAFETY: loom tracks the cell; see the doc comment.
+            unsafe { code_a.with_mut(|b| *b = 0) };
+            reader.join().unwrap();
         });
     }
 }

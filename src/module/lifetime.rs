@@ -53,7 +53,9 @@ impl<M: Mmu> ModuleState<M> {
         };
         if let (Some(table), Some(p)) = (self.pointers, live.pointer) {
             // From now on an indirect call through the pointer traps instead of arriving here.
-            let _ = table.free(p);
+            // SAFETY: the module allocated `p` for this code, which is unreachable now, and
+            // frees it once (it is taken out of `live`).
+            let _ = unsafe { table.free(p) };
         }
         let ticket = self.registries.grace().defer();
         self.retired.push(Retired {
@@ -174,7 +176,9 @@ impl<M: Mmu> ModuleState<M> {
         self.registries.code.remove_batch(&starts);
         for live in lives {
             if let (Some(table), Some(p)) = (self.pointers, live.pointer) {
-                let _ = table.free(p);
+                // SAFETY: the module allocated `p` for this code, which is being unregistered,
+                // and frees it once.
+                let _ = unsafe { table.free(p) };
             }
             if let Some(listener) = self.listener {
                 listener.code_freed(&CodeEvent::new(&live.object));
@@ -194,7 +198,9 @@ impl<M: Mmu> Drop for Orphan<M> {
         let state = &mut self.0;
         if let Some(table) = state.pointers {
             for p in state.function_pointers.iter_mut().filter_map(Option::take) {
-                let _ = table.free(p);
+                // SAFETY: the dropped module allocated its functions' pointers and frees each
+                // once (taken out of its books).
+                let _ = unsafe { table.free(p) };
             }
         }
         let mut lives: Vec<Live> = state.retired.drain(..).map(|r| r.live).collect();
