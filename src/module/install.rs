@@ -239,10 +239,11 @@ impl<M: Mmu> ModuleState<M> {
             .collect();
         if !protected.is_empty() {
             let regs: Vec<TrapRegistration<'_>> = protected.iter().map(|(_, r)| *r).collect();
-            let handles = self
-                .registries
-                .traps
-                .register_batch(&regs)
+            // SAFETY: each range is a staged object of this batch, code the module allocated
+            // and owns; the trap table checks that every protected offset and the landing pad
+            // lie inside it. The module releases the handles before the code is freed
+            // (`unregister`, `abandon`).
+            let handles = unsafe { self.registries.traps.register_batch(&regs) }
                 .map_err(ModuleError::Trap)?;
             for ((i, _), h) in protected.iter().zip(handles) {
                 staged[*i].trap = Some(h);

@@ -30,7 +30,12 @@ impl<M: Mmu> ModuleState<M> {
             return;
         }
         // `AlreadyDying`: a holder released more than it held; the code is dead all the same.
-        if matches!(live.object.dec_ref(), DecRef::Dead | DecRef::AlreadyDying) {
+        // SAFETY: the module gives up its creation reference, once (`module_ref` was true and
+        // is false from now on).
+        if matches!(
+            unsafe { live.object.dec_ref() },
+            DecRef::Dead | DecRef::AlreadyDying
+        ) {
             self.retire_if_unreachable(start);
         }
     }
