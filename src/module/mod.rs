@@ -192,7 +192,10 @@ impl<M: Mmu + Send + 'static> CodeModule<M> {
     /// Gives code entry points handles in `table` for indirect calls (V8's
     /// `WasmCodePointerTable`): each function index gets one handle, shared by its versions and
     /// aimed at whatever its slot targets; anonymous code (wrappers) gets a handle of its own,
-    /// reset to the trap address when the code is retired. Set it before adding code.
+    /// reset to the trap address when the code is retired. Set it before adding code. When
+    /// [`patch_slots`](Self::patch_slots) runs in interrupt context, build the table
+    /// [`with_interrupt_control`](CodePointerTable::with_interrupt_control): slot patches update
+    /// the functions' entries under the table's lock.
     ///
     /// # Errors
     /// [`ModuleError::Busy`];

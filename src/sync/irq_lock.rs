@@ -14,6 +14,13 @@
 //!   module's), so that the inner lock taken under it still knows whether the real caller can
 //!   wait: were the outer lock to turn interrupts off, every contended inner lock would answer
 //!   [`Busy`] to callers that could have waited.
+//! - **Or waited for whatever the interrupt state** ([`lock_spinning`](IrqLock::lock_spinning)),
+//!   held with interrupts off, for a lock whose holders wait for nothing (the registries' writer
+//!   locks, a code pointer table's, the grace domain's deferred list): the wait is bounded, so
+//!   callers need not handle [`Busy`].
+//!
+//! Under `cfg(loom)` the lock is loom's modelled mutex, so the loom models check these rules
+//! (the models at the end of this file) and every lock built on `IrqLock`.
 
 use core::ops::{Deref, DerefMut};
 
