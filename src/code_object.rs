@@ -13,6 +13,7 @@
 
 use crate::sync::atomic::{self, AtomicU32, Ordering};
 use alloc::boxed::Box;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -237,6 +238,50 @@ pub enum DecRef {
     Dead,
     /// The object was dying already: an unbalanced `dec_ref`. Nothing changed.
     AlreadyDying,
+}
+
+/// A counted reference to a [`CodeObject`]'s code, from [`CodeObject::hold`]: while it lives the
+/// code is not retired (a module retires code only once its count reached zero); dropping it,
+/// or [`release`](Self::release), gives the reference back exactly once.
+#[derive(Debug)]
+pub struct CodeRef {
+    object: Arc<CodeObject>,
+}
+
+impl CodeRef {
+    /// The object this reference keeps alive.
+    #[must_use]
+    pub fn object(&self) -> &Arc<CodeObject> {
+        &self.object
+    }
+
+    /// Gives the reference back now; tells whether it was the last
+    /// ([`DecRef::Dead`]: the code's owner may retire it, e.g. a module's
+    /// [`free_dead_code`](crate::module::CodeModule::free_dead_code)).
+    pub fn release(self) -> DecRef {
+        let this = core::mem::ManuallyDrop::new(self);
+        // SAFETY: `this` holds one reference, taken by `hold`, and is consumed here without
+        // running its `Drop`, so it is given back exactly once.
+        let result = unsafe { this.object.dec_ref() };
+        // SAFETY: `this` is never used or dropped again; the `Arc` is moved out exactly once.
+        drop(unsafe { core::ptr::read(&this.object) });
+        result
+    }
+}
+
+impl core::ops::Deref for CodeRef {
+    type Target = CodeObject;
+    fn deref(&self) -> &CodeObject {
+        &self.object
+    }
+}
+
+impl Drop for CodeRef {
+    fn drop(&mut self) {
+        // SAFETY: the guard holds one reference, taken by `hold`; `Drop` runs once, and
+        // `release` (the other way out) skips it.
+        let _ = unsafe { self.object.dec_ref() };
+    }
 }
 
 /// Printable name of a piece of code (V8's `DebugName`): its own name, else `func[<index>]` for
@@ -604,12 +649,48 @@ impl CodeObject {
         }
     }
 
+    /// Takes a counted reference (as [`inc_ref`](Self::inc_ref)) that releases itself exactly
+    /// once when dropped: the safe way to keep code alive while it may run (V8's
+    /// `WasmCodeRefScope`). `None` when the object is dying (or the count is saturated).
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use codespace::code_object::{CodeDesc, CodeKind, CodeObject, DecRef};
+    /// # use codespace::AddressRange;
+    /// let code = Arc::new(CodeObject::new(&CodeDesc::new(
+    ///     CodeKind::Function,
+    ///     AddressRange::new(0x1000, 0x1040),
+    /// ))?);
+    /// let held = CodeObject::hold(&code).expect("live");
+    /// assert_eq!(code.ref_count(), 2);
+    /// assert_eq!(held.release(), DecRef::Alive);
+    /// assert_eq!(code.ref_count(), 1);
+    /// # Ok::<(), codespace::code_object::CodeObjectError>(())
+    /// ```
+    #[must_use = "dropping the reference releases it at once"]
+    pub fn hold(this: &Arc<Self>) -> Option<CodeRef> {
+        this.inc_ref().then(|| CodeRef {
+            object: Arc::clone(this),
+        })
+    }
+
     /// Drops a live reference. The transition to zero happens exactly once: that call returns
     /// [`DecRef::Dead`] and marks the object dying (count 0 with [`DYING`](Self::DYING) set);
     /// its caller frees the code. A call on an object that is already dying (more `dec_ref`s
     /// than references) returns [`DecRef::AlreadyDying`] and changes nothing; every other call
     /// returns [`DecRef::Alive`].
-    pub fn dec_ref(&self) -> DecRef {
+    ///
+    /// [`hold`](Self::hold) gives a [`CodeRef`] that calls this exactly once, safely.
+    ///
+    /// # Safety
+    /// The caller gives up one reference it holds and does not give it up again: one it took
+    /// with a successful [`inc_ref`](Self::inc_ref), or the creation reference it owns (a
+    /// module's). After the call neither it nor anyone it lent the reference to relies on that
+    /// reference to keep the code alive. An unbalanced call (std's
+    /// `Arc::decrement_strong_count` is `unsafe` for the same reason) can make the count reach
+    /// zero while another holder still runs the code, which is then retired and, after a grace
+    /// period that holder does not block, freed under it.
+    pub unsafe fn dec_ref(&self) -> DecRef {
         let mut cur = self.ref_count.load(Ordering::Relaxed);
         loop {
             if cur & Self::DYING != 0 || cur == 0 {
@@ -771,6 +852,14 @@ impl fmt::Debug for CodeObject {
 
 #[cfg(all(test, not(loom)))]
 mod tests {
+
+    /// `dec_ref` of a reference the test holds (the tests count references to made-up code
+    /// nothing runs).
+    fn release(c: &CodeObject) -> DecRef {
+        // SAFETY: no code runs behind the tests' objects: an unbalanced release only shows in
+        // the count, which is what the tests check.
+        unsafe { c.dec_ref() }
+    }
     use super::*;
     use std::string::{String, ToString};
     use std::sync::Arc;
@@ -1000,9 +1089,9 @@ mod tests {
         let c = full();
         assert!(c.inc_ref());
         assert_eq!(c.ref_count(), 2);
-        assert_eq!(c.dec_ref(), DecRef::Alive);
+        assert_eq!(release(&c), DecRef::Alive);
         assert!(!c.is_dying());
-        assert_eq!(c.dec_ref(), DecRef::Dead);
+        assert_eq!(release(&c), DecRef::Dead);
         assert!(c.is_dying());
         assert_eq!(c.ref_count(), 0);
         assert!(!c.inc_ref(), "dying code must not be resurrected");
@@ -1013,9 +1102,9 @@ mod tests {
     #[test]
     fn dec_ref_on_dying_is_refused_and_changes_nothing() {
         let c = full();
-        assert_eq!(c.dec_ref(), DecRef::Dead);
+        assert_eq!(release(&c), DecRef::Dead);
         let count = c.ref_count();
-        assert_eq!(c.dec_ref(), DecRef::AlreadyDying);
+        assert_eq!(release(&c), DecRef::AlreadyDying);
         assert_eq!(c.ref_count(), count);
         assert!(c.is_dying());
     }
@@ -1035,12 +1124,12 @@ mod tests {
                         barrier.wait();
                         for i in 0..2000 {
                             // Thread 0 drops the initial reference part-way through.
-                            if t == 0 && i == 500 && c.dec_ref() == DecRef::Dead {
+                            if t == 0 && i == 500 && release(&c) == DecRef::Dead {
                                 dead += 1;
                             }
                             if c.inc_ref() {
                                 refs += 1;
-                                if c.dec_ref() == DecRef::Dead {
+                                if release(&c) == DecRef::Dead {
                                     dead += 1;
                                 }
                             }
@@ -1067,7 +1156,7 @@ mod tests {
         let threads: Vec<_> = (0..8)
             .map(|_| {
                 let c = Arc::clone(&c);
-                std::thread::spawn(move || (0..8).filter(|_| c.dec_ref() == DecRef::Dead).count())
+                std::thread::spawn(move || (0..8).filter(|_| release(&c) == DecRef::Dead).count())
             })
             .collect();
         let dead: usize = threads.into_iter().map(|h| h.join().unwrap()).sum();
@@ -1113,6 +1202,14 @@ mod tests {
 /// taking a reference. Run with `RUSTFLAGS="--cfg loom" cargo test --release --lib loom_`.
 #[cfg(all(test, loom))]
 mod loom_models {
+
+    /// `dec_ref` of a reference the test holds (the tests count references to made-up code
+    /// nothing runs).
+    fn release(c: &CodeObject) -> DecRef {
+        // SAFETY: no code runs behind the tests' objects: an unbalanced release only shows in
+        // the count, which is what the tests check.
+        unsafe { c.dec_ref() }
+    }
     use super::*;
     use loom::cell::UnsafeCell;
     use loom::sync::Arc;
@@ -1148,7 +1245,7 @@ mod loom_models {
                     // SAFETY: loom tracks the cell; only this holder writes it before its
                     // release, only the thread seeing `Dead` reads it after.
                     unsafe { notes[i].with_mut(|n| *n = 1) };
-                    let r = o.dec_ref();
+                    let r = release(&o);
                     if r == DecRef::Dead {
                         for n in notes.iter() {
                             // SAFETY: as above; a missing happens-before is a reported race.
@@ -1167,7 +1264,7 @@ mod loom_models {
                 !(taken && dead_before_release),
                 "resurrected a dying object"
             );
-            let mine = taken.then(|| o.dec_ref());
+            let mine = taken.then(|| release(&o));
             let results = [a.join().unwrap(), b.join().unwrap()];
             let deads = results
                 .iter()
@@ -1182,7 +1279,7 @@ mod loom_models {
             assert!(o.is_dying());
             assert_eq!(o.ref_count(), 0);
             assert!(!o.inc_ref(), "dead code stays dead");
-            assert_eq!(o.dec_ref(), DecRef::AlreadyDying);
+            assert_eq!(release(&o), DecRef::AlreadyDying);
         });
     }
 }

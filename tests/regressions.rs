@@ -78,7 +78,9 @@ fn bug_02_free_dead_code_keeps_an_installed_function_with_an_unbalanced_count() 
         .unwrap();
     let fs = f.instruction_start();
     assert_eq!(
-        f.dec_ref(),
+        // SAFETY: deliberately unbalanced: the hazard this test checks the module contains
+        // (nothing runs the simulated code).
+        unsafe { f.dec_ref() },
         DecRef::Dead,
         "a holder released the module's reference"
     );
@@ -121,7 +123,7 @@ fn bug_03_a_slot_target_is_not_freed_and_later_tables_copy_it() {
     let (machine, m) = rig(1 << 14, ManagerConfig::default());
     let regs = registries();
     let pointers: &'static CodePointerTable =
-        Box::leak(Box::new(CodePointerTable::with_capacity(8)));
+        Box::leak(Box::new(CodePointerTable::with_capacity(8, regs.grace())));
     let module = module(
         &m,
         regs,

@@ -16,7 +16,7 @@ use crate::memory::{self, FrameBitmap, PHYS_MAPPED_LIMIT, PHYS_OFFSET};
 
 /// The grace domain of all generated code: CPUs report quiescent states here (the test
 /// framework between tests, idle CPUs in their idle loop).
-pub static GRACE: GraceDomain = GraceDomain::new();
+pub static GRACE: GraceDomain = GraceDomain::new().with_interrupt_control(X86_INTERRUPTS);
 
 /// Trap table and PC lookup of all generated code; the page-fault path looks faults up here.
 pub static REGISTRIES: Registries = Registries::new(&GRACE).with_interrupt_control(X86_INTERRUPTS);

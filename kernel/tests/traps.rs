@@ -88,10 +88,14 @@ fn protected_load_lands_with_r10_and_cr2() {
     let mut a = allocator(0);
     let code = publish_load(&mut a);
     let (_, load_at, landing_at) = load_function();
-    let handle = REGISTRIES
-        .traps
-        .register(code.range(), &[load_at], code.start() + landing_at)
-        .expect("register");
+    // SAFETY: `code` is this test's published code (the load and its landing pad), kept until
+    // the handle is released below.
+    let handle = unsafe {
+        REGISTRIES
+            .traps
+            .register(code.range(), &[load_at], code.start() + landing_at)
+    }
+    .expect("register");
     assert_eq!(call(&code, 0x100), 0xC0DE, "in-bounds load");
     let before = code::last_trap().map_or(0, |t| t.count);
     let oob = MEMORY_PAGES * 4096 + 8;
@@ -253,10 +257,9 @@ fn faults_at_every_step_of_updates_and_batches_resolve() {
         landing_pad: c.start() + landing_at,
         fault_range: Some(accepted),
     };
-    let stable_handle = REGISTRIES
-        .traps
-        .register_with(&registration(&stable))
-        .expect("register");
+    // SAFETY: `stable` is this test's published code, kept until the handle is released.
+    let stable_handle =
+        unsafe { REGISTRIES.traps.register_with(&registration(&stable)) }.expect("register");
     // Fill the leaf holding the code: 7 ranges just below it and 7 above, then more above, so
     // the updates below split a full leaf (never executed: only their addresses matter).
     let below = stable.start() - 7 * 0x1000;
@@ -275,19 +278,24 @@ fn faults_at_every_step_of_updates_and_batches_resolve() {
             fault_range: None,
         })
         .collect();
-    let dummy_handles = REGISTRIES.traps.register_batch(&dummies).expect("dummies");
+    // SAFETY: no CPU executes the dummy ranges (nothing is mapped or allocated there during
+    // this test, and they register no protected instruction), so no fault consults them; they
+    // are released before the test ends.
+    let dummy_handles = unsafe { REGISTRIES.traps.register_batch(&dummies) }.expect("dummies");
     STEP_PROBE.lock().stable = stable.start();
     let starts: Vec<usize> = changing.iter().map(PublishedCode::start).collect();
 
     // A single registration and release, then a batch of three and its batch release.
     let h = probe_every_step(&starts[..1], true, || {
-        REGISTRIES.traps.register_with(&registration(&changing[0]))
+        // SAFETY: `changing` is this test's published code, kept until released below.
+        unsafe { REGISTRIES.traps.register_with(&registration(&changing[0])) }
     })
     .expect("register");
     probe_every_step(&starts[..1], false, || REGISTRIES.traps.release(h)).expect("release");
     let batch: Vec<_> = changing[1..].iter().map(registration).collect();
     let hs = probe_every_step(&starts[1..], true, || {
-        REGISTRIES.traps.register_batch(&batch)
+        // SAFETY: as above.
+        unsafe { REGISTRIES.traps.register_batch(&batch) }
     })
     .expect("batch");
     probe_every_step(&starts[1..], false, || REGISTRIES.traps.release_batch(&hs))
@@ -322,15 +330,16 @@ fn protected_load_outside_its_memory_is_an_unexpected_fault() {
     let (_, load_at, landing_at) = load_function();
     let pc = (code.start() + load_at as usize) as u64;
     let accepted = AddressRange::new(MEMORY as usize, (MEMORY + 2 * MEMORY_PAGES * 4096) as usize);
-    let handle = REGISTRIES
-        .traps
-        .register_with(&TrapRegistration {
+    // SAFETY: `code` is this test's published code, kept until the handle is released.
+    let handle = unsafe {
+        REGISTRIES.traps.register_with(&TrapRegistration {
             code: code.range(),
             protected: &[load_at],
             landing_pad: code.start() + landing_at,
             fault_range: Some(accepted),
         })
-        .expect("register");
+    }
+    .expect("register");
     assert_eq!(
         call(&code, MEMORY_PAGES * 4096 + 8),
         pc,
@@ -365,10 +374,13 @@ fn released_code_no_longer_resolves() {
     let code = publish_load(&mut a);
     let (_, load_at, landing_at) = load_function();
     let pc = code.start() + load_at as usize;
-    let handle = REGISTRIES
-        .traps
-        .register(code.range(), &[load_at], code.start() + landing_at)
-        .expect("register");
+    // SAFETY: `code` is this test's published code, kept until the handle is released.
+    let handle = unsafe {
+        REGISTRIES
+            .traps
+            .register(code.range(), &[load_at], code.start() + landing_at)
+    }
+    .expect("register");
     assert!(REGISTRIES.traps.lookup(pc).is_some());
     REGISTRIES.traps.release(handle).expect("release");
     assert!(REGISTRIES.traps.lookup(pc).is_none());

@@ -239,10 +239,11 @@ impl<M: Mmu> ModuleState<M> {
             .collect();
         if !protected.is_empty() {
             let regs: Vec<TrapRegistration<'_>> = protected.iter().map(|(_, r)| *r).collect();
-            let handles = self
-                .registries
-                .traps
-                .register_batch(&regs)
+            // SAFETY: each range is a staged object of this batch, code the module allocated
+            // and owns; the trap table checks that every protected offset and the landing pad
+            // lie inside it. The module releases the handles before the code is freed
+            // (`unregister`, `abandon`).
+            let handles = unsafe { self.registries.traps.register_batch(&regs) }
                 .map_err(ModuleError::Trap)?;
             for ((i, _), h) in protected.iter().zip(handles) {
                 staged[*i].trap = Some(h);
@@ -253,17 +254,17 @@ impl<M: Mmu> ModuleState<M> {
                 match new.index {
                     // Anonymous code gets a pointer of its own, aimed at it once registered.
                     None => {
-                        let p = table
-                            .allocate(s.code.start())
+                        // SAFETY: the entry is this staged code's start: published code
+                        // the module owns, retired only after its pointer is freed and a
+                        // grace period passed (or never reachable: `abandon`).
+                        let p = unsafe { table.allocate(s.code.start()) }
                             .map_err(ModuleError::CodePointer)?;
                         s.pointer = Some(p);
                     }
                     // A function's pointer is shared by its versions: made on first use, aimed
                     // at the slot's target by `set_slots`.
                     Some(i) if self.function_pointers[i as usize].is_none() => {
-                        let p = table
-                            .allocate(table.trap_address())
-                            .map_err(ModuleError::CodePointer)?;
+                        let p = table.allocate_trap().map_err(ModuleError::CodePointer)?;
                         self.function_pointers[i as usize] = Some(p);
                     }
                     Some(_) => {}
@@ -284,7 +285,8 @@ impl<M: Mmu> ModuleState<M> {
                 let _ = self.registries.traps.release(h);
             }
             if let (Some(table), Some(p)) = (self.pointers, s.pointer) {
-                let _ = table.free(p);
+                // SAFETY: the module allocated `p` for this code and frees it once.
+                let _ = unsafe { table.free(p) };
             }
             if let Some(map) = self.registries.code.lookup(s.code.start()) {
                 if Arc::ptr_eq(&map, &s.object) {
@@ -319,7 +321,9 @@ impl<M: Mmu> ModuleState<M> {
             // wrapper or stub): what counts is whether code was ever installed.
             if self.functions[i].is_none() {
                 if let Some(p) = self.function_pointers[i].take() {
-                    let _ = table.free(p);
+                    // SAFETY: the module allocated `p` for function `i`, which has no code:
+                    // nothing but the module's books knew it.
+                    let _ = unsafe { table.free(p) };
                 }
             }
         }

@@ -52,7 +52,10 @@ pub(super) fn unlink_then_defer(
     if let Some(table) = table {
         for p in pointers {
             // `NotAllocated` would be a handle the module does not hold: nothing to reset.
-            let _ = table.free(p);
+            // SAFETY: the module allocated `p` for code it is retiring and frees it once (the
+            // caller took it out of the module's books); the table resets the entry to its
+            // trap address now and reuses the handle only after a grace period.
+            let _ = unsafe { table.free(p) };
         }
     }
     grace.defer()
@@ -68,7 +71,12 @@ impl<M: Mmu> ModuleState<M> {
             return;
         }
         // `AlreadyDying`: a holder released more than it held; the code is dead all the same.
-        if matches!(live.object.dec_ref(), DecRef::Dead | DecRef::AlreadyDying) {
+        // SAFETY: the module gives up its creation reference, once (`module_ref` was true and
+        // is false from now on).
+        if matches!(
+            unsafe { live.object.dec_ref() },
+            DecRef::Dead | DecRef::AlreadyDying
+        ) {
             self.retire_if_unreachable(start);
         }
     }
@@ -219,7 +227,9 @@ impl<M: Mmu> ModuleState<M> {
         self.registries.code.remove_batch(&starts);
         for live in lives {
             if let (Some(table), Some(p)) = (self.pointers, live.pointer) {
-                let _ = table.free(p);
+                // SAFETY: the module allocated `p` for this code, which is being unregistered,
+                // and frees it once.
+                let _ = unsafe { table.free(p) };
             }
             if let Some(listener) = self.listener {
                 listener.code_freed(&CodeEvent::new(&live.object));

@@ -208,12 +208,23 @@ impl<M: Mmu + Send + 'static> CodeModule<M> {
     ///
     /// # Errors
     /// [`ModuleError::CodePointersExist`] for a different table (or `None`) once the module
-    /// holds pointers; [`ModuleError::Busy`].
+    /// holds pointers; [`ModuleError::Busy`];
+    /// [`ModuleError::CodePointer`]`(`[`CodePointerError::OtherGraceDomain`](crate::code_pointer_table::CodePointerError::OtherGraceDomain)`)`
+    /// when the table reuses freed handles after grace periods of another domain than the
+    /// registries' (a handle freed with its code could then be reused while a CPU that read it
+    /// is still about to call through it).
     pub fn set_code_pointer_table(
         &self,
         table: Option<&'static CodePointerTable>,
     ) -> Result<(), ModuleError> {
         self.with(|s| {
+            if let Some(t) = table {
+                if !core::ptr::eq(t.grace(), s.registries.grace()) {
+                    return Err(ModuleError::CodePointer(
+                        crate::code_pointer_table::CodePointerError::OtherGraceDomain,
+                    ));
+                }
+            }
             let same = match (s.pointers, table) {
                 (Some(a), Some(b)) => core::ptr::eq(a, b),
                 (a, b) => a.is_none() && b.is_none(),

@@ -23,7 +23,9 @@ use crate::trap::TrapTable;
 /// ```
 #[derive(Debug)]
 pub struct Registries {
-    /// Protected instructions of all published code.
+    /// Protected instructions of all published code. Looking up and releasing are safe;
+    /// registering is `unsafe` (a registration decides where a faulting CPU resumes): modules
+    /// register their own code through [`CodeModule::add_code`](super::CodeModule::add_code).
     pub traps: TrapTable,
     /// PC → code object for all published code.
     pub code: CodeMap,

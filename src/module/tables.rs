@@ -198,7 +198,12 @@ impl<M: Mmu> ModuleState<M> {
                     if let (Some(table), Some(p)) =
                         (self.pointers, self.function_pointers[index as usize])
                     {
-                        let _ = table.update(p, target.unwrap_or(table.trap_address()));
+                        // SAFETY: the module owns its functions' handles, and the entry is
+                        // the slot's new target, checked above (`is_target`: live code of this
+                        // module or a registered external entry) and retired only after it is
+                        // unreachable from slots and pointers and a grace period passed; or
+                        // the trap address.
+                        let _ = unsafe { table.update(p, target.unwrap_or(table.trap_address())) };
                     }
                 }
                 // Code whose last slot just moved away goes once nothing else reaches it, however

@@ -39,7 +39,9 @@ use alloc::boxed::Box;
 use alloc::vec::Vec;
 
 use super::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
+use super::irq_lock::IrqLock;
 use super::CachePadded;
+use crate::mmu::InterruptControl;
 
 /// Most CPUs a [`GraceDomain`] tracks (CPU indices are `0..MAX_CPUS`).
 #[cfg(not(loom))]
@@ -65,7 +67,18 @@ pub struct GraceTicket(u64);
 pub struct GraceDomain {
     epoch: CachePadded<AtomicU64>,
     /// Values whose drop waits for a grace period ([`defer_drop`](Self::defer_drop)).
-    deferred: spin::Mutex<Vec<(GraceTicket, Box<dyn Send>)>>,
+    ///
+    /// An [`IrqLock`] held with interrupts off (through `irq`), never answering `Busy`: a
+    /// module dropped in an interrupt handler defers its teardown here, and were the lock held
+    /// with interrupts on, the handler could find it held by the code it interrupted on its own
+    /// CPU and spin forever. Holders only push or swap-remove (the drops run after the lock is
+    /// released) and wait for no other CPU, so a waiter — also one with interrupts off — waits
+    /// a bounded time, and `Busy` (which would make `defer_drop` fallible and leave a dropped
+    /// module nowhere to go) is not needed.
+    deferred: IrqLock<Vec<(GraceTicket, Box<dyn Send>)>>,
+    /// How the deferred list's lock turns interrupts off; see
+    /// [`with_interrupt_control`](Self::with_interrupt_control).
+    irq: InterruptControl,
     /// `deferred.len()`, readable without the lock.
     pending: AtomicUsize,
     /// One past the highest CPU index that may be online: the scan bound of `advance`.
@@ -96,7 +109,8 @@ impl GraceDomain {
     pub const fn new() -> Self {
         GraceDomain {
             epoch: CachePadded(AtomicU64::new(0)),
-            deferred: spin::Mutex::new(Vec::new()),
+            deferred: IrqLock::new(Vec::new()),
+            irq: InterruptControl::NONE,
             pending: AtomicUsize::new(0),
             limit: CachePadded(AtomicUsize::new(MAX_CPUS)),
             announced: [const { CachePadded(AtomicU64::new(0)) }; MAX_CPUS],
@@ -109,11 +123,33 @@ impl GraceDomain {
     pub fn new() -> Self {
         GraceDomain {
             epoch: CachePadded(AtomicU64::new(0)),
-            deferred: spin::Mutex::new(Vec::new()),
+            deferred: IrqLock::new(Vec::new()),
+            irq: InterruptControl::NONE,
             pending: AtomicUsize::new(0),
             limit: CachePadded(AtomicUsize::new(MAX_CPUS)),
             announced: core::array::from_fn(|_| CachePadded(AtomicU64::new(0))),
         }
+    }
+
+    /// The domain, holding the lock of its deferred list with interrupts disabled through `irq`
+    /// (for example [`X86_INTERRUPTS`](crate::mmu::x86::X86_INTERRUPTS)), so that
+    /// [`defer_drop`](Self::defer_drop) and [`reclaim`](Self::reclaim) may run in interrupt
+    /// context (a module dropped from a timer tick). Without it, call them with interrupts on
+    /// only. Grace periods themselves take no lock and are unaffected.
+    ///
+    /// ```
+    /// # use codespace::sync::grace::GraceDomain;
+    /// # fn disable() -> bool { true }
+    /// # fn restore(_: bool) {}
+    /// use codespace::mmu::InterruptControl;
+    /// static GRACE: GraceDomain =
+    ///     GraceDomain::new().with_interrupt_control(InterruptControl { disable, restore });
+    /// # assert_eq!(GRACE.deferred(), 0);
+    /// ```
+    #[must_use]
+    pub const fn with_interrupt_control(mut self, irq: InterruptControl) -> Self {
+        self.irq = irq;
+        self
     }
 
     /// Takes CPU indices `n..MAX_CPUS` offline, so grace periods wait for CPUs `0..n` only.
@@ -215,7 +251,8 @@ impl GraceDomain {
     /// [`reclaim`](Self::reclaim) (Linux's `call_rcu`). For teardown that cannot wait where it
     /// starts, such as dropping a module whose code other CPUs may still be running.
     pub fn defer_drop(&self, ticket: GraceTicket, value: Box<dyn Send>) {
-        let mut deferred = self.deferred.lock();
+        // Interrupts off while held (see the field): a handler on this CPU cannot find it held.
+        let mut deferred = self.deferred.lock_spinning(self.irq);
         deferred.push((ticket, value));
         self.pending.store(deferred.len(), Ordering::Relaxed);
     }
@@ -229,7 +266,8 @@ impl GraceDomain {
             return 0;
         }
         let due: Vec<Box<dyn Send>> = {
-            let Some(mut deferred) = self.deferred.try_lock() else {
+            // Never waits: a busy list is looked at by the next call.
+            let Some(mut deferred) = self.deferred.try_lock(self.irq) else {
                 return 0;
             };
             let mut due = Vec::new();
@@ -361,6 +399,29 @@ mod tests {
         assert_eq!(d.reclaim(), 1);
         assert_eq!(Arc::strong_count(&value), 1, "dropped");
         assert_eq!(d.deferred(), 0);
+    }
+
+    /// Issue 18 item 9: the deferred list's lock is held with interrupts off, so a module
+    /// dropped from an interrupt handler (which defers its teardown here) can never find it
+    /// held by the code it interrupted on its own CPU. Every acquisition by `defer_drop` and
+    /// `reclaim` is counted while the lock is held, with the simulated interrupt flag.
+    #[test]
+    fn item_09_deferred_list_lock_is_held_with_interrupts_off() {
+        use crate::sync::irq_lock::test_hook;
+        let d = domain(1).with_interrupt_control(test_hook::SIM);
+        test_hook::watch();
+        for value in 0..3u32 {
+            d.defer_drop(d.defer(), Box::new(value));
+        }
+        rounds(&d, &[0], 2);
+        assert_eq!(d.reclaim(), 3);
+        let (off, on) = test_hook::unwatch();
+        assert_eq!(
+            (off, on),
+            (4, 0),
+            "three pushes and one reclaim, none with interrupts on"
+        );
+        assert!(test_hook::enabled(), "interrupts are back on");
     }
 
     #[test]

@@ -14,9 +14,17 @@
 //!   module's), so that the inner lock taken under it still knows whether the real caller can
 //!   wait: were the outer lock to turn interrupts off, every contended inner lock would answer
 //!   [`Busy`] to callers that could have waited.
+//! - **Or waited for whatever the interrupt state** ([`lock_spinning`](IrqLock::lock_spinning)),
+//!   held with interrupts off, for a lock whose holders wait for nothing (the registries' writer
+//!   locks, a code pointer table's, the grace domain's deferred list): the wait is bounded, so
+//!   callers need not handle [`Busy`].
+//!
+//! Under `cfg(loom)` the lock is loom's modelled mutex, so the loom models check these rules
+//! (the models at the end of this file) and every lock built on `IrqLock`.
 
 use core::ops::{Deref, DerefMut};
 
+use super::{spin_wait, Mutex, MutexGuard};
 use crate::mmu::InterruptControl;
 
 /// The lock was held and the caller runs with interrupts disabled, so it may not wait.
@@ -26,12 +34,12 @@ pub struct Busy;
 /// A spin lock over `T`; see the module docs.
 #[derive(Debug, Default)]
 pub struct IrqLock<T> {
-    inner: spin::Mutex<T>,
+    inner: Mutex<T>,
 }
 
 /// Access to the locked value; interrupts are off until it drops.
 pub struct IrqGuard<'a, T> {
-    guard: core::mem::ManuallyDrop<spin::MutexGuard<'a, T>>,
+    guard: core::mem::ManuallyDrop<MutexGuard<'a, T>>,
     irq: InterruptControl,
     enabled: bool,
     /// Whether this guard disabled interrupts (and so restores them on drop).
@@ -40,9 +48,18 @@ pub struct IrqGuard<'a, T> {
 
 impl<T> IrqLock<T> {
     /// A lock over `value`.
+    #[cfg(not(loom))]
     pub const fn new(value: T) -> Self {
         IrqLock {
-            inner: spin::Mutex::new(value),
+            inner: Mutex::new(value),
+        }
+    }
+
+    /// A lock over `value` (loom's modelled lock is not `const`).
+    #[cfg(loom)]
+    pub fn new(value: T) -> Self {
+        IrqLock {
+            inner: Mutex::new(value),
         }
     }
 
@@ -60,21 +77,14 @@ impl<T> IrqLock<T> {
     /// [`Busy`] when the lock is held and interrupts are off on entry.
     pub fn lock_interruptible(&self, irq: InterruptControl) -> Result<IrqGuard<'_, T>, Busy> {
         loop {
-            // Only to learn the caller's state: restored at once.
-            let enabled = (irq.disable)();
-            (irq.restore)(enabled);
+            let enabled = interrupts_enabled(irq);
             if let Some(guard) = self.inner.try_lock() {
-                return Ok(IrqGuard {
-                    guard: core::mem::ManuallyDrop::new(guard),
-                    irq,
-                    enabled,
-                    disabled: false,
-                });
+                return Ok(IrqGuard::new(guard, irq, enabled, false));
             }
             if !enabled {
                 return Err(Busy);
             }
-            core::hint::spin_loop();
+            spin_wait();
         }
     }
 
@@ -99,26 +109,53 @@ impl<T> IrqLock<T> {
         refuse_when_off: bool,
     ) -> Result<IrqGuard<'_, T>, Busy> {
         loop {
-            let enabled = (irq.disable)();
-            if let Some(guard) = self.inner.try_lock() {
-                return Ok(IrqGuard {
-                    guard: core::mem::ManuallyDrop::new(guard),
-                    irq,
-                    enabled,
-                    disabled: true,
-                });
+            if let Some(guard) = self.try_lock(irq) {
+                return Ok(guard);
             }
-            if !enabled && refuse_when_off {
+            // Interrupts are as on entry again (`try_lock` restored them).
+            if refuse_when_off && !interrupts_enabled(irq) {
                 return Err(Busy);
             }
-            (irq.restore)(enabled);
-            core::hint::spin_loop();
+            spin_wait();
+        }
+    }
+
+    /// Takes the lock with interrupts off (through `irq`) if it is free now; never waits. On
+    /// `None` interrupts are as they were.
+    pub fn try_lock(&self, irq: InterruptControl) -> Option<IrqGuard<'_, T>> {
+        let enabled = (irq.disable)();
+        match self.inner.try_lock() {
+            Some(guard) => Some(IrqGuard::new(guard, irq, enabled, true)),
+            None => {
+                (irq.restore)(enabled);
+                None
+            }
         }
     }
 
     /// The value, through exclusive access (no locking needed).
     pub fn get_mut(&mut self) -> &mut T {
         self.inner.get_mut()
+    }
+}
+
+/// Whether interrupts are enabled on this CPU (learnt by disabling and restoring them).
+fn interrupts_enabled(irq: InterruptControl) -> bool {
+    let enabled = (irq.disable)();
+    (irq.restore)(enabled);
+    enabled
+}
+
+impl<'a, T> IrqGuard<'a, T> {
+    fn new(guard: MutexGuard<'a, T>, irq: InterruptControl, enabled: bool, disabled: bool) -> Self {
+        #[cfg(all(test, not(loom)))]
+        test_hook::held();
+        IrqGuard {
+            guard: core::mem::ManuallyDrop::new(guard),
+            irq,
+            enabled,
+            disabled,
+        }
     }
 }
 
@@ -152,6 +189,71 @@ impl<T> Drop for IrqGuard<'_, T> {
         unsafe { core::mem::ManuallyDrop::drop(&mut self.guard) };
         if self.disabled {
             (self.irq.restore)(self.enabled);
+        }
+    }
+}
+
+/// Unit tests' view into held locks: a simulated interrupt flag per thread (a simulated CPU)
+/// and a count of acquisitions made with it clear or set, taken while the lock is held. The
+/// tests of the locks built on `IrqLock` use it to check that an interrupt can never arrive on
+/// a CPU holding their lock (as `tests/interrupt_context.rs` does for the registries).
+#[cfg(all(test, not(loom)))]
+pub(crate) mod test_hook {
+    use core::cell::Cell;
+
+    use crate::mmu::InterruptControl;
+
+    std::thread_local! {
+        /// This simulated CPU's interrupt flag (true: enabled).
+        static ENABLED: Cell<bool> = const { Cell::new(true) };
+        /// Whether acquisitions are counted on this thread.
+        static WATCHING: Cell<bool> = const { Cell::new(false) };
+        /// Acquisitions seen while watching: (with interrupts off, with them on).
+        static HELD: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
+    }
+
+    fn disable() -> bool {
+        ENABLED.with(|e| e.replace(false))
+    }
+
+    fn restore(enabled: bool) {
+        if enabled {
+            ENABLED.with(|e| e.set(true));
+        }
+    }
+
+    /// Interrupt control of this thread's simulated flag.
+    pub(crate) const SIM: InterruptControl = InterruptControl { disable, restore };
+
+    /// Whether this thread's simulated interrupts are enabled.
+    pub(crate) fn enabled() -> bool {
+        ENABLED.with(Cell::get)
+    }
+
+    /// Starts counting this thread's acquisitions from zero.
+    pub(crate) fn watch() {
+        HELD.with(|h| h.set((0, 0)));
+        WATCHING.with(|w| w.set(true));
+    }
+
+    /// Stops counting; returns (acquisitions with interrupts off, with interrupts on).
+    pub(crate) fn unwatch() -> (usize, usize) {
+        WATCHING.with(|w| w.set(false));
+        HELD.with(Cell::get)
+    }
+
+    /// Runs on every acquisition, while the lock is held.
+    pub(super) fn held() {
+        if WATCHING.with(Cell::get) {
+            let on = enabled();
+            HELD.with(|h| {
+                let (off_count, on_count) = h.get();
+                h.set(if on {
+                    (off_count, on_count + 1)
+                } else {
+                    (off_count + 1, on_count)
+                });
+            });
         }
     }
 }
@@ -216,5 +318,113 @@ mod tests {
         OFF.store(false, Ordering::SeqCst);
         drop(g);
         assert!(!OFF.load(Ordering::SeqCst));
+    }
+}
+
+/// Model checks of the lock: mutual exclusion (loom sees the protected data as an
+/// `UnsafeCell`, so two holders at once are reported as a race), interrupts off while held and
+/// back as they were after, and `Busy` instead of waiting for callers with interrupts off. Each
+/// loom thread is a CPU with its own simulated interrupt flag. Run with
+/// `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test --release --lib loom_`.
+#[cfg(all(test, loom))]
+mod loom_models {
+    use super::*;
+    use core::cell::Cell;
+    use loom::cell::UnsafeCell;
+    use loom::sync::Arc;
+
+    loom::thread_local! {
+        /// This simulated CPU's interrupt flag (true: enabled).
+        static ENABLED: Cell<bool> = Cell::new(true);
+    }
+
+    fn disable() -> bool {
+        ENABLED.with(|e| e.replace(false))
+    }
+
+    fn restore(enabled: bool) {
+        if enabled {
+            ENABLED.with(|e| e.set(true));
+        }
+    }
+
+    fn enabled() -> bool {
+        ENABLED.with(Cell::get)
+    }
+
+    const SIM: InterruptControl = InterruptControl { disable, restore };
+
+    fn checked(f: impl Fn() + Send + Sync + 'static) {
+        let mut builder = loom::model::Builder::new();
+        builder.preemption_bound.get_or_insert(3);
+        builder.check(f);
+    }
+
+    /// The critical section of one CPU: interrupts off while held (for `lock` and
+    /// `lock_spinning`), the counter bumped with a plain read and write loom tracks.
+    fn bump(counter: &UnsafeCell<u32>, guard: &IrqGuard<'_, ()>) {
+        assert!(!enabled(), "interrupts are off while the lock is held");
+        assert!(guard.interrupts_were_enabled());
+        // SAFETY: loom tracks the cell; two holders at once would be reported as a race.
+        unsafe { counter.with_mut(|c| *c += 1) };
+    }
+
+    #[test]
+    fn loom_irq_lock_excludes_and_restores_interrupts() {
+        checked(|| {
+            let lock = Arc::new(IrqLock::new(()));
+            let counter = Arc::new(UnsafeCell::new(0u32));
+            let other = {
+                let (lock, counter) = (Arc::clone(&lock), Arc::clone(&counter));
+                loom::thread::spawn(move || {
+                    let g = lock.lock(SIM).expect("interrupts on: waits, never Busy");
+                    bump(&counter, &g);
+                    drop(g);
+                    assert!(enabled(), "restored on unlock");
+                })
+            };
+            let g = lock.lock_spinning(SIM);
+            bump(&counter, &g);
+            drop(g);
+            assert!(enabled(), "restored on unlock");
+            other.join().unwrap();
+            // SAFETY: both CPUs are done.
+            assert_eq!(unsafe { counter.with(|c| *c) }, 2);
+        });
+    }
+
+    /// A CPU already running with interrupts off (an interrupt handler) either gets the lock or
+    /// answers `Busy` at once, and leaves its interrupts off either way; the holder on the other
+    /// CPU is never disturbed.
+    #[test]
+    fn loom_irq_lock_refuses_instead_of_waiting_with_interrupts_off() {
+        checked(|| {
+            let lock = Arc::new(IrqLock::new(()));
+            let counter = Arc::new(UnsafeCell::new(0u32));
+            let handler = {
+                let (lock, counter) = (Arc::clone(&lock), Arc::clone(&counter));
+                loom::thread::spawn(move || {
+                    let was = disable();
+                    let got = match lock.lock(SIM) {
+                        Ok(g) => {
+                            assert!(!g.interrupts_were_enabled());
+                            // SAFETY: as in `bump`.
+                            unsafe { counter.with_mut(|c| *c += 1) };
+                            1
+                        }
+                        Err(Busy) => 0,
+                    };
+                    assert!(!enabled(), "a handler's interrupts stay off");
+                    restore(was);
+                    got
+                })
+            };
+            let g = lock.lock(SIM).unwrap();
+            bump(&counter, &g);
+            drop(g);
+            let got = handler.join().unwrap();
+            // SAFETY: both CPUs are done.
+            assert_eq!(unsafe { counter.with(|c| *c) }, 1 + got);
+        });
     }
 }

@@ -3,6 +3,7 @@
 //! - [`grace`]: grace periods (quiescent-state based reclamation, as RCU-sched): memory that
 //!   lock-free readers or CPUs executing generated code may still use is freed only after every
 //!   CPU passed a quiescent state.
+//! - [`irq_lock`]: the spin lock every path reachable from interrupt context takes.
 //! - [`atomic`]: the atomics these modules use — `core`'s, or `loom`'s when built with
 //!   `RUSTFLAGS="--cfg loom"` so the protocols can be model-checked.
 
@@ -47,17 +48,38 @@ impl<T> Mutex<T> {
         }
     }
 
-    /// Locks, spinning while another holder has it.
-    #[cfg(not(loom))]
-    pub(crate) fn lock(&self) -> spin::MutexGuard<'_, T> {
-        self.inner.lock()
+    /// The lock if it is free now, else `None`; never waits.
+    pub(crate) fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
+        #[cfg(not(loom))]
+        return self.inner.try_lock();
+        #[cfg(loom)]
+        return self.inner.try_lock().ok();
     }
 
-    /// Locks (loom: a modelled lock; poisoning cannot happen in the models).
-    #[cfg(loom)]
-    pub(crate) fn lock(&self) -> loom::sync::MutexGuard<'_, T> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    /// The value, through exclusive access (no locking needed).
+    pub(crate) fn get_mut(&mut self) -> &mut T {
+        #[cfg(not(loom))]
+        return self.inner.get_mut();
+        #[cfg(loom)]
+        return self.inner.get_mut().unwrap_or_else(|e| e.into_inner());
     }
+}
+
+/// The guard of [`Mutex`].
+#[cfg(not(loom))]
+pub(crate) type MutexGuard<'a, T> = spin::MutexGuard<'a, T>;
+/// The guard of [`Mutex`] (loom's modelled lock).
+#[cfg(loom)]
+pub(crate) type MutexGuard<'a, T> = loom::sync::MutexGuard<'a, T>;
+
+/// A busy-wait pause: the CPU's spin-loop hint, or under loom a yield, so a model whose thread
+/// waits for another makes progress.
+#[inline]
+pub(crate) fn spin_wait() {
+    #[cfg(not(loom))]
+    core::hint::spin_loop();
+    #[cfg(loom)]
+    loom::thread::yield_now();
 }
 
 /// A value alone on its cache line, so CPUs writing neighbouring values never false-share.

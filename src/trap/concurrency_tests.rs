@@ -1,6 +1,7 @@
 //! Trap-table lookups against concurrent updates: at every step of an update (the step hook,
 //! as a page fault on the writer's CPU would see it) and from reader threads on other CPUs.
 
+use super::test_register::TestRegister;
 use super::tests::grace;
 use super::*;
 use std::format;
@@ -144,10 +145,10 @@ fn every_step_of_updates_and_batches_shows_old_or_new_table() {
     let even: Vec<_> = (0..RANGES).step_by(2).map(registration).collect();
     let mut seen = Vec::new();
     let mut handles: Vec<(usize, TrapHandle, TrapHandle)> = HOOK_TABLE
-        .register_batch(&even)
+        .test_register_batch(&even)
         .unwrap()
         .into_iter()
-        .zip(mirror.register_batch(&even).unwrap())
+        .zip(mirror.test_register_batch(&even).unwrap())
         .enumerate()
         .map(|(k, (h, m))| (2 * k, h, m))
         .collect();
@@ -161,8 +162,8 @@ fn every_step_of_updates_and_batches_shows_old_or_new_table() {
         let reg = registration(i);
         let (h, m) = checked(
             &mirror,
-            |t| t.register_with(&reg).unwrap(),
-            |m| m.register_with(&reg).unwrap(),
+            |t| t.test_register_with(&reg).unwrap(),
+            |m| m.test_register_with(&reg).unwrap(),
             &mut seen,
         );
         handles.push((i, h, m));
@@ -186,8 +187,8 @@ fn every_step_of_updates_and_batches_shows_old_or_new_table() {
         .collect();
     checked(
         &mirror,
-        |t| t.register_batch(&upper).unwrap(),
-        |m| m.register_batch(&upper).unwrap(),
+        |t| t.test_register_batch(&upper).unwrap(),
+        |m| m.test_register_batch(&upper).unwrap(),
         &mut seen,
     );
     quiesce();
@@ -226,7 +227,7 @@ fn stress_readers_against_writer() {
     let t = Arc::new(TrapTable::new(d));
     // Permanent: every 8th range.
     let permanent: Vec<_> = (0..RANGES).step_by(8).map(registration).collect();
-    t.register_batch(&permanent).unwrap();
+    t.test_register_batch(&permanent).unwrap();
     let done = Arc::new(AtomicBool::new(false));
     let readers: Vec<_> = (1..=READERS)
         .map(|cpu| {
@@ -266,7 +267,7 @@ fn stress_readers_against_writer() {
                 .filter(|i| !i.is_multiple_of(8) && (i + k).is_multiple_of(11))
                 .map(registration)
                 .collect();
-            match t.register_batch(&batch) {
+            match t.test_register_batch(&batch) {
                 Ok(hs) => live.extend(hs),
                 Err(TrapError::Overlap { .. }) => {
                     t.release_batch(&live).unwrap();
@@ -277,7 +278,7 @@ fn stress_readers_against_writer() {
         } else {
             let i = (k * 13) % RANGES;
             if !i.is_multiple_of(8) {
-                match t.register_with(&registration(i)) {
+                match t.test_register_with(&registration(i)) {
                     Ok(h) => live.push(h),
                     Err(TrapError::Overlap { .. }) => {}
                     Err(e) => panic!("{e}"),

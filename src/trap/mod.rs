@@ -24,6 +24,8 @@ mod entry;
 mod model_tests;
 mod prepare;
 #[cfg(all(test, not(loom)))]
+mod test_register;
+#[cfg(all(test, not(loom)))]
 mod tests;
 mod types;
 
@@ -39,6 +41,13 @@ use crate::range::AddressRange;
 use crate::sync::grace::GraceDomain;
 
 /// Lock-free table from protected instruction addresses of generated code to landing pads.
+///
+/// Registering is `unsafe` (issue 18, item 14): a registration decides where a faulting CPU
+/// resumes, so a range over kernel text would turn a later fault there into a jump to a
+/// "landing pad" of the caller's choosing. Modules register their own code through
+/// [`CodeModule::add_code`](crate::module::CodeModule::add_code), whose protected offsets and
+/// landing pad are checked to lie in the code being added; that is the safe path. Releasing
+/// and looking up are safe.
 ///
 /// Usable as a `static` ([`TrapTable::new`] is `const`). Lookups never lock, wait, allocate or
 /// panic and may run in a page-fault handler that interrupted an update on the same CPU.
@@ -104,18 +113,24 @@ impl TrapTable {
     ///
     /// # Errors
     /// As [`register_with`](Self::register_with).
-    pub fn register(
+    ///
+    /// # Safety
+    /// As [`register_with`](Self::register_with).
+    pub unsafe fn register(
         &self,
         code: AddressRange,
         protected: &[u32],
         landing_pad: usize,
     ) -> Result<TrapHandle, TrapError> {
-        self.register_with(&TrapRegistration {
-            code,
-            protected,
-            landing_pad,
-            fault_range: None,
-        })
+        // SAFETY: the caller's contract is `register_with`'s.
+        unsafe {
+            self.register_with(&TrapRegistration {
+                code,
+                protected,
+                landing_pad,
+                fault_range: None,
+            })
+        }
     }
 
     /// Registers one range: O(log n) for n registered ranges, published in one step.
@@ -126,7 +141,20 @@ impl TrapTable {
     /// [`TrapError::DuplicateOffset`], [`TrapError::LandingPadOutsideCode`],
     /// [`TrapError::EmptyFaultRange`], [`TrapError::Overlap`] (a range reused for new code must
     /// be released first).
-    pub fn register_with(&self, reg: &TrapRegistration<'_>) -> Result<TrapHandle, TrapError> {
+    ///
+    /// # Safety
+    /// A fault handler that consults this table resumes a faulting CPU at the landing pad with
+    /// the registers of the faulting instruction, so: `reg.code` is generated code the caller
+    /// owns (no kernel text, no other owner's code), its protected offsets are instructions of
+    /// it whose faults that code expects, and `reg.landing_pad` is code of it written to be
+    /// entered that way; all of it stays so until the caller
+    /// [`release`](Self::release)s the handle (and the range is not freed or reused before).
+    /// A [`CodeModule`](crate::module::CodeModule) registers its code's protected instructions
+    /// this way: that is the safe path.
+    pub unsafe fn register_with(
+        &self,
+        reg: &TrapRegistration<'_>,
+    ) -> Result<TrapHandle, TrapError> {
         let p = prepare(reg)?;
         let mut update = self.index.update();
         if let Some(existing) = update.first_overlap(p.code) {
@@ -147,7 +175,10 @@ impl TrapTable {
     /// The first registration that [`register_with`](Self::register_with) would refuse, in
     /// input order; then [`TrapError::Overlap`] naming the lowest range (registered, or of the
     /// batch) that overlaps another. Nothing is registered.
-    pub fn register_batch(
+    ///
+    /// # Safety
+    /// Each registration satisfies the contract of [`register_with`](Self::register_with).
+    pub unsafe fn register_batch(
         &self,
         regs: &[TrapRegistration<'_>],
     ) -> Result<Vec<TrapHandle>, TrapError> {

@@ -1,6 +1,7 @@
 //! Host tests of the trap table: behaviour, errors, batches, memory, and a random model test.
 //! Concurrency (step hook, reader threads) is in `concurrency_tests`.
 
+use super::test_register::TestRegister;
 use super::*;
 use std::boxed::Box;
 use std::vec;
@@ -37,7 +38,7 @@ fn hits_every_protected_offset_and_nothing_else() {
     assert!(t.is_empty());
     let code = r(0x1000, 0x1100);
     let offs = [0u32, 4, 0x20, 0xff];
-    let h = t.register(code, &offs, 0x10f0).unwrap();
+    let h = t.test_register(code, &offs, 0x10f0).unwrap();
     assert_eq!(t.len(), 1);
     for &o in &offs {
         let hit = t.lookup(0x1000 + o as usize).expect("protected pc");
@@ -69,12 +70,12 @@ fn hits_every_protected_offset_and_nothing_else() {
 fn unsorted_offsets_and_several_ranges() {
     let t = table();
     let b = t
-        .register(r(0x3000, 0x3040), &[0x30, 0x2, 0x10], 0x3002)
+        .test_register(r(0x3000, 0x3040), &[0x30, 0x2, 0x10], 0x3002)
         .unwrap();
     let a = t
-        .register(r(0x1000, 0x1040), &[0x3f, 0x0, 0x8], 0x1001)
+        .test_register(r(0x1000, 0x1040), &[0x3f, 0x0, 0x8], 0x1001)
         .unwrap();
-    let c = t.register(r(0x2000, 0x2040), &[0x1], 0x2003).unwrap();
+    let c = t.test_register(r(0x2000, 0x2040), &[0x1], 0x2003).unwrap();
     assert_ne!(a, b);
     assert_ne!(b, c);
     assert_eq!(t.len(), 3);
@@ -93,7 +94,7 @@ fn large_code_keeps_32_bit_offsets() {
     let t = table();
     let code = r(0x10_0000, 0x10_0000 + (1 << 20));
     let offs = [0x1_0000u32, 3, 0xF_FFFF, 0x2_0001];
-    t.register(code, &offs, code.start()).unwrap();
+    t.test_register(code, &offs, code.start()).unwrap();
     for &o in &offs {
         assert_eq!(t.lookup(code.start() + o as usize).unwrap().offset(), o);
     }
@@ -107,14 +108,14 @@ fn large_code_keeps_32_bit_offsets() {
 fn invalid_registrations_leave_table_unchanged() {
     let t = table();
     let code = r(0x1000, 0x1010);
-    let h = t.register(code, &[0, 4], 0x100f).unwrap();
+    let h = t.test_register(code, &[0, 4], 0x100f).unwrap();
     let check = |t: &TrapTable| {
         assert_eq!(t.len(), 1);
         assert_eq!(t.lookup(0x1004).unwrap().landing_pad(), 0x100f);
         assert_eq!(t.lookup(0x2000), None);
     };
     let refuse = |code, offs: &[u32], pad, e| {
-        assert_eq!(t.register(code, offs, pad), Err(e), "{code:?}");
+        assert_eq!(t.test_register(code, offs, pad), Err(e), "{code:?}");
         check(&t);
     };
     refuse(r(0x2000, 0x2000), &[], 0x2000, TrapError::EmptyCode);
@@ -135,7 +136,7 @@ fn invalid_registrations_leave_table_unchanged() {
         ..reg(r(0x2000, 0x2010), &[1], 0x2000)
     };
     assert_eq!(
-        t.register_with(&empty_fault),
+        t.test_register_with(&empty_fault),
         Err(TrapError::EmptyFaultRange)
     );
     check(&t);
@@ -153,22 +154,22 @@ fn invalid_registrations_leave_table_unchanged() {
         );
     }
     // Adjacent is fine; the overlap reports the lowest overlapping range.
-    let h2 = t.register(r(0x1010, 0x1020), &[0], 0x1018).unwrap();
-    let h3 = t.register(r(0xff0, 0x1000), &[], 0xff9).unwrap();
+    let h2 = t.test_register(r(0x1010, 0x1020), &[0], 0x1018).unwrap();
+    let h3 = t.test_register(r(0xff0, 0x1000), &[], 0xff9).unwrap();
     assert_eq!(
-        t.register(r(0x1008, 0x1018), &[0], 0x1008),
+        t.test_register(r(0x1008, 0x1018), &[0], 0x1008),
         Err(TrapError::Overlap { existing: code })
     );
     assert_eq!(t.len(), 3);
     t.release(h).unwrap();
     assert_eq!(
-        t.register(r(0xf00, 0x1018), &[0], 0xf00),
+        t.test_register(r(0xf00, 0x1018), &[0], 0xf00),
         Err(TrapError::Overlap {
             existing: r(0xff0, 0x1000)
         })
     );
     // Once released, the range can be reused.
-    let h4 = t.register(code, &[0xc], 0x100a).unwrap();
+    let h4 = t.test_register(code, &[0xc], 0x100a).unwrap();
     assert_eq!(t.lookup(0x100c).unwrap().landing_pad(), 0x100a);
     assert_eq!(t.lookup(0x1004), None);
     t.release_batch(&[h2, h3, h4]).unwrap();
@@ -183,8 +184,8 @@ fn release_then_lookup_misses_and_stale_handles_error() {
         serial: u64::MAX,
     };
     assert_eq!(t.release(never), Err(TrapError::UnknownHandle));
-    let a = t.register(r(0x1000, 0x1010), &[2], 0x1000).unwrap();
-    let b = t.register(r(0x2000, 0x2010), &[2], 0x2000).unwrap();
+    let a = t.test_register(r(0x1000, 0x1010), &[2], 0x1000).unwrap();
+    let b = t.test_register(r(0x2000, 0x2010), &[2], 0x2000).unwrap();
     assert_eq!(
         t.release(never),
         Err(TrapError::UnknownHandle),
@@ -195,7 +196,7 @@ fn release_then_lookup_misses_and_stale_handles_error() {
     assert_eq!(t.lookup(0x2002).unwrap().landing_pad(), 0x2000);
     assert_eq!(t.release(a), Err(TrapError::UnknownHandle));
     // Re-registering the same range gets a fresh handle; the stale one stays dead.
-    let a2 = t.register(r(0x1000, 0x1010), &[2], 0x1003).unwrap();
+    let a2 = t.test_register(r(0x1000, 0x1010), &[2], 0x1003).unwrap();
     assert_ne!(a, a2);
     assert_eq!(t.release(a), Err(TrapError::UnknownHandle));
     assert_eq!(t.lookup(0x1002).unwrap().landing_pad(), 0x1003);
@@ -210,8 +211,8 @@ fn release_then_lookup_misses_and_stale_handles_error() {
 fn release_of_a_handle_from_another_table_is_unknown_handle() {
     let (t1, t2) = (table(), table());
     let code = r(0x1000, 0x1010);
-    let h1 = t1.register(code, &[4], 0x1000).unwrap();
-    let h2 = t2.register(code, &[4], 0x1000).unwrap();
+    let h1 = t1.test_register(code, &[4], 0x1000).unwrap();
+    let h2 = t2.test_register(code, &[4], 0x1000).unwrap();
     assert_eq!(t2.release(h1), Err(TrapError::UnknownHandle));
     assert_eq!(t1.release(h2), Err(TrapError::UnknownHandle));
     assert_eq!(t2.release_batch(&[h2, h1]), Err(TrapError::UnknownHandle));
@@ -232,8 +233,8 @@ fn lookup_fault_honours_the_accepted_fault_range() {
         fault_range: Some(memory),
         ..reg(r(0x1000, 0x1040), &[0x10], 0x1030)
     };
-    t.register_with(&guarded).unwrap();
-    t.register(r(0x2000, 0x2040), &[0x10], 0x2030).unwrap();
+    t.test_register_with(&guarded).unwrap();
+    t.test_register(r(0x2000, 0x2040), &[0x10], 0x2030).unwrap();
     let pc = 0x1010;
     assert_eq!(
         t.lookup_fault(pc, 0x7001_0008).unwrap().landing_pad(),
@@ -257,7 +258,7 @@ fn lookup_fault_honours_the_accepted_fault_range() {
 #[test]
 fn batch_registration_is_all_or_nothing() {
     let t = table();
-    let kept = t.register(r(0x50000, 0x50100), &[1], 0x50000).unwrap();
+    let kept = t.test_register(r(0x50000, 0x50100), &[1], 0x50000).unwrap();
     let offs: Vec<u32> = (0..32).map(|i| i * 3).collect();
     let codes: Vec<AddressRange> = (0..100)
         .rev()
@@ -271,7 +272,7 @@ fn batch_registration_is_all_or_nothing() {
     let mut bad = regs.clone();
     bad.push(reg(r(0x50080, 0x50090), &[], 0x50080));
     assert_eq!(
-        t.register_batch(&bad),
+        t.test_register_batch(&bad),
         Err(TrapError::Overlap {
             existing: r(0x50000, 0x50100)
         })
@@ -279,14 +280,14 @@ fn batch_registration_is_all_or_nothing() {
     let mut bad = regs.clone();
     bad[7].landing_pad = 0;
     assert_eq!(
-        t.register_batch(&bad),
+        t.test_register_batch(&bad),
         Err(TrapError::LandingPadOutsideCode { landing_pad: 0 })
     );
     let mut bad = regs.clone();
     bad[3].code = r(bad[4].code.start() + 0x10, bad[4].code.start() + 0x90);
     bad[3].landing_pad = bad[3].code.start();
     assert_eq!(
-        t.register_batch(&bad),
+        t.test_register_batch(&bad),
         Err(TrapError::Overlap {
             existing: regs[4].code
         })
@@ -294,14 +295,14 @@ fn batch_registration_is_all_or_nothing() {
     assert_eq!(t.len(), 1);
     assert_eq!(t.lookup(0x30), None);
     // The good batch: handles in input order.
-    let handles = t.register_batch(&regs).unwrap();
+    let handles = t.test_register_batch(&regs).unwrap();
     assert_eq!(t.len(), 101);
     for (h, c) in handles.iter().zip(&codes) {
         assert_eq!(h.start, c.start());
         let hit = t.lookup(c.start() + 93).unwrap();
         assert_eq!(hit.landing_pad(), c.start() + 0x7f);
     }
-    assert_eq!(t.register_batch(&[]), Ok(vec![]));
+    assert_eq!(t.test_register_batch(&[]), Ok(vec![]));
     // Release: a duplicate or foreign handle refuses the whole batch.
     let mut dup = handles.clone();
     dup.push(handles[50]);
@@ -332,7 +333,7 @@ fn memory_reports_compact_offsets_and_reclaims() {
             reg(c, &offs, c.start())
         })
         .collect();
-    let handles = t.register_batch(&regs).unwrap();
+    let handles = t.test_register_batch(&regs).unwrap();
     let m = t.memory();
     assert_eq!((m.ranges, m.protected), (1000, 32_000));
     assert_eq!(m.offsets, 32_000 * 2, "code under 64 KiB: 2-byte offsets");
@@ -378,7 +379,7 @@ fn handles_are_distinct_across_release() {
     let t = table();
     let mut seen = vec![];
     for _ in 0..10 {
-        let h = t.register(r(0x1000, 0x1001), &[0], 0x1000).unwrap();
+        let h = t.test_register(r(0x1000, 0x1001), &[0], 0x1000).unwrap();
         assert!(!seen.contains(&h));
         seen.push(h);
         t.release(h).unwrap();
@@ -413,7 +414,7 @@ fn every_offset_count_and_width_hits_exactly_its_offsets() {
                     landing_pad: start + 1,
                     fault_range: with_fault_range.then_some(fault),
                 };
-                let h = t.register_with(&registration).unwrap();
+                let h = t.test_register_with(&registration).unwrap();
                 let m = t.memory();
                 assert_eq!(m.protected, count);
                 let width = if size <= 1 << 16 { 2 } else { 4 };

@@ -213,8 +213,9 @@ fn a_full_fixed_module_refuses_code_and_changes_nothing() {
 
 #[test]
 fn a_failed_add_leaves_no_code_pointer_behind() {
-    let table: &'static CodePointerTable = Box::leak(Box::new(CodePointerTable::with_capacity(4)));
     let regs = registries();
+    let table: &'static CodePointerTable =
+        Box::leak(Box::new(CodePointerTable::with_capacity(4, regs.grace())));
     // Two managers over windows one page apart share the registries: b's first function lands
     // on a's code, which PC lookup refuses.
     let (machine, m1) = default_rig();

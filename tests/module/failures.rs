@@ -195,11 +195,11 @@ fn an_add_rolled_back_after_a_failed_publish_sync_reports_nothing_changed() {
 /// indirect calls elsewhere than direct ones).
 #[test]
 fn a_failed_first_add_leaves_no_code_pointer_even_for_a_patched_slot() {
-    let table: &'static codespace::code_pointer_table::CodePointerTable = Box::leak(Box::new(
-        codespace::code_pointer_table::CodePointerTable::with_capacity(8),
-    ));
     let (machine, m) = default_rig();
     let regs = registries();
+    let table: &'static codespace::code_pointer_table::CodePointerTable = Box::leak(Box::new(
+        codespace::code_pointer_table::CodePointerTable::with_capacity(8, regs.grace()),
+    ));
     let module = module(&m, regs, functions(2));
     module.set_code_pointer_table(Some(table)).unwrap();
     let stub = 0xFFFF_FFFF_8000_1000;

@@ -340,7 +340,8 @@ fn a_held_reference_keeps_replaced_code_until_free_dead_code() {
 
     // The test drops its reference: the object is dying, the next scan retires it, and a grace
     // period later it is freed.
-    assert_eq!(old.dec_ref(), DecRef::Dead);
+    // SAFETY: the test gives back the reference it took with `inc_ref` above.
+    assert_eq!(unsafe { old.dec_ref() }, DecRef::Dead);
     assert!(old.is_dying());
     assert!(
         regs.lookup_code(start).is_some(),
@@ -468,9 +469,10 @@ fn dropping_a_module_frees_everything_it_owns_after_a_grace_period() {
 
 #[test]
 fn code_pointers_follow_functions_and_wrappers() {
-    let table: &'static CodePointerTable = Box::leak(Box::new(CodePointerTable::with_capacity(16)));
     let (machine, m) = default_rig();
     let regs = registries();
+    let table: &'static CodePointerTable =
+        Box::leak(Box::new(CodePointerTable::with_capacity(16, regs.grace())));
     let module = module(&m, regs, functions(2));
     module.set_code_pointer_table(Some(table)).unwrap();
     let v1 = module
@@ -537,7 +539,9 @@ fn jump_tables_are_never_freed_before_the_module() {
     let table = module.lookup_code(base).expect("table is registered");
     assert_eq!(table.kind(), CodeKind::JumpTable);
     assert_eq!(
-        table.dec_ref(),
+        // SAFETY: deliberately unbalanced: the module must keep its tables all the same
+        // (nothing runs the simulated code).
+        unsafe { table.dec_ref() },
         DecRef::Dead,
         "an unbalanced dec_ref by some holder"
     );

@@ -187,8 +187,9 @@ impl Run<'_> {
         };
         match CodeModule::new(&self.manager, self.regs, config) {
             Ok(module) => {
-                let pointers: &'static CodePointerTable =
-                    Box::leak(Box::new(CodePointerTable::with_capacity(512)));
+                let pointers: &'static CodePointerTable = Box::leak(Box::new(
+                    CodePointerTable::with_capacity(512, self.regs.grace()),
+                ));
                 module.set_code_pointer_table(Some(pointers)).unwrap();
                 // SAFETY: nothing executes on the software machine; EXTERNAL stands for
                 // kernel text outside the window.
@@ -417,7 +418,8 @@ impl Run<'_> {
         o.holders -= 1;
         let last = o.holders == 0 && !o.module_ref;
         let expected = if last { DecRef::Dead } else { DecRef::Alive };
-        assert_eq!(o.object.dec_ref(), expected);
+        // SAFETY: the run gives back a reference it took with `inc_ref` (`holders` counts them).
+        assert_eq!(unsafe { o.object.dec_ref() }, expected);
         o.dying |= last;
     }
 

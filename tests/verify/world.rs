@@ -54,7 +54,7 @@ impl World {
         );
         let regs = registries();
         let pointers: &'static CodePointerTable =
-            Box::leak(Box::new(CodePointerTable::with_capacity(32)));
+            Box::leak(Box::new(CodePointerTable::with_capacity(32, regs.grace())));
         let module = CodeModule::new(
             &manager,
             regs,
