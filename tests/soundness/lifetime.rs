@@ -19,8 +19,12 @@ fn default_rig() -> (SoftMmu, CodeManager<SoftMmu>) {
     rig(1 << 14, ManagerConfig::default())
 }
 
-fn pointer_table() -> &'static CodePointerTable {
-    Box::leak(Box::new(CodePointerTable::with_capacity_and_trap(16, TRAP)))
+/// A table whose freed handles wait for grace periods of `regs`' domain (as modules require).
+fn pointer_table(regs: &'static Registries) -> &'static CodePointerTable {
+    // SAFETY: `TRAP` stands for a trap stub; the software machine never executes it here.
+    Box::leak(Box::new(unsafe {
+        CodePointerTable::with_capacity_and_trap(16, regs.grace(), TRAP)
+    }))
 }
 
 fn wrapper(module: &CodeModule<SoftMmu>, len: usize) -> Arc<CodeObject> {
@@ -41,9 +45,9 @@ fn function(module: &CodeModule<SoftMmu>, index: u32, nop: u8) -> usize {
 /// not at the end of the grace period (when the spaces are released).
 #[test]
 fn item_01_dropping_a_module_resets_its_code_pointers_before_the_grace_period() {
-    let table = pointer_table();
     let (machine, m) = default_rig();
     let regs = registries();
+    let table = pointer_table(regs);
     let module = module(&m, regs, functions(2));
     module.set_code_pointer_table(Some(table)).unwrap();
     let f = function(&module, 1, 0x90);
@@ -234,9 +238,9 @@ fn item_18_an_external_entry_inside_the_modules_code_is_refused() {
 /// retired code: refused.
 #[test]
 fn item_19_the_code_pointer_table_cannot_change_under_existing_pointers() {
-    let (t1, t2) = (pointer_table(), pointer_table());
     let (machine, m) = default_rig();
     let regs = registries();
+    let (t1, t2) = (pointer_table(regs), pointer_table(regs));
     let a = module_with_table(&m, regs, t1);
     let b = module_with_table(&m, regs, t2);
     let wa = wrapper(&a, 64).instruction_start();
