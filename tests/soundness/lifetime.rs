@@ -233,6 +233,36 @@ fn item_18_an_external_entry_inside_the_modules_code_is_refused() {
     assert_sound(&machine, &m);
 }
 
+/// Item 18: an entry registered while it lay outside the module stops being a target once the
+/// module's own code space grows over it (the range was given back and reserved again): only the
+/// module's live code starts are targets inside its spaces.
+#[test]
+fn item_18_an_external_entry_inside_a_later_code_space_is_no_target() {
+    let (machine, m) = default_rig();
+    let regs = registries();
+    let a = module(&m, regs, functions(2));
+    let b = module(&m, regs, ModuleConfig::default());
+    wrapper(&b, 64);
+    let x = wrapper(&b, 64).instruction_start();
+    // SAFETY: no slot is patched to `x` while `b` lives; after `b` is gone the module must
+    // refuse it (what this test checks).
+    unsafe { a.register_external(x) }.unwrap();
+    drop(b);
+    assert_eq!(settle(regs), 1);
+    // `a` grows into the range `b` gave back: its new code covers `x`.
+    let big = a
+        .add_code(&NewCode::new(CodeKind::Wrapper, &body(4 * PAGE, 0x90)))
+        .unwrap();
+    assert!(big.contains(x), "the new space lies where `b`'s was");
+    assert_eq!(
+        a.patch_slot(0, x),
+        Err(ModuleError::UnknownTarget { target: x }),
+        "a slot would jump into the middle of the module's own code"
+    );
+    assert_eq!(a.slot_target(0).unwrap(), None);
+    assert_sound(&machine, &m);
+}
+
 /// Item 19: switching a module's code-pointer table once it holds pointers would make it free
 /// them in the wrong table (another module's live pointer) and leave the old ones aimed at
 /// retired code: refused.
