@@ -28,6 +28,7 @@
 //! # Ok::<(), codespace::CodeError>(())
 //! ```
 
+mod abandoned;
 mod allocator;
 mod audit;
 mod code;
