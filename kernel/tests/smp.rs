@@ -10,11 +10,11 @@
 extern crate alloc;
 
 use alloc::format;
+use codespace_kernel::layout::{self, TrampolineStep};
 use codespace_kernel::memory::{self, phys_to_virt, SCRATCH_BASE};
 use codespace_kernel::percpu::MAX_CPUS;
 use codespace_kernel::smp::{self, WorkFailure};
 use codespace_kernel::time::Deadline;
-use codespace_kernel::layout::{self, TrampolineStep};
 use codespace_kernel::{apic, println};
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use core::time::Duration;

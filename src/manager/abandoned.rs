@@ -112,7 +112,8 @@ mod tests {
         assert!(stack.is_empty());
         for i in 0..3 {
             let mut node = Box::new(AbandonedNode::default());
-            node.spaces.push(AddressRange::new(i * 0x1000, (i + 1) * 0x1000));
+            node.spaces
+                .push(AddressRange::new(i * 0x1000, (i + 1) * 0x1000));
             stack.push(node);
         }
         let mut out = Vec::new();
