@@ -404,3 +404,277 @@ fn an_allocator_dropped_while_the_manager_is_busy_still_releases_its_spaces() {
     assert_eq!(m.committed(), 0);
     assert_sound_no_leak(&machine, &m);
 }
+
+/// The last 64 pages below the last page of the address space (which no window can hold: its
+/// end would be 2^64): any `start + u32 offset` a caller can make from code there overflows if
+/// unchecked.
+fn top_window() -> codespace::AddressRange {
+    codespace::AddressRange::new(LAST_PAGE - 64 * PAGE, LAST_PAGE)
+}
+
+/// Every public manager and allocator function taking an address answers at both ends of the
+/// address space (0, 1, `usize::MAX - 7`, the last page, `usize::MAX`) with `None` or a typed
+/// error, and changes nothing; code at the very top of a window works as anywhere.
+#[test]
+fn manager_and_allocator_addresses_are_checked_at_both_ends_of_the_address_space() {
+    use codespace::AddressRange;
+    let machine = machine(256);
+    let m = manager_on(&machine, top_window(), ManagerConfig::default());
+    let mut a = allocator(&m);
+    let table = publish_table(&mut a);
+    // The last usable page of the window: the guard page above it is the window's last.
+    let mut high = Vec::new();
+    while high
+        .last()
+        .is_none_or(|c: &PublishedCode| c.range().end() < LAST_PAGE - PAGE)
+    {
+        high.push(publish_filled(&mut a, PAGE, 0x90));
+    }
+    let top = high.last().unwrap().range();
+    assert_eq!(
+        top.end(),
+        LAST_PAGE - PAGE,
+        "code right below the top guard page"
+    );
+    assert_eq!(read(&m, top.end() - 8, 8), vec![0x90; 8]);
+    let before = (m.stats(), a.stats());
+
+    for addr in EDGES.into_iter().chain([top.end(), LAST_PAGE - 1]) {
+        let mut buf = [0; 16];
+        assert!(
+            matches!(
+                m.read(addr, &mut buf),
+                Err(CodeError::Mmu(MmuError::NotMapped { .. }))
+            ),
+            "read {addr:#x}"
+        );
+        assert_eq!(m.query(addr), Ok(None), "query {addr:#x}");
+        assert_eq!(m.space_of(addr), Ok(None), "space_of {addr:#x}");
+        assert_eq!(a.space_of(addr), None);
+        assert_eq!(
+            patch_tables(&a, &[&table], &[(addr & !7, 0)]),
+            Err(CodeError::NotPatchable { addr: addr & !7 })
+        );
+    }
+    // Reading across the end of the last committed page.
+    let mut buf = [0; 16];
+    assert!(m.read(top.end() - 8, &mut buf).is_err());
+    for region in [
+        AddressRange::new(0, PAGE),
+        AddressRange::new(LAST_PAGE, usize::MAX),
+        AddressRange::new(usize::MAX - 7, usize::MAX),
+        AddressRange::new(usize::MAX, usize::MAX),
+        AddressRange::new(0, usize::MAX),
+    ] {
+        if region.start() > 0 || region.end() < usize::MAX {
+            assert!(
+                matches!(
+                    a.allocate_in_region(64, region),
+                    Err(CodeError::WindowExhausted { .. })
+                ),
+                "{region:?}"
+            );
+            assert!(a.allocate_table(64, Some(region)).is_err(), "{region:?}");
+        }
+        assert!(!a.release_if_empty(region));
+    }
+    assert!(matches!(
+        a.allocate(usize::MAX),
+        Err(CodeError::InvalidSize { .. })
+    ));
+    assert!(matches!(
+        a.allocate(usize::MAX - 7),
+        Err(CodeError::InvalidSize { .. })
+    ));
+    assert_eq!((m.stats(), a.stats()), before, "nothing changed");
+
+    for code in high {
+        free_published(&mut a, code).expect("free");
+    }
+    free_published(&mut a, table).expect("free");
+    drop(a);
+    assert_sound_no_leak(&machine, &m);
+}
+
+/// The module's public functions taking addresses or offsets, at both ends of the address space
+/// and with code in the top 4 GiB (where an unchecked `start + u32 offset` overflows).
+#[test]
+fn module_addresses_are_checked_at_both_ends_of_the_address_space() {
+    use codespace::code_object::{CodeKind, RelocKind, Relocation};
+    use codespace::module::{ModuleError, NewCode};
+    let machine = machine(256);
+    let m = manager_on(&machine, top_window(), ManagerConfig::default());
+    let regs = registries();
+    let module = module(&m, regs, functions(2));
+    // Code with a trap entry, in the top window.
+    let body = body(64, 0x90);
+    let protected = [0u32, 8];
+    let mut new = NewCode::function(0, &body);
+    new.protected = &protected;
+    new.landing_pad = Some(63);
+    let f = module.add_code(&new).expect("function");
+    let start = f.instruction_start();
+    assert!(start > LAST_PAGE - 64 * PAGE);
+
+    // Internal references whose target offset leaves the object, up to u32::MAX (past the end
+    // of the address space from here).
+    let mut refs = vec![0x90; 64];
+    refs[..2].copy_from_slice(&[0x48, 0xB8]); // mov rax, imm64: the field is at 2
+    for target_offset in [64, u32::MAX - 1, u32::MAX] {
+        let relocations = [Relocation {
+            offset: 2,
+            kind: RelocKind::InternalReference { target_offset },
+        }];
+        let mut bad = NewCode::new(CodeKind::Wrapper, &refs);
+        bad.relocations = &relocations;
+        // Refused by the object's metadata check or the relocation's, never a panic.
+        let got = module.add_code(&bad).map(drop);
+        assert!(
+            matches!(
+                got,
+                Err(ModuleError::BadRelocation { offset: 2 } | ModuleError::Metadata(_))
+            ),
+            "target offset {target_offset:#x}: {got:?}"
+        );
+    }
+    // Call-slot relocations whose field lies past the bytes, at the largest offsets.
+    for offset in [63, u32::MAX - 4, u32::MAX] {
+        let relocations = [Relocation {
+            offset,
+            kind: RelocKind::CallSlot { slot: 0 },
+        }];
+        let mut call = vec![0xE8; 64];
+        call[0] = 0xE8;
+        let mut bad = NewCode::new(CodeKind::Wrapper, &call);
+        bad.relocations = &relocations;
+        let got = module.add_code(&bad).map(drop);
+        assert!(
+            matches!(
+                got,
+                Err(ModuleError::BadRelocation { .. } | ModuleError::Metadata(_))
+            ),
+            "offset {offset:#x}: {got:?}"
+        );
+    }
+
+    let counts = module.code_count().expect("counts");
+    for addr in EDGES {
+        assert!(module.lookup_code(addr).is_none(), "{addr:#x}");
+        assert!(regs.lookup_code(addr).is_none());
+        assert!(regs.traps.lookup(addr).is_none());
+        assert!(regs.traps.lookup_fault(addr, addr).is_none());
+        assert!(!regs.traps.is_protected(addr));
+        assert_eq!(module.code_pointer(addr), Ok(None));
+        assert!(matches!(
+            module.free_code(addr),
+            Err(ModuleError::UnknownCode { .. })
+        ));
+        assert!(matches!(
+            module.patch_slot(1, addr),
+            Err(ModuleError::UnknownTarget { .. })
+        ));
+        // Any answer is fine (the top of the address space is within rel32 reach of the
+        // table); it must not panic.
+        let _ = module.slot_address_for(0, addr).expect("not busy");
+    }
+    assert_eq!(module.code_count().expect("counts"), counts);
+    assert!(regs.traps.lookup(start).is_some());
+    assert!(regs.traps.lookup(start + 1).is_none());
+    assert!(regs.traps.lookup(start + 8).is_some());
+    assert_eq!(
+        module
+            .lookup_code(start + 63)
+            .map(|c| c.instruction_start()),
+        Some(start)
+    );
+    drop(module);
+    settle(regs);
+    assert_sound(&machine, &m);
+}
+
+/// Ranges, the free pool and jump-table layouts at both ends of the address space.
+#[test]
+fn ranges_pools_and_jump_tables_are_checked_at_both_ends_of_the_address_space() {
+    use codespace::jump_table::{self, JumpTableLayout};
+    use codespace::pool::DisjointAllocationPool;
+    use codespace::AddressRange;
+
+    // Ranges.
+    assert_eq!(AddressRange::from_start_size(usize::MAX, 1), None);
+    assert_eq!(
+        AddressRange::from_start_size(usize::MAX - 8, 8).map(|r| r.size()),
+        Some(8)
+    );
+    let top = AddressRange::new(LAST_PAGE, usize::MAX);
+    assert_eq!(
+        top.pages().collect::<Vec<_>>(),
+        [LAST_PAGE],
+        "the last page is touched"
+    );
+    assert_eq!(top.pages().len(), 1);
+    assert_eq!(
+        AddressRange::new(LAST_PAGE - 1, LAST_PAGE + 1)
+            .pages()
+            .collect::<Vec<_>>(),
+        [LAST_PAGE - PAGE, LAST_PAGE]
+    );
+    assert_eq!(AddressRange::new(0, 1).pages().collect::<Vec<_>>(), [0]);
+    assert_eq!(AddressRange::new(usize::MAX, usize::MAX).pages().len(), 0);
+    assert!(top.page_shrink().is_empty());
+    assert!(!top.contains(usize::MAX));
+    assert!(top.contains(usize::MAX - 1));
+    assert_eq!(codespace::range::page_round_up(usize::MAX - 7), None);
+    assert_eq!(codespace::range::page_round_up(LAST_PAGE), Some(LAST_PAGE));
+
+    // The pool.
+    let mut pool = DisjointAllocationPool::from_range(AddressRange::new(LAST_PAGE, usize::MAX));
+    assert!(!pool.contains(usize::MAX));
+    assert!(pool.contains(usize::MAX - 1));
+    assert_eq!(pool.allocate(PAGE), None, "the top page is one byte short");
+    assert_eq!(
+        pool.allocate_aligned_in_region(8, 1 << 63, AddressRange::new(0, usize::MAX)),
+        None
+    );
+    let last8 = pool
+        .allocate_aligned_in_region(8, 8, AddressRange::new(usize::MAX - 15, usize::MAX))
+        .expect("the last aligned 8 bytes");
+    assert_eq!(last8, AddressRange::new(usize::MAX - 15, usize::MAX - 7));
+    assert!(pool.merged_extent(last8).is_ok());
+    pool.merge(last8).expect("merge back");
+    assert_eq!(pool.total_size(), usize::MAX - LAST_PAGE);
+    let mut low = DisjointAllocationPool::from_range(AddressRange::new(0, PAGE));
+    assert_eq!(
+        low.allocate_in_region(1, AddressRange::new(0, 1)),
+        Some(AddressRange::new(0, 1))
+    );
+    assert!(low.contains(1) && !low.contains(0));
+
+    // Jump-table layouts and slot encodings.
+    assert!(JumpTableLayout::new(usize::MAX - 15, 1, false).is_none());
+    assert!(JumpTableLayout::new(LAST_PAGE, u32::MAX, true).is_none());
+    let layout = JumpTableLayout::new(LAST_PAGE, 8, true).expect("fits in the last page");
+    for addr in EDGES {
+        let near = (addr == LAST_PAGE).then_some(0);
+        assert_eq!(layout.slot_for_near_addr(addr), near, "{addr:#x}");
+        assert_eq!(layout.slot_for_far_addr(addr), None);
+        assert_eq!(layout.slot_for_lazy_addr(addr), None);
+        assert_eq!(
+            jump_table::rel32(addr, 0).is_some(),
+            addr <= i32::MIN.unsigned_abs() as usize
+        );
+        let _ = layout.near_slot_value(0, addr);
+        let _ = layout.patch(7, addr);
+    }
+    assert_eq!(jump_table::near_slot(usize::MAX - 4, usize::MAX), None);
+    assert_eq!(
+        jump_table::near_slot(usize::MAX - 5, usize::MAX).map(|_| ()),
+        Some(())
+    );
+    assert_eq!(jump_table::lazy_slot(usize::MAX - 9, 0, usize::MAX), None);
+    assert!(jump_table::lazy_slot(usize::MAX - 10, 0, usize::MAX).is_some());
+    assert_eq!(layout.near_slot_addr(8), None);
+    assert_eq!(
+        layout.far_target_addr(7).map(|a| a <= usize::MAX - 8),
+        Some(true)
+    );
+}
