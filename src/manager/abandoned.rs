@@ -1,13 +1,12 @@
 //! Code spaces handed back by allocators that could not take the manager's lock.
 //!
 //! A [`CodeAllocator`](super::CodeAllocator) may be dropped anywhere: in an interrupt handler
-//! that interrupted a holder of the manager's lock on this CPU (the lock answers `Busy`, and
-//! waiting would deadlock), or with interrupts off, where releasing a space must not run (it
-//! unmaps and frees frames, which takes the kernel's allocator locks). Its spaces must still
-//! reach the manager, or they stay reserved and committed for good. So dropping pushes them
-//! here, lock-free and without allocating (the node was allocated with the allocator's first
-//! space), and the manager's next operation that may release (interrupts on) takes them all and
-//! releases them.
+//! that interrupted a holder of the manager's lock on this CPU, or with interrupts off while
+//! another CPU holds it; the lock answers `Busy` there, and waiting would deadlock. Its spaces
+//! must still reach the manager, or they stay reserved and committed for good. So dropping
+//! pushes them here, lock-free and without allocating (the node was allocated with the
+//! allocator's first space), and the manager's next operation with interrupts on (or the next
+//! drop that gets the lock) takes them all and releases them.
 //!
 //! The stack is a Treiber stack whose only operations are *push* and *take all*: a push never
 //! reads a node another CPU may free (it only writes its own node's `next`), and *take all*

@@ -215,13 +215,24 @@ impl<M: Mmu> CodeManager<M> {
         Ok(locked)
     }
 
-    /// Hands a dropped allocator's spaces to the manager without waiting for its lock (any
-    /// context): they are released now if the lock is free and interrupts are on, else by the
-    /// next operation that takes the lock with interrupts on.
+    /// Hands a dropped allocator's spaces to the manager without waiting where it may not:
+    /// released now when the lock can be taken (in any context: the caller chose to drop
+    /// there, as dropping always released), else — [`CodeError::Busy`]: another CPU holds the
+    /// lock and this one runs with interrupts off, or this CPU's interrupted code holds it —
+    /// queued lock-free and released by the next operation with interrupts on or the next
+    /// drop that gets the lock.
     pub(crate) fn abandon(&self, node: alloc::boxed::Box<AbandonedNode>) {
         self.inner.abandoned.push(node);
-        // Releases them now if this context may (see `lock`); `Busy` leaves them queued.
-        drop(self.lock());
+        let Ok(mut locked) = self.lock() else {
+            return;
+        };
+        let state = &mut *locked;
+        self.inner.abandoned.take_all(&mut state.orphaned);
+        for space in core::mem::take(&mut state.orphaned) {
+            if state.release(space).is_err() {
+                state.orphaned.push(space);
+            }
+        }
     }
 
     /// Copies committed code bytes at `addr` into `buf`.
