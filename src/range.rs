@@ -109,10 +109,17 @@ impl AddressRange {
         self.start.is_multiple_of(PAGE_SIZE) && self.end.is_multiple_of(PAGE_SIZE)
     }
 
-    /// Page-aligned addresses of every page that `self` touches, in order.
+    /// Page-aligned addresses of every page that `self` touches, in order (the last page of
+    /// the address space included, which [`page_expand`](Self::page_expand) cannot express).
     pub fn pages(&self) -> impl DoubleEndedIterator<Item = usize> + ExactSizeIterator {
-        let r = self.page_expand();
-        (r.start / PAGE_SIZE..r.end / PAGE_SIZE).map(|p| p * PAGE_SIZE)
+        // Page numbers, last one inclusive: `end - 1` is the last byte, so no rounding up (which
+        // overflows in the last page). `last + 1` is at most `usize::MAX / PAGE_SIZE + 1`.
+        let (first, end) = if self.is_empty() {
+            (0, 0)
+        } else {
+            (self.start / PAGE_SIZE, (self.end - 1) / PAGE_SIZE + 1)
+        };
+        (first..end).map(|p| p * PAGE_SIZE)
     }
 }
 

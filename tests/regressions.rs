@@ -56,9 +56,9 @@ fn bug_01_allocate_in_region_keeps_the_code_alignment() {
     let table = a.publish(t).unwrap();
     assert_eq!(read(&m, code.start(), 100), [0x11; 100], "neighbour intact");
     assert_eq!(a.stats().allocated, 128 + PAGE);
-    a.free(code).unwrap();
+    free_published(&mut a, code).unwrap();
     assert_eq!(a.stats().allocated, PAGE);
-    a.free(table).unwrap();
+    free_published(&mut a, table).unwrap();
     assert_eq!(a.stats().allocated, 0);
     assert_eq!(m.committed(), 0);
     assert_sound_no_leak(&machine, &m);
@@ -399,7 +399,7 @@ fn bug_09_a_failed_flip_back_is_reported_and_repaired() {
     w.as_mut_slice().fill(0xC3);
     let second = a.publish(w).unwrap();
     machine.fail_nth(CallKind::Protect, 1);
-    let second = match a.free(second) {
+    let second = match free_published(&mut a, second) {
         Err(FreeError::NotFreed(CodeError::NotRestored(MmuError::Injected), code)) => code,
         other => panic!("{other:?}"),
     };
@@ -408,8 +408,8 @@ fn bug_09_a_failed_flip_back_is_reported_and_repaired() {
     assert_eq!(leaf_flags(&machine, first.start()), R_X);
     machine.exec_as(0, first.start(), &mut seen).unwrap();
     assert_eq!(seen, [0x90; 64]);
-    a.free(second).unwrap();
-    a.free(first).unwrap();
+    free_published(&mut a, second).unwrap();
+    free_published(&mut a, first).unwrap();
     assert_eq!(m.committed(), 0);
     assert_sound_no_leak(&machine, &m);
 }
@@ -440,7 +440,7 @@ fn bug_10_patching_is_all_or_nothing() {
     let stores: Vec<(usize, u64)> = tables.iter().map(|t| (t.start(), 7)).collect();
     let before = machine.snapshot();
     assert_eq!(
-        a.patch(&handles, &stores),
+        patch_tables(&a, &handles, &stores),
         Err(CodeError::Mmu(MmuError::TooManyPages {
             pages: MAX_POKE_PAGES + 1,
             max: MAX_POKE_PAGES
@@ -450,11 +450,11 @@ fn bug_10_patching_is_all_or_nothing() {
     // Two pages, and mapping the alias fails: neither store lands.
     machine.fail_nth(CallKind::Poke, 0);
     assert_eq!(
-        a.patch(&handles[..2], &stores[..2]),
+        patch_tables(&a, &handles[..2], &stores[..2]),
         Err(CodeError::Mmu(MmuError::Injected))
     );
     assert_eq!(machine.snapshot(), before);
-    a.patch(&handles[..2], &stores[..2]).unwrap();
+    patch_tables(&a, &handles[..2], &stores[..2]).unwrap();
     assert_eq!(read_u64(&m, tables[0].start()), 7);
     assert_eq!(read_u64(&m, tables[1].start()), 7);
     assert_sound(&machine, &m);

@@ -13,7 +13,8 @@
 //!
 //! The 2 MiB regions up to the end of rodata, and the one holding the stack guard, get 4 KiB pages
 //! in both maps; all others stay 2 MiB pages (their pages' flags are all alike). The first 2 MiB
-//! being split lets the AP trampoline page below 1 MiB be flipped alone ([`set_trampoline`]).
+//! being split lets the AP trampoline page below 1 MiB be flipped alone
+//! ([`set_trampoline_executable`], [`retire_trampoline`]).
 
 use x86_64::instructions::tlb;
 use x86_64::structures::paging::page_table::PageTableEntry;
@@ -220,29 +221,109 @@ pub(crate) fn make_uncached(phys: u64) {
     }
 }
 
-/// Flips the AP trampoline page at `phys` (below 2 MiB): `executable` makes its identity page
-/// R+X and its direct-map page read-only; otherwise identity RW+NX and direct map RW again.
-/// Flushes this CPU's TLB for both; other CPUs need a shootdown of [`trampoline_pages`].
-pub(crate) fn set_trampoline(phys: u64, executable: bool) {
+/// Makes the AP trampoline page at `phys` (below 2 MiB) executable: its identity page R+X, its
+/// direct-map page read-only. Only while no other CPU is online (before the first SIPI), so the
+/// local flush is the whole shootdown: no other CPU can hold a translation of either page.
+pub(crate) fn set_trampoline_executable(phys: u64) {
     let mut tables = memory::page_table();
     let pml4 = tables.level_4_table_mut();
-    let (identity, direct) = if executable {
-        (RX, RO_NX)
-    } else {
-        (RW_NX, RW_NX)
-    };
-    for (va, flags) in [(phys, identity), (PHYS_OFFSET + phys, direct)] {
-        let e = leaf(pml4, va).expect("the first 2 MiB are mapped with 4 KiB pages");
-        assert!(
-            !e.flags().contains(F::HUGE_PAGE),
-            "trampoline region is split"
-        );
-        e.set_flags(flags);
-        tlb::flush(VirtAddr::new(va));
+    for (va, flags) in [(phys, RX), (PHYS_OFFSET + phys, RO_NX)] {
+        write_trampoline_leaf(pml4, va, Some(flags));
     }
 }
 
-/// The two virtual pages [`set_trampoline`] changes.
+/// Makes the AP trampoline page at `phys` ordinary memory again (identity RW+NX, direct map
+/// RW+NX) while other CPUs are online, in the library's order for taking rights away:
+///
+/// 1. both leaves not present (flushed here);
+/// 2. `shootdown` of both pages on every other CPU — when it returns no CPU holds the R+X
+///    identity translation (nor the read-only alias), and none can load a new one: x86 never
+///    caches a not-present entry;
+/// 3. the final RW+NX leaves.
+///
+/// Changing the present entries in place (R+X → RW+NX, read-only → writable) and shooting down
+/// afterwards would leave a window in which other CPUs still execute through the R+X identity
+/// translation while this CPU already holds a writable one of the same frame.
+///
+/// The page-table lock is not held across the shootdown: a CPU spinning on it with interrupts
+/// off could never acknowledge the IPI.
+pub(crate) fn retire_trampoline(phys: u64, shootdown: impl FnOnce(&[usize])) {
+    let pages = [phys, PHYS_OFFSET + phys];
+    {
+        let mut tables = memory::page_table();
+        let pml4 = tables.level_4_table_mut();
+        for va in pages {
+            write_trampoline_leaf(pml4, va, None);
+        }
+    }
+    shootdown(&trampoline_pages(phys));
+    record_trampoline_step(TrampolineStep::Shootdown);
+    let mut tables = memory::page_table();
+    let pml4 = tables.level_4_table_mut();
+    for va in pages {
+        write_trampoline_leaf(pml4, va, Some(RW_NX));
+    }
+}
+
+/// Writes the trampoline leaf at `va` (`None`: not present, same frame kept) and flushes it on
+/// this CPU; records the write for [`trampoline_steps`].
+fn write_trampoline_leaf(pml4: &mut PageTable, va: u64, flags: Option<F>) {
+    let e = leaf(pml4, va).expect("the first 2 MiB are mapped with 4 KiB pages");
+    assert!(
+        !e.flags().contains(F::HUGE_PAGE),
+        "trampoline region is split"
+    );
+    let frame = e.addr();
+    match flags {
+        Some(f) => e.set_addr(frame, f),
+        // The frame stays in the entry (ignored while not present) so step 3 maps the same one.
+        None => e.set_addr(frame, F::empty()),
+    }
+    tlb::flush(VirtAddr::new(va));
+    record_trampoline_step(TrampolineStep::Entry {
+        va,
+        entry: e.flags().bits(),
+    });
+}
+
+/// One step of the trampoline's flips, as recorded for tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrampolineStep {
+    /// The leaf mapping `va` was set to `entry` (its flag bits) and flushed on this CPU.
+    Entry {
+        /// The virtual page (identity or direct map).
+        va: u64,
+        /// The flag bits written (`PRESENT`, `WRITABLE`, `NO_EXECUTE`, ...).
+        entry: u64,
+    },
+    /// Every other online CPU flushed both pages.
+    Shootdown,
+}
+
+/// Enough for both flips (2 + 2 + 1 + 2 steps).
+const MAX_TRAMPOLINE_STEPS: usize = 16;
+static TRAMPOLINE_STEPS: spin::Mutex<([Option<TrampolineStep>; MAX_TRAMPOLINE_STEPS], usize)> =
+    spin::Mutex::new(([None; MAX_TRAMPOLINE_STEPS], 0));
+
+fn record_trampoline_step(step: TrampolineStep) {
+    let mut log = TRAMPOLINE_STEPS.lock();
+    let (steps, len) = &mut *log;
+    if let Some(slot) = steps.get_mut(*len) {
+        *slot = Some(step);
+        *len += 1;
+    }
+}
+
+/// Every page-table write and shootdown of the AP trampoline's flips since boot, in order (so a
+/// test can check that no CPU could hold a writable and an executable translation of the page at
+/// once), and the trampoline's physical page.
+#[must_use]
+pub fn trampoline_steps() -> alloc::vec::Vec<TrampolineStep> {
+    let log = TRAMPOLINE_STEPS.lock();
+    log.0[..log.1].iter().flatten().copied().collect()
+}
+
+/// The two virtual pages the trampoline's flips change.
 #[must_use]
 pub(crate) fn trampoline_pages(phys: u64) -> [usize; 2] {
     [phys as usize, (PHYS_OFFSET + phys) as usize]

@@ -74,6 +74,16 @@ fn call2(code: &PublishedCode, x: u64, y: u64) -> u64 {
     f(x, y)
 }
 
+/// Frees `code` of `a`.
+///
+/// These tests run code only on the boot CPU, synchronously (a call that returned or a fault
+/// that landed), and never hand its address to a slot, a pointer or another CPU: when a test
+/// frees code, nothing runs it or leads to it any more.
+fn free(a: &mut CodeAllocator<KernelMmu>, code: PublishedCode) {
+    // SAFETY: see above: every call into `code` returned, and nothing leads into it.
+    unsafe { a.free(code) }.expect("free");
+}
+
 fn publish(a: &mut CodeAllocator<KernelMmu>, bytes: &[u8]) -> PublishedCode {
     let mut w = a.allocate(bytes.len()).expect("allocate");
     w.as_mut_slice().copy_from_slice(bytes);
@@ -122,7 +132,7 @@ fn publish_makes_rx_and_writes_fault() {
         });
     assert_eq!(info.error_code & PF_INSTRUCTION, 0);
     assert_eq!(call2(&code, 2, 3), 5, "code unchanged");
-    a.free(code).expect("free");
+    free(&mut a, code);
     assert_clean(&a);
 }
 
@@ -140,8 +150,8 @@ fn run_two_functions_on_one_page(window: usize, mode: ProtectionMode) {
     let leaf = raw(&a, add.start())[3].expect("leaf");
     assert_eq!(leaf & (PTE_WRITABLE | PTE_NO_EXECUTE), 0);
     assert_clean(&a);
-    a.free(k).expect("free");
-    a.free(add).expect("free");
+    free(&mut a, k);
+    free(&mut a, add);
     assert_eq!(a.manager().committed(), 0);
     assert_clean(&a);
 }
@@ -181,7 +191,7 @@ fn free_decommits(window: usize, mode: ProtectionMode) {
     assert_eq!(tail.start(), big.range().end());
     let base = big.start();
     assert_eq!(a.manager().committed(), 3 * 4096);
-    a.free(big).expect("free");
+    free(&mut a, big);
     // Pages 0 and 1 are wholly dead: unmapped, frames returned. Page 2 keeps `tail`.
     assert!(raw(&a, base)[3].is_none());
     assert!(raw(&a, base + 4096)[3].is_none());
@@ -196,7 +206,7 @@ fn free_decommits(window: usize, mode: ProtectionMode) {
     );
     assert_eq!(call2(&tail, 5, 6), 11);
     assert_clean(&a);
-    a.free(tail).expect("free");
+    free(&mut a, tail);
     assert_eq!(a.manager().committed(), 0);
     assert_clean(&a);
     drop(a);
@@ -225,7 +235,7 @@ fn guard_pages_fault() {
                 let _ = unsafe { core::ptr::read_volatile(addr as *const u8) };
             });
     }
-    a.free(code).expect("free");
+    free(&mut a, code);
 }
 
 fn commit_limit_changes_nothing() {
@@ -298,7 +308,7 @@ fn publish_flush_policy_32_vs_33_pages() {
                 "cpu {cpu}, {pages} pages"
             );
         }
-        a.free(code).expect("free");
+        free(&mut a, code);
         assert_clean(&a);
     }
 }
@@ -325,7 +335,7 @@ fn direct_map_and_identity_aliases_of_published_code_are_read_only() {
     assert_eq!(call2(&code, 2, 3), 5, "code unchanged");
     assert_clean(&a);
     // Freed (the page is wholly free, so decommitted): the aliases are writable again.
-    a.free(code).expect("free");
+    free(&mut a, code);
     for alias in [memory::PHYS_OFFSET + frame, frame] {
         let entry = memory::leaf_entry(alias).expect("alias mapped");
         assert_ne!(entry & PTE_WRITABLE, 0, "alias {alias:#x} restored");

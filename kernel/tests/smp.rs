@@ -10,6 +10,7 @@
 extern crate alloc;
 
 use alloc::format;
+use codespace_kernel::layout::{self, TrampolineStep};
 use codespace_kernel::memory::{self, phys_to_virt, SCRATCH_BASE};
 use codespace_kernel::percpu::MAX_CPUS;
 use codespace_kernel::smp::{self, WorkFailure};
@@ -37,6 +38,7 @@ codespace_kernel::kernel_tests![
     large_shootdown_is_one_full_flush_per_cpu,
     concurrent_shootdowns_with_interrupts_off_do_not_deadlock,
     idle_hook_runs_on_every_idle_cpu,
+    item_06_trampoline_is_never_writable_while_executable_on_another_cpu,
 ];
 
 /// The highest CPU index: another CPU when there are several, the caller itself otherwise.
@@ -482,4 +484,88 @@ fn idle_hook_runs_on_every_idle_cpu() {
         // Removed: a wake-up no longer calls it (allow one call already under way).
         assert!(calls.load(Ordering::SeqCst) <= before + 1, "cpu {cpu}");
     }
+}
+
+/// Replays the trampoline's flip-back `steps`, starting from the executable state (identity R+X,
+/// direct map read-only), and tracks every entry any CPU may still hold a translation of: the
+/// boot CPU flushes its own at each write, the others keep what they had until a shootdown. The
+/// first step at which some CPU may hold a writable translation of the frame while some CPU
+/// holds an executable one is an error.
+fn replay_flip_back(steps: &[TrampolineStep]) -> Result<(), alloc::string::String> {
+    const P: u64 = F::PRESENT.bits();
+    const W: u64 = F::WRITABLE.bits();
+    const NX: u64 = F::NO_EXECUTE.bits();
+    // Index 0: identity page, 1: direct-map page; the entries some CPU may hold.
+    let mut held: [alloc::vec::Vec<u64>; 2] = [alloc::vec![P], alloc::vec![P | NX]];
+    let mut current = [P, P | NX];
+    for (i, step) in steps.iter().enumerate() {
+        match *step {
+            TrampolineStep::Entry { va, entry } => {
+                let which = usize::from(va >= memory::PHYS_OFFSET);
+                current[which] = entry;
+                held[which].push(entry);
+            }
+            TrampolineStep::Shootdown => {
+                for (h, &c) in held.iter_mut().zip(&current) {
+                    *h = alloc::vec![c];
+                }
+            }
+        }
+        let all = || held.iter().flatten().copied().filter(|e| e & P != 0);
+        let executable = all().any(|e| e & NX == 0);
+        let writable = all().any(|e| e & W != 0);
+        if executable && writable {
+            return Err(format!(
+                "after step {i} ({step:?}) one CPU may write the trampoline frame while another \
+                 executes it: held {held:x?}"
+            ));
+        }
+    }
+    if current != [P | W | NX; 2] {
+        return Err(format!("ends as {current:x?}, not RW+NX in both maps"));
+    }
+    Ok(())
+}
+
+/// Item 6 of issue 18: the trampoline page goes back to RW+NX not present → shootdown → final
+/// entry, so no CPU ever holds its executable translation while another may write the frame. The
+/// recorded flips of this boot are replayed; the old order (present entries changed in place,
+/// then a shootdown) is rejected by the same replay.
+fn item_06_trampoline_is_never_writable_while_executable_on_another_cpu() {
+    const P: u64 = F::PRESENT.bits();
+    const W: u64 = F::WRITABLE.bits();
+    const NX: u64 = F::NO_EXECUTE.bits();
+    let steps = layout::trampoline_steps();
+    if smp::online_cpus() == 1 {
+        assert!(steps.is_empty(), "no AP started, no flip: {steps:?}");
+        println!("    one CPU: no trampoline flips; checking the replay on the old order only");
+    } else {
+        let (flip, back) = steps.split_at(2);
+        let flip_entries: alloc::vec::Vec<u64> = flip
+            .iter()
+            .map(|s| match s {
+                TrampolineStep::Entry { entry, .. } => *entry,
+                TrampolineStep::Shootdown => panic!("no shootdown before APs run"),
+            })
+            .collect();
+        assert_eq!(flip_entries, [P, P | NX], "executable flip: {steps:?}");
+        replay_flip_back(back).unwrap_or_else(|e| panic!("{e}; steps {steps:?}"));
+        println!("    flip-back of {} steps replayed", back.len());
+    }
+    let (identity, direct) = (0x8000, memory::PHYS_OFFSET + 0x8000);
+    let old_order = [
+        TrampolineStep::Entry {
+            va: identity,
+            entry: P | W | NX,
+        },
+        TrampolineStep::Entry {
+            va: direct,
+            entry: P | W | NX,
+        },
+        TrampolineStep::Shootdown,
+    ];
+    assert!(
+        replay_flip_back(&old_order).is_err(),
+        "the in-place flip-back is caught"
+    );
 }

@@ -4,12 +4,20 @@
 //! pages an allocation touches that are not committed yet get committed (RW+NX). Publishing
 //! writes the staged bytes and makes the pages R+X in one shootdown round. Freeing merges the
 //! range back (unlike V8, freed code is reused), fills it with INT3, and decommits the pages
-//! that became wholly free. Callers free code only once no CPU can run it any more (the module
-//! layer waits for a grace period).
+//! that became wholly free.
+//!
+//! Freeing published code is `unsafe` ([`CodeAllocator::free`]): the allocator cannot know
+//! whether a CPU still runs it, returns into it or holds a way into it; the caller proves that
+//! none does (the module layer waits for a grace period after unpublishing it). Dropping an
+//! allocator is safe because it frees no published code: code spaces that still hold published
+//! code stay mapped (a leak, never a use-after-free) unless
+//! [`release_all`](CodeAllocator::release_all) promised first that none of it runs.
 
+use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use super::abandoned::AbandonedNode;
 use super::code::{PublishedCode, WritableCode};
 use super::error::{CodeError, FreeError, Rejected};
 use super::state::{CodeManager, State};
@@ -59,13 +67,21 @@ pub struct AllocatorStats {
     pub code_spaces: usize,
 }
 
-/// One module's code allocator. Dropping it releases its code spaces (decommitting what they
-/// hold).
+/// One module's code allocator. Dropping it releases its code spaces that hold no published
+/// code (decommitting what they hold) — from any context: when the manager is busy, its next
+/// operation releases them. Spaces still holding published code stay reserved and mapped (see
+/// [`release_all`](Self::release_all)).
 pub struct CodeAllocator<M: Mmu> {
     manager: CodeManager<M>,
     id: u64,
     config: AllocatorConfig,
     spaces: Vec<AddressRange>,
+    /// Bytes of published, not yet freed code in each of `spaces` (same index): a space with any
+    /// is never released by dropping.
+    live: Vec<usize>,
+    /// Carries the spaces to the manager when dropping cannot take its lock; allocated with the
+    /// first space, so dropping never allocates.
+    node: Option<Box<AbandonedNode>>,
     free: DisjointAllocationPool,
     allocated: usize,
     freed: usize,
@@ -114,6 +130,8 @@ impl<M: Mmu> CodeAllocator<M> {
             id: NEXT_OWNER.fetch_add(1, Ordering::Relaxed),
             config,
             spaces: Vec::new(),
+            live: Vec::new(),
+            node: None,
             free: DisjointAllocationPool::new(),
             allocated: 0,
             freed: 0,
@@ -134,7 +152,9 @@ impl<M: Mmu> CodeAllocator<M> {
     }
 
     fn add_space(&mut self, space: AddressRange) {
+        self.node.get_or_insert_with(Box::default);
         self.spaces.push(space);
+        self.live.push(0);
         // A fresh reservation from the window never overlaps this allocator's free ranges.
         let _ = self.free.merge(space);
     }
@@ -292,7 +312,10 @@ impl<M: Mmu> CodeAllocator<M> {
     fn drop_space(&mut self, state: &mut State<M>, space: AddressRange) {
         if self.free.allocate_in_region(space.size(), space) == Some(space) {
             if state.release(space).is_ok() {
-                self.spaces.retain(|s| *s != space);
+                if let Some(i) = self.spaces.iter().position(|s| *s == space) {
+                    self.spaces.remove(i);
+                    self.live.remove(i);
+                }
             } else {
                 let _ = self.free.merge(space);
             }
@@ -340,12 +363,25 @@ impl<M: Mmu> CodeAllocator<M> {
         }
     }
 
-    fn published(&self, code: &WritableCode) -> PublishedCode {
+    /// The published handle of `code`, counted live in its space.
+    fn published(&mut self, code: &WritableCode) -> PublishedCode {
+        self.count_live(code.range, true);
         PublishedCode {
             range: code.range,
             owner: self.id,
             len: code.bytes.len(),
             patchable: code.patchable,
+        }
+    }
+
+    /// Adds (`add`) or removes the bytes of published `range` to its space's live count.
+    fn count_live(&mut self, range: AddressRange, add: bool) {
+        if let Some(i) = self.spaces.iter().position(|s| s.contains_range(&range)) {
+            if add {
+                self.live[i] += range.size();
+            } else {
+                self.live[i] -= range.size();
+            }
         }
     }
 
@@ -403,11 +439,23 @@ impl<M: Mmu> CodeAllocator<M> {
     /// inside one of them, 8-aligned) with one aligned store each, all or none, then makes every
     /// CPU serialize: when this returns, every CPU executes through the new slots.
     ///
+    /// The addresses are checked (they lie in slots of this allocator's own patchable tables);
+    /// the values cannot be: they are what other CPUs jump to or through next.
+    ///
+    /// # Safety
+    /// Each `value` must be exactly what the slot's users expect at that address: for a jump
+    /// slot, the 8 bytes of a valid slot encoding whose targets are code that stays executable
+    /// and unfreed for as long as the slot may lead there (until the slot is patched again and
+    /// a grace period passed), with the calling convention of the slot's function; for a data
+    /// slot (a far-slot target, a pointer), an address meeting the same conditions. Every CPU
+    /// may run through the new slot as soon as the store lands, before this returns.
+    ///
     /// # Errors
     /// [`CodeError::ForeignCode`], [`CodeError::NotPatchable`] for a table that is not patchable
-    /// or an address outside the tables; backend failures (nothing stored);
-    /// [`CodeError::SyncFailed`] (stored, not serialized everywhere).
-    pub fn patch(
+    /// or an address outside the tables (any address, `usize::MAX` included: nothing is
+    /// stored); backend failures (nothing stored); [`CodeError::SyncFailed`] (stored, not
+    /// serialized everywhere).
+    pub unsafe fn patch(
         &self,
         tables: &[&PublishedCode],
         stores: &[(usize, u64)],
@@ -418,11 +466,13 @@ impl<M: Mmu> CodeAllocator<M> {
             }
         }
         for &(addr, _) in stores {
+            // A whole 8-byte slot inside the table: `addr + 8` unchecked would overflow for an
+            // address in the last 8 bytes of the address space.
             let inside = tables.iter().any(|t| {
                 t.patchable
                     && addr.is_multiple_of(8)
                     && addr >= t.range.start()
-                    && addr + 8 <= t.range.end()
+                    && addr.checked_add(8).is_some_and(|end| end <= t.range.end())
             });
             if !inside {
                 return Err(CodeError::NotPatchable { addr });
@@ -434,18 +484,85 @@ impl<M: Mmu> CodeAllocator<M> {
     /// Frees published code: its range becomes reusable and INT3, and the pages that became
     /// wholly free are decommitted.
     ///
+    /// # Safety
+    /// No CPU executes the code's range now or ever will again through anything made before
+    /// this call:
+    /// - no CPU is running in it, and no task, CPU or interrupted frame holds a return address
+    ///   into it (a preempted task counts, wherever it is switched out);
+    /// - nothing any CPU may still follow leads into it: no jump-table slot or code pointer
+    ///   targets it, no other live code calls or jumps into it, and every CPU that could have
+    ///   read such a way in before it was removed has since passed a point where it holds none
+    ///   (a grace period after unpublishing it, as the module layer waits for, and a
+    ///   serialization round after the last slot patch that led there);
+    /// - nobody keeps its start address to run it later.
+    ///
+    /// Freeing code from inside itself breaks the first rule. Code never published
+    /// ([`discard`](Self::discard)) needs none of this.
+    ///
     /// # Errors
     /// [`FreeError::Foreign`] and [`FreeError::NotFreed`] hand the code back, nothing freed;
     /// [`FreeError::Decommit`] (freed, some pages stay committed for now).
-    pub fn free(&mut self, code: PublishedCode) -> Result<(), FreeError<PublishedCode>> {
+    pub unsafe fn free(&mut self, code: PublishedCode) -> Result<(), FreeError<PublishedCode>> {
         if code.owner != self.id {
             return Err(FreeError::Foreign(code));
         }
         match self.free_range(code.range, true) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.count_live(code.range, false);
+                Ok(())
+            }
             Err(Freeing::NotFreed(e)) => Err(FreeError::NotFreed(e, code)),
-            Err(Freeing::Decommit(e)) => Err(FreeError::Decommit(e)),
+            Err(Freeing::Decommit(e)) => {
+                self.count_live(code.range, false);
+                Err(FreeError::Decommit(e))
+            }
         }
+    }
+
+    /// Frees every allocation of this allocator and hands all its code spaces back to the
+    /// manager (released now, or by the manager's next operation when it is busy or interrupts
+    /// are off), published code included. Handles of this allocator still held become foreign:
+    /// freeing them later answers [`FreeError::Foreign`] and touches nothing. The allocator
+    /// stays usable and starts over empty.
+    ///
+    /// Dropping does this for spaces without published code; this is how code spaces that
+    /// still hold published code are given back (the module layer calls it once a dropped
+    /// module's grace period is over).
+    ///
+    /// # Safety
+    /// As [`free`](Self::free), for every published allocation of this allocator not freed yet.
+    pub unsafe fn release_all(&mut self) {
+        // Outstanding handles name ranges that may be reused by others from now on.
+        self.id = NEXT_OWNER.fetch_add(1, Ordering::Relaxed);
+        self.live.iter_mut().for_each(|l| *l = 0);
+        self.free = DisjointAllocationPool::new();
+        self.allocated = 0;
+        self.trim_pending = false;
+        self.hand_over_releasable();
+    }
+
+    /// Hands every space holding no published code to the manager and forgets all spaces:
+    /// those with published code stay reserved and mapped for good. Only for `drop` and
+    /// [`release_all`](Self::release_all) (where none is live).
+    fn hand_over_releasable(&mut self) {
+        let mut spaces = core::mem::take(&mut self.spaces);
+        let live = core::mem::take(&mut self.live);
+        let mut i = 0;
+        // In place (`retain` never allocates): dropping may run in interrupt context.
+        spaces.retain(|_| {
+            let empty = live[i] == 0;
+            i += 1;
+            empty
+        });
+        if spaces.is_empty() {
+            return;
+        }
+        // A space was added, so the node exists (allocated by `add_space`).
+        let Some(mut node) = self.node.take() else {
+            return;
+        };
+        node.spaces = spaces;
+        self.manager.abandon(node);
     }
 
     /// Frees code that was never published. Unless a failed publish wrote its bytes, they never
@@ -566,20 +683,13 @@ fn fill_int3<M: Mmu>(state: &mut State<M>, range: AddressRange) -> Result<(), Co
 }
 
 impl<M: Mmu> Drop for CodeAllocator<M> {
+    /// Hands the spaces without published code to the manager: released now when its lock can
+    /// be taken, else (busy: held elsewhere while interrupts are off here) by its next
+    /// operation with interrupts on. A release that fails is retried the same way. Spaces
+    /// holding published code stay reserved and mapped: the allocator cannot know no CPU runs
+    /// it ([`release_all`](Self::release_all) can be told).
     fn drop(&mut self) {
-        let manager = self.manager.clone();
-        // Dropping cannot report: a space that cannot be released now stays reserved (and
-        // committed pages stay counted), which is safe, and the manager's next operation
-        // releases it.
-        let Ok(mut state) = manager.lock() else {
-            return;
-        };
-        for space in self.spaces.drain(..) {
-            if state.release(space).is_err() {
-                state.orphaned.push(space);
-            }
-        }
-        drop(state);
+        self.hand_over_releasable();
     }
 }
 

@@ -21,13 +21,15 @@
 //! assert!(mapping.executable && !mapping.writable);
 //! assert_eq!(manager.committed(), 4096);
 //!
-//! module.free(code).map_err(|e| e.error())?;      // the page is wholly free: decommitted
+//! // SAFETY: no CPU ever ran this code, and nothing holds a way into it.
+//! unsafe { module.free(code) }.map_err(|e| e.error())?; // the page is wholly free: decommitted
 //! assert_eq!(manager.committed(), 0);
 //! assert!(manager.audit()?.is_clean());
 //! assert!(machine.violations().is_empty());       // the TLB model saw every flush in time
 //! # Ok::<(), codespace::CodeError>(())
 //! ```
 
+mod abandoned;
 mod allocator;
 mod audit;
 mod code;

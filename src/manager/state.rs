@@ -10,6 +10,7 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use super::abandoned::{Abandoned, AbandonedNode};
 use super::audit::{self, AuditReport};
 use super::config::{ManagerConfig, ProtectionMode};
 use super::error::CodeError;
@@ -87,6 +88,8 @@ struct Inner<M> {
     window: AddressRange,
     config: ManagerConfig,
     counters: Counters,
+    /// Spaces of allocators dropped where they could not release them (see `abandoned.rs`).
+    abandoned: Abandoned,
     state: IrqLock<State<M>>,
 }
 
@@ -161,6 +164,7 @@ impl<M: Mmu> CodeManager<M> {
                 window,
                 config,
                 counters: Counters::default(),
+                abandoned: Abandoned::new(),
                 state: IrqLock::new(State {
                     mmu,
                     config,
@@ -202,9 +206,33 @@ impl<M: Mmu> CodeManager<M> {
         // Not from interrupt context (a slot patch from a handler): finishing may unmap and
         // free frames, which takes the kernel's allocator locks.
         if locked.guard.interrupts_were_enabled() {
+            if !self.inner.abandoned.is_empty() {
+                let orphaned = &mut locked.guard.orphaned;
+                self.inner.abandoned.take_all(orphaned);
+            }
             locked.finish_pending();
         }
         Ok(locked)
+    }
+
+    /// Hands a dropped allocator's spaces to the manager without waiting where it may not:
+    /// released now when the lock can be taken (in any context: the caller chose to drop
+    /// there, as dropping always released), else — [`CodeError::Busy`]: another CPU holds the
+    /// lock and this one runs with interrupts off, or this CPU's interrupted code holds it —
+    /// queued lock-free and released by the next operation with interrupts on or the next
+    /// drop that gets the lock.
+    pub(crate) fn abandon(&self, node: alloc::boxed::Box<AbandonedNode>) {
+        self.inner.abandoned.push(node);
+        let Ok(mut locked) = self.lock() else {
+            return;
+        };
+        let state = &mut *locked;
+        self.inner.abandoned.take_all(&mut state.orphaned);
+        for space in core::mem::take(&mut state.orphaned) {
+            if state.release(space).is_err() {
+                state.orphaned.push(space);
+            }
+        }
     }
 
     /// Copies committed code bytes at `addr` into `buf`.
@@ -490,7 +518,8 @@ impl<M: Mmu> State<M> {
                 .checked_add(done)
                 .ok_or(crate::mmu::MmuError::OutOfRange { addr })?;
             let page = at & !(PAGE_SIZE - 1);
-            let n = (page + PAGE_SIZE - at).min(buf.len() - done);
+            // Not `page + PAGE_SIZE - at`: that overflows in the last page of the address space.
+            let n = (PAGE_SIZE - (at - page)).min(buf.len() - done);
             let committed = self
                 .pages
                 .get(&page)

@@ -155,8 +155,15 @@ impl<M: Mmu> ModuleState<M> {
 
     /// Frees `code`, or keeps it to try again at the next [`reclaim`](Self::reclaim) when
     /// nothing could be freed (the INT3 fill failed): code never leaks out of the books.
+    ///
+    /// Only for code no CPU can run ([`CodeAllocator::free`](crate::CodeAllocator::free)'s
+    /// contract): code that was never reachable (registration failed before anything led to
+    /// it), or retired code whose grace period is over.
     pub fn free_or_retry(&mut self, code: PublishedCode) {
-        if let Err(FreeError::NotFreed(_, code)) = self.allocator.free(code) {
+        // SAFETY: by this function's rule, checked at each caller: `reclaim`/`free_now` pass
+        // retired code whose grace period is over (and that nothing targets, see step 1 of the
+        // module docs), the install and table paths code that nothing ever led to.
+        if let Err(FreeError::NotFreed(_, code)) = unsafe { self.allocator.free(code) } {
             self.unfreed.push(Unfreed::Published(code));
         }
     }
@@ -252,9 +259,12 @@ impl<M: Mmu> Drop for Orphan<M> {
         lives.extend(core::mem::take(&mut state.live).into_values());
         state.unregister(&lives);
         // The code is not freed one object at a time (an INT3 fill and a decommit each): the
-        // allocator drops with the state and releases whole code spaces, every page in one
-        // flush. Dropping the handles first is fine: they own nothing but the range.
+        // allocator releases whole code spaces, every page in one flush. Dropping the handles
+        // first is fine: they own nothing but the range.
         drop(lives);
         state.unfreed.clear();
+        // SAFETY: the dropped module's grace period is over: no CPU runs, returns into or can
+        // reach any of its code any more (the module was unreachable before its ticket).
+        unsafe { state.allocator.release_all() };
     }
 }

@@ -48,14 +48,16 @@ impl<M: Mmu> ModuleState<M> {
                     if !matches!(opcode, 0xE8 | 0xE9) {
                         return Err(bad);
                     }
+                    let field = bytes.get_mut(at..at + 4).ok_or(bad)?;
+                    // The field lies in the code, so its end does too: no overflow.
                     let rel = jump_table::rel32(start + at + 4, slot_addr).ok_or(bad)?;
-                    bytes
-                        .get_mut(at..at + 4)
-                        .ok_or(bad)?
-                        .copy_from_slice(&rel.to_le_bytes());
+                    field.copy_from_slice(&rel.to_le_bytes());
                 }
                 RelocKind::InternalReference { target_offset } => {
-                    let target = (start + target_offset as usize) as u64;
+                    // Checked: the offset is the caller's, and code near the top of the
+                    // address space plus up to 4 GiB overflows (`validate` then refuses a
+                    // target outside the object).
+                    let target = start.checked_add(target_offset as usize).ok_or(bad)? as u64;
                     bytes
                         .get_mut(at..at + 8)
                         .ok_or(bad)?

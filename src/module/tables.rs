@@ -184,7 +184,12 @@ impl<M: Mmu> ModuleState<M> {
             }
         }
         let handles = self.table_handles();
-        let patched = self.allocator.patch(&handles, &stores);
+        // SAFETY: every value is this module's layout's encoding for the slot it is stored in
+        // (a near jump, or a far target followed by its near slot) toward a target checked
+        // above to be live code of this module or a registered external entry; code stays live
+        // while a slot targets it and is freed only a grace period (and a serialization round)
+        // after the last slot stopped targeting it (`retarget`, `reclaim`).
+        let patched = unsafe { self.allocator.patch(&handles, &stores) };
         match patched {
             // Stored (and maybe not yet seen everywhere): the books follow the slots. Until a
             // serialization round succeeds, a CPU may still jump to an old target: `reclaim`

@@ -14,8 +14,8 @@ use codespace::mmu::soft::{SoftMmu, Violation};
 use codespace::module::{CodeModule, ModuleConfig, NewCode, Registries};
 use codespace::sync::grace::GraceDomain;
 use codespace::{
-    AddressRange, AllocatorConfig, CodeAllocator, CodeManager, ManagerConfig, ProtectionMode,
-    PAGE_SIZE,
+    AddressRange, AllocatorConfig, CodeAllocator, CodeError, CodeManager, FreeError, ManagerConfig,
+    ProtectionMode, PublishedCode, PAGE_SIZE,
 };
 use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
 
@@ -391,4 +391,26 @@ impl Rng {
         };
         1 + self.below(max)
     }
+}
+
+/// [`CodeAllocator::free`] on the software machine.
+pub fn free_published(
+    a: &mut CodeAllocator<SoftMmu>,
+    code: PublishedCode,
+) -> Result<(), FreeError<PublishedCode>> {
+    // SAFETY: no real CPU ever executes the software machine's code pages, so nothing can be
+    // running what a host test frees; what the machine models (TLBs, fetched bytes) it checks
+    // itself and records as violations, which every test asserts are none.
+    unsafe { a.free(code) }
+}
+
+/// [`CodeAllocator::patch`] on the software machine.
+pub fn patch_tables(
+    a: &CodeAllocator<SoftMmu>,
+    tables: &[&PublishedCode],
+    stores: &[(usize, u64)],
+) -> Result<(), CodeError> {
+    // SAFETY: no real CPU ever executes the software machine's code pages or jumps through its
+    // slots: any value is as good as another to the host tests.
+    unsafe { a.patch(tables, stores) }
 }

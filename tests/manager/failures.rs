@@ -19,7 +19,7 @@ fn a_free_that_cannot_fill_int3_hands_the_code_back() {
     let stats = a.stats();
     // The fill of the freed bytes on the shared, live page goes through the alias: make it fail.
     machine.fail_nth(CallKind::Poke, 0);
-    let code = match a.free(code) {
+    let code = match free_published(&mut a, code) {
         Err(FreeError::NotFreed(e, code)) => {
             assert_eq!(e, CodeError::Mmu(MmuError::Injected));
             code
@@ -28,8 +28,8 @@ fn a_free_that_cannot_fill_int3_hands_the_code_back() {
     };
     assert_eq!(a.stats(), stats, "nothing freed");
     assert_eq!(read(&m, code.start(), 64), [0x91; 64]);
-    a.free(code).unwrap();
-    a.free(keep).unwrap();
+    free_published(&mut a, code).unwrap();
+    free_published(&mut a, keep).unwrap();
     assert_eq!(a.stats().allocated, 0);
     assert_eq!(m.committed(), 0);
     assert_sound_no_leak(&machine, &m);
@@ -49,7 +49,7 @@ fn pages_a_partial_decommit_left_go_with_the_next_free() {
     assert_eq!(m.committed(), 4 * PAGE);
     // Pages 1 and 2 die with `big`; unmapping the first of them fails.
     machine.fail_nth(CallKind::Unmap, 0);
-    let e = a.free(big).unwrap_err();
+    let e = free_published(&mut a, big).unwrap_err();
     assert!(matches!(
         e,
         FreeError::Decommit(CodeError::PartialDecommit(_))
@@ -61,12 +61,12 @@ fn pages_a_partial_decommit_left_go_with_the_next_free() {
     );
     assert_sound(&machine, &m);
     // Freeing `last` (which decommits page 3) takes pages 1 and 2 along.
-    a.free(last).unwrap();
+    free_published(&mut a, last).unwrap();
     assert_eq!(m.committed(), PAGE);
     for p in 1..4 {
         assert!(!is_mapped(&m, s + p * PAGE), "page {p}");
     }
-    a.free(first).unwrap();
+    free_published(&mut a, first).unwrap();
     assert_sound_no_leak(&machine, &m);
 }
 
@@ -93,7 +93,7 @@ fn a_publish_failing_midway_never_stores_the_undone_protection() {
     }
     let code = a.publish(rejected.code).unwrap();
     assert_eq!(read(&m, start, 2 * PAGE), vec![0x90; 2 * PAGE]);
-    a.free(code).unwrap();
+    free_published(&mut a, code).unwrap();
     assert_sound_no_leak(&machine, &m);
 }
 
@@ -106,7 +106,10 @@ fn a_space_a_dropped_allocator_could_not_release_is_released_later() {
     let code = publish_filled(&mut a, 64, 0x90);
     // The free's decommit fails: the page stays committed (the allocator would trim it).
     machine.fail_nth(CallKind::Unmap, 0);
-    assert!(matches!(a.free(code), Err(FreeError::Decommit(_))));
+    assert!(matches!(
+        free_published(&mut a, code),
+        Err(FreeError::Decommit(_))
+    ));
     assert_eq!(m.committed(), PAGE);
     // So does the release when the allocator goes.
     machine.fail_nth(CallKind::Unmap, 0);
@@ -150,13 +153,13 @@ fn pending_work_waits_for_an_operation_outside_interrupt_context() {
     let code = publish_filled(&mut a, 2 * PAGE, 0x90);
     machine.fail_nth(CallKind::Flush, 0);
     assert!(matches!(
-        a.free(code),
+        free_published(&mut a, code),
         Err(FreeError::Decommit(CodeError::FlushFailed(_)))
     ));
     let flushes = machine.calls(CallKind::Flush);
     // "Interrupt context": the patch works, and leaves the pending flush alone.
     IRQS_OFF.store(true, std::sync::atomic::Ordering::SeqCst);
-    a.patch(&[&table], &[(table.start(), 7)]).unwrap();
+    patch_tables(&a, &[&table], &[(table.start(), 7)]).unwrap();
     IRQS_OFF.store(false, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(machine.calls(CallKind::Flush), flushes);
     // The next operation with interrupts on finishes it: the frames go back.

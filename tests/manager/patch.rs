@@ -35,8 +35,12 @@ fn patch_stores_whole_slots_that_every_cpu_then_executes() {
     let stats_before = m.flush_stats().unwrap();
     let mapped_before = machine.snapshot().leaves;
     let values = [0x1122_3344_5566_7788u64, 0x99AA_BBCC_DDEE_FF00];
-    a.patch(&[&table], &[(slots[0], values[0]), (slots[1], values[1])])
-        .unwrap();
+    patch_tables(
+        &a,
+        &[&table],
+        &[(slots[0], values[0]), (slots[1], values[1])],
+    )
+    .unwrap();
 
     for (&s, &v) in slots.iter().zip(&values) {
         assert_eq!(read_u64(&m, s), v);
@@ -78,39 +82,42 @@ fn patch_refuses_anything_but_aligned_slots_of_own_tables() {
     let not_patchable = |addr| Err(CodeError::NotPatchable { addr });
     // Ordinary code is never patchable, not even its aligned words.
     assert_eq!(
-        a.patch(&[&code], &[(code.start(), 0)]),
+        patch_tables(&a, &[&code], &[(code.start(), 0)]),
         not_patchable(code.start())
     );
     assert_eq!(
-        a.patch(&[&table], &[(code.start(), 0)]),
+        patch_tables(&a, &[&table], &[(code.start(), 0)]),
         not_patchable(code.start()),
         "an address outside the tables named"
     );
     // Misaligned, and straddling the end of the table's range.
     assert_eq!(
-        a.patch(&[&table], &[(table.start() + 4, 0)]),
+        patch_tables(&a, &[&table], &[(table.start() + 4, 0)]),
         not_patchable(table.start() + 4)
     );
     let last = table.range().end() - 4;
-    assert_eq!(a.patch(&[&table], &[(last, 0)]), not_patchable(last));
     assert_eq!(
-        a.patch(&[&table], &[(table.range().end(), 0)]),
+        patch_tables(&a, &[&table], &[(last, 0)]),
+        not_patchable(last)
+    );
+    assert_eq!(
+        patch_tables(&a, &[&table], &[(table.range().end(), 0)]),
         not_patchable(table.range().end())
     );
     // All or nothing: one bad store refuses the good ones.
     assert_eq!(
-        a.patch(&[&table], &[(table.start(), 1), (table.start() + 3, 2)]),
+        patch_tables(&a, &[&table], &[(table.start(), 1), (table.start() + 3, 2)]),
         not_patchable(table.start() + 3)
     );
     // Another allocator's table.
     assert_eq!(
-        a.patch(&[&other], &[(other.start(), 0)]),
+        patch_tables(&a, &[&other], &[(other.start(), 0)]),
         Err(CodeError::ForeignCode)
     );
     assert_eq!(state(&machine, &m, &[&a, &b]), before);
 
     // No stores: nothing changes.
-    a.patch(&[&table], &[]).unwrap();
+    patch_tables(&a, &[&table], &[]).unwrap();
     assert_eq!(read(&m, table.start(), 64), [INT3; 64]);
     assert_sound_no_leak(&machine, &m);
 }

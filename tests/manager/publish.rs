@@ -28,7 +28,7 @@ fn free_decommits_exactly_the_wholly_dead_pages() {
         let b_range = code_b.range();
 
         // b shares its first and last page with live code: only pages 1 and 2 die.
-        a.free(code_b).unwrap();
+        free_published(&mut a, code_b).unwrap();
         assert_eq!(m.committed(), 2 * PAGE, "{mode:?}");
         for (page, mapped) in [(0, true), (1, false), (2, false), (3, true)] {
             assert_eq!(
@@ -62,14 +62,14 @@ fn free_decommits_exactly_the_wholly_dead_pages() {
             machine.exec_as(cpu, s + 64, &mut seen).unwrap();
             assert_eq!(seen, [0xD4; 64], "{mode:?} CPU {cpu}");
         }
-        a.free(reused).unwrap();
+        free_published(&mut a, reused).unwrap();
         assert_eq!(m.committed(), 2 * PAGE);
 
         // Freeing the last neighbour on page 3 decommits it; then page 0 goes with a.
-        a.free(code_c).unwrap();
+        free_published(&mut a, code_c).unwrap();
         assert_eq!(m.committed(), PAGE);
         assert!(!is_mapped(&m, s + 3 * PAGE));
-        a.free(code_a).unwrap();
+        free_published(&mut a, code_a).unwrap();
         assert_eq!(m.committed(), 0);
         assert_eq!(m.audit().unwrap().mapped_pages, 0);
         assert_eq!(a.stats().allocated, 0);
@@ -87,7 +87,7 @@ fn free_within_one_page_keeps_the_page_and_fills_int3() {
         let y = a.allocate(200).unwrap(); // never published: its page is R+X because of x
         let z = publish_filled(&mut a, 64, 0x33);
         assert_eq!(m.committed(), PAGE);
-        a.free(x).unwrap();
+        free_published(&mut a, x).unwrap();
         assert_eq!(m.committed(), PAGE);
         assert!(read(&m, s, 128).iter().all(|&b| b == INT3));
         // Discarding unpublished code on an R+X page also fills INT3 without W+X.
@@ -97,7 +97,7 @@ fn free_within_one_page_keeps_the_page_and_fills_int3() {
             .iter()
             .all(|&b| b == INT3));
         assert!(read(&m, z.start(), 64).iter().all(|&b| b == 0x33));
-        a.free(z).unwrap();
+        free_published(&mut a, z).unwrap();
         assert_eq!(m.committed(), 0);
         assert_sound_no_leak(&machine, &m);
     }
@@ -176,7 +176,7 @@ fn publish_makes_pages_r_x_and_never_w_x() {
         assert_eq!(m.audit().unwrap().mapped_pages, 3);
         assert_sound_no_leak(&machine, &m);
         for code in [first, second, third] {
-            a.free(code).unwrap();
+            free_published(&mut a, code).unwrap();
         }
         assert_sound_no_leak(&machine, &m);
     }
@@ -246,7 +246,7 @@ fn publish_batch_publishes_all_in_one_flush() {
     }
     assert!(a.publish_batch(Vec::new()).unwrap().is_empty());
     for code in published {
-        a.free(code).unwrap();
+        free_published(&mut a, code).unwrap();
     }
     assert_sound_no_leak(&machine, &m);
 }
@@ -306,13 +306,13 @@ fn tlb_flushes_are_batched_per_operation() {
         // Freeing it decommits 40 wholly dead pages (a full flush) and fills INT3 on page 3,
         // which it shares with live code.
         let before = stats();
-        a.free(big).unwrap();
+        free_published(&mut a, big).unwrap();
         assert_eq!(m.committed(), 4 * PAGE);
         let rest_of_page_3 = read(&m, big_range.start(), PAGE - 64);
         assert!(rest_of_page_3.iter().all(|&b| b == INT3));
         assert_eq!(delta(before), (on_shared_page, 1), "{mode:?}: free");
         let shootdowns = stats().shootdowns;
-        a.free(first).unwrap();
+        free_published(&mut a, first).unwrap();
         if mode == ProtectionMode::Alias {
             assert_eq!(stats().shootdowns - shootdowns, 1, "one round per free");
         }
@@ -347,12 +347,12 @@ fn allocators_on_threads_share_one_manager() {
                     } else if !live.is_empty() {
                         let (code, bytes) = live.swap_remove(rng.below(live.len()));
                         assert_eq!(read(&m, code.start(), bytes.len()), bytes);
-                        a.free(code).unwrap();
+                        free_published(&mut a, code).unwrap();
                     }
                 }
                 for (code, bytes) in live {
                     assert_eq!(read(&m, code.start(), bytes.len()), bytes);
-                    a.free(code).unwrap();
+                    free_published(&mut a, code).unwrap();
                 }
                 a.stats()
             })

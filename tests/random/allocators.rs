@@ -146,7 +146,10 @@ pub fn run(trial: &Trial<'_>, mode: ProtectionMode) {
         machine,
         ..
     } = run;
-    drop(modules);
+    for mut module in modules {
+        // SAFETY: the software machine never runs its code.
+        unsafe { module.alloc.release_all() };
+    }
     assert_eq!(manager.committed(), 0);
     assert_eq!(manager.stats().window_free, WINDOW);
     assert_sound_no_leak(&machine, &manager);
@@ -302,7 +305,7 @@ impl Run<'_> {
         let i = self.rng.below(module.published.len());
         let (code, bytes) = module.published.swap_remove(i);
         let range = code.range();
-        match module.alloc.free(code) {
+        match free_published(&mut module.alloc, code) {
             Ok(()) => self.remove_live(range),
             Err(FreeError::NotFreed(e, code)) => {
                 let _ = bytes;
@@ -358,7 +361,7 @@ impl Run<'_> {
             let target = &mut self.modules[other].alloc;
             let error = match stale {
                 Stale::Writable(w) => target.publish(w).map(drop).unwrap_err().error,
-                Stale::Published(p) => target.free(p).unwrap_err().error(),
+                Stale::Published(p) => free_published(target, p).unwrap_err().error(),
             };
             assert_eq!(error, CodeError::ForeignCode);
         } else if self.rng.below(2) == 0 && !self.modules[mi].writable.is_empty() {
@@ -377,7 +380,7 @@ impl Run<'_> {
             assert_eq!((w.range(), w.as_slice()), (range, &bytes[..]));
             self.modules[mi].writable.push(w);
         } else if let Some((p, bytes)) = self.modules[mi].published.pop() {
-            match self.modules[other].alloc.free(p) {
+            match free_published(&mut self.modules[other].alloc, p) {
                 Err(FreeError::Foreign(p)) => self.modules[mi].published.push((p, bytes)),
                 r => panic!("{r:?}"),
             }
@@ -416,6 +419,9 @@ impl Run<'_> {
             mut published,
             ..
         } = old;
+        let mut alloc = alloc;
+        // SAFETY: the software machine never runs its code; published code goes with the rest.
+        unsafe { alloc.release_all() };
         drop(alloc);
         if let Some(w) = writable.pop() {
             self.stale.push(Stale::Writable(w));

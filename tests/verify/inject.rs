@@ -148,7 +148,7 @@ fn publish_batch(w: &mut World) -> Outcome {
 fn free_published(w: &mut World) -> Outcome {
     // Two pages and a bit: INT3 on two live pages, one page decommitted.
     let code = w.published.remove(1);
-    match w.alloc.free(code) {
+    match crate::common::free_published(&mut w.alloc, code) {
         Ok(()) => Outcome::Done,
         Err(FreeError::NotFreed(e, code)) => {
             w.published.insert(1, code);
@@ -348,7 +348,7 @@ fn inject_every_failure_of_a_module_drop() {
             let mut w = world.alloc.allocate(64).unwrap();
             w.as_mut_slice().fill(0xC3);
             let p = world.alloc.publish(w).unwrap();
-            world.alloc.free(p).unwrap();
+            crate::common::free_published(&mut world.alloc, p).unwrap();
             assert_eq!(world.alloc.stats().allocated, committed);
             assert_eq!(world.regs.code.len(), 0, "{label}");
             assert_eq!(world.regs.traps.len(), 0, "{label}");

@@ -32,7 +32,7 @@ fn stale_tlb_entries_never_reach_a_decommitted_frame_after_reuse() {
         machine.exec_as(cpu, old_start, &mut seen).unwrap();
         assert_eq!(seen, [0x90; 16]);
     }
-    a.free(old).unwrap();
+    free_published(&mut a, old).unwrap();
     // A new allocation elsewhere gets the same frame back.
     let mut b = allocator(&m);
     let mut w = b.allocate(PAGE).unwrap();
@@ -52,7 +52,7 @@ fn stale_tlb_entries_never_reach_a_decommitted_frame_after_reuse() {
             "CPU {cpu} still reaches the frame through the old page"
         );
     }
-    b.free(new).unwrap();
+    free_published(&mut b, new).unwrap();
     assert_sound_no_leak(&machine, &m);
 }
 
@@ -81,7 +81,7 @@ fn stale_writable_translations_are_gone_when_code_is_published() {
         }
     }
     assert_eq!(read(&m, start, 2 * PAGE), vec![0xC3; 2 * PAGE]);
-    a.free(code).unwrap();
+    free_published(&mut a, code).unwrap();
     assert_sound_no_leak(&machine, &m);
 }
 
@@ -109,7 +109,7 @@ fn stale_direct_map_translations_cannot_write_published_code() {
     }
     assert_eq!(read(&m, start, 64), vec![0xC3; 64]);
     // Freed and decommitted, the frame is writable through the direct map again.
-    a.free(code).unwrap();
+    free_published(&mut a, code).unwrap();
     assert_ne!(leaf_flags(&machine, alias) & PTE_WRITABLE, 0);
     assert_sound_no_leak(&machine, &m);
 }
@@ -205,8 +205,8 @@ fn flip_mode_refuses_live_pages_once_another_cpu_could_hold_their_tlb_entries() 
     // Back to one CPU, the same publish works.
     machine.set_online(1);
     let second = a.publish(rejected.code).unwrap();
-    a.free(second).unwrap();
-    a.free(first).unwrap();
+    free_published(&mut a, second).unwrap();
+    free_published(&mut a, first).unwrap();
     assert_sound_no_leak(&machine, &m);
 }
 
@@ -229,8 +229,8 @@ fn stale_instruction_bytes_of_a_reused_frame_are_never_executed() {
         machine.exec_as(cpu, x.start(), &mut seen).unwrap();
     }
     // X's bytes become INT3 while Y runs on; then Y goes and the page with it.
-    a.free(x).unwrap();
-    a.free(y).unwrap();
+    free_published(&mut a, x).unwrap();
+    free_published(&mut a, y).unwrap();
     assert_eq!(m.committed(), 0);
     let mut b = allocator(&m);
     let mut z = b.allocate(PAGE).unwrap();
@@ -249,6 +249,6 @@ fn stale_instruction_bytes_of_a_reused_frame_are_never_executed() {
             "CPU {cpu} executes stale bytes of the frame"
         );
     }
-    b.free(z).unwrap();
+    free_published(&mut b, z).unwrap();
     assert_sound_no_leak(&machine, &m);
 }

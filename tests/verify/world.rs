@@ -370,7 +370,7 @@ impl World {
         let mut w = self.alloc.allocate(200).unwrap();
         w.as_mut_slice().fill(0x79);
         let p = self.alloc.publish(w).unwrap();
-        self.alloc.free(p).unwrap();
+        free_published(&mut self.alloc, p).unwrap();
         self.recover();
         self.check(&format!("{label}, after a follow-up"), true);
     }

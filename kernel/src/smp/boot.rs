@@ -8,7 +8,8 @@
 //!
 //! The trampoline page is executable only while APs start: before the first SIPI its identity
 //! page becomes R+X and its direct-map page read-only (W^X holds throughout); afterwards both go
-//! back to RW+NX, shot down on every CPU.
+//! not present, are shot down on every CPU, and only then become RW+NX
+//! ([`layout::retire_trampoline`]).
 
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -188,7 +189,7 @@ pub(super) fn start_aps(list: &CpuList, boot: &BootInfo) {
     // Low frames are never handed out (the allocator starts at 1 MiB); say so explicitly.
     memory::frames().reserve(page, page + 4096);
     install_trampoline(page);
-    layout::set_trampoline(page, true);
+    layout::set_trampoline_executable(page);
 
     let mut next = 1;
     for &id in aps {
@@ -213,8 +214,8 @@ pub(super) fn start_aps(list: &CpuList, boot: &BootInfo) {
     CLOSED.store(true, Ordering::SeqCst);
     STARTED.store(next, Ordering::SeqCst);
 
-    layout::set_trampoline(page, false);
-    super::shootdown(&layout::trampoline_pages(page), false);
+    // Not present, shot down, then RW+NX: never writable on one CPU while executable on another.
+    layout::retire_trampoline(page, |pages| super::shootdown(pages, false));
 }
 
 /// INIT, then up to two SIPIs (the second only if the first was not taken), then waits for the
