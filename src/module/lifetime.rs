@@ -29,6 +29,7 @@ use alloc::vec::Vec;
 
 use super::config::ModuleError;
 use super::state::{Live, ModuleState, Retired, Unfreed};
+use super::CodeModule;
 use crate::code_events::CodeEvent;
 use crate::code_object::{CodeKind, DecRef};
 use crate::code_pointer_table::{CodePointer, CodePointerTable};
@@ -241,6 +242,26 @@ impl<M: Mmu> ModuleState<M> {
             if let Some(listener) = self.listener {
                 listener.code_freed(&CodeEvent::new(&live.object));
             }
+        }
+    }
+}
+
+impl<M: Mmu + Send + 'static> Drop for CodeModule<M> {
+    /// The module's teardown, in the order of the per-object retire path (see the module docs):
+    /// first nothing shared leads into the module any more, then the grace ticket, then — in a
+    /// later [`GraceDomain::reclaim`](crate::sync::grace::GraceDomain::reclaim) — the frees.
+    fn drop(&mut self) {
+        // `&mut self`: no other CPU holds the module lock or can take it any more; the books
+        // are ours as if under it.
+        if let Some(mut state) = self.state.get_mut().take() {
+            // Other CPUs may still be running (or about to return into) this module's code:
+            // everything it owns is freed after a grace period. But one that passes a quiescent
+            // state after the ticket must find no way in, else the grace period would not wait
+            // for it: the pointers go before the ticket is taken.
+            let ticket = state.unpublish();
+            self.registries
+                .grace()
+                .defer_drop(ticket, alloc::boxed::Box::new(Orphan(state)));
         }
     }
 }

@@ -453,26 +453,6 @@ impl<M: Mmu + Send + 'static> CodeModule<M> {
     }
 }
 
-impl<M: Mmu + Send + 'static> Drop for CodeModule<M> {
-    /// The module's teardown, in the order of the per-object retire path (see [`lifetime`]):
-    /// first nothing shared leads into the module any more, then the grace ticket, then — in a
-    /// later [`GraceDomain::reclaim`](crate::sync::grace::GraceDomain::reclaim) — the frees.
-    fn drop(&mut self) {
-        // `&mut self`: no other CPU holds the module lock or can take it any more; the books
-        // are ours as if under it.
-        if let Some(mut state) = self.state.get_mut().take() {
-            // Other CPUs may still be running (or about to return into) this module's code:
-            // everything it owns is freed after a grace period. But one that passes a quiescent
-            // state after the ticket must find no way in, else the grace period would not wait
-            // for it: the pointers go before the ticket is taken.
-            let ticket = state.unpublish();
-            self.registries
-                .grace()
-                .defer_drop(ticket, alloc::boxed::Box::new(lifetime::Orphan(state)));
-        }
-    }
-}
-
 impl<M: Mmu + Send + 'static> core::fmt::Debug for CodeModule<M> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("CodeModule").finish_non_exhaustive()
