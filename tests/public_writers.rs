@@ -165,15 +165,16 @@ fn listed() -> BTreeMap<String, (Kind, String)> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let mut parts = line.splitn(3, char::is_whitespace);
-        let name = parts.next().unwrap_or_default().to_owned();
-        let kind = match parts.next().map(str::trim) {
+        let (name, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
+        let (kind, why) = rest.trim_start().split_once(char::is_whitespace).unwrap_or((rest.trim(), ""));
+        let name = name.to_owned();
+        let kind = match Some(kind) {
             Some("read") => Kind::Read,
             Some("validated") => Kind::Validated,
             Some("unsafe") => Kind::Unsafe,
             other => panic!("public_writers.txt:{}: unknown kind {other:?}", n + 1),
         };
-        let why = parts.next().unwrap_or_default().trim().to_owned();
+        let why = why.trim().to_owned();
         assert!(
             kind == Kind::Read || !why.is_empty(),
             "public_writers.txt:{}: a writer needs its reason",
