@@ -14,9 +14,21 @@
 //!    through a stale entry.
 //!
 //! Hence, on every CPU and at every instant, no translation grants write access to a frame
-//! while any translation grants execute access to it. The price is that pages in flight are
+//! while any translation grants execute access to it — the private alias inside
+//! [`Mmu::poke`](super::Mmu::poke) excepted, on the poking CPU only (see its documentation). The price is that pages in flight are
 //! briefly not present; codespace only stages pages nobody may touch meanwhile (pages of code
 //! being published, decommitted or freed, direct-map aliases of code frames).
+//!
+//! **A failed flush.** A batch whose shootdown failed comes back ([`Unflushed`](super::Unflushed))
+//! and is retried later, merged with newer batches (oldest first: the last staging of a leaf is
+//! the one stored). In between, its staged leaves stay not present, and every later change of
+//! one of them — a new protection, an unmap, sealing or unsealing a linear-map alias — is
+//! staged too (into the newer batch), never stored in place: a leaf with a queued store is
+//! written only by a flush. So the retried flush cannot replay a stale store over a page
+//! unmapped since (issue 18, item 5), and an unmapped page's leaf stays staged, so not
+//! mappable again, until the flush that frees its frame. (The alternative, refusing
+//! `map_fresh`/`unmap` while a batch is pending, would wedge decommits behind an unresponsive
+//! CPU for as long as it stays so.)
 //!
 //! The batch is `#[must_use]`: dropping it skips the invalidation, leaves the staged pages not
 //! present, and leaks the frames — safe, but a bug, which the compiler points at.

@@ -140,7 +140,8 @@ impl Machine {
         }
     }
 
-    /// Stages `slot`'s entry at `va`: not present now, `final_entry` after the flush.
+    /// Stages `slot`'s entry at `va`: not present now (keeping its frame and flags, so a later
+    /// staging can tell what it was), `final_entry` after the flush.
     fn stage(
         &mut self,
         op: &'static str,
@@ -149,9 +150,12 @@ impl Machine {
         final_entry: u64,
         tlb: &mut TlbFlush,
     ) {
-        let frame = self.mem.entry(slot.table, slot.index) & ADDR;
-        self.store(op, va, slot, frame | STAGED);
-        // SAFETY: the leaf of `va` is not present and stays so until the flush stores this.
+        let e = self.mem.entry(slot.table, slot.index);
+        if present(e) {
+            self.store(op, va, slot, (e & !P) | STAGED);
+        }
+        // SAFETY: the leaf of `va` is not present and stays so until the flush stores this
+        // (a leaf staged already is replaced only through batches, see `TlbFlush`).
         unsafe { tlb.store_after_flush(va as usize, final_entry) };
     }
 
@@ -167,7 +171,11 @@ impl Machine {
         };
         let slot = self.leaf_slot_splitting(va)?;
         let e = self.mem.entry(slot.table, slot.index);
-        if present(e) && (e & W != 0) != writable {
+        // A leaf staged by an earlier batch (whose flush failed) gets this batch's final value:
+        // the merged batch stores the last staging, so the alias ends as asked now.
+        let staged = !present(e) && e & STAGED != 0;
+        if staged || (present(e) && (e & W != 0) != writable) {
+            let e = (e | P) & !STAGED;
             let target = if writable { e | W } else { e & !W };
             self.stage("protect", va, slot, target, tlb);
         }
@@ -354,8 +362,12 @@ unsafe impl Mmu for SoftMmu {
         if let Err(e) = m.set_alias_writable(page.frame(), true, tlb) {
             return Err((e, page));
         }
-        m.store("unmap", page.page() as u64, slot, 0);
-        // SAFETY: the frame is mapped nowhere now; its page goes into the batch with it.
+        // Staged like every other change: a batch still pending from a failed flush may hold a
+        // store for this leaf (a publish's R+X), and only a later staging replaces it. The leaf
+        // stays not present (and not mappable again) until the flush clears it.
+        m.stage("unmap", page.page() as u64, slot, 0, tlb);
+        // SAFETY: the frame is mapped nowhere now (the staged leaf is not present and becomes
+        // empty in the flush, before frames are freed); its page goes into the batch with it.
         unsafe { tlb.free_after_flush(page.page(), page.frame()) };
         Ok(())
     }
@@ -544,6 +556,5 @@ unsafe impl Mmu for SoftMmu {
     }
 }
 
-/// Keeps `P` in use for readers of this file: staged entries are exactly "frame | STAGED",
-/// never present.
+/// Staged entries are the entry with `P` cleared and `STAGED` set: never present, never empty.
 const _: () = assert!(STAGED & P == 0);

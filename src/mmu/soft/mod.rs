@@ -171,6 +171,12 @@ impl SoftMmu {
         self.machine.lock().inject.fail_nth(kind, n);
     }
 
+    /// Makes the next `count` calls of `kind` fail (consecutive failures, as of a CPU that stays
+    /// unresponsive); replaces any failure planned for `kind`.
+    pub fn fail_next(&self, kind: CallKind, count: u64) {
+        self.machine.lock().inject.fail_next(kind, count);
+    }
+
     /// Cancels planned failures.
     pub fn clear_failures(&self) {
         self.machine.lock().inject.clear();

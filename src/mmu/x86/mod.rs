@@ -372,8 +372,12 @@ where
                 return Err((e, page));
             }
         }
-        slot.set(0);
-        // SAFETY: the frame is mapped nowhere in the window now; its page goes into the batch
+        // Staged like every other change: a batch still pending from a failed flush may hold a
+        // store for this leaf (a publish's R+X), and only a later staging replaces it. The leaf
+        // stays not present (and not mappable again) until the flush clears it.
+        stage(slot, page.page(), 0, tlb);
+        // SAFETY: the frame is mapped nowhere in the window now (the staged leaf is not present
+        // and is cleared in the flush, before frames are freed); its page goes into the batch
         // with it.
         unsafe { tlb.free_after_flush(page.page(), page.frame()) };
         Ok(())
@@ -583,9 +587,14 @@ impl<R: RawMutex, M, A: FrameDeallocator<Size4KiB>, F> Drop for X86Mmu<'_, R, M,
     }
 }
 
-/// Stages the present leaf in `slot` (page `va`): not present now, `target` after the flush.
+/// Stages the leaf in `slot` (page `va`): not present now, `target` after the flush. The
+/// not-present entry keeps the frame and flags (ignored by hardware) so a later staging of a
+/// leaf staged already knows what it was; a leaf staged already stays as it is.
 fn stage(slot: Slot, va: usize, target: u64, tlb: &mut TlbFlush) {
-    slot.set((slot.get() & ADDR) | STAGED);
+    let e = slot.get();
+    if e & P != 0 {
+        slot.set((e & !P) | STAGED);
+    }
     // SAFETY: the leaf is not present now; the backend's `flush` stores `target` after every CPU
     // invalidated `va`.
     unsafe { tlb.store_after_flush(va, target) };
