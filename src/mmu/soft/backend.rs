@@ -1,9 +1,10 @@
 //! The [`Mmu`] implementation of the software machine, and the checks of its promises.
 
+use alloc::collections::BTreeSet;
 use alloc::vec::Vec;
 
 use super::inject::CallKind;
-use super::machine::{canonical, present, Memory, Slot, ADDR, P, STAGED, W};
+use super::machine::{canonical, present, Memory, Slot, ADDR, HUGE, P, STAGED, W};
 use super::tlb::{Violation, ViolationKind};
 use super::{cached, Machine, SoftMmu};
 use crate::mmu::pte::leaf_entry;
@@ -169,6 +170,12 @@ impl Machine {
         let Some(va) = self.direct_va(frame) else {
             return Ok(());
         };
+        // A huge leaf that already grants what is asked is not split (as on x86).
+        if let Some(slot) = self.mem.walk(va).0.filter(|s| s.level != 3) {
+            if (self.mem.entry(slot.table, slot.index) & W != 0) == writable {
+                return Ok(());
+            }
+        }
         let slot = self.leaf_slot_splitting(va)?;
         let e = self.mem.entry(slot.table, slot.index);
         // A leaf staged by an earlier batch (whose flush failed) gets this batch's final value:
@@ -198,12 +205,109 @@ impl Machine {
             self.violation("flush", ViolationKind::FreedWhileMapped, 0, frame);
         }
         if let Some(i) = self.mem.frame_index(frame) {
+            if self.mem.tables.contains(&i) {
+                let walking: Vec<_> = self.tlbs.walking(frame).collect();
+                for cpu in walking {
+                    self.violations.push(Violation {
+                        op: "flush",
+                        kind: ViolationKind::FreedWhileCached,
+                        page: 0,
+                        frame,
+                        cpu: Some(cpu),
+                    });
+                }
+                if self.mem.is_linked(i) {
+                    self.violation("flush", ViolationKind::FreedWhileMapped, 0, frame);
+                }
+            }
             self.mem.free_frame(i);
         }
         // Every CPU invalidated the frame's translations in the flush freeing it, and on x86
         // every invalidation (INVLPG, a CR3 reload, the shootdown interrupt) serializes: no CPU
         // keeps bytes it fetched from the frame for when it holds other code.
         self.tlbs.forget_code(frame);
+    }
+
+    /// Before a flush's round: queues the split tables collapsed by an earlier flush, and
+    /// unlinks the window tables the batch leaves empty — every entry empty, or staged with a
+    /// queued store of 0 (an unmap) — clearing those staged entries first (not present
+    /// already). A page table, then its page directory; never a PDPT, whose PML4 entry other
+    /// address spaces may have copied. The frames go back after the round.
+    fn unlink_tables(&mut self, tlb: &mut TlbFlush) {
+        for table in core::mem::take(&mut self.deferred) {
+            // SAFETY: collapsed (unlinked) by an earlier flush, created by `split`.
+            unsafe { tlb.free_table_after_flush(table) };
+        }
+        let unmapping: BTreeSet<u64> = tlb
+            .stores()
+            .iter()
+            .filter(|&&(va, e)| e == 0 && !self.in_direct_map(va as u64))
+            .map(|&(va, _)| va as u64)
+            .collect();
+        for &va in &unmapping {
+            let path = self.mem.path(va);
+            let (Some(pde), Some(_)) = (path[2], path[3]) else {
+                continue; // unlinked already, for another page of the same table
+            };
+            let pt = self.mem.child(pde);
+            let base = va & !(HUGE - 1);
+            let dying = |i: usize| {
+                let e = self.mem.entry(pt, i);
+                e == 0
+                    || (!present(e)
+                        && e & STAGED != 0
+                        && unmapping.contains(&(base + i as u64 * PAGE)))
+            };
+            if !self.mem.freeable.contains(&pt) || !(0..512).all(dying) {
+                continue;
+            }
+            for index in 0..512 {
+                if self.mem.entry(pt, index) != 0 {
+                    let slot = Slot {
+                        table: pt,
+                        index,
+                        level: 3,
+                    };
+                    self.store("flush", base + index as u64 * PAGE, slot, 0);
+                }
+            }
+            self.unlink(pde, 0, Some(tlb));
+            if let Some(pdpte) = path[1] {
+                let pd = pde.table;
+                if self.mem.freeable.contains(&pd) && self.mem.is_empty_table(pd) {
+                    self.unlink(pdpte, 0, Some(tlb));
+                }
+            }
+        }
+    }
+
+    /// After a flush stored the alias of `va` writable: merges its split table back into the
+    /// 2 MiB page once its 512 entries map that page uniformly again. The same translations
+    /// one level up, so no CPU's view changes; the table's frame is freed after the next
+    /// flush's round (CPUs may cache the entry that pointed to it until they invalidate).
+    fn collapse(&mut self, va: u64) {
+        let path = self.mem.path(va);
+        if let (Some(pde), Some(_)) = (path[2], path[3]) {
+            let pt = self.mem.child(pde);
+            if self.mem.freeable.contains(&pt) {
+                if let Some(huge) = self.mem.collapsed(pt) {
+                    self.unlink(pde, huge, None);
+                }
+            }
+        }
+    }
+
+    /// Replaces the present entry in `parent` (pointing to a table) by `new`; the table's
+    /// frame goes back after `tlb`'s round, or after the next flush's (`None`).
+    fn unlink(&mut self, parent: Slot, new: u64, tlb: Option<&mut TlbFlush>) {
+        let table = Memory::phys(self.mem.child(parent));
+        self.mem.set_entry(parent.table, parent.index, new);
+        self.tlbs.table_unlinked(table);
+        match tlb {
+            // SAFETY: unlinked just now; created by the machine for the window or a split.
+            Some(tlb) => unsafe { tlb.free_table_after_flush(table) },
+            None => self.deferred.push(table),
+        }
     }
 
     fn leaf_of(&self, page: &CommittedPage) -> Result<Slot, MmuError> {
@@ -464,14 +568,16 @@ unsafe impl Mmu for SoftMmu {
 
     fn flush(&mut self, mut tlb: TlbFlush) -> Result<(), Unflushed> {
         let mut m = self.machine.lock();
+        // Before the round, as on x86, where the round is what may fail.
+        m.unlink_tables(&mut tlb);
         if let Err(error) = m.injected(CallKind::Flush) {
             return Err(Unflushed {
                 error,
                 tlb: alloc::boxed::Box::new(tlb),
             });
         }
+        let cpus = m.tlbs.cpus.len();
         if tlb.needs_invalidation() {
-            let cpus = m.tlbs.cpus.len();
             for cpu in 0..cpus {
                 if tlb.is_full() {
                     m.tlbs.invalidate(cpu, None);
@@ -491,9 +597,20 @@ unsafe impl Mmu for SoftMmu {
             }
         }
         let (stores, frames) = tlb.take_work();
-        for (va, entry) in stores {
+        for &(va, entry) in &stores {
             if let Some(slot) = m.mem.walk(va as u64).0 {
+                // An unmap's store clears only the leaf it staged: after a failed round, the
+                // page may have been mapped afresh (in a new table) before the retry.
+                let e = m.mem.entry(slot.table, slot.index);
+                if entry == 0 && (present(e) || e & STAGED == 0) {
+                    continue;
+                }
                 m.store("flush", va as u64, slot, entry);
+            }
+        }
+        for &(va, entry) in &stores {
+            if entry & W != 0 && m.in_direct_map(va as u64) {
+                m.collapse(va as u64);
             }
         }
         for frame in frames {

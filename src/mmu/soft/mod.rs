@@ -45,6 +45,8 @@ struct Machine {
     irq: InterruptControl,
     leaf_stores: u64,
     wx_stores: u64,
+    /// Split direct-map tables merged back into their huge page, freed after the next round.
+    deferred: Vec<u64>,
 }
 
 /// A software x86-64 machine; see the module docs. Cheap to clone (a shared handle); each
@@ -102,6 +104,7 @@ impl SoftMmu {
                 irq: InterruptControl::NONE,
                 leaf_stores: 0,
                 wx_stores: 0,
+                deferred: Vec::new(),
             })),
             cpu: 0,
         }

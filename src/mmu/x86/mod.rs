@@ -486,7 +486,8 @@ where
             } else {
                 self.stats.single_pages += tlb.pages().len() as u64;
             }
-            if self.smp.online_cpus() > 1 {
+            // Fenced against a CPU coming online meanwhile (see `others_online`).
+            if smp::others_online(|| self.smp.online_cpus()) {
                 if let Err(error) = self.smp.shootdown(tlb.pages(), tlb.is_full()) {
                     return Err(Unflushed {
                         error,
@@ -520,7 +521,8 @@ where
 
     fn sync_cores(&mut self) -> Result<(), MmuError> {
         cpu::serialize();
-        if self.smp.online_cpus() > 1 {
+        // The code stores before this call are ordered before the count is read, as in `flush`.
+        if smp::others_online(|| self.smp.online_cpus()) {
             self.smp.sync_cores()?;
             self.stats.syncs += 1;
         }
