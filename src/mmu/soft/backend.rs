@@ -602,7 +602,7 @@ unsafe impl Mmu for SoftMmu {
                 // An unmap's store clears only the leaf it staged: after a failed round, the
                 // page may have been mapped afresh (in a new table) before the retry.
                 let e = m.mem.entry(slot.table, slot.index);
-                if entry == 0 && (present(e) || e & STAGED == 0) {
+                if slot.level != 3 || (entry == 0 && (present(e) || e & STAGED == 0)) {
                     continue;
                 }
                 m.store("flush", va as u64, slot, entry);

@@ -19,6 +19,12 @@ pub struct LinearMap {
 }
 
 impl LinearMap {
+    /// Whether `va` lies in this map.
+    pub(super) fn covers(&self, va: u64) -> bool {
+        va.checked_sub(self.virt as u64)
+            .is_some_and(|off| off < self.size)
+    }
+
     /// The address of `frame` in this map, if it covers it.
     fn alias_of(&self, frame: u64) -> Option<u64> {
         let off = frame.checked_sub(self.phys).filter(|&o| o < self.size)?;

@@ -131,14 +131,14 @@ mod loom_tests {
     }
 
     #[test]
-    fn loom_flush_reaches_a_cpu_coming_online() {
+    fn item_07_loom_flush_reaches_a_cpu_coming_online() {
         model(true);
     }
 
     /// The model catches the missed CPU when the fence is left out.
     #[test]
     #[should_panic(expected = "was not shot down")]
-    fn loom_flush_without_the_fence_misses_a_cpu_coming_online() {
+    fn item_07_loom_flush_without_the_fence_misses_a_cpu_coming_online() {
         model(false);
     }
 }
