@@ -1,10 +1,9 @@
 //! The [`Mmu`] implementation of the software machine, and the checks of its promises.
 
-use alloc::collections::BTreeSet;
 use alloc::vec::Vec;
 
 use super::inject::CallKind;
-use super::machine::{canonical, present, Memory, Slot, ADDR, HUGE, P, STAGED, W};
+use super::machine::{canonical, present, Memory, Slot, ADDR, P, STAGED, W};
 use super::tlb::{Violation, ViolationKind};
 use super::{cached, Machine, SoftMmu};
 use crate::mmu::pte::leaf_entry;
@@ -27,7 +26,7 @@ impl Machine {
         });
     }
 
-    fn in_direct_map(&self, va: u64) -> bool {
+    pub(super) fn in_direct_map(&self, va: u64) -> bool {
         self.mem
             .direct_map
             .is_some_and(|b| va >= b && va - b < self.mem.total() as u64 * PAGE)
@@ -62,7 +61,7 @@ impl Machine {
     /// Stores `new` in the 4 KiB leaf `slot` of page `va` and checks the promises: the old
     /// translation becomes stale on every CPU; the new one must not be W+X, nor executable
     /// while anything grants writes to the frame, nor writable while anything executes it.
-    fn store(&mut self, op: &'static str, va: u64, slot: Slot, new: u64) {
+    pub(super) fn store(&mut self, op: &'static str, va: u64, slot: Slot, new: u64) {
         let old = self.mem.entry(slot.table, slot.index);
         if present(old) {
             self.tlbs.went_stale(va, cached(old));
@@ -226,88 +225,6 @@ impl Machine {
         // every invalidation (INVLPG, a CR3 reload, the shootdown interrupt) serializes: no CPU
         // keeps bytes it fetched from the frame for when it holds other code.
         self.tlbs.forget_code(frame);
-    }
-
-    /// Before a flush's round: queues the split tables collapsed by an earlier flush, and
-    /// unlinks the window tables the batch leaves empty — every entry empty, or staged with a
-    /// queued store of 0 (an unmap) — clearing those staged entries first (not present
-    /// already). A page table, then its page directory; never a PDPT, whose PML4 entry other
-    /// address spaces may have copied. The frames go back after the round.
-    fn unlink_tables(&mut self, tlb: &mut TlbFlush) {
-        for table in core::mem::take(&mut self.deferred) {
-            // SAFETY: collapsed (unlinked) by an earlier flush, created by `split`.
-            unsafe { tlb.free_table_after_flush(table) };
-        }
-        let unmapping: BTreeSet<u64> = tlb
-            .stores()
-            .iter()
-            .filter(|&&(va, e)| e == 0 && !self.in_direct_map(va as u64))
-            .map(|&(va, _)| va as u64)
-            .collect();
-        for &va in &unmapping {
-            let path = self.mem.path(va);
-            let (Some(pde), Some(_)) = (path[2], path[3]) else {
-                continue; // unlinked already, for another page of the same table
-            };
-            let pt = self.mem.child(pde);
-            let base = va & !(HUGE - 1);
-            let dying = |i: usize| {
-                let e = self.mem.entry(pt, i);
-                e == 0
-                    || (!present(e)
-                        && e & STAGED != 0
-                        && unmapping.contains(&(base + i as u64 * PAGE)))
-            };
-            if !self.mem.freeable.contains(&pt) || !(0..512).all(dying) {
-                continue;
-            }
-            for index in 0..512 {
-                if self.mem.entry(pt, index) != 0 {
-                    let slot = Slot {
-                        table: pt,
-                        index,
-                        level: 3,
-                    };
-                    self.store("flush", base + index as u64 * PAGE, slot, 0);
-                }
-            }
-            self.unlink(pde, 0, Some(tlb));
-            if let Some(pdpte) = path[1] {
-                let pd = pde.table;
-                if self.mem.freeable.contains(&pd) && self.mem.is_empty_table(pd) {
-                    self.unlink(pdpte, 0, Some(tlb));
-                }
-            }
-        }
-    }
-
-    /// After a flush stored the alias of `va` writable: merges its split table back into the
-    /// 2 MiB page once its 512 entries map that page uniformly again. The same translations
-    /// one level up, so no CPU's view changes; the table's frame is freed after the next
-    /// flush's round (CPUs may cache the entry that pointed to it until they invalidate).
-    fn collapse(&mut self, va: u64) {
-        let path = self.mem.path(va);
-        if let (Some(pde), Some(_)) = (path[2], path[3]) {
-            let pt = self.mem.child(pde);
-            if self.mem.freeable.contains(&pt) {
-                if let Some(huge) = self.mem.collapsed(pt) {
-                    self.unlink(pde, huge, None);
-                }
-            }
-        }
-    }
-
-    /// Replaces the present entry in `parent` (pointing to a table) by `new`; the table's
-    /// frame goes back after `tlb`'s round, or after the next flush's (`None`).
-    fn unlink(&mut self, parent: Slot, new: u64, tlb: Option<&mut TlbFlush>) {
-        let table = Memory::phys(self.mem.child(parent));
-        self.mem.set_entry(parent.table, parent.index, new);
-        self.tlbs.table_unlinked(table);
-        match tlb {
-            // SAFETY: unlinked just now; created by the machine for the window or a split.
-            Some(tlb) => unsafe { tlb.free_table_after_flush(table) },
-            None => self.deferred.push(table),
-        }
     }
 
     fn leaf_of(&self, page: &CommittedPage) -> Result<Slot, MmuError> {

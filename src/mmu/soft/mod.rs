@@ -20,6 +20,7 @@ mod access;
 mod backend;
 mod inject;
 mod machine;
+mod reclaim;
 pub mod tlb;
 
 pub use access::Fault;

@@ -41,6 +41,8 @@ pub(super) fn unlink_empty<F: PageTableFrameMapping>(
         .map(|&(va, _)| va as u64)
         .collect();
     let mut unlinked = Vec::new();
+    // Each table is checked once, however many of its pages the batch unmaps.
+    let mut checked = BTreeSet::new();
     for &va in &unmapping {
         let path = view.path(va);
         let (Some(pdpte), Some(pde)) = (path[1], path[2]) else {
@@ -49,6 +51,9 @@ pub(super) fn unlink_empty<F: PageTableFrameMapping>(
         let pt = pde.get();
         if pt & P == 0 || pt & PS != 0 || !owned.contains(&(pt & ADDR)) {
             continue; // unlinked already (another page of the table), or not ours
+        }
+        if !checked.insert(pt & ADDR) {
+            continue;
         }
         let entries = view.table(pt & ADDR);
         let base = va & !((2 << 20) - 1);
