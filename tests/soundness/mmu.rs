@@ -180,3 +180,33 @@ fn item_leaks_decommitting_everything_returns_the_table_frames() {
         "the direct map is whole again"
     );
 }
+
+/// Item 5 with page tables freed: a decommit that empties a page table unlinks it before the
+/// round; when the round fails and the page is committed afresh (in a new table) before the
+/// retry, the retried flush's store clearing the old leaf must not clear the new one.
+#[test]
+fn item_05_retried_unmap_store_leaves_a_page_mapped_afresh_alone() {
+    let (machine, m) = rig(1024, ManagerConfig::default());
+    let mut a = allocator(&m, PAGE);
+    let mut w = a.allocate(PAGE).unwrap();
+    w.as_mut_slice().fill(0x90);
+    let page = w.start();
+    let code = a.publish(w).unwrap();
+
+    // The decommit's flush and the retry the next operation starts with both fail.
+    machine.fail_next(CallKind::Flush, 2);
+    assert!(matches!(
+        a.free(code),
+        Err(FreeError::Decommit(CodeError::FlushFailed(_)))
+    ));
+    let mut w = a.allocate(PAGE).unwrap();
+    assert_eq!(w.start(), page, "the same page, committed afresh");
+    assert_eq!(leaf_flags(&machine, page), RW_NX, "mapped in a new table");
+    m.audit().unwrap(); // the retry succeeds now
+    assert!(is_mapped(&m, page), "the new mapping survives the retried flush");
+    w.as_mut_slice().fill(0x90);
+    let code = a.publish(w).unwrap();
+    assert_eq!(read(&m, page, 4), vec![0x90; 4]);
+    a.free(code).unwrap();
+    assert_sound_no_leak(&machine, &m);
+}
