@@ -19,7 +19,7 @@
 //!   the alias is private to the CPU that uses it, with interrupts off.
 //!
 //! **W^X, and its one exception.** Outside [`Mmu::poke`], no CPU ever holds a writable
-//! translation of a frame that any CPU may execute, stale TLB entries included (see [`flush`]).
+//! translation of a frame that any CPU may execute, stale TLB entries included (see [`TlbFlush`]).
 //! Inside it, by design, the calling CPU holds a writable alias of frames that stay executable
 //! through their own mappings (Linux `text_poke`): on that CPU only, for the duration of the call
 //! with interrupts off, for the writes [`Poke`] allows. See [`Mmu::poke`] for the exact bounds.
@@ -103,7 +103,10 @@ impl InterruptControl {
 ///   [`protect`](Self::protect) never leaves a page writable and executable, not even in a
 ///   stale TLB entry of any CPU (see [`TlbFlush`]);
 /// - [`flush`](Self::flush) invalidates the batch's pages on every online CPU that may hold
-///   translations of them, before it stores final entries or frees frames;
+///   translations of them, before it stores final entries or frees frames; a page-table frame
+///   is freed only once no entry points to it and a full invalidation on every CPU followed its
+///   unlinking (CPUs cache entries pointing to tables), and a queued store is only ever made
+///   over the not-present (staged) 4 KiB leaf it was queued for;
 /// - [`poke`](Self::poke)'s alias is usable by the calling CPU only, and only during the call;
 /// - [`sync_cores`](Self::sync_cores) returns only after every online CPU executed a
 ///   serializing instruction;

@@ -203,7 +203,10 @@ fn item_05_retried_unmap_store_leaves_a_page_mapped_afresh_alone() {
     assert_eq!(w.start(), page, "the same page, committed afresh");
     assert_eq!(leaf_flags(&machine, page), RW_NX, "mapped in a new table");
     m.audit().unwrap(); // the retry succeeds now
-    assert!(is_mapped(&m, page), "the new mapping survives the retried flush");
+    assert!(
+        is_mapped(&m, page),
+        "the new mapping survives the retried flush"
+    );
     w.as_mut_slice().fill(0x90);
     let code = a.publish(w).unwrap();
     assert_eq!(read(&m, page, 4), vec![0x90; 4]);

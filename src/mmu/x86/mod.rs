@@ -635,6 +635,8 @@ where
 }
 
 impl<R: RawMutex, M, A: FrameDeallocator<Size4KiB>, F> Drop for X86Mmu<'_, R, M, A, F> {
+    /// Frees the private alias tables. Tables merged back by the last flush (`deferred`) stay
+    /// allocated: CPUs may still cache entries pointing to them, and no round follows.
     fn drop(&mut self) {
         let mut frames = self.frames.lock();
         for f in self.poke.frames() {

@@ -30,7 +30,7 @@ pub unsafe trait Smp: Sync {
     /// a `lock`ed instruction, a full barrier), and only then flushes its TLB and runs anything
     /// that touches those addresses. That store pairs with the `SeqCst` fence
     /// [`X86Mmu`](super::X86Mmu) executes between its staging stores and this call (see
-    /// [`others_online`]): either the flushing CPU sees the new CPU and shoots it down, or the
+    /// `others_online`): either the flushing CPU sees the new CPU and shoots it down, or the
     /// new CPU's page walks see the staged entries.
     fn online_cpus(&self) -> usize;
 
@@ -90,7 +90,7 @@ pub(super) fn others_online(online: impl FnOnce() -> usize) -> bool {
 }
 
 #[cfg(all(test, loom))]
-mod loom_tests {
+mod loom_models {
     use loom::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
     use loom::sync::Arc;
     use loom::thread;
