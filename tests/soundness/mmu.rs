@@ -213,3 +213,27 @@ fn item_05_retried_unmap_store_leaves_a_page_mapped_afresh_alone() {
     a.free(code).unwrap();
     assert_sound_no_leak(&machine, &m);
 }
+
+/// Item 21, the flush variant: a publish whose shootdown fails stages its fresh pages back to
+/// RW+NX (the last staging of a leaf is the one stored), so once the batch is flushed the code
+/// handed back is still not executable.
+#[test]
+fn item_21_publish_failing_to_flush_leaves_fresh_pages_writable() {
+    let (machine, m) = rig(1024, ManagerConfig::default());
+    let mut a = allocator(&m, 4 * PAGE);
+    let mut code = a.allocate(2 * PAGE).unwrap();
+    code.as_mut_slice().copy_from_slice(&body(2 * PAGE, 0x90));
+    let start = code.start();
+
+    machine.fail_nth(CallKind::Flush, 0);
+    let rejected = a.publish(code).unwrap_err();
+    assert!(matches!(rejected.error, CodeError::FlushFailed(_)));
+    m.audit().unwrap(); // whatever is pending is flushed
+    for page in [start, start + PAGE] {
+        assert_eq!(leaf_flags(&machine, page), RW_NX, "{page:#x} as it was");
+    }
+    let code = a.publish(rejected.code).unwrap();
+    assert_eq!(leaf_flags(&machine, start), R_X);
+    a.free(code).unwrap();
+    assert_sound_no_leak(&machine, &m);
+}
