@@ -27,6 +27,7 @@ codespace_kernel::kernel_tests![
     commit_limit_changes_nothing,
     publish_flush_policy_32_vs_33_pages,
     direct_map_and_identity_aliases_of_published_code_are_read_only,
+    page_tables_come_back_when_code_is_freed,
 ];
 
 /// `lea eax, [rdi + rsi]; ret`
@@ -341,4 +342,31 @@ fn direct_map_and_identity_aliases_of_published_code_are_read_only() {
         assert_ne!(entry & PTE_WRITABLE, 0, "alias {alias:#x} restored");
     }
     assert_clean(&a);
+}
+
+/// Issue 18 (leaks): the page tables built for code in a fresh slice of the window (a page
+/// directory, two page tables) and the linear-map tables split to seal the code's aliases come
+/// back when the code is freed: the window's with the decommit's own flush, the split ones
+/// merged back into their huge pages and freed by the next flush.
+fn page_tables_come_back_when_code_is_freed() {
+    let mut a = allocator(12, ProtectionMode::Alias).expect("alias mode");
+    let before = memory::frames().free_frames();
+    let pages = 512 + 8;
+    let code = publish(&mut a, &alloc::vec![0xC3; pages * 4096]);
+    let used = before - memory::frames().free_frames();
+    assert!(
+        used >= pages + 3,
+        "{used} frames for {pages} pages and their tables"
+    );
+    assert_clean(&a);
+    a.free(code).expect("free");
+    // One more flush with work: a page committed and decommitted, never published.
+    let w = a.allocate(64).expect("allocate");
+    a.discard(w).expect("discard");
+    assert_clean(&a);
+    assert_eq!(
+        memory::frames().free_frames(),
+        before,
+        "every frame is back"
+    );
 }

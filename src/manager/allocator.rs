@@ -21,7 +21,7 @@ use super::abandoned::AbandonedNode;
 use super::code::{PublishedCode, WritableCode};
 use super::error::{CodeError, FreeError, Rejected};
 use super::state::{CodeManager, State};
-use crate::mmu::{Mmu, Protection, TlbFlush};
+use crate::mmu::Mmu;
 use crate::pool::DisjointAllocationPool;
 use crate::range::{page_round_down, page_round_up};
 use crate::{AddressRange, PAGE_SIZE};
@@ -327,7 +327,9 @@ impl<M: Mmu> CodeAllocator<M> {
     ///
     /// # Errors
     /// A handle of another allocator, flip mode on several CPUs, or a backend failure; the handle
-    /// comes back and the pages are as they were ([`CodeError::FlushFailed`] says otherwise).
+    /// comes back and no page became executable: fresh pages stay RW+NX (after
+    /// [`CodeError::FlushFailed`], staged back to RW+NX for the retried flush) and only the
+    /// code's own range may hold its bytes ([`discard`](Self::discard) refills it with INT3).
     pub fn publish(&mut self, code: WritableCode) -> Result<PublishedCode, Rejected<WritableCode>> {
         let mut code = self.own(code.owner, code)?;
         code.written = true;
@@ -388,51 +390,7 @@ impl<M: Mmu> CodeAllocator<M> {
     fn publish_ranges(&mut self, codes: &[(AddressRange, &[u8])]) -> Result<(), CodeError> {
         let manager = self.manager.clone();
         let mut state = manager.lock()?;
-        let mut wrote_live = false;
-        let mut image = Vec::new();
-        for &(range, bytes) in codes {
-            // Code and padding in one write, so all its pages are checked before a byte moves.
-            image.clear();
-            image.extend_from_slice(bytes);
-            image.resize(range.size(), INT3);
-            wrote_live |= state.write_code(range.start(), &image)?;
-        }
-        // Pages still RW hold no published code (publishing any would have made them R+X):
-        // stage them R+X and flush once.
-        let mut fresh: Vec<usize> = codes
-            .iter()
-            .flat_map(|(range, _)| range.pages())
-            .filter(|&p| state.mmu.query(p).is_some_and(|m| m.writable))
-            .collect();
-        fresh.sort_unstable();
-        fresh.dedup();
-        let mut tlb = TlbFlush::new();
-        let st = &mut *state;
-        for (i, &page) in fresh.iter().enumerate() {
-            let committed = st
-                .pages
-                .get(&page)
-                .ok_or(crate::mmu::MmuError::NotMapped { page })?;
-            // SAFETY: no CPU executes these pages (never executable before), nothing writes them
-            // until the flush, and they hold the bytes just written.
-            if let Err(e) = unsafe { st.mmu.protect(committed, Protection::ReadExecute, &mut tlb) }
-            {
-                for &done in &fresh[..i] {
-                    if let Some(c) = st.pages.get(&done) {
-                        // SAFETY: staged a moment ago, never executed: back to RW.
-                        let _ = unsafe { st.mmu.protect(c, Protection::ReadWrite, &mut tlb) };
-                    }
-                }
-                st.flush(tlb)?;
-                return Err(e.into());
-            }
-        }
-        state.flush(tlb)?;
-        if wrote_live {
-            // Other CPUs may have prefetched the INT3 fill of this range next to code they run.
-            state.mmu.sync_cores().map_err(CodeError::SyncFailed)?;
-        }
-        Ok(())
+        state.publish(codes)
     }
 
     /// Stores `(addr, value)` pairs into the 8-byte slots of published `tables` (each `addr`

@@ -14,7 +14,10 @@ use super::config::ProtectionMode;
 use super::error::CodeError;
 use super::state::State;
 use crate::mmu::{CommittedPage, Mmu, MmuError, Protection, TlbFlush, MAX_POKE_PAGES};
-use crate::PAGE_SIZE;
+use crate::{AddressRange, PAGE_SIZE};
+
+/// INT3: what padding bytes of published ranges hold, so a stray jump traps.
+const INT3: u8 = 0xCC;
 
 /// One write inside one page: (page, offset in page, data).
 type Chunk<'d> = (usize, usize, &'d [u8]);
@@ -160,6 +163,74 @@ impl<M: Mmu> State<M> {
         // executes the page until it is R+X again (interrupt handlers running generated code on
         // a page being flipped are excluded by Flip mode's documentation).
         unsafe { self.mmu.protect(committed, prot, &mut tlb) }?;
+        self.flush(tlb)
+    }
+
+    /// Publishes `codes` (range, bytes): copies the bytes into place, pads the rest of each
+    /// range with INT3, makes every CPU serialize if a page already holding published code was
+    /// written, and makes the fresh (still RW+NX) pages R+X in one flush.
+    ///
+    /// Serializing comes before any page becomes executable, so a failure leaves no page
+    /// executable that was not (issue 18, item 21): [`CodeError::SyncFailed`] hands the code back
+    /// with its fresh pages untouched, and a failed staging or flush stages them back to RW+NX.
+    /// Only the codes' own ranges (free space, unreachable until published) may hold new bytes.
+    pub(crate) fn publish(&mut self, codes: &[(AddressRange, &[u8])]) -> Result<(), CodeError> {
+        let mut wrote_live = false;
+        let mut image = Vec::new();
+        for &(range, bytes) in codes {
+            // Code and padding in one write, so all its pages are checked before a byte moves.
+            image.clear();
+            image.extend_from_slice(bytes);
+            image.resize(range.size(), INT3);
+            wrote_live |= self.write_code(range.start(), &image)?;
+        }
+        // Pages still RW hold no published code (publishing any would have made them R+X).
+        let mut fresh: Vec<usize> = codes
+            .iter()
+            .flat_map(|(range, _)| range.pages())
+            .filter(|&p| self.mmu.query(p).is_some_and(|m| m.writable))
+            .collect();
+        fresh.sort_unstable();
+        fresh.dedup();
+        if wrote_live {
+            // Other CPUs may have prefetched the INT3 fill of these ranges next to code they
+            // run. Nothing can reach the ranges before this returns, so serializing now, before
+            // the fresh pages change, is as good as after, and a failure changes nothing more.
+            self.mmu.sync_cores().map_err(CodeError::SyncFailed)?;
+        }
+        let mut tlb = TlbFlush::new();
+        for (i, &page) in fresh.iter().enumerate() {
+            let committed = self.pages.get(&page).ok_or(MmuError::NotMapped { page })?;
+            // SAFETY: no CPU executes these pages (never executable before), nothing writes them
+            // until the flush, and they hold the bytes just written.
+            if let Err(e) = unsafe {
+                self.mmu
+                    .protect(committed, Protection::ReadExecute, &mut tlb)
+            } {
+                self.unpublish(&fresh[..i], tlb)?;
+                return Err(e.into());
+            }
+        }
+        match self.flush(tlb) {
+            Err(e @ CodeError::FlushFailed(_)) => {
+                // The R+X stores are pending: replace them by RW+NX (the last staging wins).
+                self.unpublish(&fresh, TlbFlush::new())?;
+                Err(e)
+            }
+            result => result,
+        }
+    }
+
+    /// Stages `pages`, staged R+X by a publish that failed (never executable on any CPU: their
+    /// final entries were never stored), back to RW+NX, and flushes with `tlb`.
+    fn unpublish(&mut self, pages: &[usize], mut tlb: TlbFlush) -> Result<(), CodeError> {
+        for &page in pages {
+            if let Some(c) = self.pages.get(&page) {
+                // SAFETY: staged a moment ago and never stored R+X: nothing executes it. A
+                // failure leaves it staged R+X, which is safe (and was the old behaviour).
+                let _ = unsafe { self.mmu.protect(c, Protection::ReadWrite, &mut tlb) };
+            }
+        }
         self.flush(tlb)
     }
 

@@ -11,12 +11,35 @@
 //!    so the new permissions need no second round and cause no spurious faults;
 //! 2. returns unmapped frames to the frame allocator
 //!    ([`free_after_flush`](TlbFlush::free_after_flush)), so no CPU can reach a reused frame
-//!    through a stale entry.
+//!    through a stale entry; page-table frames unlinked before the round go back the same way
+//!    ([`free_table_after_flush`](TlbFlush::free_table_after_flush)).
+//!
+//! **Page tables.** A backend unlinks, before the round, the window's page tables (a page
+//! table, then its page directory) that the batch leaves empty: all their entries are empty or
+//! staged to become empty by this batch (unmaps). Those staged entries are cleared (not present
+//! already: nothing to invalidate), their queued stores then find no leaf, and the tables'
+//! frames are freed after the round. PDPTs stay: their PML4 entries may have been copied into
+//! other address spaces. A linear-map table split to seal an alias is merged back into its
+//! huge page (in place, the same translations) once a flush made all its aliases writable
+//! again; its frame is freed after the next flush's round, since CPUs may have cached the entry
+//! pointing to it until then.
 //!
 //! Hence, on every CPU and at every instant, no translation grants write access to a frame
-//! while any translation grants execute access to it. The price is that pages in flight are
+//! while any translation grants execute access to it — the private alias inside
+//! [`Mmu::poke`](super::Mmu::poke) excepted, on the poking CPU only (see its documentation). The price is that pages in flight are
 //! briefly not present; codespace only stages pages nobody may touch meanwhile (pages of code
 //! being published, decommitted or freed, direct-map aliases of code frames).
+//!
+//! **A failed flush.** A batch whose shootdown failed comes back ([`Unflushed`](super::Unflushed))
+//! and is retried later, merged with newer batches (oldest first: the last staging of a leaf is
+//! the one stored). In between, its staged leaves stay not present, and every later change of
+//! one of them — a new protection, an unmap, sealing or unsealing a linear-map alias — is
+//! staged too (into the newer batch), never stored in place: a leaf with a queued store is
+//! written only by a flush. So the retried flush cannot replay a stale store over a page
+//! unmapped since (issue 18, item 5), and an unmapped page's leaf stays staged, so not
+//! mappable again, until the flush that frees its frame. (The alternative, refusing
+//! `map_fresh`/`unmap` while a batch is pending, would wedge decommits behind an unresponsive
+//! CPU for as long as it stays so.)
 //!
 //! The batch is `#[must_use]`: dropping it skips the invalidation, leaves the staged pages not
 //! present, and leaks the frames — safe, but a bug, which the compiler points at.
@@ -93,6 +116,21 @@ impl TlbFlush {
     pub unsafe fn free_after_flush(&mut self, page: usize, frame: u64) {
         self.add(page);
         self.frames.push(frame);
+    }
+
+    /// Queues `table`, a page-table frame unlinked from the page tables, to return to the frame
+    /// allocator after the flush, and makes the flush a full one: CPUs may still walk through
+    /// cached entries pointing to it (paging-structure caches) under any address, and a
+    /// kernel's own mapper may reach it through translations of its own (a recursive mapping),
+    /// which only a full flush drops. (Linux frees page tables through `mmu_gather` the same
+    /// way.)
+    ///
+    /// # Safety
+    /// For backends: no entry reachable from the page tables points to `table` any more (CPUs
+    /// may still cache one), and the backend created it.
+    pub unsafe fn free_table_after_flush(&mut self, table: u64) {
+        self.full = true;
+        self.frames.push(table);
     }
 
     /// Whether the batch holds nothing at all.

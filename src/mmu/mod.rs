@@ -18,6 +18,12 @@
 //! - **The calling CPU is explicit.** CPU-local state (NXE, WP, PCIDs) is checked per CPU and
 //!   the alias is private to the CPU that uses it, with interrupts off.
 //!
+//! **W^X, and its one exception.** Outside [`Mmu::poke`], no CPU ever holds a writable
+//! translation of a frame that any CPU may execute, stale TLB entries included (see [`TlbFlush`]).
+//! Inside it, by design, the calling CPU holds a writable alias of frames that stay executable
+//! through their own mappings (Linux `text_poke`): on that CPU only, for the duration of the call
+//! with interrupts off, for the writes [`Poke`] allows. See [`Mmu::poke`] for the exact bounds.
+//!
 //! Generic code sees protections and mappings, never page-table bits: those live in backends.
 
 use crate::AddressRange;
@@ -97,7 +103,10 @@ impl InterruptControl {
 ///   [`protect`](Self::protect) never leaves a page writable and executable, not even in a
 ///   stale TLB entry of any CPU (see [`TlbFlush`]);
 /// - [`flush`](Self::flush) invalidates the batch's pages on every online CPU that may hold
-///   translations of them, before it stores final entries or frees frames;
+///   translations of them, before it stores final entries or frees frames; a page-table frame
+///   is freed only once no entry points to it and a full invalidation on every CPU followed its
+///   unlinking (CPUs cache entries pointing to tables), and a queued store is only ever made
+///   over the not-present (staged) 4 KiB leaf it was queued for;
 /// - [`poke`](Self::poke)'s alias is usable by the calling CPU only, and only during the call;
 /// - [`sync_cores`](Self::sync_cores) returns only after every online CPU executed a
 ///   serializing instruction;
@@ -133,7 +142,9 @@ pub unsafe trait Mmu {
     unsafe fn map_fresh(&mut self, page: usize) -> Result<CommittedPage, MmuError>;
 
     /// Unmaps `page`; its frame returns to the allocator after the next [`flush`](Self::flush)
-    /// of `tlb`, along with any alias of it this backend sealed (restored then).
+    /// of `tlb`, along with any alias of it this backend sealed (restored then). The leaf is
+    /// staged like any change (see [`TlbFlush`]): until that flush the page is not present and
+    /// [`map_fresh`](Self::map_fresh) of it answers [`MmuError::AlreadyMapped`].
     ///
     /// # Errors
     /// A backend failure; the page comes back, still mapped.
@@ -174,6 +185,20 @@ pub unsafe trait Mmu {
     /// Maps `pages` writable (RW+NX) at a private alias visible to the calling CPU only, runs
     /// `f` on them with interrupts disabled, removes the alias and invalidates it locally. The
     /// pages' own mappings never change. Linux's `text_poke`.
+    ///
+    /// # The W^X exception
+    /// This is the one place where a frame is writable through one translation while
+    /// executable through another (its own, R+X mapping, which any CPU may be executing). The
+    /// exception is exactly this wide:
+    /// - **one CPU**: the alias exists only in a private address space (x86: a PML4 of its own)
+    ///   that only the calling CPU loads, so no other CPU holds or can speculatively cache the
+    ///   writable translation;
+    /// - **one call**: interrupts are off on that CPU from before the alias is mapped until it
+    ///   is unmapped and invalidated there (and the CPU is back on its own address space), so no
+    ///   interrupt handler, other task or later code of this CPU can use or cache it;
+    /// - **these writes**: only what `f` writes through [`Poke`], under the contract below.
+    ///
+    /// Implementations must keep it that narrow; audits of the page tables never see the alias.
     ///
     /// # Errors
     /// More than [`MAX_POKE_PAGES`] pages, a backend failure, or what `f` returned.

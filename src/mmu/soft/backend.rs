@@ -26,7 +26,7 @@ impl Machine {
         });
     }
 
-    fn in_direct_map(&self, va: u64) -> bool {
+    pub(super) fn in_direct_map(&self, va: u64) -> bool {
         self.mem
             .direct_map
             .is_some_and(|b| va >= b && va - b < self.mem.total() as u64 * PAGE)
@@ -61,7 +61,7 @@ impl Machine {
     /// Stores `new` in the 4 KiB leaf `slot` of page `va` and checks the promises: the old
     /// translation becomes stale on every CPU; the new one must not be W+X, nor executable
     /// while anything grants writes to the frame, nor writable while anything executes it.
-    fn store(&mut self, op: &'static str, va: u64, slot: Slot, new: u64) {
+    pub(super) fn store(&mut self, op: &'static str, va: u64, slot: Slot, new: u64) {
         let old = self.mem.entry(slot.table, slot.index);
         if present(old) {
             self.tlbs.went_stale(va, cached(old));
@@ -140,7 +140,8 @@ impl Machine {
         }
     }
 
-    /// Stages `slot`'s entry at `va`: not present now, `final_entry` after the flush.
+    /// Stages `slot`'s entry at `va`: not present now (keeping its frame and flags, so a later
+    /// staging can tell what it was), `final_entry` after the flush.
     fn stage(
         &mut self,
         op: &'static str,
@@ -149,9 +150,12 @@ impl Machine {
         final_entry: u64,
         tlb: &mut TlbFlush,
     ) {
-        let frame = self.mem.entry(slot.table, slot.index) & ADDR;
-        self.store(op, va, slot, frame | STAGED);
-        // SAFETY: the leaf of `va` is not present and stays so until the flush stores this.
+        let e = self.mem.entry(slot.table, slot.index);
+        if present(e) {
+            self.store(op, va, slot, (e & !P) | STAGED);
+        }
+        // SAFETY: the leaf of `va` is not present and stays so until the flush stores this
+        // (a leaf staged already is replaced only through batches, see `TlbFlush`).
         unsafe { tlb.store_after_flush(va as usize, final_entry) };
     }
 
@@ -165,9 +169,19 @@ impl Machine {
         let Some(va) = self.direct_va(frame) else {
             return Ok(());
         };
+        // A huge leaf that already grants what is asked is not split (as on x86).
+        if let Some(slot) = self.mem.walk(va).0.filter(|s| s.level != 3) {
+            if (self.mem.entry(slot.table, slot.index) & W != 0) == writable {
+                return Ok(());
+            }
+        }
         let slot = self.leaf_slot_splitting(va)?;
         let e = self.mem.entry(slot.table, slot.index);
-        if present(e) && (e & W != 0) != writable {
+        // A leaf staged by an earlier batch (whose flush failed) gets this batch's final value:
+        // the merged batch stores the last staging, so the alias ends as asked now.
+        let staged = !present(e) && e & STAGED != 0;
+        if staged || (present(e) && (e & W != 0) != writable) {
+            let e = (e | P) & !STAGED;
             let target = if writable { e | W } else { e & !W };
             self.stage("protect", va, slot, target, tlb);
         }
@@ -190,6 +204,21 @@ impl Machine {
             self.violation("flush", ViolationKind::FreedWhileMapped, 0, frame);
         }
         if let Some(i) = self.mem.frame_index(frame) {
+            if self.mem.tables.contains(&i) {
+                let walking: Vec<_> = self.tlbs.walking(frame).collect();
+                for cpu in walking {
+                    self.violations.push(Violation {
+                        op: "flush",
+                        kind: ViolationKind::FreedWhileCached,
+                        page: 0,
+                        frame,
+                        cpu: Some(cpu),
+                    });
+                }
+                if self.mem.is_linked(i) {
+                    self.violation("flush", ViolationKind::FreedWhileMapped, 0, frame);
+                }
+            }
             self.mem.free_frame(i);
         }
         // Every CPU invalidated the frame's translations in the flush freeing it, and on x86
@@ -354,8 +383,12 @@ unsafe impl Mmu for SoftMmu {
         if let Err(e) = m.set_alias_writable(page.frame(), true, tlb) {
             return Err((e, page));
         }
-        m.store("unmap", page.page() as u64, slot, 0);
-        // SAFETY: the frame is mapped nowhere now; its page goes into the batch with it.
+        // Staged like every other change: a batch still pending from a failed flush may hold a
+        // store for this leaf (a publish's R+X), and only a later staging replaces it. The leaf
+        // stays not present (and not mappable again) until the flush clears it.
+        m.stage("unmap", page.page() as u64, slot, 0, tlb);
+        // SAFETY: the frame is mapped nowhere now (the staged leaf is not present and becomes
+        // empty in the flush, before frames are freed); its page goes into the batch with it.
         unsafe { tlb.free_after_flush(page.page(), page.frame()) };
         Ok(())
     }
@@ -452,14 +485,16 @@ unsafe impl Mmu for SoftMmu {
 
     fn flush(&mut self, mut tlb: TlbFlush) -> Result<(), Unflushed> {
         let mut m = self.machine.lock();
+        // Before the round, as on x86, where the round is what may fail.
+        m.unlink_tables(&mut tlb);
         if let Err(error) = m.injected(CallKind::Flush) {
             return Err(Unflushed {
                 error,
                 tlb: alloc::boxed::Box::new(tlb),
             });
         }
+        let cpus = m.tlbs.cpus.len();
         if tlb.needs_invalidation() {
-            let cpus = m.tlbs.cpus.len();
             for cpu in 0..cpus {
                 if tlb.is_full() {
                     m.tlbs.invalidate(cpu, None);
@@ -479,9 +514,20 @@ unsafe impl Mmu for SoftMmu {
             }
         }
         let (stores, frames) = tlb.take_work();
-        for (va, entry) in stores {
+        for &(va, entry) in &stores {
             if let Some(slot) = m.mem.walk(va as u64).0 {
+                // An unmap's store clears only the leaf it staged: after a failed round, the
+                // page may have been mapped afresh (in a new table) before the retry.
+                let e = m.mem.entry(slot.table, slot.index);
+                if slot.level != 3 || (entry == 0 && (present(e) || e & STAGED == 0)) {
+                    continue;
+                }
                 m.store("flush", va as u64, slot, entry);
+            }
+        }
+        for &(va, entry) in &stores {
+            if entry & W != 0 && m.in_direct_map(va as u64) {
+                m.collapse(va as u64);
             }
         }
         for frame in frames {
@@ -544,6 +590,5 @@ unsafe impl Mmu for SoftMmu {
     }
 }
 
-/// Keeps `P` in use for readers of this file: staged entries are exactly "frame | STAGED",
-/// never present.
+/// Staged entries are the entry with `P` cleared and `STAGED` set: never present, never empty.
 const _: () = assert!(STAGED & P == 0);

@@ -36,24 +36,28 @@ impl CallKind {
     }
 }
 
-/// Calls counted per kind, and at most one planned failure per kind.
+/// Calls counted per kind, and at most one planned run of failures per kind: calls
+/// `first..first + count`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(super) struct Inject {
     calls: [u64; 7],
-    fail_at: [Option<u64>; 7],
+    fail_at: [Option<(u64, u64)>; 7],
 }
 
 impl Inject {
-    /// Counts a call of `kind`; whether it is the one planned to fail.
+    /// Counts a call of `kind`; whether it is one planned to fail.
     pub fn call(&mut self, kind: CallKind) -> bool {
         let i = kind.index();
         let n = self.calls[i];
         self.calls[i] += 1;
-        if self.fail_at[i] == Some(n) {
-            self.fail_at[i] = None;
-            true
-        } else {
-            false
+        match self.fail_at[i] {
+            Some((first, count)) if n >= first && n - first < count => {
+                if n - first + 1 == count {
+                    self.fail_at[i] = None;
+                }
+                true
+            }
+            _ => false,
         }
     }
 
@@ -64,7 +68,13 @@ impl Inject {
     /// The `n`-th call of `kind` from now (0 = the next one) fails.
     pub fn fail_nth(&mut self, kind: CallKind, n: u64) {
         let i = kind.index();
-        self.fail_at[i] = Some(self.calls[i] + n);
+        self.fail_at[i] = Some((self.calls[i] + n, 1));
+    }
+
+    /// The next `count` calls of `kind` fail.
+    pub fn fail_next(&mut self, kind: CallKind, count: u64) {
+        let i = kind.index();
+        self.fail_at[i] = (count > 0).then_some((self.calls[i], count));
     }
 
     pub fn clear(&mut self) {

@@ -3,7 +3,9 @@
 //!
 //! Entries hold real x86 bits and every walk follows the physical addresses in them, so running
 //! out of frames while creating a table, huge pages on the walk, and splitting a 2 MiB page are
-//! modelled. Page-table frames are never freed (like the `x86_64` crate's mapper).
+//! modelled. Tables the machine created for the window, and tables splitting a huge page created,
+//! are `freeable`: the backend frees them once empty (or collapses a split table back into its
+//! huge page) after a flush; the PML4 and the direct map's own tables stay.
 
 use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, BTreeSet};
@@ -18,7 +20,7 @@ pub(super) use crate::mmu::pte::{ADDR, NX, P, PS, STAGED, W};
 const TABLE_FLAGS: u64 = P | W;
 const SHIFT: [u32; 4] = [39, 30, 21, 12];
 const PAGE: u64 = PAGE_SIZE as u64;
-const HUGE: u64 = 2 << 20;
+pub(super) const HUGE: u64 = 2 << 20;
 
 pub(super) type FrameData = Box<[u8; PAGE_SIZE]>;
 
@@ -58,6 +60,8 @@ pub(super) struct Memory {
     next_fresh: usize,
     freed: BTreeSet<usize>,
     pub tables: BTreeSet<usize>,
+    /// Tables the backend may free: created for window pages (below the PML4) or by a split.
+    pub freeable: BTreeSet<usize>,
     pub data: BTreeMap<usize, FrameData>,
     /// Frames whose bytes not written yet read as INT3 (committed code frames), not zeros.
     pub int3: BTreeSet<usize>,
@@ -73,6 +77,7 @@ impl Memory {
             next_fresh: 0,
             freed: BTreeSet::new(),
             tables: BTreeSet::new(),
+            freeable: BTreeSet::new(),
             data: BTreeMap::new(),
             int3: BTreeSet::new(),
             pml4: 0,
@@ -131,6 +136,8 @@ impl Memory {
 
     /// Returns `frame` to the pool, keeping the pool canonical so equal pools compare equal.
     pub fn free_frame(&mut self, frame: usize) {
+        self.tables.remove(&frame);
+        self.freeable.remove(&frame);
         self.data.remove(&frame);
         self.int3.remove(&frame);
         self.freed.insert(frame);
@@ -249,6 +256,7 @@ impl Memory {
                 Self::frame_of(e)
             } else {
                 let next = self.alloc_table()?;
+                self.freeable.insert(next);
                 self.set_entry(table, i, Self::phys(next) | TABLE_FLAGS);
                 next
             };
@@ -260,11 +268,70 @@ impl Memory {
         })
     }
 
+    /// The slots on the walk to `va`'s 4 KiB leaf: `[PML4, PDPT, PD, PT]` entries, `None` past a
+    /// non-present or huge entry.
+    pub fn path(&self, va: u64) -> [Option<Slot>; 4] {
+        let mut out = [None; 4];
+        let mut table = self.pml4;
+        for (level, slot) in out.iter_mut().enumerate() {
+            let s = Slot {
+                table,
+                index: index(va, level),
+                level,
+            };
+            *slot = Some(s);
+            let e = self.entry(table, s.index);
+            if !present(e) || e & PS != 0 {
+                break;
+            }
+            table = Self::frame_of(e);
+        }
+        out
+    }
+
+    /// The table an entry points to.
+    pub fn child(&self, slot: Slot) -> usize {
+        Self::frame_of(self.entry(slot.table, slot.index))
+    }
+
+    /// Whether every entry of `table` is empty (not even staged).
+    pub fn is_empty_table(&self, table: usize) -> bool {
+        (0..512).all(|i| self.entry(table, i) == 0)
+    }
+
+    /// The 2 MiB leaf equivalent to the split table `pt`: all 512 entries present, mapping
+    /// consecutive frames with identical flags. (The machine's frames start at `PHYS_BASE`, so
+    /// its 2 MiB leaves are not 2 MiB aligned physically; `split` only ever builds such tables
+    /// from a huge leaf, whose first frame the first entry keeps.)
+    pub fn collapsed(&self, pt: usize) -> Option<u64> {
+        let first = self.entry(pt, 0);
+        let (base, flags) = (first & ADDR, first & !ADDR);
+        let same = |i: usize| self.entry(pt, i) == (base + i as u64 * PAGE) | flags;
+        (present(first) && (0..512).all(same)).then_some(base | flags | PS)
+    }
+
+    /// Whether some present non-leaf entry reachable from the PML4 points to `table`.
+    pub fn is_linked(&self, table: usize) -> bool {
+        self.links_to(self.pml4, 0, table)
+    }
+
+    fn links_to(&self, t: usize, level: usize, target: usize) -> bool {
+        level < 3
+            && (0..512).any(|i| {
+                let e = self.entry(t, i);
+                present(e) && (level == 0 || e & PS == 0) && {
+                    let child = Self::frame_of(e);
+                    child == target || self.links_to(child, level + 1, target)
+                }
+            })
+    }
+
     /// Replaces the 2 MiB leaf in `slot` by a page table of 512 4 KiB entries with the same
     /// frames and permissions: the same translations, so no CPU's view changes.
     pub fn split(&mut self, slot: Slot) -> Option<()> {
         let huge = self.entry(slot.table, slot.index);
         let pt = self.alloc_table()?;
+        self.freeable.insert(pt);
         let flags = huge & !(ADDR | PS);
         for i in 0..512 {
             self.set_entry(pt, i, ((huge & ADDR) + i as u64 * PAGE) | flags);

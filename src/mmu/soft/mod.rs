@@ -20,6 +20,7 @@ mod access;
 mod backend;
 mod inject;
 mod machine;
+mod reclaim;
 pub mod tlb;
 
 pub use access::Fault;
@@ -45,6 +46,8 @@ struct Machine {
     irq: InterruptControl,
     leaf_stores: u64,
     wx_stores: u64,
+    /// Split direct-map tables merged back into their huge page, freed after the next round.
+    deferred: Vec<u64>,
 }
 
 /// A software x86-64 machine; see the module docs. Cheap to clone (a shared handle); each
@@ -102,6 +105,7 @@ impl SoftMmu {
                 irq: InterruptControl::NONE,
                 leaf_stores: 0,
                 wx_stores: 0,
+                deferred: Vec::new(),
             })),
             cpu: 0,
         }
@@ -169,6 +173,12 @@ impl SoftMmu {
     /// Makes the `n`-th call of `kind` from now fail (0 = the next).
     pub fn fail_nth(&self, kind: CallKind, n: u64) {
         self.machine.lock().inject.fail_nth(kind, n);
+    }
+
+    /// Makes the next `count` calls of `kind` fail (consecutive failures, as of a CPU that stays
+    /// unresponsive); replaces any failure planned for `kind`.
+    pub fn fail_next(&self, kind: CallKind, count: u64) {
+        self.machine.lock().inject.fail_next(kind, count);
     }
 
     /// Cancels planned failures.

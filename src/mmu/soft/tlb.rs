@@ -7,10 +7,15 @@
 //! bytes it last fetched from a frame that another mapping changed, until it serializes
 //! (cross-modifying code, SDM vol. 3 8.1.3): the model snapshots such frames per CPU.
 //!
+//! Paging-structure caches are modelled the same way: when a present entry pointing to a table
+//! changes (a table unlinked, or a split table collapsed back into a huge leaf), every CPU may
+//! still walk through the old entry into that table until it invalidates anything (`invlpg`
+//! drops every paging-structure-cache entry of the PCID, Intel SDM 4.10.4.1).
+//!
 //! Nothing here says what is wrong; [`super::SoftMmu`] checks its promises against this state
 //! and records [`Violation`]s.
 
-use alloc::collections::BTreeMap;
+use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
 
 use super::machine::FrameData;
@@ -30,9 +35,11 @@ pub struct Cached {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ViolationKind {
     /// A frame went back to the allocator while a CPU may still reach it through a stale
-    /// translation (free before flush).
+    /// translation (free before flush), or, for a page-table frame, through a stale cached
+    /// entry pointing to it.
     FreedWhileCached,
-    /// A frame went back to the allocator while still mapped.
+    /// A frame went back to the allocator while still mapped (for a page-table frame: while
+    /// still linked into the page tables).
     FreedWhileMapped,
     /// A leaf became writable and executable at once.
     WritableAndExecutable,
@@ -66,6 +73,8 @@ pub struct Violation {
 pub(super) struct Cpu {
     /// Stale translations by page, oldest first.
     pub stale: BTreeMap<u64, Vec<Cached>>,
+    /// Table frames this CPU may still reach through a cached entry that changed since.
+    pub walks: BTreeSet<u64>,
     /// Bytes this CPU still executes for frames changed since it last serialized.
     pub code_view: BTreeMap<u64, FrameData>,
     /// EFER.NXE off.
@@ -97,9 +106,24 @@ impl Tlbs {
         }
     }
 
-    /// CPU `cpu` invalidates `page` (`None`: everything).
+    /// The present entry pointing to table frame `table` changed: every CPU may still walk
+    /// through it.
+    pub fn table_unlinked(&mut self, table: u64) {
+        for cpu in &mut self.cpus {
+            cpu.walks.insert(table);
+        }
+    }
+
+    /// The CPUs that may still walk into table frame `table`.
+    pub fn walking(&self, table: u64) -> impl Iterator<Item = usize> + '_ {
+        (0..self.cpus.len()).filter(move |&i| self.cpus[i].walks.contains(&table))
+    }
+
+    /// CPU `cpu` invalidates `page` (`None`: everything); either drops its paging-structure
+    /// caches.
     pub fn invalidate(&mut self, cpu: usize, page: Option<u64>) {
         if let Some(c) = self.cpus.get_mut(cpu) {
+            c.walks.clear();
             match page {
                 Some(p) => {
                     c.stale.remove(&p);

@@ -19,6 +19,12 @@ pub struct LinearMap {
 }
 
 impl LinearMap {
+    /// Whether `va` lies in this map.
+    pub(super) fn covers(&self, va: u64) -> bool {
+        va.checked_sub(self.virt as u64)
+            .is_some_and(|off| off < self.size)
+    }
+
     /// The address of `frame` in this map, if it covers it.
     fn alias_of(&self, frame: u64) -> Option<u64> {
         let off = frame.checked_sub(self.phys).filter(|&o| o < self.size)?;
@@ -49,19 +55,20 @@ impl LinearMap {
                 return Ok(());
             };
             let e = slot.get();
-            if e & super::P == 0 {
-                // Staged already: another linear map shares this leaf (aliased page tables, as
-                // when an identity and a direct map share their PDs). The entry's change is
-                // queued; this map's address must be invalidated too.
-                if e & super::STAGED != 0 {
-                    tlb.add(va as usize);
-                }
+            // Staged already: by a batch whose flush failed and is still pending (item 5 of
+            // issue 18: its queued value may be the opposite of what is asked now), or by this
+            // call for another linear map sharing the leaf (aliased page tables, as when an
+            // identity and a direct map share their PDs). Queue this change too: the batches
+            // are merged oldest first and the last staging of a leaf is the one stored.
+            let staged = e & super::P == 0 && e & super::STAGED != 0;
+            if e & super::P == 0 && !staged {
                 return Ok(());
             }
-            if (e & W != 0) == writable {
+            if !staged && (e & W != 0) == writable {
                 return Ok(());
             }
             if slot.level == 3 {
+                let e = (e | super::P) & !super::STAGED;
                 let target = if writable { e | W } else { e & !W };
                 stage(slot, va as usize, target, tlb);
                 return Ok(());

@@ -12,6 +12,8 @@
 //! then changed with single stores to the leaf, following the staging rules of
 //! [`TlbFlush`](crate::mmu::TlbFlush).
 
+use alloc::collections::BTreeSet;
+use alloc::vec::Vec;
 use core::marker::PhantomData;
 
 use lock_api::{Mutex, RawMutex};
@@ -25,6 +27,7 @@ use x86_64::{PhysAddr, VirtAddr};
 mod cpu;
 mod linear;
 mod poke;
+mod reclaim;
 mod smp;
 mod tables;
 
@@ -39,7 +42,7 @@ use crate::mmu::{
 };
 use crate::{AddressRange, PAGE_SIZE};
 use poke::PokeSpace;
-use tables::{Slot, Tables, ADDR, P, STAGED};
+use tables::{Slot, Tables, ADDR, P, STAGED, W};
 
 /// What fresh code frames are filled with: INT3, so a stray jump into free bytes traps.
 const INT3: u8 = 0xCC;
@@ -77,6 +80,11 @@ pub struct X86Mmu<'a, R: RawMutex, M, A: FrameDeallocator<Size4KiB>, F> {
     poke: PokeSpace,
     free_count: Option<fn(&A) -> usize>,
     stats: FlushStats,
+    /// Page-table frames this backend created (window tables, split linear-map tables): the
+    /// only ones it ever frees (see `reclaim`).
+    owned: BTreeSet<u64>,
+    /// Split tables merged back into their huge page, freed after the next round.
+    deferred: Vec<u64>,
     _tables: PhantomData<M>,
 }
 
@@ -146,6 +154,8 @@ where
             poke,
             free_count: None,
             stats: FlushStats::default(),
+            owned: BTreeSet::new(),
+            deferred: Vec::new(),
             _tables: PhantomData,
         })
     }
@@ -227,6 +237,8 @@ where
 /// needs or fails before touching the tables.
 struct Reserve<'r, A: FrameDeallocator<Size4KiB>> {
     frames: [Option<PhysFrame>; 4],
+    /// What it handed out, in order: the leaf's frame first, then tables the mapper built.
+    given: [Option<PhysFrame>; 4],
     source: &'r mut A,
 }
 
@@ -234,6 +246,7 @@ impl<'r, A: FrameAllocator<Size4KiB> + FrameDeallocator<Size4KiB>> Reserve<'r, A
     fn take(source: &'r mut A, n: usize) -> Option<Self> {
         let mut r = Reserve {
             frames: [None; 4],
+            given: [None; 4],
             source,
         };
         for slot in r.frames.iter_mut().take(n) {
@@ -246,7 +259,11 @@ impl<'r, A: FrameAllocator<Size4KiB> + FrameDeallocator<Size4KiB>> Reserve<'r, A
 // SAFETY: hands out frames the source allocator gave us and nobody else holds.
 unsafe impl<A: FrameDeallocator<Size4KiB>> FrameAllocator<Size4KiB> for Reserve<'_, A> {
     fn allocate_frame(&mut self) -> Option<PhysFrame> {
-        self.frames.iter_mut().find_map(Option::take)
+        let f = self.frames.iter_mut().find_map(Option::take)?;
+        if let Some(slot) = self.given.iter_mut().find(|g| g.is_none()) {
+            *slot = Some(f);
+        }
+        Some(f)
     }
 }
 
@@ -336,7 +353,13 @@ where
         };
         match mapped {
             // Not present before: nothing to invalidate.
-            Ok(flush) => flush.ignore(),
+            Ok(flush) => {
+                flush.ignore();
+                // The frames the mapper took after the leaf's are the tables it built.
+                for t in reserve.given.iter().skip(1).flatten() {
+                    self.owned.insert(t.start_address().as_u64());
+                }
+            }
             Err(e) => {
                 // SAFETY: the fresh frame was not mapped.
                 unsafe { reserve.source.deallocate_frame(f) };
@@ -372,8 +395,12 @@ where
                 return Err((e, page));
             }
         }
-        slot.set(0);
-        // SAFETY: the frame is mapped nowhere in the window now; its page goes into the batch
+        // Staged like every other change: a batch still pending from a failed flush may hold a
+        // store for this leaf (a publish's R+X), and only a later staging replaces it. The leaf
+        // stays not present (and not mappable again) until the flush clears it.
+        stage(slot, page.page(), 0, tlb);
+        // SAFETY: the frame is mapped nowhere in the window now (the staged leaf is not present
+        // and is cleared in the flush, before frames are freed); its page goes into the batch
         // with it.
         unsafe { tlb.free_after_flush(page.page(), page.frame()) };
         Ok(())
@@ -393,9 +420,17 @@ where
             return Ok(());
         }
         if prot == Protection::ReadExecute {
-            for map in self.linear {
-                map.set_writable(&view, page.frame(), false, tlb, || self.table_frame(&view))?;
-            }
+            let mut split = Vec::new();
+            let sealed = self.linear.iter().try_for_each(|map| {
+                map.set_writable(&view, page.frame(), false, tlb, || {
+                    let table = self.table_frame(&view)?;
+                    split.push(table);
+                    Ok(table)
+                })
+            });
+            // Tables split in are linked (translations unchanged) even when sealing failed.
+            self.owned.extend(split);
+            sealed?;
         }
         stage(slot, page.page(), target, tlb);
         Ok(())
@@ -476,13 +511,23 @@ where
     }
 
     fn flush(&mut self, mut tlb: TlbFlush) -> Result<(), Unflushed> {
+        // Before the round: tables unlinked now or merged by the last flush are freed after it.
+        for table in core::mem::take(&mut self.deferred) {
+            // SAFETY: merged into its huge page (unlinked) by an earlier flush; ours.
+            unsafe { tlb.free_table_after_flush(table) };
+        }
+        if tlb.stores().iter().any(|&(_, entry)| entry == 0) {
+            let _mapper = self.tables.lock();
+            reclaim::unlink_empty(&self.view(), &self.owned, &mut tlb);
+        }
         if tlb.needs_invalidation() {
             if cpu::flush_local(tlb.pages(), tlb.is_full()) {
                 self.stats.full += 1;
             } else {
                 self.stats.single_pages += tlb.pages().len() as u64;
             }
-            if self.smp.online_cpus() > 1 {
+            // Fenced against a CPU coming online meanwhile (see `others_online`).
+            if smp::others_online(|| self.smp.online_cpus()) {
                 if let Err(error) = self.smp.shootdown(tlb.pages(), tlb.is_full()) {
                     return Err(Unflushed {
                         error,
@@ -496,18 +541,34 @@ where
         if !stores.is_empty() {
             let _mapper = self.tables.lock();
             let view = self.view();
-            for (va, entry) in stores {
+            let mut merged = Vec::new();
+            for &(va, entry) in &stores {
                 if let Some(slot) = view.leaf(va as u64) {
+                    let e = slot.get();
+                    // An unmap's store clears only the leaf it staged: after a failed round
+                    // whose tables were unlinked, the page may have been mapped afresh (in a
+                    // new table) before this retry.
+                    // A 4 KiB leaf: a huge leaf here was merged from a table whose entries were
+                    // all present, so no store of this batch (for a staged leaf) targets it.
+                    if slot.level != 3 || (entry == 0 && (e & P != 0 || e & STAGED == 0)) {
+                        continue;
+                    }
                     // No CPU holds a translation of `va` now and the entry is not present, so
                     // this store needs no invalidation (SDM 4.10.2.3).
                     slot.set(entry);
+                    if entry & W != 0 && self.linear.iter().any(|m| m.covers(va as u64)) {
+                        merged.extend(reclaim::collapse(&view, &self.owned, va as u64));
+                    }
                 }
             }
+            self.deferred.extend(merged);
         }
         if !freed.is_empty() {
             let mut frames = self.frames.lock();
             for f in freed {
-                // SAFETY: unmapped, and invalidated on every CPU above.
+                self.owned.remove(&f);
+                // SAFETY: unmapped (or, for a table, unlinked), and invalidated on every CPU
+                // above.
                 unsafe { frames.deallocate_frame(frame(f)) };
             }
         }
@@ -516,7 +577,8 @@ where
 
     fn sync_cores(&mut self) -> Result<(), MmuError> {
         cpu::serialize();
-        if self.smp.online_cpus() > 1 {
+        // The code stores before this call are ordered before the count is read, as in `flush`.
+        if smp::others_online(|| self.smp.online_cpus()) {
             self.smp.sync_cores()?;
             self.stats.syncs += 1;
         }
@@ -573,6 +635,8 @@ where
 }
 
 impl<R: RawMutex, M, A: FrameDeallocator<Size4KiB>, F> Drop for X86Mmu<'_, R, M, A, F> {
+    /// Frees the private alias tables. Tables merged back by the last flush (`deferred`) stay
+    /// allocated: CPUs may still cache entries pointing to them, and no round follows.
     fn drop(&mut self) {
         let mut frames = self.frames.lock();
         for f in self.poke.frames() {
@@ -583,9 +647,14 @@ impl<R: RawMutex, M, A: FrameDeallocator<Size4KiB>, F> Drop for X86Mmu<'_, R, M,
     }
 }
 
-/// Stages the present leaf in `slot` (page `va`): not present now, `target` after the flush.
+/// Stages the leaf in `slot` (page `va`): not present now, `target` after the flush. The
+/// not-present entry keeps the frame and flags (ignored by hardware) so a later staging of a
+/// leaf staged already knows what it was; a leaf staged already stays as it is.
 fn stage(slot: Slot, va: usize, target: u64, tlb: &mut TlbFlush) {
-    slot.set((slot.get() & ADDR) | STAGED);
+    let e = slot.get();
+    if e & P != 0 {
+        slot.set((e & !P) | STAGED);
+    }
     // SAFETY: the leaf is not present now; the backend's `flush` stores `target` after every CPU
     // invalidated `va`.
     unsafe { tlb.store_after_flush(va, target) };

@@ -2,6 +2,7 @@
 //! others (IPIs).
 
 use crate::mmu::MmuError;
+use crate::sync::atomic::{fence, Ordering};
 
 /// The kernel's CPUs, for [`X86Mmu`](super::X86Mmu). The kernel implements it over its IPI
 /// layer; [`UniProcessor`] is the implementation for a kernel that runs one CPU.
@@ -23,6 +24,14 @@ pub unsafe trait Smp: Sync {
     fn current_cpu(&self) -> usize;
 
     /// CPUs online now.
+    ///
+    /// A CPU must be counted here before it can cache translations of the code window or of a
+    /// linear map: it sets its online bit (or count) with a `SeqCst` read-modify-write (on x86
+    /// a `lock`ed instruction, a full barrier), and only then flushes its TLB and runs anything
+    /// that touches those addresses. That store pairs with the `SeqCst` fence
+    /// [`X86Mmu`](super::X86Mmu) executes between its staging stores and this call (see
+    /// `others_online`): either the flushing CPU sees the new CPU and shoots it down, or the
+    /// new CPU's page walks see the staged entries.
     fn online_cpus(&self) -> usize;
 
     /// Invalidates `pages` (or everything) on every other online CPU and waits for all of them.
@@ -59,5 +68,77 @@ unsafe impl Smp for UniProcessor {
 
     fn sync_cores(&self) -> Result<(), MmuError> {
         Ok(())
+    }
+}
+
+/// Whether CPUs other than the caller are online, so a flush or a serialization round must
+/// reach them (issue 18, item 7).
+///
+/// The caller has just staged page-table entries (or written code) with plain stores. Without
+/// a fence, x86 may satisfy the load of the online count before those stores leave the store
+/// buffer (store → load reordering): a CPU coming online at that moment could count itself
+/// (`lock or`), flush its TLB and walk the old, present entry — caching a translation the
+/// flush then skips, before the final entry is stored and the frame freed. The `SeqCst` fence
+/// (`mfence`) makes the staging stores globally visible before the count is read; it pairs with
+/// the `SeqCst` read-modify-write by which a CPU comes online ([`Smp::online_cpus`]'s
+/// contract; the test kernel's `ONLINE.fetch_or` in `smp/boot.rs`), which precedes its TLB flush
+/// and first walk. Store-buffering both ways is thereby excluded: the flusher sees the new CPU,
+/// or the new CPU sees the staged entries. (`loom_` models below.)
+pub(super) fn others_online(online: impl FnOnce() -> usize) -> bool {
+    fence(Ordering::SeqCst);
+    online() > 1
+}
+
+#[cfg(all(test, loom))]
+mod loom_models {
+    use loom::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
+    use loom::sync::Arc;
+    use loom::thread;
+
+    const PRESENT: u64 = 1;
+    const STAGED: u64 = 2;
+
+    /// A flushing CPU stages an entry and decides whether to shoot down while a second CPU comes
+    /// online and walks the entry. Fails when the flush skips the shootdown although the new CPU
+    /// cached the old, present entry.
+    fn model(fenced: bool) {
+        loom::model(move || {
+            let pte = Arc::new(AtomicU64::new(PRESENT));
+            let online = Arc::new(AtomicUsize::new(1));
+            let ap = {
+                let (pte, online) = (Arc::clone(&pte), Arc::clone(&online));
+                thread::spawn(move || {
+                    // Coming online: a locked RMW (a full barrier on x86), then the TLB flush
+                    // and the first walks.
+                    online.fetch_add(1, Ordering::SeqCst);
+                    fence(Ordering::SeqCst);
+                    pte.load(Ordering::Relaxed)
+                })
+            };
+            // The staging store (a volatile store on hardware).
+            pte.store(STAGED, Ordering::Relaxed);
+            let shoot = if fenced {
+                super::others_online(|| online.load(Ordering::SeqCst))
+            } else {
+                online.load(Ordering::SeqCst) > 1
+            };
+            let cached = ap.join().unwrap();
+            assert!(
+                shoot || cached != PRESENT,
+                "a CPU came online, cached the old entry and was not shot down"
+            );
+        });
+    }
+
+    #[test]
+    fn item_07_loom_flush_reaches_a_cpu_coming_online() {
+        model(true);
+    }
+
+    /// The model catches the missed CPU when the fence is left out.
+    #[test]
+    #[should_panic(expected = "was not shot down")]
+    fn item_07_loom_flush_without_the_fence_misses_a_cpu_coming_online() {
+        model(false);
     }
 }

@@ -91,6 +91,27 @@ impl<F: PageTableFrameMapping> Tables<'_, F> {
         None
     }
 
+    /// The slots on the walk to `va`'s 4 KiB leaf: `[PML4, PDPT, PD, PT]` entries, `None` past
+    /// a non-present or huge entry.
+    pub fn path(&self, va: u64) -> [Option<Slot>; 4] {
+        let mut out = [None; 4];
+        let mut table = self.table(self.pml4);
+        for (level, slot) in out.iter_mut().enumerate() {
+            let s = Slot {
+                table,
+                index: index(va, level),
+                level,
+            };
+            *slot = Some(s);
+            let e = s.get();
+            if e & P == 0 || (level > 0 && e & PS != 0) {
+                break;
+            }
+            table = self.table(e);
+        }
+        out
+    }
+
     /// What all levels grant together for `va`: (leaf entry, writable, executable), when
     /// present.
     pub fn translate(&self, va: u64) -> Option<(u64, u64, bool, bool)> {
