@@ -100,8 +100,8 @@ fn item_21_publish_failing_to_sync_leaves_fresh_pages_writable() {
     // Retried, it publishes.
     let code = a.publish(rejected.code).unwrap();
     assert_eq!(leaf_flags(&machine, fresh), R_X);
-    a.free(code).unwrap();
-    a.free(first).unwrap();
+    free_published(&mut a, code).unwrap();
+    free_published(&mut a, first).unwrap();
     assert_sound_no_leak(&machine, &m);
 }
 
@@ -154,9 +154,9 @@ fn item_leaks_decommitting_everything_returns_the_table_frames() {
 
     let last = published.pop().unwrap();
     for code in published {
-        a.free(code).unwrap();
+        free_published(&mut a, code).unwrap();
     }
-    b.free(last).unwrap();
+    free_published(&mut b, last).unwrap();
     drop(a);
     drop(b);
     assert_eq!(m.committed(), 0);
@@ -196,7 +196,7 @@ fn item_05_retried_unmap_store_leaves_a_page_mapped_afresh_alone() {
     // The decommit's flush and the retry the next operation starts with both fail.
     machine.fail_next(CallKind::Flush, 2);
     assert!(matches!(
-        a.free(code),
+        free_published(&mut a, code),
         Err(FreeError::Decommit(CodeError::FlushFailed(_)))
     ));
     let mut w = a.allocate(PAGE).unwrap();
@@ -210,7 +210,7 @@ fn item_05_retried_unmap_store_leaves_a_page_mapped_afresh_alone() {
     w.as_mut_slice().fill(0x90);
     let code = a.publish(w).unwrap();
     assert_eq!(read(&m, page, 4), vec![0x90; 4]);
-    a.free(code).unwrap();
+    free_published(&mut a, code).unwrap();
     assert_sound_no_leak(&machine, &m);
 }
 
@@ -234,6 +234,6 @@ fn item_21_publish_failing_to_flush_leaves_fresh_pages_writable() {
     }
     let code = a.publish(rejected.code).unwrap();
     assert_eq!(leaf_flags(&machine, start), R_X);
-    a.free(code).unwrap();
+    free_published(&mut a, code).unwrap();
     assert_sound_no_leak(&machine, &m);
 }
