@@ -26,6 +26,7 @@ pub mod memory;
 pub mod percpu;
 pub mod pic;
 pub mod qemu;
+pub mod sched;
 pub mod serial;
 pub mod smp;
 pub mod stress;
