@@ -81,7 +81,7 @@ fn item_03_tasks_preempted_in_generated_code_hold_its_grace_period() {
 
 fn item_03_reporting_at_every_switch_frees_code_under_preempted_tasks() {
     // Today's rule shown unsound: the same scenario finds a version freed under a task.
-    match preempt::run(2, QuiescentRule::Switch, 30) {
+    match preempt::run(2, QuiescentRule::Switch, 20) {
         Err(e) => println!("    as expected, under today's rule: {}", first_line(&e)),
         Ok(s) => panic!(
             "no version was freed under a preempted task in {} rounds ({} preemptions in code): \

@@ -26,6 +26,7 @@ use codespace::module::{CodeModule, ModuleConfig, NewCode};
 
 use super::common::{self, call0, settle, Stop};
 use super::replace::long_running;
+use crate::catch::catch;
 use crate::code::REGISTRIES;
 use crate::sched::{self, QuiescentRule};
 use crate::smp;
@@ -121,7 +122,16 @@ pub fn run(window: usize, rule: QuiescentRule, rounds: u32) -> Result<PreemptSta
         let shared = &shared;
         let mut jobs: Vec<alloc::boxed::Box<dyn FnOnce() + Send + '_>> = Vec::new();
         for _ in 0..WORKERS {
-            jobs.push(alloc::boxed::Box::new(move || worker(shared)));
+            jobs.push(alloc::boxed::Box::new(move || {
+                // A fault here (INT3 of freed code, a decommitted page) stops the scenario at
+                // once; the scheduler would report it only when the run ends.
+                if let Err(caught) = catch(|| worker(shared)) {
+                    shared.violation(alloc::format!(
+                        "cpu {}: a worker task failed: {caught:?}",
+                        smp::current_cpu()
+                    ));
+                }
+            }));
         }
         if let Some(first) = first.lock().take().filter(|_| cpu == 0) {
             jobs.push(alloc::boxed::Box::new(move || {
@@ -232,7 +242,13 @@ fn replacer(
         }
         // Let the workers get inside the current version first.
         let deadline = Deadline::after(common::PHASE_TIMEOUT);
-        while s.inside[r as usize - 1].load(Ordering::SeqCst) == 0 && !deadline.expired() {
+        while s.inside[r as usize - 1].load(Ordering::SeqCst) == 0 {
+            if s.stop.stopped() {
+                return;
+            }
+            if deadline.expired() {
+                return s.violation(alloc::format!("no task entered version {}", r - 1));
+            }
             sched::yield_now();
         }
         let old = current;
