@@ -44,8 +44,9 @@ use crate::percpu::{current_cpu, PerCpu};
 pub(crate) use switch::{timer_stub, yield_stub};
 pub use switch::{TIMER_VECTOR, YIELD_VECTOR};
 
-/// Words of each task's stack (64 KiB: codespace calls in a debug build are deep).
-const STACK_WORDS: usize = 8 * 1024;
+/// Words of each task's stack (128 KiB: codespace calls in a debug build are deep, and
+/// interrupt and IPI handlers run on the interrupted task's stack).
+const STACK_WORDS: usize = 16 * 1024;
 /// Written at the bottom of each task stack; checked when the run ends (no guard page).
 const CANARY: u64 = 0x5CED_57AC_CA4A_4135;
 
@@ -322,6 +323,11 @@ extern "C" fn sched_switch(frame: &mut TrapFrame) -> *mut TrapFrame {
     let top = crate::catch::swap_top(q.tasks[next].catch_top);
     let rule = q.rule;
     let out = &mut q.tasks[cur];
+    // No guard page: a stack that ran over its bottom word stops the kernel here, loudly.
+    assert!(
+        out.stack.first().is_none_or(|&w| w == CANARY),
+        "sched: task {cur} overflowed its stack"
+    );
     out.frame = frame;
     out.entry_record = record;
     out.catch_top = top;

@@ -133,7 +133,7 @@ pub fn run(window: usize, rule: QuiescentRule, rounds: u32) -> Result<PreemptSta
                 }
             }));
         }
-        if let Some(first) = first.lock().take().filter(|_| cpu == 0) {
+        if let Some(first) = (cpu == 0).then(|| first.lock().take()).flatten() {
             jobs.push(alloc::boxed::Box::new(move || {
                 replacer(shared, first, rule, rounds, iterations);
                 shared.stop.stop();
