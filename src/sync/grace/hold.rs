@@ -129,7 +129,7 @@ mod tests {
     }
 
     #[test]
-    fn a_hold_keeps_open_every_grace_period_that_was_open_when_it_was_taken() {
+    fn item_03_a_hold_keeps_open_every_grace_period_that_was_open_when_it_was_taken() {
         let d = domain(2);
         rounds(&d, &[0, 1], 3);
         // A task on CPU 1 picks something up, the writer unlinks it, then the task is preempted.
@@ -223,7 +223,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failing_context_check_refuses_the_report() {
+    fn item_02_a_failing_context_check_refuses_the_report() {
         use core::sync::atomic::{AtomicBool, Ordering as O};
         static IN_HANDLER: AtomicBool = AtomicBool::new(false);
         fn task_context() -> bool {
