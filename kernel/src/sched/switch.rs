@@ -8,6 +8,7 @@
 //! the task had been interrupted at its first instruction.
 
 use core::arch::global_asm;
+use x86_64::instructions::segmentation::{Segment, CS, SS};
 use x86_64::VirtAddr;
 
 use crate::interrupts::TrapFrame;
@@ -95,15 +96,15 @@ pub(super) fn initial_frame(stack: &mut [u64], entry: extern "C" fn() -> !) -> *
     let words = core::mem::size_of::<TrapFrame>() / 8;
     // Top, 16-aligned (the stack is a `u64` slice: 8-aligned; drop one word if needed).
     let mut top = stack.len();
-    if (stack.as_ptr() as usize + top * 8) % 16 != 0 {
+    if !(stack.as_ptr() as usize + top * 8).is_multiple_of(16) {
         top -= 1;
     }
     // [top - 1]: the zero return address; the frame lies below it, 16-aligned like a CPU's.
     let frame_at = top - 2 - words;
     stack[top - 1] = 0;
     let rsp = stack.as_ptr() as u64 + (top as u64 - 1) * 8;
-    let cs: u64 = x86_64::instructions::segmentation::CS::get_reg().0.into();
-    let ss: u64 = x86_64::instructions::segmentation::SS::get_reg().0.into();
+    let cs: u64 = CS::get_reg().0.into();
+    let ss: u64 = SS::get_reg().0.into();
     let frame = TrapFrame {
         rip: entry as *const () as u64,
         cs,
@@ -113,11 +114,9 @@ pub(super) fn initial_frame(stack: &mut [u64], entry: extern "C" fn() -> !) -> *
         ..TrapFrame::default()
     };
     let ptr = stack[frame_at..].as_mut_ptr().cast::<TrapFrame>();
-    debug_assert!(ptr as usize % 16 == 0);
+    debug_assert!((ptr as usize).is_multiple_of(16));
     // SAFETY: `frame_at + words` ≤ `top - 2`: the frame lies inside `stack`, 8-aligned (a
     // `TrapFrame` is all `u64`s), and nothing else refers to those words.
     unsafe { ptr.write(frame) };
     ptr
 }
-
-use x86_64::instructions::segmentation::Segment;
