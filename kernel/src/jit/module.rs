@@ -5,8 +5,10 @@
 //! touches this file only.
 //!
 //! Replaced code is retired by the module and freed once every CPU passed a quiescent state:
-//! this glue reports one for the calling CPU whenever it knows no generated frame is on its
-//! stack (no [`enter`] active on it), and idle CPUs report from their idle loop.
+//! this glue reports one for the calling CPU whenever it knows the CPU holds nothing — task
+//! context (never an interrupt handler, which cannot know what the task it interrupted holds)
+//! and no generated frame on its stack (no [`enter`] active on it) — and idle CPUs report from
+//! their idle loop.
 //!
 //! # Concurrency
 //!

@@ -319,15 +319,17 @@ extern "C" fn sched_switch(frame: &mut TrapFrame) -> *mut TrapFrame {
         return frame;
     }
     q.stats.switches += 1;
+    // No guard page: a stack that ran over its bottom word stops the kernel here, loudly (a
+    // panic could not unwind out of this handler into the task).
+    if q.tasks[cur].stack.first().is_some_and(|&w| w != CANARY) {
+        crate::serial::force_unlock();
+        crate::println!("\nsched: cpu {cpu}: task {cur} overflowed its stack");
+        crate::exit(crate::ExitCode::Failure);
+    }
     let record = crate::jit::swap_record(q.tasks[next].entry_record);
     let top = crate::catch::swap_top(q.tasks[next].catch_top);
     let rule = q.rule;
     let out = &mut q.tasks[cur];
-    // No guard page: a stack that ran over its bottom word stops the kernel here, loudly.
-    assert!(
-        out.stack.first().is_none_or(|&w| w == CANARY),
-        "sched: task {cur} overflowed its stack"
-    );
     out.frame = frame;
     out.entry_record = record;
     out.catch_top = top;
