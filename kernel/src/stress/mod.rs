@@ -123,6 +123,7 @@ impl Totals {
 const SCENARIOS: [&str; 12] = [
     "patching",
     "replace",
+    "preempt",
     "tlb",
     "wx-publish",
     "wx-alias",
@@ -131,7 +132,6 @@ const SCENARIOS: [&str; 12] = [
     "module-api",
     "cpu-check",
     "jit",
-    "preempt",
     "mixed",
 ];
 
