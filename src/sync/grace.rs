@@ -55,6 +55,14 @@
 //!   its next voluntary switch outside generated code, when it is next switched out outside
 //!   generated code, or when it exits.
 //!
+//! A switch can only see where a task *is*. A task that keeps what it picked up across points
+//! where it may be preempted outside generated code — an address from `function_code` it calls
+//! later, a pointer from a lookup — takes a hold itself, with preemption off, before the lookup
+//! and drops it after the last use (a preemptible read-side section, as `rcu_read_lock` under
+//! preemptible RCU). Generated code the scheduler should recognise by more than its RIP (it
+//! calls out into kernel functions) is entered through a per-task entry record the scheduler
+//! can read, as the test kernel's `jit::enter`.
+//!
 //! Holds extend the protocol: `hold(cpu)` reads `a = announced[cpu]` (the epoch of the CPU's
 //! last quiescent state, which precedes everything the task picked up on this CPU) and counts
 //! it in `holds[a % 2]`; `advance()` from `g` also requires `holds[(g - 1) % 2] == 0`. A hold of
@@ -122,6 +130,7 @@ impl core::fmt::Debug for GraceDomain {
         f.debug_struct("GraceDomain")
             .field("epoch", &self.epoch())
             .field("limit", &self.limit.load(Ordering::Relaxed))
+            .field("holds", &self.holds())
             .finish_non_exhaustive()
     }
 }
@@ -355,7 +364,8 @@ impl GraceDomain {
     }
 
     /// The first online CPU that has not announced the current epoch, if any: who a grace
-    /// period is waiting for (diagnostics).
+    /// period is waiting for (diagnostics). `None` while outstanding [`GraceHold`]s
+    /// ([`holds`](Self::holds)) keep the epoch: then it waits for preempted tasks.
     #[must_use]
     pub fn waiting_for(&self) -> Option<usize> {
         let g = self.epoch.load(Ordering::SeqCst);

@@ -22,6 +22,11 @@
 //! - [`QuiescentRule::Switch`] ("today's rule": report between tasks and nothing else), kept to
 //!   show the hazard: the code a preempted task is inside can be freed before it resumes.
 //!
+//! Generated code called directly (not through `jit::enter`) is recognised by its RIP only, so
+//! it must not call out into kernel functions; and a task that keeps a code address or lookup
+//! result across possible preemption outside generated code takes a `GraceHold` itself (see
+//! `codespace::sync::grace`).
+//!
 //! Tasks run with interrupts on and may use codespace (its locks are held with interrupts off,
 //! so a switch never parks a lock holder); a spin lock held with interrupts on only makes the
 //! other tasks spin until the next tick. The work framework's NMI never stops a CPU whose

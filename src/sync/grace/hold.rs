@@ -8,7 +8,8 @@ use crate::sync::atomic::Ordering;
 /// (preempted inside generated code, or between a lookup and its last use).
 ///
 /// Taken by the scheduler with [`GraceDomain::hold`] on the CPU the task ran on, *before* that
-/// CPU reports its next quiescent state, and kept in the task. No grace period that was open
+/// CPU reports its next quiescent state, and kept in the task (or by a task itself, with
+/// preemption off, before a lookup whose result it keeps across possible preemption). No grace period that was open
 /// when it was taken ends while it exists; dropping it releases it. Drop it once the task holds
 /// nothing again: at its next voluntary switch outside generated code, when it is next switched
 /// out outside generated code, or when it exits. A hold that is never dropped (leaked with
