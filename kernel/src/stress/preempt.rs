@@ -26,7 +26,7 @@ use codespace::module::{CodeModule, ModuleConfig, NewCode};
 
 use super::common::{self, call0, settle, Stop};
 use super::replace::long_running;
-use crate::catch::catch;
+use crate::catch::{catch, Caught};
 use crate::code::REGISTRIES;
 use crate::sched::{self, QuiescentRule};
 use crate::smp;
@@ -126,8 +126,13 @@ pub fn run(window: usize, rule: QuiescentRule, rounds: u32) -> Result<PreemptSta
                 // A fault here (INT3 of freed code, a decommitted page) stops the scenario at
                 // once; the scheduler would report it only when the run ends.
                 if let Err(caught) = catch(|| worker(shared)) {
+                    let why = match caught {
+                        Caught::Fault(info) => alloc::format!("{info}"),
+                        Caught::Panic(msg) => String::from(msg.as_str()),
+                        Caught::Stopped => String::from("stopped"),
+                    };
                     shared.violation(alloc::format!(
-                        "cpu {}: a worker task failed: {caught:?}",
+                        "cpu {}: a worker task failed: {why}",
                         smp::current_cpu()
                     ));
                 }
