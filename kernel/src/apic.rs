@@ -5,7 +5,8 @@
 //! [`crate::layout::make_uncached`] before the first access (device registers must not be cached
 //! or combined).
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::time::Duration;
 use x86_64::registers::model_specific::Msr;
 
 use crate::memory::PHYS_OFFSET;
@@ -25,6 +26,13 @@ const REG_LVT_TIMER: usize = 0x320;
 const REG_LVT_LINT0: usize = 0x350;
 const REG_LVT_LINT1: usize = 0x360;
 const REG_LVT_ERROR: usize = 0x370;
+const REG_TIMER_INITIAL: usize = 0x380;
+const REG_TIMER_CURRENT: usize = 0x390;
+const REG_TIMER_DIVIDE: usize = 0x3E0;
+
+/// Divide configuration 0b0011: the timer counts at the APIC bus clock / 16.
+const TIMER_DIVIDE_16: u32 = 0b0011;
+const LVT_TIMER_PERIODIC: u32 = 1 << 17;
 
 const LVT_MASKED: u32 = 1 << 16;
 const SVR_ENABLE: u32 = 1 << 8;
@@ -42,6 +50,10 @@ pub const SPURIOUS_VECTOR: u8 = 0xFF;
 
 /// Virtual address of the local APIC registers; 0 until [`init`].
 static BASE: AtomicU64 = AtomicU64::new(0);
+
+/// Each CPU's timer rate (counts per millisecond at divide 16), measured against the PIT when
+/// the CPU came up ([`calibrate_timer`]); 0 before.
+static TIMER_PER_MS: crate::percpu::PerCpu<AtomicU32> = crate::per_cpu!(AtomicU32::new(0));
 
 /// Why the local APIC cannot be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,4 +181,51 @@ pub(crate) fn send_init(apic_id: u32) {
 /// Sends a start-up IPI: the AP starts in real mode at physical address `page << 12`.
 pub(crate) fn send_startup(apic_id: u32, page: u8) {
     command(apic_id, DELIVERY_STARTUP | u32::from(page));
+}
+
+/// Measures this CPU's APIC timer against PIT channel 2 (10 ms) and remembers its rate. Runs on
+/// each CPU as it comes up, while no other CPU uses the PIT: the boot CPU before it starts the
+/// APs, each AP before it says it is online (the boot CPU only waits for that meanwhile).
+pub(crate) fn calibrate_timer() {
+    const MS: u64 = 10;
+    write(REG_LVT_TIMER, LVT_MASKED);
+    write(REG_TIMER_DIVIDE, TIMER_DIVIDE_16);
+    write(REG_TIMER_INITIAL, u32::MAX);
+    // The timer counts down: the complement counts up.
+    let counted = crate::time::pit_window(MS, || u64::from(!read(REG_TIMER_CURRENT)));
+    write(REG_TIMER_INITIAL, 0);
+    let per_ms = (counted / MS).clamp(1, u64::from(u32::MAX)) as u32;
+    TIMER_PER_MS.this().store(per_ms, Ordering::SeqCst);
+}
+
+/// This CPU's APIC timer counts per millisecond (0 before [`calibrate_timer`] ran on it).
+#[must_use]
+pub fn timer_per_ms() -> u32 {
+    TIMER_PER_MS.this().load(Ordering::SeqCst)
+}
+
+/// Timer counts for `d` on this CPU (at least 1).
+fn timer_counts(d: Duration) -> u32 {
+    let per_ms = u64::from(timer_per_ms().max(1));
+    (d.as_micros() as u64 * per_ms / 1000).clamp(1, u64::from(u32::MAX)) as u32
+}
+
+/// Starts this CPU's APIC timer: interrupt `vector` every `period`, until [`stop_timer`].
+pub fn start_periodic_timer(vector: u8, period: Duration) {
+    write(REG_TIMER_DIVIDE, TIMER_DIVIDE_16);
+    write(REG_LVT_TIMER, LVT_TIMER_PERIODIC | u32::from(vector));
+    write(REG_TIMER_INITIAL, timer_counts(period));
+}
+
+/// Arms this CPU's APIC timer for one interrupt `vector` after `delay`.
+pub fn one_shot_timer(vector: u8, delay: Duration) {
+    write(REG_TIMER_DIVIDE, TIMER_DIVIDE_16);
+    write(REG_LVT_TIMER, u32::from(vector));
+    write(REG_TIMER_INITIAL, timer_counts(delay));
+}
+
+/// Stops and masks this CPU's APIC timer.
+pub fn stop_timer() {
+    write(REG_LVT_TIMER, LVT_MASKED);
+    write(REG_TIMER_INITIAL, 0);
 }

@@ -222,6 +222,13 @@ impl CatchPoint {
     }
 }
 
+/// This CPU's chain of catch frames, replaced by `top` (an address from an earlier swap, or 0
+/// for none): the scheduler's switch saves the outgoing task's chain and installs the incoming
+/// one's, so a failure unwinds within the task that raised it. Interrupts off, on this CPU.
+pub(crate) fn swap_top(top: usize) -> usize {
+    TOP.this().swap(top as *mut CatchFrame, Ordering::SeqCst) as usize
+}
+
 /// The catch frame that is innermost now (call from inside the closure given to [`catch`]).
 pub(crate) fn innermost() -> Option<CatchPoint> {
     let top = usable_top();

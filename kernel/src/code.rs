@@ -15,8 +15,20 @@ use crate::irq_spin::IrqSpin;
 use crate::memory::{self, FrameBitmap, PHYS_MAPPED_LIMIT, PHYS_OFFSET};
 
 /// The grace domain of all generated code: CPUs report quiescent states here (the test
-/// framework between tests, idle CPUs in their idle loop).
-pub static GRACE: GraceDomain = GraceDomain::new().with_interrupt_control(X86_INTERRUPTS);
+/// framework between tests, idle CPUs in their idle loop, the scheduler at every switch, with
+/// a hold for a task it preempted inside generated code). Reports from interrupt handlers are
+/// refused ([`task_context`]).
+pub static GRACE: GraceDomain = GraceDomain::new()
+    .with_interrupt_control(X86_INTERRUPTS)
+    .with_context_check(task_context);
+
+/// The grace domain's context check: quiescent states are reported from task context only,
+/// never from an interrupt or exception handler, which cannot know what the code it
+/// interrupted holds (a lookup result, an address from `function_code`, a return into
+/// generated code).
+fn task_context() -> bool {
+    !crate::interrupts::in_interrupt()
+}
 
 /// Trap table and PC lookup of all generated code; the page-fault path looks faults up here.
 pub static REGISTRIES: Registries = Registries::new(&GRACE).with_interrupt_control(X86_INTERRUPTS);
@@ -160,13 +172,17 @@ fn idle_quiescent(cpu: usize) {
 /// The calling CPU holds no reference from a trap-table or PC lookup and is not executing, or
 /// about to return into, generated code (no call into generated code is on its stack).
 pub unsafe fn quiescent() {
-    let cpu = smp().current_cpu();
-    // SAFETY: the caller's contract (twice: nothing changes for the caller in between).
-    unsafe { GRACE.quiescent(cpu) };
-    GRACE.try_advance();
-    // SAFETY: as above.
-    unsafe { GRACE.quiescent(cpu) };
-    GRACE.try_advance();
+    // Interrupts off: a report preempted between its epoch load and its store would store an
+    // old epoch after the scheduler's newer one (a task's report must not be split by a switch).
+    x86_64::instructions::interrupts::without_interrupts(|| {
+        let cpu = smp().current_cpu();
+        // SAFETY: the caller's contract (twice: nothing changes for the caller in between).
+        unsafe { GRACE.quiescent(cpu) };
+        GRACE.try_advance();
+        // SAFETY: as above.
+        unsafe { GRACE.quiescent(cpu) };
+        GRACE.try_advance();
+    });
 }
 
 /// Waits until everything retired before the call can be freed: reports the calling CPU

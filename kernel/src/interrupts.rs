@@ -160,6 +160,9 @@ static DEPTH: PerCpu<AtomicU32> = crate::per_cpu!(AtomicU32::new(0));
 /// each CPU. A `catch` frame only catches a failure raised at the atomic depth it was set up at:
 /// unwinding out of a half-serviced request would leave its sender waiting for ever.
 static ATOMIC: PerCpu<AtomicU32> = crate::per_cpu!(AtomicU32::new(0));
+/// How many interrupt handlers (legacy IRQs, NMIs, the scheduler's tick hook) are running on
+/// each CPU (only that CPU writes its slot). With `DEPTH` and `ATOMIC`: [`in_interrupt`].
+static IRQ_DEPTH: PerCpu<AtomicU32> = crate::per_cpu!(AtomicU32::new(0));
 static IDT: Once<InterruptDescriptorTable> = Once::new();
 
 /// Installs the fixup consulted first for every exception (the trap table's hook), or removes it.
@@ -196,6 +199,23 @@ pub(crate) fn interrupted_handler(frame: &TrapFrame) -> bool {
         &raw const isr_text_end as u64,
     );
     depth() != 0 || atomic_depth() != 0 || (start..end).contains(&frame.rip)
+}
+
+/// Whether the calling code runs inside an interrupt or exception handler on this CPU (an
+/// exception, an IPI or mailbox service, a legacy IRQ, an NMI, the scheduler's tick hook):
+/// code that cannot know what the context it interrupted holds, so it never reports a
+/// quiescent state (the grace domain's context check, see `code::GRACE`).
+#[must_use]
+pub fn in_interrupt() -> bool {
+    depth() != 0 || atomic_depth() != 0 || IRQ_DEPTH.this().load(Ordering::SeqCst) != 0
+}
+
+/// Runs `f` as an interrupt handler of this CPU (see [`in_interrupt`]).
+pub(crate) fn as_interrupt<R>(f: impl FnOnce() -> R) -> R {
+    IRQ_DEPTH.this().fetch_add(1, Ordering::SeqCst);
+    let r = f();
+    IRQ_DEPTH.this().fetch_sub(1, Ordering::SeqCst);
+    r
 }
 
 /// Runs `f` as an atomic context of this CPU (see `ATOMIC`).
@@ -348,6 +368,10 @@ pub fn init() {
             for v in [IPI_VECTOR, crate::apic::SPURIOUS_VECTOR] {
                 idt[v].set_handler_addr(stub(usize::from(v)));
             }
+            // The scheduler's timer tick and voluntary switch: their own entry (it switches
+            // stacks), see `sched`.
+            idt[crate::sched::TIMER_VECTOR].set_handler_addr(crate::sched::timer_stub());
+            idt[crate::sched::YIELD_VECTOR].set_handler_addr(crate::sched::yield_stub());
         }
         idt
     });
@@ -370,7 +394,7 @@ extern "C" fn exception_dispatch(frame: &mut TrapFrame) {
         return; // no EOI for a spurious APIC interrupt
     }
     if vector == NMI {
-        crate::smp::nmi(frame);
+        as_interrupt(|| crate::smp::nmi(frame));
         return;
     }
     if vector >= IRQ_BASE {
@@ -379,7 +403,7 @@ extern "C" fn exception_dispatch(frame: &mut TrapFrame) {
         if handler != 0 {
             // SAFETY: only `set_irq_handler` stores here, and it stores `IrqHandler` values.
             let handler: IrqHandler = unsafe { core::mem::transmute::<usize, IrqHandler>(handler) };
-            handler(frame);
+            as_interrupt(|| handler(frame));
         }
         crate::pic::end_of_interrupt(irq);
         return;

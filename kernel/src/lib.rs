@@ -1,6 +1,6 @@
 //! The codespace test kernel: Multiboot boot, serial console, GDT/IDT with a frame-editing fault
-//! path, frame allocator, heap, W^X kernel mappings, every CPU of the machine (`smp`), and a
-//! libtest-shaped test framework over serial.
+//! path, frame allocator, heap, W^X kernel mappings, every CPU of the machine (`smp`), a small
+//! preemptive scheduler (`sched`), and a libtest-shaped test framework over serial.
 //!
 //! Every binary of this crate (the demo, `tests/*.rs`, examples) is a kernel: it names its main
 //! function with [`entry_point!`] (or lists tests with [`kernel_tests!`]) and `cargo run` / `cargo
@@ -26,6 +26,7 @@ pub mod memory;
 pub mod percpu;
 pub mod pic;
 pub mod qemu;
+pub mod sched;
 pub mod serial;
 pub mod smp;
 pub mod stress;

@@ -26,10 +26,19 @@ pub fn rdtsc() -> u64 {
 /// output never rises. Only on the boot CPU with nothing running beside it (boot, the
 /// benchmarks), so nothing else touches the PIT ports.
 pub(crate) fn pit_ticks(ms: u64) -> u64 {
+    pit_window(ms, rdtsc)
+}
+
+/// How much `counter` (an increasing count: the TSC, a local APIC timer's complement) grows
+/// during `ms` (at most 54) milliseconds of PIT channel 2, sampled right after the PIT starts
+/// and when its output rises; bounded by ~2^31 TSC ticks should it never rise. Only where no
+/// other CPU uses the PIT ports: the boot CPU with nothing running beside it, or a CPU coming
+/// up while the boot CPU waits for it.
+pub(crate) fn pit_window(ms: u64, counter: impl Fn() -> u64) -> u64 {
     const PIT_HZ: u64 = 1_193_182;
     let latch = (PIT_HZ * ms / 1000) as u16;
     // SAFETY: ports 0x61 and 0x42/0x43 drive PIT channel 2 and its gate; only this function
-    // uses them, on the boot CPU with nothing running beside (its contract above).
+    // uses them, never on two CPUs at once (its contract above).
     unsafe {
         let mut gate = Port::<u8>::new(0x61);
         let mut cmd = Port::<u8>::new(0x43);
@@ -40,11 +49,12 @@ pub(crate) fn pit_ticks(ms: u64) -> u64 {
         ch2.write(latch as u8);
         ch2.write((latch >> 8) as u8);
         let t0 = rdtsc();
+        let c0 = counter();
         // Bounded: should OUT2 never rise, give up after ~2^31 TSC ticks.
         while gate.read() & 0x20 == 0 && rdtsc() - t0 < 1 << 31 {}
-        let t1 = rdtsc();
+        let c1 = counter();
         gate.write(saved);
-        t1 - t0
+        c1.wrapping_sub(c0)
     }
 }
 

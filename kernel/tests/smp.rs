@@ -203,11 +203,15 @@ fn hung_work_times_out_by_cpu_and_the_cpu_recovers() {
         return;
     }
     let target = last_cpu();
-    // Interrupts off on the hung CPU too: only the NMI reaches it.
+    // Interrupts off on the hung CPU for a while too: only the NMI reaches it, and it stops
+    // the work only once interrupts are back on (interrupts-off code may hold codespace's locks
+    // or run on the private poke address space; see `smp::work::stoppable`, issue 18 item 10).
     for interrupts_off in [false, true] {
         let err = smp::run_on_timeout(target, Duration::from_secs(1), || {
             if interrupts_off {
-                x86_64::instructions::interrupts::disable();
+                x86_64::instructions::interrupts::without_interrupts(|| {
+                    codespace_kernel::time::spin_for(Duration::from_millis(1500));
+                });
             }
             loop {
                 core::hint::spin_loop();

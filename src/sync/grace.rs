@@ -34,6 +34,45 @@
 //!
 //! A CPU marked offline is ignored; [`cpu_online`](GraceDomain::cpu_online) announces the
 //! current epoch, which is as good as a quiescent state: the CPU held nothing while offline.
+//!
+//! # Preemptive kernels: per-task holds
+//!
+//! A CPU is quiescent when *it* holds nothing; in a preemptive kernel a task can hold something
+//! without running: a timer tick that preempts a task inside generated code (or a jump table,
+//! or between a lookup and its use) and switches to another task leaves the preempted task's
+//! return into that code pending. Reporting the CPU quiescent at that switch ("from the
+//! scheduler between tasks") would let the code be freed under the task — why Linux added
+//! RCU-Tasks for trampolines. The rule for preemptive kernels:
+//!
+//! - Report a CPU quiescent only where the CPU itself holds nothing: the idle loop, a task
+//!   switch, the end of a system call; never from an interrupt handler (a kernel that installs a
+//!   [context check](GraceDomain::with_context_check) has such reports refused, not taken).
+//! - At a switch, a task switched out while it may hold something (preempted inside generated
+//!   code: saved PC in the code window, or a call into generated code still on its stack) first
+//!   gets a [`GraceHold`] ([`GraceDomain::hold`]), kept in the task. The hold stands in for the
+//!   task: no grace period that was still open when the hold was taken can end while it is
+//!   outstanding. Dropping the hold releases it: do that once the task holds nothing again — at
+//!   its next voluntary switch outside generated code, when it is next switched out outside
+//!   generated code, or when it exits.
+//!
+//! A switch can only see where a task *is*. A task that keeps what it picked up across points
+//! where it may be preempted outside generated code — an address from `function_code` it calls
+//! later, a pointer from a lookup — takes a hold itself, with preemption off, before the lookup
+//! and drops it after the last use (a preemptible read-side section, as `rcu_read_lock` under
+//! preemptible RCU). Generated code the scheduler should recognise by more than its RIP (it
+//! calls out into kernel functions) is entered through a per-task entry record the scheduler
+//! can read, as the test kernel's `jit::enter`.
+//!
+//! Holds extend the protocol: `hold(cpu)` reads `a = announced[cpu]` (the epoch of the CPU's
+//! last quiescent state, which precedes everything the task picked up on this CPU) and counts
+//! it in `holds[a % 2]`; `advance()` from `g` also requires `holds[(g - 1) % 2] == 0`. A hold of
+//! `a` thus keeps the epoch at or below `a + 1` — exactly what the CPU's own slot would do had
+//! it never announced again — so the argument above applies unchanged, with the hold in the
+//! place of the CPU's next announcement. Two counters suffice: an online CPU's `announced` is
+//! `g - 1` or `g` (the epoch left `g - 1` only after every online CPU announced it), so a hold is
+//! taken at `g - 1` or `g`, and the epoch cannot pass `a + 1` while it stands: outstanding holds
+//! always have one of two adjacent epochs, told apart by parity. See [`hold`](GraceDomain::hold)
+//! for the orderings.
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -52,6 +91,13 @@ pub const MAX_CPUS: usize = 3;
 
 /// `announced` value of a CPU that takes part in no grace period.
 const OFFLINE: u64 = u64::MAX;
+
+mod hold;
+pub use hold::GraceHold;
+
+/// Answers whether the caller runs where a quiescent state may be reported (task context: no
+/// interrupt or exception handler active); see [`GraceDomain::with_context_check`].
+pub type ContextCheck = fn() -> bool;
 
 /// Proof of when something was unlinked; see [`GraceDomain::defer`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -84,6 +130,12 @@ pub struct GraceDomain {
     /// One past the highest CPU index that may be online: the scan bound of `advance`.
     limit: CachePadded<AtomicUsize>,
     announced: [CachePadded<AtomicU64>; MAX_CPUS],
+    /// Outstanding [`GraceHold`]s by the parity of the epoch they hold (see the module docs).
+    holds: [CachePadded<AtomicU64>; 2],
+    /// The kernel's check that a caller of `quiescent` is in task context, if it gave one.
+    context_check: Option<ContextCheck>,
+    /// Reports `quiescent` refused because the context check failed.
+    refused: AtomicU64,
 }
 
 impl core::fmt::Debug for GraceDomain {
@@ -91,6 +143,7 @@ impl core::fmt::Debug for GraceDomain {
         f.debug_struct("GraceDomain")
             .field("epoch", &self.epoch())
             .field("limit", &self.limit.load(Ordering::Relaxed))
+            .field("holds", &self.holds())
             .finish_non_exhaustive()
     }
 }
@@ -114,6 +167,9 @@ impl GraceDomain {
             pending: AtomicUsize::new(0),
             limit: CachePadded(AtomicUsize::new(MAX_CPUS)),
             announced: [const { CachePadded(AtomicU64::new(0)) }; MAX_CPUS],
+            holds: [const { CachePadded(AtomicU64::new(0)) }; 2],
+            context_check: None,
+            refused: AtomicU64::new(0),
         }
     }
 
@@ -128,6 +184,9 @@ impl GraceDomain {
             pending: AtomicUsize::new(0),
             limit: CachePadded(AtomicUsize::new(MAX_CPUS)),
             announced: core::array::from_fn(|_| CachePadded(AtomicU64::new(0))),
+            holds: core::array::from_fn(|_| CachePadded(AtomicU64::new(0))),
+            context_check: None,
+            refused: AtomicU64::new(0),
         }
     }
 
@@ -152,6 +211,27 @@ impl GraceDomain {
         self
     }
 
+    /// Installs the kernel's check of where quiescent states may be reported: `check()` returns
+    /// `true` in task context (no interrupt, exception or NMI handler active on the calling CPU)
+    /// and `false` elsewhere. [`quiescent`](Self::quiescent) then refuses a report from the wrong
+    /// place: it announces nothing (the safe direction: a grace period waits longer) and counts
+    /// the refusal ([`refused_reports`](Self::refused_reports)). A handler cannot know what the
+    /// code it interrupted holds — a lookup result, an address from `function_code`, a return
+    /// into generated code — so a report from there could end a grace period under it.
+    ///
+    /// `check` must be cheap (it runs on every report) and callable from any context.
+    #[must_use]
+    pub const fn with_context_check(mut self, check: ContextCheck) -> Self {
+        self.context_check = Some(check);
+        self
+    }
+
+    /// Quiescent-state reports refused by the [context check](Self::with_context_check).
+    #[must_use]
+    pub fn refused_reports(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
     /// Takes CPU indices `n..MAX_CPUS` offline, so grace periods wait for CPUs `0..n` only.
     ///
     /// # Safety
@@ -168,7 +248,14 @@ impl GraceDomain {
     /// Brings `cpu` into the domain (again): it counts as having just passed a quiescent state.
     /// Call it on `cpu` before it runs lookups or generated code. Out-of-range indices are
     /// ignored (such a CPU must not use codespace).
-    pub fn cpu_online(&self, cpu: usize) {
+    ///
+    /// # Safety
+    /// Announcing for a CPU ends the grace periods it took part in, exactly as
+    /// [`quiescent`](Self::quiescent) does: `cpu` holds no reference from a lookup of a structure
+    /// this domain protects and is not executing, or about to return into, code freed through
+    /// it. Calling it on `cpu` itself while it comes online (it held nothing while offline)
+    /// satisfies this; calling it for another CPU that is running does not.
+    pub unsafe fn cpu_online(&self, cpu: usize) {
         let Some(slot) = self.announced.get(cpu) else {
             return;
         };
@@ -191,12 +278,28 @@ impl GraceDomain {
     /// Reports that `cpu` passed a quiescent state. One load and one store to the CPU's own
     /// cache line, plus a fence: cheap enough for every idle-loop iteration.
     ///
+    /// Where to call it: the idle loop, a task switch, the end of a system call — never an
+    /// interrupt handler, which cannot know what the code it interrupted holds. With a
+    /// [context check](Self::with_context_check) installed, a report from where the check fails
+    /// is refused (nothing is announced). In a preemptive kernel, a switch reports the CPU
+    /// quiescent only after the task it switches away from got a [`GraceHold`] if it may hold
+    /// something (see [`hold`](Self::hold) and the module docs).
+    ///
     /// # Safety
     /// The caller runs on CPU `cpu`, and that CPU is quiescent: it holds no reference obtained
     /// from a lookup of a structure this domain protects (it is not inside such a lookup,
-    /// including one it interrupted), and it is not executing — nor will it return into — code
-    /// freed through this domain. Reporting too early lets memory be freed under a reader.
+    /// including one it interrupted: the caller is not an interrupt handler), and it is not
+    /// executing — nor will it return into — code freed through this domain. A task the CPU
+    /// switched away from since its last report and that may hold such a reference or return
+    /// into such code (it was preempted inside generated code) has a [`GraceHold`] taken on this
+    /// CPU before this call. Reporting too early lets memory be freed under a reader.
     pub unsafe fn quiescent(&self, cpu: usize) {
+        if let Some(check) = self.context_check {
+            if !check() {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
         if let Some(slot) = self.announced.get(cpu) {
             slot.store(self.epoch.load(Ordering::SeqCst), Ordering::SeqCst);
             // Orders this announcement before every load of the CPU's next read-side section:
@@ -238,6 +341,12 @@ impl GraceDomain {
             a != OFFLINE && a != g
         });
         if behind {
+            return false;
+        }
+        // Holds of `g - 1` keep the epoch at `g` (module docs). Read after the slots: a hold is
+        // counted before its CPU's next announcement (both `SeqCst`), so an advancer that saw
+        // that announcement sees the hold too; one that saw the older announcement stopped above.
+        if g > 0 && self.holds[((g - 1) & 1) as usize].load(Ordering::SeqCst) != 0 {
             return false;
         }
         // A failed exchange means another caller advanced from `g`: progress all the same.
@@ -300,7 +409,8 @@ impl GraceDomain {
     }
 
     /// The first online CPU that has not announced the current epoch, if any: who a grace
-    /// period is waiting for (diagnostics).
+    /// period is waiting for (diagnostics). `None` while outstanding [`GraceHold`]s
+    /// ([`holds`](Self::holds)) keep the epoch: then it waits for preempted tasks.
     #[must_use]
     pub fn waiting_for(&self) -> Option<usize> {
         let g = self.epoch.load(Ordering::SeqCst);
@@ -357,8 +467,11 @@ mod tests {
         unsafe { d.cpu_offline(1) };
         rounds(&d, &[0], 2);
         assert!(d.is_over(t));
-        d.cpu_online(1);
-        d.cpu_online(5);
+        // SAFETY: the test's CPUs hold nothing of the domain's.
+        unsafe {
+            d.cpu_online(1);
+            d.cpu_online(5);
+        }
         let t2 = d.defer();
         rounds(&d, &[0], 4);
         assert!(!d.is_over(t2), "CPUs 1 and 5 are back and must report");
@@ -427,7 +540,8 @@ mod tests {
     #[test]
     fn out_of_range_cpus_are_ignored() {
         let d = domain(1);
-        d.cpu_online(MAX_CPUS);
+        // SAFETY: an out-of-range index is ignored; nothing is announced.
+        unsafe { d.cpu_online(MAX_CPUS) };
         unsafe {
             d.quiescent(MAX_CPUS + 7);
             d.cpu_offline(usize::MAX);

@@ -161,6 +161,14 @@ pub fn active_on(cpu: usize) -> bool {
     ENTRY_SP[cpu].0.load(Ordering::SeqCst) != 0
 }
 
+/// This CPU's entry record, replaced by `record`: the scheduler's switch saves the outgoing
+/// task's record and installs the incoming one's, so each task unwinds to its own [`enter`]
+/// (a task switched out inside generated code keeps its record, not the CPU). Interrupts off,
+/// on the CPU that owns the record.
+pub(crate) fn swap_record(record: usize) -> usize {
+    ENTRY_SP[current_cpu()].0.swap(record, Ordering::SeqCst)
+}
+
 /// Where every landing pad jumps: the stub that unwinds to the innermost [`enter`].
 #[must_use]
 pub fn trap_landing_address() -> usize {

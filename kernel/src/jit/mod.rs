@@ -38,6 +38,7 @@ pub mod stack;
 mod tier;
 
 pub use compile::{CompiledFunction, Compiler, HostFunction, Linkage, HOST, MODULE};
+pub(crate) use enter::swap_record;
 pub use enter::{active, active_on, enter, trap_landing_address, Trap};
 pub use error::JitError;
 pub use isa::{frontend_config, isa, OptLevel};

@@ -5,8 +5,10 @@
 //! touches this file only.
 //!
 //! Replaced code is retired by the module and freed once every CPU passed a quiescent state:
-//! this glue reports one for the calling CPU whenever it knows no generated frame is on its
-//! stack (no [`enter`] active on it), and idle CPUs report from their idle loop.
+//! this glue reports one for the calling CPU whenever it knows the CPU holds nothing — task
+//! context (never an interrupt handler, which cannot know what the task it interrupted holds)
+//! and no generated frame on its stack (no [`enter`] active on it) — and idle CPUs report from
+//! their idle loop.
 //!
 //! # Concurrency
 //!
@@ -193,16 +195,21 @@ impl<M: Mmu + Send + 'static> JitModule<M> {
         }
     }
 
-    /// Frees replaced code whose grace period is over. Reports this CPU quiescent first when no
-    /// [`enter`] is active on it (no generated frame on its stack); from inside generated code
-    /// (an interrupt handler, a host function) it only frees what other reports allow. Returns
-    /// how many objects were freed. Other CPUs' calls are unaffected: code they may be running
-    /// is freed only once they, too, reported a quiescent state.
+    /// Frees replaced code whose grace period is over. Reports this CPU quiescent first, but
+    /// only where the CPU holds nothing: task context (no interrupt or exception handler active
+    /// on this CPU: a handler cannot know that the task it interrupted holds nothing — it may
+    /// hold a [`lookup`](Self::lookup) result or a [`code`](Self::code) address, or be inside
+    /// generated code) and no [`enter`] active (no generated frame on its stack). Elsewhere it
+    /// only frees what other reports allow. The caller itself must not hold a `code` address it
+    /// will still call (calling one is `unsafe`, under that contract). Returns how many
+    /// objects were freed. Other CPUs' calls are unaffected: code they may be running is freed
+    /// only once they, too, reported a quiescent state.
     pub fn reclaim(&self) -> usize {
-        if !enter::active() {
-            // SAFETY: no call into generated code is active on this CPU (its entry record is
-            // empty; no context migrates between CPUs here) and the glue holds no reference from
-            // a lookup here.
+        if reclaim_may_report() {
+            // SAFETY: task context with no call into generated code active on this CPU (its
+            // entry record is empty; no context migrates between CPUs here), and the glue holds
+            // no reference from a lookup here. A task the scheduler switched away from inside
+            // generated code has a hold (see `sched`).
             unsafe { crate::code::quiescent() };
         }
         self.module.reclaim().unwrap_or(0)
@@ -307,6 +314,13 @@ impl<M: Mmu + Send + 'static> JitModule<M> {
         all[1..=n].copy_from_slice(args);
         self.call(index, &all[..=n])
     }
+}
+
+/// Whether [`JitModule::reclaim`] may report this CPU quiescent: task context (no interrupt
+/// handler: issue 18's item 2 — a timer tick that reclaimed used to report for the task it
+/// interrupted) and no [`enter`] active.
+fn reclaim_may_report() -> bool {
+    !crate::interrupts::in_interrupt() && !enter::active()
 }
 
 /// codespace's refusal as a glue error, naming "larger than a code space" on its own.

@@ -261,6 +261,8 @@ extern "C" fn ap_main() -> ! {
         park();
     }
     apic::enable_local(false);
+    // The boot CPU only waits for ONLINE meanwhile: the PIT is this CPU's (see `apic`).
+    apic::calibrate_timer();
     // Online first, then flush: see the ipi module ("CPUs coming online").
     ONLINE.fetch_or(1 << cpu, Ordering::SeqCst);
     x86_64::instructions::tlb::flush_all();

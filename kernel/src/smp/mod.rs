@@ -96,7 +96,11 @@ impl fmt::Display for CpuPrefix {
 pub(crate) fn init(boot: &crate::BootInfo) {
     work::close_boot_cpu_slot();
     match crate::apic::init() {
-        Ok(_) => APIC_IDS[0].store(crate::apic::id(), Ordering::Relaxed),
+        Ok(_) => {
+            APIC_IDS[0].store(crate::apic::id(), Ordering::Relaxed);
+            // Before any AP starts: the PIT is the boot CPU's alone.
+            crate::apic::calibrate_timer();
+        }
         Err(why) => {
             crate::println!("smp: no usable local APIC ({why:?}); running on one CPU");
             return;

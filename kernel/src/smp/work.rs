@@ -13,9 +13,10 @@
 //! outcome; each hand-over is a Release store read with Acquire. The worker runs the job inside
 //! `catch`, so a panic or an unhandled fault ends the job, not the CPU, and the CPU goes back to
 //! its idle loop. A job past its deadline is stopped with an NMI whose handler returns into that
-//! `catch` — only at a point where the worker holds nothing shared (no exception or IPI handler,
-//! no mailbox service, no serial or heap lock); the owner re-sends the NMI until it lands, and
-//! stops the kernel if it cannot within [`STOP_GRACE`]. The owner never returns while a worker may
+//! `catch` — only at a point where the worker holds nothing shared (interrupts were on where it
+//! was interrupted: every codespace critical section, like the serial and heap locks, runs with
+//! them off; no exception or IPI handler, no mailbox service; see [`stoppable`]); the owner
+//! re-sends the NMI until it lands, and stops the kernel if it cannot within [`STOP_GRACE`]. The owner never returns while a worker may
 //! still call its closure, so the borrow is sound.
 
 use alloc::string::String;
@@ -355,20 +356,38 @@ pub(crate) fn idle_loop(cpu: usize) -> ! {
 }
 
 /// The NMI handler: stops this CPU's job when its owner asked and the interrupted code holds
-/// nothing shared. Any other NMI is ignored.
+/// nothing shared (see [`stoppable`]). Any other NMI is ignored.
 pub(crate) fn nmi(frame: &mut TrapFrame) {
     let slot = SLOTS.this();
     if !slot.stop.load(Ordering::SeqCst) {
         return;
     }
     let point = slot.point.load(Ordering::SeqCst);
-    if point == 0
-        || crate::interrupts::interrupted_handler(frame)
-        || crate::serial::holds_lock()
-        || crate::memory::in_heap()
-    {
+    if point == 0 || !stoppable(frame) {
         return; // the owner sends another NMI shortly
     }
     slot.point.store(0, Ordering::SeqCst);
     catch::stop_at(frame, CatchPoint::from_addr(point));
+}
+
+/// Whether a job interrupted at `frame` (by the stop NMI) may be abandoned: it holds nothing
+/// shared. Not where:
+/// - the interrupted frame had interrupts off (RFLAGS.IF clear). Every codespace critical
+///   section runs with interrupts off — the manager's and registries' `IrqLock`s, the
+///   page-table and frame-allocator locks (`IrqSpin`), a patch on the private poke PML4 (the
+///   CPU may be on that address space right now), a shootdown or serialization wait — as do
+///   the serial console and the heap; abandoning the job there would keep those locks held for
+///   ever, or leave the CPU on the poke address space. The job is stopped once it re-enables
+///   interrupts (the owner keeps sending NMIs until [`STOP_GRACE`] runs out);
+/// - an exception, IPI or mailbox handler runs, or the entry/exit assembly around them;
+/// - this CPU holds the serial lock or is inside the heap (belt and braces: both also run with
+///   interrupts off);
+/// - a scheduler run is active on this CPU (`sched::run`): stopping would abandon every task.
+pub fn stoppable(frame: &TrapFrame) -> bool {
+    const RFLAGS_IF: u64 = 1 << 9;
+    frame.rflags & RFLAGS_IF != 0
+        && !crate::interrupts::interrupted_handler(frame)
+        && !crate::serial::holds_lock()
+        && !crate::memory::in_heap()
+        && !crate::sched::active()
 }

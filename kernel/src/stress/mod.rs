@@ -18,6 +18,7 @@
 //! | [`lazy`] | a lazy slot hit by every CPU at once installs one function |
 //! | [`module_api`] | a module used from every CPU at once keeps its books |
 //! | [`cpu_check`] | a CPU without CR0.WP is refused |
+//! | [`preempt`] | code a task was preempted inside (by the timer, under a preemptive scheduler) is freed only after the task left it |
 //! | [`jit`] | `jit::enter`'s entry records, trap landings and compile stacks are per CPU; a dropped linear memory leaves every TLB |
 //!
 //! # TCG and cross-modifying code
@@ -47,6 +48,7 @@ pub mod lazy;
 pub mod mixed;
 pub mod module_api;
 pub mod patching;
+pub mod preempt;
 pub mod replace;
 pub mod tlb;
 pub mod traps;
@@ -85,6 +87,7 @@ struct Totals {
     cpu_checks: u64,
     jit_calls: u64,
     jit_compilations: u64,
+    preempted_in_code: u64,
     mixed: u64,
 }
 
@@ -93,7 +96,8 @@ impl Totals {
         alloc::format!(
             "{} rounds; patches {}, calls {}, slot reads {}, replacements {} (reclaimed {}), \
              stale-TLB checks {}, W^X probes {}, traps {}, lazy rounds {} (races {}), module ops \
-             {}, CPU checks {}, JIT calls {} (concurrent compilations {}), mixed rounds {}",
+             {}, CPU checks {}, JIT calls {} (concurrent compilations {}), preemptions in code {}, \
+             mixed rounds {}",
             self.rounds,
             self.patches,
             self.calls,
@@ -109,15 +113,17 @@ impl Totals {
             self.cpu_checks,
             self.jit_calls,
             self.jit_compilations,
+            self.preempted_in_code,
             self.mixed
         )
     }
 }
 
 /// Scenarios in the order the stress run cycles through them.
-const SCENARIOS: [&str; 11] = [
+const SCENARIOS: [&str; 12] = [
     "patching",
     "replace",
+    "preempt",
     "tlb",
     "wx-publish",
     "wx-alias",
@@ -182,6 +188,18 @@ fn scenario(which: usize, round: u64, t: &mut Totals) {
             if vary == 0 {
                 t.jit_compilations += jit::compile_everywhere(WINDOW + 12, 1);
             }
+        }
+        "preempt" => {
+            let s = preempt::run(
+                WINDOW + 13,
+                crate::sched::QuiescentRule::Tasks,
+                4 + 2 * vary,
+            )
+            .unwrap_or_else(|e| panic!("preempt: {e}"));
+            t.replacements += s.replacements;
+            t.reclaimed += s.freed;
+            t.calls += s.calls;
+            t.preempted_in_code += s.preempted_in_code;
         }
         _ => {
             let s = mixed::run(WINDOW + 10, 6 + 3 * vary, 1 << 22);
