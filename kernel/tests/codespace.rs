@@ -359,7 +359,7 @@ fn page_tables_come_back_when_code_is_freed() {
         "{used} frames for {pages} pages and their tables"
     );
     assert_clean(&a);
-    a.free(code).expect("free");
+    free(&mut a, code);
     // One more flush with work: a page committed and decommitted, never published.
     let w = a.allocate(64).expect("allocate");
     a.discard(w).expect("discard");
