@@ -11,6 +11,7 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use super::code::{PublishedCode, WritableCode};
+use super::cross_modify::SlotStore;
 use super::error::{CodeError, FreeError, Rejected};
 use super::state::{CodeManager, State};
 use crate::mmu::{Mmu, Protection, TlbFlush};
@@ -403,6 +404,10 @@ impl<M: Mmu> CodeAllocator<M> {
     /// inside one of them, 8-aligned) with one aligned store each, all or none, then makes every
     /// CPU serialize: when this returns, every CPU executes through the new slots.
     ///
+    /// Every value is one atomic store, whatever the manager's
+    /// [`PatchProtocol`](super::PatchProtocol): [`patch_slots`](Self::patch_slots) says which
+    /// stores are jump slots, to be written per the protocol.
+    ///
     /// # Errors
     /// [`CodeError::ForeignCode`], [`CodeError::NotPatchable`] for a table that is not patchable
     /// or an address outside the tables; backend failures (nothing stored);
@@ -429,6 +434,48 @@ impl<M: Mmu> CodeAllocator<M> {
             }
         }
         self.manager.lock()?.patch(stores)
+    }
+
+    /// Stores `stores` into the slots of published `tables` as [`patch`](Self::patch) does, but
+    /// knowing which are instructions: [`SlotStore::Jump`] slots are rewritten per the manager's
+    /// [`PatchProtocol`](super::PatchProtocol) (with [`Int3`](super::PatchProtocol::Int3): in
+    /// three serialization rounds, through the #BP hook), [`SlotStore::Data`] ones with one
+    /// aligned store each. When this returns `Ok`, every CPU executes through the new slots.
+    ///
+    /// # Safety
+    /// As [`patch`](Self::patch): each value is what the slot's users expect (a jump slot's
+    /// target is code that stays executable as long as the slot may lead there); the addresses
+    /// are checked.
+    ///
+    /// # Errors
+    /// As [`patch`](Self::patch); [`CodeError::NotPatchable`] also for a jump value that is
+    /// neither `jmp rel32` nor INT3 under the INT3 protocol, [`CodeError::Busy`] when its
+    /// [`BreakpointSites`](crate::breakpoint::BreakpointSites) has no free entry; after
+    /// [`CodeError::SyncFailed`] the patch is in effect and finishes later (see
+    /// [`PatchProtocol::Int3`](super::PatchProtocol::Int3)).
+    pub unsafe fn patch_slots(
+        &self,
+        tables: &[&PublishedCode],
+        stores: &[SlotStore],
+    ) -> Result<(), CodeError> {
+        for t in tables {
+            if t.owner != self.id {
+                return Err(CodeError::ForeignCode);
+            }
+        }
+        for s in stores {
+            let addr = s.addr();
+            let inside = tables.iter().any(|t| {
+                t.patchable
+                    && addr.is_multiple_of(8)
+                    && addr >= t.range.start()
+                    && addr.checked_add(8).is_some_and(|end| end <= t.range.end())
+            });
+            if !inside {
+                return Err(CodeError::NotPatchable { addr });
+            }
+        }
+        self.manager.lock()?.patch_slots(stores)
     }
 
     /// Frees published code: its range becomes reusable and INT3, and the pages that became

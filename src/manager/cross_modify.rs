@@ -1,0 +1,341 @@
+//! Rewriting live jump slots: the two cross-modifying-code protocols of [`PatchProtocol`].
+//!
+//! A patch is a list of [`SlotStore`]s into published tables. Data stores (far-slot targets,
+//! pointers) are one aligned 8-byte store under either protocol: CPUs *load* them, and an
+//! aligned qword load sees the old or the new value. Jump stores (near slots, whose bytes CPUs
+//! *execute*) follow the manager's protocol:
+//!
+//! ```text
+//! AtomicStore:  one alias session: every store        → sync
+//! Int3:         register the sites (slot → new target) for the #BP hook
+//!               session A: data stores, INT3 over each changing slot's first byte → sync 1
+//!               session B: bytes 1..8 of each slot whose tail changes            → sync 2
+//!               session C: the new first byte of each slot (unless it is INT3)    → sync 3
+//!               unregister the sites
+//! ```
+//!
+//! Between sync 1 and the last store every CPU that executes a changing slot sees its INT3
+//! (or, not having serialized yet, the whole old slot), so no CPU executes bytes that changed
+//! since it last serialized, except that one byte to or from INT3 — the case the SDM (vol. 3,
+//! 8.1.3) and Linux's `text_poke_bp` rely on. Slots whose bytes do not change are stored again
+//! as data in session A (same bytes: nothing for an executing CPU to see; under QEMU's TCG the
+//! store still drops stale translations, which `settle_slot`-style re-patching relies on).
+//!
+//! **Failure after the first INT3 landed** (a sync round or a later session failed): the sites
+//! stay registered — every CPU runs the old slot or resumes at the new target through the hook,
+//! which is the patch in effect — and the error is [`CodeError::SyncFailed`] ("stored, not
+//! serialized everywhere"). The remaining steps are finished before the manager's next patch,
+//! its next [`sync_cores`](super::CodeManager), and by its next operation that may wait; a patch
+//! does not start while one is unfinished.
+
+use alloc::vec::Vec;
+
+use super::config::PatchProtocol;
+use super::error::CodeError;
+use super::state::State;
+use crate::breakpoint::{Registration, Site};
+use crate::mmu::{Mmu, MmuError, Poke};
+use crate::PAGE_SIZE;
+
+const INT3: u8 = 0xCC;
+const JMP_REL32: u8 = 0xE9;
+/// The first byte of a slot while it changes.
+const INT3_HEAD: &[u8] = &[INT3];
+
+/// One aligned 8-byte store into a published, patchable table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotStore {
+    /// A qword CPUs load as data (a far slot's target, a pointer): one atomic store under
+    /// every [`PatchProtocol`].
+    Data {
+        /// 8-aligned address.
+        addr: usize,
+        /// The new qword.
+        value: u64,
+    },
+    /// A near jump slot that CPUs may be executing: `jmp rel32` (`E9`) or eight INT3 (`CC`)
+    /// as its first byte, written per the manager's [`PatchProtocol`].
+    Jump {
+        /// 8-aligned address.
+        addr: usize,
+        /// The slot's new 8 bytes, little-endian.
+        value: u64,
+    },
+}
+
+impl SlotStore {
+    /// The address stored to.
+    #[must_use]
+    pub const fn addr(&self) -> usize {
+        match *self {
+            SlotStore::Data { addr, .. } | SlotStore::Jump { addr, .. } => addr,
+        }
+    }
+
+    /// The value stored.
+    #[must_use]
+    pub const fn value(&self) -> u64 {
+        match *self {
+            SlotStore::Data { value, .. } | SlotStore::Jump { value, .. } => value,
+        }
+    }
+}
+
+/// Where a CPU that hits the INT3 of slot `addr` while it becomes `value` resumes: the target
+/// of the new `jmp rel32`; `None` when the new slot is INT3 itself (it traps afterwards too).
+fn resume_target(addr: usize, value: u64) -> Option<usize> {
+    let b = value.to_le_bytes();
+    (b[0] == JMP_REL32).then(|| {
+        let rel = i32::from_le_bytes([b[1], b[2], b[3], b[4]]);
+        // Wrapping like the CPU; the slot's encoder checked reach.
+        addr.wrapping_add(5).wrapping_add_signed(rel as isize)
+    })
+}
+
+/// The next step of an INT3 patch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    SyncInt3,
+    WriteTails,
+    SyncTails,
+    WriteHeads,
+    SyncHeads,
+}
+
+/// An INT3 patch whose INT3s landed: the slots still to finish, and its registered sites.
+#[derive(Debug)]
+pub(crate) struct Int3Patch {
+    /// (slot address, new value) of every slot that changes.
+    slots: Vec<(usize, u64)>,
+    /// Slot addresses whose bytes 1..8 change.
+    tails: Vec<usize>,
+    step: Step,
+    /// Unregisters on drop: dropped only once the last sync round succeeded.
+    _sites: Option<Registration>,
+}
+
+impl<M: Mmu> State<M> {
+    /// Stores `stores` into published tables (all checked and all pages committed before the
+    /// first byte moves), per the configured [`PatchProtocol`]; when this returns `Ok`, every
+    /// CPU executes the new slots.
+    ///
+    /// # Errors
+    /// [`CodeError::NotPatchable`] for a misaligned store or (INT3 protocol) a jump value that
+    /// is neither `jmp rel32` nor INT3; [`CodeError::Busy`] when the [`BreakpointSites`]
+    /// table is full; backend failures before the first store (nothing stored);
+    /// [`CodeError::SyncFailed`] (stored, the patch finishes later: see the module docs).
+    ///
+    /// [`BreakpointSites`]: crate::breakpoint::BreakpointSites
+    pub(crate) fn patch_slots(&mut self, stores: &[SlotStore]) -> Result<(), CodeError> {
+        self.finish_int3()?;
+        if let Some(s) = stores.iter().find(|s| !s.addr().is_multiple_of(8)) {
+            return Err(CodeError::NotPatchable { addr: s.addr() });
+        }
+        let PatchProtocol::Int3(table) = self.config.patch_protocol else {
+            let plain: Vec<(usize, u64)> = stores.iter().map(|s| (s.addr(), s.value())).collect();
+            return self.patch(&plain);
+        };
+        // Data stores in order, then each jump slot's last value.
+        let mut data: Vec<(usize, u64)> = Vec::new();
+        let mut jumps: Vec<(usize, u64)> = Vec::new();
+        for s in stores {
+            match *s {
+                SlotStore::Data { addr, value } => data.push((addr, value)),
+                SlotStore::Jump { addr, value } => {
+                    if !matches!(value.to_le_bytes()[0], JMP_REL32 | INT3) {
+                        return Err(CodeError::NotPatchable { addr });
+                    }
+                    jumps.retain(|&(a, _)| a != addr);
+                    jumps.push((addr, value));
+                }
+            }
+        }
+        // Every page committed before anything is stored.
+        let addrs = || data.iter().chain(&jumps).map(|&(a, _)| a);
+        super::write::session(&self.pages, addrs().map(|a| a & !(PAGE_SIZE - 1)))?;
+        let mut changing = Vec::new();
+        for &(addr, value) in &jumps {
+            if self.read_u64(addr)? == value {
+                data.push((addr, value)); // same bytes: nothing for executing CPUs to see
+            } else {
+                changing.push((addr, value));
+            }
+        }
+        if changing.is_empty() {
+            return self.patch(&data);
+        }
+        let mut heads = Vec::new();
+        let mut tails = Vec::new();
+        let mut sites = Vec::new();
+        for &(addr, value) in &changing {
+            let old = self.read_u64(addr)?;
+            if old.to_le_bytes()[0] != INT3 {
+                heads.push((addr, INT3_HEAD));
+            }
+            if old >> 8 != value >> 8 {
+                tails.push(addr);
+            }
+            if let Some(resume) = resume_target(addr, value) {
+                sites.push(Site { addr, resume });
+            }
+        }
+        let registration = if sites.is_empty() {
+            None
+        } else {
+            Some(table.register(sites).ok_or(CodeError::Busy)?)
+        };
+        // Session A. On failure nothing was stored, and no CPU could hit a new INT3: the sites
+        // go (a CPU that hit an INT3 that was there before resumed at a new target; the slot
+        // was uncompiled, so that call had no old target to keep).
+        let data_bytes: Vec<(usize, [u8; 8])> =
+            data.iter().map(|&(a, v)| (a, v.to_le_bytes())).collect();
+        self.poke_stores(&data_bytes, &heads)?;
+        self.int3 = Some(Int3Patch {
+            slots: changing,
+            tails,
+            step: Step::SyncInt3,
+            _sites: registration,
+        });
+        self.finish_int3()
+    }
+
+    /// Runs the remaining steps of an unfinished INT3 patch, if any (see the module docs).
+    ///
+    /// # Errors
+    /// [`CodeError::SyncFailed`]: a step failed again; the patch stays pending.
+    pub(crate) fn finish_int3(&mut self) -> Result<(), CodeError> {
+        let Some(mut patch) = self.int3.take() else {
+            return Ok(());
+        };
+        let result = self.run_int3(&mut patch);
+        match result {
+            Ok(()) => Ok(()), // `patch` drops here: its sites go after the last round
+            Err(CodeError::Mmu(MmuError::NotMapped { .. })) => {
+                // The tables were decommitted since (their module went, after a grace period):
+                // no CPU executes the slots any more, nothing is left to finish.
+                Ok(())
+            }
+            Err(e) => {
+                self.int3 = Some(patch);
+                Err(match e {
+                    CodeError::Mmu(e) => CodeError::SyncFailed(e),
+                    e => e,
+                })
+            }
+        }
+    }
+
+    fn run_int3(&mut self, patch: &mut Int3Patch) -> Result<(), CodeError> {
+        loop {
+            patch.step = match patch.step {
+                Step::SyncInt3 => {
+                    self.mmu.sync_cores().map_err(CodeError::SyncFailed)?;
+                    Step::WriteTails
+                }
+                Step::WriteTails if patch.tails.is_empty() => Step::WriteHeads,
+                Step::WriteTails => {
+                    let tails: Vec<(usize, [u8; 7])> = patch
+                        .slots
+                        .iter()
+                        .filter(|(a, _)| patch.tails.contains(a))
+                        .map(|&(a, v)| {
+                            let mut t = [0; 7];
+                            t.copy_from_slice(&v.to_le_bytes()[1..]);
+                            (a + 1, t)
+                        })
+                        .collect();
+                    let writes: Vec<(usize, &[u8])> =
+                        tails.iter().map(|(a, t)| (*a, t.as_slice())).collect();
+                    self.poke_stores(&[], &writes)?;
+                    Step::SyncTails
+                }
+                Step::SyncTails => {
+                    self.mmu.sync_cores().map_err(CodeError::SyncFailed)?;
+                    Step::WriteHeads
+                }
+                Step::WriteHeads => {
+                    let heads: Vec<(usize, [u8; 1])> = patch
+                        .slots
+                        .iter()
+                        .map(|&(a, v)| (a, [v.to_le_bytes()[0]]))
+                        .filter(|(_, h)| h[0] != INT3)
+                        .collect();
+                    if heads.is_empty() {
+                        return Ok(()); // every slot stays INT3: the tails' round was the last
+                    }
+                    let writes: Vec<(usize, &[u8])> =
+                        heads.iter().map(|(a, h)| (*a, h.as_slice())).collect();
+                    self.poke_stores(&[], &writes)?;
+                    Step::SyncHeads
+                }
+                Step::SyncHeads => {
+                    self.mmu.sync_cores().map_err(CodeError::SyncFailed)?;
+                    return Ok(());
+                }
+            };
+        }
+    }
+
+    /// One private-alias session: the aligned 8-byte `stores` (one atomic store each), then the
+    /// byte `writes`, in order.
+    fn poke_stores(
+        &mut self,
+        stores: &[(usize, [u8; 8])],
+        writes: &[(usize, &[u8])],
+    ) -> Result<(), CodeError> {
+        let addrs = stores.iter().map(|s| s.0).chain(writes.iter().map(|w| w.0));
+        let (pages, committed) =
+            super::write::session(&self.pages, addrs.map(|a| a & !(PAGE_SIZE - 1)))?;
+        let index = |addr: usize| {
+            let page = addr & !(PAGE_SIZE - 1);
+            (
+                pages.iter().position(|&p| p == page).unwrap_or(usize::MAX),
+                addr - page,
+            )
+        };
+        let mut f = |poke: &mut dyn Poke| {
+            for &(addr, bytes) in stores {
+                let (i, offset) = index(addr);
+                poke.store_u64(i, offset, u64::from_le_bytes(bytes))?;
+            }
+            for &(addr, bytes) in writes {
+                let (i, offset) = index(addr);
+                poke.write(i, offset, bytes)?;
+            }
+            Ok(())
+        };
+        // SAFETY: the stores are whole aligned slots of published tables (checked by the
+        // allocator) and the writes are the INT3 protocol's steps on near slots: a CPU
+        // executing one sees the old slot, the INT3 (resumed by the #BP hook) or the new slot.
+        unsafe { self.mmu.poke(&committed, &mut f) }?;
+        Ok(())
+    }
+
+    fn read_u64(&self, addr: usize) -> Result<u64, CodeError> {
+        let page = addr & !(PAGE_SIZE - 1);
+        let committed = self.pages.get(&page).ok_or(MmuError::NotMapped { page })?;
+        let mut b = [0; 8];
+        self.mmu.read(committed, addr - page, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_target_decodes_the_new_jump() {
+        let slot = 0xFFFF_C000_0000_1000usize;
+        let to = |t: usize| crate::jump_table::near_slot(slot, t).unwrap();
+        for t in [slot + 5, slot + 0x1234, slot - 0x7000_0000, slot] {
+            assert_eq!(resume_target(slot, to(t)), Some(t));
+        }
+        assert_eq!(resume_target(slot, u64::from_le_bytes([INT3; 8])), None);
+        let s = SlotStore::Jump {
+            addr: slot,
+            value: 7,
+        };
+        assert_eq!((s.addr(), s.value()), (slot, 7));
+    }
+}
