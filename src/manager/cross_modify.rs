@@ -8,11 +8,14 @@
 //! ```text
 //! AtomicStore:  one alias session: every store        → sync
 //! Int3:         register the sites (slot → new target) for the #BP hook
-//!               session A: data stores, INT3 over each changing slot's first byte → sync 1
-//!               session B: bytes 1..8 of each slot whose tail changes            → sync 2
-//!               session C: the new first byte of each slot (unless it is INT3)    → sync 3
+//!               session A: data stores; each changing slot := INT3 + old bytes 1..8 → sync 1
+//!               session B: each slot whose tail changes := INT3 + new bytes 1..8   → sync 2
+//!               session C: each slot := new bytes (unless its first byte is INT3)  → sync 3
 //!               unregister the sites
 //! ```
+//!
+//! Every step is one aligned 8-byte store per slot that changes one part only (the first byte,
+//! or the other seven), so a CPU *loading* the slot also sees whole stages, never a torn one.
 //!
 //! Between sync 1 and the last store every CPU that executes a changing slot sees its INT3
 //! (or, not having serialized yet, the whole old slot), so no CPU executes bytes that changed
@@ -39,8 +42,11 @@ use crate::PAGE_SIZE;
 
 const INT3: u8 = 0xCC;
 const JMP_REL32: u8 = 0xE9;
-/// The first byte of a slot while it changes.
-const INT3_HEAD: &[u8] = &[INT3];
+
+/// `slot` with INT3 as its first byte.
+const fn with_int3(slot: u64) -> u64 {
+    (slot & !0xFF) | INT3 as u64
+}
 
 /// One aligned 8-byte store into a published, patchable table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,13 +170,12 @@ impl<M: Mmu> State<M> {
         if changing.is_empty() {
             return self.patch(&data);
         }
-        let mut heads = Vec::new();
         let mut tails = Vec::new();
         let mut sites = Vec::new();
         for &(addr, value) in &changing {
             let old = self.read_u64(addr)?;
-            if old.to_le_bytes()[0] != INT3 {
-                heads.push((addr, INT3_HEAD));
+            if old & 0xFF != u64::from(INT3) {
+                data.push((addr, with_int3(old))); // only the first byte changes
             }
             if old >> 8 != value >> 8 {
                 tails.push(addr);
@@ -187,9 +192,7 @@ impl<M: Mmu> State<M> {
         // Session A. On failure nothing was stored, and no CPU could hit a new INT3: the sites
         // go (a CPU that hit an INT3 that was there before resumed at a new target; the slot
         // was uncompiled, so that call had no old target to keep).
-        let data_bytes: Vec<(usize, [u8; 8])> =
-            data.iter().map(|&(a, v)| (a, v.to_le_bytes())).collect();
-        self.poke_stores(&data_bytes, &heads)?;
+        self.poke_stores(&data)?;
         self.int3 = Some(Int3Patch {
             slots: changing,
             tails,
@@ -234,19 +237,14 @@ impl<M: Mmu> State<M> {
                 }
                 Step::WriteTails if patch.tails.is_empty() => Step::WriteHeads,
                 Step::WriteTails => {
-                    let tails: Vec<(usize, [u8; 7])> = patch
+                    // INT3 stays the first byte: one store per slot changes only bytes 1..8.
+                    let tails: Vec<(usize, u64)> = patch
                         .slots
                         .iter()
                         .filter(|(a, _)| patch.tails.contains(a))
-                        .map(|&(a, v)| {
-                            let mut t = [0; 7];
-                            t.copy_from_slice(&v.to_le_bytes()[1..]);
-                            (a + 1, t)
-                        })
+                        .map(|&(a, v)| (a, with_int3(v)))
                         .collect();
-                    let writes: Vec<(usize, &[u8])> =
-                        tails.iter().map(|(a, t)| (*a, t.as_slice())).collect();
-                    self.poke_stores(&[], &writes)?;
+                    self.poke_stores(&tails)?;
                     Step::SyncTails
                 }
                 Step::SyncTails => {
@@ -254,18 +252,17 @@ impl<M: Mmu> State<M> {
                     Step::WriteHeads
                 }
                 Step::WriteHeads => {
-                    let heads: Vec<(usize, [u8; 1])> = patch
+                    // The whole new slot: after the tails' round only its first byte differs.
+                    let heads: Vec<(usize, u64)> = patch
                         .slots
                         .iter()
-                        .map(|&(a, v)| (a, [v.to_le_bytes()[0]]))
-                        .filter(|(_, h)| h[0] != INT3)
+                        .copied()
+                        .filter(|&(_, v)| v & 0xFF != u64::from(INT3))
                         .collect();
                     if heads.is_empty() {
                         return Ok(()); // every slot stays INT3: the tails' round was the last
                     }
-                    let writes: Vec<(usize, &[u8])> =
-                        heads.iter().map(|(a, h)| (*a, h.as_slice())).collect();
-                    self.poke_stores(&[], &writes)?;
+                    self.poke_stores(&heads)?;
                     Step::SyncHeads
                 }
                 Step::SyncHeads => {
@@ -276,37 +273,23 @@ impl<M: Mmu> State<M> {
         }
     }
 
-    /// One private-alias session: the aligned 8-byte `stores` (one atomic store each), then the
-    /// byte `writes`, in order.
-    fn poke_stores(
-        &mut self,
-        stores: &[(usize, [u8; 8])],
-        writes: &[(usize, &[u8])],
-    ) -> Result<(), CodeError> {
-        let addrs = stores.iter().map(|s| s.0).chain(writes.iter().map(|w| w.0));
-        let (pages, committed) =
-            super::write::session(&self.pages, addrs.map(|a| a & !(PAGE_SIZE - 1)))?;
-        let index = |addr: usize| {
-            let page = addr & !(PAGE_SIZE - 1);
-            (
-                pages.iter().position(|&p| p == page).unwrap_or(usize::MAX),
-                addr - page,
-            )
-        };
+    /// One private-alias session: each `(addr, value)` is one aligned 8-byte store, in order.
+    fn poke_stores(&mut self, stores: &[(usize, u64)]) -> Result<(), CodeError> {
+        let (pages, committed) = super::write::session(
+            &self.pages,
+            stores.iter().map(|&(a, _)| a & !(PAGE_SIZE - 1)),
+        )?;
         let mut f = |poke: &mut dyn Poke| {
-            for &(addr, bytes) in stores {
-                let (i, offset) = index(addr);
-                poke.store_u64(i, offset, u64::from_le_bytes(bytes))?;
-            }
-            for &(addr, bytes) in writes {
-                let (i, offset) = index(addr);
-                poke.write(i, offset, bytes)?;
+            for &(addr, value) in stores {
+                let page = addr & !(PAGE_SIZE - 1);
+                let i = pages.iter().position(|&p| p == page).unwrap_or(usize::MAX);
+                poke.store_u64(i, addr - page, value)?;
             }
             Ok(())
         };
-        // SAFETY: the stores are whole aligned slots of published tables (checked by the
-        // allocator) and the writes are the INT3 protocol's steps on near slots: a CPU
-        // executing one sees the old slot, the INT3 (resumed by the #BP hook) or the new slot.
+        // SAFETY: whole aligned slots of published tables (checked by the allocator): data
+        // slots, or a near slot's step of the INT3 protocol — a CPU executing one sees the old
+        // slot, the INT3 (resumed by the #BP hook) or the new slot.
         unsafe { self.mmu.poke(&committed, &mut f) }?;
         Ok(())
     }
