@@ -177,7 +177,7 @@ impl BreakpointSites {
 impl Entry {
     /// The resume address of `int3` in this entry's batch, holding a reference meanwhile.
     fn find(&self, int3: usize) -> Option<usize> {
-        if self.batch.load(Ordering::Relaxed).is_null() {
+        if self.batch.load(Ordering::Acquire).is_null() {
             return None;
         }
         // Linux's `try_get_desc`: no reference on a free entry (its batch may be gone).
