@@ -12,11 +12,11 @@
 use std::hint::black_box;
 use std::time::Duration;
 
+use codespace::breakpoint::BreakpointSites;
 use codespace::jump_table::JumpTableLayout;
 use codespace::mmu::soft::SoftMmu;
 use codespace::module::{CodeModule, ModuleConfig, NewCode, Registries};
 use codespace::sync::grace::GraceDomain;
-use codespace::breakpoint::BreakpointSites;
 use codespace::{
     AddressRange, AllocatorConfig, CodeAllocator, CodeManager, ManagerConfig, PatchProtocol,
 };
