@@ -289,10 +289,8 @@ impl<M: Mmu> CodeManager<M> {
     /// [`CodeError::SyncFailed`], [`CodeError::Busy`].
     pub(crate) fn sync_cores(&self) -> Result<(), CodeError> {
         let mut state = self.lock()?;
-        // An unfinished INT3 patch ends with a serialization round of its own.
-        if state.int3.is_some() {
-            return state.finish_int3();
-        }
+        // An unfinished INT3 patch first (a failure after its first INT3 is a `SyncFailed`).
+        state.finish_int3()?;
         state.mmu.sync_cores().map_err(CodeError::SyncFailed)
     }
 
