@@ -31,6 +31,7 @@
 //! its next [`sync_cores`](super::CodeManager), and by its next operation that may wait; a patch
 //! does not start while one is unfinished.
 
+use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
 use super::config::PatchProtocol;
@@ -111,10 +112,8 @@ enum Step {
 /// An INT3 patch whose INT3s landed: the slots still to finish, and its registered sites.
 #[derive(Debug)]
 pub(crate) struct Int3Patch {
-    /// (slot address, new value) of every slot that changes.
-    slots: Vec<(usize, u64)>,
-    /// Slot addresses whose bytes 1..8 change.
-    tails: Vec<usize>,
+    /// Every slot that changes: address, new value, whether its bytes 1..8 change.
+    slots: Vec<(usize, u64, bool)>,
     step: Step,
     /// Unregisters on drop: dropped only once the last sync round succeeded.
     _sites: Option<Registration>,
@@ -143,7 +142,7 @@ impl<M: Mmu> State<M> {
         };
         // Data stores in order, then each jump slot's last value.
         let mut data: Vec<(usize, u64)> = Vec::new();
-        let mut jumps: Vec<(usize, u64)> = Vec::new();
+        let mut jumps: BTreeMap<usize, u64> = BTreeMap::new();
         for s in stores {
             match *s {
                 SlotStore::Data { addr, value } => data.push((addr, value)),
@@ -151,16 +150,15 @@ impl<M: Mmu> State<M> {
                     if !matches!(value.to_le_bytes()[0], JMP_REL32 | INT3) {
                         return Err(CodeError::NotPatchable { addr });
                     }
-                    jumps.retain(|&(a, _)| a != addr);
-                    jumps.push((addr, value));
+                    jumps.insert(addr, value); // a later store to the slot wins
                 }
             }
         }
         // Every page committed before anything is stored.
-        let addrs = || data.iter().chain(&jumps).map(|&(a, _)| a);
-        super::write::session(&self.pages, addrs().map(|a| a & !(PAGE_SIZE - 1)))?;
+        let addrs = data.iter().map(|&(a, _)| a).chain(jumps.keys().copied());
+        super::write::session(&self.pages, addrs.map(|a| a & !(PAGE_SIZE - 1)))?;
         let mut changing = Vec::new();
-        for &(addr, value) in &jumps {
+        for (&addr, &value) in &jumps {
             if self.read_u64(addr)? == value {
                 data.push((addr, value)); // same bytes: nothing for executing CPUs to see
             } else {
@@ -170,16 +168,14 @@ impl<M: Mmu> State<M> {
         if changing.is_empty() {
             return self.patch(&data);
         }
-        let mut tails = Vec::new();
+        let mut slots = Vec::new();
         let mut sites = Vec::new();
         for &(addr, value) in &changing {
             let old = self.read_u64(addr)?;
             if old & 0xFF != u64::from(INT3) {
                 data.push((addr, with_int3(old))); // only the first byte changes
             }
-            if old >> 8 != value >> 8 {
-                tails.push(addr);
-            }
+            slots.push((addr, value, old >> 8 != value >> 8));
             if let Some(resume) = resume_target(addr, value) {
                 sites.push(Site { addr, resume });
             }
@@ -194,8 +190,7 @@ impl<M: Mmu> State<M> {
         // was uncompiled, so that call had no old target to keep).
         self.poke_stores(&data)?;
         self.int3 = Some(Int3Patch {
-            slots: changing,
-            tails,
+            slots,
             step: Step::SyncInt3,
             _sites: registration,
         });
@@ -235,14 +230,14 @@ impl<M: Mmu> State<M> {
                     self.mmu.sync_cores().map_err(CodeError::SyncFailed)?;
                     Step::WriteTails
                 }
-                Step::WriteTails if patch.tails.is_empty() => Step::WriteHeads,
+                Step::WriteTails if !patch.slots.iter().any(|s| s.2) => Step::WriteHeads,
                 Step::WriteTails => {
                     // INT3 stays the first byte: one store per slot changes only bytes 1..8.
                     let tails: Vec<(usize, u64)> = patch
                         .slots
                         .iter()
-                        .filter(|(a, _)| patch.tails.contains(a))
-                        .map(|&(a, v)| (a, with_int3(v)))
+                        .filter(|s| s.2)
+                        .map(|&(a, v, _)| (a, with_int3(v)))
                         .collect();
                     self.poke_stores(&tails)?;
                     Step::SyncTails
@@ -256,8 +251,8 @@ impl<M: Mmu> State<M> {
                     let heads: Vec<(usize, u64)> = patch
                         .slots
                         .iter()
-                        .copied()
-                        .filter(|&(_, v)| v & 0xFF != u64::from(INT3))
+                        .filter(|s| s.1 & 0xFF != u64::from(INT3))
+                        .map(|&(a, v, _)| (a, v))
                         .collect();
                     if heads.is_empty() {
                         return Ok(()); // every slot stays INT3: the tails' round was the last
