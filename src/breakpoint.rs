@@ -61,7 +61,11 @@ use crate::sync::atomic::{fence, AtomicPtr, AtomicUsize, Ordering};
 
 /// Patches that may be in flight at once in one [`BreakpointSites`] (a manager has at most
 /// one): one entry each.
+#[cfg(not(loom))]
 pub const MAX_PATCHES: usize = 32;
+/// Patches in flight at once (small under loom to keep the models small).
+#[cfg(loom)]
+pub const MAX_PATCHES: usize = 2;
 
 /// One slot being patched: the address of its INT3 and where a CPU that hit it resumes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,10 +77,26 @@ pub(crate) struct Site {
 /// The sites of one patch, sorted by address.
 struct Batch {
     sites: Vec<Site>,
+    /// Loom: written when the batch is freed, read by every lookup, so a lookup that the
+    /// reference count does not order before the free is reported as a race.
+    #[cfg(loom)]
+    freed: loom::cell::UnsafeCell<bool>,
 }
 
 impl Batch {
+    fn new(sites: Vec<Site>) -> Self {
+        Batch {
+            sites,
+            #[cfg(loom)]
+            freed: loom::cell::UnsafeCell::new(false),
+        }
+    }
+
     fn find(&self, int3: usize) -> Option<usize> {
+        #[cfg(loom)]
+        // SAFETY: a tracked read; loom reports it if it races with the poisoning write.
+        self.freed
+            .with(|f| assert!(!unsafe { *f }, "lookup in a freed batch"));
         let i = self.sites.binary_search_by_key(&int3, |s| s.addr).ok()?;
         Some(self.sites[i].resume)
     }
@@ -164,7 +184,7 @@ impl BreakpointSites {
                 .compare_exchange(0, 1, Ordering::SeqCst, Ordering::Relaxed)
                 .is_ok()
         })?;
-        let batch = Box::into_raw(Box::new(Batch { sites }));
+        let batch = Box::into_raw(Box::new(Batch::new(sites)));
         entry.batch.store(batch, Ordering::SeqCst);
         // The sites are visible before any INT3 of the patch can be: the caller stores INT3s
         // only after this returns, x86 makes stores visible in program order, and a CPU that
@@ -230,12 +250,24 @@ impl Drop for Registration {
             .compare_exchange_weak(1, 0, Ordering::SeqCst, Ordering::Relaxed)
             .is_err()
         {
+            #[cfg(not(loom))]
             core::hint::spin_loop();
+            #[cfg(loom)]
+            loom::thread::yield_now();
         }
         if !batch.is_null() {
             // SAFETY: created by `register` with `Box::into_raw`; withdrawn above, and no reader
             // holds a reference any more (a later one loads null).
-            drop(unsafe { Box::from_raw(batch) });
+            let batch = unsafe { Box::from_raw(batch) };
+            #[cfg(loom)]
+            {
+                // Poison instead of freeing, so a racing reader is reported, not undefined.
+                // SAFETY: a tracked write (see `Batch::freed`).
+                batch.freed.with_mut(|f| unsafe { *f = true });
+                core::mem::forget(batch);
+            }
+            #[cfg(not(loom))]
+            drop(batch);
         }
     }
 }
@@ -321,5 +353,51 @@ mod tests {
         }
         drop(r);
         assert_eq!(t.resume_at(0x5001), None);
+    }
+}
+
+#[cfg(all(test, loom))]
+mod loom_models {
+    use super::*;
+    use alloc::vec;
+    use loom::sync::atomic::AtomicBool;
+    use loom::sync::Arc;
+    use std::boxed::Box;
+
+    /// A patch registers a site, "stores the INT3" (a flag), waits for the other CPU's
+    /// "serialization" (an acknowledgement it gives after its #BP lookup, as a CPU in its #BP
+    /// handler with interrupts off cannot acknowledge the sync IPI earlier), then unregisters and
+    /// frees the batch while that CPU scans the table again (for another patch's site): a CPU
+    /// that saw the INT3 finds its site, and no lookup reads the batch once freed.
+    #[test]
+    fn loom_breakpoint_sites_lookup_and_unregister() {
+        loom::model(|| {
+            let t: &'static BreakpointSites = Box::leak(Box::new(BreakpointSites::new()));
+            let int3 = Arc::new(AtomicBool::new(false));
+            let ack = Arc::new(AtomicBool::new(false));
+            let (i, a) = (Arc::clone(&int3), Arc::clone(&ack));
+            let reader = loom::thread::spawn(move || {
+                let saw_int3 = i.load(Ordering::SeqCst);
+                let hit = t.resume_at(0x1001);
+                a.store(true, Ordering::SeqCst);
+                if saw_int3 {
+                    assert_eq!(hit, Some(0x2000), "the INT3 was there: so is its site");
+                }
+                assert_eq!(t.resume_at(0x7001), None);
+            });
+            let reg = t
+                .register(vec![Site {
+                    addr: 0x1000,
+                    resume: 0x2000,
+                }])
+                .unwrap();
+            int3.store(true, Ordering::SeqCst);
+            while !ack.load(Ordering::SeqCst) {
+                loom::thread::yield_now();
+            }
+            drop(reg);
+            reader.join().unwrap();
+            assert_eq!(t.resume_at(0x1001), None);
+        });
     }
 }
