@@ -6,15 +6,20 @@
 //! stub out of rel32 reach (kernel text), which sends the near slot through its far slot (also
 //! two stores), and `patch/table_store` is one `CodeAllocator::patch` of one slot of a
 //! patchable table alone (the narrow replacement of the old `CodeManager::patch_u64`).
+//! `patch/near_slot_int3` is `patch/near_slot` under `PatchProtocol::Int3`: three alias
+//! sessions and three serialization rounds per patch.
 
 use std::hint::black_box;
 use std::time::Duration;
 
+use codespace::breakpoint::BreakpointSites;
 use codespace::jump_table::JumpTableLayout;
 use codespace::mmu::soft::SoftMmu;
 use codespace::module::{CodeModule, ModuleConfig, NewCode, Registries};
 use codespace::sync::grace::GraceDomain;
-use codespace::{AddressRange, AllocatorConfig, CodeAllocator, CodeManager, ManagerConfig};
+use codespace::{
+    AddressRange, AllocatorConfig, CodeAllocator, CodeManager, ManagerConfig, PatchProtocol,
+};
 use criterion::{criterion_group, criterion_main, Criterion};
 
 /// Start of a 512 GiB PML4 slot in the higher half.
@@ -24,7 +29,9 @@ const KERNEL_TEXT: usize = 0xFFFF_FFFF_8010_0000;
 const FUNCTIONS: u32 = 64;
 const SLOT: u32 = 17;
 
-fn setup() -> (
+fn setup(
+    patch_protocol: PatchProtocol,
+) -> (
     SoftMmu,
     CodeManager<SoftMmu>,
     CodeModule<SoftMmu>,
@@ -32,8 +39,11 @@ fn setup() -> (
 ) {
     let window = AddressRange::new(BASE, BASE + (512 << 30));
     let machine = SoftMmu::new(1 << 12);
-    let manager =
-        CodeManager::new(machine.clone(), window, ManagerConfig::default()).expect("manager");
+    let config = ManagerConfig {
+        patch_protocol,
+        ..ManagerConfig::default()
+    };
+    let manager = CodeManager::new(machine.clone(), window, config).expect("manager");
     let grace: &'static GraceDomain = Box::leak(Box::new(GraceDomain::new()));
     let registries: &'static Registries = Box::leak(Box::new(Registries::new(grace)));
     let config = ModuleConfig {
@@ -61,7 +71,10 @@ fn table(module: &CodeModule<SoftMmu>) -> JumpTableLayout {
 }
 
 fn patch(c: &mut Criterion) {
-    let (machine, manager, module, targets) = setup();
+    let (machine, manager, module, targets) = setup(PatchProtocol::AtomicStore);
+    let sites: &'static BreakpointSites = Box::leak(Box::new(BreakpointSites::new()));
+    let (int3_machine, _int3_manager, int3_module, int3_targets) =
+        setup(PatchProtocol::Int3(sites));
     let layout = table(&module);
     assert!(layout.patch(SLOT, targets[0]).unwrap().direct);
     assert!(!layout.patch(SLOT, KERNEL_TEXT).unwrap().direct);
@@ -78,6 +91,15 @@ fn patch(c: &mut Criterion) {
             i ^= 1;
             module
                 .patch_slot(black_box(SLOT), black_box(targets[i]))
+                .expect("patch");
+        });
+    });
+
+    group.bench_function("near_slot_int3", |b| {
+        b.iter(|| {
+            i ^= 1;
+            int3_module
+                .patch_slot(black_box(SLOT), black_box(int3_targets[i]))
                 .expect("patch");
         });
     });
@@ -110,8 +132,10 @@ fn patch(c: &mut Criterion) {
     group.finish();
 
     assert!(manager.audit().expect("audit").is_clean());
-    assert!(machine.violations().is_empty());
-    assert!(!machine.wx_ever_observed());
+    for m in [&machine, &int3_machine] {
+        assert!(m.violations().is_empty());
+        assert!(!m.wx_ever_observed());
+    }
 }
 
 criterion_group!(benches, patch);

@@ -10,10 +10,13 @@
 //! ```
 //!
 //! * **Near slot** (8 bytes, 8-aligned): `E9 rel32` (`jmp rel32`, relative to the slot + 5)
-//!   followed by `CC CC CC`. The whole slot is written by ONE naturally aligned 8-byte store
-//!   ([`near_slot`] returns that qword), because x86-64 only guarantees atomicity of a store
-//!   inside a naturally aligned qword: a concurrent caller sees the old or the new jump, never a
-//!   torn one.
+//!   followed by `CC CC CC`. [`near_slot`] returns the slot as one qword: with the default
+//!   [`PatchProtocol::AtomicStore`](crate::manager::PatchProtocol::AtomicStore) it is written by
+//!   ONE naturally aligned 8-byte store (x86-64 makes a store inside a naturally aligned qword
+//!   atomic, so a concurrent *load* sees the old or the new jump, never a torn one; what a CPU
+//!   *executing* it meanwhile runs, the SDM leaves undefined); with
+//!   [`PatchProtocol::Int3`](crate::manager::PatchProtocol::Int3) it is written in three steps
+//!   around an INT3 first byte.
 //! * **Far slot** (16 bytes, 16-aligned): `FF 25 02 00 00 00` (`jmp qword ptr [rip+2]`), `66 90`
 //!   (2-byte nop), then the absolute 8-byte target at [`FAR_SLOT_TARGET_OFFSET`]. The target
 //!   qword is 8-aligned and patched alone by one aligned 8-byte store.
@@ -22,14 +25,15 @@
 //!
 //! # Patching
 //!
-//! A near jump reaches ±2 GiB. [`JumpTableLayout::patch`] encodes the update of slot `i`:
-//! far slot `i` always receives the new target (first store), then near slot `i` receives
-//! `jmp target` when the displacement fits in `i32`, else `jmp far_slot(i)` — i.e. the near slot
-//! value is `near_slot(near_slot_addr(i), far_slot_addr(i))` (second store). Writing the far
-//! target first means a caller that reaches the far slot through the new near value already
-//! finds the new target. (V8 touches the far slot only when the near jump does not fit; keeping
-//! it current every time gives the simpler invariant "far slot `i` always holds the target of
-//! slot `i`".) [`emit_tables`] builds a whole initial image with the same rule.
+//! A near jump reaches ±2 GiB. [`JumpTableLayout::patch`] encodes the update of slot `i`: near
+//! slot `i` receives `jmp target` when the displacement fits in `i32` ([`SlotPatch::direct`]),
+//! else `jmp far_slot(i)` after far slot `i` received the target. Only the indirect case stores
+//! the far slot (first, so a caller that reaches it through the new near value finds the new
+//! target); a direct patch leaves far slot `i` as it was, as V8 does. So far slot `i` holds the
+//! target of slot `i` only while near slot `i` jumps to it (and after [`emit_tables`], which
+//! fills every far slot): nothing may read a far slot's target as the slot's target otherwise.
+//! How the near slot's 8 bytes reach CPUs that may be executing them (one atomic store, or the
+//! INT3 protocol) is the manager's [`PatchProtocol`](crate::manager::PatchProtocol).
 //!
 //! Everything here is pure and panic-free: all address arithmetic is checked, and out-of-range
 //! inputs give `None` or a [`JumpTableError`].
@@ -206,10 +210,10 @@ impl core::error::Error for JumpTableError {}
 
 /// The stores that retarget one slot of a live table, in order (see the module docs).
 ///
-/// 1. Store [`target`](Self::target) as one aligned 8-byte store at
-///    [`far_target_addr`](Self::far_target_addr).
-/// 2. Store [`near_value`](Self::near_value) as one aligned 8-byte store at
-///    [`near_addr`](Self::near_addr).
+/// 1. Unless [`direct`](Self::direct): store [`target`](Self::target) as one aligned 8-byte
+///    store at [`far_target_addr`](Self::far_target_addr) (data: CPUs load it).
+/// 2. Store [`near_value`](Self::near_value) at [`near_addr`](Self::near_addr) (instructions:
+///    per the manager's [`PatchProtocol`](crate::manager::PatchProtocol)).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct SlotPatch {
     /// Address of the far slot's target qword (8-aligned).

@@ -9,6 +9,7 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+pub mod breakpoint;
 pub mod code_events;
 pub mod code_map;
 pub mod code_object;
@@ -25,6 +26,6 @@ pub mod trap;
 
 pub use manager::{
     AllocatorConfig, AuditReport, CodeAllocator, CodeError, CodeManager, FreeError, ManagerConfig,
-    ProtectionMode, PublishedCode, WritableCode,
+    PatchProtocol, ProtectionMode, PublishedCode, SlotStore, WritableCode,
 };
 pub use range::{AddressRange, PAGE_SIZE};

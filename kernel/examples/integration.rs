@@ -3,19 +3,21 @@
 //! `integration example: ok`.
 //!
 //! The pieces a blog_os-style kernel brings are the `codespace_kernel` ones here: the page table
-//! and the frame allocator each behind a `spin::Mutex` in a static, and a page-fault handler that
-//! can edit the interrupted RIP and registers (on stable Rust, an assembly stub that saves the
+//! and the frame allocator each behind a `spin::Mutex` in a static, and page-fault and breakpoint
+//! handlers that can edit the interrupted RIP and registers (on stable Rust, an assembly stub that saves the
 //! registers and passes them to Rust, like `codespace_kernel::interrupts`).
 #![no_std]
 #![no_main]
 
 extern crate alloc;
 
+use codespace::breakpoint::BreakpointSites;
+use codespace::code_object::CodeKind;
 use codespace::mmu::x86::{PhysOffset, X86Mmu};
 use codespace::module::{CodeModule, ModuleConfig, NewCode, Registries};
 use codespace::sync::grace::GraceDomain;
-use codespace::{AddressRange, CodeManager, ManagerConfig, ProtectionMode};
-use codespace_kernel::interrupts::{self, FaultInfo, TrapFrame, PAGE_FAULT};
+use codespace::{AddressRange, CodeManager, ManagerConfig, PatchProtocol, ProtectionMode};
+use codespace_kernel::interrupts::{self, FaultInfo, TrapFrame, BREAKPOINT, PAGE_FAULT};
 use codespace_kernel::memory::{self, FrameBitmap, PHYS_OFFSET};
 use codespace_kernel::{entry_point, println, BootInfo, ExitCode};
 
@@ -35,7 +37,23 @@ const WINDOW: AddressRange = AddressRange::new(0xFFFF_C080_0000_0000, 0xFFFF_C10
 // a plain not-present or protection fault (no reserved-bit violation, no instruction fetch). A
 // hit resumes at the landing pad with the faulting PC in r10 (V8's convention); a miss is the
 // kernel's usual fault.
-fn page_fault(frame: &mut TrapFrame, info: &FaultInfo) -> bool {
+//
+// With the INT3 patch protocol (step 4's `patch_protocol`), the #BP handler asks `BREAKPOINTS`
+// first, likewise: an INT3 that a patch placed over a jump slot resumes at the slot's new target
+// (RIP only: the slot is a `jmp`). The handler runs with interrupts off (an interrupt gate), which
+// the protocol relies on. A miss is the kernel's usual breakpoint.
+static BREAKPOINTS: BreakpointSites = BreakpointSites::new();
+
+fn fault_hooks(frame: &mut TrapFrame, info: &FaultInfo) -> bool {
+    if info.vector == BREAKPOINT {
+        return match BREAKPOINTS.resume_at(frame.rip as usize) {
+            Some(target) => {
+                frame.rip = target as u64;
+                true
+            }
+            None => false,
+        };
+    }
     const RSVD: u64 = 1 << 3;
     const FETCH: u64 = 1 << 4;
     if info.vector != PAGE_FAULT || info.error_code & (RSVD | FETCH) != 0 {
@@ -59,7 +77,7 @@ fn main(_boot: &'static BootInfo) -> ExitCode {
     // or lookups, and reports quiescent states from each CPU's idle loop).
     // SAFETY: no other CPU looks up these registries or runs their generated code.
     unsafe { GRACE.set_possible_cpus(1) };
-    interrupts::set_fault_handler(Some(page_fault));
+    interrupts::set_fault_handler(Some(fault_hooks));
 
     // Step 4: the backend over the kernel's own page table and frame allocator, and the manager.
     // SAFETY: every CPU runs on this page table; the direct map at PHYS_OFFSET maps every frame
@@ -83,8 +101,11 @@ fn main(_boot: &'static BootInfo) -> ExitCode {
             return ExitCode::Failure;
         }
     };
+    // Live jump slots change by the INT3 protocol here (the default, `AtomicStore`, needs no
+    // #BP hook: README "How live jump slots change").
     let config = ManagerConfig {
         protection: ProtectionMode::Alias,
+        patch_protocol: PatchProtocol::Int3(&BREAKPOINTS),
         ..ManagerConfig::default()
     };
     let manager = match CodeManager::new(mmu, WINDOW, config) {
@@ -127,6 +148,19 @@ fn main(_boot: &'static BootInfo) -> ExitCode {
     let r10 = f(bad);
     let ok = r10 == load.instruction_start() as u64 && manager.audit().is_ok_and(|a| a.is_clean());
     println!("protected load of {bad:#x} landed; r10 = {r10:#x} (the load's PC)");
+
+    // Step 6b: retarget the slot while code may run through it (INT3 protocol: three rounds).
+    let Ok(seven) = module.add_code(&NewCode::new(
+        CodeKind::Wrapper,
+        &[0xB8, 7, 0, 0, 0, 0xC3], // mov eax, 7; ret
+    )) else {
+        return ExitCode::Failure;
+    };
+    let ok = ok && module.patch_slot(0, seven.instruction_start()).is_ok() && f(0) == 7;
+    println!(
+        "slot 0 patched under the INT3 protocol: a call returns {}",
+        f(0)
+    );
 
     // Step 7: dropping the module frees its code after a grace period (other CPUs may still run
     // it): trap entries first, then lookups, then memory. The registries free what they replaced

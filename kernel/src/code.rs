@@ -3,14 +3,15 @@
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use codespace::breakpoint::BreakpointSites;
 use codespace::mmu::x86::{LinearMap, PhysOffset, Smp, X86Mmu, X86_INTERRUPTS};
 use codespace::mmu::MmuError;
 use codespace::module::Registries;
 use codespace::sync::grace::GraceDomain;
-use codespace::{AddressRange, CodeError, CodeManager, ManagerConfig};
+use codespace::{AddressRange, CodeError, CodeManager, ManagerConfig, PatchProtocol};
 use x86_64::structures::paging::OffsetPageTable;
 
-use crate::interrupts::{FaultInfo, TrapFrame, PAGE_FAULT};
+use crate::interrupts::{FaultInfo, TrapFrame, BREAKPOINT, PAGE_FAULT};
 use crate::irq_spin::IrqSpin;
 use crate::memory::{self, FrameBitmap, PHYS_MAPPED_LIMIT, PHYS_OFFSET};
 
@@ -83,6 +84,76 @@ pub(crate) fn trap_fixup(frame: &mut TrapFrame, info: &FaultInfo) -> bool {
     TRAPS_TAKEN.fetch_add(1, Ordering::SeqCst);
     frame.r10 = frame.rip;
     frame.rip = hit.landing_pad() as u64;
+    true
+}
+
+/// Jump slots being patched under the INT3 protocol: the #BP path resumes CPUs that hit one.
+pub static BREAKPOINTS: BreakpointSites = BreakpointSites::new();
+
+static BREAKPOINT_RESUMES: AtomicU64 = AtomicU64::new(0);
+
+/// The INT3 patch protocol on this kernel's #BP hook ([`BREAKPOINTS`]), for a
+/// [`ManagerConfig::patch_protocol`].
+#[must_use]
+pub fn int3_protocol() -> PatchProtocol {
+    PatchProtocol::Int3(&BREAKPOINTS)
+}
+
+/// How often a CPU hit the INT3 of a slot being patched and was resumed at its new target.
+#[must_use]
+pub fn breakpoint_resumes() -> u64 {
+    BREAKPOINT_RESUMES.load(Ordering::SeqCst)
+}
+
+/// The #BP path into the INT3 patch protocol (called first for every breakpoint): an INT3 that
+/// a patch placed over a jump slot resumes at the slot's new target, which is what the `jmp`
+/// being written does (RIP only: a `jmp` pushes nothing). The IDT's #BP entry is an interrupt
+/// gate, so this CPU cannot acknowledge a serialization IPI between the #BP and the new RIP:
+/// the patch cannot finish and unregister the site meanwhile (the hook's contract).
+pub(crate) fn breakpoint_fixup(frame: &mut TrapFrame, info: &FaultInfo) -> bool {
+    if info.vector != BREAKPOINT {
+        return false;
+    }
+    let Some(target) = BREAKPOINTS.resume_at(frame.rip as usize) else {
+        return int3_gone(frame);
+    };
+    BREAKPOINT_RESUMES.fetch_add(1, Ordering::SeqCst);
+    frame.rip = target as u64;
+    true
+}
+
+static INT3_RETRIES: AtomicU64 = AtomicU64::new(0);
+
+/// How often the #BP path found the INT3 it hit in the code window gone and ran the slot again.
+#[must_use]
+pub fn int3_retries() -> u64 {
+    INT3_RETRIES.load(Ordering::SeqCst)
+}
+
+/// Linux kprobes' rule for an INT3 that is no longer there when its handler looks (no site
+/// answers, and the byte at RIP - 1 is not INT3 any more): back up over it and run what is
+/// there now — `iretq` serializes, so the CPU fetches the new bytes. Under QEMU's TCG only: a
+/// vCPU may keep a stale translation of a slot's INT3 stage after the patch finished (see
+/// [`settle_slot`]) and retries until the settling store drops it. On hardware and KVM the
+/// hook always answers first (the patch cannot finish while this CPU has interrupts off), so
+/// there a missing site stays a fatal stray breakpoint, as a protocol bug should.
+fn int3_gone(frame: &mut TrapFrame) -> bool {
+    let Some(at) = (frame.rip as usize).checked_sub(1) else {
+        return false;
+    };
+    // Only where stale translations exist: elsewhere a missing site is a bug to report.
+    if !CODE_WINDOW.contains(at) || !under_tcg() {
+        return false;
+    }
+    // SAFETY: this CPU just executed the byte at `at`, in the code window: its page holds
+    // published code that is not freed while a CPU runs it (grace periods; this CPU is inside an
+    // exception handler, not quiescent), so it is mapped and readable.
+    let byte = unsafe { core::ptr::read_volatile(at as *const u8) };
+    if byte == 0xCC {
+        return false; // a real INT3: the kernel's usual handling
+    }
+    INT3_RETRIES.fetch_add(1, Ordering::SeqCst);
+    frame.rip = at as u64;
     true
 }
 

@@ -51,6 +51,8 @@ pub struct TrapFrame {
 
 /// Vector of the non-maskable interrupt.
 pub const NMI: u8 = 2;
+/// Vector of the breakpoint exception (INT3).
+pub const BREAKPOINT: u8 = 3;
 /// Vector of the page fault.
 pub const PAGE_FAULT: u8 = 14;
 /// Vector of the double fault.
@@ -344,6 +346,8 @@ pub fn init() {
             idt.non_maskable_interrupt
                 .set_handler_addr(stub(2))
                 .set_stack_index(gdt::NMI_IST_INDEX);
+            // An interrupt gate, as every entry here: the INT3 patch protocol's #BP hook relies
+            // on interrupts staying off until it has redirected RIP (`code::breakpoint_fixup`).
             idt.breakpoint.set_handler_addr(stub(3));
             idt.overflow.set_handler_addr(stub(4));
             idt.bound_range_exceeded.set_handler_addr(stub(5));
@@ -426,6 +430,7 @@ extern "C" fn exception_dispatch(frame: &mut TrapFrame) {
     let handler = FAULT_HANDLER.load(Ordering::SeqCst);
     // SAFETY: only `set_fault_handler` stores here, and it stores `FaultHandler` values.
     let handled = crate::code::trap_fixup(frame, &info)
+        || crate::code::breakpoint_fixup(frame, &info)
         || (handler != 0
             && unsafe { core::mem::transmute::<usize, FaultHandler>(handler) }(frame, &info));
     if !handled && !crate::catch::redirect_fault(frame, info) {

@@ -23,6 +23,7 @@ codespace_kernel::kernel_tests![
     target_beyond_2_gib_takes_the_far_path,
     timer_interrupt_patches_a_slot_under_a_calling_loop,
     lazy_slot_compiles_on_first_call,
+    int3_protocol_patches_a_slot_every_cpu_calls,
 ];
 
 /// The backend, checking at every write through the private alias that every watched
@@ -403,4 +404,38 @@ fn lazy_slot_compiles_on_first_call() {
     code::set_lazy_compiler(None);
     drop(m);
     assert!(mgr.audit().expect("audit").is_clean());
+}
+
+/// The INT3 patch protocol (`PatchProtocol::Int3`) under calls: CPU 0 patches one slot 150
+/// times while every other CPU calls through it and reads its bytes (the stress scenario
+/// `stress::patching` with the protocol). Every call reaches an implementation no older than the
+/// last finished patch, every read is a whole slot or an INT3 stage of one, and callers that hit
+/// the INT3 are resumed at the new target by this kernel's #BP hook — which must happen.
+fn int3_protocol_patches_a_slot_every_cpu_calls() {
+    use codespace_kernel::stress::patching;
+    let retries = code::int3_retries();
+    let s = patching::run_with(90, 150, code::int3_protocol());
+    codespace_kernel::println!(
+        "    {} patches, {} calls, {} slot reads ({} saw an INT3 stage), #BP resumes {}, \
+         calls per implementation {:?}, INT3-gone retries {}",
+        s.patches,
+        s.calls,
+        s.reads,
+        s.int3_reads,
+        s.breakpoint_resumes,
+        s.per_impl,
+        code::int3_retries() - retries
+    );
+    assert!(s.calls >= s.patches, "a call after every patch at least");
+    if codespace_kernel::smp::online_cpus() > 1 {
+        assert!(
+            s.breakpoint_resumes > 0,
+            "no call hit the INT3 of a patch in progress"
+        );
+        assert!(
+            s.per_impl.iter().filter(|&&c| c > 0).count() >= 2,
+            "calls reached several implementations: {:?}",
+            s.per_impl
+        );
+    }
 }

@@ -19,6 +19,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use super::abandoned::AbandonedNode;
 use super::code::{PublishedCode, WritableCode};
+use super::cross_modify::SlotStore;
 use super::error::{CodeError, FreeError, Rejected};
 use super::state::{CodeManager, State};
 use crate::mmu::Mmu;
@@ -400,6 +401,10 @@ impl<M: Mmu> CodeAllocator<M> {
     /// The addresses are checked (they lie in slots of this allocator's own patchable tables);
     /// the values cannot be: they are what other CPUs jump to or through next.
     ///
+    /// Every value is one atomic store, whatever the manager's
+    /// [`PatchProtocol`](super::PatchProtocol): [`patch_slots`](Self::patch_slots) says which
+    /// stores are jump slots, to be written per the protocol.
+    ///
     /// # Safety
     /// Each `value` must be exactly what the slot's users expect at that address: for a jump
     /// slot, the 8 bytes of a valid slot encoding whose targets are code that stays executable
@@ -437,6 +442,48 @@ impl<M: Mmu> CodeAllocator<M> {
             }
         }
         self.manager.lock()?.patch(stores)
+    }
+
+    /// Stores `stores` into the slots of published `tables` as [`patch`](Self::patch) does, but
+    /// knowing which are instructions: [`SlotStore::Jump`] slots are rewritten per the manager's
+    /// [`PatchProtocol`](super::PatchProtocol) (with [`Int3`](super::PatchProtocol::Int3): in
+    /// three serialization rounds, through the #BP hook), [`SlotStore::Data`] ones with one
+    /// aligned store each. When this returns `Ok`, every CPU executes through the new slots.
+    ///
+    /// # Safety
+    /// As [`patch`](Self::patch): each value is what the slot's users expect (a jump slot's
+    /// target is code that stays executable as long as the slot may lead there); the addresses
+    /// are checked.
+    ///
+    /// # Errors
+    /// As [`patch`](Self::patch); [`CodeError::NotPatchable`] also for a jump value that is
+    /// neither `jmp rel32` nor INT3 under the INT3 protocol, [`CodeError::Busy`] when its
+    /// [`BreakpointSites`](crate::breakpoint::BreakpointSites) has no free entry; after
+    /// [`CodeError::SyncFailed`] the patch is in effect and finishes later (see
+    /// [`PatchProtocol::Int3`](super::PatchProtocol::Int3)).
+    pub unsafe fn patch_slots(
+        &self,
+        tables: &[&PublishedCode],
+        stores: &[SlotStore],
+    ) -> Result<(), CodeError> {
+        for t in tables {
+            if t.owner != self.id {
+                return Err(CodeError::ForeignCode);
+            }
+        }
+        for s in stores {
+            let addr = s.addr();
+            let inside = tables.iter().any(|t| {
+                t.patchable
+                    && addr.is_multiple_of(8)
+                    && addr >= t.range.start()
+                    && addr.checked_add(8).is_some_and(|end| end <= t.range.end())
+            });
+            if !inside {
+                return Err(CodeError::NotPatchable { addr });
+            }
+        }
+        self.manager.lock()?.patch_slots(stores)
     }
 
     /// Frees published code: its range becomes reusable and INT3, and the pages that became

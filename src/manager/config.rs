@@ -1,6 +1,7 @@
 //! Settings of a [`CodeManager`](super::CodeManager), validated before anything is reserved.
 
 use super::error::CodeError;
+use crate::breakpoint::BreakpointSites;
 use crate::{AddressRange, PAGE_SIZE};
 
 /// Largest code space: every address of a space must reach its jump tables (which lie inside
@@ -20,6 +21,34 @@ pub enum ProtectionMode {
     Alias,
 }
 
+/// How a jump slot that other CPUs may be executing is rewritten (cross-modifying code).
+///
+/// Only the near slots' instruction bytes (`jmp rel32`) are concerned: far-slot targets and code
+/// pointers are data, always written with one aligned 8-byte store.
+///
+/// **The default is [`AtomicStore`](Self::AtomicStore)**: it needs nothing from the kernel's
+/// #BP handler (so `ManagerConfig::default()` is right for any kernel), it costs one
+/// serialization round per patch instead of three, and it is what V8 ships on x86-64. Its cost
+/// is that the Intel SDM does not define it: choose [`Int3`](Self::Int3) to rely only on the
+/// documented protocol (as Linux does for its live kernel text) once the #BP hook is installed.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum PatchProtocol {
+    /// One naturally aligned 8-byte store of the whole slot, then one serialization round of
+    /// every CPU (V8's jump-table patching). x86 makes the store atomic for data accesses, and
+    /// a CPU that serialized afterwards executes the new bytes; but the SDM (vol. 3, 8.1.3)
+    /// does not say what a CPU executing the slot *while* it changes runs, so this relies on
+    /// what every x86-64 implementation does in practice rather than on the manual.
+    #[default]
+    AtomicStore,
+    /// Linux's `text_poke_bp`: INT3 over the slot's first byte, every CPU serializes; the other
+    /// seven bytes, every CPU serializes; the new first byte, every CPU serializes — three
+    /// rounds per patch (however many slots it changes). A CPU that executes the slot meanwhile
+    /// runs either the whole old slot, or the INT3 — whose #BP handler must resume it at the new
+    /// target through this [`BreakpointSites`] (see [`crate::breakpoint`]); no CPU ever
+    /// executes bytes that changed other than by that one INT3 byte since it last serialized.
+    Int3(&'static BreakpointSites),
+}
+
 /// Settings of a [`CodeManager`](super::CodeManager).
 #[derive(Debug, Clone, Copy)]
 pub struct ManagerConfig {
@@ -32,6 +61,9 @@ pub struct ManagerConfig {
     pub guard_pages: usize,
     /// How published pages are written.
     pub protection: ProtectionMode,
+    /// How live jump slots are rewritten ([`PatchProtocol::AtomicStore`] by default; see there
+    /// why).
+    pub patch_protocol: PatchProtocol,
     /// Called (with the manager lock held: record, don't re-enter) when committed bytes cross the
     /// critical threshold, which then moves halfway to the limit (V8's memory-pressure signal).
     pub on_critical: Option<fn(committed: usize)>,
@@ -44,6 +76,7 @@ impl Default for ManagerConfig {
             max_code_space_size: 1024 << 20,
             guard_pages: 1,
             protection: ProtectionMode::Alias,
+            patch_protocol: PatchProtocol::AtomicStore,
             on_critical: None,
         }
     }

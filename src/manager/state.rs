@@ -81,6 +81,8 @@ pub(crate) struct State<M> {
     pub(crate) orphaned: Vec<AddressRange>,
     /// Reused list for commits, so a warm allocation path does not allocate.
     pub(crate) scratch: Vec<usize>,
+    /// An INT3 patch whose last steps failed: finished before anything else patches or syncs.
+    pub(crate) int3: Option<super::cross_modify::Int3Patch>,
 }
 
 struct Inner<M> {
@@ -181,6 +183,7 @@ impl<M: Mmu> CodeManager<M> {
                     unrestored: Vec::new(),
                     orphaned: Vec::new(),
                     scratch: Vec::new(),
+                    int3: None,
                 }),
             }),
         };
@@ -313,7 +316,10 @@ impl<M: Mmu> CodeManager<M> {
     /// # Errors
     /// [`CodeError::SyncFailed`], [`CodeError::Busy`].
     pub(crate) fn sync_cores(&self) -> Result<(), CodeError> {
-        self.lock()?.mmu.sync_cores().map_err(CodeError::SyncFailed)
+        let mut state = self.lock()?;
+        // An unfinished INT3 patch first (a failure after its first INT3 is a `SyncFailed`).
+        state.finish_int3()?;
+        state.mmu.sync_cores().map_err(CodeError::SyncFailed)
     }
 
     /// The backend's TLB and cross-CPU counters.
@@ -445,9 +451,11 @@ impl<M: Mmu> State<M> {
 
     /// Retries what failed operations left pending, as their errors promise "the next operation"
     /// does: the flush of [`CodeError::FlushFailed`], the release of a dropped allocator's code
-    /// space, and the flip back of [`CodeError::NotRestored`]. What fails again stays pending
-    /// (and safe) for the next try.
+    /// space, the flip back of [`CodeError::NotRestored`], and the last steps of an INT3 patch
+    /// that answered [`CodeError::SyncFailed`]. What fails again stays pending (and safe) for
+    /// the next try.
     pub(crate) fn finish_pending(&mut self) {
+        let _ = self.finish_int3();
         if self.unflushed.is_some() {
             let _ = self.flush(TlbFlush::new());
         }

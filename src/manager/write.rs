@@ -25,7 +25,7 @@ type Chunk<'d> = (usize, usize, &'d [u8]);
 /// The distinct pages of one private-alias session, in first-seen order (page `i` of the
 /// session is `pages[i]`), and their committed pages: at most [`MAX_POKE_PAGES`], all committed,
 /// checked before anything is written.
-fn session(
+pub(super) fn session(
     committed: &BTreeMap<usize, CommittedPage>,
     addrs: impl Iterator<Item = usize>,
 ) -> Result<(Vec<usize>, Vec<&CommittedPage>), CodeError> {
@@ -237,7 +237,11 @@ impl<M: Mmu> State<M> {
     /// Stores each `(addr, value)` with one aligned 8-byte store — through the private alias
     /// for published pages, all in one session, so either every store lands or none does — and
     /// then makes every CPU serialize: when this returns, every CPU executes the new bytes.
+    ///
+    /// This is the [`AtomicStore`](super::PatchProtocol::AtomicStore) protocol for every store,
+    /// whatever the configuration: [`State::patch_slots`] applies the configured one.
     pub(crate) fn patch(&mut self, stores: &[(usize, u64)]) -> Result<(), CodeError> {
+        self.finish_int3()?;
         if let Some(&(addr, _)) = stores.iter().find(|(a, _)| !a.is_multiple_of(8)) {
             return Err(CodeError::NotPatchable { addr });
         }

@@ -1,6 +1,7 @@
 //! Jump tables: one set per code space that cannot reach another within ±2 GiB, emitted with the
-//! current slot targets, and patched live — all slots of one change in one alias session and
-//! one cross-CPU serialization round.
+//! current slot targets, and patched live — all slots of one change at once, per the manager's
+//! patch protocol (one alias session and one cross-CPU serialization round, or the INT3
+//! protocol's three).
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -9,6 +10,7 @@ use super::config::ModuleError;
 use super::state::{Live, ModuleState, Table};
 use crate::code_object::{CodeDesc, CodeKind, CodeObject};
 use crate::jump_table::{self, JumpTableError, JumpTableLayout};
+use crate::manager::SlotStore;
 use crate::mmu::Mmu;
 use crate::AddressRange;
 
@@ -147,9 +149,12 @@ impl<M: Mmu> ModuleState<M> {
     }
 
     /// Points each listed slot at its new target (`None`: back to uncompiled) in every table:
-    /// one alias session for all stores and one serialization of every CPU, so when this
-    /// returns every CPU executes the new targets. Far targets are stored before the near slots
-    /// that jump to them. Targets must be live code of this module or external entries.
+    /// per the manager's [`PatchProtocol`](crate::manager::PatchProtocol) (one alias session and
+    /// one serialization of every CPU, or the INT3 protocol's three), so when this returns every
+    /// CPU executes the new targets. Far targets are stored (as data) before the near slots
+    /// that jump to them; a slot whose new target is in rel32 reach gets a direct near jump and
+    /// its far slot is left as it was. Targets must be live code of this module or external
+    /// entries.
     pub fn set_slots(&mut self, changes: &[(u32, Option<usize>)]) -> Result<(), ModuleError> {
         if changes.is_empty() {
             // Nothing to store, and nothing for other CPUs to see: no alias, no serialization.
@@ -166,10 +171,19 @@ impl<M: Mmu> ModuleState<M> {
             for table in &self.tables {
                 let layout = &table.layout;
                 match target.and_then(|t| layout.patch(index, t)) {
-                    Some(p) if p.direct => stores.push((p.near_addr, p.near_value)),
+                    Some(p) if p.direct => stores.push(SlotStore::Jump {
+                        addr: p.near_addr,
+                        value: p.near_value,
+                    }),
                     Some(p) => {
-                        stores.push((p.far_target_addr, p.target as u64));
-                        stores.push((p.near_addr, p.near_value));
+                        stores.push(SlotStore::Data {
+                            addr: p.far_target_addr,
+                            value: p.target as u64,
+                        });
+                        stores.push(SlotStore::Jump {
+                            addr: p.near_addr,
+                            value: p.near_value,
+                        });
                     }
                     None => {
                         let near = layout
@@ -178,7 +192,7 @@ impl<M: Mmu> ModuleState<M> {
                         let value = self
                             .slot_value(layout, index, target)
                             .ok_or(ModuleError::BadRelocation { offset: 0 })?;
-                        stores.push((near, value));
+                        stores.push(SlotStore::Jump { addr: near, value });
                     }
                 }
             }
@@ -188,8 +202,9 @@ impl<M: Mmu> ModuleState<M> {
         // (a near jump, or a far target followed by its near slot) toward a target checked
         // above to be live code of this module or a registered external entry; code stays live
         // while a slot targets it and is freed only a grace period (and a serialization round)
-        // after the last slot stopped targeting it (`retarget`, `reclaim`).
-        let patched = unsafe { self.allocator.patch(&handles, &stores) };
+        // after the last slot stopped targeting it (`retarget`, `reclaim`). Far target qwords
+        // are data, near slots jumps (written per the manager's patch protocol).
+        let patched = unsafe { self.allocator.patch_slots(&handles, &stores) };
         match patched {
             // Stored (and maybe not yet seen everywhere): the books follow the slots. Until a
             // serialization round succeeds, a CPU may still jump to an old target: `reclaim`

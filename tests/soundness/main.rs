@@ -5,6 +5,7 @@
 mod common;
 
 mod api;
+mod cross_modify;
 mod lifetime;
 mod mmu;
 mod pointers;

@@ -66,7 +66,18 @@ type Op = fn(&mut World) -> Outcome;
 
 /// Runs `op` once per failure point of a clean run; returns how many failure points it had.
 fn exhaustive(name: &str, mode: ProtectionMode, op: Op, swallows: bool) -> usize {
-    let mut clean = World::new(mode);
+    exhaustive_in(World::new, name, mode, op, swallows)
+}
+
+/// [`exhaustive`] on worlds made by `world` (e.g. under the INT3 patch protocol).
+fn exhaustive_in(
+    world: fn(ProtectionMode) -> World,
+    name: &str,
+    mode: ProtectionMode,
+    op: Op,
+    swallows: bool,
+) -> usize {
+    let mut clean = world(mode);
     let before: Vec<u64> = CallKind::ALL
         .iter()
         .map(|&k| clean.machine.calls(k))
@@ -87,7 +98,7 @@ fn exhaustive(name: &str, mode: ProtectionMode, op: Op, swallows: bool) -> usize
     for (&kind, &count) in CallKind::ALL.iter().zip(&calls) {
         for n in 0..count {
             let label = format!("{name} ({mode:?}), {kind:?} call {n} of {count} fails");
-            let mut world = World::new(mode);
+            let mut world = world(mode);
             let before = world.observe();
             world.machine.fail_nth(kind, n);
             let outcome = op(&mut world);
@@ -310,6 +321,17 @@ fn inject_every_failure_of_batch_add() {
 fn inject_every_failure_of_slot_patching() {
     for mode in [ProtectionMode::Alias, ProtectionMode::Flip] {
         exhaustive("patch_slots", mode, patch_slots, false);
+    }
+}
+
+/// The same under the INT3 protocol: a failure in any of its three store sessions or three
+/// sync rounds leaves every CPU going to the old or the new target (through the #BP hook while
+/// an INT3 is in place), and the next operations finish the patch.
+#[test]
+fn inject_every_failure_of_slot_patching_under_int3() {
+    for mode in [ProtectionMode::Alias, ProtectionMode::Flip] {
+        let points = exhaustive_in(World::int3, "patch_slots (INT3)", mode, patch_slots, false);
+        assert!(points >= 6, "three sessions and three rounds at least");
     }
 }
 

@@ -4,15 +4,17 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use codespace::breakpoint::BreakpointSites;
 use codespace::code_object::{CodeKind, CodeObject};
 use codespace::code_pointer_table::CodePointerTable;
+use codespace::jump_table::{JumpTableLayout, FAR_SLOT_TARGET_OFFSET};
 use codespace::manager::{AllocatorStats, ManagerStats};
 use codespace::mmu::soft::SoftMmu;
 use codespace::mmu::Leaf;
 use codespace::module::{CodeModule, ModuleConfig, NewCode, Registries};
 use codespace::{
-    AllocatorConfig, CodeAllocator, CodeManager, ManagerConfig, ProtectionMode, PublishedCode,
-    WritableCode,
+    AllocatorConfig, CodeAllocator, CodeManager, ManagerConfig, PatchProtocol, ProtectionMode,
+    PublishedCode, WritableCode,
 };
 
 use crate::common::*;
@@ -37,11 +39,23 @@ pub struct World {
     pub writable: Vec<WritableCode>,
     pub published: Vec<PublishedCode>,
     pub wrapper: usize,
+    /// The #BP hook's table under the INT3 protocol.
+    pub sites: Option<&'static BreakpointSites>,
     _fillers: Vec<CodeAllocator<SoftMmu>>,
 }
 
 impl World {
     pub fn new(mode: ProtectionMode) -> World {
+        Self::with_sites(mode, None)
+    }
+
+    /// The world with slots patched under the INT3 protocol (`PatchProtocol::Int3`): a CPU that
+    /// fetches an INT3 in a slot goes where the #BP hook says.
+    pub fn int3(mode: ProtectionMode) -> World {
+        Self::with_sites(mode, Some(Box::leak(Box::new(BreakpointSites::new()))))
+    }
+
+    fn with_sites(mode: ProtectionMode, sites: Option<&'static BreakpointSites>) -> World {
         let machine = machine_for(1 << 14, mode);
         let manager = manager_on(
             &machine,
@@ -49,6 +63,7 @@ impl World {
             ManagerConfig {
                 max_code_space_size: GIB,
                 protection: mode,
+                patch_protocol: sites.map_or(PatchProtocol::AtomicStore, PatchProtocol::Int3),
                 ..ManagerConfig::default()
             },
         );
@@ -147,6 +162,7 @@ impl World {
             writable,
             published,
             wrapper,
+            sites,
             _fillers: fillers,
         };
         world.check("setup", true);
@@ -253,11 +269,32 @@ impl World {
         for cpu in 0..self.machine_cpus() {
             for t in &tables {
                 for i in 0..FUNCTIONS {
-                    out.push(executed_destination(&self.machine, cpu, t, i));
+                    out.push(self.destination(cpu, t, i));
                 }
             }
         }
         out
+    }
+
+    /// Where slot `i` of `t` sends CPU `cpu`: [`executed_destination`], or, when the CPU fetches
+    /// an INT3 there under the INT3 protocol, where the #BP hook resumes it (`None`: a stray
+    /// breakpoint).
+    fn destination(&self, cpu: usize, t: &JumpTableLayout, i: u32) -> Option<usize> {
+        let near = t.near_slot_addr(i).unwrap();
+        let mut head = [0; 1];
+        self.machine.exec_as(cpu, near, &mut head).unwrap();
+        let Some(sites) = self.sites.filter(|_| head[0] == INT3) else {
+            return executed_destination(&self.machine, cpu, t, i);
+        };
+        let resume = sites.resume_at(near + 1)?;
+        if Some(resume) != t.far_slot_addr(i) {
+            return Some(resume);
+        }
+        let mut target = [0; 8];
+        self.machine
+            .exec_as(cpu, resume + FAR_SLOT_TARGET_OFFSET, &mut target)
+            .unwrap();
+        Some(u64::from_le_bytes(target) as usize)
     }
 
     fn machine_cpus(&self) -> usize {
@@ -289,7 +326,7 @@ impl World {
         for cpu in 0..self.machine_cpus() {
             for t in &tables {
                 for i in 0..FUNCTIONS {
-                    let Some(to) = executed_destination(&self.machine, cpu, t, i) else {
+                    let Some(to) = self.destination(cpu, t, i) else {
                         panic!("{label}: CPU {cpu} slot {i} is INT3 with lazy compilation on");
                     };
                     let books = module.slot_target(i).unwrap();

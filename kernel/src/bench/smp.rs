@@ -1,5 +1,5 @@
 //! Rows whose cost depends on how many CPUs are online: publishing (one shootdown round),
-//! patching live slots (one serialization round), decommitting (one shootdown round, frames
+//! patching live slots (one serialization round; three under the INT3 protocol), decommitting (one shootdown round, frames
 //! freed after it). `cargo run -- bench` boots the bench with 1 CPU, then again with 2 and 4
 //! CPUs for these rows only.
 //!
@@ -9,10 +9,10 @@
 
 use codespace::code_object::CodeKind;
 use codespace::module::{CodeModule, ModuleConfig, NewCode};
-use codespace::{AllocatorConfig, CodeAllocator, CodeManager};
+use codespace::{AllocatorConfig, CodeAllocator, CodeManager, ManagerConfig};
 
 use super::{start, stop, Report, REPS, WARMUP};
-use crate::code::{KernelMmu, REGISTRIES};
+use crate::code::{self, KernelMmu, REGISTRIES};
 use crate::println;
 use crate::smp;
 
@@ -105,8 +105,28 @@ pub(super) fn run(r: &Report) {
     print_counts(&c);
     drop(a);
 
+    patch_rows(r, &m, "store, every CPU serializes");
+    // The same rows under the INT3 protocol (`PatchProtocol::Int3`): three rounds per patch.
+    let int3 = code::manager(
+        code::test_window(104),
+        ManagerConfig {
+            patch_protocol: code::int3_protocol(),
+            ..ManagerConfig::default()
+        },
+    )
+    .expect("manager");
+    patch_rows(r, &int3, "INT3 protocol");
+    // The modules' code goes after a grace period; this CPU is quiescent here.
+    // SAFETY: no generated code runs on this CPU and no lookup reference is held.
+    unsafe { crate::code::synchronize() };
+    REGISTRIES.grace().reclaim();
+}
+
+/// `patch_slot` and an 8-slot `patch_slots` on a module of `m`, under `m`'s patch protocol.
+fn patch_rows(r: &Report, m: &CodeManager<KernelMmu>, protocol: &str) {
+    let cpus = smp::online_cpus();
     let module = CodeModule::new(
-        &m,
+        m,
         &REGISTRIES,
         ModuleConfig {
             functions: 8,
@@ -122,25 +142,21 @@ pub(super) fn run(r: &Report) {
     });
     let mut flip = 0;
     let mut c = Counts::default();
-    let name = alloc::format!("[{cpus} cpu] patch_slot (store, every CPU serializes)");
+    let name = alloc::format!("[{cpus} cpu] patch_slot ({protocol})");
     r.measure(&name, 1, || {
         flip ^= 1;
-        timed(&m, &mut c, || {
+        timed(m, &mut c, || {
             module.patch_slot(0, targets[flip]).expect("patch")
         })
     });
     print_counts(&c);
     let mut c = Counts::default();
-    let name = alloc::format!("[{cpus} cpu] patch_slots, 8 slots in one round");
+    let name = alloc::format!("[{cpus} cpu] patch_slots, 8 slots at once ({protocol})");
     r.measure(&name, 8, || {
         flip ^= 1;
         let patches: [(u32, usize); 8] = core::array::from_fn(|i| (i as u32, targets[flip]));
-        timed(&m, &mut c, || module.patch_slots(&patches).expect("patch"))
+        timed(m, &mut c, || module.patch_slots(&patches).expect("patch"))
     });
     print_counts(&c);
     drop(module);
-    // The module's code goes after a grace period; this CPU is quiescent here.
-    // SAFETY: no generated code runs on this CPU and no lookup reference is held.
-    unsafe { crate::code::synchronize() };
-    REGISTRIES.grace().reclaim();
 }

@@ -13,6 +13,11 @@
 //! the patched module *above* it (small positive rel32, high byte `0x00`), and the patches
 //! alternate between the two groups, so both 4-byte halves of the slot change with every patch
 //! (checked at set-up: no half-old, half-new value is a valid encoding).
+//!
+//! [`run_with`] takes the manager's patch protocol. Under [`PatchProtocol::Int3`] a read may
+//! also see a patch in progress: INT3 over the first byte with the old or the new slot's other
+//! bytes (it counts as the implementation those bytes jump to), and a call that hits the INT3
+//! goes through the #BP hook to the new target ([`PatchingStats::breakpoint_resumes`]).
 
 use alloc::format;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -20,9 +25,10 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use codespace::code_object::CodeKind;
 use codespace::jump_table;
 use codespace::module::{CodeModule, ModuleConfig, NewCode};
+use codespace::{ManagerConfig, PatchProtocol};
 
 use super::common::{self, call0, load_u64, ret_const, settle, Phase, Stop};
-use crate::code::REGISTRIES;
+use crate::code::{self, REGISTRIES};
 use crate::smp;
 
 /// What the implementations return.
@@ -44,6 +50,11 @@ pub struct PatchingStats {
     pub unchecked: u64,
     /// Calls that returned each implementation's value.
     pub per_impl: [u64; 4],
+    /// Reads that saw a patch in progress (INT3 over the first byte; INT3 protocol only).
+    pub int3_reads: u64,
+    /// Calls that hit the INT3 of a patch in progress and were resumed by the #BP hook (all
+    /// CPUs, counted by the kernel's hook; INT3 protocol only).
+    pub breakpoint_resumes: u64,
 }
 
 /// Which implementation a result of patch window `[p, p2 + 1]` may be; `None` when all may.
@@ -58,12 +69,26 @@ fn possible(p: u64, p2: u64) -> Option<[bool; 4]> {
     Some(ok)
 }
 
-/// Runs `patches` patches on code-window slice `window` while the other CPUs call and read.
+/// Runs `patches` patches on code-window slice `window` while the other CPUs call and read,
+/// with the default patch protocol.
 ///
 /// # Panics
 /// On any violation (see the module docs), naming the CPU.
 pub fn run(window: usize, patches: u64) -> PatchingStats {
-    let mgr = common::manager(window);
+    run_with(window, patches, PatchProtocol::AtomicStore)
+}
+
+/// [`run`] with the manager patching slots per `protocol`.
+///
+/// # Panics
+/// As [`run`].
+pub fn run_with(window: usize, patches: u64, protocol: PatchProtocol) -> PatchingStats {
+    let config = ManagerConfig {
+        patch_protocol: protocol,
+        ..ManagerConfig::default()
+    };
+    let mgr = code::manager(code::test_window(window), config).expect("a code manager");
+    let resumes_before = code::breakpoint_resumes();
     // The lower module first: its code space takes the start of the window slice.
     let lower = CodeModule::new(&mgr, &REGISTRIES, ModuleConfig::default()).expect("module");
     let low: [usize; 2] = [2, 3].map(|i| {
@@ -105,6 +130,7 @@ pub fn run(window: usize, patches: u64) -> PatchingStats {
     let published = AtomicU64::new(0);
     let calls = AtomicU64::new(0);
     let reads = AtomicU64::new(0);
+    let int3_reads = AtomicU64::new(0);
     let unchecked = AtomicU64::new(0);
     let per_impl: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
     let ready = Phase::new();
@@ -112,6 +138,7 @@ pub fn run(window: usize, patches: u64) -> PatchingStats {
     let n = smp::online_cpus();
     let impl_of_value = |v: u64| VALUES.iter().position(|&x| u64::from(x) == v);
     let impl_of_bytes = |b: u64| encodings.iter().position(|&e| e == b);
+    let int3 = matches!(protocol, PatchProtocol::Int3(_));
 
     // Whether implementation `k`, seen by a CPU between publications `p` and `p2`, is recent.
     let check =
@@ -173,7 +200,15 @@ pub fn run(window: usize, patches: u64) -> PatchingStats {
                 let p = memory_published.load(Ordering::SeqCst);
                 let bytes = load_u64(slot);
                 let p2 = memory_published.load(Ordering::SeqCst);
-                let Some(k) = impl_of_bytes(bytes) else {
+                // INT3 protocol: INT3 over the first byte, the rest of the old or new slot.
+                let in_progress = int3 && bytes & 0xFF == 0xCC;
+                let whole = if in_progress {
+                    int3_reads.fetch_add(1, Ordering::Relaxed);
+                    (bytes & !0xFF) | 0xE9
+                } else {
+                    bytes
+                };
+                let Some(k) = impl_of_bytes(whole) else {
                     panic!(
                         "cpu {cpu}: read slot bytes {bytes:#018x}, which jump to no \
                          implementation (valid: {encodings:#018x?}): a torn or stray store"
@@ -213,6 +248,8 @@ pub fn run(window: usize, patches: u64) -> PatchingStats {
         reads: reads.load(Ordering::SeqCst),
         unchecked: unchecked.load(Ordering::SeqCst),
         per_impl: per_impl.each_ref().map(|c| c.load(Ordering::SeqCst)),
+        int3_reads: int3_reads.load(Ordering::SeqCst),
+        breakpoint_resumes: code::breakpoint_resumes() - resumes_before,
     };
     drop(m);
     drop(lower);
