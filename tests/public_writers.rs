@@ -31,6 +31,7 @@ const GUARDED: &[&str] = &[
     "Mmu",
     "Smp",
     "Poke",
+    "BreakpointSites",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
