@@ -51,8 +51,15 @@ struct Found {
 fn is_test_only(attrs: &[Attribute]) -> bool {
     attrs.iter().any(|a| {
         a.path().is_ident("cfg") && {
-            let text = a.meta.require_list().map(|l| l.tokens.to_string()).unwrap_or_default();
-            text == "test" || text == "loom" || text.starts_with("any (test") || text.contains("loom")
+            let text = a
+                .meta
+                .require_list()
+                .map(|l| l.tokens.to_string())
+                .unwrap_or_default();
+            text == "test"
+                || text == "loom"
+                || text.starts_with("any (test")
+                || text.contains("loom")
         }
     })
 }
@@ -67,7 +74,10 @@ fn has_safety_doc(attrs: &[Attribute]) -> bool {
 
 fn quote_lit(expr: &syn::Expr) -> String {
     match expr {
-        syn::Expr::Lit(syn::ExprLit { lit: syn::Lit::Str(s), .. }) => s.value(),
+        syn::Expr::Lit(syn::ExprLit {
+            lit: syn::Lit::Str(s),
+            ..
+        }) => s.value(),
         _ => String::new(),
     }
 }
@@ -83,7 +93,9 @@ fn collect(items: &[Item], file: &Path, out: &mut BTreeMap<String, Found>) {
     for item in items {
         match item {
             Item::Impl(imp) if !is_test_only(&imp.attrs) => {
-                let Some(owner) = last_ident(&imp.self_ty) else { continue };
+                let Some(owner) = last_ident(&imp.self_ty) else {
+                    continue;
+                };
                 // `impl Mmu for X86Mmu`: the trait's methods are checked on the trait itself.
                 if imp.trait_.is_some() || !GUARDED.contains(&owner.as_str()) {
                     continue;
@@ -130,7 +142,11 @@ fn collect(items: &[Item], file: &Path, out: &mut BTreeMap<String, Found>) {
 fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).expect("read src") {
         let path = entry.expect("dir entry").path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
         if path.is_dir() {
             // The host launcher and the software machine model touch no real memory.
             if name != "bin" && name != "soft" {
@@ -152,7 +168,11 @@ fn found_in_source() -> BTreeMap<String, Found> {
         let text = std::fs::read_to_string(&file).expect("read source");
         let parsed = syn::parse_file(&text)
             .unwrap_or_else(|e| panic!("{}: does not parse: {e}", file.display()));
-        collect(&parsed.items, file.strip_prefix(root).unwrap_or(&file), &mut out);
+        collect(
+            &parsed.items,
+            file.strip_prefix(root).unwrap_or(&file),
+            &mut out,
+        );
     }
     out
 }
@@ -167,7 +187,10 @@ fn listed() -> BTreeMap<String, (Kind, String)> {
             continue;
         }
         let (name, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
-        let (kind, why) = rest.trim_start().split_once(char::is_whitespace).unwrap_or((rest.trim(), ""));
+        let (kind, why) = rest
+            .trim_start()
+            .split_once(char::is_whitespace)
+            .unwrap_or((rest.trim(), ""));
         let name = name.to_owned();
         let kind = match Some(kind) {
             Some("read") => Kind::Read,
@@ -181,7 +204,10 @@ fn listed() -> BTreeMap<String, (Kind, String)> {
             "public_writers.txt:{}: a writer needs its reason",
             n + 1
         );
-        assert!(out.insert(name.clone(), (kind, why)).is_none(), "{name} listed twice");
+        assert!(
+            out.insert(name.clone(), (kind, why)).is_none(),
+            "{name} listed twice"
+        );
     }
     out
 }
@@ -195,7 +221,11 @@ fn every_public_writer_is_classified_and_unsafe_where_listed_so() {
             println!("{name:<44} {kind:<9} {}", f.file.display());
         }
     }
-    assert!(found.len() > 50, "the scan found only {} functions: is it broken?", found.len());
+    assert!(
+        found.len() > 50,
+        "the scan found only {} functions: is it broken?",
+        found.len()
+    );
     let listed = listed();
     let mut problems = Vec::new();
     for (name, f) in &found {
@@ -216,5 +246,9 @@ fn every_public_writer_is_classified_and_unsafe_where_listed_so() {
     for name in listed.keys().filter(|n| !found.contains_key(*n)) {
         problems.push(format!("{name} is listed but no longer exists"));
     }
-    assert!(problems.is_empty(), "public writers:\n  {}", problems.join("\n  "));
+    assert!(
+        problems.is_empty(),
+        "public writers:\n  {}",
+        problems.join("\n  ")
+    );
 }
