@@ -8,6 +8,7 @@
 //! step, which is all `CodeModule::drop` does before handing the books to the grace domain.
 //! Run with `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test --release --lib loom_`.
 
+use alloc::boxed::Box;
 use loom::cell::UnsafeCell;
 use loom::sync::Arc;
 
@@ -42,14 +43,18 @@ fn model(teardown: Teardown, rounds: usize) {
     // the broken order below does.
     builder.preemption_bound.get_or_insert(3);
     builder.check(move || {
-        let grace = Arc::new(GraceDomain::new());
+        // The table reuses freed handles after grace periods of this domain, so it needs it for
+        // as long as it lives; one small leak per explored execution.
+        let grace: &'static GraceDomain = Box::leak(Box::new(GraceDomain::new()));
         // SAFETY: CPUs 0 and 1 are the model's threads; no other index reads anything.
         unsafe { grace.set_possible_cpus(2) };
-        let table = Arc::new(CodePointerTable::with_capacity_and_trap(2, TRAP));
+        // SAFETY: TRAP stands for a trap stub; the model only compares entries with it.
+        let table = Arc::new(unsafe { CodePointerTable::with_capacity_and_trap(2, grace, TRAP) });
         let code = Arc::new(UnsafeCell::new(RET));
-        let h: CodePointer = table.allocate(CODE).unwrap();
+        // SAFETY: CODE stands for the module's live code (the cell), kept until the free below.
+        let h: CodePointer = unsafe { table.allocate(CODE) }.unwrap();
         let reader = {
-            let (grace, table, code) = (Arc::clone(&grace), Arc::clone(&table), Arc::clone(&code));
+            let (table, code) = (Arc::clone(&table), Arc::clone(&code));
             loom::thread::spawn(move || {
                 for _ in 0..rounds {
                     match table.get(h) {
@@ -66,7 +71,7 @@ fn model(teardown: Teardown, rounds: usize) {
             })
         };
         let ticket = match teardown {
-            Teardown::UnlinkThenTicket => unlink_then_defer(&grace, Some(&table), [h]),
+            Teardown::UnlinkThenTicket => unlink_then_defer(grace, Some(&table), [h]),
             Teardown::TicketFirst => grace.defer(),
         };
         while !grace.is_over(ticket) {
@@ -75,7 +80,8 @@ fn model(teardown: Teardown, rounds: usize) {
             loom::thread::yield_now();
         }
         if let Teardown::TicketFirst = teardown {
-            table.free(h).unwrap();
+            // SAFETY: the handle is this model's, freed once.
+            unsafe { table.free(h) }.unwrap();
         }
         // SAFETY: loom tracks the cell (see the reader): the free is a write to the code.
         unsafe { code.with_mut(|b| *b = FREED) };
