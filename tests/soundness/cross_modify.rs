@@ -371,3 +371,45 @@ fn xmc_int3_pending_patch_failing_again_is_not_reported_as_stored() {
     );
     assert_sound(&r.machine, &r.manager);
 }
+
+/// Review, item 2: the tables a pending INT3 patch stores into go with their module. The patch
+/// is finished before their space is released — else its sites stayed registered with resume
+/// targets in freed code, and a later step poked old slot bytes into whatever reused the range.
+/// While it cannot finish, the space stays (mapped, its sites meaningful) until it can.
+#[test]
+fn xmc_int3_pending_patch_finishes_before_its_tables_go() {
+    for fail_again in [false, true] {
+        let r = rig(int3);
+        r.warm();
+        let (slot, new, sites, regs) = (r.slot(), r.targets[1], r.sites, r.regs);
+        r.machine.fail_nth(CallKind::Sync, 0);
+        r.module.patch_slot(0, new).unwrap_err();
+        assert_eq!(sites.resume_at(slot + 1), Some(new), "pending");
+        if fail_again {
+            r.machine.fail_next(CallKind::Sync, u64::MAX);
+        }
+        drop(r.module);
+        assert_eq!(settle(regs), 1, "the dropped module's state");
+        if fail_again {
+            assert!(is_mapped(&r.manager, slot), "tables released under a pending patch");
+            assert_eq!(sites.resume_at(slot + 1), Some(new));
+            r.machine.clear_failures();
+            // The manager's next operation finishes the patch, then releases the space.
+            r.manager.code_spaces().unwrap();
+        }
+        assert_eq!(
+            sites.resume_at(slot + 1),
+            None,
+            "fail_again {fail_again}: a site outlives its table"
+        );
+        assert!(!is_mapped(&r.manager, slot), "fail_again {fail_again}");
+        // The range is reused: nothing of the old patch lands there.
+        let reuse = module(&r.manager, registries(), functions(2));
+        let table = first_table(&reuse);
+        let before = read(&r.manager, table.near_slot_addr(0).unwrap(), 8);
+        r.manager.code_spaces().unwrap();
+        assert_eq!(read(&r.manager, table.near_slot_addr(0).unwrap(), 8), before);
+        drop(reuse);
+        assert_sound(&r.machine, &r.manager);
+    }
+}
