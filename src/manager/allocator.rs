@@ -416,8 +416,8 @@ impl<M: Mmu> CodeAllocator<M> {
     /// # Errors
     /// [`CodeError::ForeignCode`], [`CodeError::NotPatchable`] for a table that is not patchable
     /// or an address outside the tables (any address, `usize::MAX` included: nothing is
-    /// stored); backend failures (nothing stored); [`CodeError::SyncFailed`] (stored, not
-    /// serialized everywhere).
+    /// stored); backend failures and [`CodeError::PatchPending`] (nothing stored);
+    /// [`CodeError::SyncFailed`] (stored, not serialized everywhere).
     pub unsafe fn patch(
         &self,
         tables: &[&PublishedCode],

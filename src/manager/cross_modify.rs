@@ -185,7 +185,7 @@ impl<M: Mmu> State<M> {
         } else {
             Some(table.register(sites).ok_or(CodeError::Busy)?)
         };
-        // Session A. `Mmu::poke` stores all or nothing (its contract), so on failure nothing
+        // Session A. `poke_stores` stores all or nothing (see there), so on failure nothing
         // was stored and no CPU could hit a new INT3: the sites go (a CPU that hit an INT3 that
         // was there before resumed at a new target; the slot was uncompiled, so that call had
         // no old target to keep).
@@ -300,18 +300,34 @@ impl<M: Mmu> State<M> {
         self.mmu.sync_cores().map_err(CodeError::SyncFailed)
     }
 
-    /// One private-alias session: each `(addr, value)` is one aligned 8-byte store, in order;
-    /// all of them land or none does (the [`Mmu::poke`] contract).
+    /// One private-alias session: each `(addr, value)` is one aligned 8-byte store, in order.
+    ///
+    /// All of them land or none does: every store is checked (its page committed and in the
+    /// session, the address 8-aligned) before the session, so no `store_u64` in it fails, and
+    /// [`Mmu::poke`] fails only before it runs `f` or with `f`'s own error (its contract).
+    /// The INT3 protocol relies on this: a failed session A leaves no new INT3 to clean up.
     fn poke_stores(&mut self, stores: &[(usize, u64)]) -> Result<(), CodeError> {
+        if let Some(&(addr, _)) = stores.iter().find(|(a, _)| !a.is_multiple_of(8)) {
+            return Err(CodeError::NotPatchable { addr });
+        }
         let (pages, committed) = super::write::session(
             &self.pages,
             stores.iter().map(|&(a, _)| a & !(PAGE_SIZE - 1)),
         )?;
+        // (alias page index, offset, value): every page is in `pages`, which `session` built
+        // from these very addresses.
+        let mut planned = Vec::with_capacity(stores.len());
+        for &(addr, value) in stores {
+            let page = addr & !(PAGE_SIZE - 1);
+            let i = pages
+                .iter()
+                .position(|&p| p == page)
+                .ok_or(MmuError::NotMapped { page })?;
+            planned.push((i, addr - page, value));
+        }
         let mut f = |poke: &mut dyn Poke| {
-            for &(addr, value) in stores {
-                let page = addr & !(PAGE_SIZE - 1);
-                let i = pages.iter().position(|&p| p == page).unwrap_or(usize::MAX);
-                poke.store_u64(i, addr - page, value)?;
+            for &(i, offset, value) in &planned {
+                poke.store_u64(i, offset, value)?;
             }
             Ok(())
         };

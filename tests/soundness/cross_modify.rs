@@ -391,7 +391,10 @@ fn xmc_int3_pending_patch_finishes_before_its_tables_go() {
         drop(r.module);
         assert_eq!(settle(regs), 1, "the dropped module's state");
         if fail_again {
-            assert!(is_mapped(&r.manager, slot), "tables released under a pending patch");
+            assert!(
+                is_mapped(&r.manager, slot),
+                "tables released under a pending patch"
+            );
             assert_eq!(sites.resume_at(slot + 1), Some(new));
             r.machine.clear_failures();
             // The manager's next operation finishes the patch, then releases the space.
@@ -408,7 +411,10 @@ fn xmc_int3_pending_patch_finishes_before_its_tables_go() {
         let table = first_table(&reuse);
         let before = read(&r.manager, table.near_slot_addr(0).unwrap(), 8);
         r.manager.code_spaces().unwrap();
-        assert_eq!(read(&r.manager, table.near_slot_addr(0).unwrap(), 8), before);
+        assert_eq!(
+            read(&r.manager, table.near_slot_addr(0).unwrap(), 8),
+            before
+        );
         drop(reuse);
         assert_sound(&r.machine, &r.manager);
     }
