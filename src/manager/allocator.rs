@@ -416,8 +416,8 @@ impl<M: Mmu> CodeAllocator<M> {
     /// # Errors
     /// [`CodeError::ForeignCode`], [`CodeError::NotPatchable`] for a table that is not patchable
     /// or an address outside the tables (any address, `usize::MAX` included: nothing is
-    /// stored); backend failures (nothing stored); [`CodeError::SyncFailed`] (stored, not
-    /// serialized everywhere).
+    /// stored); backend failures and [`CodeError::PatchPending`] (nothing stored);
+    /// [`CodeError::SyncFailed`] (stored, not serialized everywhere).
     pub unsafe fn patch(
         &self,
         tables: &[&PublishedCode],
@@ -608,6 +608,8 @@ impl<M: Mmu> CodeAllocator<M> {
             .free
             .merged_extent(range)
             .map_err(|_| Freeing::NotFreed(CodeError::InvalidSize { size: range.size() }))?;
+        // A pending INT3 patch's slots in the range are finished first (nothing freed if not).
+        state.settle_int3_in(range).map_err(Freeing::NotFreed)?;
         // V8's rule: decommit the whole pages that are now free and touch the freed range.
         let start = page_round_up(merged.start())
             .unwrap_or(usize::MAX)

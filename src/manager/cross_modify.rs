@@ -132,13 +132,13 @@ impl<M: Mmu> State<M> {
     ///
     /// [`BreakpointSites`]: crate::breakpoint::BreakpointSites
     pub(crate) fn patch_slots(&mut self, stores: &[SlotStore]) -> Result<(), CodeError> {
-        self.finish_int3()?;
+        self.finish_before_patch()?;
         if let Some(s) = stores.iter().find(|s| !s.addr().is_multiple_of(8)) {
             return Err(CodeError::NotPatchable { addr: s.addr() });
         }
         let PatchProtocol::Int3(table) = self.config.patch_protocol else {
             let plain: Vec<(usize, u64)> = stores.iter().map(|s| (s.addr(), s.value())).collect();
-            return self.patch(&plain);
+            return self.store_and_sync(&plain);
         };
         // Data stores in order, then each jump slot's last value.
         let mut data: Vec<(usize, u64)> = Vec::new();
@@ -166,7 +166,7 @@ impl<M: Mmu> State<M> {
             }
         }
         if changing.is_empty() {
-            return self.patch(&data);
+            return self.store_and_sync(&data);
         }
         let mut slots = Vec::new();
         let mut sites = Vec::new();
@@ -185,9 +185,10 @@ impl<M: Mmu> State<M> {
         } else {
             Some(table.register(sites).ok_or(CodeError::Busy)?)
         };
-        // Session A. On failure nothing was stored, and no CPU could hit a new INT3: the sites
-        // go (a CPU that hit an INT3 that was there before resumed at a new target; the slot
-        // was uncompiled, so that call had no old target to keep).
+        // Session A. `poke_stores` stores all or nothing (see there), so on failure nothing
+        // was stored and no CPU could hit a new INT3: the sites go (a CPU that hit an INT3 that
+        // was there before resumed at a new target; the slot was uncompiled, so that call had
+        // no old target to keep).
         self.poke_stores(&data)?;
         self.int3 = Some(Int3Patch {
             slots,
@@ -205,14 +206,11 @@ impl<M: Mmu> State<M> {
         let Some(mut patch) = self.int3.take() else {
             return Ok(());
         };
+        // No page of a pending patch is freed or decommitted (`settle_int3_in`), so every
+        // error here, `NotMapped` included, is a backend failure to retry, never "gone".
         let result = self.run_int3(&mut patch);
         match result {
             Ok(()) => Ok(()), // `patch` drops here: its sites go after the last round
-            Err(CodeError::Mmu(MmuError::NotMapped { .. })) => {
-                // The tables were decommitted since (their module went, after a grace period):
-                // no CPU executes the slots any more, nothing is left to finish.
-                Ok(())
-            }
             Err(e) => {
                 self.int3 = Some(patch);
                 Err(match e {
@@ -221,6 +219,32 @@ impl<M: Mmu> State<M> {
                 })
             }
         }
+    }
+
+    /// [`finish_int3`](Self::finish_int3) before an operation that stores or frees: a
+    /// failure is [`CodeError::PatchPending`] — nothing of the operation happened — never
+    /// [`CodeError::SyncFailed`], which callers read as "this call's stores landed".
+    pub(crate) fn finish_before_patch(&mut self) -> Result<(), CodeError> {
+        self.finish_int3().map_err(|e| match e {
+            CodeError::SyncFailed(e) | CodeError::Mmu(e) => CodeError::PatchPending(e),
+            e => e,
+        })
+    }
+
+    /// Before `range` is freed or its code space released: a pending INT3 patch with a slot in
+    /// it is finished first, so no site stays registered with a resume target there, and no
+    /// later step stores old bytes into pages a new owner got. A failure refuses the free
+    /// ([`CodeError::PatchPending`], nothing freed): the range stays allocated (the module
+    /// retries the free, a dropped allocator's space stays orphaned) until the patch finished.
+    pub(crate) fn settle_int3_in(&mut self, range: crate::AddressRange) -> Result<(), CodeError> {
+        let touches = self
+            .int3
+            .as_ref()
+            .is_some_and(|p| p.slots.iter().any(|&(addr, ..)| range.contains(addr)));
+        if touches {
+            self.finish_before_patch()?;
+        }
+        Ok(())
     }
 
     fn run_int3(&mut self, patch: &mut Int3Patch) -> Result<(), CodeError> {
@@ -268,23 +292,49 @@ impl<M: Mmu> State<M> {
         }
     }
 
+    /// The [`AtomicStore`](PatchProtocol::AtomicStore) protocol: one alias session with every
+    /// store ([`poke_stores`](Self::poke_stores)), then one serialization round. Stores are
+    /// 8-aligned (checked by the caller) and no INT3 patch is pending.
+    pub(super) fn store_and_sync(&mut self, stores: &[(usize, u64)]) -> Result<(), CodeError> {
+        self.poke_stores(stores)?;
+        self.mmu.sync_cores().map_err(CodeError::SyncFailed)
+    }
+
     /// One private-alias session: each `(addr, value)` is one aligned 8-byte store, in order.
+    ///
+    /// All of them land or none does: every store is checked (its page committed and in the
+    /// session, the address 8-aligned) before the session, so no `store_u64` in it fails, and
+    /// [`Mmu::poke`] fails only before it runs `f` or with `f`'s own error (its contract).
+    /// The INT3 protocol relies on this: a failed session A leaves no new INT3 to clean up.
     fn poke_stores(&mut self, stores: &[(usize, u64)]) -> Result<(), CodeError> {
+        if let Some(&(addr, _)) = stores.iter().find(|(a, _)| !a.is_multiple_of(8)) {
+            return Err(CodeError::NotPatchable { addr });
+        }
         let (pages, committed) = super::write::session(
             &self.pages,
             stores.iter().map(|&(a, _)| a & !(PAGE_SIZE - 1)),
         )?;
+        // (alias page index, offset, value): every page is in `pages`, which `session` built
+        // from these very addresses.
+        let mut planned = Vec::with_capacity(stores.len());
+        for &(addr, value) in stores {
+            let page = addr & !(PAGE_SIZE - 1);
+            let i = pages
+                .iter()
+                .position(|&p| p == page)
+                .ok_or(MmuError::NotMapped { page })?;
+            planned.push((i, addr - page, value));
+        }
         let mut f = |poke: &mut dyn Poke| {
-            for &(addr, value) in stores {
-                let page = addr & !(PAGE_SIZE - 1);
-                let i = pages.iter().position(|&p| p == page).unwrap_or(usize::MAX);
-                poke.store_u64(i, addr - page, value)?;
+            for &(i, offset, value) in &planned {
+                poke.store_u64(i, offset, value)?;
             }
             Ok(())
         };
-        // SAFETY: whole aligned slots of published tables (checked by the allocator): data
-        // slots, or a near slot's step of the INT3 protocol — a CPU executing one sees the old
-        // slot, the INT3 (resumed by the #BP hook) or the new slot.
+        // SAFETY: whole aligned slots of published tables or pointer slots the caller owns
+        // (checked by the allocator): data slots, a near slot's step of the INT3 protocol — a
+        // CPU executing one sees the old slot, the INT3 (resumed by the #BP hook) or the new
+        // slot — or, under `AtomicStore`, a whole jump slot (the old or the new slot).
         unsafe { self.mmu.poke(&committed, &mut f) }?;
         Ok(())
     }

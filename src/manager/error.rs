@@ -63,6 +63,11 @@ pub enum CodeError {
     /// The stores landed, but a CPU did not acknowledge serializing: it may run the old bytes
     /// until it next serializes (an interrupt or `iretq` does).
     SyncFailed(MmuError),
+    /// An earlier INT3 patch (one that answered [`SyncFailed`](Self::SyncFailed)) could not be
+    /// finished first: a CPU did not acknowledge serializing again. Nothing of this call was
+    /// stored or freed; the earlier patch stays pending (its sites registered) and is retried
+    /// by the next operation.
+    PatchPending(MmuError),
     /// Flip mode: a page was written but could not be made executable again. It stays RW+NX
     /// (never writable and executable), so published code sharing it cannot run until the next
     /// operation of the manager makes it R+X again.
@@ -100,6 +105,9 @@ impl fmt::Display for CodeError {
             CodeError::CpuUnsupported(e) => write!(f, "CPU unsupported: {e}"),
             CodeError::FlushFailed(e) => write!(f, "TLB flush incomplete: {e}"),
             CodeError::SyncFailed(e) => write!(f, "stored, but cores not serialized: {e}"),
+            CodeError::PatchPending(e) => {
+                write!(f, "an earlier patch is unfinished, nothing done: {e}")
+            }
             CodeError::NotRestored(e) => {
                 write!(f, "written, but the page is not executable again yet: {e}")
             }

@@ -411,11 +411,13 @@ impl<M: Mmu> State<M> {
     ///
     /// # Errors
     /// [`CodeError::PartialDecommit`] or [`CodeError::FlushFailed`]: the space is kept (with
-    /// what stayed committed) so a later release can finish.
+    /// what stayed committed) so a later release can finish. [`CodeError::PatchPending`]: a
+    /// pending INT3 patch has a slot in the space and could not be finished; nothing changed.
     pub(crate) fn release(&mut self, usable: AddressRange) -> Result<(), CodeError> {
         let Some(space) = self.spaces.get(&usable.start()).copied() else {
             return Ok(());
         };
+        self.settle_int3_in(usable)?;
         self.decommit(usable)?;
         self.spaces.remove(&usable.start());
         self.reserved -= space.usable.size();

@@ -241,25 +241,10 @@ impl<M: Mmu> State<M> {
     /// This is the [`AtomicStore`](super::PatchProtocol::AtomicStore) protocol for every store,
     /// whatever the configuration: [`State::patch_slots`] applies the configured one.
     pub(crate) fn patch(&mut self, stores: &[(usize, u64)]) -> Result<(), CodeError> {
-        self.finish_int3()?;
+        self.finish_before_patch()?;
         if let Some(&(addr, _)) = stores.iter().find(|(a, _)| !a.is_multiple_of(8)) {
             return Err(CodeError::NotPatchable { addr });
         }
-        let (pages, committed) = session(
-            &self.pages,
-            stores.iter().map(|(a, _)| a & !(PAGE_SIZE - 1)),
-        )?;
-        let mut store = |poke: &mut dyn crate::mmu::Poke| {
-            for &(addr, value) in stores {
-                let page = addr & !(PAGE_SIZE - 1);
-                let i = pages.iter().position(|&p| p == page).unwrap_or(usize::MAX);
-                poke.store_u64(i, addr - page, value)?;
-            }
-            Ok(())
-        };
-        // SAFETY: each store is one aligned 8-byte store into a jump table or pointer slot the
-        // caller owns (checked by the allocator): executing code sees the old or the new slot.
-        unsafe { self.mmu.poke(&committed, &mut store) }?;
-        self.mmu.sync_cores().map_err(CodeError::SyncFailed)
+        self.store_and_sync(stores)
     }
 }

@@ -201,7 +201,11 @@ pub unsafe trait Mmu {
     /// Implementations must keep it that narrow; audits of the page tables never see the alias.
     ///
     /// # Errors
-    /// More than [`MAX_POKE_PAGES`] pages, a backend failure, or what `f` returned.
+    /// More than [`MAX_POKE_PAGES`] pages, a backend failure, or what `f` returned. A backend
+    /// failure comes before `f` runs: nothing was written. When `f` fails, its error is
+    /// returned as is and what it wrote before failing stays written (no rollback): a caller
+    /// that needs all-or-nothing checks its stores before the session, so `f` cannot fail
+    /// after its first store.
     ///
     /// # Safety
     /// What `f` writes is either not executing anywhere or a single aligned 8-byte store that

@@ -5,7 +5,9 @@
 //! reach an existing table within ±2 GiB. Generated code calls other functions only through its
 //! own space's table: a [`RelocKind::CallSlot`](crate::code_object::RelocKind) relocation is
 //! resolved to that table's slot when the code is copied in. Replacing a function is one aligned
-//! 8-byte store per table, through the private alias, and one serialization of every CPU.
+//! 8-byte store per table, through the private alias, and one serialization of every CPU — or,
+//! under [`PatchProtocol::Int3`](crate::manager::PatchProtocol::Int3), three stores per slot
+//! in three alias sessions, each followed by a serialization round.
 //!
 //! # Concurrency
 //! All methods take `&self`. The module's books live behind an [`IrqLock`], held with interrupts
@@ -284,7 +286,8 @@ impl<M: Mmu + Send + 'static> CodeModule<M> {
     }
 
     /// Adds many objects at once, all or nothing: one publish (one shootdown round), one trap
-    /// and PC-lookup registration step, one slot patch (one serialization round).
+    /// and PC-lookup registration step, one slot patch (one serialization round, or the INT3
+    /// protocol's three: see [`patch_slots`](Self::patch_slots)).
     ///
     /// # Errors
     /// As [`add_code`](Self::add_code); an index given twice is [`ModuleError::BadIndex`].
@@ -326,12 +329,23 @@ impl<M: Mmu + Send + 'static> CodeModule<M> {
         self.patch_slots(&[(index, target)])
     }
 
-    /// Several [`patch_slot`](Self::patch_slot)s in one alias session and one serialization
-    /// round. Callable from interrupt context (it answers [`ModuleError::Busy`] if the module
-    /// lock is held elsewhere).
+    /// Several [`patch_slot`](Self::patch_slot)s at once, per the manager's
+    /// [`PatchProtocol`](crate::manager::PatchProtocol): one alias session and one
+    /// serialization round, or under [`Int3`](crate::manager::PatchProtocol::Int3) three of
+    /// each (and a pending INT3 patch's remaining rounds first).
+    ///
+    /// Callable from interrupt context: it answers [`ModuleError::Busy`] if the module lock
+    /// is held elsewhere instead of spinning. It does allocate (the list of stores), and each
+    /// serialization round is an IPI to every other CPU waited for with interrupts off, so
+    /// under `Int3` a handler waits through three rounds. It is not refused for that: the
+    /// wait is of the same kind as `AtomicStore`'s one round (other CPUs acknowledge from
+    /// their IPI handler, which does not need this CPU's interrupts), and `Busy` means a held
+    /// lock, retried later — not a cost. A handler that cannot afford the rounds should defer
+    /// the patch to a context with interrupts on.
     ///
     /// # Errors
-    /// As `patch_slot`; all or nothing.
+    /// As `patch_slot`; all or nothing. [`CodeError::PatchPending`](crate::CodeError::PatchPending):
+    /// an earlier INT3 patch's rounds failed again, nothing changed.
     pub fn patch_slots(&self, patches: &[(u32, usize)]) -> Result<(), ModuleError> {
         let changes: Vec<(u32, Option<usize>)> =
             patches.iter().map(|&(i, t)| (i, Some(t))).collect();

@@ -208,7 +208,9 @@ impl<M: Mmu> ModuleState<M> {
         match patched {
             // Stored (and maybe not yet seen everywhere): the books follow the slots. Until a
             // serialization round succeeds, a CPU may still jump to an old target: `reclaim`
-            // frees nothing retired before one has.
+            // frees nothing retired before one has. (`SyncFailed` means this call's stores
+            // landed; an earlier INT3 patch that could not be finished first is
+            // `PatchPending`, nothing stored, and lands in the arm below.)
             Ok(()) | Err(crate::manager::CodeError::SyncFailed(_)) => {
                 self.needs_sync = patched.is_err();
                 let mut untargeted = Vec::new();

@@ -25,6 +25,7 @@ struct Rig {
     machine: SoftMmu,
     manager: CodeManager<SoftMmu>,
     module: CodeModule<SoftMmu>,
+    regs: &'static codespace::module::Registries,
     sites: &'static BreakpointSites,
     layout: JumpTableLayout,
     /// Two implementations in rel32 reach of the table.
@@ -37,7 +38,8 @@ fn rig(protocol: impl FnOnce(&'static BreakpointSites) -> PatchProtocol) -> Rig 
         patch_protocol: protocol(sites),
         ..ManagerConfig::default()
     });
-    let module = module(&manager, registries(), functions(2));
+    let regs = registries();
+    let module = module(&manager, regs, functions(2));
     let targets = [0xB8u8, 0xB9].map(|op| {
         module
             .add_code(&NewCode::new(CodeKind::Wrapper, &[op, 1, 0, 0, 0, 0xC3]))
@@ -50,6 +52,7 @@ fn rig(protocol: impl FnOnce(&'static BreakpointSites) -> PatchProtocol) -> Rig 
         machine,
         manager,
         module,
+        regs,
         sites,
         layout,
         targets,
@@ -317,4 +320,102 @@ fn xmc_int3_raw_patch_slots_checks_jump_values() {
         assert_eq!(r, Err(CodeError::NotPatchable { addr }));
     }
     assert_sound(&machine, &m);
+}
+
+/// `(code, wrapper bytes)`: the bytes each rig target starts with while it is live.
+fn live_bytes(r: &Rig, target: usize) -> Option<[u8; 6]> {
+    let mut b = [0; 6];
+    r.machine.exec_as(0, target, &mut b).ok()?;
+    Some(b)
+}
+
+/// Review, item 1: when the pending patch's round fails again, a new patch stores nothing — and
+/// must say so (not `SyncFailed`, which the module reads as "stored": it would move its books
+/// to the new target and free the old one, which the slot still jumps to).
+#[test]
+fn xmc_int3_pending_patch_failing_again_is_not_reported_as_stored() {
+    let r = rig(int3);
+    r.warm();
+    let [old, new] = r.targets;
+    // The first patch's first round, then both tries of the second call (the manager lock's
+    // `finish_pending`, the patch's own finish) fail.
+    r.machine.fail_next(CallKind::Sync, 3);
+    let first = r.module.patch_slot(0, new).unwrap_err();
+    assert!(
+        matches!(first, ModuleError::Code(CodeError::SyncFailed(_))),
+        "{first:?}"
+    );
+    let pokes = r.pokes();
+    let second = r.module.patch_slot(0, old).unwrap_err();
+    assert_eq!(r.pokes(), pokes, "nothing of the second call stored");
+    // The slot goes to `new` once the pending patch finishes: freeing it must keep it.
+    let freed = r.module.free_code(new);
+    pass_grace(r.regs);
+    r.module.reclaim().unwrap();
+    r.module.patch_slot(1, old).unwrap(); // finishes the pending patch
+    for cpu in 0..4 {
+        assert_eq!(r.call(cpu), Some(new));
+    }
+    assert_eq!(
+        live_bytes(&r, new),
+        Some([0xB9, 1, 0, 0, 0, 0xC3]),
+        "the slot leads to freed code"
+    );
+    assert!(
+        matches!(second, ModuleError::Code(CodeError::PatchPending(_))),
+        "{second:?}"
+    );
+    assert!(
+        matches!(freed, Err(ModuleError::StillTargeted { start }) if start == new),
+        "{freed:?}"
+    );
+    assert_sound(&r.machine, &r.manager);
+}
+
+/// Review, item 2: the tables a pending INT3 patch stores into go with their module. The patch
+/// is finished before their space is released — else its sites stayed registered with resume
+/// targets in freed code, and a later step poked old slot bytes into whatever reused the range.
+/// While it cannot finish, the space stays (mapped, its sites meaningful) until it can.
+#[test]
+fn xmc_int3_pending_patch_finishes_before_its_tables_go() {
+    for fail_again in [false, true] {
+        let r = rig(int3);
+        r.warm();
+        let (slot, new, sites, regs) = (r.slot(), r.targets[1], r.sites, r.regs);
+        r.machine.fail_nth(CallKind::Sync, 0);
+        r.module.patch_slot(0, new).unwrap_err();
+        assert_eq!(sites.resume_at(slot + 1), Some(new), "pending");
+        if fail_again {
+            r.machine.fail_next(CallKind::Sync, u64::MAX);
+        }
+        drop(r.module);
+        assert_eq!(settle(regs), 1, "the dropped module's state");
+        if fail_again {
+            assert!(
+                is_mapped(&r.manager, slot),
+                "tables released under a pending patch"
+            );
+            assert_eq!(sites.resume_at(slot + 1), Some(new));
+            r.machine.clear_failures();
+            // The manager's next operation finishes the patch, then releases the space.
+            r.manager.code_spaces().unwrap();
+        }
+        assert_eq!(
+            sites.resume_at(slot + 1),
+            None,
+            "fail_again {fail_again}: a site outlives its table"
+        );
+        assert!(!is_mapped(&r.manager, slot), "fail_again {fail_again}");
+        // The range is reused: nothing of the old patch lands there.
+        let reuse = module(&r.manager, registries(), functions(2));
+        let table = first_table(&reuse);
+        let before = read(&r.manager, table.near_slot_addr(0).unwrap(), 8);
+        r.manager.code_spaces().unwrap();
+        assert_eq!(
+            read(&r.manager, table.near_slot_addr(0).unwrap(), 8),
+            before
+        );
+        drop(reuse);
+        assert_sound(&r.machine, &r.manager);
+    }
 }
