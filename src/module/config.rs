@@ -46,9 +46,10 @@ pub struct NewCode<'a> {
     pub protected: &'a [u32],
     /// Offset of the landing pad where a protected fault resumes (r10 = faulting PC).
     pub landing_pad: Option<u32>,
-    /// The fault addresses protected instructions may take (e.g. a linear memory's guard
-    /// region); a fault elsewhere is not the code's to handle. `None`: any address.
-    pub fault_range: Option<crate::AddressRange>,
+    /// The fault addresses protected instructions may take (e.g. each linear memory's
+    /// reservation with its guard region, the null page range); a fault in none of them is not
+    /// the code's to handle. Empty: any address.
+    pub fault_ranges: &'a [crate::AddressRange],
     /// Fields to resolve once the address is known.
     pub relocations: &'a [Relocation],
     /// `(pc_offset, source_offset)` pairs, sorted.
@@ -67,7 +68,7 @@ impl<'a> NewCode<'a> {
             bytes,
             protected: &[],
             landing_pad: None,
-            fault_range: None,
+            fault_ranges: &[],
             relocations: &[],
             source_positions: &[],
             name: None,

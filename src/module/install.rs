@@ -231,8 +231,9 @@ impl<M: Mmu> ModuleState<M> {
                     TrapRegistration {
                         code: s.object.instructions(),
                         protected: new.protected,
+                        sites: &[],
                         landing_pad: s.code.start() + pad as usize,
-                        fault_range: new.fault_range,
+                        fault_ranges: new.fault_ranges,
                     },
                 ))
             })
