@@ -154,6 +154,20 @@ pub enum ModuleError {
     },
     /// The module's lock was held and the caller runs with interrupts disabled.
     Busy,
+    /// The image was not loaded by this module, or was unpublished already.
+    UnknownImage,
+    /// The image's text is published already (an image is published once).
+    ImageAlreadyPublished,
+    /// The text range to publish is empty or not page aligned at both ends.
+    ImageTextUnaligned {
+        /// The range given.
+        text: crate::AddressRange,
+    },
+    /// The text range to publish does not lie inside the image's pages.
+    ImageTextOutside {
+        /// The range given.
+        text: crate::AddressRange,
+    },
 }
 
 impl fmt::Display for ModuleError {
@@ -194,6 +208,14 @@ impl fmt::Display for ModuleError {
                 write!(f, "{functions} functions do not fit")
             }
             ModuleError::Busy => f.write_str("module lock held; interrupts disabled, not waiting"),
+            ModuleError::UnknownImage => f.write_str("not an image loaded by this module"),
+            ModuleError::ImageAlreadyPublished => f.write_str("the image is published already"),
+            ModuleError::ImageTextUnaligned { text } => {
+                write!(f, "text {text:?} is empty or not page aligned")
+            }
+            ModuleError::ImageTextOutside { text } => {
+                write!(f, "text {text:?} lies outside the image")
+            }
         }
     }
 }
