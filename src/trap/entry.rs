@@ -306,8 +306,12 @@ impl<'a> EntryRef<'a> {
     /// registration could have only one: a flag test and two compares.
     #[inline]
     pub(super) fn accepts(&self, addr: usize) -> bool {
-        let ranges = self.fault_ranges();
-        ranges.is_empty() || ranges.iter().any(|&[s, e]| s <= addr && addr < e)
+        match self.fault_ranges() {
+            [] => true,
+            // The usual case, without a loop.
+            [[s, e]] => *s <= addr && addr < *e,
+            ranges => ranges.iter().any(|&[s, e]| s <= addr && addr < e),
+        }
     }
 
     /// The offsets as whole words (padding included).
