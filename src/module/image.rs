@@ -224,6 +224,14 @@ impl<M: Mmu + Send + 'static> CodeModule<M> {
                     return Err(e.into());
                 }
             };
+            // Every code space of the module reaches a jump table before code lands in it
+            // (later code may be allocated next to the image).
+            if let Err(e) = s.ensure_tables_for(pages.range().start()) {
+                // SAFETY: never executable and never handed out: nothing runs or reads it.
+                let _ = unsafe { s.allocator.free_image(pages) };
+                s.undo_new_spaces(before);
+                return Err(e);
+            }
             let start = pages.range().start() + LEAD;
             let image = Image {
                 serial: IMAGE_SERIALS.fetch_add(1, Ordering::Relaxed),
