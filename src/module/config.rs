@@ -42,8 +42,13 @@ pub struct NewCode<'a> {
     pub index: Option<u32>,
     /// Machine code, position-independent but for `relocations`.
     pub bytes: &'a [u8],
-    /// Offsets of loads/stores that may hit a guard page.
+    /// Offsets of loads/stores that may hit a guard page (#PF).
     pub protected: &'a [u32],
+    /// Offsets of instructions that trap with another exception, and which (`ud2`: #UD, an
+    /// integer division: #DE); found by
+    /// [`TrapTable::lookup_trap`](crate::trap::TrapTable::lookup_trap). #PF sites may be given
+    /// here too (they join `protected`).
+    pub sites: &'a [(u32, crate::trap::TrapVector)],
     /// Offset of the landing pad where a protected fault resumes (r10 = faulting PC).
     pub landing_pad: Option<u32>,
     /// The fault addresses protected instructions may take (e.g. each linear memory's
@@ -67,6 +72,7 @@ impl<'a> NewCode<'a> {
             index: None,
             bytes,
             protected: &[],
+            sites: &[],
             landing_pad: None,
             fault_ranges: &[],
             relocations: &[],
@@ -100,7 +106,8 @@ pub enum ModuleError {
         /// The index given.
         index: u32,
     },
-    /// Protected instructions without a landing pad, or a landing pad outside the code.
+    /// Protected instructions or trap sites without a landing pad, or a landing pad outside the
+    /// code.
     BadLandingPad,
     /// A relocation does not fit its instruction (not a rel32 call/jump, out of reach, or
     /// overlapping another relocation).

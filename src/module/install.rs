@@ -34,7 +34,10 @@ impl<M: Mmu> ModuleState<M> {
                     return Err(ModuleError::BadIndex { index });
                 }
             }
-            match (new.protected.is_empty(), new.landing_pad) {
+            match (
+                new.protected.is_empty() && new.sites.is_empty(),
+                new.landing_pad,
+            ) {
                 (true, _) => {}
                 (false, Some(pad)) if (pad as usize) < new.bytes.len() => {}
                 (false, _) => return Err(ModuleError::BadLandingPad),
@@ -225,13 +228,14 @@ impl<M: Mmu> ModuleState<M> {
             .zip(staged.iter())
             .enumerate()
             .filter_map(|(i, (new, s))| {
-                let pad = new.landing_pad.filter(|_| !new.protected.is_empty())?;
+                let traps = !new.protected.is_empty() || !new.sites.is_empty();
+                let pad = new.landing_pad.filter(|_| traps)?;
                 Some((
                     i,
                     TrapRegistration {
                         code: s.object.instructions(),
                         protected: new.protected,
-                        sites: &[],
+                        sites: new.sites,
                         landing_pad: s.code.start() + pad as usize,
                         fault_ranges: new.fault_ranges,
                     },

@@ -16,8 +16,20 @@ fn table() -> TrapTable {
     TrapTable::new(grace())
 }
 
-/// `(start, size, offsets, landing offset, fault ranges)`.
-type Reg = (usize, usize, Vec<u32>, usize, Vec<(usize, usize)>);
+/// `(start, size, offsets, landing offset, fault ranges, sites with a vector number)`.
+type Reg = (
+    usize,
+    usize,
+    Vec<u32>,
+    usize,
+    Vec<(usize, usize)>,
+    Vec<(u32, u8)>,
+);
+
+/// The vector class of a generated site: #DE, #UD or #PF.
+fn vector(n: u8) -> TrapVector {
+    TrapVector::ALL[n as usize % 3]
+}
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -41,7 +53,8 @@ fn one_registration() -> impl Strategy<Value = Reg> {
             1 => prop::collection::vec(0..max, 0..8),
         ];
         let fault = prop::collection::vec((0..64usize, 0..64usize), 0..4);
-        (Just(start), Just(size), offsets, 0..size + 2, fault)
+        let sites = prop::collection::vec((0..max, 0..3u8), 0..6);
+        (Just(start), Just(size), offsets, 0..size + 2, fault, sites)
     })
 }
 
@@ -56,7 +69,21 @@ fn op() -> impl Strategy<Value = Op> {
 
 struct ModelEntry {
     handle: TrapHandle,
+    /// Code, #PF offsets (given as `protected` or as #PF sites), landing pad, fault ranges.
     reg: (AddressRange, Vec<u32>, usize, Vec<AddressRange>),
+    /// Sites of other vectors.
+    others: Vec<(u32, TrapVector)>,
+}
+
+fn model_trap(model: &[ModelEntry], vector: TrapVector, pc: usize) -> Option<TrapHit> {
+    let e = model.iter().find(|e| e.reg.0.contains(pc))?;
+    let offset = (pc - e.reg.0.start()) as u32;
+    (vector != TrapVector::PageFault && e.others.contains(&(offset, vector))).then_some(TrapHit {
+        code: e.reg.0,
+        landing_pad: e.reg.2,
+        offset,
+        vector,
+    })
 }
 
 fn model_lookup(model: &[ModelEntry], pc: usize, addr: Option<usize>) -> Option<TrapHit> {
@@ -89,10 +116,14 @@ proptest! {
                         .iter()
                         .map(|g| g.4.iter().map(|&(a, b)| r(a, b)).collect())
                         .collect();
-                    let regs: Vec<_> = batch.iter().zip(&ranges).map(|((start, size, offs, land, _), fault)| TrapRegistration {
+                    let sites: Vec<Vec<(u32, TrapVector)>> = batch
+                        .iter()
+                        .map(|g| g.5.iter().map(|&(o, v)| (o, vector(v))).collect())
+                        .collect();
+                    let regs: Vec<_> = batch.iter().zip(ranges.iter().zip(&sites)).map(|((start, size, offs, land, _, _), (fault, sites))| TrapRegistration {
                         code: r(*start, start + size),
                         protected: offs,
-                        sites: &[],
+                        sites,
                         landing_pad: start + land,
                         fault_ranges: fault,
                     }).collect();
@@ -115,9 +146,11 @@ proptest! {
                             for (h, g) in handles.into_iter().zip(&regs) {
                                 prop_assert!(!issued.contains(&h), "handle reused");
                                 issued.push(h);
-                                let mut offs = g.protected.to_vec();
+                                let pf = g.sites.iter().filter(|s| s.1 == TrapVector::PageFault);
+                                let mut offs: Vec<u32> = g.protected.iter().copied().chain(pf.map(|s| s.0)).collect();
                                 offs.sort_unstable();
-                                model.push(ModelEntry { handle: h, reg: (g.code, offs, g.landing_pad, g.fault_ranges.to_vec()) });
+                                let others = g.sites.iter().copied().filter(|s| s.1 != TrapVector::PageFault).collect();
+                                model.push(ModelEntry { handle: h, reg: (g.code, offs, g.landing_pad, g.fault_ranges.to_vec()), others });
                             }
                         }
                     }
@@ -137,12 +170,18 @@ proptest! {
                 Op::Lookup(pc, addr) => {
                     prop_assert_eq!(t.lookup(pc), model_lookup(&model, pc, None), "pc {}", pc);
                     prop_assert_eq!(t.lookup_fault(pc, addr), model_lookup(&model, pc, Some(addr)));
+                    for v in TrapVector::ALL {
+                        prop_assert_eq!(t.lookup_trap(v, pc), model_trap(&model, v, pc), "{} at {}", v, pc);
+                    }
                 }
             }
             prop_assert_eq!(t.len(), model.len());
         }
         for pc in 0..SPACE + 64 {
             prop_assert_eq!(t.lookup(pc), model_lookup(&model, pc, None), "pc {}", pc);
+            for v in TrapVector::ALL {
+                prop_assert_eq!(t.lookup_trap(v, pc), model_trap(&model, v, pc), "{} at {}", v, pc);
+            }
         }
     }
 }
