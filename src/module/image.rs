@@ -292,7 +292,8 @@ impl<M: Mmu + Send + 'static> CodeModule<M> {
                     if !outside {
                         return Err(ModuleError::BadLandingPad);
                     }
-                    Some(landing_stub(entry))
+                    // Without sites nothing lands: no stub page becomes executable.
+                    (!traps.sites.is_empty()).then(|| landing_stub(entry))
                 }
                 Some(LandingPad(Pad::Text(offset))) if offset as usize >= text.size() => {
                     return Err(ModuleError::BadLandingPad)

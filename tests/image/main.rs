@@ -273,12 +273,15 @@ fn a_pad_in_the_text_needs_no_stub() {
         "the lead page stays RW+NX"
     );
     assert_executable_history(&r, image.range(), &text.pages().collect::<Vec<_>>());
-    // An image without trap sites needs no pad at all.
+    // An image without trap sites needs no pad at all, and an external pad then writes no stub.
     let plain = r.module.load_image(&[0xC3; 100]).unwrap();
     let one = AddressRange::new(plain.range().start(), plain.range().start() + PAGE);
-    r.module
-        .publish_image(&plain, one, &ImageTraps::NONE)
-        .unwrap();
+    let unused = ImageTraps {
+        landing_pad: Some(external_pad()),
+        ..ImageTraps::NONE
+    };
+    r.module.publish_image(&plain, one, &unused).unwrap();
+    assert_executable_history(&r, plain.range(), &[one.start()]);
     assert_eq!(
         r.module
             .lookup_code(one.start())
