@@ -28,6 +28,8 @@ mod test_register;
 #[cfg(all(test, not(loom)))]
 mod tests;
 mod types;
+#[cfg(all(test, not(loom)))]
+mod vector_tests;
 mod vectors;
 
 use alloc::vec::Vec;

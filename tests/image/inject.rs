@@ -9,6 +9,7 @@ use codespace::mmu::MmuError;
 use codespace::module::{CodeImage, ModuleError};
 use codespace::{AddressRange, CodeError, ProtectionMode};
 
+use super::errors::seen;
 use super::*;
 
 /// A world whose module has no jump tables: every executable page of the window is an image's.
