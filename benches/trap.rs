@@ -66,8 +66,9 @@ impl Spec {
         TrapRegistration {
             code: self.code,
             protected: &self.offsets,
+            sites: &[],
             landing_pad: self.landing_pad,
-            fault_range: None,
+            fault_ranges: &[],
         }
     }
 }
@@ -489,9 +490,54 @@ fn lookup_code(c: &mut Criterion) {
     group.finish();
 }
 
+/// The linear memory the `lookup_fault` rows accept faults in.
+const MEMORY: AddressRange = AddressRange::new(0x7000_0000_0000, 0x7001_0000_0000);
+
+/// `lookup_fault` on registrations that each accept one fault range (a linear memory), the
+/// page-fault handler's question: the cost of the fault-address check on top of `lookup`.
+fn lookup_fault(c: &mut Criterion) {
+    let mut group = c.benchmark_group("trap_lookup_fault");
+    group
+        .measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(500));
+    for n in SIZES {
+        let (specs, pcs) = workload(n, BASE);
+        let table = TrapTable::new(grace());
+        for s in &specs {
+            let reg = TrapRegistration {
+                fault_ranges: core::slice::from_ref(&MEMORY),
+                ..s.registration()
+            };
+            // SAFETY: no fault handler consults the bench's tables (made-up ranges).
+            unsafe { table.register_with(&reg) }.unwrap();
+            quiescent(table.grace());
+        }
+        let inside = MEMORY.start() + 0x1000;
+        for &pc in &pcs[..256] {
+            assert!(table.lookup_fault(pc, inside).is_some());
+            assert!(table.lookup_fault(pc, 0x1000).is_none());
+        }
+        for (name, set) in [("hot", HOT), ("spread", PCS)] {
+            group.bench_with_input(
+                BenchmarkId::new(format!("one_range_{name}"), n),
+                &pcs,
+                |b, pcs| {
+                    let mut i = 0;
+                    b.iter(|| {
+                        i = (i + 1) & (set - 1);
+                        black_box(table.lookup_fault(black_box(pcs[i]), black_box(inside)))
+                    });
+                },
+            );
+        }
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
     lookup,
+    lookup_fault,
     register_release,
     register_batch,
     lookup_code

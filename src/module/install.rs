@@ -34,7 +34,10 @@ impl<M: Mmu> ModuleState<M> {
                     return Err(ModuleError::BadIndex { index });
                 }
             }
-            match (new.protected.is_empty(), new.landing_pad) {
+            match (
+                new.protected.is_empty() && new.sites.is_empty(),
+                new.landing_pad,
+            ) {
                 (true, _) => {}
                 (false, Some(pad)) if (pad as usize) < new.bytes.len() => {}
                 (false, _) => return Err(ModuleError::BadLandingPad),
@@ -193,7 +196,7 @@ impl<M: Mmu> ModuleState<M> {
     /// tables before it: the jump tables it created (only its own code, freed already, could
     /// reach them: every space gets its tables before its first code is written), then the code
     /// spaces it reserved, now empty.
-    fn undo_new_spaces(&mut self, (spaces, tables): (usize, usize)) {
+    pub(super) fn undo_new_spaces(&mut self, (spaces, tables): (usize, usize)) {
         for table in self.tables.split_off(tables) {
             if let Some(live) = self.live.remove(&table.start) {
                 if self
@@ -225,14 +228,16 @@ impl<M: Mmu> ModuleState<M> {
             .zip(staged.iter())
             .enumerate()
             .filter_map(|(i, (new, s))| {
-                let pad = new.landing_pad.filter(|_| !new.protected.is_empty())?;
+                let traps = !new.protected.is_empty() || !new.sites.is_empty();
+                let pad = new.landing_pad.filter(|_| traps)?;
                 Some((
                     i,
                     TrapRegistration {
                         code: s.object.instructions(),
                         protected: new.protected,
+                        sites: new.sites,
                         landing_pad: s.code.start() + pad as usize,
-                        fault_range: new.fault_range,
+                        fault_ranges: new.fault_ranges,
                     },
                 ))
             })

@@ -16,12 +16,24 @@ fn table() -> TrapTable {
     TrapTable::new(grace())
 }
 
-/// `(start, size, offsets, landing offset, fault range)`.
-type Reg = (usize, usize, Vec<u32>, usize, Option<(usize, usize)>);
+/// `(start, size, offsets, landing offset, fault ranges, sites with a vector number)`.
+type Reg = (
+    usize,
+    usize,
+    Vec<u32>,
+    usize,
+    Vec<(usize, usize)>,
+    Vec<(u32, u8)>,
+);
+
+/// The vector class of a generated site: #DE, #UD or #PF.
+fn vector(n: u8) -> TrapVector {
+    TrapVector::ALL[n as usize % 3]
+}
 
 #[derive(Clone, Debug)]
 enum Op {
-    /// Registrations as `(start, size, offsets, landing offset, fault range)`; more than one is
+    /// Registrations as `(start, size, offsets, landing offset, fault ranges)`; more than one is
     /// a batch.
     Register(Vec<Reg>),
     /// Release the n-th handles ever issued (possibly stale), or never-issued ones.
@@ -40,8 +52,9 @@ fn one_registration() -> impl Strategy<Value = Reg> {
                 .prop_shuffle(),
             1 => prop::collection::vec(0..max, 0..8),
         ];
-        let fault = prop::option::of((0..64usize, 0..64usize));
-        (Just(start), Just(size), offsets, 0..size + 2, fault)
+        let fault = prop::collection::vec((0..64usize, 0..64usize), 0..4);
+        let sites = prop::collection::vec((0..max, 0..3u8), 0..6);
+        (Just(start), Just(size), offsets, 0..size + 2, fault, sites)
     })
 }
 
@@ -56,21 +69,36 @@ fn op() -> impl Strategy<Value = Op> {
 
 struct ModelEntry {
     handle: TrapHandle,
-    reg: (AddressRange, Vec<u32>, usize, Option<AddressRange>),
+    /// Code, #PF offsets (given as `protected` or as #PF sites), landing pad, fault ranges.
+    reg: (AddressRange, Vec<u32>, usize, Vec<AddressRange>),
+    /// Sites of other vectors.
+    others: Vec<(u32, TrapVector)>,
+}
+
+fn model_trap(model: &[ModelEntry], vector: TrapVector, pc: usize) -> Option<TrapHit> {
+    let e = model.iter().find(|e| e.reg.0.contains(pc))?;
+    let offset = (pc - e.reg.0.start()) as u32;
+    (vector != TrapVector::PageFault && e.others.contains(&(offset, vector))).then_some(TrapHit {
+        code: e.reg.0,
+        landing_pad: e.reg.2,
+        offset,
+        vector,
+    })
 }
 
 fn model_lookup(model: &[ModelEntry], pc: usize, addr: Option<usize>) -> Option<TrapHit> {
     let e = model.iter().find(|e| e.reg.0.contains(pc))?;
     let (code, offsets, landing_pad, fault) = &e.reg;
     let offset = (pc - code.start()) as u32;
-    let accepted = match (addr, fault) {
-        (Some(a), Some(f)) => f.contains(a),
-        _ => true,
+    let accepted = match addr {
+        Some(a) => fault.is_empty() || fault.iter().any(|f| f.contains(a)),
+        None => true,
     };
     (offsets.contains(&offset) && accepted).then_some(TrapHit {
         code: *code,
         landing_pad: *landing_pad,
         offset,
+        vector: TrapVector::PageFault,
     })
 }
 
@@ -84,11 +112,20 @@ proptest! {
         for op in ops {
             match op {
                 Op::Register(batch) => {
-                    let regs: Vec<_> = batch.iter().map(|(start, size, offs, land, fault)| TrapRegistration {
+                    let ranges: Vec<Vec<AddressRange>> = batch
+                        .iter()
+                        .map(|g| g.4.iter().map(|&(a, b)| r(a, b)).collect())
+                        .collect();
+                    let sites: Vec<Vec<(u32, TrapVector)>> = batch
+                        .iter()
+                        .map(|g| g.5.iter().map(|&(o, v)| (o, vector(v))).collect())
+                        .collect();
+                    let regs: Vec<_> = batch.iter().zip(ranges.iter().zip(&sites)).map(|((start, size, offs, land, _, _), (fault, sites))| TrapRegistration {
                         code: r(*start, start + size),
                         protected: offs,
+                        sites,
                         landing_pad: start + land,
-                        fault_range: fault.map(|(a, b)| r(a, b)),
+                        fault_ranges: fault,
                     }).collect();
                     // The expected outcome: the first invalid registration, else any overlap.
                     let expected = regs
@@ -109,9 +146,11 @@ proptest! {
                             for (h, g) in handles.into_iter().zip(&regs) {
                                 prop_assert!(!issued.contains(&h), "handle reused");
                                 issued.push(h);
-                                let mut offs = g.protected.to_vec();
+                                let pf = g.sites.iter().filter(|s| s.1 == TrapVector::PageFault);
+                                let mut offs: Vec<u32> = g.protected.iter().copied().chain(pf.map(|s| s.0)).collect();
                                 offs.sort_unstable();
-                                model.push(ModelEntry { handle: h, reg: (g.code, offs, g.landing_pad, g.fault_range) });
+                                let others = g.sites.iter().copied().filter(|s| s.1 != TrapVector::PageFault).collect();
+                                model.push(ModelEntry { handle: h, reg: (g.code, offs, g.landing_pad, g.fault_ranges.to_vec()), others });
                             }
                         }
                     }
@@ -131,12 +170,18 @@ proptest! {
                 Op::Lookup(pc, addr) => {
                     prop_assert_eq!(t.lookup(pc), model_lookup(&model, pc, None), "pc {}", pc);
                     prop_assert_eq!(t.lookup_fault(pc, addr), model_lookup(&model, pc, Some(addr)));
+                    for v in TrapVector::ALL {
+                        prop_assert_eq!(t.lookup_trap(v, pc), model_trap(&model, v, pc), "{} at {}", v, pc);
+                    }
                 }
             }
             prop_assert_eq!(t.len(), model.len());
         }
         for pc in 0..SPACE + 64 {
             prop_assert_eq!(t.lookup(pc), model_lookup(&model, pc, None), "pc {}", pc);
+            for v in TrapVector::ALL {
+                prop_assert_eq!(t.lookup_trap(v, pc), model_trap(&model, v, pc), "{} at {}", v, pc);
+            }
         }
     }
 }

@@ -7,7 +7,7 @@ use std::boxed::Box;
 use std::vec;
 use std::vec::Vec;
 
-fn r(start: usize, end: usize) -> AddressRange {
+pub(super) fn r(start: usize, end: usize) -> AddressRange {
     AddressRange::new(start, end)
 }
 
@@ -19,16 +19,21 @@ pub(super) fn grace() -> &'static GraceDomain {
     d
 }
 
-fn table() -> TrapTable {
+pub(super) fn table() -> TrapTable {
     TrapTable::new(grace())
 }
 
-fn reg(code: AddressRange, protected: &[u32], landing_pad: usize) -> TrapRegistration<'_> {
+pub(super) fn reg(
+    code: AddressRange,
+    protected: &[u32],
+    landing_pad: usize,
+) -> TrapRegistration<'_> {
     TrapRegistration {
         code,
         protected,
+        sites: &[],
         landing_pad,
-        fault_range: None,
+        fault_ranges: &[],
     }
 }
 
@@ -131,13 +136,24 @@ fn invalid_registrations_leave_table_unchanged() {
         let e = TrapError::LandingPadOutsideCode { landing_pad: pad };
         refuse(r(0x2000, 0x2010), &[1], pad, e);
     }
+    // An empty range refuses the registration, wherever it is in the list.
+    let ranges = [r(0x1000, 0x2000), r(0x9000, 0x9000)];
     let empty_fault = TrapRegistration {
-        fault_range: Some(r(0x9000, 0x9000)),
+        fault_ranges: &ranges,
         ..reg(r(0x2000, 0x2010), &[1], 0x2000)
     };
     assert_eq!(
         t.test_register_with(&empty_fault),
         Err(TrapError::EmptyFaultRange)
+    );
+    let many = std::vec![r(0x1000, 0x2000); 65_536];
+    let too_many = TrapRegistration {
+        fault_ranges: &many,
+        ..reg(r(0x2000, 0x2010), &[1], 0x2000)
+    };
+    assert_eq!(
+        t.test_register_with(&too_many),
+        Err(TrapError::TooManyFaultRanges { count: 65_536 })
     );
     check(&t);
     for bad in [
@@ -229,8 +245,9 @@ fn release_of_a_handle_from_another_table_is_unknown_handle() {
 fn lookup_fault_honours_the_accepted_fault_range() {
     let t = table();
     let memory = r(0x7000_0000, 0x7001_0000 + 0x1000);
+    let accepted = [memory];
     let guarded = TrapRegistration {
-        fault_range: Some(memory),
+        fault_ranges: &accepted,
         ..reg(r(0x1000, 0x1040), &[0x10], 0x1030)
     };
     t.test_register_with(&guarded).unwrap();
@@ -372,6 +389,9 @@ fn error_display() {
         .to_string()
         .contains("4 GiB"));
     assert!(TrapError::EmptyFaultRange.to_string().contains("empty"));
+    assert!(TrapError::TooManyFaultRanges { count: 70_000 }
+        .to_string()
+        .contains("70000"));
 }
 
 #[test]
@@ -407,12 +427,13 @@ fn every_offset_count_and_width_hits_exactly_its_offsets() {
                 if count % 2 == 1 {
                     offs.reverse();
                 }
-                let fault = r(0x7000_0000, 0x7000_1000);
+                let fault = [r(0x7000_0000, 0x7000_1000)];
                 let registration = TrapRegistration {
                     code,
                     protected: &offs,
+                    sites: &[],
                     landing_pad: start + 1,
-                    fault_range: with_fault_range.then_some(fault),
+                    fault_ranges: if with_fault_range { &fault } else { &[] },
                 };
                 let h = t.test_register_with(&registration).unwrap();
                 let m = t.memory();

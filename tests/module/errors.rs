@@ -275,3 +275,43 @@ fn flip_mode_never_touches_jump_table_pages() {
     assert!(!table.contains(f.instruction_start()) && !table.contains(g.instruction_start()));
     assert_sound(&machine, &m);
 }
+
+/// Issue 17: code added with #UD and #DE sites resolves for those vectors only, needs a landing
+/// pad for them as for #PF sites, and its sites go with the code after a grace period.
+#[test]
+fn trap_sites_of_every_vector_register_with_the_code() {
+    use codespace::trap::TrapVector::{DivideError, InvalidOpcode, PageFault};
+    let (machine, m) = default_rig();
+    let regs = registries();
+    let module = module(&m, regs, functions(1));
+    let bytes = body(128, 0x90);
+    let before = state(&machine, &m, regs, &module);
+    let mut code = NewCode::function(0, &bytes);
+    code.sites = &[(8, InvalidOpcode)];
+    assert_eq!(
+        module.add_code(&code).map(|o| o.instruction_start()),
+        Err(ModuleError::BadLandingPad)
+    );
+    assert_eq!(state(&machine, &m, regs, &module), before);
+    code.sites = &[(8, InvalidOpcode), (16, DivideError), (24, PageFault)];
+    code.landing_pad = Some(120);
+    let o = module.add_code(&code).unwrap();
+    let s = o.instruction_start();
+    let t = &regs.traps;
+    assert_eq!(
+        t.lookup_trap(InvalidOpcode, s + 8).unwrap().landing_pad(),
+        s + 120
+    );
+    assert!(t.lookup_trap(DivideError, s + 8).is_none());
+    assert!(t.lookup_fault(s + 8, 0).is_none());
+    assert!(t.lookup_trap(DivideError, s + 16).is_some());
+    assert!(t.lookup_fault(s + 24, 0).is_some());
+    // Replaced: the old code's sites stay until a grace period passed.
+    module.add_code(&NewCode::function(0, &bytes)).unwrap();
+    assert!(t.lookup_trap(InvalidOpcode, s + 8).is_some());
+    pass_grace(regs);
+    module.reclaim().unwrap();
+    assert!(t.lookup_trap(InvalidOpcode, s + 8).is_none());
+    assert!(t.lookup_trap(DivideError, s + 16).is_none());
+    assert_sound(&machine, &m);
+}

@@ -48,6 +48,8 @@ struct Machine {
     wx_stores: u64,
     /// Split direct-map tables merged back into their huge page, freed after the next round.
     deferred: Vec<u64>,
+    /// Pages outside the direct map whose leaf was ever stored present and executable.
+    ever_executable: BTreeSet<u64>,
 }
 
 /// A software x86-64 machine; see the module docs. Cheap to clone (a shared handle); each
@@ -106,6 +108,7 @@ impl SoftMmu {
                 leaf_stores: 0,
                 wx_stores: 0,
                 deferred: Vec::new(),
+                ever_executable: BTreeSet::new(),
             })),
             cpu: 0,
         }
@@ -254,6 +257,19 @@ impl SoftMmu {
     #[must_use]
     pub fn wx_ever_observed(&self) -> bool {
         self.machine.lock().wx_stores != 0
+    }
+
+    /// The pages of `range` (outside the direct map) whose leaf was ever stored present and
+    /// executable, at any step of any operation, in address order: what "this byte was never
+    /// executable" is checked against.
+    #[must_use]
+    pub fn ever_executable(&self, range: crate::AddressRange) -> Vec<usize> {
+        let m = self.machine.lock();
+        let (start, end) = (range.start() as u64, range.end() as u64);
+        m.ever_executable
+            .range(start..end)
+            .map(|&p| p as usize)
+            .collect()
     }
 
     /// Leaf stores so far.
