@@ -32,6 +32,8 @@ const GUARDED: &[&str] = &[
     "Smp",
     "Poke",
     "BreakpointSites",
+    "CodeImage",
+    "LandingPad",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
