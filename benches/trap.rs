@@ -66,8 +66,9 @@ impl Spec {
         TrapRegistration {
             code: self.code,
             protected: &self.offsets,
+            sites: &[],
             landing_pad: self.landing_pad,
-            fault_range: None,
+            fault_ranges: &[],
         }
     }
 }

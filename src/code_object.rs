@@ -29,16 +29,21 @@ pub enum CodeKind {
     JumpTable,
     /// A wrapper (entry, exit or adapter stub).
     Wrapper,
+    /// The text of an image published by
+    /// [`CodeModule::publish_image`](crate::module::CodeModule::publish_image) (a precompiled
+    /// wasm module's functions, as one range).
+    Image,
 }
 
 impl CodeKind {
-    /// Lower-case name: `function`, `jump-table` or `wrapper`.
+    /// Lower-case name: `function`, `jump-table`, `wrapper` or `image`.
     #[must_use]
     pub const fn as_str(self) -> &'static str {
         match self {
             CodeKind::Function => "function",
             CodeKind::JumpTable => "jump-table",
             CodeKind::Wrapper => "wrapper",
+            CodeKind::Image => "image",
         }
     }
 }

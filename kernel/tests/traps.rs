@@ -264,8 +264,9 @@ fn faults_at_every_step_of_updates_and_batches_resolve() {
     let registration = |c: &PublishedCode| TrapRegistration {
         code: c.range(),
         protected: core::slice::from_ref(&load_at),
+        sites: &[],
         landing_pad: c.start() + landing_at,
-        fault_range: Some(accepted),
+        fault_ranges: core::slice::from_ref(&accepted),
     };
     // SAFETY: `stable` is this test's published code, kept until the handle is released.
     let stable_handle =
@@ -284,8 +285,9 @@ fn faults_at_every_step_of_updates_and_batches_resolve() {
         .map(|&c| TrapRegistration {
             code: c,
             protected: &[],
+            sites: &[],
             landing_pad: c.start(),
-            fault_range: None,
+            fault_ranges: &[],
         })
         .collect();
     // SAFETY: no CPU executes the dummy ranges (nothing is mapped or allocated there during
@@ -345,8 +347,9 @@ fn protected_load_outside_its_memory_is_an_unexpected_fault() {
         REGISTRIES.traps.register_with(&TrapRegistration {
             code: code.range(),
             protected: &[load_at],
+            sites: &[],
             landing_pad: code.start() + landing_at,
-            fault_range: Some(accepted),
+            fault_ranges: core::slice::from_ref(&accepted),
         })
     }
     .expect("register");

@@ -15,7 +15,11 @@
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
+
+#[path = "image.rs"]
+mod image;
 use core::sync::atomic::{AtomicU64, Ordering};
+pub(crate) use image::ImagePages;
 
 use super::abandoned::AbandonedNode;
 use super::code::{PublishedCode, WritableCode};
@@ -87,6 +91,9 @@ pub struct CodeAllocator<M: Mmu> {
     freed: usize,
     /// A decommit failed part way: free pages stay committed until a later free trims them.
     trim_pending: bool,
+    /// Freed images whose decommit failed: kept out of the free pool (a committed page of one
+    /// may be R+NX, holding image data) until a retry decommits them.
+    stale_images: Vec<AddressRange>,
 }
 
 /// `size` rounded up to [`CODE_ALIGNMENT`]; zero and overflowing sizes are invalid.
@@ -136,6 +143,7 @@ impl<M: Mmu> CodeAllocator<M> {
             allocated: 0,
             freed: 0,
             trim_pending: false,
+            stale_images: Vec::new(),
         };
         if config.initial_reservation > 0 {
             let max = manager.config().max_code_space_size;
@@ -538,6 +546,7 @@ impl<M: Mmu> CodeAllocator<M> {
         self.free = DisjointAllocationPool::new();
         self.allocated = 0;
         self.trim_pending = false;
+        self.stale_images.clear();
         self.hand_over_releasable();
     }
 

@@ -12,7 +12,8 @@ use crate::PAGE_SIZE;
 pub struct AuditReport {
     /// Mapped pages in the window.
     pub mapped_pages: usize,
-    /// Window pages neither RW+NX nor R+X (must be 0).
+    /// Window pages neither RW+NX, R+X nor R+NX (must be 0; W+X pages are counted in
+    /// `writable_and_executable`).
     pub unexpected_protection: usize,
     /// Mapped window pages outside every code space, guard pages included (must be 0).
     pub outside_code_spaces: usize,

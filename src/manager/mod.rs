@@ -39,6 +39,7 @@ mod error;
 mod state;
 mod write;
 
+pub(crate) use allocator::ImagePages;
 pub use allocator::{AllocatorConfig, AllocatorStats, CodeAllocator, CODE_ALIGNMENT};
 pub use audit::{wx_report, AuditReport, LeafWalk};
 pub use code::{PublishedCode, WritableCode};

@@ -156,8 +156,8 @@ pub unsafe trait Mmu {
     /// # Safety
     /// No CPU accesses the page until the flush: for [`Protection::ReadExecute`], the page
     /// holds no code being executed and the bytes written are what the caller means to run;
-    /// for [`Protection::ReadWrite`], nothing executes on the page until it is made
-    /// executable again.
+    /// for [`Protection::ReadWrite`] and [`Protection::ReadOnly`], nothing executes on the page
+    /// until it is made executable again.
     unsafe fn protect(
         &mut self,
         page: &CommittedPage,

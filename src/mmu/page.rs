@@ -46,6 +46,8 @@ pub enum Protection {
     ReadWrite,
     /// Executable, not writable: published code (R+X).
     ReadExecute,
+    /// Neither writable nor executable: the data of a loaded image (R+NX).
+    ReadOnly,
 }
 
 /// The translation of one mapped 4 KiB page, with the permissions all levels grant together.
@@ -60,14 +62,15 @@ pub struct PageMapping {
 }
 
 impl PageMapping {
-    /// The protection this mapping amounts to, or `None` for a W+X (or read-only,
-    /// non-executable) page, which codespace never leaves behind.
+    /// The protection this mapping amounts to, or `None` for a W+X page, which codespace
+    /// never leaves behind.
     #[must_use]
     pub fn protection(&self) -> Option<Protection> {
         match (self.writable, self.executable) {
             (true, false) => Some(Protection::ReadWrite),
             (false, true) => Some(Protection::ReadExecute),
-            _ => None,
+            (false, false) => Some(Protection::ReadOnly),
+            (true, true) => None,
         }
     }
 }

@@ -17,10 +17,11 @@ pub(crate) const STAGED: u64 = 1 << 9;
 /// The frame address bits of an entry.
 pub(crate) const ADDR: u64 = 0x000F_FFFF_FFFF_F000;
 
-/// A present RW+NX or R+X leaf for `frame`.
+/// A present RW+NX, R+X or R+NX leaf for `frame`.
 pub(crate) fn leaf_entry(frame: u64, prot: Protection) -> u64 {
     match prot {
         Protection::ReadWrite => (frame & ADDR) | P | W | NX,
         Protection::ReadExecute => (frame & ADDR) | P,
+        Protection::ReadOnly => (frame & ADDR) | P | NX,
     }
 }

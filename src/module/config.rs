@@ -46,9 +46,10 @@ pub struct NewCode<'a> {
     pub protected: &'a [u32],
     /// Offset of the landing pad where a protected fault resumes (r10 = faulting PC).
     pub landing_pad: Option<u32>,
-    /// The fault addresses protected instructions may take (e.g. a linear memory's guard
-    /// region); a fault elsewhere is not the code's to handle. `None`: any address.
-    pub fault_range: Option<crate::AddressRange>,
+    /// The fault addresses protected instructions may take (e.g. each linear memory's
+    /// reservation with its guard region, the null page range); a fault in none of them is not
+    /// the code's to handle. Empty: any address.
+    pub fault_ranges: &'a [crate::AddressRange],
     /// Fields to resolve once the address is known.
     pub relocations: &'a [Relocation],
     /// `(pc_offset, source_offset)` pairs, sorted.
@@ -67,7 +68,7 @@ impl<'a> NewCode<'a> {
             bytes,
             protected: &[],
             landing_pad: None,
-            fault_range: None,
+            fault_ranges: &[],
             relocations: &[],
             source_positions: &[],
             name: None,
@@ -153,6 +154,20 @@ pub enum ModuleError {
     },
     /// The module's lock was held and the caller runs with interrupts disabled.
     Busy,
+    /// The image was not loaded by this module, or was unpublished already.
+    UnknownImage,
+    /// The image's text is published already (an image is published once).
+    ImageAlreadyPublished,
+    /// The text range to publish is empty or not page aligned at both ends.
+    ImageTextUnaligned {
+        /// The range given.
+        text: crate::AddressRange,
+    },
+    /// The text range to publish does not lie inside the image's pages.
+    ImageTextOutside {
+        /// The range given.
+        text: crate::AddressRange,
+    },
 }
 
 impl fmt::Display for ModuleError {
@@ -193,6 +208,14 @@ impl fmt::Display for ModuleError {
                 write!(f, "{functions} functions do not fit")
             }
             ModuleError::Busy => f.write_str("module lock held; interrupts disabled, not waiting"),
+            ModuleError::UnknownImage => f.write_str("not an image loaded by this module"),
+            ModuleError::ImageAlreadyPublished => f.write_str("the image is published already"),
+            ModuleError::ImageTextUnaligned { text } => {
+                write!(f, "text {text:?} is empty or not page aligned")
+            }
+            ModuleError::ImageTextOutside { text } => {
+                write!(f, "text {text:?} lies outside the image")
+            }
         }
     }
 }

@@ -193,7 +193,7 @@ impl<M: Mmu> ModuleState<M> {
     /// tables before it: the jump tables it created (only its own code, freed already, could
     /// reach them: every space gets its tables before its first code is written), then the code
     /// spaces it reserved, now empty.
-    fn undo_new_spaces(&mut self, (spaces, tables): (usize, usize)) {
+    pub(super) fn undo_new_spaces(&mut self, (spaces, tables): (usize, usize)) {
         for table in self.tables.split_off(tables) {
             if let Some(live) = self.live.remove(&table.start) {
                 if self
@@ -231,8 +231,9 @@ impl<M: Mmu> ModuleState<M> {
                     TrapRegistration {
                         code: s.object.instructions(),
                         protected: new.protected,
+                        sites: &[],
                         landing_pad: s.code.start() + pad as usize,
-                        fault_range: new.fault_range,
+                        fault_ranges: new.fault_ranges,
                     },
                 ))
             })

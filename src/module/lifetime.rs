@@ -184,11 +184,13 @@ impl<M: Mmu> ModuleState<M> {
                 Unfreed::Writable(code) => self.discard_or_retry(code),
             }
         }
+        // Images are reached through no slot: a failed slot serialization does not hold them.
+        let images = self.reclaim_images();
         if self.needs_sync && !self.retired.is_empty() {
             // A failed slot patch may have left CPUs running old slot bytes into retired code:
             // they must serialize before it goes.
             if self.allocator.manager().sync_cores().is_err() {
-                return 0;
+                return images;
             }
             self.needs_sync = false;
         }
@@ -199,7 +201,7 @@ impl<M: Mmu> ModuleState<M> {
         self.retired = waiting;
         let freed = over.len();
         self.free_now(over.into_iter().map(|r| r.live).collect());
-        freed
+        freed + images
     }
 
     /// Unregisters and frees `lives` now. Only for code no CPU can be running.
@@ -258,6 +260,12 @@ impl<M: Mmu> Drop for Orphan<M> {
         let mut lives: Vec<Live> = state.retired.drain(..).map(|r| r.live).collect();
         lives.extend(core::mem::take(&mut state.live).into_values());
         state.unregister(&lives);
+        let mut images: Vec<super::image::Image> =
+            state.retired_images.drain(..).map(|r| r.image).collect();
+        images.extend(core::mem::take(&mut state.images).into_values());
+        // Their pages go with the code spaces below.
+        state.unregister_images(&mut images);
+        drop(images);
         // The code is not freed one object at a time (an INT3 fill and a decommit each): the
         // allocator releases whole code spaces, every page in one flush. Dropping the handles
         // first is fine: they own nothing but the range.

@@ -27,6 +27,7 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 mod config;
+mod image;
 mod install;
 mod lifetime;
 #[cfg(all(test, loom))]
@@ -37,6 +38,7 @@ mod state;
 mod tables;
 
 pub use config::{ModuleConfig, ModuleError, NewCode};
+pub use image::{CodeImage, ImageTraps, LandingPad};
 pub use registries::Registries;
 
 use crate::code_events::CodeEventListener;
@@ -136,6 +138,8 @@ impl<M: Mmu + Send + 'static> CodeModule<M> {
             retired: Vec::new(),
             unfreed: Vec::new(),
             needs_sync: false,
+            images: alloc::collections::BTreeMap::new(),
+            retired_images: Vec::new(),
         };
         if functions > 0 {
             let first = state.allocator.code_spaces().first().copied();

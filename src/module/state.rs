@@ -77,6 +77,10 @@ pub(super) struct ModuleState<M: Mmu> {
     /// A slot change was stored but not every CPU serialized (`SyncFailed`): some may still
     /// jump to old targets, so nothing retired is freed before a serialization round succeeds.
     pub needs_sync: bool,
+    /// Loaded images by the address of their first byte.
+    pub images: BTreeMap<usize, super::image::Image>,
+    /// Unpublished images waiting for a grace period, still registered.
+    pub retired_images: Vec<super::image::RetiredImage>,
 }
 
 /// A vector of `n` `None`s, or a typed error instead of an out-of-memory abort.

@@ -15,16 +15,16 @@ fn code(i: usize) -> AddressRange {
 }
 
 const OFFSETS: [u32; 2] = [0x10, 0x20];
+const ACCEPTED: [AddressRange; 1] = [AddressRange::new(0x1000, 0x2000)];
 
 /// Registration `i`; every third one accepts faults only in `[0x1000, 0x2000)`.
 fn registration(i: usize) -> TrapRegistration<'static> {
     TrapRegistration {
         code: code(i),
         protected: &OFFSETS,
+        sites: &[],
         landing_pad: code(i).start() + 0x70,
-        fault_range: i
-            .is_multiple_of(3)
-            .then(|| AddressRange::new(0x1000, 0x2000)),
+        fault_ranges: if i.is_multiple_of(3) { &ACCEPTED } else { &[] },
     }
 }
 

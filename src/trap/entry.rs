@@ -6,9 +6,16 @@
 //!           whole 8-byte words by repeating the last one; sorted when there are more than a
 //!           scan covers (`scanned_whole`), else in the order given
 //! serial    u64                                                                   8 B
-//! [fault]   accepted fault-address range: start, end (usize each)   only with FAULT_RANGE 16 B
+//! [fault]   accepted fault-address ranges: start, end (usize each), as many as the flags'
+//!           count (`FAULT_SHIFT`; none: any address)                     16 B each
+//! [vectors] only with `VECTORS`: a u64 count, then the sites of other vectors than #PF as
+//!           sorted u64 keys `offset << 8 | vector number` (see `vectors`)   8 B + 8 B each
 //! ```
-//! A function of 32 protected loads under 64 KiB takes 16 + 64 + 8 bytes. The index stores a
+//! The #PF offsets are the only ones in the scanned words, so a page-fault lookup can never hit
+//! an instruction registered for #UD or #DE; [`EntryRef::has_site`] binary-searches the keys
+//! with the vector in them, so a #UD lookup never hits a #DE site either.
+//! A function of 32 protected loads under 64 KiB takes 16 + 64 + 8 bytes; one accepted range
+//! adds 16 (as when a registration had at most one), each further range 16 more. The index stores a
 //! thin pointer to the header. The offsets always start at byte 16, so their loads need only the
 //! entry pointer, not the header; what only `release` and the fault-address check read (serial,
 //! fault range) goes after them. The header stores the number of offset words, which a lookup
@@ -29,16 +36,22 @@ struct Header {
     landing: u32,
     /// Offset words (padding included): what a lookup dispatches on, without a division.
     words: u32,
-    /// `NARROW`, `FAULT_RANGE`, and the number of padding offsets from `PAD_SHIFT`.
+    /// `NARROW`, the number of padding offsets from `PAD_SHIFT`, the number of accepted
+    /// fault-address ranges from `FAULT_SHIFT`.
     flags: u32,
 }
 
 /// The offsets are `u16`.
 const NARROW: u32 = 1;
-/// An accepted fault-address range follows the header.
-const FAULT_RANGE: u32 = 2;
-/// Where the padding count (`0..per_word`) starts in the flags.
+/// Sites of other vectors follow the fault ranges.
+const VECTORS: u32 = 2;
+/// Where the padding count (`0..per_word`, two bits) starts in the flags.
 const PAD_SHIFT: u32 = 8;
+const PAD_MASK: u32 = 0b11;
+/// Where the number of accepted fault-address ranges (16 bits) starts in the flags.
+const FAULT_SHIFT: u32 = 16;
+/// Most accepted fault-address ranges one registration may give.
+pub(super) const MAX_FAULT_RANGES: usize = u16::MAX as usize;
 /// Longest offset list scanned word by word; longer ones are binary-searched.
 const SCAN_MAX_WORDS: usize = 16;
 
@@ -73,15 +86,30 @@ const fn per_word(flags: u32) -> usize {
 
 /// Offsets of an entry (its words hold `words * per_word` slots, the last ones padding).
 fn words_count(h: &Header) -> usize {
-    h.words as usize * per_word(h.flags) - (h.flags >> PAD_SHIFT) as usize
+    h.words as usize * per_word(h.flags) - ((h.flags >> PAD_SHIFT) & PAD_MASK) as usize
 }
 
-/// The allocation's layout: header, offset words, serial, fault range.
-fn layout(words: usize, flags: u32) -> Layout {
-    let fault = if flags & FAULT_RANGE != 0 { 16 } else { 0 };
-    // `words` is at most the code size, below 2^32: the size is far below `isize::MAX`, so the
-    // fallback is unreachable.
-    Layout::from_size_align(tail_at(words) + 8 + fault, 8).unwrap_or(Layout::new::<Header>())
+/// Number of accepted fault-address ranges in `flags`.
+const fn fault_count(flags: u32) -> usize {
+    (flags >> FAULT_SHIFT) as usize
+}
+
+/// Where the vector section starts: after the serial and the fault ranges.
+const fn vectors_at(words: usize, flags: u32) -> usize {
+    tail_at(words) + 8 + 16 * fault_count(flags)
+}
+
+/// The allocation's layout: header, offset words, serial, fault ranges, `sites` vector keys.
+fn layout(words: usize, flags: u32, sites: usize) -> Layout {
+    let vectors = if flags & VECTORS != 0 {
+        8 + 8 * sites
+    } else {
+        0
+    };
+    // `words` and `sites` are at most the code size, below 2^32 (each), and there are at most
+    // 2^16 ranges: the size is far below `isize::MAX`, so the fallback is unreachable.
+    Layout::from_size_align(vectors_at(words, flags) + vectors, 8)
+        .unwrap_or(Layout::new::<Header>())
 }
 
 /// What a registration stores: validated by the trap table before it gets here.
@@ -91,9 +119,12 @@ pub(super) struct NewEntry<'a> {
     pub(super) size: u32,
     /// Landing pad offset, below `size`.
     pub(super) landing: u32,
-    pub(super) fault_range: Option<AddressRange>,
+    /// At most [`MAX_FAULT_RANGES`], none empty.
+    pub(super) fault_ranges: &'a [AddressRange],
     /// Distinct, below `size`; sorted unless [`scanned_whole`].
     pub(super) offsets: &'a [u32],
+    /// Keys of the sites of other vectors (`vectors::key`), distinct and sorted.
+    pub(super) sites: &'a [u64],
 }
 
 /// Owner of one entry allocation (the index keeps it as a raw pointer).
@@ -107,14 +138,16 @@ unsafe impl Sync for EntryBox {}
 impl EntryBox {
     pub(super) fn new(e: &NewEntry<'_>) -> EntryBox {
         let narrow = is_narrow(e.size);
-        let kind =
-            (u32::from(narrow) * NARROW) | (u32::from(e.fault_range.is_some()) * FAULT_RANGE);
+        let kind = (u32::from(narrow) * NARROW) | (u32::from(!e.sites.is_empty()) * VECTORS);
         let count = e.offsets.len();
         let words = count.div_ceil(per_word(kind));
         let slots = words * per_word(kind);
-        // `slots - count < per_word <= 4`; `count` is below the code size, below 2^32.
-        let flags = kind | ((slots - count) as u32) << PAD_SHIFT;
-        let l = layout(words, flags);
+        // `slots - count < per_word <= 4`; `count` is below the code size, below 2^32; the
+        // number of ranges is at most `MAX_FAULT_RANGES` (checked by `prepare`).
+        let flags = kind
+            | ((slots - count) as u32) << PAD_SHIFT
+            | (e.fault_ranges.len().min(MAX_FAULT_RANGES) as u32) << FAULT_SHIFT;
+        let l = layout(words, flags, e.sites.len());
         // SAFETY: `l` has a non-zero size (the header).
         let base = unsafe { alloc(l) };
         let Some(base) = NonNull::new(base) else {
@@ -127,14 +160,22 @@ impl EntryBox {
             flags,
         };
         // SAFETY: `base` is a fresh allocation of layout `l` (align 8): the header at 0, `slots`
-        // offsets of the flagged width from `OFFSETS_AT`, the serial at `tail_at` and the fault
-        // range after it when flagged, each aligned.
+        // offsets of the flagged width from `OFFSETS_AT`, the serial at `tail_at` and the
+        // flagged number of fault ranges after it, each aligned.
         unsafe {
             base.cast::<Header>().write(header);
             let tail = base.add(tail_at(words)).cast::<u64>();
             tail.write(e.serial);
-            if let Some(r) = e.fault_range {
-                tail.add(1).cast::<[usize; 2]>().write([r.start(), r.end()]);
+            let ranges = tail.add(1).cast::<[usize; 2]>();
+            for (i, r) in e.fault_ranges.iter().take(fault_count(flags)).enumerate() {
+                ranges.add(i).write([r.start(), r.end()]);
+            }
+            if flags & VECTORS != 0 {
+                let v = base.add(vectors_at(words, flags)).cast::<u64>();
+                v.write(e.sites.len() as u64);
+                for (i, &k) in e.sites.iter().enumerate() {
+                    v.add(1 + i).write(k);
+                }
             }
             let offsets = base.add(OFFSETS_AT);
             // Padding repeats the last offset: matching it means matching a protected offset.
@@ -191,7 +232,32 @@ impl<'a> EntryRef<'a> {
 
     fn layout(&self) -> Layout {
         let h = self.header();
-        layout(h.words as usize, h.flags)
+        layout(h.words as usize, h.flags, self.sites().len())
+    }
+
+    /// Keys of the sites of other vectors than #PF (`vectors::key`), sorted.
+    #[inline]
+    pub(super) fn sites(&self) -> &'a [u64] {
+        let h = self.header();
+        if h.flags & VECTORS == 0 {
+            return &[];
+        }
+        let at = vectors_at(h.words as usize, h.flags);
+        // SAFETY: flagged, so a count and that many keys start at `at`, 8-aligned (see `new`),
+        // never written again; alive for `'a`.
+        unsafe {
+            let v = self.ptr.as_ptr().cast::<u8>().add(at).cast::<u64>();
+            core::slice::from_raw_parts(v.add(1), v.read() as usize)
+        }
+    }
+
+    /// Whether `offset` is a site of `vector` (never #PF: those are the scanned offsets).
+    /// Binary search; panic-free.
+    #[inline]
+    pub(super) fn has_site(&self, offset: u32, vector: super::TrapVector) -> bool {
+        self.sites()
+            .binary_search(&super::vectors::key(offset, vector))
+            .is_ok()
     }
 
     /// Where the serial and the fault range are.
@@ -226,15 +292,22 @@ impl<'a> EntryRef<'a> {
         crate::index::prefetch(self.ptr.as_ptr().cast::<u8>().wrapping_add(64));
     }
 
-    /// The accepted fault-address range, if the registration gave one.
+    /// The accepted fault-address ranges, `[start, end)` each (empty: any address).
     #[inline]
-    pub(super) fn fault_range(&self) -> Option<AddressRange> {
-        if self.header().flags & FAULT_RANGE == 0 {
-            return None;
-        }
-        // SAFETY: flagged, so the range follows the serial (see `new`); alive for `'a`.
-        let [start, end] = unsafe { self.tail().add(1).cast::<[usize; 2]>().read() };
-        Some(AddressRange::new(start, end))
+    pub(super) fn fault_ranges(&self) -> &'a [[usize; 2]] {
+        let count = fault_count(self.header().flags);
+        // SAFETY: `count` ranges follow the serial, 8-aligned (see `new`), never written again;
+        // alive for `'a`.
+        unsafe { core::slice::from_raw_parts(self.tail().add(1).cast::<[usize; 2]>(), count) }
+    }
+
+    /// Whether a protected instruction of this entry may fault at `addr`: the registration gave
+    /// no accepted range, or `addr` lies in one of them. One range costs what it did when a
+    /// registration could have only one: a flag test and two compares.
+    #[inline]
+    pub(super) fn accepts(&self, addr: usize) -> bool {
+        let ranges = self.fault_ranges();
+        ranges.is_empty() || ranges.iter().any(|&[s, e]| s <= addr && addr < e)
     }
 
     /// The offsets as whole words (padding included).
@@ -311,7 +384,7 @@ impl<'a> EntryRef<'a> {
     /// Bytes of the allocation: `(header, serial and fault range; offsets)`.
     pub(super) fn bytes(&self) -> (usize, usize) {
         let h = self.header();
-        let offsets = tail_at(h.words as usize) - OFFSETS_AT;
+        let offsets = tail_at(h.words as usize) - OFFSETS_AT + 8 * self.sites().len();
         (self.layout().size() - offsets, offsets)
     }
 }

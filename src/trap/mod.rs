@@ -28,6 +28,7 @@ mod test_register;
 #[cfg(all(test, not(loom)))]
 mod tests;
 mod types;
+mod vectors;
 
 use alloc::vec::Vec;
 use core::fmt;
@@ -35,6 +36,7 @@ use core::fmt;
 use self::entry::{EntryBox, EntryRef};
 use self::prepare::{has_duplicates, prepare};
 pub use self::types::{TrapError, TrapHandle, TrapHit, TrapMemory, TrapRegistration};
+pub use self::vectors::TrapVector;
 use crate::index::{prefetch, IndexMemory, RangeIndex, UpdateStep};
 use crate::mmu::InterruptControl;
 use crate::range::AddressRange;
@@ -128,7 +130,8 @@ impl TrapTable {
                 code,
                 protected,
                 landing_pad,
-                fault_range: None,
+                sites: &[],
+                fault_ranges: &[],
             })
         }
     }
@@ -139,7 +142,7 @@ impl TrapTable {
     /// In this order of precedence, leaving the table unchanged: [`TrapError::EmptyCode`],
     /// [`TrapError::CodeTooLarge`], [`TrapError::OffsetOutOfRange`],
     /// [`TrapError::DuplicateOffset`], [`TrapError::LandingPadOutsideCode`],
-    /// [`TrapError::EmptyFaultRange`], [`TrapError::Overlap`] (a range reused for new code must
+    /// [`TrapError::EmptyFaultRange`], [`TrapError::TooManyFaultRanges`], [`TrapError::Overlap`] (a range reused for new code must
     /// be released first).
     ///
     /// # Safety
@@ -234,7 +237,7 @@ impl TrapTable {
         Ok(())
     }
 
-    /// The protected instruction at `pc`, if any, whatever the faulting address.
+    /// The #PF-protected instruction at `pc`, if any, whatever the faulting address.
     ///
     /// Lock-free, wait-free, allocation-free, panic-free, O(log n + log k); safe in a page-fault
     /// handler that interrupted a writer on the same CPU.
@@ -245,7 +248,7 @@ impl TrapTable {
     }
 
     /// The protected instruction at `pc` if its registration accepts a fault at `fault_addr`
-    /// (it gave no accepted range, or `fault_addr` lies in it): what the page-fault handler asks
+    /// (it gave no accepted range, or `fault_addr` lies in one of them): what the page-fault handler asks
     /// with the faulting RIP and CR2. Same guarantees as [`lookup`](Self::lookup).
     #[must_use]
     #[inline]
@@ -263,15 +266,44 @@ impl TrapTable {
                 if offset >= e.size() || !e.is_protected(offset as u32) {
                     return None;
                 }
-                if let (Some(addr), Some(accepted)) = (fault_addr, e.fault_range()) {
-                    if !accepted.contains(addr) {
-                        return None;
-                    }
+                if fault_addr.is_some_and(|addr| !e.accepts(addr)) {
+                    return None;
                 }
                 Some(TrapHit {
                     code: AddressRange::new(start, start + e.size()),
                     landing_pad: start + e.landing(),
                     offset: offset as u32,
+                    vector: TrapVector::PageFault,
+                })
+            })
+            .flatten()
+    }
+
+    /// The protected instruction at `pc` registered for `vector`, a vector without a faulting
+    /// address (#UD, #DE): what those exception handlers ask with the faulting RIP. A site
+    /// registered for another vector is no hit. For #PF this answers `None`: page faults go
+    /// through [`lookup_fault`](Self::lookup_fault), which also checks the faulting address.
+    ///
+    /// Lock-free, wait-free, allocation-free, panic-free, O(log n + log k) for k sites of other
+    /// vectors in the range; safe in an exception handler that interrupted a writer on the same
+    /// CPU.
+    #[must_use]
+    #[inline]
+    pub fn lookup_trap(&self, vector: TrapVector, pc: usize) -> Option<TrapHit> {
+        if vector == TrapVector::PageFault {
+            return None;
+        }
+        self.index
+            .find(pc, |start, e: EntryRef<'_>| {
+                let offset = pc.wrapping_sub(start);
+                if offset >= e.size() || !e.has_site(offset as u32, vector) {
+                    return None;
+                }
+                Some(TrapHit {
+                    code: AddressRange::new(start, start + e.size()),
+                    landing_pad: start + e.landing(),
+                    offset: offset as u32,
+                    vector,
                 })
             })
             .flatten()
@@ -323,7 +355,7 @@ impl TrapTable {
             m.protected += match e.offsets() {
                 entry::Offsets::Narrow(o) => o.len(),
                 entry::Offsets::Wide(o) => o.len(),
-            };
+            } + e.sites().len();
             m.headers += headers;
             m.offsets += offsets;
         });

@@ -16,12 +16,12 @@ fn table() -> TrapTable {
     TrapTable::new(grace())
 }
 
-/// `(start, size, offsets, landing offset, fault range)`.
-type Reg = (usize, usize, Vec<u32>, usize, Option<(usize, usize)>);
+/// `(start, size, offsets, landing offset, fault ranges)`.
+type Reg = (usize, usize, Vec<u32>, usize, Vec<(usize, usize)>);
 
 #[derive(Clone, Debug)]
 enum Op {
-    /// Registrations as `(start, size, offsets, landing offset, fault range)`; more than one is
+    /// Registrations as `(start, size, offsets, landing offset, fault ranges)`; more than one is
     /// a batch.
     Register(Vec<Reg>),
     /// Release the n-th handles ever issued (possibly stale), or never-issued ones.
@@ -40,7 +40,7 @@ fn one_registration() -> impl Strategy<Value = Reg> {
                 .prop_shuffle(),
             1 => prop::collection::vec(0..max, 0..8),
         ];
-        let fault = prop::option::of((0..64usize, 0..64usize));
+        let fault = prop::collection::vec((0..64usize, 0..64usize), 0..4);
         (Just(start), Just(size), offsets, 0..size + 2, fault)
     })
 }
@@ -56,21 +56,22 @@ fn op() -> impl Strategy<Value = Op> {
 
 struct ModelEntry {
     handle: TrapHandle,
-    reg: (AddressRange, Vec<u32>, usize, Option<AddressRange>),
+    reg: (AddressRange, Vec<u32>, usize, Vec<AddressRange>),
 }
 
 fn model_lookup(model: &[ModelEntry], pc: usize, addr: Option<usize>) -> Option<TrapHit> {
     let e = model.iter().find(|e| e.reg.0.contains(pc))?;
     let (code, offsets, landing_pad, fault) = &e.reg;
     let offset = (pc - code.start()) as u32;
-    let accepted = match (addr, fault) {
-        (Some(a), Some(f)) => f.contains(a),
-        _ => true,
+    let accepted = match addr {
+        Some(a) => fault.is_empty() || fault.iter().any(|f| f.contains(a)),
+        None => true,
     };
     (offsets.contains(&offset) && accepted).then_some(TrapHit {
         code: *code,
         landing_pad: *landing_pad,
         offset,
+        vector: TrapVector::PageFault,
     })
 }
 
@@ -84,11 +85,16 @@ proptest! {
         for op in ops {
             match op {
                 Op::Register(batch) => {
-                    let regs: Vec<_> = batch.iter().map(|(start, size, offs, land, fault)| TrapRegistration {
+                    let ranges: Vec<Vec<AddressRange>> = batch
+                        .iter()
+                        .map(|g| g.4.iter().map(|&(a, b)| r(a, b)).collect())
+                        .collect();
+                    let regs: Vec<_> = batch.iter().zip(&ranges).map(|((start, size, offs, land, _), fault)| TrapRegistration {
                         code: r(*start, start + size),
                         protected: offs,
+                        sites: &[],
                         landing_pad: start + land,
-                        fault_range: fault.map(|(a, b)| r(a, b)),
+                        fault_ranges: fault,
                     }).collect();
                     // The expected outcome: the first invalid registration, else any overlap.
                     let expected = regs
@@ -111,7 +117,7 @@ proptest! {
                                 issued.push(h);
                                 let mut offs = g.protected.to_vec();
                                 offs.sort_unstable();
-                                model.push(ModelEntry { handle: h, reg: (g.code, offs, g.landing_pad, g.fault_range) });
+                                model.push(ModelEntry { handle: h, reg: (g.code, offs, g.landing_pad, g.fault_ranges.to_vec()) });
                             }
                         }
                     }

@@ -3,8 +3,9 @@
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use super::entry::{scanned_whole, EntryBox, NewEntry};
+use super::entry::{scanned_whole, EntryBox, NewEntry, MAX_FAULT_RANGES};
 use super::types::{TrapError, TrapHandle, TrapRegistration};
+use super::vectors::{key, TrapVector};
 use crate::range::AddressRange;
 
 /// Serial numbers of registrations, unique across every table of the program: a handle names
@@ -27,28 +28,60 @@ pub(super) fn prepare(reg: &TrapRegistration<'_>) -> Result<Prepared, TrapError>
     }
     let size =
         u32::try_from(code.size()).map_err(|_| TrapError::CodeTooLarge { size: code.size() })?;
-    if let Some(&offset) = reg.protected.iter().find(|&&o| o >= size) {
+    let all = reg
+        .protected
+        .iter()
+        .copied()
+        .chain(reg.sites.iter().map(|s| s.0));
+    if let Some(offset) = all.clone().find(|&o| o >= size) {
         return Err(TrapError::OffsetOutOfRange { offset });
     }
+    // #PF sites given with a vector join the scanned offsets (rare: allocate only then).
+    let is_pf = |s: &&(u32, TrapVector)| s.1 == TrapVector::PageFault;
+    let merged: Vec<u32>;
+    let page_faults: &[u32] = if reg.sites.iter().any(|s| is_pf(&s)) {
+        let pf = reg.sites.iter().filter(is_pf).map(|s| s.0);
+        merged = reg.protected.iter().copied().chain(pf).collect();
+        &merged
+    } else {
+        reg.protected
+    };
     // A copy the entry can take: on the stack for the usual handful of offsets, else on the heap.
     let mut stack = [0u32; 64];
     let mut heap = Vec::new();
-    let offsets: &mut [u32] = match stack.get_mut(..reg.protected.len()) {
+    let offsets: &mut [u32] = match stack.get_mut(..page_faults.len()) {
         Some(s) => s,
         None => {
-            heap.resize(reg.protected.len(), 0);
+            heap.resize(page_faults.len(), 0);
             &mut heap
         }
     };
-    order_checked(reg.protected, offsets, scanned_whole(offsets.len(), size))
+    order_checked(page_faults, offsets, scanned_whole(offsets.len(), size))
         .map_err(|offset| TrapError::DuplicateOffset { offset })?;
+    let mut sites: Vec<u64> = reg
+        .sites
+        .iter()
+        .filter(|s| !is_pf(s))
+        .map(|&(o, v)| key(o, v))
+        .collect();
+    sites.sort_unstable();
+    if let Some(w) = sites.windows(2).find(|w| w[0] == w[1]) {
+        return Err(TrapError::DuplicateOffset {
+            offset: (w[0] >> 8) as u32,
+        });
+    }
     if !code.contains(reg.landing_pad) {
         return Err(TrapError::LandingPadOutsideCode {
             landing_pad: reg.landing_pad,
         });
     }
-    if reg.fault_range.is_some_and(|r| r.is_empty()) {
+    if reg.fault_ranges.iter().any(AddressRange::is_empty) {
         return Err(TrapError::EmptyFaultRange);
+    }
+    if reg.fault_ranges.len() > MAX_FAULT_RANGES {
+        return Err(TrapError::TooManyFaultRanges {
+            count: reg.fault_ranges.len(),
+        });
     }
     let serial = SERIALS.fetch_add(1, Ordering::Relaxed);
     let entry = EntryBox::new(&NewEntry {
@@ -56,8 +89,9 @@ pub(super) fn prepare(reg: &TrapRegistration<'_>) -> Result<Prepared, TrapError>
         size,
         // Inside the code, so below `size`.
         landing: (reg.landing_pad - code.start()) as u32,
-        fault_range: reg.fault_range,
+        fault_ranges: reg.fault_ranges,
         offsets,
+        sites: &sites,
     });
     Ok(Prepared {
         code,

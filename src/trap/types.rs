@@ -2,6 +2,7 @@
 
 use core::fmt;
 
+use super::TrapVector;
 use crate::range::AddressRange;
 
 /// Identifies one registration; pass it to [`TrapTable::release`](super::TrapTable::release).
@@ -20,6 +21,7 @@ pub struct TrapHit {
     pub(super) code: AddressRange,
     pub(super) landing_pad: usize,
     pub(super) offset: u32,
+    pub(super) vector: TrapVector,
 }
 
 impl TrapHit {
@@ -47,6 +49,12 @@ impl TrapHit {
         self.offset
     }
 
+    /// The vector the site was registered for (the one looked up).
+    #[must_use]
+    pub const fn vector(&self) -> TrapVector {
+        self.vector
+    }
+
     /// The faulting PC itself (`code_start() + offset()`).
     #[must_use]
     pub const fn pc(&self) -> usize {
@@ -70,7 +78,8 @@ pub enum TrapError {
         /// The offending offset.
         offset: u32,
     },
-    /// A protected offset was given twice (the smallest such offset).
+    /// A protected offset was given twice for the same vector (the smallest such offset; #PF
+    /// sites given in `protected` and in `sites` count together).
     DuplicateOffset {
         /// The repeated offset.
         offset: u32,
@@ -80,8 +89,13 @@ pub enum TrapError {
         /// The landing pad given.
         landing_pad: usize,
     },
-    /// The accepted fault-address range is empty: it would accept no fault.
+    /// An accepted fault-address range is empty: it would accept no fault.
     EmptyFaultRange,
+    /// More accepted fault-address ranges than one registration may hold (65 535).
+    TooManyFaultRanges {
+        /// How many were given.
+        count: usize,
+    },
     /// The code range overlaps a registered one (or another one of the same batch).
     Overlap {
         /// The range it overlaps (the lowest one if several do).
@@ -115,6 +129,9 @@ impl fmt::Display for TrapError {
                 )
             }
             TrapError::EmptyFaultRange => f.write_str("empty accepted fault-address range"),
+            TrapError::TooManyFaultRanges { count } => {
+                write!(f, "{count} accepted fault-address ranges are too many")
+            }
             TrapError::Overlap { existing } => {
                 write!(f, "code range overlaps registered range {existing:?}")
             }
@@ -127,17 +144,29 @@ impl core::error::Error for TrapError {}
 
 /// One registration: code, its protected instructions, where they resume, and optionally the
 /// fault addresses they may fault on.
+///
+/// Several accepted ranges are for code that may fault in more than one place: wasm code's
+/// linear memories (each reservation with its guard region) and the low pages a null funcref or
+/// a spectre-guarded bounds check loads from.
 #[derive(Clone, Copy, Debug)]
 pub struct TrapRegistration<'a> {
     /// The code range.
     pub code: AddressRange,
-    /// Offsets from `code.start()` of the protected instructions, any order.
+    /// Offsets from `code.start()` of the protected instructions that may page-fault (#PF), any
+    /// order.
     pub protected: &'a [u32],
+    /// Offsets of protected instructions with their vector class, any order: #PF sites join
+    /// `protected`; #UD and #DE sites are found by
+    /// [`lookup_trap`](super::TrapTable::lookup_trap) only (and `lookup_fault` never finds
+    /// them). An offset may be a site of several vectors.
+    pub sites: &'a [(u32, TrapVector)],
     /// Where a protected fault resumes; inside `code`.
     pub landing_pad: usize,
-    /// The fault addresses the protected instructions may fault on (e.g. a linear memory and
-    /// its guard region); a fault elsewhere is not this table's. `None`: any address (V8).
-    pub fault_range: Option<AddressRange>,
+    /// The fault addresses the protected instructions may fault on (e.g. each linear memory and
+    /// its guard region, the null page range): a fault at an address in none of them is not
+    /// this table's. Empty: any address (V8). At most 65 535 ranges, none empty; they may
+    /// overlap, in any order.
+    pub fault_ranges: &'a [AddressRange],
 }
 
 /// Bytes a [`TrapTable`](super::TrapTable) uses (allocator overhead not included).
@@ -145,11 +174,11 @@ pub struct TrapRegistration<'a> {
 pub struct TrapMemory {
     /// Registered ranges.
     pub ranges: usize,
-    /// Protected instructions of all ranges.
+    /// Protected instructions (sites) of all ranges, every vector.
     pub protected: usize,
     /// Index nodes.
     pub index: usize,
-    /// Entry headers (with accepted fault ranges and padding), one per range.
+    /// Entry headers (with accepted fault ranges and padding), one per registered range.
     pub headers: usize,
     /// Protected offsets (2 or 4 bytes each).
     pub offsets: usize,

@@ -185,7 +185,7 @@ impl<M: Mmu + Send + 'static> JitModule<M> {
         NewCode {
             protected: code.protected(),
             landing_pad: code.landing_pad(),
-            fault_range: None,
+            fault_ranges: &[],
             relocations: code.relocations(),
             source_positions: code.source_positions(),
             name,

@@ -84,6 +84,9 @@ impl Machine {
             return;
         }
         let now = cached(new);
+        if window && now.executable {
+            self.ever_executable.insert(va);
+        }
         if now.writable && now.executable {
             self.wx_stores += 1;
             self.violation(op, ViolationKind::WritableAndExecutable, va, now.frame);

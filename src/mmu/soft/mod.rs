@@ -45,6 +45,8 @@ struct Machine {
     irq: InterruptControl,
     leaf_stores: u64,
     wx_stores: u64,
+    /// Pages outside the direct map whose leaf was ever stored present and executable.
+    ever_executable: BTreeSet<u64>,
 }
 
 /// A software x86-64 machine; see the module docs. Cheap to clone (a shared handle); each
@@ -102,6 +104,7 @@ impl SoftMmu {
                 irq: InterruptControl::NONE,
                 leaf_stores: 0,
                 wx_stores: 0,
+                ever_executable: BTreeSet::new(),
             })),
             cpu: 0,
         }
@@ -244,6 +247,19 @@ impl SoftMmu {
     #[must_use]
     pub fn wx_ever_observed(&self) -> bool {
         self.machine.lock().wx_stores != 0
+    }
+
+    /// The pages of `range` (outside the direct map) whose leaf was ever stored present and
+    /// executable, at any step of any operation, in address order: what "this byte was never
+    /// executable" is checked against.
+    #[must_use]
+    pub fn ever_executable(&self, range: crate::AddressRange) -> Vec<usize> {
+        let m = self.machine.lock();
+        let (start, end) = (range.start() as u64, range.end() as u64);
+        m.ever_executable
+            .range(start..end)
+            .map(|&p| p as usize)
+            .collect()
     }
 
     /// Leaf stores so far.

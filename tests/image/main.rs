@@ -1,0 +1,490 @@
+//! Host tests of images with per-range protections (`CodeModule::load_image`, `publish_image`,
+//! `unpublish_image`) on the software machine: 4 CPUs with per-CPU TLBs and a direct map (one
+//! CPU in flip mode).
+//!
+//! What they prove: no byte of an image outside its text is ever executable — checked against
+//! the machine's record of every leaf ever stored executable, across load, publish, unpublish,
+//! module drop and every injected backend failure; the text is executable on every CPU once
+//! published and its trap sites resolve for their vector only; bad ranges get typed errors and
+//! change nothing; W^X holds at every step (the machine's violation recorder) and the audit is
+//! clean after every operation.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod inject;
+
+use codespace::code_object::CodeKind;
+use codespace::mmu::soft::SoftMmu;
+use codespace::module::{CodeImage, CodeModule, ImageTraps, LandingPad, ModuleError, Registries};
+use codespace::trap::{TrapError, TrapVector};
+use codespace::{AddressRange, CodeError, CodeManager, ProtectionMode};
+use iced_x86::Mnemonic;
+
+use common::*;
+
+/// A kernel trampoline the landing stubs jump to: outside the code window. No CPU executes it
+/// in these tests (nothing faults), so the `unsafe` contract of `LandingPad::external` holds.
+pub const TRAMPOLINE: usize = 0x20_0000;
+/// A linear memory's reservation and the null range, the #PF sites' accepted fault addresses.
+pub const MEMORY: AddressRange = AddressRange::new(0x10_0000_0000, 0x11_0000_0000);
+pub const NULL: AddressRange = AddressRange::new(0, 0x1_0000);
+
+/// Six pages and a bit: data (2 pages), text (2 pages), data (2 pages and 100 bytes).
+pub fn image_bytes() -> Vec<u8> {
+    (0..6 * PAGE + 100)
+        .map(|i| (i * 7 + i / PAGE) as u8)
+        .collect()
+}
+
+/// The text of an image at `image`: its pages 2 and 3.
+pub fn text_of(image: &CodeImage) -> AddressRange {
+    let s = image.range().start();
+    AddressRange::new(s + 2 * PAGE, s + 4 * PAGE)
+}
+
+pub const SITES: [(u32, TrapVector); 4] = [
+    (0x10, TrapVector::PageFault),
+    (0x20, TrapVector::InvalidOpcode),
+    (0x30, TrapVector::DivideError),
+    (PAGE as u32 + 0x40, TrapVector::PageFault),
+];
+pub const FAULT_RANGES: [AddressRange; 2] = [MEMORY, NULL];
+
+pub fn traps(pad: LandingPad) -> ImageTraps<'static> {
+    ImageTraps {
+        sites: &SITES,
+        fault_ranges: &FAULT_RANGES,
+        landing_pad: Some(pad),
+        name: Some("wasm[0]"),
+    }
+}
+
+pub fn external_pad() -> LandingPad {
+    // SAFETY: see `TRAMPOLINE`.
+    unsafe { LandingPad::external(TRAMPOLINE) }
+}
+
+pub struct Rig {
+    pub machine: SoftMmu,
+    pub manager: CodeManager<SoftMmu>,
+    pub regs: &'static Registries,
+    pub module: CodeModule<SoftMmu>,
+}
+
+pub fn rig_for(mode: ProtectionMode) -> Rig {
+    let (machine, manager) = rig(1 << 14, config(mode));
+    let regs = registries();
+    let module = module(&manager, regs, functions(2));
+    Rig {
+        machine,
+        manager,
+        regs,
+        module,
+    }
+}
+
+/// The pages of `range` that are mapped executable now.
+pub fn executable_now(r: &Rig, range: AddressRange) -> Vec<usize> {
+    range
+        .pages()
+        .filter(|&p| r.manager.query(p).unwrap().is_some_and(|m| m.executable))
+        .collect()
+}
+
+/// The image's pages (lead page included) that were ever executable are exactly `allowed`.
+pub fn assert_executable_history(r: &Rig, image: AddressRange, allowed: &[usize]) {
+    let all = AddressRange::new(image.start() - PAGE, image.end().next_multiple_of(PAGE));
+    assert_eq!(
+        r.machine.ever_executable(all),
+        allowed,
+        "pages ever executable"
+    );
+}
+
+#[test]
+fn only_the_text_is_ever_executable_from_load_to_free() {
+    for mode in [ProtectionMode::Alias, ProtectionMode::Flip] {
+        let r = rig_for(mode);
+        let bytes = image_bytes();
+        let committed = r.manager.committed();
+        let rounds = r.manager.flush_stats().unwrap();
+        let image = r.module.load_image(&bytes).unwrap();
+        assert_eq!(image.len(), bytes.len());
+        assert!(image.range().start().is_multiple_of(PAGE));
+        assert_eq!(read(&r.manager, image.range().start(), bytes.len()), bytes);
+        let pages = AddressRange::new(
+            image.range().start(),
+            image.range().end().next_multiple_of(PAGE),
+        );
+        for p in pages.pages() {
+            let m = r.manager.query(p).unwrap().expect("mapped");
+            assert!(!m.writable && !m.executable, "{p:#x} R+NX after load");
+        }
+        // One flush for the whole image (the pages were fresh: no other round).
+        if mode == ProtectionMode::Alias {
+            let after_load = r.manager.flush_stats().unwrap();
+            assert_eq!(
+                after_load.shootdowns - rounds.shootdowns,
+                1,
+                "one round to load"
+            );
+        }
+        assert_executable_history(&r, image.range(), &[]);
+        assert_sound(&r.machine, &r.manager);
+
+        let text = text_of(&image);
+        let before = r.manager.flush_stats().unwrap();
+        r.module
+            .publish_image(&image, text, &traps(external_pad()))
+            .unwrap();
+        let after = r.manager.flush_stats().unwrap();
+        if mode == ProtectionMode::Alias {
+            assert_eq!(
+                after.shootdowns - before.shootdowns,
+                1,
+                "one shootdown round"
+            );
+        }
+        let lead = image.range().start() - PAGE;
+        let expected: Vec<usize> = core::iter::once(lead).chain(text.pages()).collect();
+        assert_eq!(executable_now(&r, pages), text.pages().collect::<Vec<_>>());
+        assert_executable_history(&r, image.range(), &expected);
+        // The landing stub: `jmp [rip+0]` to the trampoline, as every CPU executes it.
+        let cpus = if mode == ProtectionMode::Flip { 1 } else { 4 };
+        for cpu in 0..cpus {
+            let mut fetched = [0u8; 14];
+            r.machine.exec_as(cpu, lead, &mut fetched).unwrap();
+            let stub = decode(&fetched, lead);
+            assert_eq!(stub[0].mnemonic(), Mnemonic::Jmp);
+            assert_eq!(indirect_jmp_operand(&stub[0]), lead + 6);
+            assert_eq!(
+                u64::from_le_bytes(fetched[6..].try_into().unwrap()),
+                TRAMPOLINE as u64
+            );
+            let mut code = [0u8; 16];
+            r.machine
+                .exec_as(cpu, text.start() + 0x10, &mut code)
+                .unwrap();
+            assert_eq!(code[..], bytes[2 * PAGE + 0x10..2 * PAGE + 0x20]);
+            assert!(r
+                .machine
+                .exec_as(cpu, text.start() - 1, &mut code[..1])
+                .is_err());
+            assert!(r.machine.exec_as(cpu, text.end(), &mut code[..1]).is_err());
+        }
+        // Trap sites: each resolves for its vector only, resuming at the stub.
+        let t = &r.regs.traps;
+        let pf = t
+            .lookup_fault(text.start() + 0x10, MEMORY.start() + 8)
+            .unwrap();
+        assert_eq!(
+            (pf.landing_pad(), pf.pc(), pf.vector()),
+            (lead, text.start() + 0x10, TrapVector::PageFault)
+        );
+        assert!(
+            t.lookup_fault(text.start() + PAGE + 0x40, 0x8).is_some(),
+            "null range"
+        );
+        assert!(
+            t.lookup_fault(text.start() + 0x10, 0x2_0000).is_none(),
+            "outside every range"
+        );
+        let ud = t
+            .lookup_trap(TrapVector::InvalidOpcode, text.start() + 0x20)
+            .unwrap();
+        assert_eq!(ud.landing_pad(), lead);
+        assert!(t
+            .lookup_trap(TrapVector::DivideError, text.start() + 0x20)
+            .is_none());
+        assert!(t
+            .lookup_trap(TrapVector::DivideError, text.start() + 0x30)
+            .is_some());
+        assert!(t
+            .lookup_fault(text.start() + 0x20, MEMORY.start())
+            .is_none());
+        for data in [image.range().start() + 0x10, text.end() + 0x10] {
+            assert!(t.lookup_fault(data, MEMORY.start()).is_none());
+        }
+        // PC lookup names the text, and only the text.
+        let object = r.module.lookup_code(text.start() + 5).unwrap();
+        assert_eq!(
+            (object.kind(), object.instructions()),
+            (CodeKind::Image, text)
+        );
+        assert_eq!(object.debug_name().to_string(), "wasm[0]");
+        assert!(r.module.lookup_code(text.start() - 1).is_none());
+        assert_sound(&r.machine, &r.manager);
+
+        // Unpublished: registered and executable until a grace period passed.
+        r.module.unpublish_image(image).unwrap();
+        assert_eq!(r.module.image_count().unwrap(), (0, 1));
+        r.module.reclaim().unwrap();
+        assert!(t
+            .lookup_trap(TrapVector::InvalidOpcode, text.start() + 0x20)
+            .is_some());
+        assert_eq!(executable_now(&r, pages).len(), 2);
+        pass_grace(r.regs);
+        assert_eq!(r.module.reclaim().unwrap(), 1);
+        assert_eq!(r.module.image_count().unwrap(), (0, 0));
+        assert!(t
+            .lookup_trap(TrapVector::InvalidOpcode, text.start() + 0x20)
+            .is_none());
+        assert!(t
+            .lookup_fault(text.start() + 0x10, MEMORY.start())
+            .is_none());
+        assert!(r.module.lookup_code(text.start()).is_none());
+        assert!(
+            t.is_empty() && r.regs.code.len() == 1,
+            "only the module's jump table is left"
+        );
+        assert!(
+            pages.pages().all(|p| !is_mapped(&r.manager, p)),
+            "decommitted"
+        );
+        assert_eq!(r.manager.committed(), committed);
+        let whole = AddressRange::new(lead, pages.end());
+        assert_eq!(r.machine.ever_executable(whole), expected, "{mode:?}");
+        assert_sound_no_leak(&r.machine, &r.manager);
+    }
+}
+
+#[test]
+fn a_pad_in_the_text_needs_no_stub() {
+    let r = rig_for(ProtectionMode::Alias);
+    let image = r.module.load_image(&image_bytes()).unwrap();
+    let text = text_of(&image);
+    r.module
+        .publish_image(&image, text, &traps(LandingPad::in_text(0x100)))
+        .unwrap();
+    let hit = r
+        .regs
+        .traps
+        .lookup_trap(TrapVector::DivideError, text.start() + 0x30)
+        .unwrap();
+    assert_eq!(
+        (hit.code(), hit.landing_pad()),
+        (text, text.start() + 0x100)
+    );
+    let lead = image.range().start() - PAGE;
+    assert_eq!(
+        leaf_flags(&r.machine, lead),
+        RW_NX,
+        "the lead page stays RW+NX"
+    );
+    assert_executable_history(&r, image.range(), &text.pages().collect::<Vec<_>>());
+    // An image without trap sites needs no pad at all.
+    let plain = r.module.load_image(&[0xC3; 100]).unwrap();
+    let one = AddressRange::new(plain.range().start(), plain.range().start() + PAGE);
+    r.module
+        .publish_image(&plain, one, &ImageTraps::NONE)
+        .unwrap();
+    assert_eq!(
+        r.module
+            .lookup_code(one.start())
+            .unwrap()
+            .debug_name()
+            .to_string(),
+        "image"
+    );
+    assert_eq!(r.regs.traps.len(), 1);
+    assert_sound(&r.machine, &r.manager);
+}
+
+/// Everything a refused call must leave as it was.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Seen {
+    leaves: Vec<codespace::mmu::Leaf>,
+    committed: usize,
+    traps: usize,
+    code: usize,
+    images: (usize, usize),
+    lookups: Vec<bool>,
+}
+
+pub fn seen(r: &Rig, probe: AddressRange) -> Seen {
+    let window = r.manager.window();
+    let t = &r.regs.traps;
+    let lookups = probe
+        .pages()
+        .flat_map(|p| [p + 0x10, p + 0x20, p + 0x30, p + 0x40])
+        .flat_map(|pc| {
+            [
+                t.lookup_fault(pc, MEMORY.start()).is_some(),
+                t.lookup_trap(TrapVector::InvalidOpcode, pc).is_some(),
+                t.lookup_trap(TrapVector::DivideError, pc).is_some(),
+                r.regs.lookup_code(pc).is_some(),
+            ]
+        })
+        .collect();
+    Seen {
+        leaves: r
+            .machine
+            .snapshot()
+            .leaves
+            .into_iter()
+            .filter(|l| window.contains(l.virt))
+            .collect(),
+        committed: r.manager.committed(),
+        traps: t.len(),
+        code: r.regs.code.len(),
+        images: r.module.image_count().unwrap(),
+        lookups,
+    }
+}
+
+#[test]
+fn bad_ranges_and_images_are_refused_with_typed_errors() {
+    let r = rig_for(ProtectionMode::Alias);
+    let other = module(&r.manager, r.regs, functions(0));
+    let image = r.module.load_image(&image_bytes()).unwrap();
+    let foreign = other.load_image(&image_bytes()).unwrap();
+    let s = image.range().start();
+    let text = text_of(&image);
+    let probe = AddressRange::new(s - PAGE, s + 8 * PAGE);
+    let before = seen(&r, probe);
+    let refused = |text: AddressRange, traps: &ImageTraps<'_>| {
+        let e = r.module.publish_image(&image, text, traps).unwrap_err();
+        assert_eq!(seen(&r, probe), before, "{e:?} changed something");
+        e
+    };
+    let pad = traps(external_pad());
+    for bad in [
+        AddressRange::new(s + 2 * PAGE + 1, s + 4 * PAGE),
+        AddressRange::new(s + 2 * PAGE, s + 4 * PAGE - 8),
+        AddressRange::new(s + 2 * PAGE, s + 2 * PAGE),
+    ] {
+        assert_eq!(
+            refused(bad, &pad),
+            ModuleError::ImageTextUnaligned { text: bad }
+        );
+    }
+    for bad in [
+        AddressRange::new(s - PAGE, s + PAGE),
+        AddressRange::new(s + 6 * PAGE, s + 8 * PAGE),
+        AddressRange::new(foreign.range().start(), foreign.range().start() + PAGE),
+    ] {
+        assert_eq!(
+            refused(bad, &pad),
+            ModuleError::ImageTextOutside { text: bad }
+        );
+    }
+    let no_pad = ImageTraps {
+        landing_pad: None,
+        ..pad
+    };
+    assert_eq!(refused(text, &no_pad), ModuleError::BadLandingPad);
+    let past = ImageTraps {
+        landing_pad: Some(LandingPad::in_text(2 * PAGE as u32)),
+        ..pad
+    };
+    assert_eq!(refused(text, &past), ModuleError::BadLandingPad);
+    // SAFETY: refused before anything could jump there.
+    for inside in [s + 0x10, r.manager.window().start() + (256 << 30)] {
+        let own = ImageTraps {
+            landing_pad: Some(unsafe { LandingPad::external(inside) }),
+            ..pad
+        };
+        assert_eq!(
+            refused(text, &own),
+            ModuleError::BadLandingPad,
+            "pad {inside:#x}"
+        );
+    }
+    let site_outside = ImageTraps {
+        sites: &[(2 * PAGE as u32, TrapVector::InvalidOpcode)],
+        ..pad
+    };
+    assert_eq!(
+        refused(text, &site_outside),
+        ModuleError::Trap(TrapError::OffsetOutOfRange {
+            offset: 2 * PAGE as u32
+        })
+    );
+    let twice = ImageTraps {
+        sites: &[
+            (8, TrapVector::InvalidOpcode),
+            (8, TrapVector::InvalidOpcode),
+        ],
+        ..pad
+    };
+    assert_eq!(
+        refused(text, &twice),
+        ModuleError::Trap(TrapError::DuplicateOffset { offset: 8 })
+    );
+    let empty_range = [AddressRange::new(5, 5)];
+    let empty = ImageTraps {
+        fault_ranges: &empty_range,
+        ..pad
+    };
+    assert_eq!(
+        refused(text, &empty),
+        ModuleError::Trap(TrapError::EmptyFaultRange)
+    );
+    assert_eq!(
+        r.module.publish_image(&foreign, text, &pad),
+        Err(ModuleError::UnknownImage)
+    );
+    assert_eq!(seen(&r, probe), before);
+    assert_eq!(
+        r.module.unpublish_image(foreign),
+        Err(ModuleError::UnknownImage)
+    );
+    assert_eq!(
+        other.image_count().unwrap(),
+        (1, 0),
+        "another module's image stays"
+    );
+    assert_eq!(
+        r.module.load_image(&[]).unwrap_err(),
+        ModuleError::Code(CodeError::InvalidSize { size: 0 })
+    );
+    assert_eq!(seen(&r, probe), before);
+
+    // The last, partial page of the image may be text; published once, a second publish is
+    // refused.
+    let last = AddressRange::new(s + 6 * PAGE, s + 7 * PAGE);
+    r.module
+        .publish_image(&image, last, &ImageTraps::NONE)
+        .unwrap();
+    assert_eq!(
+        r.module.publish_image(&image, text, &pad),
+        Err(ModuleError::ImageAlreadyPublished)
+    );
+    assert_executable_history(&r, image.range(), &[last.start()]);
+    assert_sound(&r.machine, &r.manager);
+}
+
+#[test]
+fn dropping_the_module_unregisters_and_frees_its_images() {
+    let r = rig_for(ProtectionMode::Alias);
+    let published = r.module.load_image(&image_bytes()).unwrap();
+    let text = text_of(&published);
+    r.module
+        .publish_image(&published, text, &traps(external_pad()))
+        .unwrap();
+    let retired = r.module.load_image(&image_bytes()).unwrap();
+    r.module
+        .publish_image(&retired, text_of(&retired), &traps(external_pad()))
+        .unwrap();
+    let loaded = r.module.load_image(&[1, 2, 3]).unwrap();
+    r.module.unpublish_image(retired).unwrap();
+    assert_eq!(r.regs.traps.len(), 2);
+    let Rig {
+        machine,
+        manager,
+        regs,
+        module,
+    } = r;
+    drop(module);
+    assert!(regs
+        .traps
+        .lookup_trap(TrapVector::InvalidOpcode, text.start() + 0x20)
+        .is_some());
+    assert_eq!(settle(regs), 1);
+    assert!(regs.traps.is_empty() && regs.code.is_empty());
+    assert_eq!(manager.committed(), 0);
+    assert_eq!(manager.stats().code_spaces, 0);
+    drop((published, loaded));
+    assert_sound_no_leak(&machine, &manager);
+}
