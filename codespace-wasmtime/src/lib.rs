@@ -21,6 +21,7 @@
 
 extern crate alloc;
 
+pub mod code;
 mod hooks;
 pub mod image;
 mod memory;
@@ -31,8 +32,12 @@ pub mod traps;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 
+pub use code::{LoadError, WasmCode};
 pub use codespace::mmu::InterruptControl;
 pub use traps::trap_landing_pad;
+
+/// The page size codespace and this crate work in.
+pub(crate) const PAGE: usize = 4096;
 /// The wasmtime this crate is built for (`=48.0.8`), for kernels to use without a second pin.
 pub use wasmtime;
 

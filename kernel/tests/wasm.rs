@@ -6,17 +6,64 @@
 
 extern crate alloc;
 
+use alloc::string::ToString;
+
 use alloc::vec::Vec;
-use codespace_kernel::wasm::{self, memory as wasm_memory};
+use codespace_kernel::code::{self, test_window};
+use codespace_kernel::memory;
+use codespace_kernel::wasm::{self, memory as wasm_memory, Runtime};
 use codespace_wasmtime::image::{self, ImageError};
 use codespace_wasmtime::settings;
-use codespace_wasmtime::wasmtime::{Engine, Memory, MemoryType, Store};
+use codespace_wasmtime::wasmtime::{
+    Engine, Instance, Memory, MemoryType, Module, Store, Trap, TypedFunc, WasmParams, WasmResults,
+};
+use codespace_wasmtime::LoadError;
 
 codespace_kernel::kernel_tests![
     sse_is_enabled_on_every_cpu,
     linear_memory_commits_grows_and_gives_everything_back,
     precompiled_container_is_checked_before_wasmtime_sees_it,
+    module_runs_from_codespace_with_only_its_text_executable,
+    traps_reach_wasmtime_through_the_trap_table,
+    dropped_module_leaves_nothing_published,
+    bad_containers_leave_nothing_placed,
 ];
+
+/// Executable pages in `[start, end)` of the live page table.
+fn executable_pages(start: usize, end: usize) -> Vec<usize> {
+    (start..end)
+        .step_by(4096)
+        .filter(|&va| {
+            memory::leaf_entry(va as u64).is_some_and(|e| e & 1 != 0 && e & (1 << 63) == 0)
+        })
+        .collect()
+}
+
+fn runtime(window: usize) -> Runtime {
+    wasm::runtime(test_window(100 + window)).expect("a wasmtime runtime over codespace")
+}
+
+fn load(rt: &Runtime) -> Module {
+    // SAFETY: the engine was built with `rt.code`; the container comes from the host tool.
+    unsafe { rt.code.load(&rt.engine, basic_cwasm()) }.expect("basic.cwasm loads")
+}
+
+fn func<P: WasmParams, R: WasmResults>(
+    store: &mut Store<()>,
+    instance: &Instance,
+    name: &str,
+) -> TypedFunc<P, R> {
+    instance
+        .get_typed_func::<P, R>(&mut *store, name)
+        .expect("export with that signature")
+}
+
+/// The trap `call` ended with (it must trap).
+fn trap_of<T: core::fmt::Debug>(result: Result<T, codespace_wasmtime::wasmtime::Error>) -> Trap {
+    let err = result.expect_err("the call traps");
+    *err.downcast_ref::<Trap>()
+        .unwrap_or_else(|| panic!("a wasm trap, not {err:?}"))
+}
 
 /// The container the launcher precompiled from `kernel/tests/wasm/basic.wat`.
 fn basic_cwasm() -> &'static [u8] {
@@ -128,5 +175,230 @@ fn precompiled_container_is_checked_before_wasmtime_sees_it() {
     assert_eq!(
         image::payload(&trailing, fp),
         Err(ImageError::TrailingBytes)
+    );
+}
+
+/// A real module, compiled on the host, runs from the code window: calls (wasm to wasm too),
+/// memory, SSE4.1 float rounding. Only the text's pages are executable, none writable.
+fn module_runs_from_codespace_with_only_its_text_executable() {
+    let rt = runtime(0);
+    let module = load(&rt);
+    let mut store = Store::new(&rt.engine, ());
+    let instance = Instance::new(&mut store, &module, &[]).expect("instantiate");
+    let add = func::<(i32, i32), i32>(&mut store, &instance, "add");
+    assert_eq!(add.call(&mut store, (40, 2)).expect("add"), 42);
+    assert_eq!(add.call(&mut store, (i32::MAX, 1)).expect("add"), i32::MIN);
+    let fac = func::<i64, i64>(&mut store, &instance, "fac");
+    assert_eq!(
+        fac.call(&mut store, 20).expect("fac"),
+        2_432_902_008_176_640_000
+    );
+    let nearest = func::<f64, f64>(&mut store, &instance, "nearest");
+    for (x, want) in [(2.5, 2.0), (3.5, 4.0), (-0.5, -0.0), (1.25, 1.0)] {
+        let got = nearest.call(&mut store, x).expect("nearest");
+        assert_eq!(got.to_bits(), f64::to_bits(want), "nearest({x})");
+    }
+    let store_fn = func::<(i32, i32), ()>(&mut store, &instance, "store");
+    let load_fn = func::<i32, i32>(&mut store, &instance, "load");
+    store_fn
+        .call(&mut store, (65532, 0x1234_5678))
+        .expect("store");
+    assert_eq!(load_fn.call(&mut store, 65532).expect("load"), 0x1234_5678);
+
+    // Only the text is executable: every executable page of the image lies in the text.
+    let text = module.text();
+    let (t0, t1) = (text.as_ptr() as usize, text.as_ptr() as usize + text.len());
+    let images = rt.code.image_ranges();
+    assert_eq!(images.len(), 1, "one image placed");
+    let image = images[0];
+    assert!(
+        image.start() <= t0 && t1 <= image.end(),
+        "the text lies in the image"
+    );
+    let exec = executable_pages(image.start() & !0xFFF, image.end());
+    assert!(!exec.is_empty(), "the text is executable");
+    for va in &exec {
+        assert!(
+            (t0..t1).contains(va),
+            "page {va:#x} is executable but outside the text {t0:#x}..{t1:#x}"
+        );
+    }
+    assert_eq!(
+        exec.len(),
+        text.len().div_ceil(4096),
+        "every text page is executable"
+    );
+    // Writes to the image through the window fault (R+X / R+NX pages).
+    for va in [t0, t0 & !0xFFF] {
+        let e = memory::leaf_entry(va as u64).expect("mapped");
+        assert_eq!(e & 2, 0, "image page {va:#x} is not writable");
+    }
+}
+
+/// #PF (out-of-bounds load), #UD (`unreachable`, the stack-overflow check) and #DE (division by
+/// zero) at wasm trap sites go through codespace's lookups and come back as wasmtime's trap
+/// codes; the store keeps working afterwards.
+fn traps_reach_wasmtime_through_the_trap_table() {
+    let rt = runtime(1);
+    assert!(
+        codespace_wasmtime::traps::handler_registered(),
+        "wasmtime registered its handler"
+    );
+    let module = load(&rt);
+    let mut store = Store::new(&rt.engine, ());
+    let instance = Instance::new(&mut store, &module, &[]).expect("instantiate");
+    let load_fn = func::<i32, i32>(&mut store, &instance, "load");
+    let unreachable = func::<(), ()>(&mut store, &instance, "unreachable");
+    let div = func::<(i32, i32), i32>(&mut store, &instance, "div_s");
+    let div_u = func::<(i32, i32), i32>(&mut store, &instance, "div_u");
+    let deep = func::<i32, i32>(&mut store, &instance, "deep");
+    let add = func::<(i32, i32), i32>(&mut store, &instance, "add");
+
+    let hits = |v| code::trap_hits(v);
+    let (pf, ud, de) = (hits(14), hits(6), hits(0));
+    assert_eq!(
+        trap_of(load_fn.call(&mut store, 65533)),
+        Trap::MemoryOutOfBounds
+    );
+    assert_eq!(
+        trap_of(load_fn.call(&mut store, -4)),
+        Trap::MemoryOutOfBounds
+    );
+    assert_eq!(
+        hits(14),
+        pf + 2,
+        "both out-of-bounds loads were #PF trap-table hits"
+    );
+    assert_eq!(
+        trap_of(unreachable.call(&mut store, ())),
+        Trap::UnreachableCodeReached
+    );
+    assert_eq!(hits(6), ud + 1, "unreachable was a #UD trap-table hit");
+    assert_eq!(
+        trap_of(div_u.call(&mut store, (7, 0))),
+        Trap::IntegerDivisionByZero
+    );
+    assert_eq!(
+        hits(0),
+        de + 1,
+        "unsigned division by zero was a #DE trap-table hit"
+    );
+    assert_eq!(
+        trap_of(div.call(&mut store, (i32::MIN, -1))),
+        Trap::IntegerOverflow
+    );
+    assert_eq!(hits(0), de + 2, "INT_MIN / -1 was a #DE trap-table hit");
+    assert_eq!(
+        trap_of(div.call(&mut store, (7, 0))),
+        Trap::IntegerDivisionByZero
+    );
+    assert_eq!(
+        hits(6),
+        ud + 2,
+        "the signed zero-divisor check was a #UD trap-table hit"
+    );
+    assert_eq!(trap_of(deep.call(&mut store, 0)), Trap::StackOverflow);
+    assert_eq!(hits(6), ud + 3, "the stack check was a #UD trap-table hit");
+    assert_eq!(hits(14), pf + 2, "no other trap was a #PF");
+    assert_eq!(div.call(&mut store, (-7, 2)).expect("div"), -3);
+    assert_eq!(
+        add.call(&mut store, (1, 2)).expect("the store still works"),
+        3
+    );
+}
+
+/// Dropping the module (and its store) unpublishes the image: nothing left placed, and after a
+/// grace period the module's code pages are freed.
+fn dropped_module_leaves_nothing_published() {
+    let rt = runtime(2);
+    let before = rt.code.module().stats().expect("stats");
+    let window = test_window(102);
+    {
+        let module = load(&rt);
+        let mut store = Store::new(&rt.engine, ());
+        let instance = Instance::new(&mut store, &module, &[]).expect("instantiate");
+        let add = func::<(i32, i32), i32>(&mut store, &instance, "add");
+        assert_eq!(add.call(&mut store, (2, 3)).expect("add"), 5);
+        assert_eq!(rt.code.images(), 1);
+        let live = rt.code.module().stats().expect("stats");
+        assert_eq!(
+            live.freed, before.freed,
+            "nothing freed while the module lives"
+        );
+    }
+    assert_eq!(
+        rt.code.images(),
+        0,
+        "the image was unpublished with the module"
+    );
+    // SAFETY: no wasm runs on this CPU and no lookup is held here.
+    unsafe { code::synchronize() };
+    code::GRACE.reclaim();
+    rt.code.module().reclaim().expect("reclaim");
+    let after = rt.code.module().stats().expect("stats");
+    assert_eq!(after.allocated, before.allocated, "no code allocated");
+    assert!(after.reserved > 0, "the image's pages were reserved");
+    assert_eq!(
+        after.reserved, after.freed,
+        "and all of them freed after the grace period"
+    );
+    assert!(
+        executable_pages(window.start(), window.start() + (64 << 20)).is_empty(),
+        "no executable page left in the window"
+    );
+}
+
+/// Truncated, corrupt and re-targeted containers, and a well-formed container whose ELF is
+/// corrupt, get typed errors; nothing stays placed and the module's pages are as before.
+fn bad_containers_leave_nothing_placed() {
+    let rt = runtime(3);
+    let before = format_args!("{:?}", rt.code.module().stats().expect("stats")).to_string();
+    let cwasm = basic_cwasm();
+    let fp = settings::fingerprint();
+    let payload = image::payload(cwasm, fp).expect("valid");
+    let try_load = |bytes: &[u8]| {
+        // SAFETY: the engine was built with `rt.code`; every container here is refused before
+        // any of its code can run (asserted below).
+        unsafe { rt.code.load(&rt.engine, bytes) }
+    };
+    assert!(matches!(
+        try_load(&cwasm[..cwasm.len() - 100]),
+        Err(LoadError::Image(ImageError::Truncated))
+    ));
+    let mut corrupt = cwasm.to_vec();
+    corrupt[image::HEADER_LEN + 64] ^= 1;
+    assert!(matches!(
+        try_load(&corrupt),
+        Err(LoadError::Image(ImageError::PayloadChecksum))
+    ));
+    let mut other = image::header(payload, fp ^ 0x10).to_vec();
+    other.extend_from_slice(payload);
+    assert!(matches!(
+        try_load(&other),
+        Err(LoadError::Image(ImageError::SettingsMismatch { .. }))
+    ));
+    let same = format_args!("{:?}", rt.code.module().stats().expect("stats")).to_string();
+    assert_eq!(same, before, "header refusals touch nothing");
+    // A correct header over a corrupt ELF (wasmtime's own checks): its section headers cut off.
+    let mut elf = payload.to_vec();
+    elf.truncate(elf.len() / 2);
+    let mut bad_elf = image::header(&elf, fp).to_vec();
+    bad_elf.extend_from_slice(&elf);
+    assert!(matches!(try_load(&bad_elf), Err(LoadError::Wasmtime(_))));
+    assert_eq!(rt.code.images(), 0, "nothing placed after the refusals");
+    // SAFETY: no wasm runs on this CPU and no lookup is held here.
+    unsafe { code::synchronize() };
+    code::GRACE.reclaim();
+    rt.code.module().reclaim().expect("reclaim");
+    let after = rt.code.module().stats().expect("stats");
+    assert_eq!(after.allocated, 0, "no code allocated");
+    assert_eq!(
+        after.reserved, after.freed,
+        "every page of the refused image freed after the grace period"
+    );
+    let window = test_window(103);
+    assert!(
+        executable_pages(window.start(), window.start() + (64 << 20)).is_empty(),
+        "nothing executable left in the window"
     );
 }

@@ -4,13 +4,21 @@
 
 pub mod memory;
 
+use alloc::sync::Arc;
+use alloc::vec;
+use alloc::vec::Vec;
 use core::ptr::NonNull;
+
+use codespace::module::{CodeModule, ModuleConfig, ModuleError};
+use codespace::{AddressRange, CodeError, ManagerConfig};
+use codespace_wasmtime::WasmCode;
 
 use codespace::mmu::x86::X86_INTERRUPTS;
 use codespace_wasmtime::wasmtime;
 use codespace_wasmtime::{settings, Access, CpuSlots, InterruptControl, MemoryError, Platform};
 use x86_64::registers::control::{Cr0, Cr0Flags, Cr4, Cr4Flags};
 
+use crate::code::{self, KernelMmu, REGISTRIES};
 use crate::percpu::PerCpu;
 
 /// Every CPU's slots for codespace-wasmtime.
@@ -135,4 +143,50 @@ pub fn config() -> wasmtime::Config {
         config.detect_host_feature(detect_host_feature);
     }
     config
+}
+
+/// Where a wasm memory access may fault: the wasm slot (every linear memory's reservation and
+/// guard) and the unmapped null page (null funcref loads, Spectre-guarded bounds checks).
+#[must_use]
+pub fn fault_ranges() -> Vec<AddressRange> {
+    vec![
+        AddressRange::new(memory::WASM_BASE, memory::WASM_BASE + memory::WASM_SIZE),
+        AddressRange::new(0, 4096),
+    ]
+}
+
+/// Why [`runtime`] failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum RuntimeError {
+    /// The code manager over the window.
+    Manager(CodeError),
+    /// The codespace module.
+    Module(ModuleError),
+    /// wasmtime refused the configuration.
+    Engine(wasmtime::Error),
+}
+
+/// A wasmtime engine whose code lives in a codespace module over `window`.
+#[derive(Debug)]
+pub struct Runtime {
+    /// The code memory (images placed, trap sites registered).
+    pub code: Arc<WasmCode<KernelMmu>>,
+    /// The engine to load and run modules with.
+    pub engine: wasmtime::Engine,
+}
+
+/// Builds a [`Runtime`] over the code-window slice `window`.
+///
+/// # Errors
+/// [`RuntimeError`].
+pub fn runtime(window: AddressRange) -> Result<Runtime, RuntimeError> {
+    let manager = code::manager(window, ManagerConfig::default()).map_err(RuntimeError::Manager)?;
+    let module = CodeModule::new(&manager, &REGISTRIES, ModuleConfig::default())
+        .map_err(RuntimeError::Module)?;
+    let code = WasmCode::new(Arc::new(module), fault_ranges());
+    let mut config = config();
+    config.with_custom_code_memory(Some(code.clone()));
+    let engine = wasmtime::Engine::new(&config).map_err(RuntimeError::Engine)?;
+    Ok(Runtime { code, engine })
 }

@@ -31,11 +31,17 @@
   ;; ud2 (#UD): wasmtime's UnreachableCodeReached.
   (func (export "unreachable")
     unreachable)
-  ;; idiv (#DE) for a zero divisor: wasmtime's IntegerDivisionByZero.
+  ;; Signed division: Cranelift tests the divisor for zero (ud2, #UD: IntegerDivisionByZero), and
+  ;; idiv itself raises #DE for INT_MIN / -1 (IntegerOverflow).
   (func (export "div_s") (param i32 i32) (result i32)
     local.get 0
     local.get 1
     i32.div_s)
+  ;; Unsigned division: div raises #DE for a zero divisor (IntegerDivisionByZero).
+  (func (export "div_u") (param i32 i32) (result i32)
+    local.get 0
+    local.get 1
+    i32.div_u)
   ;; roundsd (SSE4.1): round half to even.
   (func (export "nearest") (param f64) (result f64)
     local.get 0
