@@ -27,6 +27,7 @@ codespace_kernel::kernel_tests![
     traps_reach_wasmtime_through_the_trap_table,
     dropped_module_leaves_nothing_published,
     bad_containers_leave_nothing_placed,
+    module_for_other_tunables_or_cpu_is_refused_by_wasmtime,
 ];
 
 /// Executable pages in `[start, end)` of the live page table.
@@ -401,4 +402,55 @@ fn bad_containers_leave_nothing_placed() {
         executable_pages(window.start(), window.start() + (64 << 20)).is_empty(),
         "nothing executable left in the window"
     );
+}
+
+/// The CPU without SSE4.1 this test pretends to run on.
+fn no_sse41(feature: &str) -> Option<bool> {
+    match feature {
+        "sse4.1" => Some(false),
+        other => wasm::detect_host_feature(other),
+    }
+}
+
+/// A container whose header is right but whose code was compiled for other tunables, or for ISA
+/// flags this CPU lacks: wasmtime's own compatibility check refuses it (a typed error), and
+/// nothing stays placed or executable.
+fn module_for_other_tunables_or_cpu_is_refused_by_wasmtime() {
+    let mut other_guard = wasm::config();
+    other_guard.memory_guard_size(settings::MEMORY_GUARD * 2);
+    let mut other_cpu = wasm::config();
+    // SAFETY: this engine only ever loads (and refuses) modules; nothing runs on it.
+    unsafe {
+        other_cpu.detect_host_feature(no_sse41);
+    }
+    for (i, config) in [other_guard, other_cpu].into_iter().enumerate() {
+        let rt = wasm::runtime_with(test_window(104 + i), config).expect("runtime");
+        // SAFETY: the engine was built with `rt.code`; the container comes from the host tool
+        // and is refused before any of its code runs (asserted).
+        let result = unsafe { rt.code.load(&rt.engine, basic_cwasm()) };
+        match result {
+            Err(LoadError::Wasmtime(e)) => {
+                let msg = alloc::format!("{e:?}");
+                let want = if i == 0 { "guard" } else { "has_sse41" };
+                assert!(msg.contains(want), "refused for the {want} mismatch: {msg}");
+            }
+            other => panic!("case {i}: expected wasmtime's refusal, got {other:?}"),
+        }
+        assert_eq!(rt.code.images(), 0, "nothing placed");
+        // SAFETY: no wasm runs on this CPU and no lookup is held here.
+        unsafe { code::synchronize() };
+        code::GRACE.reclaim();
+        rt.code.module().reclaim().expect("reclaim");
+        let stats = rt.code.module().stats().expect("stats");
+        assert_eq!(
+            (stats.allocated, stats.reserved),
+            (0, stats.freed),
+            "all freed"
+        );
+        let window = test_window(104 + i);
+        assert!(
+            executable_pages(window.start(), window.start() + (64 << 20)).is_empty(),
+            "nothing executable left"
+        );
+    }
 }

@@ -181,11 +181,22 @@ pub struct Runtime {
 /// # Errors
 /// [`RuntimeError`].
 pub fn runtime(window: AddressRange) -> Result<Runtime, RuntimeError> {
+    runtime_with(window, config())
+}
+
+/// A [`Runtime`] whose engine uses `config` (plus the code memory) instead of [`config`]: for
+/// tests of what a mismatched engine does with a module.
+///
+/// # Errors
+/// [`RuntimeError`].
+pub fn runtime_with(
+    window: AddressRange,
+    mut config: wasmtime::Config,
+) -> Result<Runtime, RuntimeError> {
     let manager = code::manager(window, ManagerConfig::default()).map_err(RuntimeError::Manager)?;
     let module = CodeModule::new(&manager, &REGISTRIES, ModuleConfig::default())
         .map_err(RuntimeError::Module)?;
     let code = WasmCode::new(Arc::new(module), fault_ranges());
-    let mut config = config();
     config.with_custom_code_memory(Some(code.clone()));
     let engine = wasmtime::Engine::new(&config).map_err(RuntimeError::Engine)?;
     Ok(Runtime { code, engine })
