@@ -215,6 +215,16 @@ pub fn install(platform: &'static dyn Platform) -> Result<(), InstallError> {
     Ok(())
 }
 
+/// How many wasmtime locks the calling CPU holds (0 outside wasmtime's own critical sections:
+/// a trap that unwinds wasm code must never leave one held).
+///
+/// # Panics
+/// Before [`install`].
+#[must_use]
+pub fn locks_held_here() -> usize {
+    platform().cpu().locks_held.load(Ordering::Relaxed)
+}
+
 /// The installed platform.
 ///
 /// # Panics

@@ -106,3 +106,126 @@ pub fn write_unlock(p: &dyn Platform, word: &AtomicUsize) {
     );
     pop_off(p);
 }
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+
+    use super::*;
+    use crate::{Access, InterruptControl, MemoryError};
+    use core::ptr::NonNull;
+    use std::boxed::Box;
+    use std::cell::Cell;
+    use std::sync::atomic::AtomicU64;
+    use std::vec::Vec;
+
+    std::thread_local! {
+        /// This "CPU"'s slots (one leaked per thread) and its interrupt flag.
+        static SLOTS: &'static CpuSlots = Box::leak(Box::new(CpuSlots::new()));
+        static IRQ_ON: Cell<bool> = const { Cell::new(true) };
+    }
+
+    fn disable() -> bool {
+        IRQ_ON.with(|f| f.replace(false))
+    }
+
+    fn restore(enabled: bool) {
+        IRQ_ON.with(|f| f.set(enabled));
+    }
+
+    /// Threads as CPUs: per-thread slots and interrupt flag.
+    struct Threads;
+
+    // SAFETY: test platform: per-thread slots; memory is never used by these tests.
+    unsafe impl Platform for Threads {
+        fn cpu(&self) -> &CpuSlots {
+            SLOTS.with(|s| *s)
+        }
+        fn interrupts(&self) -> InterruptControl {
+            InterruptControl { disable, restore }
+        }
+        fn reserve(&self, _: usize, _: Access) -> Result<NonNull<u8>, MemoryError> {
+            Err(MemoryError::OutOfAddressSpace)
+        }
+        unsafe fn set_access(&self, _: usize, _: usize, _: Access) -> Result<(), MemoryError> {
+            Err(MemoryError::NotReserved)
+        }
+        unsafe fn discard(&self, _: usize, _: usize, _: Access) -> Result<(), MemoryError> {
+            Err(MemoryError::NotReserved)
+        }
+        unsafe fn release(&self, _: usize, _: usize) -> Result<(), MemoryError> {
+            Err(MemoryError::NotReserved)
+        }
+    }
+
+    /// Contended mutex and rwlock: no lost update, no reader sees a half-done write, nobody
+    /// panics, and each thread's interrupts are off exactly while it holds a lock (nested too).
+    #[test]
+    fn contended_locks_exclude_and_restore_interrupts() {
+        static MUTEX: AtomicUsize = AtomicUsize::new(0);
+        static RW: AtomicUsize = AtomicUsize::new(0);
+        static COUNT: AtomicU64 = AtomicU64::new(0);
+        static PAIR: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+        const ROUNDS: u64 = 20_000;
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                std::thread::spawn(move || {
+                    let p = &Threads;
+                    for i in 0..ROUNDS {
+                        lock(p, &MUTEX);
+                        assert!(!IRQ_ON.with(Cell::get), "interrupts off while held");
+                        // A non-atomic increment: a second holder would lose updates.
+                        let v = COUNT.load(Ordering::Relaxed);
+                        COUNT.store(v + 1, Ordering::Relaxed);
+                        if t % 2 == 0 {
+                            read(p, &RW);
+                            let (a, b) = (
+                                PAIR[0].load(Ordering::Relaxed),
+                                PAIR[1].load(Ordering::Relaxed),
+                            );
+                            assert_eq!(a, b, "a reader saw a half-done write");
+                            read_unlock(p, &RW);
+                            assert!(!IRQ_ON.with(Cell::get), "still off: the mutex is held");
+                        }
+                        unlock(p, &MUTEX);
+                        assert!(
+                            IRQ_ON.with(Cell::get),
+                            "interrupts back on after the last release"
+                        );
+                        if t % 2 == 1 {
+                            write(p, &RW);
+                            PAIR[0].store(i, Ordering::Relaxed);
+                            PAIR[1].store(i, Ordering::Relaxed);
+                            write_unlock(p, &RW);
+                        } else {
+                            read(p, &RW);
+                            assert_eq!(
+                                PAIR[0].load(Ordering::Relaxed),
+                                PAIR[1].load(Ordering::Relaxed)
+                            );
+                            read_unlock(p, &RW);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("no thread panicked");
+        }
+        assert_eq!(COUNT.load(Ordering::Relaxed), 4 * ROUNDS);
+        assert_eq!(MUTEX.load(Ordering::Relaxed), 0);
+        assert_eq!(RW.load(Ordering::Relaxed), 0);
+    }
+
+    /// A thread that enters with interrupts off leaves them off after its last release.
+    #[test]
+    fn interrupts_off_before_stay_off() {
+        static M: AtomicUsize = AtomicUsize::new(0);
+        let p = &Threads;
+        restore(false);
+        lock(p, &M);
+        unlock(p, &M);
+        assert!(!IRQ_ON.with(Cell::get));
+        restore(true);
+    }
+}

@@ -257,6 +257,7 @@ fn traps_reach_wasmtime_through_the_trap_table() {
 
     let hits = |v| code::trap_hits(v);
     let (pf, ud, de) = (hits(14), hits(6), hits(0));
+    let irq = x86_64::instructions::interrupts::are_enabled();
     assert_eq!(
         trap_of(load_fn.call(&mut store, 65533)),
         Trap::MemoryOutOfBounds
@@ -305,6 +306,16 @@ fn traps_reach_wasmtime_through_the_trap_table() {
     assert_eq!(
         add.call(&mut store, (1, 2)).expect("the store still works"),
         3
+    );
+    assert_eq!(
+        x86_64::instructions::interrupts::are_enabled(),
+        irq,
+        "interrupts as before the traps"
+    );
+    assert_eq!(
+        codespace_wasmtime::locks_held_here(),
+        0,
+        "no wasmtime lock (which holds interrupts off) was left held by a trap"
     );
 }
 
