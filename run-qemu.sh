@@ -11,6 +11,8 @@
 #   CODESPACE_QEMU_SMP      guest CPUs (default 1); the kernel starts all of them
 #   CODESPACE_QEMU_ACCEL    kvm or tcg (default: kvm when a probe boot under /dev/kvm is quick, else tcg)
 #   CODESPACE_QEMU_APPEND   kernel command line (cargo run -- ARGS sets it)
+#   CODESPACE_QEMU_MODULES  comma-separated files handed to the kernel as Multiboot modules
+#                           (precompiled wasm: the launcher sets it)
 set -uo pipefail
 
 if [ $# -lt 1 ]; then
@@ -44,10 +46,13 @@ fi
 # virtualization: ~30 s of firmware before the kernel runs) that TCG is faster. The probe boots
 # this very kernel with `codespace.probe` (full init, 8 MiB of fresh memory touched, one line
 # printed) and wants it back within 3 s; TCG does it in well under one.
-# `-cpu host` fails on these machines; qemu64 plus NX works under both accelerators.
+# `-cpu host` fails on these machines; qemu64 plus NX works under both accelerators. The SSE
+# flags are those precompiled wasm is compiled for (codespace-wasmtime/src/settings.rs,
+# QEMU_CPU_FLAGS: keep them equal); the kernel checks them with CPUID before loading wasm.
+cpu=qemu64,+nx,+ssse3,+sse4.1,+sse4.2,+popcnt
 kvm_usable() {
     [ -r /dev/kvm ] && [ -w /dev/kvm ] || return 1
-    timeout -k 1 3 "$qemu" -accel kvm -cpu qemu64,+nx -m "$memory" -nodefaults -display none \
+    timeout -k 1 3 "$qemu" -accel kvm -cpu "$cpu" -m "$memory" -nodefaults -display none \
         -monitor none -serial none -no-reboot -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
         -kernel "$kernel" -append codespace.probe </dev/null >/dev/null 2>&1
     [ $? -eq 33 ]
@@ -67,7 +72,7 @@ fi
 args=(
     -kernel "$kernel"
     -accel "$accel"
-    -cpu qemu64,+nx
+    -cpu "$cpu"
     -m "$memory"
     -smp "$smp"
     -serial stdio
@@ -76,6 +81,9 @@ args=(
     -no-reboot
     -device isa-debug-exit,iobase=0xf4,iosize=0x04
 )
+if [ -n "${CODESPACE_QEMU_MODULES:-}" ]; then
+    args+=(-initrd "$CODESPACE_QEMU_MODULES")
+fi
 if [ -n "${CODESPACE_QEMU_APPEND:-}" ]; then
     args+=(-append "$CODESPACE_QEMU_APPEND")
 fi

@@ -62,6 +62,9 @@ fn main() -> ExitCode {
 /// `tally`.
 fn run_test_kernels(release: bool, cpus: &[usize], tally: &mut Tally) -> Result<(), String> {
     let kernels = launcher::build_kernels(Kernels::Tests, release)?;
+    // The wasm test kernel's modules, precompiled by the host tool, as Multiboot modules.
+    let modules = launcher::precompile_test_wasm()?;
+    std::env::set_var("CODESPACE_QEMU_MODULES", modules);
     if kernels.is_empty() {
         return Err("cargo built no test kernels".into());
     }

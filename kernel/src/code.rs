@@ -8,6 +8,7 @@ use codespace::mmu::x86::{LinearMap, PhysOffset, Smp, X86Mmu, X86_INTERRUPTS};
 use codespace::mmu::MmuError;
 use codespace::module::Registries;
 use codespace::sync::grace::GraceDomain;
+use codespace::trap::TrapVector;
 use codespace::{AddressRange, CodeError, CodeManager, ManagerConfig, PatchProtocol};
 use x86_64::structures::paging::OffsetPageTable;
 
@@ -65,24 +66,41 @@ pub fn last_trap() -> Option<TrapRecord> {
 /// instruction fetch, protection keys, shadow stacks, SGX — is never a bounds check.
 const PLAIN_FAULT_BITS: u64 = 0b11;
 
-/// The #PF path into the trap table (called first for every page fault): a plain not-present or
-/// protection fault at a protected PC, on an address its registration accepts, resumes at the
-/// landing pad with the faulting PC in r10 (V8's convention). Anything else goes to the
-/// kernel's usual handling. Lock-free and allocation-free, like the lookup it relies on.
+/// The trap table's part of the exception path (called first for every exception): a plain
+/// not-present or protection #PF at a protected PC, on an address its registration accepts, or a
+/// #UD / #DE at a PC registered for that vector, resumes at the landing pad with the faulting PC
+/// in r10 (V8's convention) and, for wasm's landing pad (`codespace_wasmtime::traps`), the
+/// faulting address in r11 (CR2 for a #PF, `NO_FAULT_ADDRESS` otherwise). Anything else goes to
+/// the kernel's usual handling. Lock-free and allocation-free, like the lookups it relies on.
 pub(crate) fn trap_fixup(frame: &mut TrapFrame, info: &FaultInfo) -> bool {
-    if info.vector != PAGE_FAULT || info.error_code & !PLAIN_FAULT_BITS != 0 {
-        return false;
-    }
-    let Some(hit) = REGISTRIES
-        .traps
-        .lookup_fault(frame.rip as usize, info.cr2 as usize)
-    else {
+    let hit = match info.vector {
+        PAGE_FAULT if info.error_code & !PLAIN_FAULT_BITS == 0 => REGISTRIES
+            .traps
+            .lookup_fault(frame.rip as usize, info.cr2 as usize),
+        DIVIDE_ERROR => REGISTRIES
+            .traps
+            .lookup_trap(TrapVector::DivideError, frame.rip as usize),
+        INVALID_OPCODE => REGISTRIES
+            .traps
+            .lookup_trap(TrapVector::InvalidOpcode, frame.rip as usize),
+        _ => None,
+    };
+    let Some(hit) = hit else {
         return false;
     };
+    let vector = usize::from(info.vector);
+    if let Some(count) = TRAPS_BY_VECTOR.get(vector) {
+        count.fetch_add(1, Ordering::SeqCst);
+    }
     LAST_TRAP_PC.store(frame.rip, Ordering::SeqCst);
     LAST_TRAP_CR2.store(info.cr2, Ordering::SeqCst);
     TRAPS_TAKEN.fetch_add(1, Ordering::SeqCst);
     frame.r10 = frame.rip;
+    frame.r11 = if info.vector == PAGE_FAULT {
+        info.cr2
+    } else {
+        codespace_wasmtime::traps::NO_FAULT_ADDRESS
+    };
     frame.rip = hit.landing_pad() as u64;
     true
 }
@@ -155,6 +173,22 @@ fn int3_gone(frame: &mut TrapFrame) -> bool {
     INT3_RETRIES.fetch_add(1, Ordering::SeqCst);
     frame.rip = at as u64;
     true
+}
+
+/// Vector of the divide error (#DE).
+const DIVIDE_ERROR: u8 = 0;
+/// Vector of the invalid opcode (#UD).
+const INVALID_OPCODE: u8 = 6;
+
+/// Trap-table hits per exception vector (0..32) since boot.
+static TRAPS_BY_VECTOR: [AtomicU64; 32] = [const { AtomicU64::new(0) }; 32];
+
+/// How many faults of exception `vector` the trap table resolved since boot.
+#[must_use]
+pub fn trap_hits(vector: u8) -> u64 {
+    TRAPS_BY_VECTOR
+        .get(usize::from(vector))
+        .map_or(0, |c| c.load(Ordering::SeqCst))
 }
 
 /// The code window: PML4 slot 384, 512 GiB that nothing else maps.

@@ -32,6 +32,7 @@ pub mod smp;
 pub mod stress;
 pub mod test;
 pub mod time;
+pub mod wasm;
 pub mod wx_audit;
 
 use core::panic::PanicInfo;
@@ -88,7 +89,7 @@ extern "C" fn kernel_entry(magic: u32, info: u32) -> ! {
         }
     };
     let (image_start, image_end) = kernel_image();
-    let mut reserved = [(image_start, image_end); 4];
+    let mut reserved = [(image_start, image_end); 6];
     reserved[1..].copy_from_slice(&boot.boot_structures);
     memory::init(
         boot.memory_regions()
@@ -103,6 +104,7 @@ extern "C" fn kernel_entry(magic: u32, info: u32) -> ! {
     time::init();
     smp::init(boot);
     code::init();
+    wasm::init();
     println!("cpus online: {}", smp::online_cpus());
     // SAFETY: every kernel binary defines this symbol through `entry_point!`.
     let code = unsafe { codespace_kernel_main(boot) };

@@ -196,6 +196,59 @@ fn json_string(json: &str, key: &str) -> Option<String> {
     None
 }
 
+/// Builds the host tool `codespace-wasm-precompile` (into `target/tools`, a directory of its
+/// own: the tool's Cranelift never enters the library's or the kernel's build) and precompiles
+/// every `kernel/tests/wasm/*.wat` into `target/wasm/*.cwasm`. Returns the containers as the
+/// comma-separated list `run-qemu.sh` takes in `CODESPACE_QEMU_MODULES`.
+pub fn precompile_test_wasm() -> Result<String, String> {
+    let cargo = std::env::var_os("CARGO")
+        .or_else(|| option_env!("CARGO").map(OsString::from))
+        .unwrap_or_else(|| "cargo".into());
+    let tools = workspace().join("target").join("tools");
+    let status = Command::new(cargo)
+        .args(["build", "-p", "codespace-wasm-precompile"])
+        .env("CARGO_TARGET_DIR", &tools)
+        .current_dir(workspace())
+        .stdout(Stdio::null())
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !status.success() {
+        return Err(format!(
+            "building codespace-wasm-precompile failed ({status})"
+        ));
+    }
+    let source = workspace().join("kernel").join("tests").join("wasm");
+    let mut inputs: Vec<PathBuf> = std::fs::read_dir(&source)
+        .map_err(|e| format!("reading {}: {e}", source.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "wat" || x == "wasm"))
+        .collect();
+    inputs.sort();
+    let out = workspace().join("target").join("wasm");
+    let status = Command::new(tools.join("debug").join("codespace-wasm-precompile"))
+        .arg(&out)
+        .args(&inputs)
+        .current_dir(workspace())
+        .status()
+        .map_err(|e| format!("cannot run codespace-wasm-precompile: {e}"))?;
+    if !status.success() {
+        return Err(format!("precompiling kernel/tests/wasm failed ({status})"));
+    }
+    let mut list = Vec::new();
+    for input in &inputs {
+        let stem = input.file_stem().unwrap_or_default();
+        let path = out.join(stem).with_extension("cwasm");
+        let path = path.to_str().ok_or("non-UTF-8 path")?;
+        if path.contains(',') {
+            return Err(format!(
+                "{path}: QEMU cannot take a module path with a comma"
+            ));
+        }
+        list.push(path.to_owned());
+    }
+    Ok(list.join(","))
+}
+
 /// How a kernel run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunResult {

@@ -1,0 +1,100 @@
+//! `codespace-wasm-precompile`: compiles WebAssembly (`.wasm` or `.wat`) ahead of time for
+//! codespace kernels — `x86_64-unknown-none`, the ISA flags, tunables and features of
+//! `codespace_wasmtime::settings` — and writes each module as a `.cwasm` container with the
+//! checked header of `codespace_wasmtime::image`. The kernel's wasmtime cannot compile (its
+//! Cranelift needs `std`), so this host tool does; users never need the wasmtime CLI.
+//!
+//! ```text
+//! codespace-wasm-precompile OUT_DIR INPUT...     one OUT_DIR/<stem>.cwasm per input
+//! ```
+//!
+//! Exit status 0 when every input compiled; 1 (with a message per failure) otherwise; 2 on
+//! bad usage.
+
+// The settings and the container format are shared with the kernel crate source for source:
+// that crate is `no_std` with wasmtime's custom platform, this one is a host build with Cranelift.
+#[path = "../../../codespace-wasmtime/src/image.rs"]
+mod image;
+// The kernel-only items of the shared settings (QEMU's flags, the stack limit) go unused here.
+#[allow(dead_code)]
+#[path = "../../../codespace-wasmtime/src/settings.rs"]
+mod settings;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// The engine that compiles for the kernel.
+fn kernel_engine() -> Result<wasmtime::Engine, String> {
+    let mut config = wasmtime::Config::new();
+    settings::apply_shared(&mut config);
+    config
+        .target(settings::TARGET)
+        .map_err(|e| format!("target {}: {e}", settings::TARGET))?;
+    for flag in settings::ISA_FLAGS {
+        // SAFETY: these flags only select instructions; the kernel checks at load (CPUID,
+        // through wasmtime's `detect_host_feature`) that its CPU has every one of them.
+        unsafe {
+            config.cranelift_flag_enable(flag);
+        }
+    }
+    wasmtime::Engine::new(&config).map_err(|e| format!("building the engine: {e:#}"))
+}
+
+/// Compiles one input to a container.
+fn precompile(engine: &wasmtime::Engine, input: &Path) -> Result<Vec<u8>, String> {
+    let bytes = std::fs::read(input).map_err(|e| format!("reading {}: {e}", input.display()))?;
+    let payload = engine
+        .precompile_module(&bytes)
+        .map_err(|e| format!("compiling {}: {e:#}", input.display()))?;
+    let mut out = image::header(&payload, settings::fingerprint()).to_vec();
+    out.extend_from_slice(&payload);
+    // The container must read back as what we wrote (a self-check, never expected to fail).
+    image::payload(&out, settings::fingerprint())
+        .map_err(|e| format!("{}: container self-check failed: {e:?}", input.display()))?;
+    Ok(out)
+}
+
+fn output_path(dir: &Path, input: &Path) -> Result<PathBuf, String> {
+    let stem = input
+        .file_stem()
+        .ok_or_else(|| format!("{}: no file name", input.display()))?;
+    Ok(dir.join(stem).with_extension("cwasm"))
+}
+
+fn main() -> ExitCode {
+    let args: Vec<PathBuf> = std::env::args_os().skip(1).map(PathBuf::from).collect();
+    let Some((out_dir, inputs)) = args.split_first().filter(|(_, i)| !i.is_empty()) else {
+        eprintln!("usage: codespace-wasm-precompile OUT_DIR INPUT.(wasm|wat)...");
+        return ExitCode::from(2);
+    };
+    let engine = match kernel_engine() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("codespace-wasm-precompile: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = std::fs::create_dir_all(out_dir) {
+        eprintln!(
+            "codespace-wasm-precompile: creating {}: {e}",
+            out_dir.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    let mut failed = 0;
+    for input in inputs {
+        let result = precompile(&engine, input).and_then(|bytes| {
+            let out = output_path(out_dir, input)?;
+            std::fs::write(&out, bytes).map_err(|e| format!("writing {}: {e}", out.display()))
+        });
+        if let Err(e) = result {
+            eprintln!("codespace-wasm-precompile: {e}");
+            failed += 1;
+        }
+    }
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
