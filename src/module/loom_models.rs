@@ -10,6 +10,7 @@
 
 use loom::cell::UnsafeCell;
 use loom::sync::Arc;
+use std::boxed::Box;
 
 use super::lifetime::unlink_then_defer;
 use crate::code_pointer_table::{CodePointer, CodePointerTable};
@@ -42,14 +43,18 @@ fn model(teardown: Teardown, rounds: usize) {
     // the broken order below does.
     builder.preemption_bound.get_or_insert(3);
     builder.check(move || {
-        let grace = Arc::new(GraceDomain::new());
+        // Leaked: the table keeps a `&'static` to its domain (a few bytes per explored run).
+        let grace: &'static GraceDomain = Box::leak(Box::new(GraceDomain::new()));
         // SAFETY: CPUs 0 and 1 are the model's threads; no other index reads anything.
         unsafe { grace.set_possible_cpus(2) };
-        let table = Arc::new(CodePointerTable::with_capacity_and_trap(2, TRAP));
+        // SAFETY: `TRAP` is never executed: the model only compares the entries it reads.
+        let table = Arc::new(unsafe { CodePointerTable::with_capacity_and_trap(2, grace, TRAP) });
         let code = Arc::new(UnsafeCell::new(RET));
-        let h: CodePointer = table.allocate(CODE).unwrap();
+        // SAFETY: `CODE` stands for the code in `code`, which stays (the model checks when it
+        // is "freed") until the handle is freed and a grace period of `grace` passed.
+        let h: CodePointer = unsafe { table.allocate(CODE) }.unwrap();
         let reader = {
-            let (grace, table, code) = (Arc::clone(&grace), Arc::clone(&table), Arc::clone(&code));
+            let (table, code) = (Arc::clone(&table), Arc::clone(&code));
             loom::thread::spawn(move || {
                 for _ in 0..rounds {
                     match table.get(h) {
@@ -66,7 +71,7 @@ fn model(teardown: Teardown, rounds: usize) {
             })
         };
         let ticket = match teardown {
-            Teardown::UnlinkThenTicket => unlink_then_defer(&grace, Some(&table), [h]),
+            Teardown::UnlinkThenTicket => unlink_then_defer(grace, Some(&table), [h]),
             Teardown::TicketFirst => grace.defer(),
         };
         while !grace.is_over(ticket) {
@@ -75,7 +80,9 @@ fn model(teardown: Teardown, rounds: usize) {
             loom::thread::yield_now();
         }
         if let Teardown::TicketFirst = teardown {
-            table.free(h).unwrap();
+            // SAFETY: the model owns `h` and frees it once (the broken order under test frees
+            // it late, which the handle contract allows).
+            unsafe { table.free(h) }.unwrap();
         }
         // SAFETY: loom tracks the cell (see the reader): the free is a write to the code.
         unsafe { code.with_mut(|b| *b = FREED) };
