@@ -233,6 +233,24 @@ impl<M: Mmu> CodeManager<M> {
         drop(self.lock());
     }
 
+    /// Releases the code spaces that allocators dropped with interrupts off (or while the lock
+    /// was busy) left queued, and finishes what a failed operation left pending. Every
+    /// operation called with interrupts on does this first; this is for task context that runs
+    /// with interrupts off (a kernel's boot path or scheduler), where the manager cannot tell
+    /// it from an interrupt handler. Never call it from an interrupt handler: it unmaps,
+    /// flushes and frees frames, which takes the kernel's allocator locks.
+    ///
+    /// # Errors
+    /// [`CodeError::Busy`] (nothing done; the next operation with interrupts on does it).
+    pub fn release_pending(&self) -> Result<(), CodeError> {
+        let mut locked = self.lock()?;
+        if !self.inner.abandoned.is_empty() {
+            self.inner.abandoned.take_all(&mut locked.guard.orphaned);
+        }
+        locked.finish_pending();
+        Ok(())
+    }
+
     /// Copies committed code bytes at `addr` into `buf`.
     ///
     /// # Errors

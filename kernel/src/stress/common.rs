@@ -46,16 +46,10 @@ pub fn settle(manager: &CodeManager<KernelMmu>) {
     // SAFETY: as above.
     unsafe { code::synchronize() };
     REGISTRIES.grace().reclaim();
-    // The audit, run with interrupts on, also releases the code spaces that modules dropped
-    // with interrupts off (the tick's reclaim, or this driver's, which may run with them off)
-    // only queued: the manager unmaps and frees frames only when called with interrupts on.
-    let enabled = x86_64::instructions::interrupts::are_enabled();
-    x86_64::instructions::interrupts::enable();
-    let audit = manager.audit();
-    if !enabled {
-        x86_64::instructions::interrupts::disable();
-    }
-    let audit = audit.expect("audit");
+    // Modules dropped with interrupts off (the tick's reclaim, or this driver's, which may run
+    // with them off) only queued their code spaces; this is task context.
+    manager.release_pending().expect("release");
+    let audit = manager.audit().expect("audit");
     assert!(audit.is_clean(), "audit at the end: {audit:?}");
     assert_eq!(manager.committed(), 0, "every page decommitted at the end");
 }
