@@ -9,7 +9,10 @@
 //! Code objects carry a *liveness* count with V8's "dying" semantics (see
 //! [`CodeObject::dec_ref`]), separate from the `Arc` that keeps the header's memory alive: the
 //! count says whether the code may still run, and the object that saw it drop to zero frees the
-//! code (removes it from the code map and trap table, releases its memory).
+//! code (removes it from the code map and trap table, releases its memory). A module's drop
+//! frees all its code after a grace period whatever the counts say: the grace period (and a
+//! preempted task's [`GraceHold`](crate::sync::grace::GraceHold)), not the count, protects code
+//! that still runs then.
 
 use crate::sync::atomic::{self, AtomicU32, Ordering};
 use alloc::boxed::Box;
@@ -248,13 +251,20 @@ pub enum DecRef {
 /// A counted reference to a [`CodeObject`]'s code, from [`CodeObject::hold`]: while it lives the
 /// code is not retired (a module retires code only once its count reached zero); dropping it,
 /// or [`release`](Self::release), gives the reference back exactly once.
+///
+/// It keeps the code's metadata and its count, not its memory past its module's drop: a dropped
+/// module frees all its code once its grace period is over, whatever references are still
+/// out. A task that runs the code (or keeps a pointer into it across a possible preemption)
+/// takes a [`GraceHold`](crate::sync::grace::GraceHold), which is what keeps that grace period
+/// open.
 #[derive(Debug)]
 pub struct CodeRef {
     object: Arc<CodeObject>,
 }
 
 impl CodeRef {
-    /// The object this reference keeps alive.
+    /// The object this reference counts in (its metadata stays alive; see [`CodeRef`] for
+    /// its code).
     #[must_use]
     pub fn object(&self) -> &Arc<CodeObject> {
         &self.object
@@ -655,8 +665,9 @@ impl CodeObject {
     }
 
     /// Takes a counted reference (as [`inc_ref`](Self::inc_ref)) that releases itself exactly
-    /// once when dropped: the safe way to keep code alive while it may run (V8's
-    /// `WasmCodeRefScope`). `None` when the object is dying (or the count is saturated).
+    /// once when dropped: the safe way to keep code from being retired while it may run (V8's
+    /// `WasmCodeRefScope`); it does not keep the memory past its module's drop (see
+    /// [`CodeRef`]). `None` when the object is dying (or the count is saturated).
     ///
     /// ```
     /// # use std::sync::Arc;
@@ -857,6 +868,10 @@ impl fmt::Debug for CodeObject {
 
 #[cfg(all(test, not(loom)))]
 mod tests {
+    use super::*;
+    use std::string::{String, ToString};
+    use std::sync::Arc;
+    use std::vec::Vec;
 
     /// `dec_ref` of a reference the test holds (the tests count references to made-up code
     /// nothing runs).
@@ -865,10 +880,6 @@ mod tests {
         // the count, which is what the tests check.
         unsafe { c.dec_ref() }
     }
-    use super::*;
-    use std::string::{String, ToString};
-    use std::sync::Arc;
-    use std::vec::Vec;
 
     fn r(start: usize, end: usize) -> AddressRange {
         AddressRange::new(start, end)

@@ -257,3 +257,50 @@ fn registries_with_interrupt_control_update_with_interrupts_off() {
     assert!(REGISTRIES.traps.is_empty());
     assert!(machine.violations().is_empty());
 }
+
+/// An allocator dropped with interrupts off (in an interrupt handler, say) never unmaps or frees
+/// frames there, even when the manager's lock is free: that takes the kernel's allocator locks,
+/// which the interrupted code may hold. Its spaces wait in the lock-free queue, and the
+/// manager's next operation with interrupts on releases them.
+#[test]
+fn an_allocator_dropped_with_interrupts_off_leaves_its_release_to_the_next_interrupts_on_call() {
+    use codespace::mmu::soft::CallKind;
+    use codespace::{AllocatorConfig, CodeAllocator};
+    let machine = SoftMmu::new(1024);
+    machine.set_interrupt_control(InterruptControl { disable, restore });
+    let manager = CodeManager::new(machine.clone(), WINDOW, ManagerConfig::default()).unwrap();
+    let mut allocator = CodeAllocator::new(&manager, AllocatorConfig::default()).unwrap();
+    // Allocated, never published: dropping the allocator may release its space.
+    let _code = allocator.allocate(100).unwrap();
+    let committed = manager.committed();
+    assert!(committed > 0, "the allocator's space holds committed pages");
+    let before = machine.snapshot();
+
+    let enabled = disable();
+    drop(allocator);
+    assert_eq!(
+        manager.committed(),
+        committed,
+        "released with interrupts off"
+    );
+    assert_eq!(
+        machine.calls(CallKind::Unmap),
+        0,
+        "unmapped with interrupts off"
+    );
+    assert_eq!(
+        machine.snapshot(),
+        before,
+        "page tables changed with interrupts off"
+    );
+    // Task context that runs with interrupts off asks for the release explicitly (the next
+    // operation with interrupts on would do it too: tests/soundness/api.rs).
+    manager.release_pending().unwrap();
+    assert_eq!(manager.committed(), 0, "released on request");
+    restore(enabled);
+
+    manager.query(WINDOW.start()).unwrap();
+    assert_eq!(manager.committed(), 0);
+    assert!(machine.calls(CallKind::Unmap) > 0);
+    assert!(machine.violations().is_empty());
+}

@@ -179,6 +179,9 @@ fn main(_boot: &'static BootInfo) -> ExitCode {
     };
     pass_grace_period(); // the module's teardown runs
     pass_grace_period(); // the index nodes it replaced go
+                         // Task context, whatever the interrupt flag: the dropped module's spaces may only have
+                         // been queued (the manager releases them from interrupt-off callers only when asked).
+    let ok = ok && manager.release_pending().is_ok();
     let ok = ok && CODE.traps.is_empty() && manager.committed() == 0;
     let ok = ok && CODE.traps.retired_count() == 0 && CODE.code.memory().retired == 0;
     interrupts::set_fault_handler(None);

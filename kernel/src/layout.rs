@@ -221,13 +221,15 @@ pub(crate) fn make_uncached(phys: u64) {
     }
 }
 
-/// Makes the AP trampoline page at `phys` (below 2 MiB) executable: its identity page R+X, its
-/// direct-map page read-only. Only while no other CPU is online (before the first SIPI), so the
-/// local flush is the whole shootdown: no other CPU can hold a translation of either page.
+/// Makes the AP trampoline page at `phys` (below 2 MiB) executable: its direct-map page
+/// read-only first, then its identity page R+X, so W^X holds after every step on this CPU (the
+/// frame is never writable through one page while executable through the other). Only while no
+/// other CPU is online (before the first SIPI), so the local flush is the whole shootdown: no
+/// other CPU can hold a translation of either page.
 pub(crate) fn set_trampoline_executable(phys: u64) {
     let mut tables = memory::page_table();
     let pml4 = tables.level_4_table_mut();
-    for (va, flags) in [(phys, RX), (PHYS_OFFSET + phys, RO_NX)] {
+    for (va, flags) in [(PHYS_OFFSET + phys, RO_NX), (phys, RX)] {
         write_trampoline_leaf(pml4, va, Some(flags));
     }
 }

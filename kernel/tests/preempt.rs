@@ -17,8 +17,9 @@
 //! Checked once against the broken variants: `item_03_..._hold_...` under
 //! `codespace.preempt_rule=switch` (a version freed while tasks were parked inside it),
 //! `item_02_...` with the old `JitModule::reclaim` and no context check (the retired FIB freed
-//! from the tick), `item_10_...` without the RFLAGS.IF check (stopped inside the
-//! interrupts-off phase).
+//! from the tick), `item_10_..._interrupts_off` without the RFLAGS.IF check (stopped inside the
+//! interrupts-off phase), `item_10_..._module_call` without the module-call count (stopped
+//! inside the call).
 #![no_std]
 #![no_main]
 
@@ -39,6 +40,7 @@ codespace_kernel::kernel_tests![
     item_03_reporting_at_every_switch_frees_code_under_preempted_tasks,
     item_02_reclaim_in_a_timer_interrupt_reports_no_quiescent_state,
     item_10_the_stop_nmi_spares_work_running_with_interrupts_off,
+    item_10_the_stop_nmi_spares_work_inside_a_module_call,
 ];
 
 /// The rule the first test runs under: the task rule, or today's with
@@ -256,6 +258,40 @@ fn item_10_the_stop_nmi_spares_work_running_with_interrupts_off() {
         PHASE.load(Ordering::SeqCst),
         3,
         "stopped at phase {} (1: inside the interrupts-off section)",
+        PHASE.load(Ordering::SeqCst)
+    );
+}
+
+/// A job inside a codespace module call (interrupts on: a `CodeModule`'s lock is held with
+/// interrupts as the caller had them) is not stopped there, only once the call returned.
+fn item_10_the_stop_nmi_spares_work_inside_a_module_call() {
+    if smp::online_cpus() < 2 {
+        println!("    one CPU: the stop NMI needs another CPU to run the work");
+        return;
+    }
+    PHASE.store(0, Ordering::SeqCst);
+    let result = smp::run_on_timeout(1, Duration::from_millis(200), || {
+        // Stands in for a module call that holds the module's lock with interrupts on, for
+        // well past the deadline but less than `STOP_GRACE`.
+        smp::work::module_call(|| {
+            PHASE.store(1, Ordering::SeqCst);
+            codespace_kernel::time::spin_for(Duration::from_secs(1));
+            PHASE.store(2, Ordering::SeqCst);
+        });
+        PHASE.store(3, Ordering::SeqCst);
+        loop {
+            core::hint::spin_loop();
+        }
+    });
+    let error = result.expect_err("the job never returns: it must be stopped");
+    assert!(
+        matches!(error.of(1), Some(smp::WorkFailure::TimedOut(_))),
+        "{error}"
+    );
+    assert_eq!(
+        PHASE.load(Ordering::SeqCst),
+        3,
+        "stopped at phase {} (1: inside the module call)",
         PHASE.load(Ordering::SeqCst)
     );
 }

@@ -448,6 +448,8 @@ fn freed_module_code_resolves_in_neither_lookup() {
     assert_eq!(REGISTRIES.grace().reclaim(), 1, "the module's teardown ran");
     assert!(REGISTRIES.traps.lookup(pc).is_none(), "trap entry released");
     assert!(REGISTRIES.lookup_code(pc).is_none(), "code lookup removed");
+    // Task context, interrupts off: the dropped module's spaces were only queued.
+    m.release_pending().expect("release");
     assert_eq!(m.committed(), 0);
     assert!(m.audit().expect("audit").is_clean());
 }

@@ -5,8 +5,10 @@
 //! another CPU holds it; the lock answers `Busy` there, and waiting would deadlock. Its spaces
 //! must still reach the manager, or they stay reserved and committed for good. So dropping
 //! pushes them here, lock-free and without allocating (the node was allocated with the
-//! allocator's first space), and the manager's next operation with interrupts on (or the next
-//! drop that gets the lock) takes them all and releases them.
+//! allocator's first space), and the manager's next operation with interrupts on (a drop with
+//! interrupts on included) takes them all and releases them. A drop with interrupts off never
+//! releases, even when the lock is free: releasing unmaps, flushes and frees frames, which takes
+//! the kernel's allocator locks (see `CodeManager::abandon`).
 //!
 //! The stack is a Treiber stack whose only operations are *push* and *take all*: a push never
 //! reads a node another CPU may free (it only writes its own node's `next`), and *take all*

@@ -73,8 +73,8 @@ pub struct AllocatorStats {
 }
 
 /// One module's code allocator. Dropping it releases its code spaces that hold no published
-/// code (decommitting what they hold) — from any context: when the manager is busy, its next
-/// operation releases them. Spaces still holding published code stay reserved and mapped (see
+/// code (decommitting what they hold) — it may be dropped in any context: with interrupts off
+/// or when the manager is busy, the manager's next operation with interrupts on releases them. Spaces still holding published code stay reserved and mapped (see
 /// [`release_all`](Self::release_all)).
 pub struct CodeAllocator<M: Mmu> {
     manager: CodeManager<M>,
@@ -699,9 +699,10 @@ fn fill_int3<M: Mmu>(state: &mut State<M>, range: AddressRange) -> Result<(), Co
 }
 
 impl<M: Mmu> Drop for CodeAllocator<M> {
-    /// Hands the spaces without published code to the manager: released now when its lock can
-    /// be taken, else (busy: held elsewhere while interrupts are off here) by its next
-    /// operation with interrupts on. A release that fails is retried the same way. Spaces
+    /// Hands the spaces without published code to the manager: released now when dropped with
+    /// interrupts on and its lock can be taken, else (interrupts off here — interrupt context
+    /// never unmaps or frees frames — or the lock is held elsewhere) by its next operation with
+    /// interrupts on. A release that fails is retried the same way. Spaces
     /// holding published code stay reserved and mapped: the allocator cannot know no CPU runs
     /// it ([`release_all`](Self::release_all) can be told).
     fn drop(&mut self) {

@@ -218,24 +218,37 @@ impl<M: Mmu> CodeManager<M> {
         Ok(locked)
     }
 
-    /// Hands a dropped allocator's spaces to the manager without waiting where it may not:
-    /// released now when the lock can be taken (in any context: the caller chose to drop
-    /// there, as dropping always released), else — [`CodeError::Busy`]: another CPU holds the
-    /// lock and this one runs with interrupts off, or this CPU's interrupted code holds it —
-    /// queued lock-free and released by the next operation with interrupts on or the next
-    /// drop that gets the lock.
+    /// Hands a dropped allocator's spaces to the manager without waiting or releasing where it
+    /// may not: always queued lock-free first (no allocation: the node exists). They are
+    /// released now only when the lock is taken from a context with interrupts on — releasing
+    /// unmaps, flushes, frees frames and may grow `orphaned`, which takes the kernel's allocator
+    /// locks, the work [`lock`](Self::lock) refuses in interrupt context. Else (interrupts off
+    /// here, or [`CodeError::Busy`]: the lock is held elsewhere) the manager's next operation
+    /// with interrupts on takes the queue and releases them.
     pub(crate) fn abandon(&self, node: alloc::boxed::Box<AbandonedNode>) {
         self.inner.abandoned.push(node);
-        let Ok(mut locked) = self.lock() else {
-            return;
-        };
-        let state = &mut *locked;
-        self.inner.abandoned.take_all(&mut state.orphaned);
-        for space in core::mem::take(&mut state.orphaned) {
-            if state.release(space).is_err() {
-                state.orphaned.push(space);
-            }
+        // With interrupts on, `lock` itself takes the queue and releases every orphaned space
+        // (`finish_pending`); with them off it does neither. Busy: left to the holder's
+        // successor, as above.
+        drop(self.lock());
+    }
+
+    /// Releases the code spaces that allocators dropped with interrupts off (or while the lock
+    /// was busy) left queued, and finishes what a failed operation left pending. Every
+    /// operation called with interrupts on does this first; this is for task context that runs
+    /// with interrupts off (a kernel's boot path or scheduler), where the manager cannot tell
+    /// it from an interrupt handler. Never call it from an interrupt handler: it unmaps,
+    /// flushes and frees frames, which takes the kernel's allocator locks.
+    ///
+    /// # Errors
+    /// [`CodeError::Busy`] (nothing done; the next operation with interrupts on does it).
+    pub fn release_pending(&self) -> Result<(), CodeError> {
+        let mut locked = self.lock()?;
+        if !self.inner.abandoned.is_empty() {
+            self.inner.abandoned.take_all(&mut locked.guard.orphaned);
         }
+        locked.finish_pending();
+        Ok(())
     }
 
     /// Copies committed code bytes at `addr` into `buf`.

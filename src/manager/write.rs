@@ -49,18 +49,24 @@ pub(super) fn session(
     Ok((pages, pages_ref))
 }
 
-fn chunks(addr: usize, data: &[u8]) -> impl Iterator<Item = Chunk<'_>> {
+/// `data` at `addr` split at page boundaries; an error where `addr + done` leaves the address
+/// space (checked, as in [`State::read`]: a caller's address is not trusted to leave room).
+fn chunks(addr: usize, data: &[u8]) -> impl Iterator<Item = Result<Chunk<'_>, CodeError>> {
     let mut done = 0;
     core::iter::from_fn(move || {
         if done >= data.len() {
             return None;
         }
-        let at = addr + done;
+        let Some(at) = addr.checked_add(done) else {
+            done = data.len();
+            return Some(Err(MmuError::OutOfRange { addr }.into()));
+        };
         let page = at & !(PAGE_SIZE - 1);
-        let n = (page + PAGE_SIZE - at).min(data.len() - done);
+        // Not `page + PAGE_SIZE - at`: that overflows in the last page of the address space.
+        let n = (PAGE_SIZE - (at - page)).min(data.len() - done);
         let chunk = (page, at - page, &data[done..done + n]);
         done += n;
-        Some(chunk)
+        Some(Ok(chunk))
     })
 }
 
@@ -78,6 +84,7 @@ impl<M: Mmu> State<M> {
     pub(crate) fn write_code(&mut self, addr: usize, data: &[u8]) -> Result<bool, CodeError> {
         let mut live: Vec<Chunk<'_>> = Vec::new();
         for chunk in chunks(addr, data) {
+            let chunk = chunk?;
             if self.is_live(chunk.0)? {
                 live.push(chunk);
             }
@@ -88,7 +95,8 @@ impl<M: Mmu> State<M> {
         {
             return Err(CodeError::FlipNeedsOneCpu);
         }
-        for (page, offset, bytes) in chunks(addr, data) {
+        for chunk in chunks(addr, data) {
+            let (page, offset, bytes) = chunk?;
             if !live.iter().any(|c| c.0 == page) {
                 let committed = self.pages.get(&page).ok_or(MmuError::NotMapped { page })?;
                 self.mmu.write(committed, offset, bytes)?;
@@ -246,5 +254,27 @@ impl<M: Mmu> State<M> {
             return Err(CodeError::NotPatchable { addr });
         }
         self.store_and_sync(stores)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_in_the_last_page_of_the_address_space_end_in_an_error_not_an_overflow() {
+        let data = [0u8; 20];
+        let addr = usize::MAX - 9;
+        let got: Vec<_> = chunks(addr, &data).collect();
+        // The last page's 10 bytes, then the step past the address space is an error.
+        assert_eq!(got.len(), 2);
+        assert_eq!(
+            got[0],
+            Ok((usize::MAX & !(PAGE_SIZE - 1), PAGE_SIZE - 10, &data[..10]))
+        );
+        assert!(matches!(
+            got[1],
+            Err(CodeError::Mmu(MmuError::OutOfRange { .. }))
+        ));
     }
 }

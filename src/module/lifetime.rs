@@ -71,7 +71,9 @@ impl<M: Mmu> ModuleState<M> {
         if !core::mem::replace(&mut live.module_ref, false) {
             return;
         }
-        // `AlreadyDying`: a holder released more than it held; the code is dead all the same.
+        // `AlreadyDying`: a holder broke `dec_ref`'s safety contract (it released more than it
+        // held, in `unsafe` code); the code is dead all the same, and retiring it here is the
+        // best this side can do.
         // SAFETY: the module gives up its creation reference, once (`module_ref` was true and
         // is false from now on).
         if matches!(

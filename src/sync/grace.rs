@@ -346,6 +346,10 @@ impl GraceDomain {
         // Holds of `g - 1` keep the epoch at `g` (module docs). Read after the slots: a hold is
         // counted before its CPU's next announcement (both `SeqCst`), so an advancer that saw
         // that announcement sees the hold too; one that saw the older announcement stopped above.
+        // The fence pairs with the one in an offline CPU's `hold` (count for `g - 1`, fence,
+        // re-read the epoch): either that re-read sees `g` and the hold retries, or this load
+        // sees the count.
+        fence(Ordering::SeqCst);
         if g > 0 && self.holds[((g - 1) & 1) as usize].load(Ordering::SeqCst) != 0 {
             return false;
         }

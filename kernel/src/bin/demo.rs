@@ -218,6 +218,10 @@ fn tour() -> Result<(), String> {
     // SAFETY: no generated code is running on this CPU and no lookup reference is held.
     unsafe { code::synchronize() };
     REGISTRIES.grace().reclaim();
+    // Task context, interrupts off: the dropped module's spaces were only queued.
+    manager
+        .release_pending()
+        .map_err(|e| alloc::format!("{e}"))?;
     let audit = manager.audit().map_err(|e| alloc::format!("{e}"))?;
     println!(
         "\n    module dropped: committed {} bytes, audit clean: {}",

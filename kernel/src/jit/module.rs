@@ -19,15 +19,22 @@
 //! after the code is installed (a caller that reads the word first gets `NotCompiled`, as before
 //! the install), read before a call. Calls take no lock at all: they read the slot address (fixed
 //! for the module's life) and jump, so generated code never runs with a module lock held.
+//!
+//! Every `CodeModule` call (its drop included) runs inside [`module_call`]: the module's lock is
+//! held with interrupts as the caller had them, so only that per-CPU count tells the stop NMI
+//! of timed-out work not to abandon a job holding it.
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
+use core::mem::ManuallyDrop;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 use codespace::code_object::CodeObject;
 use codespace::jump_table::JumpTableLayout;
 use codespace::mmu::Mmu;
 use codespace::module::{CodeModule, Installed, ModuleConfig, ModuleError, NewCode, Registries};
+
+use crate::smp::work::module_call;
 use codespace::{CodeError, CodeManager};
 
 use super::compile::{CompiledFunction, HostFunction, Linkage};
@@ -48,7 +55,8 @@ pub struct JitConfig {
 
 /// Compiled functions in a codespace module, callable through their jump-table slots.
 pub struct JitModule<M: Mmu + Send + 'static> {
-    module: CodeModule<M>,
+    /// Dropped in `drop`, inside [`module_call`] (the drop takes the module's lock).
+    module: ManuallyDrop<CodeModule<M>>,
     config: JitConfig,
     /// The first jump table, where callers enter (fixed for the module's life: created with the
     /// module, never moved), so a call needs no module lock.
@@ -81,23 +89,24 @@ impl<M: Mmu + Send + 'static> JitModule<M> {
         registries: &'static Registries,
         config: JitConfig,
     ) -> Result<Self, JitError> {
-        let module = CodeModule::new(
-            manager,
-            registries,
-            ModuleConfig {
-                functions: config.functions,
-                lazy_entry: config.lazy_entry,
-                ..ModuleConfig::default()
-            },
-        )
+        let module = module_call(|| {
+            CodeModule::new(
+                manager,
+                registries,
+                ModuleConfig {
+                    functions: config.functions,
+                    lazy_entry: config.lazy_entry,
+                    ..ModuleConfig::default()
+                },
+            )
+        })
         .map_err(install_error)?;
-        let table = module
-            .jump_tables()
+        let table = module_call(|| module.jump_tables())
             .map_err(install_error)?
             .first()
             .copied();
         Ok(JitModule {
-            module,
+            module: ManuallyDrop::new(module),
             config,
             table,
             params: (0..config.functions)
@@ -132,14 +141,12 @@ impl<M: Mmu + Send + 'static> JitModule<M> {
         name: Option<&str>,
     ) -> Result<Arc<CodeObject>, JitError> {
         self.check_install(index)?;
-        let object = self
-            .module
-            .add_code(&self.new_code(index, code, name))
-            .map_err(install_error)?;
+        let new = self.new_code(index, code, name);
+        let object = module_call(|| self.module.add_code(&new)).map_err(install_error)?;
         self.params[index as usize].store(code.params(), Ordering::SeqCst);
         // Under QEMU's TCG a CPU may go on running a translation of the old slot (see
         // `code::settle_slot`); nothing to do on hardware.
-        crate::code::settle_slot(&self.module, index);
+        module_call(|| crate::code::settle_slot(&self.module, index));
         Ok(object)
     }
 
@@ -158,10 +165,9 @@ impl<M: Mmu + Send + 'static> JitModule<M> {
         name: Option<&str>,
     ) -> Result<Installed, JitError> {
         self.check_install(index)?;
-        let installed = self
-            .module
-            .install_if_absent(&self.new_code(index, code, name))
-            .map_err(install_error)?;
+        let new = self.new_code(index, code, name);
+        let installed =
+            module_call(|| self.module.install_if_absent(&new)).map_err(install_error)?;
         if let Installed::New(_) = installed {
             self.params[index as usize].store(code.params(), Ordering::SeqCst);
         }
@@ -212,13 +218,13 @@ impl<M: Mmu + Send + 'static> JitModule<M> {
             // generated code has a hold (see `sched`).
             unsafe { crate::code::quiescent() };
         }
-        self.module.reclaim().unwrap_or(0)
+        module_call(|| self.module.reclaim()).unwrap_or(0)
     }
 
     /// Replaced objects waiting for their grace period.
     #[must_use]
     pub fn retired(&self) -> usize {
-        self.module.code_count().map_or(0, |(_, retired)| retired)
+        module_call(|| self.module.code_count()).map_or(0, |(_, retired)| retired)
     }
 
     /// Declares function `index`'s parameter count before it is compiled (lazy functions).
@@ -238,7 +244,9 @@ impl<M: Mmu + Send + 'static> JitModule<M> {
     /// Start of the code installed for `index`, if compiled.
     #[must_use]
     pub fn code(&self, index: u32) -> Option<usize> {
-        self.module.function_code(index).ok().flatten()
+        module_call(|| self.module.function_code(index))
+            .ok()
+            .flatten()
     }
 
     /// The code object holding `pc` (names, source positions, protected instructions).
@@ -250,7 +258,7 @@ impl<M: Mmu + Send + 'static> JitModule<M> {
     /// Live code objects, jump tables included.
     #[must_use]
     pub fn code_count(&self) -> usize {
-        self.module.code_count().map_or(0, |(live, _)| live)
+        module_call(|| self.module.code_count()).map_or(0, |(live, _)| live)
     }
 
     /// The manager the code lives in (statistics, reading code bytes for disassembly).
@@ -319,6 +327,13 @@ impl<M: Mmu + Send + 'static> JitModule<M> {
 /// Whether [`JitModule::reclaim`] may report this CPU quiescent: task context (no interrupt
 /// handler: issue 18's item 2 — a timer tick that reclaimed used to report for the task it
 /// interrupted) and no [`enter`] active.
+impl<M: Mmu + Send + 'static> Drop for JitModule<M> {
+    fn drop(&mut self) {
+        // SAFETY: dropped once, here; `self.module` is not used afterwards.
+        module_call(|| unsafe { ManuallyDrop::drop(&mut self.module) });
+    }
+}
+
 fn reclaim_may_report() -> bool {
     !crate::interrupts::in_interrupt() && !enter::active()
 }

@@ -14,10 +14,12 @@
 //! `catch`, so a panic or an unhandled fault ends the job, not the CPU, and the CPU goes back to
 //! its idle loop. A job past its deadline is stopped with an NMI whose handler returns into that
 //! `catch` — only at a point where the worker holds nothing shared (interrupts were on where it
-//! was interrupted: every codespace critical section, like the serial and heap locks, runs with
-//! them off; no exception or IPI handler, no mailbox service; see [`stoppable`]); the owner
-//! re-sends the NMI until it lands, and stops the kernel if it cannot within [`STOP_GRACE`]. The owner never returns while a worker may
-//! still call its closure, so the borrow is sound.
+//! was interrupted: codespace's critical sections below the module layer, like the serial and
+//! heap locks, run with them off; not inside a codespace module call, whose lock is held with
+//! interrupts as the caller had them ([`module_call`]); no exception or IPI handler, no mailbox
+//! service; see [`stoppable`]); the owner re-sends the NMI until it lands, and stops the kernel
+//! if it cannot within [`STOP_GRACE`]. The owner never returns while a worker may still call
+//! its closure, so the borrow is sound.
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -68,6 +70,30 @@ static SLOTS: PerCpu<Slot> = crate::per_cpu!(Slot {
     stop: AtomicBool::new(false),
     point: AtomicUsize::new(0),
 });
+
+/// Calls into a codespace `CodeModule` in progress on each CPU (see [`module_call`]).
+static MODULE_CALLS: PerCpu<AtomicUsize> = crate::per_cpu!(AtomicUsize::new(0));
+
+/// Runs `f`, a call into a codespace `CodeModule`, as a section the stop NMI never abandons.
+///
+/// A module's lock is held with interrupts as the caller had them (`lock_interruptible`: the
+/// manager's lock, taken under it, must know whether the caller can wait), so RFLAGS.IF says
+/// nothing about it: a job stopped inside a module call would keep that module's lock for ever.
+/// The kernel's module glue ([`JitModule`](crate::jit::JitModule)) makes every module call
+/// through this; a stoppable job that calls a `CodeModule` directly must too.
+///
+/// The count is this CPU's at entry and is taken back from the same CPU: a call that migrates
+/// (a preempted task resumed elsewhere) keeps the first CPU's count up until it returns, which
+/// only delays stops there (the safe direction).
+pub fn module_call<R>(f: impl FnOnce() -> R) -> R {
+    let count = MODULE_CALLS.get(current_cpu());
+    // SeqCst, as the NMI handler's load: it runs on this CPU, after the increment in program
+    // order, whenever it interrupts `f`.
+    count.fetch_add(1, Ordering::SeqCst);
+    let result = f();
+    count.fetch_sub(1, Ordering::SeqCst);
+    result
+}
 
 /// How a work item failed on one CPU.
 #[non_exhaustive]
@@ -372,13 +398,15 @@ pub(crate) fn nmi(frame: &mut TrapFrame) {
 
 /// Whether a job interrupted at `frame` (by the stop NMI) may be abandoned: it holds nothing
 /// shared. Not where:
-/// - the interrupted frame had interrupts off (RFLAGS.IF clear). Every codespace critical
-///   section runs with interrupts off — the manager's and registries' `IrqLock`s, the
-///   page-table and frame-allocator locks (`IrqSpin`), a patch on the private poke PML4 (the
-///   CPU may be on that address space right now), a shootdown or serialization wait — as do
-///   the serial console and the heap; abandoning the job there would keep those locks held for
-///   ever, or leave the CPU on the poke address space. The job is stopped once it re-enables
-///   interrupts (the owner keeps sending NMIs until [`STOP_GRACE`] runs out);
+/// - the interrupted frame had interrupts off (RFLAGS.IF clear). Codespace's critical sections
+///   below the module layer run with interrupts off — the manager's and registries'
+///   `IrqLock`s, the page-table and frame-allocator locks (`IrqSpin`), a patch on the private
+///   poke PML4 (the CPU may be on that address space right now), a shootdown or serialization
+///   wait — as do the serial console and the heap; abandoning the job there would keep those
+///   locks held for ever, or leave the CPU on the poke address space. The job is stopped once
+///   it re-enables interrupts (the owner keeps sending NMIs until [`STOP_GRACE`] runs out);
+/// - this CPU is inside a codespace module call ([`module_call`]): a `CodeModule`'s own lock
+///   is held with interrupts as the caller had them, so the flag above does not cover it;
 /// - an exception, IPI or mailbox handler runs, or the entry/exit assembly around them;
 /// - this CPU holds the serial lock or is inside the heap (belt and braces: both also run with
 ///   interrupts off);
@@ -386,6 +414,7 @@ pub(crate) fn nmi(frame: &mut TrapFrame) {
 pub fn stoppable(frame: &TrapFrame) -> bool {
     const RFLAGS_IF: u64 = 1 << 9;
     frame.rflags & RFLAGS_IF != 0
+        && MODULE_CALLS.this().load(Ordering::SeqCst) == 0
         && !crate::interrupts::interrupted_handler(frame)
         && !crate::serial::holds_lock()
         && !crate::memory::in_heap()

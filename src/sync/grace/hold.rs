@@ -2,7 +2,7 @@
 //! in the parent module's docs ("Preemptive kernels").
 
 use super::{GraceDomain, OFFLINE};
-use crate::sync::atomic::Ordering;
+use crate::sync::atomic::{fence, Ordering};
 
 /// Keeps grace periods open for a task that was switched out while it may hold something
 /// (preempted inside generated code, or between a lookup and its last use).
@@ -41,8 +41,10 @@ impl GraceDomain {
     /// switch's [`quiescent`](Self::quiescent)). Taking a hold is always safe — it only delays
     /// grace periods; *omitting* it before reporting the CPU quiescent is what the `unsafe`
     /// contract of [`quiescent`](Self::quiescent) forbids. On a CPU that is offline or out of
-    /// range (which must not have run anything this domain protects) the hold covers the
-    /// grace periods still open now.
+    /// range (which must not have run anything this domain protects) the hold acts as if the
+    /// CPU had announced the current epoch `g` just now: it keeps open every grace period of a
+    /// ticket of `g` or later (a ticket of `g - 1` may end: an advancer that already checked
+    /// the holds may be moving the epoch to `g + 1`, and no count can stop it).
     ///
     /// # Ordering
     /// The hold reads `a = announced[cpu]` and counts it in `holds[a % 2]` (`SeqCst`
@@ -55,15 +57,42 @@ impl GraceDomain {
     /// `SeqCst` decrement follows the task's last use in program order (on whichever CPU the
     /// task ran last), and the advancer that reads the count it left synchronizes with it, so
     /// that use happens-before any free the next advance allows.
+    ///
+    /// Without an announcement (offline or out of range) nothing stops the epoch between the
+    /// read of `g = epoch` and the count in `holds[g % 2]`: had it moved on to `g + 1`, an
+    /// advancer that checked before the count may move it to `g + 2`; had it reached `g + 2`,
+    /// the count blocks only the step from `g + 3`. Either way grace periods open at the count
+    /// could end. So the count is followed by a `SeqCst`
+    /// re-read of the epoch: still `g` means the count precedes, in the single `SeqCst` order,
+    /// the exchange that moves the epoch to `g + 1`, hence every advancer's load of `g + 1` and
+    /// its (later, same thread) load of `holds[g % 2]`: the epoch stops at `g + 1`. Moved: the
+    /// count is undone and the hold taken again (each retry needs another advance, which needs
+    /// every online CPU to announce: it ends).
     pub fn hold(&self, cpu: usize) -> GraceHold<'_> {
-        let epoch = match self.announced.get(cpu).map(|a| a.load(Ordering::SeqCst)) {
-            Some(a) if a != OFFLINE => a,
-            _ => self.epoch.load(Ordering::SeqCst).saturating_sub(1),
-        };
-        self.holds[(epoch & 1) as usize].fetch_add(1, Ordering::SeqCst);
-        GraceHold {
-            domain: self,
-            epoch,
+        if let Some(a) = self.announced.get(cpu).map(|a| a.load(Ordering::SeqCst)) {
+            if a != OFFLINE {
+                self.holds[(a & 1) as usize].fetch_add(1, Ordering::SeqCst);
+                return GraceHold {
+                    domain: self,
+                    epoch: a,
+                };
+            }
+        }
+        loop {
+            let epoch = self.epoch.load(Ordering::SeqCst);
+            let count = &self.holds[(epoch & 1) as usize];
+            count.fetch_add(1, Ordering::SeqCst);
+            // Pairs with the fence in `try_advance` between its epoch and holds loads: the
+            // store-then-load on both sides is ordered by fences, not left to the `SeqCst`
+            // accesses alone (which the loom model treats as acquire/release).
+            fence(Ordering::SeqCst);
+            if self.epoch.load(Ordering::SeqCst) == epoch {
+                return GraceHold {
+                    domain: self,
+                    epoch,
+                };
+            }
+            count.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
@@ -188,8 +217,9 @@ mod tests {
     #[test]
     fn holds_of_both_parities_block_only_their_own_epochs() {
         let d = domain(1);
-        rounds(&d, &[0], 4); // epoch 4, CPU 0 announced 3
-                             // SAFETY: CPU 0 holds nothing.
+        // Epoch 4, CPU 0 announced 3.
+        rounds(&d, &[0], 4);
+        // SAFETY: CPU 0 holds nothing.
         unsafe { d.quiescent(0) };
         let h4 = d.hold(0);
         assert_eq!(h4.epoch(), 4);
@@ -303,6 +333,37 @@ mod loom_models {
             unsafe { drop(Box::from_raw(unlinked)) };
             // SAFETY: as above.
             drop(unsafe { Box::from_raw(root.load(Ordering::SeqCst)) });
+        });
+    }
+
+    /// A hold taken for an offline CPU while another CPU keeps advancing the epoch: once taken,
+    /// it keeps the epoch at or below its own plus one, and its epoch is not older than the
+    /// one read before taking it.
+    #[test]
+    fn loom_offline_hold_stops_the_epoch_while_it_advances() {
+        let mut builder = loom::model::Builder::new();
+        builder.preemption_bound.get_or_insert(3);
+        builder.check(|| {
+            let d: &'static GraceDomain = Box::leak(Box::new(GraceDomain::new()));
+            // SAFETY: CPU 0 is the advancing thread; CPU 5 is offline.
+            unsafe { d.set_possible_cpus(1) };
+            let advancer = loom::thread::spawn(move || {
+                for _ in 0..3 {
+                    // SAFETY: the advancing thread holds nothing.
+                    unsafe { d.quiescent(0) };
+                    d.try_advance();
+                }
+            });
+            let before = d.epoch();
+            let hold = d.hold(5);
+            assert!(hold.epoch() >= before, "the hold is older than its call");
+            advancer.join().unwrap();
+            assert!(
+                d.epoch() <= hold.epoch() + 1,
+                "the epoch passed the hold: epoch {}, hold {}",
+                d.epoch(),
+                hold.epoch()
+            );
         });
     }
 }
