@@ -5,7 +5,7 @@
 
 extern crate alloc;
 
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use codespace::code_object::{CodeKind, RelocKind, Relocation};
 use codespace::mmu::{
@@ -15,8 +15,9 @@ use codespace::mmu::{
 use codespace::module::{CodeModule, ModuleConfig, NewCode};
 use codespace::{AddressRange, AllocatorConfig, CodeAllocator, CodeManager, ManagerConfig};
 use codespace_kernel::code::{self, kernel_mmu, test_window, KernelMmu, REGISTRIES};
-use codespace_kernel::{interrupts, pic};
+use codespace_kernel::{interrupts, pic, wx_audit};
 use x86_64::instructions::port::Port;
+use x86_64::registers::control::Cr3;
 
 codespace_kernel::kernel_tests![
     call_through_slot_then_patch,
@@ -24,6 +25,7 @@ codespace_kernel::kernel_tests![
     timer_interrupt_patches_a_slot_under_a_calling_loop,
     lazy_slot_compiles_on_first_call,
     int3_protocol_patches_a_slot_every_cpu_calls,
+    item_08_the_writable_poke_alias_exists_only_in_the_poking_cpus_address_space,
 ];
 
 /// The backend, checking at every write through the private alias that every watched
@@ -36,6 +38,16 @@ struct CheckingMmu {
 static WATCH: spin::Mutex<AddressRange> = spin::Mutex::new(AddressRange::EMPTY);
 static CHECKED_POKES: AtomicU64 = AtomicU64::new(0);
 static WX_DURING_STORE: AtomicU64 = AtomicU64::new(0);
+
+/// Item 8: what a poke session's address spaces look like while the alias exists. Off except in
+/// the test that reads it (each audit walks a whole page table).
+static AUDIT_POKES: AtomicBool = AtomicBool::new(false);
+/// Sessions audited; of those, sessions whose *shared* page table (the one every CPU runs on)
+/// held a writable translation of an executable frame, and sessions whose *private* one (loaded
+/// on the poking CPU only) did.
+static AUDITED_POKES: AtomicU64 = AtomicU64::new(0);
+static SHARED_WRITABLE_CODE: AtomicU64 = AtomicU64::new(0);
+static PRIVATE_WRITABLE_CODE: AtomicU64 = AtomicU64::new(0);
 
 // SAFETY: every operation is the inner backend's, unchanged; `poke` only inspects first.
 unsafe impl Mmu for CheckingMmu {
@@ -89,8 +101,28 @@ unsafe impl Mmu for CheckingMmu {
             }
         }
         CHECKED_POKES.fetch_add(1, Ordering::SeqCst);
-        // SAFETY: forwarded with the caller's guarantees.
-        unsafe { self.inner.poke(pages, f) }
+        if !AUDIT_POKES.load(Ordering::SeqCst) {
+            // SAFETY: forwarded with the caller's guarantees.
+            return unsafe { self.inner.poke(pages, f) };
+        }
+        // The page table every CPU runs on, read before the session switches this CPU away.
+        let (shared, _) = Cr3::read();
+        let mut audited = |poke: &mut dyn Poke| {
+            // Inside the session: this CPU runs on the private address space with the alias.
+            let private = wx_audit::audit_active();
+            let common = wx_audit::audit(shared);
+            AUDITED_POKES.fetch_add(1, Ordering::SeqCst);
+            if !common.writable_aliases.is_empty() || !common.writable_and_executable.is_empty() {
+                SHARED_WRITABLE_CODE.fetch_add(1, Ordering::SeqCst);
+            }
+            if !private.writable_aliases.is_empty() {
+                PRIVATE_WRITABLE_CODE.fetch_add(1, Ordering::SeqCst);
+            }
+            f(poke)
+        };
+        // SAFETY: forwarded with the caller's guarantees; the closure only reads page tables
+        // before doing the caller's writes.
+        unsafe { self.inner.poke(pages, &mut audited) }
     }
     fn read(&self, page: &CommittedPage, offset: usize, buf: &mut [u8]) -> Result<(), MmuError> {
         self.inner.read(page, offset, buf)
@@ -440,4 +472,41 @@ fn int3_protocol_patches_a_slot_every_cpu_calls() {
             s.per_impl
         );
     }
+}
+
+/// Item 8: the one place a writable translation of live code exists is the private poke alias
+/// (Linux `text_poke`), and it exists only in the address space the poking CPU loads for the
+/// session: at that moment the page table every CPU runs on has no writable translation of any
+/// executable frame, while the private one has exactly the alias (if the session's address
+/// space were the shared one, or the alias leaked into it, the shared audit would count it).
+/// After the session nothing writable of the code is left anywhere.
+fn item_08_the_writable_poke_alias_exists_only_in_the_poking_cpus_address_space() {
+    let mgr = manager(5, 1 << 30);
+    let m = watched_module(&mgr, 4);
+    m.add_code(&NewCode::function(1, &ret_const(1))).expect("g");
+    let f = add_caller(&m, 0, 1);
+    let g2 = m
+        .add_code(&NewCode::new(CodeKind::Wrapper, &ret_const(2)))
+        .expect("g2");
+    let before = AUDITED_POKES.load(Ordering::SeqCst);
+    AUDIT_POKES.store(true, Ordering::SeqCst);
+    let patched = m.patch_slot(1, g2.instruction_start());
+    AUDIT_POKES.store(false, Ordering::SeqCst);
+    patched.expect("patch");
+    assert_eq!(call0(f), 102, "patched slot reaches g2");
+    let sessions = AUDITED_POKES.load(Ordering::SeqCst) - before;
+    assert!(sessions >= 1, "the patch wrote through the alias");
+    assert_eq!(
+        SHARED_WRITABLE_CODE.load(Ordering::SeqCst),
+        0,
+        "the shared page table never held a writable translation of executable code"
+    );
+    assert_eq!(
+        PRIVATE_WRITABLE_CODE.load(Ordering::SeqCst),
+        sessions,
+        "each session's private address space held the writable alias of the live table"
+    );
+    let after = wx_audit::audit_active();
+    assert!(after.is_clean(), "after the session: {after:?}");
+    assert!(mgr.audit().expect("audit").is_clean(), "{:?}", mgr.audit());
 }
