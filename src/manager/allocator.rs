@@ -431,24 +431,7 @@ impl<M: Mmu> CodeAllocator<M> {
         tables: &[&PublishedCode],
         stores: &[(usize, u64)],
     ) -> Result<(), CodeError> {
-        for t in tables {
-            if t.owner != self.id {
-                return Err(CodeError::ForeignCode);
-            }
-        }
-        for &(addr, _) in stores {
-            // A whole 8-byte slot inside the table: `addr + 8` unchecked would overflow for an
-            // address in the last 8 bytes of the address space.
-            let inside = tables.iter().any(|t| {
-                t.patchable
-                    && addr.is_multiple_of(8)
-                    && addr >= t.range.start()
-                    && addr.checked_add(8).is_some_and(|end| end <= t.range.end())
-            });
-            if !inside {
-                return Err(CodeError::NotPatchable { addr });
-            }
-        }
+        self.check_slots(tables, stores.iter().map(|&(addr, _)| addr))?;
         self.manager.lock()?.patch(stores)
     }
 
@@ -474,13 +457,22 @@ impl<M: Mmu> CodeAllocator<M> {
         tables: &[&PublishedCode],
         stores: &[SlotStore],
     ) -> Result<(), CodeError> {
-        for t in tables {
-            if t.owner != self.id {
-                return Err(CodeError::ForeignCode);
-            }
+        self.check_slots(tables, stores.iter().map(SlotStore::addr))?;
+        self.manager.lock()?.patch_slots(stores)
+    }
+
+    /// Checks that `tables` are this allocator's and that every address is a whole, aligned
+    /// 8-byte slot inside a patchable one (`addr + 8` checked: an address in the last 8 bytes of
+    /// the address space is refused, not an overflow).
+    fn check_slots(
+        &self,
+        tables: &[&PublishedCode],
+        addrs: impl Iterator<Item = usize>,
+    ) -> Result<(), CodeError> {
+        if tables.iter().any(|t| t.owner != self.id) {
+            return Err(CodeError::ForeignCode);
         }
-        for s in stores {
-            let addr = s.addr();
+        for addr in addrs {
             let inside = tables.iter().any(|t| {
                 t.patchable
                     && addr.is_multiple_of(8)
@@ -491,7 +483,7 @@ impl<M: Mmu> CodeAllocator<M> {
                 return Err(CodeError::NotPatchable { addr });
             }
         }
-        self.manager.lock()?.patch_slots(stores)
+        Ok(())
     }
 
     /// Frees published code: its range becomes reusable and INT3, and the pages that became

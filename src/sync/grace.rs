@@ -430,15 +430,16 @@ impl GraceDomain {
 mod tests {
     use super::*;
 
-    fn domain(cpus: usize) -> GraceDomain {
+    /// A domain of `cpus` CPUs (also for the tests of `hold`).
+    pub(super) fn domain(cpus: usize) -> GraceDomain {
         let d = GraceDomain::new();
         // SAFETY: the test's "CPUs" are the indices it reports for, nothing else reads.
         unsafe { d.set_possible_cpus(cpus) };
         d
     }
 
-    /// Reports for `cpus` then polls, `rounds` times.
-    fn rounds(d: &GraceDomain, cpus: &[usize], rounds: usize) {
+    /// Reports for `cpus` then polls, `rounds` times (also for the tests of `hold`).
+    pub(super) fn rounds(d: &GraceDomain, cpus: &[usize], rounds: usize) {
         for _ in 0..rounds {
             for &cpu in cpus {
                 // SAFETY: test CPUs hold nothing.

@@ -140,23 +140,7 @@ impl Drop for GraceHold<'_> {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
-
-    fn domain(cpus: usize) -> GraceDomain {
-        let d = GraceDomain::new();
-        // SAFETY: the test's "CPUs" are the indices it reports for, nothing else reads.
-        unsafe { d.set_possible_cpus(cpus) };
-        d
-    }
-
-    fn rounds(d: &GraceDomain, cpus: &[usize], n: usize) {
-        for _ in 0..n {
-            for &cpu in cpus {
-                // SAFETY: test CPUs hold nothing the holds do not cover.
-                unsafe { d.quiescent(cpu) };
-            }
-            d.try_advance();
-        }
-    }
+    use crate::sync::grace::tests::{domain, rounds};
 
     #[test]
     fn item_03_a_hold_keeps_open_every_grace_period_that_was_open_when_it_was_taken() {
