@@ -14,7 +14,7 @@
 //!   code never escapes [`Mmu::poke`]: it is a different type ([`Poke`]) that owns no frame.
 //! - **TLB work is a value.** Changes are staged in a `#[must_use]` [`TlbFlush`] and take full
 //!   effect in [`Mmu::flush`]: invalidate on every CPU, then store final entries, then free
-//!   frames (see [`flush`] for why this keeps W^X on every CPU at every instant).
+//!   frames (see the private `flush` module for why this keeps W^X on every CPU at every instant).
 //! - **The calling CPU is explicit.** CPU-local state (NXE, WP, PCIDs) is checked per CPU and
 //!   the alias is private to the CPU that uses it, with interrupts off.
 //!

@@ -21,7 +21,7 @@
 //! writer locks are then held with interrupts off, so the handler never finds one held by the
 //! code it interrupted); without it, add code only with interrupts on.
 //!
-//! Freed and replaced code lives on until a grace period has passed (see [`lifetime`]); call
+//! Freed and replaced code lives on until a grace period has passed (see the private `lifetime` module); call
 //! [`CodeModule::reclaim`] (or any other writing method, which reclaims first) after CPUs
 //! reported quiescent states to the registries' grace domain.
 

@@ -4,7 +4,7 @@
 //!   lock-free readers or CPUs executing generated code may still use is freed only after every
 //!   CPU passed a quiescent state.
 //! - [`irq_lock`]: the spin lock every path reachable from interrupt context takes.
-//! - [`atomic`]: the atomics these modules use — `core`'s, or `loom`'s when built with
+//! - `atomic` (private): the atomics these modules use — `core`'s, or `loom`'s when built with
 //!   `RUSTFLAGS="--cfg loom"` so the protocols can be model-checked.
 
 pub mod grace;

@@ -10,7 +10,7 @@
 //! dereferences raw addresses of code and page tables. Lock order: page tables, then frames.
 //! Window leaves are created through the kernel's `Mapper` (which builds missing tables) and
 //! then changed with single stores to the leaf, following the staging rules of
-//! [`TlbFlush`](crate::mmu::TlbFlush).
+//! [`TlbFlush`].
 
 use alloc::collections::BTreeSet;
 use alloc::vec::Vec;
