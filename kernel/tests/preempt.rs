@@ -254,11 +254,13 @@ fn item_10_the_stop_nmi_spares_work_running_with_interrupts_off() {
         matches!(error.of(1), Some(smp::WorkFailure::TimedOut(_))),
         "{error}"
     );
-    assert_eq!(
-        PHASE.load(Ordering::SeqCst),
-        3,
-        "stopped at phase {} (1: inside the interrupts-off section)",
-        PHASE.load(Ordering::SeqCst)
+    // Phase 2 is stored as the section's last instruction: a stop right after the section
+    // (IF restored, phase 3 not yet stored) reads 2. A stop inside the section reads 1: the
+    // job spends a second there, so a missing IF check shows there.
+    let phase = PHASE.load(Ordering::SeqCst);
+    assert!(
+        phase >= 2,
+        "stopped at phase {phase} (1: inside the interrupts-off section)"
     );
 }
 
@@ -288,10 +290,10 @@ fn item_10_the_stop_nmi_spares_work_inside_a_module_call() {
         matches!(error.of(1), Some(smp::WorkFailure::TimedOut(_))),
         "{error}"
     );
-    assert_eq!(
-        PHASE.load(Ordering::SeqCst),
-        3,
-        "stopped at phase {} (1: inside the module call)",
-        PHASE.load(Ordering::SeqCst)
+    // As above: 2 is stored last inside the call, so a stop right after it reads 2.
+    let phase = PHASE.load(Ordering::SeqCst);
+    assert!(
+        phase >= 2,
+        "stopped at phase {phase} (1: inside the module call)"
     );
 }
