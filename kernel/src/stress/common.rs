@@ -8,6 +8,7 @@ use alloc::vec::Vec;
 use x86_64::structures::paging::{FrameAllocator, FrameDeallocator, PhysFrame};
 use x86_64::PhysAddr;
 
+use codespace::module::{CodeModule, ModuleConfig};
 use codespace::{CodeManager, ManagerConfig};
 
 use crate::catch::{catch, Caught};
@@ -29,6 +30,19 @@ pub const PHASE_TIMEOUT: Duration = Duration::from_secs(30);
 #[must_use]
 pub fn manager(window: usize) -> CodeManager<KernelMmu> {
     code::manager(test_window(window), ManagerConfig::default()).expect("a code manager")
+}
+
+/// A module of one function slot on `manager`, the registries every scenario shares.
+pub fn one_function_module(manager: &CodeManager<KernelMmu>) -> CodeModule<KernelMmu> {
+    CodeModule::new(
+        manager,
+        &REGISTRIES,
+        ModuleConfig {
+            functions: 1,
+            ..ModuleConfig::default()
+        },
+    )
+    .expect("module")
 }
 
 /// Ends a scenario: waits for a grace period on every CPU (the caller runs no generated code

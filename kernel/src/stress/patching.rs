@@ -97,15 +97,7 @@ pub fn run_with(window: usize, patches: u64, protocol: PatchProtocol) -> Patchin
             .expect("lower implementation")
             .instruction_start()
     });
-    let m = CodeModule::new(
-        &mgr,
-        &REGISTRIES,
-        ModuleConfig {
-            functions: 1,
-            ..ModuleConfig::default()
-        },
-    )
-    .expect("patched module");
+    let m = common::one_function_module(&mgr);
     let high: [usize; 2] = [0, 1].map(|i| {
         m.add_code(&NewCode::new(CodeKind::Wrapper, &ret_const(VALUES[i])))
             .expect("upper implementation")

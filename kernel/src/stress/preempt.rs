@@ -22,7 +22,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use core::time::Duration;
 
 use codespace::code_object::CodeObject;
-use codespace::module::{CodeModule, ModuleConfig, NewCode};
+use codespace::module::{CodeModule, NewCode};
 
 use super::common::{self, call0, settle, Stop};
 use super::replace::long_running;
@@ -90,15 +90,7 @@ impl Shared<'_> {
 pub fn run(window: usize, rule: QuiescentRule, rounds: u32) -> Result<PreemptStats, String> {
     let period = Duration::from_millis(1);
     let mgr = common::manager(window);
-    let m = CodeModule::new(
-        &mgr,
-        &REGISTRIES,
-        ModuleConfig {
-            functions: 1,
-            ..ModuleConfig::default()
-        },
-    )
-    .expect("module");
+    let m = common::one_function_module(&mgr);
     let inside: Vec<AtomicU64> = (0..=rounds).map(|_| AtomicU64::new(0)).collect();
     let slot = m.jump_tables().expect("tables")[0]
         .near_slot_addr(0)

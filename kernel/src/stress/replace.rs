@@ -17,7 +17,7 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use codespace::code_object::CodeObject;
-use codespace::module::{CodeModule, ModuleConfig, NewCode};
+use codespace::module::{CodeModule, NewCode};
 
 use super::common::{self, call0, quiescent, settle, Stop};
 use crate::code::REGISTRIES;
@@ -73,15 +73,7 @@ pub fn run(window: usize, rounds: u32, iterations: u32) -> ReplaceStats {
         "at most {MAX_VERSIONS} versions"
     );
     let mgr = common::manager(window);
-    let m = CodeModule::new(
-        &mgr,
-        &REGISTRIES,
-        ModuleConfig {
-            functions: 1,
-            ..ModuleConfig::default()
-        },
-    )
-    .expect("module");
+    let m = common::one_function_module(&mgr);
     let inside: Vec<AtomicU64> = (0..MAX_VERSIONS).map(|_| AtomicU64::new(0)).collect();
     let first = m
         .add_code(&NewCode::function(

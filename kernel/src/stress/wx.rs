@@ -15,14 +15,14 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use codespace::code_object::CodeKind;
-use codespace::module::{CodeModule, ModuleConfig, NewCode};
+use codespace::module::NewCode;
 use codespace::{AllocatorConfig, CodeAllocator};
 
 use super::common::{
     self, call0, check_fault, load_u64, ret_const, settle, try_access, Access, Phase, Stop,
     PF_PRESENT, PF_WRITE,
 };
-use crate::code::{POKE_SLOT, REGISTRIES};
+use crate::code::POKE_SLOT;
 use crate::memory::PHYS_OFFSET;
 use crate::smp;
 
@@ -168,15 +168,7 @@ fn probe(slot: usize) -> u64 {
 pub fn alias(window: usize, patches: u64) -> AliasStats {
     assert!(patches > 0, "at least one patch");
     let mgr = common::manager(window);
-    let m = CodeModule::new(
-        &mgr,
-        &REGISTRIES,
-        ModuleConfig {
-            functions: 1,
-            ..ModuleConfig::default()
-        },
-    )
-    .expect("module");
+    let m = common::one_function_module(&mgr);
     let targets: [usize; 2] = [1, 2].map(|v| {
         m.add_code(&NewCode::new(CodeKind::Wrapper, &ret_const(v)))
             .expect("target")
