@@ -1,10 +1,11 @@
 //! Building codespace kernels and booting them in QEMU, shared by the `codespace-qemu` binary
-//! (`cargo run`) and the `kernel` integration test (`cargo test --test kernel`).
+//! (`cargo run` at the workspace root) and the `kernel` integration test (`cargo test` at the
+//! root runs it).
+//!
+//! A host-only package of its own, so that the published `codespace` package is only the
+//! `no_std` library (a kernel crate can `cargo doc` it without `std`).
 //!
 //! Errors are one-line `String`s: both users print them and fail.
-
-// Each of the two crates that include this file uses a different subset of it.
-#![allow(dead_code)]
 
 use std::ffi::OsString;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -19,7 +20,8 @@ pub const QEMU_PACKAGE: &str = "qemu-system-x86";
 
 /// The workspace root, where `Cargo.toml` and `run-qemu.sh` live.
 pub fn workspace() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    // This package lives in `tools/qemu` of the workspace.
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
 }
 
 /// Installs the kernel target with rustup unless its standard library is already there.

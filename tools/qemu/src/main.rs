@@ -2,7 +2,7 @@
 //! with `KERNEL ARGS` as its command line; exits with `run-qemu.sh`'s status (0 when the kernel
 //! reported success, 1 on failure, 124 on timeout).
 
-mod launcher;
+use codespace_qemu as launcher;
 
 use std::process::ExitCode;
 

@@ -8,8 +8,7 @@
 //! CPUs it was given, and it reported `test result: ok. N passed; 0 failed` with N ≥ 1. The last
 //! line sums every kernel test of every run plus the harness checks.
 
-#[path = "../src/bin/codespace-qemu/launcher.rs"]
-mod launcher;
+use codespace_qemu as launcher;
 
 use launcher::{Kernels, RunResult};
 use std::process::ExitCode;
