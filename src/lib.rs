@@ -99,8 +99,8 @@
 //! - Building blocks: [`jump_table`], [`code_pointer_table`], [`breakpoint`],
 //!   [`code_object`], [`pool`].
 //!
-//! The integration guide (what a kernel provides, in order) is the section "Integrating
-//! codespace into your kernel" of the crate's README.
+//! The integration guide — what a kernel provides, in the order it wires codespace in, with
+//! every snippet compiled — is the [`guide`] module.
 #![no_std]
 #![deny(missing_docs)]
 
@@ -109,6 +109,8 @@ extern crate alloc;
 extern crate std;
 
 pub mod breakpoint;
+#[doc = include_str!("../docs/guide.md")]
+pub mod guide {}
 pub mod code_events;
 pub mod code_map;
 pub mod code_object;
@@ -128,3 +130,8 @@ pub use manager::{
     PatchProtocol, ProtectionMode, PublishedCode, SlotStore, WritableCode,
 };
 pub use range::{AddressRange, PAGE_SIZE};
+
+// The README's Rust snippets compile as doctests too.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -3,9 +3,11 @@
 //! `integration example: ok`.
 //!
 //! The pieces a blog_os-style kernel brings are the `codespace_kernel` ones here: the page table
-//! and the frame allocator each behind a `spin::Mutex` in a static, and page-fault and breakpoint
-//! handlers that can edit the interrupted RIP and registers (on stable Rust, an assembly stub that saves the
-//! registers and passes them to Rust, like `codespace_kernel::interrupts`).
+//! and the frame allocator each behind a `lock_api::Mutex<codespace::mmu::x86::IrqSpin, _>` in a
+//! static, and page-fault and breakpoint handlers that can edit the interrupted RIP and registers:
+//! on stable Rust, assembly stubs that save the registers and pass them to Rust — the ones
+//! codespace ships with feature `exception-stubs`, which this kernel's IDT uses for #DE, #BP, #UD
+//! and #PF.
 #![no_std]
 #![no_main]
 
@@ -17,7 +19,7 @@ use codespace::mmu::x86::{PhysOffset, X86Mmu};
 use codespace::module::{CodeModule, ModuleConfig, NewCode, Registries};
 use codespace::sync::grace::GraceDomain;
 use codespace::{AddressRange, CodeManager, ManagerConfig, PatchProtocol, ProtectionMode};
-use codespace_kernel::interrupts::{self, FaultInfo, TrapFrame, BREAKPOINT, PAGE_FAULT};
+use codespace_kernel::interrupts::{self, FaultInfo, TrapFrame};
 use codespace_kernel::memory::{self, FrameBitmap, PHYS_OFFSET};
 use codespace_kernel::{entry_point, println, BootInfo, ExitCode};
 
@@ -45,31 +47,10 @@ const WINDOW: AddressRange = AddressRange::new(0xFFFF_C080_0000_0000, 0xFFFF_C10
 static BREAKPOINTS: BreakpointSites = BreakpointSites::new();
 
 fn fault_hooks(frame: &mut TrapFrame, info: &FaultInfo) -> bool {
-    if info.vector == BREAKPOINT {
-        return match BREAKPOINTS.resume_at(frame.rip as usize) {
-            Some(target) => {
-                frame.rip = target as u64;
-                true
-            }
-            None => false,
-        };
-    }
-    const RSVD: u64 = 1 << 3;
-    const FETCH: u64 = 1 << 4;
-    if info.vector != PAGE_FAULT || info.error_code & (RSVD | FETCH) != 0 {
-        return false;
-    }
-    match CODE
-        .traps
-        .lookup_fault(frame.rip as usize, info.cr2 as usize)
-    {
-        Some(hit) => {
-            frame.r10 = frame.rip;
-            frame.rip = hit.landing_pad() as u64;
-            true
-        }
-        None => false,
-    }
+    // The crate's hooks (`codespace::mmu::x86::exception`, feature `exception-stubs`) over the
+    // frame its entry stubs save: they check the vector, the #PF error code and CR2 themselves.
+    CODE.traps.handle_protected_fault(frame, info.cr2).is_some()
+        || BREAKPOINTS.handle_breakpoint(frame)
 }
 
 fn main(_boot: &'static BootInfo) -> ExitCode {
@@ -137,13 +118,12 @@ fn main(_boot: &'static BootInfo) -> ExitCode {
     let Ok(load) = module.add_code(&load) else {
         return ExitCode::Failure;
     };
-    let Ok(Some(slot)) = module.slot_address_for(0, load.instruction_start()) else {
+    // Step 6: call through the slot; a load from an unmapped address lands instead of crashing.
+    // SAFETY: the slot jumps to code with the C ABI and one pointer argument (both the load and
+    // the code it is patched to below), and the module outlives every call through `f`.
+    let Ok(f) = (unsafe { module.entry::<extern "C" fn(u64) -> u64>(0) }) else {
         return ExitCode::Failure;
     };
-
-    // Step 6: call through the slot; a load from an unmapped address lands instead of crashing.
-    // SAFETY: the slot jumps to published code with the C ABI: one pointer argument.
-    let f: extern "C" fn(u64) -> u64 = unsafe { core::mem::transmute(slot) };
     let bad = 0xFFFF_C0FF_0000_0000u64; // in the window, never mapped
     let r10 = f(bad);
     let ok = r10 == load.instruction_start() as u64 && manager.audit().is_ok_and(|a| a.is_clean());

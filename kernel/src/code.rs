@@ -8,11 +8,10 @@ use codespace::mmu::x86::{LinearMap, PhysOffset, Smp, X86Mmu, X86_INTERRUPTS};
 use codespace::mmu::MmuError;
 use codespace::module::Registries;
 use codespace::sync::grace::GraceDomain;
-use codespace::trap::TrapVector;
 use codespace::{AddressRange, CodeError, CodeManager, ManagerConfig, PatchProtocol};
 use x86_64::structures::paging::OffsetPageTable;
 
-use crate::interrupts::{FaultInfo, TrapFrame, BREAKPOINT, PAGE_FAULT};
+use crate::interrupts::{FaultInfo, TrapFrame, BREAKPOINT};
 use crate::irq_spin::IrqSpin;
 use crate::memory::{self, FrameBitmap, PHYS_MAPPED_LIMIT, PHYS_OFFSET};
 
@@ -61,47 +60,28 @@ pub fn last_trap() -> Option<TrapRecord> {
     })
 }
 
-/// Page-fault error-code bits a trap may carry: present (a protection fault, else not-present)
-/// and write. Anything else — user mode, a reserved-bit violation (corrupt page tables), an
-/// instruction fetch, protection keys, shadow stacks, SGX — is never a bounds check.
-const PLAIN_FAULT_BITS: u64 = 0b11;
-
-/// The trap table's part of the exception path (called first for every exception): a plain
-/// not-present or protection #PF at a protected PC, on an address its registration accepts, or a
-/// #UD / #DE at a PC registered for that vector, resumes at the landing pad with the faulting PC
-/// in r10 (V8's convention) and, for wasm's landing pad (`codespace_wasmtime::traps`), the
-/// faulting address in r11 (CR2 for a #PF, `NO_FAULT_ADDRESS` otherwise). Anything else goes to
-/// the kernel's usual handling. Lock-free and allocation-free, like the lookups it relies on.
+/// The trap table's part of the exception path (called first for every exception), the crate's
+/// own hook (`TrapTable::handle_protected_fault`): a plain not-present or protection #PF at a
+/// protected PC, on an address its registration accepts, or a #UD / #DE at a PC registered for
+/// that vector, resumes at the landing pad under codespace's landing-pad contract (r10 = the
+/// faulting PC; r11 = CR2 for a #PF, `NO_FAULT_ADDRESS` otherwise: what wasm's landing pad,
+/// `codespace_wasmtime::traps`, reads). Anything else goes to the kernel's usual handling.
+/// Lock-free and allocation-free, like the lookups it relies on; here it also counts hits.
 pub(crate) fn trap_fixup(frame: &mut TrapFrame, info: &FaultInfo) -> bool {
-    let hit = match info.vector {
-        PAGE_FAULT if info.error_code & !PLAIN_FAULT_BITS == 0 => REGISTRIES
-            .traps
-            .lookup_fault(frame.rip as usize, info.cr2 as usize),
-        DIVIDE_ERROR => REGISTRIES
-            .traps
-            .lookup_trap(TrapVector::DivideError, frame.rip as usize),
-        INVALID_OPCODE => REGISTRIES
-            .traps
-            .lookup_trap(TrapVector::InvalidOpcode, frame.rip as usize),
-        _ => None,
-    };
-    let Some(hit) = hit else {
+    let pc = frame.rip;
+    if REGISTRIES
+        .traps
+        .handle_protected_fault(frame, info.cr2)
+        .is_none()
+    {
         return false;
-    };
-    let vector = usize::from(info.vector);
-    if let Some(count) = TRAPS_BY_VECTOR.get(vector) {
+    }
+    if let Some(count) = TRAPS_BY_VECTOR.get(usize::from(info.vector)) {
         count.fetch_add(1, Ordering::SeqCst);
     }
-    LAST_TRAP_PC.store(frame.rip, Ordering::SeqCst);
+    LAST_TRAP_PC.store(pc, Ordering::SeqCst);
     LAST_TRAP_CR2.store(info.cr2, Ordering::SeqCst);
     TRAPS_TAKEN.fetch_add(1, Ordering::SeqCst);
-    frame.r10 = frame.rip;
-    frame.r11 = if info.vector == PAGE_FAULT {
-        info.cr2
-    } else {
-        codespace_wasmtime::traps::NO_FAULT_ADDRESS
-    };
-    frame.rip = hit.landing_pad() as u64;
     true
 }
 
@@ -132,11 +112,10 @@ pub(crate) fn breakpoint_fixup(frame: &mut TrapFrame, info: &FaultInfo) -> bool 
     if info.vector != BREAKPOINT {
         return false;
     }
-    let Some(target) = BREAKPOINTS.resume_at(frame.rip as usize) else {
+    if !BREAKPOINTS.handle_breakpoint(frame) {
         return int3_gone(frame);
-    };
+    }
     BREAKPOINT_RESUMES.fetch_add(1, Ordering::SeqCst);
-    frame.rip = target as u64;
     true
 }
 
@@ -174,11 +153,6 @@ fn int3_gone(frame: &mut TrapFrame) -> bool {
     frame.rip = at as u64;
     true
 }
-
-/// Vector of the divide error (#DE).
-const DIVIDE_ERROR: u8 = 0;
-/// Vector of the invalid opcode (#UD).
-const INVALID_OPCODE: u8 = 6;
 
 /// Trap-table hits per exception vector (0..32) since boot.
 static TRAPS_BY_VECTOR: [AtomicU64; 32] = [const { AtomicU64::new(0) }; 32];

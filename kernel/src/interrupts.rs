@@ -2,6 +2,9 @@
 //!
 //! Every vector enters through a stub that pushes an error code (0 when the CPU pushes none) and
 //! the vector number, then `isr_common` saves all general-purpose registers into a [`TrapFrame`].
+//! The four vectors codespace's trap path serves (#DE, #BP, #UD, #PF) enter through the stubs
+//! codespace ships (`codespace::mmu::x86::exception`, the same frame), whose handler is this
+//! file's dispatcher.
 //! The Rust dispatcher may change any field of that frame, RIP and RSP included; `iretq` resumes
 //! whatever the frame says. That is how a fault resumes at a landing pad with the faulting PC in
 //! r10, and how the test framework returns from an expected fault.
@@ -18,36 +21,9 @@ use crate::gdt;
 use crate::percpu::PerCpu;
 use crate::qemu::{exit, ExitCode};
 
-/// Register state of the interrupted code, as saved by `isr_common`; every field is written back.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-#[allow(missing_docs)]
-pub struct TrapFrame {
-    pub r15: u64,
-    pub r14: u64,
-    pub r13: u64,
-    pub r12: u64,
-    pub r11: u64,
-    pub r10: u64,
-    pub r9: u64,
-    pub r8: u64,
-    pub rbp: u64,
-    pub rdi: u64,
-    pub rsi: u64,
-    pub rdx: u64,
-    pub rcx: u64,
-    pub rbx: u64,
-    pub rax: u64,
-    /// Vector number pushed by the stub.
-    pub vector: u64,
-    /// Error code pushed by the CPU, or 0 for vectors without one.
-    pub error_code: u64,
-    pub rip: u64,
-    pub cs: u64,
-    pub rflags: u64,
-    pub rsp: u64,
-    pub ss: u64,
-}
+/// Register state of the interrupted code, as saved by `isr_common` (and by codespace's stubs
+/// for #DE, #BP, #UD and #PF, which share the layout); every field is written back.
+pub use codespace::mmu::x86::exception::ExceptionFrame as TrapFrame;
 
 /// Vector of the non-maskable interrupt.
 pub const NMI: u8 = 2;
@@ -320,6 +296,12 @@ extern "C" {
     static isr_text_end: u8;
 }
 
+/// codespace's entry stub for `vector` (one of #DE, #BP, #UD, #PF).
+fn codespace_stub(vector: u8) -> VirtAddr {
+    let entry = codespace::mmu::x86::exception::entry(vector).expect("a vector codespace stubs");
+    VirtAddr::new(entry)
+}
+
 fn stub(vector: usize) -> VirtAddr {
     // SAFETY: the tables are immutable data emitted by the assembly above, with STUBBED_VECTORS
     // entries plus the two APIC vectors.
@@ -338,20 +320,22 @@ fn stub(vector: usize) -> VirtAddr {
 pub fn init() {
     let idt = IDT.call_once(|| {
         let mut idt = InterruptDescriptorTable::new();
+        codespace::mmu::x86::exception::set_handler(|frame, _cr2| exception_dispatch(frame))
+            .expect("the IDT is built once");
         // SAFETY (for every set_handler_addr below): each address is the stub of that very vector,
         // which saves all state and returns with iretq, as the entry's kind requires.
         unsafe {
-            idt.divide_error.set_handler_addr(stub(0));
+            idt.divide_error.set_handler_addr(codespace_stub(0));
             idt.debug.set_handler_addr(stub(1));
             idt.non_maskable_interrupt
                 .set_handler_addr(stub(2))
                 .set_stack_index(gdt::NMI_IST_INDEX);
             // An interrupt gate, as every entry here: the INT3 patch protocol's #BP hook relies
             // on interrupts staying off until it has redirected RIP (`code::breakpoint_fixup`).
-            idt.breakpoint.set_handler_addr(stub(3));
+            idt.breakpoint.set_handler_addr(codespace_stub(3));
             idt.overflow.set_handler_addr(stub(4));
             idt.bound_range_exceeded.set_handler_addr(stub(5));
-            idt.invalid_opcode.set_handler_addr(stub(6));
+            idt.invalid_opcode.set_handler_addr(codespace_stub(6));
             idt.device_not_available.set_handler_addr(stub(7));
             idt.double_fault
                 .set_handler_addr(stub(8))
@@ -361,7 +345,7 @@ pub fn init() {
             idt.stack_segment_fault.set_handler_addr(stub(12));
             idt.general_protection_fault.set_handler_addr(stub(13));
             // No IST: a nested #PF must push below the outer frame, not overwrite it.
-            idt.page_fault.set_handler_addr(stub(14));
+            idt.page_fault.set_handler_addr(codespace_stub(14));
             idt.x87_floating_point.set_handler_addr(stub(16));
             idt.alignment_check.set_handler_addr(stub(17));
             idt.machine_check.set_handler_addr(stub(18));

@@ -42,7 +42,7 @@ mod write;
 
 pub(crate) use allocator::ImagePages;
 pub use allocator::{AllocatorConfig, AllocatorStats, CodeAllocator, CODE_ALIGNMENT};
-pub use audit::{wx_report, AuditReport, LeafWalk};
+pub use audit::{wx_report, AuditFinding, AuditFindings, AuditReport, AuditViolation, LeafWalk};
 pub use code::{PublishedCode, WritableCode};
 pub use config::{ManagerConfig, PatchProtocol, ProtectionMode, MAX_CODE_SPACE_SIZE};
 pub use cross_modify::SlotStore;

@@ -28,6 +28,7 @@
 
 use crate::AddressRange;
 
+mod entry;
 mod error;
 mod flush;
 mod page;
@@ -36,6 +37,7 @@ pub mod soft;
 #[cfg(feature = "x86_64")]
 pub mod x86;
 
+pub use entry::EntryPoint;
 pub use error::MmuError;
 pub use flush::TlbFlush;
 pub(crate) use page::page_aligned;

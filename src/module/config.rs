@@ -237,3 +237,11 @@ impl From<CodeError> for ModuleError {
         }
     }
 }
+
+/// So a kernel's setup can `?` a backend error (`X86Mmu::new`) in a function that returns
+/// `ModuleError`, as it does a manager's.
+impl From<crate::mmu::MmuError> for ModuleError {
+    fn from(e: crate::mmu::MmuError) -> Self {
+        ModuleError::from(CodeError::from(e))
+    }
+}

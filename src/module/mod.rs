@@ -29,6 +29,7 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 mod config;
+mod entry;
 mod image;
 mod install;
 mod lifetime;

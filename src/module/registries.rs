@@ -87,6 +87,22 @@ impl Registries {
         self.traps.grace()
     }
 
+    /// Everything whose grace period is over goes, in one call for an idle loop: the grace
+    /// domain's deferred drops (dropped modules' teardown, whose code spaces the manager
+    /// releases next), then the trap table's and the PC map's replaced memory. Returns how many
+    /// deferred drops ran. Never waits. Retired code of a live module is freed by that module's
+    /// [`CodeModule::reclaim`](super::CodeModule::reclaim) (or its next update).
+    ///
+    /// A grace period needs every online CPU to report a quiescent state *after* it began, and
+    /// what a retirement waits for is the period that begins after it: with one CPU, two rounds
+    /// of `quiescent` and `try_advance`, then `reclaim`.
+    pub fn reclaim(&self) -> usize {
+        let drops = self.grace().reclaim();
+        self.traps.reclaim();
+        self.code.reclaim();
+        drops
+    }
+
     /// The code object holding `pc`: lock-free, O(log n).
     #[must_use]
     pub fn lookup_code(&self, pc: usize) -> Option<Arc<CodeObject>> {

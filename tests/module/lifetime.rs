@@ -658,3 +658,40 @@ fn dropping_a_large_module_takes_one_index_update_and_one_flush_per_space() {
     );
     assert_sound_no_leak(&machine, &m);
 }
+
+#[test]
+fn registries_reclaim_frees_a_dropped_module_after_two_rounds_and_not_before() {
+    let (_machine, m) = default_rig();
+    let regs = registries();
+    let module = module(&m, regs, functions(2));
+    module
+        .add_code(&NewCode {
+            protected: &[0],
+            landing_pad: Some(1),
+            ..NewCode::function(0, &[0x90, 0xC3])
+        })
+        .unwrap();
+    drop(module);
+    let g = regs.grace();
+    // One round is not a grace period: the drop's ticket waits for the period after it.
+    // SAFETY: the test thread (CPU 0) holds nothing from a lookup and runs no generated code.
+    unsafe { g.quiescent(0) };
+    g.try_advance();
+    assert_eq!(regs.reclaim(), 0);
+    assert!(
+        !regs.traps.is_empty(),
+        "the dropped module's trap entries wait"
+    );
+    // SAFETY: as above.
+    unsafe { g.quiescent(0) };
+    g.try_advance();
+    assert_eq!(regs.reclaim(), 1, "the module's teardown ran");
+    assert!(regs.traps.is_empty());
+    // Its index nodes were replaced by the teardown: one more period frees them too.
+    pass_grace(regs);
+    regs.reclaim();
+    assert_eq!(regs.traps.retired_count(), 0);
+    assert_eq!(regs.code.memory().retired, 0);
+    m.release_pending().unwrap();
+    assert_eq!(m.committed(), 0);
+}

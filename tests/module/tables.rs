@@ -475,3 +475,29 @@ fn adding_anonymous_code_patches_no_slot_and_serializes_nothing() {
     assert_eq!(machine.flush_stats().syncs, before.syncs);
     assert_sound(&machine, &m);
 }
+
+#[test]
+fn entry_is_the_functions_slot_in_the_first_table_and_survives_redefinition() {
+    let (_machine, m) = default_rig();
+    let regs = registries();
+    let module = module(&m, regs, functions(3));
+    let slot = first_table(&module).near_slot_addr(1).unwrap();
+    assert_eq!(module.entry_address(1), Ok(slot));
+
+    let first = module.add_code(&NewCode::function(1, &[0xC3])).unwrap();
+    let second = module
+        .add_code(&NewCode::function(1, &[0x90, 0xC3]))
+        .unwrap();
+    assert_eq!(module.slot_target(1), Ok(Some(second.instruction_start())));
+    assert_ne!(first.instruction_start(), second.instruction_start());
+    // Callers keep entering at the slot: redefinition patched it, it did not move.
+    assert_eq!(module.entry_address(1), Ok(slot));
+    // SAFETY: the pointer is only compared, never called.
+    let f: extern "C" fn() -> u64 = unsafe { module.entry(1) }.unwrap();
+    assert_eq!(f as usize, slot);
+
+    assert_eq!(
+        module.entry_address(3),
+        Err(codespace::module::ModuleError::BadIndex { index: 3 })
+    );
+}

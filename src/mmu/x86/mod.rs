@@ -25,6 +25,8 @@ use x86_64::structures::paging::{
 use x86_64::{PhysAddr, VirtAddr};
 
 mod cpu;
+pub mod exception;
+mod irq_spin;
 mod linear;
 mod poke;
 mod reclaim;
@@ -32,6 +34,7 @@ mod smp;
 mod tables;
 
 pub use cpu::INTERRUPTS as X86_INTERRUPTS;
+pub use irq_spin::{IrqMutex, IrqMutexGuard, IrqSpin};
 pub use linear::LinearMap;
 pub use smp::{Smp, UniProcessor};
 
