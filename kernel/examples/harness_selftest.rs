@@ -9,7 +9,7 @@
 #![no_std]
 #![no_main]
 
-use codespace_kernel::interrupts::{self, FaultInfo, TrapFrame};
+use codespace_kernel::cpu::interrupts::{self, FaultInfo, TrapFrame};
 use codespace_kernel::memory::SCRATCH_BASE;
 use codespace_kernel::test::{self, Test};
 use codespace_kernel::{entry_point, println, BootInfo, ExitCode};

@@ -19,7 +19,7 @@ use codespace::mmu::x86::{PhysOffset, X86Mmu};
 use codespace::module::{CodeModule, ModuleConfig, NewCode, Registries};
 use codespace::sync::grace::GraceDomain;
 use codespace::{AddressRange, CodeManager, ManagerConfig, PatchProtocol, ProtectionMode};
-use codespace_kernel::interrupts::{self, FaultInfo, TrapFrame};
+use codespace_kernel::cpu::interrupts::{self, FaultInfo, TrapFrame};
 use codespace_kernel::memory::{self, FrameBitmap, PHYS_OFFSET};
 use codespace_kernel::{entry_point, println, BootInfo, ExitCode};
 

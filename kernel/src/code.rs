@@ -11,9 +11,9 @@ use codespace::sync::grace::GraceDomain;
 use codespace::{AddressRange, CodeError, CodeManager, ManagerConfig, PatchProtocol};
 use x86_64::structures::paging::OffsetPageTable;
 
-use crate::interrupts::{FaultInfo, TrapFrame, BREAKPOINT};
-use crate::irq_spin::IrqSpin;
+use crate::cpu::interrupts::{FaultInfo, TrapFrame, BREAKPOINT};
 use crate::memory::{self, FrameBitmap, PHYS_MAPPED_LIMIT, PHYS_OFFSET};
+use codespace::mmu::x86::IrqSpin;
 
 /// The grace domain of all generated code: CPUs report quiescent states here (the test
 /// framework between tests, idle CPUs in their idle loop, the scheduler at every switch, with
@@ -28,7 +28,7 @@ pub static GRACE: GraceDomain = GraceDomain::new()
 /// interrupted holds (a lookup result, an address from `function_code`, a return into
 /// generated code).
 fn task_context() -> bool {
-    !crate::interrupts::in_interrupt()
+    !crate::cpu::interrupts::in_interrupt()
 }
 
 /// Trap table and PC lookup of all generated code; the page-fault path looks faults up here.

@@ -10,36 +10,28 @@
 
 extern crate alloc;
 
-pub mod apic;
-pub mod bench;
-mod boot;
-pub mod boot_info;
-pub mod catch;
+// The layers, bottom to top; each imports only from the layers below it (a layer above
+// registers hooks where a lower one must call it, see `kernel_entry`).
+pub mod boot;
 pub mod code;
-pub mod gdt;
-pub mod interrupts;
-pub mod irq_spin;
-pub mod jit;
-pub mod layout;
-pub mod madt;
+pub mod cpu;
 pub mod memory;
-pub mod percpu;
-pub mod pic;
-pub mod qemu;
 pub mod sched;
-pub mod serial;
 pub mod smp;
-pub mod stress;
 pub mod test;
-pub mod time;
+// The clients of codespace.
+pub mod bench;
+pub mod jit;
+pub mod stress;
 pub mod wasm;
-pub mod wx_audit;
 
 use core::panic::PanicInfo;
 use spin::Once;
 
-pub use boot_info::BootInfo;
-pub use qemu::{exit, ExitCode};
+pub use boot::info::BootInfo;
+pub use cpu::qemu::{exit, ExitCode};
+
+use cpu::{gdt, interrupts, percpu, pic, serial, time};
 
 static BOOT_INFO: Once<BootInfo> = Once::new();
 
@@ -78,10 +70,22 @@ extern "C" fn kernel_entry(magic: u32, info: u32) -> ! {
     percpu::init_cpu(0);
     serial::init();
     gdt::init(0, gdt::bsp_stacks());
+    // The hooks by which the layers above reach the exception path and the scheduler's switch
+    // (the lower layers never import the upper ones).
+    interrupts::set_hooks(interrupts::Hooks {
+        fixups: &[code::trap_fixup, code::breakpoint_fixup],
+        ipi: smp::ipi_interrupt,
+        nmi: smp::nmi,
+        own_entries: &[
+            (sched::TIMER_VECTOR, sched::timer_stub),
+            (sched::YIELD_VECTOR, sched::yield_stub),
+        ],
+    });
+    sched::set_task_word_swap(jit::swap_record);
     interrupts::init();
     pic::init();
     code::init();
-    let boot = match boot_info::parse(magic, info) {
+    let boot = match boot::info::parse(magic, info) {
         Ok(boot) => BOOT_INFO.call_once(|| boot),
         Err(why) => {
             println!("boot failed: {why}");
@@ -137,7 +141,7 @@ macro_rules! entry_point {
 #[panic_handler]
 fn panic(info: &PanicInfo<'_>) -> ! {
     serial::force_unlock();
-    catch::unwind_panic(info);
-    println!("\n{}kernel panic: {info}", smp::CpuPrefix);
+    cpu::catch::unwind_panic(info);
+    println!("\n{}kernel panic: {info}", percpu::CpuPrefix);
     exit(ExitCode::Failure)
 }

@@ -5,9 +5,9 @@
 //! message or the unexpected fault. A failing test does not stop the others. The summary line is
 //! libtest's, and the exit status (through `isa-debug-exit`) says pass or fail.
 
-use crate::catch::{catch, Caught};
-use crate::interrupts::{FaultInfo, PAGE_FAULT};
-use crate::qemu::ExitCode;
+use crate::cpu::catch::{catch, Caught};
+use crate::cpu::interrupts::{FaultInfo, PAGE_FAULT};
+use crate::cpu::qemu::ExitCode;
 use crate::{print, println};
 
 /// One kernel test: its printed name and body. A test fails by panicking or faulting.
@@ -68,11 +68,11 @@ pub fn run(tests: &[Test]) -> ExitCode {
 
 /// The whole-page-table W^X audit, as a test failure when it is not clean.
 fn audit_after_test() -> Option<Caught> {
-    let report = crate::wx_audit::audit_active();
+    let report = crate::memory::wx_audit::audit_active();
     if report.is_clean() {
         return None;
     }
-    let mut msg = crate::catch::Message::new();
+    let mut msg = crate::cpu::catch::Message::new();
     let _ = core::fmt::Write::write_fmt(
         &mut msg,
         format_args!("the page-table audit after the test is not clean: {report}"),

@@ -6,10 +6,10 @@
 extern crate alloc;
 
 use alloc::vec::Vec;
-use codespace_kernel::interrupts::{self, FaultInfo, TrapFrame, PAGE_FAULT};
+use codespace_kernel::cpu::interrupts::{self, FaultInfo, TrapFrame, PAGE_FAULT};
 use codespace_kernel::memory::{self, phys_to_virt, SCRATCH_BASE};
+use codespace_kernel::memory::{layout, wx_audit};
 use codespace_kernel::test::{ExpectFault, PF_INSTRUCTION, PF_PRESENT, PF_WRITE};
-use codespace_kernel::{layout, wx_audit};
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicU64, Ordering};
 use x86_64::registers::control::{Cr0, Cr0Flags, Efer, EferFlags};

@@ -17,7 +17,9 @@ use core::time::Duration;
 use codespace::code_object::{CodeObject, RelocKind};
 use codespace::{CodeManager, ManagerConfig};
 use codespace_kernel::code::{self, test_window, KernelMmu, REGISTRIES};
-use codespace_kernel::interrupts::{self, TrapFrame};
+use codespace_kernel::cpu::interrupts::{self, TrapFrame};
+use codespace_kernel::cpu::pic;
+use codespace_kernel::cpu::time::Deadline;
 use codespace_kernel::jit::ir::{callee, define, signature};
 use codespace_kernel::jit::lazy::{self, FunctionSource};
 use codespace_kernel::jit::programs::{self, *};
@@ -25,8 +27,7 @@ use codespace_kernel::jit::{
     self as jit, Compiler, JitConfig, JitError, JitModule, LinearMemory, OptLevel, TierUp, Trap,
 };
 use codespace_kernel::test::ExpectFault;
-use codespace_kernel::time::Deadline;
-use codespace_kernel::{memory, pic, println, smp};
+use codespace_kernel::{memory, println, smp};
 use cranelift_codegen::ir::types::{F64, I32, I64};
 use cranelift_codegen::ir::{Function, InstBuilder, TrapCode};
 use x86_64::instructions::port::Port;

@@ -15,7 +15,8 @@ use codespace::mmu::{
 use codespace::module::{CodeModule, ModuleConfig, NewCode};
 use codespace::{AddressRange, AllocatorConfig, CodeAllocator, CodeManager, ManagerConfig};
 use codespace_kernel::code::{self, kernel_mmu, test_window, KernelMmu, REGISTRIES};
-use codespace_kernel::{interrupts, pic, wx_audit};
+use codespace_kernel::cpu::{interrupts, pic};
+use codespace_kernel::memory::wx_audit;
 use x86_64::instructions::port::Port;
 use x86_64::registers::control::Cr3;
 

@@ -28,12 +28,13 @@ use core::time::Duration;
 
 use codespace::ManagerConfig;
 use codespace_kernel::code::{self, test_window, KernelMmu, GRACE, REGISTRIES};
-use codespace_kernel::interrupts::TrapFrame;
+use codespace_kernel::cpu::interrupts::TrapFrame;
+use codespace_kernel::cpu::time::Deadline;
 use codespace_kernel::jit::{self, programs, Compiler, JitConfig, JitModule, OptLevel};
+use codespace_kernel::println;
 use codespace_kernel::sched::{self, QuiescentRule, TIMER_VECTOR};
+use codespace_kernel::smp::{self, apic};
 use codespace_kernel::stress::preempt;
-use codespace_kernel::time::Deadline;
-use codespace_kernel::{apic, println, smp};
 
 codespace_kernel::kernel_tests![
     item_03_tasks_preempted_in_generated_code_hold_its_grace_period,
@@ -240,7 +241,7 @@ fn item_10_the_stop_nmi_spares_work_running_with_interrupts_off() {
         // owner keeps sending stop NMIs meanwhile), but less than `STOP_GRACE`.
         x86_64::instructions::interrupts::without_interrupts(|| {
             PHASE.store(1, Ordering::SeqCst);
-            codespace_kernel::time::spin_for(Duration::from_secs(1));
+            codespace_kernel::cpu::time::spin_for(Duration::from_secs(1));
             PHASE.store(2, Ordering::SeqCst);
         });
         x86_64::instructions::interrupts::enable();
@@ -277,7 +278,7 @@ fn item_10_the_stop_nmi_spares_work_inside_a_module_call() {
         // well past the deadline but less than `STOP_GRACE`.
         smp::work::module_call(|| {
             PHASE.store(1, Ordering::SeqCst);
-            codespace_kernel::time::spin_for(Duration::from_secs(1));
+            codespace_kernel::cpu::time::spin_for(Duration::from_secs(1));
             PHASE.store(2, Ordering::SeqCst);
         });
         PHASE.store(3, Ordering::SeqCst);

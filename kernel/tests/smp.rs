@@ -10,12 +10,13 @@
 extern crate alloc;
 
 use alloc::format;
-use codespace_kernel::layout::{self, TrampolineStep};
+use codespace_kernel::cpu::percpu::MAX_CPUS;
+use codespace_kernel::cpu::time::Deadline;
+use codespace_kernel::memory::layout::{self, TrampolineStep};
 use codespace_kernel::memory::{self, phys_to_virt, SCRATCH_BASE};
-use codespace_kernel::percpu::MAX_CPUS;
+use codespace_kernel::println;
+use codespace_kernel::smp::apic;
 use codespace_kernel::smp::{self, WorkFailure};
-use codespace_kernel::time::Deadline;
-use codespace_kernel::{apic, println};
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use core::time::Duration;
 use x86_64::structures::paging::{
@@ -210,7 +211,7 @@ fn hung_work_times_out_by_cpu_and_the_cpu_recovers() {
         let err = smp::run_on_timeout(target, Duration::from_secs(1), || {
             if interrupts_off {
                 x86_64::instructions::interrupts::without_interrupts(|| {
-                    codespace_kernel::time::spin_for(Duration::from_millis(1500));
+                    codespace_kernel::cpu::time::spin_for(Duration::from_millis(1500));
                 });
             }
             loop {

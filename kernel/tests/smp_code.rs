@@ -21,12 +21,12 @@
 #![no_std]
 #![no_main]
 
+use codespace_kernel::cpu::time::{duration, rdtsc};
 use codespace_kernel::println;
 use codespace_kernel::smp;
 use codespace_kernel::stress::{
     cpu_check, jit, lazy, mixed, module_api, patching, replace, tlb, traps, wx,
 };
-use codespace_kernel::time::{duration, rdtsc};
 
 codespace_kernel::kernel_tests![
     jump_table_patching_stress,

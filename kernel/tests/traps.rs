@@ -11,8 +11,8 @@ use codespace::trap::TrapRegistration;
 use codespace::{
     AddressRange, AllocatorConfig, CodeAllocator, ManagerConfig, ProtectionMode, PublishedCode,
 };
-use codespace_kernel::catch::catch;
 use codespace_kernel::code::{self, manager, test_window, KernelMmu, REGISTRIES};
+use codespace_kernel::cpu::catch::catch;
 use codespace_kernel::memory::{self, SCRATCH_BASE};
 use codespace_kernel::test::{ExpectFault, PF_PRESENT};
 use x86_64::structures::paging::PageTableFlags as F;

@@ -14,7 +14,9 @@ use alloc::sync::Arc;
 use core::fmt;
 
 use crate::code_object::CodeObject;
-use crate::index::{HasRange, IndexMemory, RangeIndex, UpdateStep};
+use crate::index::{HasRange, IndexMemory, RangeIndex};
+#[cfg(any(test, feature = "test-hooks"))]
+use crate::index::UpdateStep;
 use crate::mmu::InterruptControl;
 use crate::range::AddressRange;
 use crate::sync::grace::GraceDomain;
@@ -217,7 +219,7 @@ impl CodeMap {
 
     /// Test hook: `hook` runs after every step of every later update and reclaim, with the
     /// writer lock held; see [`TrapTable::set_step_hook`](crate::trap::TrapTable::set_step_hook).
-    #[doc(hidden)]
+    #[cfg(any(test, feature = "test-hooks"))]
     pub fn set_step_hook(&self, hook: Option<fn(UpdateStep)>) {
         self.index.set_step_hook(hook);
     }

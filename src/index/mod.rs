@@ -267,6 +267,7 @@ impl<V: IndexValue> RangeIndex<V> {
 
     /// Test hook run after every step of every later update and reclaim; see [`UpdateStep`].
     /// It runs with the writer lock held: it may look up, not update. `None` removes it.
+    #[cfg(any(test, feature = "test-hooks"))]
     pub(crate) fn set_step_hook(&self, hook: Option<fn(UpdateStep)>) {
         self.lock_writer().hook = hook;
     }

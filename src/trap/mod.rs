@@ -39,7 +39,9 @@ use self::entry::{EntryBox, EntryRef};
 use self::prepare::{has_duplicates, prepare};
 pub use self::types::{TrapError, TrapHandle, TrapHit, TrapMemory, TrapRegistration};
 pub use self::vectors::TrapVector;
-use crate::index::{prefetch, IndexMemory, RangeIndex, UpdateStep};
+use crate::index::{prefetch, IndexMemory, RangeIndex};
+#[cfg(any(test, feature = "test-hooks"))]
+use crate::index::UpdateStep;
 use crate::mmu::InterruptControl;
 use crate::range::AddressRange;
 use crate::sync::grace::GraceDomain;
@@ -369,7 +371,7 @@ impl TrapTable {
     /// A test looks up from it (or raises a page fault) to check that lookups see the complete
     /// old table before [`UpdateStep::Publish`] and the complete new one after. It must not
     /// update the same table. `None` removes it.
-    #[doc(hidden)]
+    #[cfg(any(test, feature = "test-hooks"))]
     pub fn set_step_hook(&self, hook: Option<fn(UpdateStep)>) {
         self.index.set_step_hook(hook);
     }

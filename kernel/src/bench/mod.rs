@@ -14,7 +14,7 @@ mod smp;
 use alloc::vec::Vec;
 use core::arch::x86_64::{_mm_lfence, _rdtsc};
 
-use crate::qemu::ExitCode;
+use crate::cpu::qemu::ExitCode;
 use crate::{memory, println};
 
 pub(super) const WARMUP: usize = 100;
@@ -44,7 +44,7 @@ fn stop() -> u64 {
 
 /// TSC ticks per microsecond, measured over 20 ms of PIT channel 2.
 fn calibrate() -> f64 {
-    crate::time::pit_ticks(20) as f64 / 20_000.0
+    crate::cpu::time::pit_ticks(20) as f64 / 20_000.0
 }
 
 /// "KVM", "TCG" or another hypervisor signature from CPUID 0x4000_0000; "bare metal" without.

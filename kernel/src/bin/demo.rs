@@ -15,8 +15,8 @@ use codespace::code_object::{CodeKind, RelocKind, Relocation};
 use codespace::module::{CodeModule, ModuleConfig, NewCode};
 use codespace::{AddressRange, CodeManager, ManagerConfig, ProtectionMode, PAGE_SIZE};
 use codespace_kernel::code::{self, KernelMmu, CODE_WINDOW, REGISTRIES};
+use codespace_kernel::cpu::serial::SerialWriter;
 use codespace_kernel::memory::{self, SCRATCH_BASE};
-use codespace_kernel::serial::SerialWriter;
 use codespace_kernel::{bench, entry_point, println, BootInfo, ExitCode};
 use x86_64::structures::paging::PageTableFlags as F;
 

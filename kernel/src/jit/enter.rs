@@ -59,7 +59,7 @@ use core::arch::global_asm;
 use core::fmt;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::percpu::{current_cpu, MAX_CPUS};
+use crate::cpu::percpu::{current_cpu, MAX_CPUS};
 
 /// One CPU's entry record: the stack pointer of its innermost active [`enter`], 0 when none.
 /// One cache line each, so CPUs entering generated code never write a shared line.

@@ -42,8 +42,8 @@ use super::module::{JitConfig, JitModule};
 use super::stack::on_compile_stack;
 use super::JitError;
 use crate::code::{self, KernelMmu};
-use crate::irq_spin::IrqSpin;
-use crate::percpu::PerCpu;
+use crate::cpu::percpu::PerCpu;
+use codespace::mmu::x86::IrqSpin;
 
 /// How to build one function's IR, for compiling it when first called.
 #[derive(Debug, Clone, Copy)]

@@ -335,7 +335,7 @@ impl<M: Mmu + Send + 'static> Drop for JitModule<M> {
 }
 
 fn reclaim_may_report() -> bool {
-    !crate::interrupts::in_interrupt() && !enter::active()
+    !crate::cpu::interrupts::in_interrupt() && !enter::active()
 }
 
 /// codespace's refusal as a glue error, naming "larger than a code space" on its own.

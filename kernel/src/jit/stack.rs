@@ -24,8 +24,8 @@ use spin::Once;
 use x86_64::structures::paging::PageTableFlags as F;
 
 use super::JitError;
+use crate::cpu::percpu::{current_cpu, PerCpu};
 use crate::memory::{self, SCRATCH_BASE};
-use crate::percpu::{current_cpu, PerCpu};
 
 /// Bytes of one compile stack.
 pub const SIZE: usize = 1 << 20;

@@ -41,12 +41,12 @@ use core::time::Duration;
 
 use codespace::sync::grace::GraceHold;
 
-use crate::catch::{catch, Caught};
 use crate::code::{CODE_WINDOW, GRACE};
-use crate::interrupts::{self, TrapFrame};
-use crate::percpu::{current_cpu, PerCpu};
+use crate::cpu::catch::{catch, Caught};
+use crate::cpu::interrupts::{self, TrapFrame};
+use crate::cpu::percpu::{current_cpu, PerCpu};
 
-pub(crate) use switch::{timer_stub, yield_stub};
+pub use switch::{timer_stub, yield_stub};
 pub use switch::{TIMER_VECTOR, YIELD_VECTOR};
 
 /// Words of each task's stack (128 KiB: codespace calls in a debug build are deep, and
@@ -109,6 +109,16 @@ pub struct Report {
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// Swaps the running task's word of CPU-local state kept by a layer above (the JIT's entry
+/// record: which `enter` a trap unwinds to), returning the outgoing task's; installed at boot.
+static TASK_WORD_SWAP: spin::Once<fn(usize) -> usize> = spin::Once::new();
+
+/// Installs the swap of the tasks' word of CPU-local state (once; later calls are ignored).
+/// Nonzero means "inside generated code" for the grace holds (see `in_generated_code`).
+pub fn set_task_word_swap(swap: fn(usize) -> usize) {
+    TASK_WORD_SWAP.call_once(|| swap);
+}
+
 struct Task {
     /// The saved frame while switched out (on the task's stack).
     frame: *mut TrapFrame,
@@ -169,7 +179,7 @@ pub fn yield_now() {
 pub fn run(jobs: Vec<Box<dyn FnOnce() + Send + '_>>, config: Config) -> Report {
     assert!(!active(), "sched::run is not reentrant");
     assert!(
-        crate::apic::available() && crate::apic::timer_per_ms() > 0,
+        crate::smp::apic::available() && crate::smp::apic::timer_per_ms() > 0,
         "sched::run needs a calibrated local APIC timer"
     );
     let mut tasks = Vec::with_capacity(jobs.len() + 1);
@@ -194,7 +204,8 @@ pub fn run(jobs: Vec<Box<dyn FnOnce() + Send + '_>>, config: Config) -> Report {
     let enabled = x86_64::instructions::interrupts::are_enabled();
     x86_64::instructions::interrupts::disable();
     QUEUES.this().store(queue, Ordering::SeqCst);
-    crate::apic::start_periodic_timer(TIMER_VECTOR, config.period);
+    crate::smp::work::veto_stops();
+    crate::smp::apic::start_periodic_timer(TIMER_VECTOR, config.period);
     x86_64::instructions::interrupts::enable();
     // The caller's task: wait, giving the CPU away, until every job is done.
     while !x86_64::instructions::interrupts::without_interrupts(|| {
@@ -204,8 +215,9 @@ pub fn run(jobs: Vec<Box<dyn FnOnce() + Send + '_>>, config: Config) -> Report {
         yield_now();
     }
     x86_64::instructions::interrupts::disable();
-    crate::apic::stop_timer();
+    crate::smp::apic::stop_timer();
     QUEUES.this().store(core::ptr::null_mut(), Ordering::SeqCst);
+    crate::smp::work::allow_stops();
     if enabled {
         x86_64::instructions::interrupts::enable();
     }
@@ -298,7 +310,7 @@ extern "C" fn sched_switch(frame: &mut TrapFrame) -> *mut TrapFrame {
             let hook = unsafe { core::mem::transmute::<usize, fn()>(hook) };
             interrupts::as_interrupt(hook);
         }
-        crate::apic::eoi();
+        crate::smp::apic::eoi();
     }
     let frame: *mut TrapFrame = frame;
     if !active() || interrupts::in_interrupt() {
@@ -327,12 +339,14 @@ extern "C" fn sched_switch(frame: &mut TrapFrame) -> *mut TrapFrame {
     // No guard page: a stack that ran over its bottom word stops the kernel here, loudly (a
     // panic could not unwind out of this handler into the task).
     if q.tasks[cur].stack.first().is_some_and(|&w| w != CANARY) {
-        crate::serial::force_unlock();
+        crate::cpu::serial::force_unlock();
         crate::println!("\nsched: cpu {cpu}: task {cur} overflowed its stack");
         crate::exit(crate::ExitCode::Failure);
     }
-    let record = crate::jit::swap_record(q.tasks[next].entry_record);
-    let top = crate::catch::swap_top(q.tasks[next].catch_top);
+    let record = TASK_WORD_SWAP
+        .get()
+        .map_or(0, |swap| swap(q.tasks[next].entry_record));
+    let top = crate::cpu::catch::swap_top(q.tasks[next].catch_top);
     let rule = q.rule;
     let out = &mut q.tasks[cur];
     out.frame = frame;

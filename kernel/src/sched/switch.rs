@@ -11,7 +11,7 @@ use core::arch::global_asm;
 use x86_64::instructions::segmentation::{Segment, CS, SS};
 use x86_64::VirtAddr;
 
-use crate::interrupts::TrapFrame;
+use crate::cpu::interrupts::TrapFrame;
 
 /// Vector of the scheduler's timer tick (the local APIC timer).
 pub const TIMER_VECTOR: u8 = 0xE0;
@@ -80,12 +80,12 @@ extern "C" {
 }
 
 /// IDT entry of [`TIMER_VECTOR`].
-pub(crate) fn timer_stub() -> VirtAddr {
+pub fn timer_stub() -> VirtAddr {
     VirtAddr::new(sched_stub_timer as *const () as u64)
 }
 
 /// IDT entry of [`YIELD_VECTOR`].
-pub(crate) fn yield_stub() -> VirtAddr {
+pub fn yield_stub() -> VirtAddr {
     VirtAddr::new(sched_stub_yield as *const () as u64)
 }
 

@@ -17,12 +17,15 @@ use core::time::Duration;
 use x86_64::registers::control::{Cr0, Cr0Flags, Cr3, Efer, EferFlags};
 
 use super::{work, APIC_IDS, ONLINE, STARTED};
-use crate::gdt::{self, IstStacks, IST_STACK_SIZE};
-use crate::madt::CpuList;
+use crate::cpu::gdt::{self, IstStacks, IST_STACK_SIZE};
+use crate::cpu::interrupts;
+use crate::cpu::percpu::{self, MAX_CPUS};
+use crate::cpu::time::{self, Deadline};
+use crate::memory::layout;
 use crate::memory::{self, STACKS_BASE};
-use crate::percpu::{self, MAX_CPUS};
-use crate::time::{self, Deadline};
-use crate::{apic, interrupts, layout, println, BootInfo};
+use crate::smp::apic;
+use crate::smp::madt::CpuList;
+use crate::{println, BootInfo};
 
 /// Kernel stack of each AP.
 const KERNEL_STACK_PAGES: u64 = 16;
@@ -265,6 +268,7 @@ extern "C" fn ap_main() -> ! {
     apic::calibrate_timer();
     // Online first, then flush: see the ipi module ("CPUs coming online").
     ONLINE.fetch_or(1 << cpu, Ordering::SeqCst);
+    crate::cpu::percpu::note_several_cpus_online();
     x86_64::instructions::tlb::flush_all();
     work::idle_loop(cpu)
 }

@@ -41,8 +41,8 @@ use x86_64::instructions::tlb;
 use x86_64::VirtAddr;
 
 use super::{apic_id, online_mask};
-use crate::interrupts::{in_atomic, IPI_VECTOR};
-use crate::percpu::{current_cpu, PerCpu, MAX_CPUS};
+use crate::cpu::interrupts::{in_atomic, IPI_VECTOR};
+use crate::cpu::percpu::{current_cpu, PerCpu, MAX_CPUS};
 
 /// Most pages a shootdown invalidates one by one; more become a full flush (Linux's ceiling).
 pub const MAX_FLUSH_PAGES: usize = 32;
@@ -214,7 +214,7 @@ pub fn ipi_stats() -> IpiSnapshot {
 
 /// Sends the IPI vector to `cpu` (counted).
 pub(crate) fn send_ipi(cpu: usize) {
-    crate::apic::send_fixed(apic_id(cpu), IPI_VECTOR);
+    crate::smp::apic::send_fixed(apic_id(cpu), IPI_VECTOR);
     bump(&COUNTERS.this().sent, 1);
 }
 
@@ -277,7 +277,7 @@ fn execute(request: &Request, me: usize) {
 /// Sends the request `fill` writes to every other online CPU and waits for all to acknowledge.
 fn broadcast(fill: impl FnOnce(&mut Request)) {
     assert!(
-        crate::interrupts::atomic_depth() == 0,
+        crate::cpu::interrupts::atomic_depth() == 0,
         "cross-CPU request issued from a request handler on cpu {}",
         current_cpu()
     );

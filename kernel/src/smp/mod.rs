@@ -9,20 +9,21 @@
 //! - APs run an idle loop that calls the [`set_idle_hook`] hook each iteration and sleeps in
 //!   `hlt` until an IPI brings a request or work.
 
+pub mod apic;
 mod boot;
 pub mod ipi;
+pub mod madt;
 pub mod work;
 
-use core::fmt;
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
-pub use crate::percpu::{current_cpu, MAX_CPUS};
+pub use crate::cpu::percpu::{current_cpu, MAX_CPUS};
 pub use ipi::{call_on_others, ipi_stats, shootdown, sync_cores, IpiSnapshot, IpiStats};
 pub use work::{
     on_each_cpu, on_each_cpu_timeout, run_on, run_on_timeout, CpuFailure, WorkError, WorkFailure,
 };
 
-use crate::interrupts::TrapFrame;
+use crate::cpu::interrupts::TrapFrame;
 
 /// Bit `i`: CPU `i` is online (answers IPIs). Set once per CPU, never cleared.
 static ONLINE: AtomicU64 = AtomicU64::new(1);
@@ -77,44 +78,32 @@ pub(crate) fn idle_hook() -> Option<fn(usize)> {
     }
 }
 
-/// Prints `cpu N: ` before a message when more than one CPU is online (fatal paths).
-#[derive(Debug, Clone, Copy)]
-pub struct CpuPrefix;
-
-impl fmt::Display for CpuPrefix {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if online_cpus() > 1 {
-            write!(f, "cpu {}: ", current_cpu())
-        } else {
-            Ok(())
-        }
-    }
-}
-
 /// Starts every CPU the MADT lists (boot CPU, after memory and time are set up). Without a
 /// usable local APIC or MADT the kernel runs on the boot CPU alone, and says why.
 pub(crate) fn init(boot: &crate::BootInfo) {
     work::close_boot_cpu_slot();
-    match crate::apic::init() {
+    match crate::smp::apic::init() {
         Ok(_) => {
-            APIC_IDS[0].store(crate::apic::id(), Ordering::Relaxed);
+            APIC_IDS[0].store(crate::smp::apic::id(), Ordering::Relaxed);
             // Before any AP starts: the PIT is the boot CPU's alone.
-            crate::apic::calibrate_timer();
+            crate::smp::apic::calibrate_timer();
         }
         Err(why) => {
             crate::println!("smp: no usable local APIC ({why:?}); running on one CPU");
             return;
         }
     }
-    match crate::madt::cpus() {
+    match crate::smp::madt::cpus() {
         Ok(list) => boot::start_aps(&list, boot),
         Err(why) => crate::println!("smp: no CPU list ({why:?}); running on one CPU"),
     }
 }
 
-/// The IPI vector's handler (interrupts off).
+/// The IPI vector's handler (interrupts off, an atomic context): serves this CPU's mailbox
+/// and acknowledges the interrupt (the `ipi` hook of `interrupts::Hooks`).
 pub(crate) fn ipi_interrupt() {
     ipi::interrupt();
+    apic::eoi();
 }
 
 /// The NMI handler.

@@ -28,11 +28,12 @@ use core::fmt;
 use core::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use core::time::Duration;
 
-use super::{apic_id, cpu_online, idle_hook, online_mask, CpuPrefix};
-use crate::catch::{self, catch, CatchPoint, Caught};
-use crate::interrupts::{FaultInfo, TrapFrame};
-use crate::percpu::{current_cpu, PerCpu};
-use crate::time::Deadline;
+use super::{apic_id, cpu_online, idle_hook, online_mask};
+use crate::cpu::catch::{self, catch, CatchPoint, Caught};
+use crate::cpu::interrupts::{FaultInfo, TrapFrame};
+use crate::cpu::percpu::CpuPrefix;
+use crate::cpu::percpu::{current_cpu, PerCpu};
+use crate::cpu::time::Deadline;
 
 /// Deadline of a work item when none is given (TCG with several vCPUs on a small host is slow).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -73,6 +74,22 @@ static SLOTS: PerCpu<Slot> = crate::per_cpu!(Slot {
 
 /// Calls into a codespace `CodeModule` in progress on each CPU (see [`module_call`]).
 static MODULE_CALLS: PerCpu<AtomicUsize> = crate::per_cpu!(AtomicUsize::new(0));
+
+/// Per CPU: sections a layer above declared never to be abandoned by the stop NMI (a scheduler
+/// run: stopping it would abandon every task). Counted, so they nest.
+static STOP_VETOES: PerCpu<AtomicUsize> = crate::per_cpu!(AtomicUsize::new(0));
+
+/// Until the matching [`allow_stops`], the stop NMI leaves this CPU's job running. Call with
+/// interrupts off or from the CPU itself (it is this CPU's counter).
+pub fn veto_stops() {
+    // SeqCst, as the NMI handler's load on this CPU.
+    STOP_VETOES.this().fetch_add(1, Ordering::SeqCst);
+}
+
+/// Ends a [`veto_stops`] section of this CPU.
+pub fn allow_stops() {
+    STOP_VETOES.this().fetch_sub(1, Ordering::SeqCst);
+}
 
 /// Runs `f`, a call into a codespace `CodeModule`, as a section the stop NMI never abandons.
 ///
@@ -315,14 +332,14 @@ fn wait(cpu: usize, deadline: Deadline, timeout: Duration) -> Option<Caught> {
                 give_up = Some(Deadline::after(STOP_GRACE));
             }
             if give_up.is_some_and(Deadline::expired) {
-                crate::serial::force_unlock();
+                crate::cpu::serial::force_unlock();
                 crate::println!(
                     "\n{CpuPrefix}work on cpu {cpu} timed out after {} s and could not be stopped",
                     timeout.as_secs_f32()
                 );
                 crate::exit(crate::ExitCode::Failure);
             }
-            crate::apic::send_nmi(apic_id(cpu));
+            crate::smp::apic::send_nmi(apic_id(cpu));
             next_nmi = Deadline::after(Duration::from_millis(20));
         }
     }
@@ -415,8 +432,8 @@ pub fn stoppable(frame: &TrapFrame) -> bool {
     const RFLAGS_IF: u64 = 1 << 9;
     frame.rflags & RFLAGS_IF != 0
         && MODULE_CALLS.this().load(Ordering::SeqCst) == 0
-        && !crate::interrupts::interrupted_handler(frame)
-        && !crate::serial::holds_lock()
+        && !crate::cpu::interrupts::interrupted_handler(frame)
+        && !crate::cpu::serial::holds_lock()
         && !crate::memory::in_heap()
-        && !crate::sched::active()
+        && STOP_VETOES.this().load(Ordering::SeqCst) == 0
 }

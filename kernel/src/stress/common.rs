@@ -11,12 +11,12 @@ use x86_64::PhysAddr;
 use codespace::module::{CodeModule, ModuleConfig};
 use codespace::{CodeManager, ManagerConfig};
 
-use crate::catch::{catch, Caught};
 use crate::code::{self, test_window, KernelMmu, REGISTRIES};
-use crate::interrupts::{FaultInfo, PAGE_FAULT};
+use crate::cpu::catch::{catch, Caught};
+use crate::cpu::interrupts::{FaultInfo, PAGE_FAULT};
+use crate::cpu::time::Deadline;
 use crate::memory;
 use crate::smp;
-use crate::time::Deadline;
 use x86_64::instructions::interrupts;
 
 /// How long a CPU waits for another one to reach a phase before the scenario fails (TCG with

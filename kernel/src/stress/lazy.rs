@@ -33,7 +33,7 @@ fn tag(index: u32, cpu: usize) -> u32 {
 fn compile(index: u32) -> usize {
     COMPILATIONS.fetch_add(1, Ordering::SeqCst);
     let module = MODULE.lock().clone().expect("a lazy module is set");
-    crate::time::spin_for(Duration::from_micros(COMPILE_MICROS.load(Ordering::SeqCst)));
+    crate::cpu::time::spin_for(Duration::from_micros(COMPILE_MICROS.load(Ordering::SeqCst)));
     let bytes = ret_const(tag(index, smp::current_cpu()));
     match module.install_if_absent(&NewCode::function(index, &bytes)) {
         Ok(Installed::New(object)) => {

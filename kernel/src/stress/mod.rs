@@ -57,8 +57,8 @@ pub mod wx;
 use alloc::string::String;
 use core::time::Duration;
 
-use crate::catch::{catch, Caught};
-use crate::time::{rdtsc, Deadline};
+use crate::cpu::catch::{catch, Caught};
+use crate::cpu::time::{rdtsc, Deadline};
 use crate::{println, smp, BootInfo, ExitCode};
 
 /// Seconds of stress when the command line names none.
@@ -237,7 +237,7 @@ pub fn run(boot: &BootInfo) -> ExitCode {
     let mut progress = Deadline::after(PROGRESS_EVERY);
     let mut totals = Totals::default();
     let mut failures = 0u64;
-    let elapsed = || crate::time::duration(rdtsc() - start).as_secs_f32();
+    let elapsed = || crate::cpu::time::duration(rdtsc() - start).as_secs_f32();
     while !end.expired() {
         let which = (totals.rounds % SCENARIOS.len() as u64) as usize;
         let round = totals.rounds / SCENARIOS.len() as u64;
@@ -245,7 +245,7 @@ pub fn run(boot: &BootInfo) -> ExitCode {
         let result = catch(|| {
             scenario(which, round, &mut t);
             // Nothing a scenario did may leave a W+X leaf or a writable alias of code behind.
-            let audit = crate::wx_audit::audit_active();
+            let audit = crate::memory::wx_audit::audit_active();
             assert!(
                 audit.is_clean(),
                 "page-table audit after the round: {audit}"

@@ -26,11 +26,11 @@ use codespace::module::{CodeModule, NewCode};
 
 use super::common::{self, call0, settle, Stop};
 use super::replace::long_running;
-use crate::catch::{catch, Caught};
 use crate::code::REGISTRIES;
+use crate::cpu::catch::{catch, Caught};
+use crate::cpu::time::{self, Deadline};
 use crate::sched::{self, QuiescentRule};
 use crate::smp;
-use crate::time::{self, Deadline};
 
 /// Worker tasks on each CPU (CPU 0 also runs the replacer).
 pub const WORKERS: usize = 3;

@@ -176,7 +176,7 @@ fn wait_for_reclaim<M: codespace::mmu::Mmu + Send + 'static>(
         stop.stop();
         panic!("cpu 0: version {v}: {why}");
     };
-    let deadline = crate::time::Deadline::after(common::PHASE_TIMEOUT);
+    let deadline = crate::cpu::time::Deadline::after(common::PHASE_TIMEOUT);
     let mut polls = 0u32;
     loop {
         // SAFETY: CPU 0 drives the scenario: no generated code on its stack, no lookup held.

@@ -20,8 +20,8 @@ use x86_64::structures::paging::{
 };
 use x86_64::VirtAddr;
 
-use crate::irq_spin::IrqMutex;
 use crate::memory::{self, phys_to_virt};
+use codespace::mmu::x86::IrqMutex;
 
 /// Base of the wasm slot (PML4 slot 352), which nothing else in this kernel maps.
 pub const WASM_BASE: usize = 0xFFFF_B000_0000_0000;

@@ -19,7 +19,7 @@ use codespace_wasmtime::{settings, Access, CpuSlots, InterruptControl, MemoryErr
 use x86_64::registers::control::{Cr0, Cr0Flags, Cr4, Cr4Flags};
 
 use crate::code::{self, KernelMmu, REGISTRIES};
-use crate::percpu::PerCpu;
+use crate::cpu::percpu::PerCpu;
 
 /// Every CPU's slots for codespace-wasmtime.
 static SLOTS: PerCpu<CpuSlots> = crate::per_cpu!(CpuSlots::new());

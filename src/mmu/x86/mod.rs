@@ -2,7 +2,7 @@
 //!
 //! Generic over the kernel's page-table type (any `x86_64` [`Mapper<Size4KiB>`] +
 //! [`Translate`]: `OffsetPageTable`, `MappedPageTable`, `RecursivePageTable`), its frame
-//! allocator, its lock (any `lock_api` raw mutex; `spin::lock_api::Mutex` works) and the
+//! allocator, its lock (a `lock_api` raw mutex that keeps interrupts off while held: [`IrqSpin`]) and the
 //! mapping through which page-table frames are reached ([`PageTableFrameMapping`];
 //! [`PhysOffset`] for a direct map at an offset). The kernel supplies its CPUs through [`Smp`].
 //!

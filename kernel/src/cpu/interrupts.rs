@@ -17,9 +17,9 @@ use x86_64::registers::control::Cr2;
 use x86_64::structures::idt::InterruptDescriptorTable;
 use x86_64::VirtAddr;
 
-use crate::gdt;
-use crate::percpu::PerCpu;
-use crate::qemu::{exit, ExitCode};
+use crate::cpu::gdt;
+use crate::cpu::percpu::PerCpu;
+use crate::cpu::qemu::{exit, ExitCode};
 
 /// Register state of the interrupted code, as saved by `isr_common` (and by codespace's stubs
 /// for #DE, #BP, #UD and #PF, which share the layout); every field is written back.
@@ -39,6 +39,8 @@ pub const IRQ_BASE: u8 = 32;
 const STUBBED_VECTORS: usize = 48;
 /// Vector of the inter-processor interrupt that signals a mailbox request (`smp`).
 pub const IPI_VECTOR: u8 = 0xF0;
+/// The local APIC's spurious-interrupt vector (no handler, no EOI).
+pub const SPURIOUS_VECTOR: u8 = 0xFF;
 
 /// What the CPU reported about a fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,6 +145,39 @@ static ATOMIC: PerCpu<AtomicU32> = crate::per_cpu!(AtomicU32::new(0));
 static IRQ_DEPTH: PerCpu<AtomicU32> = crate::per_cpu!(AtomicU32::new(0));
 static IDT: Once<InterruptDescriptorTable> = Once::new();
 
+/// Gives the address of an entry stub (for the IDT).
+pub type StubAddress = fn() -> VirtAddr;
+
+/// What the layers above plug into the exception path (this layer imports none of them):
+/// installed once by `kernel_entry`, before the first [`init`].
+pub struct Hooks {
+    /// Asked first for every exception, in order (codespace's trap table, the INT3 patch
+    /// protocol's #BP hook): `true` when handled, the frame saying where to resume.
+    pub fixups: &'static [FaultHandler],
+    /// The IPI vector's handler, run as an atomic context with interrupts off; it acknowledges
+    /// the interrupt.
+    pub ipi: fn(),
+    /// The NMI handler.
+    pub nmi: fn(&mut TrapFrame),
+    /// Vectors whose IDT entry is a stub of their own (a scheduler's, which switches stacks),
+    /// with the function that gives the stub's address.
+    pub own_entries: &'static [(u8, StubAddress)],
+}
+
+static HOOKS: Once<Hooks> = Once::new();
+
+/// Installs the layers' hooks; once, before the first [`init`] (a second call is ignored:
+/// the IDT is built once).
+pub fn set_hooks(hooks: Hooks) {
+    HOOKS.call_once(|| hooks);
+}
+
+fn hooks() -> &'static Hooks {
+    HOOKS
+        .get()
+        .expect("interrupts::set_hooks runs before interrupts::init")
+}
+
 /// Installs the fixup consulted first for every exception (the trap table's hook), or removes it.
 pub fn set_fault_handler(handler: Option<FaultHandler>) {
     FAULT_HANDLER.store(handler.map_or(0, |h| h as usize), Ordering::SeqCst);
@@ -170,6 +205,9 @@ pub(crate) fn atomic_depth() -> u32 {
 /// Whether the code `frame` interrupted (from an NMI) is an exception or IPI handler, a mailbox
 /// service, or the entry/exit assembly around them: code that must not be abandoned. (Legacy
 /// IRQs reach only the boot CPU, which never runs stoppable work.)
+///
+/// codespace's stubs for #DE, #BP, #UD and #PF lie outside `isr_text_start..isr_text_end`; they
+/// run with RFLAGS.IF clear (interrupt gates), which callers check first.
 pub(crate) fn interrupted_handler(frame: &TrapFrame) -> bool {
     // Only the addresses of the two labels are taken.
     let (start, end) = (
@@ -308,7 +346,7 @@ fn stub(vector: usize) -> VirtAddr {
     VirtAddr::new(unsafe {
         match vector {
             v if v == usize::from(IPI_VECTOR) => isr_stub_ipi,
-            v if v == usize::from(crate::apic::SPURIOUS_VECTOR) => isr_stub_spurious,
+            v if v == usize::from(SPURIOUS_VECTOR) => isr_stub_spurious,
             v => isr_stub_table[v],
         }
     })
@@ -353,13 +391,14 @@ pub fn init() {
             for irq in 0..16u8 {
                 idt[IRQ_BASE + irq].set_handler_addr(stub(usize::from(IRQ_BASE + irq)));
             }
-            for v in [IPI_VECTOR, crate::apic::SPURIOUS_VECTOR] {
+            for v in [IPI_VECTOR, SPURIOUS_VECTOR] {
                 idt[v].set_handler_addr(stub(usize::from(v)));
             }
-            // The scheduler's timer tick and voluntary switch: their own entry (it switches
-            // stacks), see `sched`.
-            idt[crate::sched::TIMER_VECTOR].set_handler_addr(crate::sched::timer_stub());
-            idt[crate::sched::YIELD_VECTOR].set_handler_addr(crate::sched::yield_stub());
+            // Entries of their own (the scheduler's timer tick and voluntary switch, which
+            // switch stacks).
+            for &(v, entry) in hooks().own_entries {
+                idt[v].set_handler_addr(entry());
+            }
         }
         idt
     });
@@ -372,17 +411,14 @@ extern "C" fn exception_dispatch(frame: &mut TrapFrame) {
     let vector = frame.vector as u8;
     if vector == IPI_VECTOR {
         // Atomic as a whole: no catch frame unwinds out of it, no NMI stops it.
-        in_atomic(|| {
-            crate::smp::ipi_interrupt();
-            crate::apic::eoi();
-        });
+        in_atomic(hooks().ipi);
         return;
     }
-    if vector == crate::apic::SPURIOUS_VECTOR {
+    if vector == SPURIOUS_VECTOR {
         return; // no EOI for a spurious APIC interrupt
     }
     if vector == NMI {
-        as_interrupt(|| crate::smp::nmi(frame));
+        as_interrupt(|| (hooks().nmi)(frame));
         return;
     }
     if vector >= IRQ_BASE {
@@ -393,7 +429,7 @@ extern "C" fn exception_dispatch(frame: &mut TrapFrame) {
             let handler: IrqHandler = unsafe { core::mem::transmute::<usize, IrqHandler>(handler) };
             as_interrupt(|| handler(frame));
         }
-        crate::pic::end_of_interrupt(irq);
+        crate::cpu::pic::end_of_interrupt(irq);
         return;
     }
 
@@ -413,18 +449,17 @@ extern "C" fn exception_dispatch(frame: &mut TrapFrame) {
 
     let handler = FAULT_HANDLER.load(Ordering::SeqCst);
     // SAFETY: only `set_fault_handler` stores here, and it stores `FaultHandler` values.
-    let handled = crate::code::trap_fixup(frame, &info)
-        || crate::code::breakpoint_fixup(frame, &info)
+    let handled = hooks().fixups.iter().any(|fixup| fixup(frame, &info))
         || (handler != 0
             && unsafe { core::mem::transmute::<usize, FaultHandler>(handler) }(frame, &info));
-    if !handled && !crate::catch::redirect_fault(frame, info) {
+    if !handled && !crate::cpu::catch::redirect_fault(frame, info) {
         fatal("unhandled exception", &info);
     }
     DEPTH.this().fetch_sub(1, Ordering::SeqCst);
 }
 
 fn fatal(what: &str, info: &FaultInfo) -> ! {
-    crate::serial::force_unlock();
-    crate::println!("\n{}{what}: {info}", crate::smp::CpuPrefix);
+    crate::cpu::serial::force_unlock();
+    crate::println!("\n{}{what}: {info}", crate::cpu::percpu::CpuPrefix);
     exit(ExitCode::Failure)
 }

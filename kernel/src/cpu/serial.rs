@@ -26,7 +26,7 @@ pub fn init() {
 pub fn _print(args: fmt::Arguments<'_>) {
     x86_64::instructions::interrupts::without_interrupts(|| {
         let mut serial = SERIAL.lock();
-        OWNER.store(crate::percpu::current_cpu() + 1, Ordering::SeqCst);
+        OWNER.store(crate::cpu::percpu::current_cpu() + 1, Ordering::SeqCst);
         if let Some(serial) = serial.as_mut() {
             let _ = serial.write_fmt(args);
         }
@@ -62,18 +62,18 @@ pub fn force_unlock() {
 /// Whether this CPU is in the middle of printing (the NMI that stops a timed-out work item
 /// waits until it is not).
 pub(crate) fn holds_lock() -> bool {
-    OWNER.load(Ordering::SeqCst) == crate::percpu::current_cpu() + 1
+    OWNER.load(Ordering::SeqCst) == crate::cpu::percpu::current_cpu() + 1
 }
 
 /// Prints to the serial console.
 #[macro_export]
 macro_rules! print {
-    ($($arg:tt)*) => { $crate::serial::_print(format_args!($($arg)*)) };
+    ($($arg:tt)*) => { $crate::cpu::serial::_print(format_args!($($arg)*)) };
 }
 
 /// Prints a line to the serial console.
 #[macro_export]
 macro_rules! println {
     () => { $crate::print!("\n") };
-    ($($arg:tt)*) => { $crate::serial::_print(format_args!("{}\n", format_args!($($arg)*))) };
+    ($($arg:tt)*) => { $crate::cpu::serial::_print(format_args!("{}\n", format_args!($($arg)*))) };
 }

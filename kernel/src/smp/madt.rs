@@ -8,8 +8,8 @@ use core::ptr::NonNull;
 use acpi::madt::{Madt, MadtEntry};
 use acpi::{AcpiHandler, AcpiTables, PhysicalMapping};
 
+use crate::cpu::percpu::MAX_CPUS;
 use crate::memory::{PHYS_MAPPED_LIMIT, PHYS_OFFSET};
-use crate::percpu::MAX_CPUS;
 
 /// The processors the firmware lists as enabled.
 #[derive(Debug, Clone, Copy)]

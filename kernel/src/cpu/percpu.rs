@@ -85,8 +85,31 @@ impl<T> PerCpu<T> {
 #[macro_export]
 macro_rules! per_cpu {
     ($init:expr) => {
-        $crate::percpu::PerCpu(
-            [const { $crate::percpu::CachePadded($init) }; $crate::percpu::MAX_CPUS],
+        $crate::cpu::percpu::PerCpu(
+            [const { $crate::cpu::percpu::CachePadded($init) }; $crate::cpu::percpu::MAX_CPUS],
         )
     };
+}
+
+/// Set once a second CPU came online (by the SMP layer): from then on fatal messages name
+/// their CPU.
+static SEVERAL_ONLINE: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Called by the SMP layer when a CPU other than the boot CPU comes online.
+pub fn note_several_cpus_online() {
+    SEVERAL_ONLINE.store(true, core::sync::atomic::Ordering::SeqCst);
+}
+
+/// Prints `cpu N: ` before a message once more than one CPU is online (fatal paths).
+#[derive(Debug, Clone, Copy)]
+pub struct CpuPrefix;
+
+impl core::fmt::Display for CpuPrefix {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        if SEVERAL_ONLINE.load(core::sync::atomic::Ordering::SeqCst) {
+            write!(f, "cpu {}: ", current_cpu())
+        } else {
+            Ok(())
+        }
+    }
 }

@@ -3,7 +3,7 @@
 
 use x86_64::instructions::port::Port;
 
-use crate::interrupts::IRQ_BASE;
+use crate::cpu::interrupts::IRQ_BASE;
 
 const PIC1_CMD: u16 = 0x20;
 const PIC1_DATA: u16 = 0x21;

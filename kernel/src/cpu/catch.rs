@@ -18,8 +18,8 @@ use core::panic::PanicInfo;
 use core::ptr;
 use core::sync::atomic::{AtomicPtr, Ordering};
 
-use crate::interrupts::{self, FaultInfo, TrapFrame};
-use crate::percpu::PerCpu;
+use crate::cpu::interrupts::{self, FaultInfo, TrapFrame};
+use crate::cpu::percpu::PerCpu;
 
 /// Registers that survive a call, saved where `catch_call` was entered.
 #[repr(C)]

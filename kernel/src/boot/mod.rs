@@ -7,6 +7,8 @@
 //! the kernel runs) and at [`PHYS_OFFSET`](crate::memory::PHYS_OFFSET) (PML4 slot 256, the
 //! direct map through which page tables are edited, marked NX at the PML4 level).
 
+pub mod info;
+
 use core::arch::global_asm;
 
 /// Multiboot 1 header magic.
@@ -136,7 +138,7 @@ long_mode_start:
     jmp 3b
 "#,
     magic = const MB_MAGIC,
-    stack = const crate::layout::BOOT_STACK_SIZE,
+    stack = const crate::memory::layout::BOOT_STACK_SIZE,
     flags = const MB_FLAGS,
     checksum = const 0u32.wrapping_sub(MB_MAGIC).wrapping_sub(MB_FLAGS),
     options(att_syntax)

@@ -2,7 +2,7 @@
 //!
 //! QEMU's `qemu64` CPU has an xAPIC (no x2APIC), so registers are 32-bit MMIO at the APIC base.
 //! The page is reached through the direct map, whose 2 MiB page holding it is made uncached by
-//! [`crate::layout::make_uncached`] before the first access (device registers must not be cached
+//! [`crate::memory::layout::make_uncached`] before the first access (device registers must not be cached
 //! or combined).
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -46,14 +46,14 @@ const DELIVERY_STARTUP: u32 = 6 << 8;
 const DELIVERY_EXTINT: u32 = 7 << 8;
 
 /// Vector of spurious APIC interrupts (no EOI is sent for them).
-pub const SPURIOUS_VECTOR: u8 = 0xFF;
+pub const SPURIOUS_VECTOR: u8 = crate::cpu::interrupts::SPURIOUS_VECTOR;
 
 /// Virtual address of the local APIC registers; 0 until [`init`].
 static BASE: AtomicU64 = AtomicU64::new(0);
 
 /// Each CPU's timer rate (counts per millisecond at divide 16), measured against the PIT when
 /// the CPU came up ([`calibrate_timer`]); 0 before.
-static TIMER_PER_MS: crate::percpu::PerCpu<AtomicU32> = crate::per_cpu!(AtomicU32::new(0));
+static TIMER_PER_MS: crate::cpu::percpu::PerCpu<AtomicU32> = crate::per_cpu!(AtomicU32::new(0));
 
 /// Why the local APIC cannot be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,7 +83,7 @@ pub(crate) fn init() -> Result<u64, ApicError> {
     if phys >= crate::memory::PHYS_MAPPED_LIMIT {
         return Err(ApicError::BaseNotMapped(phys));
     }
-    crate::layout::make_uncached(phys);
+    crate::memory::layout::make_uncached(phys);
     if msr & APIC_BASE_ENABLE == 0 {
         // SAFETY: sets the global enable bit of this CPU's own APIC, at the base it already has.
         unsafe { Msr::new(IA32_APIC_BASE).write(msr | APIC_BASE_ENABLE) };
@@ -192,7 +192,7 @@ pub(crate) fn calibrate_timer() {
     write(REG_TIMER_DIVIDE, TIMER_DIVIDE_16);
     write(REG_TIMER_INITIAL, u32::MAX);
     // The timer counts down: the complement counts up.
-    let counted = crate::time::pit_window(MS, || u64::from(!read(REG_TIMER_CURRENT)));
+    let counted = crate::cpu::time::pit_window(MS, || u64::from(!read(REG_TIMER_CURRENT)));
     write(REG_TIMER_INITIAL, 0);
     let per_ms = (counted / MS).clamp(1, u64::from(u32::MAX)) as u32;
     TIMER_PER_MS.this().store(per_ms, Ordering::SeqCst);

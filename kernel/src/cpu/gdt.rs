@@ -12,7 +12,7 @@ use x86_64::structures::gdt::{Descriptor, GlobalDescriptorTable, SegmentSelector
 use x86_64::structures::tss::TaskStateSegment;
 use x86_64::VirtAddr;
 
-use crate::percpu::MAX_CPUS;
+use crate::cpu::percpu::MAX_CPUS;
 
 /// IST slot (1-based in hardware, 0-based here) of the double-fault stack.
 pub const DOUBLE_FAULT_IST_INDEX: u16 = 0;

@@ -1,5 +1,8 @@
 //! Physical memory: the direct map, the frame allocator, the active page table and the heap.
 
+pub mod layout;
+pub mod wx_audit;
+
 use core::alloc::{GlobalAlloc, Layout};
 use core::fmt;
 use core::ptr::NonNull;
@@ -9,7 +12,7 @@ use talc::base::Talc;
 use talc::source::Manual;
 use talc::DefaultBinning;
 
-use crate::irq_spin::{IrqMutex, IrqMutexGuard};
+use codespace::mmu::x86::{IrqMutex, IrqMutexGuard};
 use x86_64::registers::control::Cr3;
 use x86_64::structures::paging::{
     FrameAllocator, FrameDeallocator, Mapper, OffsetPageTable, Page, PageTable, PageTableFlags,
@@ -17,7 +20,7 @@ use x86_64::structures::paging::{
 };
 use x86_64::{PhysAddr, VirtAddr};
 
-use crate::percpu::PerCpu;
+use crate::cpu::percpu::PerCpu;
 
 /// Where all physical memory below [`PHYS_MAPPED_LIMIT`] is mapped (PML4 slot 256), like
 /// `bootloader_api`'s `physical_memory_offset`.
@@ -276,7 +279,7 @@ pub(crate) fn init(usable: impl Iterator<Item = (u64, u64)>, reserved: &[(u64, u
         }
     });
 
-    crate::layout::build();
+    crate::memory::layout::build();
 
     // SAFETY: HEAP_SPACE is a static used by nothing but the allocator, claimed once here.
     let claimed = unsafe {
