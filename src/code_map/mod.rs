@@ -14,9 +14,9 @@ use alloc::sync::Arc;
 use core::fmt;
 
 use crate::code_object::CodeObject;
-use crate::index::{HasRange, IndexMemory, RangeIndex};
 #[cfg(any(test, feature = "test-hooks"))]
 use crate::index::UpdateStep;
+use crate::index::{HasRange, IndexMemory, RangeIndex};
 use crate::mmu::InterruptControl;
 use crate::range::AddressRange;
 use crate::sync::grace::GraceDomain;

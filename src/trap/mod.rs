@@ -39,9 +39,9 @@ use self::entry::{EntryBox, EntryRef};
 use self::prepare::{has_duplicates, prepare};
 pub use self::types::{TrapError, TrapHandle, TrapHit, TrapMemory, TrapRegistration};
 pub use self::vectors::TrapVector;
-use crate::index::{prefetch, IndexMemory, RangeIndex};
 #[cfg(any(test, feature = "test-hooks"))]
 use crate::index::UpdateStep;
+use crate::index::{prefetch, IndexMemory, RangeIndex};
 use crate::mmu::InterruptControl;
 use crate::range::AddressRange;
 use crate::sync::grace::GraceDomain;
