@@ -14,7 +14,9 @@ use super::abandoned::{Abandoned, AbandonedNode};
 use super::audit::{self, AuditReport};
 use super::config::{ManagerConfig, ProtectionMode};
 use super::error::CodeError;
-use crate::mmu::{CommittedPage, FlushStats, InterruptControl, Mmu, PageMapping, TlbFlush};
+use crate::mmu::{
+    CommittedPage, FlushStats, InterruptControl, Mmu, PageMapping, TlbFlush, HUGE_PAGE_SIZE,
+};
 use crate::pool::DisjointAllocationPool;
 use crate::sync::irq_lock::{IrqGuard, IrqLock};
 use crate::{AddressRange, PAGE_SIZE};
@@ -36,6 +38,13 @@ pub struct ManagerStats {
     pub code_spaces: usize,
     /// Free virtual bytes left in the window.
     pub window_free: usize,
+    /// Live code spaces on 2 MiB ROX pages ([`ManagerConfig::rox_code`]).
+    pub rox_spaces: usize,
+    /// Code spaces that asked for ROX pages and fell back to 4 KiB pages (no 2 MiB frame, or
+    /// no room for a 2 MiB aligned space), ever.
+    pub rox_fallbacks: u64,
+    /// 2 MiB pages mapped now (each one page-table leaf for 2 MiB of code).
+    pub huge_pages: usize,
 }
 
 /// One code space: the usable range and the reservation around it (guard pages included).
@@ -43,6 +52,8 @@ pub struct ManagerStats {
 pub(crate) struct Space {
     pub usable: AddressRange,
     pub reservation: AddressRange,
+    /// Backed by 2 MiB ROX pages (2 MiB aligned, whole 2 MiB pages); false once it fell back.
+    pub rox: bool,
 }
 
 /// Counters mirrored out of the lock.
@@ -54,6 +65,9 @@ struct Counters {
     crossings: AtomicU64,
     spaces: AtomicUsize,
     window_free: AtomicUsize,
+    rox_spaces: AtomicUsize,
+    rox_fallbacks: AtomicU64,
+    huge_pages: AtomicUsize,
 }
 
 pub(crate) struct State<M> {
@@ -65,8 +79,13 @@ pub(crate) struct State<M> {
     pub(crate) spaces: BTreeMap<usize, Space>,
     /// Usable bytes of all `spaces`, kept with them (the counters publish it on every unlock).
     reserved: usize,
-    /// Every committed page of every space, owning its frame.
+    /// Every committed page of every space, owning its frame (the 512 pages of each 2 MiB
+    /// page included).
     pub(crate) pages: BTreeMap<usize, CommittedPage>,
+    /// Starts of the mapped 2 MiB pages (of ROX spaces).
+    pub(crate) huge: alloc::collections::BTreeSet<usize>,
+    /// ROX spaces that fell back to 4 KiB pages, ever.
+    pub(crate) rox_fallbacks: u64,
     pub(crate) committed: usize,
     critical: usize,
     critical_crossings: u64,
@@ -138,6 +157,10 @@ impl<M> Drop for Locked<'_, M> {
         c.spaces.store(s.spaces.len(), Ordering::Relaxed);
         c.window_free
             .store(s.free_va.total_size(), Ordering::Relaxed);
+        let rox = s.spaces.values().filter(|sp| sp.rox).count();
+        c.rox_spaces.store(rox, Ordering::Relaxed);
+        c.rox_fallbacks.store(s.rox_fallbacks, Ordering::Relaxed);
+        c.huge_pages.store(s.huge.len(), Ordering::Relaxed);
     }
 }
 
@@ -175,6 +198,8 @@ impl<M: Mmu> CodeManager<M> {
                     spaces: BTreeMap::new(),
                     reserved: 0,
                     pages: BTreeMap::new(),
+                    huge: alloc::collections::BTreeSet::new(),
+                    rox_fallbacks: 0,
                     committed: 0,
                     critical: config.max_committed / 2,
                     critical_crossings: 0,
@@ -320,6 +345,9 @@ impl<M: Mmu> CodeManager<M> {
                 0 if c.spaces.load(Ordering::Relaxed) == 0 => self.inner.window.size(),
                 free => free,
             },
+            rox_spaces: c.rox_spaces.load(Ordering::Relaxed),
+            rox_fallbacks: c.rox_fallbacks.load(Ordering::Relaxed),
+            huge_pages: c.huge_pages.load(Ordering::Relaxed),
         }
     }
 
@@ -395,6 +423,64 @@ impl<M: Mmu> State<M> {
             .filter(|s| s.usable.contains(addr))
     }
 
+    /// Reserves a code space of `size` usable bytes for an allocator that asks for ROX pages
+    /// (`rox`): with [`ManagerConfig::rox_code`], 2 MiB aligned and rounded to whole 2 MiB
+    /// pages, with guards of whole 2 MiB pages (so no other space shares its 2 MiB pages);
+    /// else, or when that does not fit (code-space size, window), an ordinary space (a
+    /// fallback, counted).
+    pub(crate) fn reserve_for(
+        &mut self,
+        size: usize,
+        rox: bool,
+    ) -> Result<AddressRange, CodeError> {
+        if !(rox && self.config.rox_code) {
+            return self.reserve(size);
+        }
+        match self.reserve_rox(size) {
+            Some(usable) => Ok(usable),
+            None => {
+                self.rox_fallbacks += 1;
+                self.reserve(size)
+            }
+        }
+    }
+
+    fn reserve_rox(&mut self, size: usize) -> Option<AddressRange> {
+        let size = size
+            .checked_next_multiple_of(HUGE_PAGE_SIZE)
+            .filter(|&s| s > 0)?;
+        if size > self.config.max_code_space_size {
+            return None;
+        }
+        let guard = self
+            .config
+            .guard_bytes()
+            .checked_next_multiple_of(HUGE_PAGE_SIZE)?;
+        let total = size.checked_add(guard.checked_mul(2)?)?;
+        let reservation =
+            self.free_va
+                .allocate_aligned_in_region(total, HUGE_PAGE_SIZE, self.window)?;
+        let usable = AddressRange::new(reservation.start() + guard, reservation.end() - guard);
+        self.spaces.insert(
+            usable.start(),
+            Space {
+                usable,
+                reservation,
+                rox: true,
+            },
+        );
+        self.reserved += usable.size();
+        Some(usable)
+    }
+
+    /// The unit pages are decommitted in at `addr`: 2 MiB in a ROX space, else 4 KiB.
+    pub(crate) fn granule(&self, addr: usize) -> usize {
+        match self.space_of(addr) {
+            Some(s) if s.rox => HUGE_PAGE_SIZE,
+            _ => PAGE_SIZE,
+        }
+    }
+
     /// Reserves a code space of `size` usable bytes (page rounded) with guard pages around it.
     pub(crate) fn reserve(&mut self, size: usize) -> Result<AddressRange, CodeError> {
         let size = crate::range::page_round_up(size)
@@ -414,6 +500,7 @@ impl<M: Mmu> State<M> {
             Space {
                 usable,
                 reservation,
+                rox: false,
             },
         );
         self.reserved += usable.size();

@@ -17,6 +17,26 @@ pub(crate) const STAGED: u64 = 1 << 9;
 /// The frame address bits of an entry.
 pub(crate) const ADDR: u64 = 0x000F_FFFF_FFFF_F000;
 
+/// Bit 12 of a 2 MiB (or 1 GiB) leaf is its PAT bit, not an address bit (Intel SDM vol. 3,
+/// table 4-18), so a huge leaf's frame is never `e & ADDR`. (Bits 13..21 are reserved, zero on
+/// hardware; the software machine's direct map, whose frames start at 1 MiB, uses them.)
+pub(crate) const PAT_HUGE: u64 = 1 << 12;
+
+/// The first physical address a leaf entry maps: `level` 3 is a 4 KiB leaf, 2 a 2 MiB leaf, 1
+/// a 1 GiB leaf (whose bits 12..30 are PAT and reserved, as a 2 MiB leaf's bits 12..21).
+pub(crate) fn leaf_frame(entry: u64, level: usize) -> u64 {
+    match level {
+        3 => entry & ADDR,
+        2 => entry & ADDR & !PAT_HUGE,
+        _ => entry & ADDR & !((1 << 30) - 1),
+    }
+}
+
+/// A present R+X 2 MiB leaf for the 2 MiB aligned `frame`.
+pub(crate) fn huge_rx_entry(frame: u64) -> u64 {
+    (frame & ADDR & !PAT_HUGE) | P | PS
+}
+
 /// A present RW+NX, R+X or R+NX leaf for `frame`.
 pub(crate) fn leaf_entry(frame: u64, prot: Protection) -> u64 {
     match prot {

@@ -3,13 +3,13 @@
 use alloc::vec::Vec;
 
 use super::inject::CallKind;
-use super::machine::{canonical, present, Memory, Slot, ADDR, P, STAGED, W};
+use super::machine::{canonical, leaf_frame, present, Memory, Slot, ADDR, HUGE, P, PS, STAGED, W};
 use super::tlb::{Violation, ViolationKind};
 use super::{cached, Machine, SoftMmu};
-use crate::mmu::pte::leaf_entry;
+use crate::mmu::pte::{huge_rx_entry, leaf_entry};
 use crate::mmu::{
     page_aligned, CommittedPage, FlushStats, InterruptControl, Leaf, Mmu, MmuError, PageMapping,
-    Poke, Protection, TlbFlush, Unflushed, MAX_POKE_PAGES,
+    Poke, Protection, TlbFlush, Unflushed, HUGE_PAGE_SIZE, MAX_POKE_PAGES,
 };
 use crate::{AddressRange, PAGE_SIZE};
 
@@ -58,50 +58,65 @@ impl Machine {
         out
     }
 
-    /// Stores `new` in the 4 KiB leaf `slot` of page `va` and checks the promises: the old
-    /// translation becomes stale on every CPU; the new one must not be W+X, nor executable
-    /// while anything grants writes to the frame, nor writable while anything executes it.
+    /// Stores `new` in the leaf `slot` of page `va` (a 4 KiB leaf, or a 2 MiB one at level 2)
+    /// and checks the promises: the old translation becomes stale on every CPU (one TLB entry,
+    /// whatever its size); the new one must not be W+X, nor executable while anything grants
+    /// writes to any of its frames, nor writable while anything executes one.
     pub(super) fn store(&mut self, op: &'static str, va: u64, slot: Slot, new: u64) {
         let old = self.mem.entry(slot.table, slot.index);
+        let level = slot.level;
         if present(old) {
-            self.tlbs.went_stale(va, cached(old));
+            self.tlbs.went_stale(va, cached(old, level));
         }
         self.mem.set_entry(slot.table, slot.index, new);
         self.leaf_stores += 1;
         let window = !self.in_direct_map(va);
-        if window && old & ADDR != new & ADDR && (present(old) || old & STAGED != 0) {
-            if let Some(set) = self.rmap.get_mut(&(old & ADDR)) {
-                set.remove(&va);
+        // The 4 KiB pages the leaf maps: (page, frame) for entry `e`.
+        let pages = if level == 2 { HUGE / PAGE } else { 1 };
+        let sub =
+            move |e: u64| (0..pages).map(move |i| (va + i * PAGE, leaf_frame(e, level) + i * PAGE));
+        if window
+            && leaf_frame(old, level) != leaf_frame(new, level)
+            && (present(old) || old & STAGED != 0)
+        {
+            for (page, frame) in sub(old) {
+                if let Some(set) = self.rmap.get_mut(&frame) {
+                    set.remove(&page);
+                }
             }
         }
         if !present(new) && new & STAGED == 0 {
             return;
         }
         if window {
-            self.rmap.entry(new & ADDR).or_default().insert(va);
+            for (page, frame) in sub(new) {
+                self.rmap.entry(frame).or_default().insert(page);
+            }
         }
         if !present(new) {
             return;
         }
-        let now = cached(new);
+        let now = cached(new, level);
         if window && now.executable {
-            self.ever_executable.insert(va);
+            self.ever_executable.extend(sub(new).map(|(page, _)| page));
         }
         if now.writable && now.executable {
             self.wx_stores += 1;
             self.violation(op, ViolationKind::WritableAndExecutable, va, now.frame);
         }
-        let others = self.mappings_of(now.frame, va);
-        let stale: Vec<_> = self.tlbs.stale_of(now.frame).collect();
         let clash = |w: bool, x: bool| (now.executable && w) || (now.writable && x);
-        for &(page, w, x) in &others {
-            if clash(w, x) {
-                self.report_clash(op, now.executable, page, now.frame, None);
+        for (va, frame) in sub(new) {
+            let others = self.mappings_of(frame, va);
+            let stale: Vec<_> = self.tlbs.stale_of(frame).collect();
+            for &(page, w, x) in &others {
+                if clash(w, x) {
+                    self.report_clash(op, now.executable, page, frame, None);
+                }
             }
-        }
-        for &(cpu, page, t) in &stale {
-            if clash(t.writable, t.executable) {
-                self.report_clash(op, now.executable, page, now.frame, Some(cpu));
+            for &(cpu, page, t) in &stale {
+                if clash(t.writable, t.executable) {
+                    self.report_clash(op, now.executable, page, frame, Some(cpu));
+                }
             }
         }
     }
@@ -228,6 +243,46 @@ impl Machine {
         // every invalidation (INVLPG, a CR3 reload, the shootdown interrupt) serializes: no CPU
         // keeps bytes it fetched from the frame for when it holds other code.
         self.tlbs.forget_code(frame);
+    }
+
+    /// The leaf mapping `page`: its own 4 KiB leaf, or the 2 MiB leaf (present or staged) of
+    /// [`Mmu::map_rox`] whose frame holds `page`'s frame at the page's offset.
+    fn mapped_leaf(&self, page: &CommittedPage) -> Result<Slot, MmuError> {
+        let va = page.page() as u64;
+        match self.mem.walk(va).0 {
+            Some(s) if s.level == 2 => {
+                let e = self.mem.entry(s.table, s.index);
+                if leaf_frame(e, 2) + (va & (HUGE - 1)) == page.frame() && !self.in_direct_map(va) {
+                    Ok(s)
+                } else {
+                    Err(MmuError::NotMapped { page: page.page() })
+                }
+            }
+            _ => self.leaf_of(page),
+        }
+    }
+
+    /// The 4 KiB leaf of `page` (a page of a 2 MiB leaf has none: it is unmapped and never
+    /// changes protection alone).
+    /// The 2 MiB leaf `pages` are exactly the pages of (as [`Mmu::map_rox`] handed them out).
+    fn rox_leaf(&self, pages: &[CommittedPage]) -> Result<Slot, MmuError> {
+        let first = pages.first().ok_or(MmuError::NotMapped { page: 0 })?;
+        let not = MmuError::NotMapped { page: first.page() };
+        let whole = pages.len() == HUGE_PAGE_SIZE / PAGE_SIZE
+            && first.page().is_multiple_of(HUGE_PAGE_SIZE)
+            && pages.iter().enumerate().all(|(i, p)| {
+                p.page() == first.page() + i * PAGE_SIZE
+                    && p.frame() == first.frame() + (i * PAGE_SIZE) as u64
+            });
+        match self.mem.walk(first.page() as u64).0 {
+            Some(s) if whole && s.level == 2 => {
+                let e = self.mem.entry(s.table, s.index);
+                (leaf_frame(e, 2) == first.frame() && !self.in_direct_map(first.page() as u64))
+                    .then_some(s)
+                    .ok_or(not)
+            }
+            _ => Err(not),
+        }
     }
 
     fn leaf_of(&self, page: &CommittedPage) -> Result<Slot, MmuError> {
@@ -369,6 +424,96 @@ unsafe impl Mmu for SoftMmu {
         Ok(unsafe { CommittedPage::new(page, frame) })
     }
 
+    unsafe fn map_rox(
+        &mut self,
+        page: usize,
+        tlb: &mut TlbFlush,
+    ) -> Result<Vec<CommittedPage>, MmuError> {
+        let mut m = self.machine.lock();
+        m.injected(CallKind::Map)?;
+        if !page.is_multiple_of(HUGE_PAGE_SIZE) {
+            return Err(MmuError::Unaligned { addr: page });
+        }
+        let va = page as u64;
+        let last = va.wrapping_add(HUGE - 1);
+        if last < va
+            || !canonical(va)
+            || !canonical(last)
+            || m.in_direct_map(va)
+            || m.in_direct_map(last)
+        {
+            return Err(MmuError::OutOfRange { addr: page });
+        }
+        let path = m.mem.path(va);
+        for s in path.iter().take(2).flatten() {
+            if m.mem.entry(s.table, s.index) & PS != 0 {
+                return Err(MmuError::HugePage { page });
+            }
+        }
+        // Anything in the 2 MiB (a leaf, staged or not, or a page table) is in the way.
+        if path[2].is_some_and(|s| m.mem.entry(s.table, s.index) != 0) {
+            return Err(MmuError::AlreadyMapped { page });
+        }
+        // The run, the tables missing on the way, and a table for each of the (at most two)
+        // direct-map huge pages the frame's aliases lie in, split to seal them: counted first,
+        // so nothing below runs out half way.
+        let missing = m.mem.missing_to_huge(va);
+        if m.mem.free_count() < missing + 2 + (HUGE / PAGE) as usize {
+            return Err(MmuError::OutOfFrames);
+        }
+        let index = m.mem.alloc_huge().ok_or(MmuError::OutOfFrames)?;
+        // Filled with INT3 through a writable, non-executable mapping (the direct map), before
+        // any translation makes it executable: the model marks the frames as INT3.
+        m.mem.int3.extend(index..index + (HUGE / PAGE) as usize);
+        let frame = Memory::phys(index);
+        for i in 0..HUGE / PAGE {
+            m.set_alias_writable(frame + i * PAGE, false, tlb)?;
+        }
+        let slot = m.mem.make_huge_slot(va).ok_or(MmuError::OutOfFrames)?;
+        let entry = huge_rx_entry(frame);
+        // Staged: present R+X only once the flush invalidated the sealed aliases everywhere.
+        m.store("map_rox", va, slot, (entry & !P) | STAGED);
+        // SAFETY: the 2 MiB leaf of `page` is staged (not present) until the flush stores this.
+        unsafe { tlb.store_after_flush(page, entry) };
+        Ok((0..HUGE_PAGE_SIZE / PAGE_SIZE)
+            .map(|i| {
+                let (p, f) = (page + i * PAGE_SIZE, frame + (i * PAGE_SIZE) as u64);
+                // SAFETY: page `p` of the 2 MiB leaf maps frame `f` of the run allocated for it.
+                unsafe { CommittedPage::new(p, f) }
+            })
+            .collect())
+    }
+
+    unsafe fn unmap_rox(
+        &mut self,
+        pages: Vec<CommittedPage>,
+        tlb: &mut TlbFlush,
+    ) -> Result<(), (MmuError, Vec<CommittedPage>)> {
+        let mut m = self.machine.lock();
+        if let Err(e) = m.injected(CallKind::Unmap) {
+            return Err((e, pages));
+        }
+        let slot = match m.rox_leaf(&pages) {
+            Ok(s) => s,
+            Err(e) => return Err((e, pages)),
+        };
+        // Restore the aliases first: sealed when the leaf was mapped, they were split then, so
+        // unsealing needs no frame; if one fails anyway, nothing of the leaf changed.
+        for p in &pages {
+            if let Err(e) = m.set_alias_writable(p.frame(), true, tlb) {
+                return Err((e, pages));
+            }
+        }
+        let va = pages[0].page() as u64;
+        m.stage("unmap_rox", va, slot, 0, tlb);
+        for p in pages {
+            // SAFETY: the frame is mapped nowhere now (the staged leaf is not present and is
+            // cleared in the flush, before frames are freed).
+            unsafe { tlb.free_after_flush(p.page(), p.frame()) };
+        }
+        Ok(())
+    }
+
     unsafe fn unmap(
         &mut self,
         page: CommittedPage,
@@ -419,7 +564,7 @@ unsafe impl Mmu for SoftMmu {
     fn write(&mut self, page: &CommittedPage, offset: usize, data: &[u8]) -> Result<(), MmuError> {
         let mut m = self.machine.lock();
         m.injected(CallKind::Write)?;
-        m.leaf_of(page)?;
+        m.mapped_leaf(page)?;
         match m.mem.translate(page.page() as u64) {
             Some(t) if t.writable => {}
             Some(_) => return Err(MmuError::NotWritable { page: page.page() }),
@@ -453,7 +598,7 @@ unsafe impl Mmu for SoftMmu {
             });
         }
         for p in pages {
-            m.leaf_of(p)?;
+            m.mapped_leaf(p)?;
         }
         m.stats.pokes += 1;
         let mut session = Session {
@@ -465,7 +610,7 @@ unsafe impl Mmu for SoftMmu {
 
     fn read(&self, page: &CommittedPage, offset: usize, buf: &mut [u8]) -> Result<(), MmuError> {
         let m = self.machine.lock();
-        m.leaf_of(page)?;
+        m.mapped_leaf(page)?;
         if m.mem.translate(page.page() as u64).is_none() {
             return Err(MmuError::NotMapped { page: page.page() });
         }
@@ -522,7 +667,14 @@ unsafe impl Mmu for SoftMmu {
                 // An unmap's store clears only the leaf it staged: after a failed round, the
                 // page may have been mapped afresh (in a new table) before the retry.
                 let e = m.mem.entry(slot.table, slot.index);
-                if slot.level != 3 || (entry == 0 && (present(e) || e & STAGED == 0)) {
+                // A 2 MiB slot takes only the stores queued for a staged 2 MiB leaf (`map_rox`,
+                // `unmap_rox`), never a 4 KiB page's.
+                let huge_ok = slot.level == 2
+                    && (va as u64).is_multiple_of(HUGE)
+                    && e & PS != 0
+                    && (entry == 0 || entry & PS != 0);
+                if (slot.level != 3 && !huge_ok) || (entry == 0 && (present(e) || e & STAGED == 0))
+                {
                     continue;
                 }
                 m.store("flush", va as u64, slot, entry);
