@@ -645,16 +645,17 @@ impl<M: Mmu> CodeAllocator<M> {
         // What stays committed of published code becomes INT3 first: if that fails, the range
         // stays allocated (the caller gets its handle back) and nothing but its own bytes
         // changed. (Code never published never reached memory: nothing to overwrite.)
-        for part in [
+        let parts = [
             AddressRange::new(
                 range.start(),
                 dead.start().clamp(range.start(), range.end()),
             ),
             AddressRange::new(dead.end().clamp(range.start(), range.end()), range.end()),
-        ] {
-            if fill && !part.is_empty() {
-                fill_int3(&mut state, part).map_err(Freeing::NotFreed)?;
-            }
+        ];
+        if fill {
+            // Both parts in one batch: one alias session for up to 2 MiB of pages (a ROX
+            // page's freed code), so a failure leaves nothing written.
+            fill_int3(&mut state, &parts).map_err(Freeing::NotFreed)?;
         }
         let _ = self.free.merge(range);
         self.allocated -= range.size();
@@ -702,15 +703,24 @@ enum Freeing {
     Decommit(CodeError),
 }
 
-/// Writes INT3 over `range` of committed code, whatever the pages' protection.
-fn fill_int3<M: Mmu>(state: &mut State<M>, range: AddressRange) -> Result<(), CodeError> {
+/// Writes INT3 over `ranges` of committed code, whatever the pages' protection, in one batch
+/// (every page checked before a byte moves; live pages in as few alias sessions as
+/// [`MAX_POKE_PAGES`](crate::mmu::MAX_POKE_PAGES) allows).
+fn fill_int3<M: Mmu>(state: &mut State<M>, ranges: &[AddressRange]) -> Result<(), CodeError> {
     static INT3_PAGE: [u8; PAGE_SIZE] = [INT3; PAGE_SIZE];
-    let mut at = range.start();
-    while at < range.end() {
-        let n = (range.end() - at).min(PAGE_SIZE - at % PAGE_SIZE);
-        state.write_code(at, &INT3_PAGE[..n])?;
-        at += n;
+    let mut writes: Vec<(usize, &[u8])> = Vec::new();
+    for range in ranges {
+        let mut at = range.start();
+        while at < range.end() {
+            let n = (range.end() - at).min(PAGE_SIZE - at % PAGE_SIZE);
+            writes.push((at, &INT3_PAGE[..n]));
+            at += n;
+        }
     }
+    if writes.is_empty() {
+        return Ok(());
+    }
+    state.write_code_batch(&writes)?;
     Ok(())
 }
 

@@ -199,7 +199,7 @@ impl<M: Mmu> CodeAllocator<M> {
                 }
             }
             if !lead_range.is_empty() && state.mmu.query(start).is_some_and(|m| m.writable) {
-                let _ = fill_int3(&mut state, lead_range);
+                let _ = fill_int3(&mut state, &[lead_range]);
             }
             return result;
         }
