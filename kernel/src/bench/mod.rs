@@ -9,6 +9,7 @@
 mod jit;
 mod memory_rows;
 mod module_rows;
+mod rox_rows;
 mod smp;
 
 use alloc::vec::Vec;
@@ -130,6 +131,7 @@ pub fn run(smp_only: bool) -> ExitCode {
     let flushes_before = manager.flush_stats().expect("flush stats");
     memory_rows::run(&r, &manager);
     module_rows::run(&r);
+    rox_rows::run(&r);
     smp::run(&r);
     jit::run(&r);
 
