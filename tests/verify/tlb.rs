@@ -12,12 +12,8 @@ use codespace::{CodeError, ManagerConfig, ProtectionMode};
 
 use crate::common::*;
 
-fn allocator(
-    mode: Mode,
-    m: &codespace::CodeManager<SoftMmu>,
-) -> codespace::CodeAllocator<SoftMmu> {
-    codespace::CodeAllocator::new(m, mode.allocator(codespace::AllocatorConfig::default()))
-        .unwrap()
+fn allocator(mode: Mode, m: &codespace::CodeManager<SoftMmu>) -> codespace::CodeAllocator<SoftMmu> {
+    codespace::CodeAllocator::new(m, mode.allocator(codespace::AllocatorConfig::default())).unwrap()
 }
 
 /// The modes these tests run in (flip mode refuses several CPUs, see the last test).
