@@ -45,3 +45,20 @@ pub(crate) fn leaf_entry(frame: u64, prot: Protection) -> u64 {
         Protection::ReadOnly => (frame & ADDR) | P | NX,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_huge_leaf_with_its_pat_bit_set_maps_its_2mib_aligned_frame() {
+        let frame = 0x4060_0000;
+        let e = huge_rx_entry(frame) | PAT_HUGE;
+        assert_eq!(leaf_frame(e, 2), frame);
+        // The same bit in a 4 KiB leaf is an address bit.
+        assert_eq!(leaf_frame(frame | PAT_HUGE | P, 3), frame | PAT_HUGE);
+        // A 1 GiB leaf: bits 12..30 are PAT and reserved.
+        assert_eq!(leaf_frame((1 << 30) | PAT_HUGE | PS | P, 1), 1 << 30);
+        assert_eq!(huge_rx_entry(frame) & (W | NX), 0, "R+X");
+    }
+}

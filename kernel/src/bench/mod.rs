@@ -125,6 +125,8 @@ pub fn run(smp_only: bool) -> ExitCode {
     };
     if smp_only {
         smp::run(&r);
+        // Shootdown and sync rounds exist only with other CPUs online.
+        rox_rows::run(&r);
         return ExitCode::Success;
     }
     let manager = memory_rows::manager(100);

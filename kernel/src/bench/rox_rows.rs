@@ -130,7 +130,10 @@ fn one_mode(r: &Report, window: usize, rox: bool) {
 }
 
 pub(super) fn run(r: &Report) {
-    println!("\n  4 KiB pages vs 2 MiB ROX pages (ManagerConfig::rox_code, ModuleConfig::rox)");
+    println!(
+        "\n  4 KiB pages vs 2 MiB ROX pages (ManagerConfig::rox_code, ModuleConfig::rox), {} CPU(s)",
+        crate::smp::online_cpus()
+    );
     one_mode(r, 105, false);
     one_mode(r, 106, true);
 }
