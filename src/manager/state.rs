@@ -14,9 +14,7 @@ use super::abandoned::{Abandoned, AbandonedNode};
 use super::audit::{self, AuditReport};
 use super::config::{ManagerConfig, ProtectionMode};
 use super::error::CodeError;
-use crate::mmu::{
-    CommittedPage, FlushStats, InterruptControl, Mmu, PageMapping, TlbFlush, HUGE_PAGE_SIZE,
-};
+use crate::mmu::{CommittedPage, FlushStats, InterruptControl, Mmu, PageMapping, TlbFlush};
 use crate::pool::DisjointAllocationPool;
 use crate::sync::irq_lock::{IrqGuard, IrqLock};
 use crate::{AddressRange, PAGE_SIZE};
@@ -74,11 +72,11 @@ pub(crate) struct State<M> {
     pub(crate) mmu: M,
     pub(crate) config: ManagerConfig,
     pub(crate) window: AddressRange,
-    free_va: DisjointAllocationPool,
+    pub(super) free_va: DisjointAllocationPool,
     /// Code spaces by usable start.
     pub(crate) spaces: BTreeMap<usize, Space>,
     /// Usable bytes of all `spaces`, kept with them (the counters publish it on every unlock).
-    reserved: usize,
+    pub(super) reserved: usize,
     /// Every committed page of every space, owning its frame (the 512 pages of each 2 MiB
     /// page included).
     pub(crate) pages: BTreeMap<usize, CommittedPage>,
@@ -421,64 +419,6 @@ impl<M: Mmu> State<M> {
             .next_back()
             .map(|(_, s)| s)
             .filter(|s| s.usable.contains(addr))
-    }
-
-    /// Reserves a code space of `size` usable bytes for an allocator that asks for ROX pages
-    /// (`rox`): with [`ManagerConfig::rox_code`], 2 MiB aligned and rounded to whole 2 MiB
-    /// pages, with guards of whole 2 MiB pages (so no other space shares its 2 MiB pages);
-    /// else, or when that does not fit (code-space size, window), an ordinary space (a
-    /// fallback, counted).
-    pub(crate) fn reserve_for(
-        &mut self,
-        size: usize,
-        rox: bool,
-    ) -> Result<AddressRange, CodeError> {
-        if !(rox && self.config.rox_code) {
-            return self.reserve(size);
-        }
-        match self.reserve_rox(size) {
-            Some(usable) => Ok(usable),
-            None => {
-                self.rox_fallbacks += 1;
-                self.reserve(size)
-            }
-        }
-    }
-
-    fn reserve_rox(&mut self, size: usize) -> Option<AddressRange> {
-        let size = size
-            .checked_next_multiple_of(HUGE_PAGE_SIZE)
-            .filter(|&s| s > 0)?;
-        if size > self.config.max_code_space_size {
-            return None;
-        }
-        let guard = self
-            .config
-            .guard_bytes()
-            .checked_next_multiple_of(HUGE_PAGE_SIZE)?;
-        let total = size.checked_add(guard.checked_mul(2)?)?;
-        let reservation =
-            self.free_va
-                .allocate_aligned_in_region(total, HUGE_PAGE_SIZE, self.window)?;
-        let usable = AddressRange::new(reservation.start() + guard, reservation.end() - guard);
-        self.spaces.insert(
-            usable.start(),
-            Space {
-                usable,
-                reservation,
-                rox: true,
-            },
-        );
-        self.reserved += usable.size();
-        Some(usable)
-    }
-
-    /// The unit pages are decommitted in at `addr`: 2 MiB in a ROX space, else 4 KiB.
-    pub(crate) fn granule(&self, addr: usize) -> usize {
-        match self.space_of(addr) {
-            Some(s) if s.rox => HUGE_PAGE_SIZE,
-            _ => PAGE_SIZE,
-        }
     }
 
     /// Reserves a code space of `size` usable bytes (page rounded) with guard pages around it.

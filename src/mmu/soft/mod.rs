@@ -21,6 +21,7 @@ mod backend;
 mod inject;
 mod machine;
 mod reclaim;
+mod rox;
 pub mod tlb;
 
 pub use access::Fault;
