@@ -110,7 +110,19 @@ impl Mode {
         }
     }
 
-    /// After a run that claimed the mode: ROX spaces were made and none fell back.
+    /// While code is live in a run that claims the mode: it is on ROX pages, none fell back.
+    pub fn assert_in_use(self, m: &CodeManager<SoftMmu>) {
+        if self.rox {
+            let s = m.stats();
+            assert!(
+                s.rox_spaces > 0 && s.huge_pages > 0,
+                "no ROX space in use: {s:?}"
+            );
+            assert_eq!(s.rox_fallbacks, 0, "ROX spaces fell back: {s:?}");
+        }
+    }
+
+    /// After a run that claimed the mode: no ROX space fell back.
     pub fn assert_claimed(self, m: &CodeManager<SoftMmu>) {
         if self.rox {
             let s = m.stats();

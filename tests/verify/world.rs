@@ -168,6 +168,7 @@ impl World {
             _fillers: fillers,
         };
         world.check("setup", true);
+        mode.assert_in_use(&world.manager);
         world
     }
 
