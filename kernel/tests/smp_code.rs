@@ -241,7 +241,8 @@ fn rox_wx_across_cpus() {
     );
     assert_eq!(p.refused_writes, 2 * 3 * p.pages * cpus() as u64);
     codespace_kernel::stress::common::set_rox(true);
-    let a = timed(|| wx::alias(111, 200));
+    // Fewer patches than `wx_across_cpus`: the alias protocol is the same, only the page differs.
+    let a = timed(|| wx::alias(111, 50));
     codespace_kernel::stress::common::set_rox(false);
     println!(
         "    {} patches of a slot on a ROX page through the alias ({} sessions), {} probes \
@@ -271,7 +272,7 @@ fn rox_replace_and_free_under_execution() {
 /// [`jump_table_patching_stress`] with the jump table and the implementations on ROX pages.
 fn rox_jump_table_patching_stress() {
     codespace_kernel::stress::common::set_rox(true);
-    let s = timed(|| patching::run(113, 150));
+    let s = timed(|| patching::run(113, 50));
     codespace_kernel::stress::common::set_rox(false);
     println!(
         "    ROX: {} patches, {} calls, {} slot reads, calls per implementation {:?}",

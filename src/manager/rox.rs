@@ -28,8 +28,11 @@ impl<M: Mmu> State<M> {
         match self.reserve_rox(size) {
             Some(usable) => Ok(usable),
             None => {
+                // Counted only when the fallback space exists: a failed reservation changes
+                // no counter.
+                let usable = self.reserve(size)?;
                 self.rox_fallbacks += 1;
-                self.reserve(size)
+                Ok(usable)
             }
         }
     }
@@ -107,8 +110,18 @@ impl<M: Mmu> State<M> {
                         if let Some(s) = self.spaces.values_mut().find(|s| s.usable.contains(space))
                         {
                             s.rox = false;
-                            self.rox_fallbacks += 1;
-                            return self.commit(range);
+                            let key = s.usable.start();
+                            let result = self.commit(range);
+                            match result {
+                                Ok(()) => self.rox_fallbacks += 1,
+                                // Nothing committed: the space stays as it was, a ROX space.
+                                Err(_) => {
+                                    if let Some(s) = self.spaces.get_mut(&key) {
+                                        s.rox = true;
+                                    }
+                                }
+                            }
+                            return result;
                         }
                     }
                     return Err(e.into());

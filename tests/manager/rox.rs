@@ -220,6 +220,16 @@ fn a_wholly_free_2mib_page_goes_back_with_one_shootdown_and_only_then() {
 fn without_a_2mib_frame_a_space_falls_back_to_4k_pages_and_says_so() {
     // 400 frames: no run of 512.
     let (machine, m, mut a) = rox_rig(400);
+    // The 4 KiB commit of the fallback fails too (the second map call): nothing changed, the
+    // fallback not even counted.
+    let before = state(&machine, &m, &[&a]);
+    machine.fail_nth(CallKind::Map, 1);
+    assert_eq!(
+        a.allocate(100).unwrap_err(),
+        CodeError::Mmu(MmuError::Injected)
+    );
+    assert_eq!(state(&machine, &m, &[&a]), before);
+    assert_eq!(m.stats().rox_fallbacks, 0);
     let code = publish_filled(&mut a, 100, 0x90);
     let stats = m.stats();
     assert_eq!(
