@@ -138,9 +138,11 @@ pub fn publish_rox(window: usize, pages: u32) -> PublishStats {
     };
     let mut alloc = CodeAllocator::new(&mgr, config).expect("allocator");
     let refused = AtomicU64::new(0);
+    let mut first = None;
     for _ in 0..pages {
         let mut w = alloc.allocate(6).expect("allocate");
         let start = w.start();
+        first.get_or_insert(start);
         let stats = mgr.stats();
         assert!(
             stats.rox_spaces > 0 && stats.rox_fallbacks == 0,
@@ -178,6 +180,15 @@ pub fn publish_rox(window: usize, pages: u32) -> PublishStats {
     };
     drop(alloc);
     settle(&mgr);
+    // The 2 MiB page went back, and the page directory built for it with it (only this
+    // scenario's space lies in that GiB of the window).
+    if let Some(va) = first {
+        let walk = crate::memory::raw_entries(va as u64);
+        assert!(
+            walk[0].is_some() && walk[1].is_none(),
+            "the page directory of {va:#x} stayed linked: {walk:x?}"
+        );
+    }
     stats
 }
 

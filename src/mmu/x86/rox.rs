@@ -10,8 +10,8 @@
 //!
 //! The page tables down to the page directory are built here (the kernel's `Mapper<Size4KiB>`
 //! maps 4 KiB pages only), from the 4 KiB frame allocator, and owned by the backend like the
-//! tables its mapper builds. Page directories of the window are not given back when their last
-//! 2 MiB leaf goes (one 4 KiB frame per GiB of window at most).
+//! tables its mapper builds; a page directory whose last 2 MiB leaf goes is unlinked and freed
+//! through the flush batch like an empty page table (`reclaim`).
 
 use alloc::vec::Vec;
 
