@@ -19,6 +19,7 @@
 //! | --- | --- |
 //! | the page table, frame allocator and physical mapping you hand over are the ones every CPU runs on; the code window and the poke slot are yours to give | `unsafe fn X86Mmu::new` |
 //! | your linear maps of physical memory (direct map, identity map) are what you say | `unsafe fn X86Mmu::with_linear_maps` |
+//! | the 2 MiB frames you hand over (ROX code) are yours alone, 2 MiB aligned, mapped writable only by the physical mapping and otherwise only in your listed linear maps | `unsafe fn X86Mmu::with_huge_frames` |
 //! | shootdowns and core serialization reach every other online CPU before they return | `unsafe trait Smp` |
 //! | a CPU you report quiescent runs no generated code and holds no lookup reference, reported from task context; a task switched out inside generated code has a [`GraceHold`](sync::grace::GraceHold) | `unsafe fn` [`GraceDomain::quiescent`](sync::grace::GraceDomain::quiescent) (and `set_possible_cpus`, `cpu_online`, `cpu_offline`) |
 //! | calling generated code is sound (its ABI, and you do not free it from inside itself) | your `unsafe` call |
@@ -31,6 +32,13 @@
 //! The backend itself is an `unsafe trait` [`Mmu`](mmu::Mmu); no safe path reaches its
 //! dangerous operations. The one bounded exception to W^X is the patching alias inside
 //! `Mmu::poke` (private to the patching CPU, interrupts off, as Linux's `text_poke`).
+//!
+//! **Two page modes.** By default code lives on 4 KiB pages made R+X at publish (one shootdown
+//! round per publish). With [`ManagerConfig::rox_code`] and a module's `rox`, code spaces are
+//! 2 MiB pages mapped R+X once and never writable, written only through the alias: a publish
+//! changes no page-table entry and costs no shootdown (Linux's execmem ROX cache); it takes 2
+//! MiB of contiguous frames per page and falls back to 4 KiB pages without them. README,
+//! "Code on 2 MiB pages that are never writable", says when to choose it.
 //!
 //! # A first example
 //!

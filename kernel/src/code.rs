@@ -339,7 +339,9 @@ pub fn kernel_mmu() -> Result<KernelMmu, MmuError> {
     // SAFETY: the page table is the one every CPU runs on; PHYS_OFFSET maps all memory the frame
     // allocator hands out (the first 4 GiB) and every page-table frame; the frame allocator
     // hands out frames nothing else uses; slot 255 is unused by this kernel; the identity and
-    // direct maps map the first 4 GiB linearly and nothing reads code frames through them.
+    // direct maps map the first 4 GiB linearly and nothing reads code frames through them. The
+    // same bitmap hands out 2 MiB frames (ROX code): 2 MiB aligned, used by nothing else, in
+    // the first 4 GiB, so mapped writable at PHYS_OFFSET and elsewhere only in LINEAR_MAPS.
     unsafe {
         Ok(X86Mmu::new(
             memory::page_table_lock(),
@@ -349,6 +351,7 @@ pub fn kernel_mmu() -> Result<KernelMmu, MmuError> {
             POKE_SLOT,
         )?
         .with_linear_maps(&LINEAR_MAPS)
+        .with_huge_frames(memory::huge_frames_lock())
         .with_free_count(FrameBitmap::free_frames))
     }
 }

@@ -41,6 +41,9 @@ codespace_kernel::kernel_tests![
     jit_linear_memory_drop_shoots_down_every_cpu,
     jit_compiles_on_every_cpu_at_once,
     all_scenarios_mixed_at_once,
+    rox_wx_across_cpus,
+    rox_replace_and_free_under_execution,
+    rox_jump_table_patching_stress,
 ];
 
 fn cpus() -> usize {
@@ -222,4 +225,66 @@ fn all_scenarios_mixed_at_once() {
         s.rounds, s.calls, s.faults
     );
     assert!(s.calls > 0);
+}
+
+/// The ROX mode (issue 20): code on 2 MiB pages that are R+X from the start. No CPU can write a
+/// byte of a code page through any of its three addresses, before or after the publish, and a
+/// publish shoots nothing down; patching goes through the private alias as in 4 KiB mode.
+fn rox_wx_across_cpus() {
+    let p = timed(|| wx::publish_rox(110, 3));
+    println!(
+        "    {} pages published on ROX pages: {} writes refused (3 mappings x {} cpus, before \
+         and after each publish)",
+        p.pages,
+        p.refused_writes,
+        cpus()
+    );
+    assert_eq!(p.refused_writes, 2 * 3 * p.pages * cpus() as u64);
+    codespace_kernel::stress::common::set_rox(true);
+    // Fewer patches than `wx_across_cpus`: the alias protocol is the same, only the page differs.
+    let a = timed(|| wx::alias(111, 50));
+    codespace_kernel::stress::common::set_rox(false);
+    println!(
+        "    {} patches of a slot on a ROX page through the alias ({} sessions), {} probes \
+         faulted",
+        a.patches, a.pokes, a.probes
+    );
+    assert!(a.probes > 0, "the alias was probed");
+}
+
+/// [`replace_and_free_under_execution`] with the module's code on ROX pages: freed code is
+/// refilled with INT3 through the alias, never decommitted under a running CPU.
+fn rox_replace_and_free_under_execution() {
+    codespace_kernel::stress::common::set_rox(true);
+    let s = timed(|| replace::run(112, 12, 1 << 23));
+    codespace_kernel::stress::common::set_rox(false);
+    println!(
+        "    ROX: {} replacements, {} calls, {} polls inside retired code, {} reclaimed",
+        s.replacements, s.calls, s.inside_while_retired, s.reclaimed
+    );
+    assert_eq!(s.replacements, 12);
+    assert_eq!(s.reclaimed, 12, "every old version was freed in the end");
+    if cpus() > 1 {
+        assert!(s.inside_while_retired > 0, "a CPU ran a retired version");
+    }
+}
+
+/// [`jump_table_patching_stress`] with the jump table and the implementations on ROX pages.
+fn rox_jump_table_patching_stress() {
+    codespace_kernel::stress::common::set_rox(true);
+    let s = timed(|| patching::run(113, 50));
+    codespace_kernel::stress::common::set_rox(false);
+    println!(
+        "    ROX: {} patches, {} calls, {} slot reads, calls per implementation {:?}",
+        s.patches, s.calls, s.reads, s.per_impl
+    );
+    assert!(s.calls >= s.patches, "a call after every patch at least");
+    if cpus() > 1 {
+        let seen = s.per_impl.iter().filter(|&&c| c > 0).count();
+        assert!(
+            seen >= 2,
+            "calls reached several implementations: {:?}",
+            s.per_impl
+        );
+    }
 }

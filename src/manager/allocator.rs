@@ -28,7 +28,7 @@ use super::error::{CodeError, FreeError, Rejected};
 use super::state::{CodeManager, State};
 use crate::mmu::Mmu;
 use crate::pool::DisjointAllocationPool;
-use crate::range::{page_round_down, page_round_up};
+use crate::range::page_round_up;
 use crate::{AddressRange, PAGE_SIZE};
 
 /// Code sizes are rounded up to this, and code starts on it (V8's `kCodeAlignment` on x64).
@@ -47,6 +47,13 @@ pub struct AllocatorConfig {
     pub growable: bool,
     /// Size of the first reservation (0: sized by the first allocation).
     pub initial_reservation: usize,
+    /// Code spaces on 2 MiB pages that are R+X from the start and never writable (the ROX
+    /// mode; needs [`ManagerConfig::rox_code`](super::ManagerConfig::rox_code)): publishing
+    /// changes no page-table entry and costs no shootdown, only one serialization round;
+    /// each space takes whole 2 MiB pages of frames. A space falls back to 4 KiB pages when
+    /// the backend has no 2 MiB frame for it. Images are refused here
+    /// ([`CodeError::RoxRefused`]). Off by default.
+    pub rox: bool,
 }
 
 impl Default for AllocatorConfig {
@@ -55,6 +62,7 @@ impl Default for AllocatorConfig {
             overhead: 0,
             growable: true,
             initial_reservation: 0,
+            rox: false,
         }
     }
 }
@@ -131,8 +139,13 @@ impl<M: Mmu> CodeAllocator<M> {
     /// `initial_reservation` the first code space is reserved now.
     ///
     /// # Errors
-    /// When the initial reservation exceeds the maximum code-space size or does not fit.
+    /// When the initial reservation exceeds the maximum code-space size or does not fit;
+    /// [`CodeError::InvalidConfig`] (`"rox"`) for `rox` on a manager without
+    /// [`rox_code`](super::ManagerConfig::rox_code).
     pub fn new(manager: &CodeManager<M>, config: AllocatorConfig) -> Result<Self, CodeError> {
+        if config.rox && !manager.config().rox_code {
+            return Err(CodeError::InvalidConfig { setting: "rox" });
+        }
         let mut a = CodeAllocator {
             manager: manager.clone(),
             id: NEXT_OWNER.fetch_add(1, Ordering::Relaxed),
@@ -154,7 +167,10 @@ impl<M: Mmu> CodeAllocator<M> {
                     max,
                 });
             }
-            let space = a.manager.lock()?.reserve(config.initial_reservation)?;
+            let space = a
+                .manager
+                .lock()?
+                .reserve_for(config.initial_reservation, config.rox)?;
             a.add_space(space);
         }
         Ok(a)
@@ -272,7 +288,7 @@ impl<M: Mmu> CodeAllocator<M> {
                     total_reserved,
                     state.config.max_code_space_size,
                 )?;
-                let space = state.reserve(rsize)?;
+                let space = state.reserve_for(rsize, self.config.rox)?;
                 self.add_space(space);
                 new_space = Some(space);
                 // A fresh space is page aligned and at least `aligned` bytes long.
@@ -611,26 +627,35 @@ impl<M: Mmu> CodeAllocator<M> {
             .map_err(|_| Freeing::NotFreed(CodeError::InvalidSize { size: range.size() }))?;
         // A pending INT3 patch's slots in the range are finished first (nothing freed if not).
         state.settle_int3_in(range).map_err(Freeing::NotFreed)?;
-        // V8's rule: decommit the whole pages that are now free and touch the freed range.
-        let start = page_round_up(merged.start())
+        // V8's rule: decommit the whole pages that are now free and touch the freed range (in
+        // a ROX space, whole 2 MiB pages: the rest stays mapped and becomes INT3).
+        let g = state.granule(range.start());
+        let start = merged
+            .start()
+            .checked_next_multiple_of(g)
             .unwrap_or(usize::MAX)
-            .max(page_round_down(range.start()));
-        let end =
-            page_round_down(merged.end()).min(page_round_up(range.end()).unwrap_or(usize::MAX));
+            .max(range.start() / g * g);
+        let end = (merged.end() / g * g).min(
+            range
+                .end()
+                .checked_next_multiple_of(g)
+                .unwrap_or(usize::MAX),
+        );
         let dead = AddressRange::new(start, end.max(start));
         // What stays committed of published code becomes INT3 first: if that fails, the range
         // stays allocated (the caller gets its handle back) and nothing but its own bytes
         // changed. (Code never published never reached memory: nothing to overwrite.)
-        for part in [
+        let parts = [
             AddressRange::new(
                 range.start(),
                 dead.start().clamp(range.start(), range.end()),
             ),
             AddressRange::new(dead.end().clamp(range.start(), range.end()), range.end()),
-        ] {
-            if fill && !part.is_empty() {
-                fill_int3(&mut state, part).map_err(Freeing::NotFreed)?;
-            }
+        ];
+        if fill {
+            // Both parts in one batch: one alias session for up to 2 MiB of pages (a ROX
+            // page's freed code), so a failure leaves nothing written.
+            fill_int3(&mut state, &parts).map_err(Freeing::NotFreed)?;
         }
         let _ = self.free.merge(range);
         self.allocated -= range.size();
@@ -678,15 +703,24 @@ enum Freeing {
     Decommit(CodeError),
 }
 
-/// Writes INT3 over `range` of committed code, whatever the pages' protection.
-fn fill_int3<M: Mmu>(state: &mut State<M>, range: AddressRange) -> Result<(), CodeError> {
+/// Writes INT3 over `ranges` of committed code, whatever the pages' protection, in one batch
+/// (every page checked before a byte moves; live pages in as few alias sessions as
+/// [`MAX_POKE_PAGES`](crate::mmu::MAX_POKE_PAGES) allows).
+fn fill_int3<M: Mmu>(state: &mut State<M>, ranges: &[AddressRange]) -> Result<(), CodeError> {
     static INT3_PAGE: [u8; PAGE_SIZE] = [INT3; PAGE_SIZE];
-    let mut at = range.start();
-    while at < range.end() {
-        let n = (range.end() - at).min(PAGE_SIZE - at % PAGE_SIZE);
-        state.write_code(at, &INT3_PAGE[..n])?;
-        at += n;
+    let mut writes: Vec<(usize, &[u8])> = Vec::new();
+    for range in ranges {
+        let mut at = range.start();
+        while at < range.end() {
+            let n = (range.end() - at).min(PAGE_SIZE - at % PAGE_SIZE);
+            writes.push((at, &INT3_PAGE[..n]));
+            at += n;
+        }
     }
+    if writes.is_empty() {
+        return Ok(());
+    }
+    state.write_code_batch(&writes)?;
     Ok(())
 }
 

@@ -35,6 +35,11 @@ pub struct AuditReport {
     /// Writable leaves anywhere that map a frame some executable leaf maps too (must be 0):
     /// a direct-map or identity-map alias left writable, for instance.
     pub writable_aliases_of_executable: usize,
+    /// Page-table leaves mapping the window's 4 KiB pages: one iTLB entry each.
+    pub small_leaves: usize,
+    /// Page-table leaves mapping the window's 2 MiB (ROX) pages: one iTLB entry each, for 512
+    /// pages of code. `small_leaves + huge_leaves` is how many iTLB entries cover the code.
+    pub huge_leaves: usize,
     /// The first offending leaves, in walk order.
     pub findings: AuditFindings,
 }
@@ -234,6 +239,16 @@ pub(super) fn audit<M: Mmu>(state: &State<M>) -> AuditReport {
     });
     // Pages in the books but not mapped have no leaf to name: the count says it.
     report.unaccounted += state.pages.len() - in_window;
+    let window = state.window;
+    state.mmu.for_each_leaf(&mut |l| {
+        if window.contains(l.virt) {
+            match l.size {
+                PAGE_SIZE => report.small_leaves += 1,
+                crate::mmu::HUGE_PAGE_SIZE => report.huge_leaves += 1,
+                _ => report.unexpected_protection += 1,
+            }
+        }
+    });
     (
         report.writable_and_executable,
         report.writable_aliases_of_executable,

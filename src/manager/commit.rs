@@ -1,16 +1,21 @@
-//! Committing and decommitting the pages of code spaces.
+//! Committing and decommitting the pages of code spaces: 4 KiB pages one by one, and in ROX
+//! spaces whole 2 MiB pages (mapped R+X from the start, INT3 filled, never writable).
 
 use alloc::vec::Vec;
 
 use super::error::CodeError;
 use super::state::State;
-use crate::mmu::{Mmu, TlbFlush};
+use crate::mmu::{Mmu, TlbFlush, HUGE_PAGE_SIZE};
 use crate::{AddressRange, PAGE_SIZE};
 
 impl<M: Mmu> State<M> {
-    /// Maps the pages of `range` that are not committed yet, RW+NX, charging them against the
-    /// limit; on failure unmaps what it mapped and charges nothing. Allocation-free when warm.
+    /// Maps the pages of `range` that are not committed yet, RW+NX (in a ROX space: the 2 MiB
+    /// pages it touches, R+X), charging them against the limit; on failure unmaps what it
+    /// mapped and charges nothing. Allocation-free when warm.
     pub(crate) fn commit(&mut self, range: AddressRange) -> Result<(), CodeError> {
+        if self.space_of(range.start()).is_some_and(|s| s.rox) {
+            return self.commit_rox(range);
+        }
         let mut missing = core::mem::take(&mut self.scratch);
         missing.clear();
         missing.extend(range.pages().filter(|p| !self.pages.contains_key(p)));
@@ -55,21 +60,41 @@ impl<M: Mmu> State<M> {
         Ok(())
     }
 
-    /// Decommits every committed page inside `range` (whole pages), freeing the frames after one
-    /// flush.
+    /// Decommits every committed page inside `range` (whole pages; in a ROX space whole 2 MiB
+    /// pages, the others stay), freeing the frames after one flush.
     ///
     /// # Errors
     /// [`CodeError::PartialDecommit`]: an unmap failed; pages from there on stay committed.
     /// [`CodeError::FlushFailed`]: the pages are unmapped, their frames freed by a later flush.
     pub(crate) fn decommit(&mut self, range: AddressRange) -> Result<(), CodeError> {
+        let huge = HUGE_PAGE_SIZE;
+        let bases: Vec<usize> = self
+            .huge
+            .range(range.start()..range.end())
+            .copied()
+            .filter(|&b| b.checked_add(huge).is_some_and(|end| end <= range.end()))
+            .collect();
         let pages: Vec<usize> = self
             .pages
             .range(range.start()..range.end())
             .map(|(&p, _)| p)
+            .filter(|&p| !self.huge.contains(&(p & !(huge - 1))))
             .collect();
         let mut tlb = TlbFlush::new();
         let mut failed = None;
+        for base in bases {
+            match self.unmap_huge(&[base], &mut tlb) {
+                Ok(()) => self.committed -= huge,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
         for page in pages {
+            if failed.is_some() {
+                break;
+            }
             let Some(committed) = self.pages.remove(&page) else {
                 continue;
             };

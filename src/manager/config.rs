@@ -64,6 +64,14 @@ pub struct ManagerConfig {
     /// How live jump slots are rewritten ([`PatchProtocol::AtomicStore`] by default; see there
     /// why).
     pub patch_protocol: PatchProtocol,
+    /// Whether code spaces may live on 2 MiB pages that are read-only and executable from
+    /// the start and never writable (the ROX mode, Linux's execmem ROX cache): allocators that
+    /// ask for it ([`AllocatorConfig::rox`](super::AllocatorConfig::rox)) get such spaces, or
+    /// 4 KiB ones when the backend has no 2 MiB frame for one (counted in
+    /// [`ManagerStats::rox_fallbacks`](super::ManagerStats::rox_fallbacks)). Off by default.
+    /// Needs [`ProtectionMode::Alias`]: every write of such code goes through the private
+    /// alias.
+    pub rox_code: bool,
     /// Called (with the manager lock held: record, don't re-enter) when committed bytes cross the
     /// critical threshold, which then moves halfway to the limit (V8's memory-pressure signal).
     pub on_critical: Option<fn(committed: usize)>,
@@ -77,6 +85,7 @@ impl Default for ManagerConfig {
             guard_pages: 1,
             protection: ProtectionMode::Alias,
             patch_protocol: PatchProtocol::AtomicStore,
+            rox_code: false,
             on_critical: None,
         }
     }
@@ -94,8 +103,8 @@ impl ManagerConfig {
     /// # Errors
     /// [`CodeError::InvalidConfig`] naming the first bad setting: an unaligned or empty window,
     /// no guard pages or guards that overflow or leave no room for one page of code, a code-space
-    /// size that is zero, unaligned or past [`MAX_CODE_SPACE_SIZE`], or a commit limit that is
-    /// not page aligned.
+    /// size that is zero, unaligned or past [`MAX_CODE_SPACE_SIZE`], a commit limit that is
+    /// not page aligned, or `rox_code` with [`ProtectionMode::Flip`].
     pub fn validate(&self, window: AddressRange) -> Result<(), CodeError> {
         let bad = |setting: &'static str| Err(CodeError::InvalidConfig { setting });
         if !window.is_page_aligned() || window.is_empty() {
@@ -121,6 +130,10 @@ impl ManagerConfig {
         }
         if !self.max_committed.is_multiple_of(PAGE_SIZE) {
             return bad("max_committed");
+        }
+        // ROX code is never made writable: flipping a page to write it is refused outright.
+        if self.rox_code && self.protection == ProtectionMode::Flip {
+            return bad("rox_code");
         }
         Ok(())
     }

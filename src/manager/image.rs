@@ -80,6 +80,7 @@ impl<M: Mmu> CodeAllocator<M> {
     /// one flush. The lead pages stay RW+NX (INT3): room for a landing stub written at publish.
     ///
     /// # Errors
+    /// [`CodeError::RoxRefused`] in an allocator on ROX pages;
     /// [`CodeError::InvalidSize`] for nothing to load; the allocation and commit errors of
     /// [`allocate`](Self::allocate); a backend failure — the pages are decommitted again, so
     /// nothing changed beyond a new code space the caller may release.
@@ -88,6 +89,10 @@ impl<M: Mmu> CodeAllocator<M> {
         bytes: &[u8],
         lead: usize,
     ) -> Result<ImagePages, CodeError> {
+        if self.config.rox {
+            // An image's pages change protection (data R+NX, text R+X): never on ROX pages.
+            return Err(CodeError::RoxRefused { what: "an image" });
+        }
         self.retry_stale_images();
         let invalid = CodeError::InvalidSize { size: bytes.len() };
         if bytes.is_empty() || !lead.is_multiple_of(PAGE_SIZE) {
@@ -194,7 +199,7 @@ impl<M: Mmu> CodeAllocator<M> {
                 }
             }
             if !lead_range.is_empty() && state.mmu.query(start).is_some_and(|m| m.writable) {
-                let _ = fill_int3(&mut state, lead_range);
+                let _ = fill_int3(&mut state, &[lead_range]);
             }
             return result;
         }

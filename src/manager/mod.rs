@@ -37,6 +37,7 @@ mod commit;
 mod config;
 mod cross_modify;
 mod error;
+mod rox;
 mod state;
 mod write;
 

@@ -36,6 +36,13 @@ pub struct ManagerStats {
     pub code_spaces: usize,
     /// Free virtual bytes left in the window.
     pub window_free: usize,
+    /// Live code spaces on 2 MiB ROX pages ([`ManagerConfig::rox_code`]).
+    pub rox_spaces: usize,
+    /// Code spaces that asked for ROX pages and fell back to 4 KiB pages (no 2 MiB frame, or
+    /// no room for a 2 MiB aligned space), ever.
+    pub rox_fallbacks: u64,
+    /// 2 MiB pages mapped now (each one page-table leaf for 2 MiB of code).
+    pub huge_pages: usize,
 }
 
 /// One code space: the usable range and the reservation around it (guard pages included).
@@ -43,6 +50,8 @@ pub struct ManagerStats {
 pub(crate) struct Space {
     pub usable: AddressRange,
     pub reservation: AddressRange,
+    /// Backed by 2 MiB ROX pages (2 MiB aligned, whole 2 MiB pages); false once it fell back.
+    pub rox: bool,
 }
 
 /// Counters mirrored out of the lock.
@@ -54,19 +63,27 @@ struct Counters {
     crossings: AtomicU64,
     spaces: AtomicUsize,
     window_free: AtomicUsize,
+    rox_spaces: AtomicUsize,
+    rox_fallbacks: AtomicU64,
+    huge_pages: AtomicUsize,
 }
 
 pub(crate) struct State<M> {
     pub(crate) mmu: M,
     pub(crate) config: ManagerConfig,
     pub(crate) window: AddressRange,
-    free_va: DisjointAllocationPool,
+    pub(super) free_va: DisjointAllocationPool,
     /// Code spaces by usable start.
     pub(crate) spaces: BTreeMap<usize, Space>,
     /// Usable bytes of all `spaces`, kept with them (the counters publish it on every unlock).
-    reserved: usize,
-    /// Every committed page of every space, owning its frame.
+    pub(super) reserved: usize,
+    /// Every committed page of every space, owning its frame (the 512 pages of each 2 MiB
+    /// page included).
     pub(crate) pages: BTreeMap<usize, CommittedPage>,
+    /// Starts of the mapped 2 MiB pages (of ROX spaces).
+    pub(crate) huge: alloc::collections::BTreeSet<usize>,
+    /// ROX spaces that fell back to 4 KiB pages, ever.
+    pub(crate) rox_fallbacks: u64,
     pub(crate) committed: usize,
     critical: usize,
     critical_crossings: u64,
@@ -138,6 +155,10 @@ impl<M> Drop for Locked<'_, M> {
         c.spaces.store(s.spaces.len(), Ordering::Relaxed);
         c.window_free
             .store(s.free_va.total_size(), Ordering::Relaxed);
+        let rox = s.spaces.values().filter(|sp| sp.rox).count();
+        c.rox_spaces.store(rox, Ordering::Relaxed);
+        c.rox_fallbacks.store(s.rox_fallbacks, Ordering::Relaxed);
+        c.huge_pages.store(s.huge.len(), Ordering::Relaxed);
     }
 }
 
@@ -175,6 +196,8 @@ impl<M: Mmu> CodeManager<M> {
                     spaces: BTreeMap::new(),
                     reserved: 0,
                     pages: BTreeMap::new(),
+                    huge: alloc::collections::BTreeSet::new(),
+                    rox_fallbacks: 0,
                     committed: 0,
                     critical: config.max_committed / 2,
                     critical_crossings: 0,
@@ -320,6 +343,9 @@ impl<M: Mmu> CodeManager<M> {
                 0 if c.spaces.load(Ordering::Relaxed) == 0 => self.inner.window.size(),
                 free => free,
             },
+            rox_spaces: c.rox_spaces.load(Ordering::Relaxed),
+            rox_fallbacks: c.rox_fallbacks.load(Ordering::Relaxed),
+            huge_pages: c.huge_pages.load(Ordering::Relaxed),
         }
     }
 
@@ -414,6 +440,7 @@ impl<M: Mmu> State<M> {
             Space {
                 usable,
                 reservation,
+                rox: false,
             },
         );
         self.reserved += usable.size();

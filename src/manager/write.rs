@@ -82,8 +82,19 @@ impl<M: Mmu> State<M> {
     ///
     /// All pages are checked before the first byte moves.
     pub(crate) fn write_code(&mut self, addr: usize, data: &[u8]) -> Result<bool, CodeError> {
+        self.write_code_batch(&[(addr, data)])
+    }
+
+    /// [`write_code`](Self::write_code) for several writes at once: every page of every write
+    /// is checked before the first byte moves, and the live pages are written in as few alias
+    /// sessions as [`MAX_POKE_PAGES`] allows (one for a batch within 2 MiB of pages).
+    pub(crate) fn write_code_batch(
+        &mut self,
+        writes: &[(usize, &[u8])],
+    ) -> Result<bool, CodeError> {
+        let all = || writes.iter().flat_map(|&(addr, data)| chunks(addr, data));
         let mut live: Vec<Chunk<'_>> = Vec::new();
-        for chunk in chunks(addr, data) {
+        for chunk in all() {
             let chunk = chunk?;
             if self.is_live(chunk.0)? {
                 live.push(chunk);
@@ -95,9 +106,10 @@ impl<M: Mmu> State<M> {
         {
             return Err(CodeError::FlipNeedsOneCpu);
         }
-        for chunk in chunks(addr, data) {
+        let live_pages: alloc::collections::BTreeSet<usize> = live.iter().map(|c| c.0).collect();
+        for chunk in all() {
             let (page, offset, bytes) = chunk?;
-            if !live.iter().any(|c| c.0 == page) {
+            if !live_pages.contains(&page) {
                 let committed = self.pages.get(&page).ok_or(MmuError::NotMapped { page })?;
                 self.mmu.write(committed, offset, bytes)?;
             }
@@ -106,7 +118,19 @@ impl<M: Mmu> State<M> {
             return Ok(false);
         }
         match self.config.protection {
-            ProtectionMode::Alias => self.poke_chunks(&live)?,
+            ProtectionMode::Alias => {
+                // Sessions of at most MAX_POKE_PAGES distinct pages, in order.
+                let mut from = 0;
+                let mut pages = alloc::collections::BTreeSet::new();
+                for (i, c) in live.iter().enumerate() {
+                    if !pages.contains(&c.0) && pages.len() == MAX_POKE_PAGES {
+                        self.poke_chunks(&live[from..i])?;
+                        (from, pages) = (i, alloc::collections::BTreeSet::new());
+                    }
+                    pages.insert(c.0);
+                }
+                self.poke_chunks(&live[from..])?;
+            }
             ProtectionMode::Flip => {
                 for &chunk in &live {
                     self.flip_write(chunk)?;
@@ -183,15 +207,24 @@ impl<M: Mmu> State<M> {
     /// with its fresh pages untouched, and a failed staging or flush stages them back to RW+NX.
     /// Only the codes' own ranges (free space, unreachable until published) may hold new bytes.
     pub(crate) fn publish(&mut self, codes: &[(AddressRange, &[u8])]) -> Result<(), CodeError> {
-        let mut wrote_live = false;
-        let mut image = Vec::new();
-        for &(range, bytes) in codes {
-            // Code and padding in one write, so all its pages are checked before a byte moves.
-            image.clear();
-            image.extend_from_slice(bytes);
-            image.resize(range.size(), INT3);
-            wrote_live |= self.write_code(range.start(), &image)?;
-        }
+        // Code and padding in one write each, all written in one batch: every page is checked
+        // before a byte moves, and live pages (ROX pages are all live) take one alias session
+        // per batch, not per code.
+        let images: Vec<Vec<u8>> = codes
+            .iter()
+            .map(|&(range, bytes)| {
+                let mut image = Vec::with_capacity(range.size());
+                image.extend_from_slice(bytes);
+                image.resize(range.size(), INT3);
+                image
+            })
+            .collect();
+        let writes: Vec<(usize, &[u8])> = codes
+            .iter()
+            .zip(&images)
+            .map(|(&(range, _), image)| (range.start(), &image[..]))
+            .collect();
+        let wrote_live = self.write_code_batch(&writes)?;
         // Pages still RW hold no published code (publishing any would have made them R+X).
         let mut fresh: Vec<usize> = codes
             .iter()

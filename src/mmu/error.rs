@@ -60,6 +60,10 @@ pub enum MmuError {
     },
     /// A simulated failure (failure-injection backends in tests).
     Injected,
+    /// The backend does not offer this operation (2 MiB code pages, [`Mmu::map_rox`]).
+    ///
+    /// [`Mmu::map_rox`]: super::Mmu::map_rox
+    Unsupported,
 }
 
 impl fmt::Display for MmuError {
@@ -79,6 +83,7 @@ impl fmt::Display for MmuError {
                 write!(f, "{pages} pages in one alias session (at most {max})")
             }
             MmuError::Injected => f.write_str("injected failure"),
+            MmuError::Unsupported => f.write_str("not supported by this backend"),
         }
     }
 }

@@ -43,8 +43,12 @@ pub use flush::TlbFlush;
 pub(crate) use page::page_aligned;
 pub use page::{CommittedPage, FlushStats, Leaf, PageMapping, Protection};
 
-/// Most pages one [`Mmu::poke`] session maps.
-pub const MAX_POKE_PAGES: usize = 32;
+/// Most pages one [`Mmu::poke`] session maps: a whole 2 MiB page ([`Mmu::map_rox`]), so the
+/// code of a batch that fits in one is written in one session.
+pub const MAX_POKE_PAGES: usize = 512;
+
+/// Bytes of one 2 MiB page of [`Mmu::map_rox`].
+pub const HUGE_PAGE_SIZE: usize = 2 << 20;
 
 /// Writes through a private, writable alias of committed pages, inside [`Mmu::poke`].
 ///
@@ -108,7 +112,9 @@ impl InterruptControl {
 ///   translations of them, before it stores final entries or frees frames; a page-table frame
 ///   is freed only once no entry points to it and a full invalidation on every CPU followed its
 ///   unlinking (CPUs cache entries pointing to tables), and a queued store is only ever made
-///   over the not-present (staged) 4 KiB leaf it was queued for;
+///   over the not-present (staged) 4 KiB or 2 MiB leaf it was queued for;
+/// - [`map_rox`](Self::map_rox) never makes a frame executable before every other mapping of
+///   it is read-only on every CPU, and no translation of its leaf is ever writable;
 /// - [`poke`](Self::poke)'s alias is usable by the calling CPU only, and only during the call;
 /// - [`sync_cores`](Self::sync_cores) returns only after every online CPU executed a
 ///   serializing instruction;
@@ -142,6 +148,60 @@ pub unsafe trait Mmu {
     /// `page` lies in virtual memory the caller owns exclusively (the code window): nothing
     /// else relies on it being unmapped.
     unsafe fn map_fresh(&mut self, page: usize) -> Result<CommittedPage, MmuError>;
+
+    /// Maps a fresh 2 MiB frame at `page` (2 MiB aligned) as one read-only, executable leaf
+    /// that is never writable: code on it is written only through [`poke`](Self::poke) (the
+    /// ROX mode; Linux's execmem ROX cache). The frame is filled with INT3 through a writable,
+    /// non-executable mapping before anything can execute it; every other mapping of the frame
+    /// the backend knows of (a direct map, an identity map) is staged read-only in `tlb`, and
+    /// the leaf itself is staged too: not present until the flush of `tlb`, R+X after it, so no
+    /// CPU ever holds a writable translation of the frame while one may execute it.
+    ///
+    /// Returns the frame's 512 pages in address order (page `i` at `page + i * 4096`, frame
+    /// `i` at the frame's start plus `i * 4096`): [`poke`](Self::poke), [`read`](Self::read)
+    /// and [`query`](Self::query) take them one by one; the leaf goes back only whole, with
+    /// all of them, to [`unmap_rox`](Self::unmap_rox). [`unmap`](Self::unmap) and
+    /// [`protect`](Self::protect) refuse them.
+    ///
+    /// The default answers [`MmuError::Unsupported`]: a backend without 2 MiB frames, for
+    /// which codespace falls back to 4 KiB pages.
+    ///
+    /// # Errors
+    /// Unaligned or out-of-range page, anything mapped (or a table) in its 2 MiB, no 2 MiB
+    /// frame or table frame left ([`MmuError::OutOfFrames`]), or no support. Nothing changed.
+    ///
+    /// # Safety
+    /// As [`map_fresh`](Self::map_fresh): the 2 MiB at `page` lie in virtual memory the caller
+    /// owns exclusively.
+    unsafe fn map_rox(
+        &mut self,
+        page: usize,
+        tlb: &mut TlbFlush,
+    ) -> Result<alloc::vec::Vec<CommittedPage>, MmuError> {
+        let _ = (page, tlb);
+        Err(MmuError::Unsupported)
+    }
+
+    /// Unmaps a 2 MiB leaf of [`map_rox`](Self::map_rox), given back as all its pages in
+    /// order; the frame returns to the allocator after the next [`flush`](Self::flush) of
+    /// `tlb` (one round), its aliases restored writable then. Staged like
+    /// [`unmap`](Self::unmap).
+    ///
+    /// # Errors
+    /// `pages` are not exactly the leaf's, or a backend failure: the pages come back, nothing
+    /// changed.
+    ///
+    /// # Safety
+    /// No CPU executes, or will return into, code on any of the pages, and nothing else reads
+    /// them.
+    unsafe fn unmap_rox(
+        &mut self,
+        pages: alloc::vec::Vec<CommittedPage>,
+        tlb: &mut TlbFlush,
+    ) -> Result<(), (MmuError, alloc::vec::Vec<CommittedPage>)> {
+        let _ = tlb;
+        Err((MmuError::Unsupported, pages))
+    }
 
     /// Unmaps `page`; its frame returns to the allocator after the next [`flush`](Self::flush)
     /// of `tlb`, along with any alias of it this backend sealed (restored then). The leaf is

@@ -20,6 +20,10 @@ pub struct ModuleConfig {
     pub growable: bool,
     /// Size of the first code space (0: sized by need).
     pub initial_reservation: usize,
+    /// Code spaces on 2 MiB pages that are never writable (the ROX mode, see
+    /// [`AllocatorConfig::rox`](crate::AllocatorConfig::rox)); needs the manager's
+    /// [`rox_code`](crate::ManagerConfig::rox_code). Off by default.
+    pub rox: bool,
 }
 
 impl Default for ModuleConfig {
@@ -29,6 +33,7 @@ impl Default for ModuleConfig {
             lazy_entry: None,
             growable: true,
             initial_reservation: 0,
+            rox: false,
         }
     }
 }

@@ -125,6 +125,7 @@ impl<M: Mmu + Send + 'static> CodeModule<M> {
                     overhead,
                     growable: config.growable,
                     initial_reservation: config.initial_reservation,
+                    rox: config.rox,
                 },
             )?,
             registries,

@@ -62,6 +62,78 @@ pub fn machine_for(frames: usize, mode: ProtectionMode) -> SoftMmu {
     SoftMmu::with_cpus(frames, cpus).with_direct_map(DIRECT_MAP)
 }
 
+/// How a suite's manager places and writes code: the protection mode, and whether code lives
+/// on 2 MiB ROX pages (issue 20). Suites loop over [`MODES`] instead of copying tests per mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mode {
+    pub protection: ProtectionMode,
+    pub rox: bool,
+}
+
+impl Mode {
+    pub const ALIAS: Mode = Mode {
+        protection: ProtectionMode::Alias,
+        rox: false,
+    };
+    pub const FLIP: Mode = Mode {
+        protection: ProtectionMode::Flip,
+        rox: false,
+    };
+    /// Code on 2 MiB pages mapped R+X once, written through the alias only.
+    pub const ROX: Mode = Mode {
+        protection: ProtectionMode::Alias,
+        rox: true,
+    };
+
+    /// `config` with this mode.
+    pub fn manager(self, config: ManagerConfig) -> ManagerConfig {
+        ManagerConfig {
+            protection: self.protection,
+            rox_code: self.rox,
+            ..config
+        }
+    }
+
+    /// `config` asking for ROX code spaces in the ROX mode.
+    pub fn module(self, config: ModuleConfig) -> ModuleConfig {
+        ModuleConfig {
+            rox: self.rox,
+            ..config
+        }
+    }
+
+    /// `config` asking for ROX code spaces in the ROX mode.
+    pub fn allocator(self, config: AllocatorConfig) -> AllocatorConfig {
+        AllocatorConfig {
+            rox: self.rox,
+            ..config
+        }
+    }
+
+    /// While code is live in a run that claims the mode: it is on ROX pages, none fell back.
+    pub fn assert_in_use(self, m: &CodeManager<SoftMmu>) {
+        if self.rox {
+            let s = m.stats();
+            assert!(
+                s.rox_spaces > 0 && s.huge_pages > 0,
+                "no ROX space in use: {s:?}"
+            );
+            assert_eq!(s.rox_fallbacks, 0, "ROX spaces fell back: {s:?}");
+        }
+    }
+
+    /// After a run that claimed the mode: no ROX space fell back.
+    pub fn assert_claimed(self, m: &CodeManager<SoftMmu>) {
+        if self.rox {
+            let s = m.stats();
+            assert_eq!(s.rox_fallbacks, 0, "ROX spaces fell back: {s:?}");
+        }
+    }
+}
+
+/// Every mode the parameterized suites run in.
+pub const MODES: [Mode; 3] = [Mode::ALIAS, Mode::FLIP, Mode::ROX];
+
 pub fn config(protection: ProtectionMode) -> ManagerConfig {
     ManagerConfig {
         protection,

@@ -15,6 +15,7 @@ mod commit;
 mod failures;
 mod patch;
 mod publish;
+mod rox;
 mod spaces;
 
 use codespace::manager::{AllocatorStats, ManagerStats};

@@ -6,16 +6,22 @@ use codespace::mmu::soft::CallKind;
 use codespace::module::{ModuleError, NewCode};
 use codespace::CodeError;
 
-use super::default_rig;
+use super::rig_in;
 use crate::common::*;
 
 /// A retired object whose free cannot start (its INT3 fill fails) is not lost: the next reclaim
 /// frees it, and nothing stays committed.
 #[test]
 fn a_free_that_cannot_start_is_retried_by_the_next_reclaim() {
-    let (machine, m) = default_rig();
+    for mode in [Mode::ALIAS, Mode::ROX] {
+        a_free_that_cannot_start_is_retried_by_the_next_reclaim_in(mode);
+    }
+}
+
+fn a_free_that_cannot_start_is_retried_by_the_next_reclaim_in(mode: Mode) {
+    let (machine, m) = rig_in(mode);
     let regs = registries();
-    let module = module(&m, regs, functions(2));
+    let module = module(&m, regs, mode.module(functions(2)));
     module
         .add_code(&NewCode::function(0, &body(64, 0x90)))
         .unwrap();
@@ -48,15 +54,22 @@ fn a_free_that_cannot_start_is_retried_by_the_next_reclaim() {
 /// freed memory. The next reclaim serializes first.
 #[test]
 fn replaced_code_outlives_a_failed_serialization() {
-    let (machine, m) = default_rig();
+    for mode in [Mode::ALIAS, Mode::ROX] {
+        replaced_code_outlives_a_failed_serialization_in(mode);
+    }
+}
+
+fn replaced_code_outlives_a_failed_serialization_in(mode: Mode) {
+    let (machine, m) = rig_in(mode);
     let regs = registries();
-    let module = module(&m, regs, functions(2));
+    let module = module(&m, regs, mode.module(functions(2)));
     let t = first_table(&module);
-    // Whole pages each: publishing writes no live page, so the slot patch is the only sync.
+    // Whole pages each: publishing writes no live page, so the slot patch is the only sync
+    // (in the ROX mode every page is live: the publish's own sync comes first).
     let v1 = module
         .add_code(&NewCode::function(0, &body(PAGE, 0x90)))
         .unwrap();
-    machine.fail_nth(CallKind::Sync, 0);
+    machine.fail_nth(CallKind::Sync, u64::from(mode.rox));
     let r = module.add_code(&NewCode::function(0, &body(PAGE, 0x91)));
     assert!(
         matches!(r, Err(ModuleError::Code(CodeError::SyncFailed(_)))),
@@ -89,16 +102,23 @@ fn replaced_code_outlives_a_failed_serialization() {
 /// and does not keep anonymous code nobody can name: the error returns no handle for it.
 #[test]
 fn a_batch_with_a_failed_serialization_keeps_no_unnamed_code() {
-    let (machine, m) = default_rig();
+    for mode in [Mode::ALIAS, Mode::ROX] {
+        a_batch_with_a_failed_serialization_keeps_no_unnamed_code_in(mode);
+    }
+}
+
+fn a_batch_with_a_failed_serialization_keeps_no_unnamed_code_in(mode: Mode) {
+    let (machine, m) = rig_in(mode);
     let regs = registries();
-    let module = module(&m, regs, functions(2));
+    let module = module(&m, regs, mode.module(functions(2)));
     let before = module.stats().unwrap();
     let (f_bytes, w_bytes) = (body(PAGE, 0x90), body(PAGE, 0x91));
     let batch = [
         NewCode::function(1, &f_bytes),
         NewCode::new(CodeKind::Wrapper, &w_bytes),
     ];
-    machine.fail_nth(CallKind::Sync, 0);
+    // The slot serialization: in the ROX mode after the publish's own.
+    machine.fail_nth(CallKind::Sync, u64::from(mode.rox));
     let r = module.add_code_batch(&batch).map(|v| v.len());
     assert!(
         matches!(r, Err(ModuleError::Code(CodeError::SyncFailed(_)))),
@@ -160,9 +180,15 @@ fn a_failed_add_gives_back_the_space_and_tables_it_created() {
 /// so with an error that means nothing changed.
 #[test]
 fn an_add_rolled_back_after_a_failed_publish_sync_reports_nothing_changed() {
-    let (machine, m) = default_rig();
+    for mode in [Mode::ALIAS, Mode::ROX] {
+        an_add_rolled_back_after_a_failed_publish_sync_reports_nothing_changed_in(mode);
+    }
+}
+
+fn an_add_rolled_back_after_a_failed_publish_sync_reports_nothing_changed_in(mode: Mode) {
+    let (machine, m) = rig_in(mode);
     let regs = registries();
-    let module = module(&m, regs, functions(4));
+    let module = module(&m, regs, mode.module(functions(4)));
     let old = module
         .add_code(&NewCode::function(2, &body(64, 0x90)))
         .unwrap();
@@ -195,12 +221,18 @@ fn an_add_rolled_back_after_a_failed_publish_sync_reports_nothing_changed() {
 /// indirect calls elsewhere than direct ones).
 #[test]
 fn a_failed_first_add_leaves_no_code_pointer_even_for_a_patched_slot() {
-    let (machine, m) = default_rig();
+    for mode in [Mode::ALIAS, Mode::ROX] {
+        a_failed_first_add_leaves_no_code_pointer_even_for_a_patched_slot_in(mode);
+    }
+}
+
+fn a_failed_first_add_leaves_no_code_pointer_even_for_a_patched_slot_in(mode: Mode) {
+    let (machine, m) = rig_in(mode);
     let regs = registries();
     let table: &'static codespace::code_pointer_table::CodePointerTable = Box::leak(Box::new(
         codespace::code_pointer_table::CodePointerTable::with_capacity(8, regs.grace()),
     ));
-    let module = module(&m, regs, functions(2));
+    let module = module(&m, regs, mode.module(functions(2)));
     module.set_code_pointer_table(Some(table)).unwrap();
     let stub = 0xFFFF_FFFF_8000_1000;
     // SAFETY: nothing executes on the software machine; `stub` stands for kernel text.

@@ -31,6 +31,11 @@ pub fn rig_with(config: ManagerConfig) -> (SoftMmu, CodeManager<SoftMmu>) {
     rig(1 << 16, config)
 }
 
+/// A rig for `mode` (room for a few 2 MiB pages in the ROX mode).
+pub fn rig_in(mode: Mode) -> (SoftMmu, CodeManager<SoftMmu>) {
+    rig(1 << 13, mode.manager(ManagerConfig::default()))
+}
+
 pub fn default_rig() -> (SoftMmu, CodeManager<SoftMmu>) {
     rig_with(ManagerConfig::default())
 }

@@ -246,19 +246,26 @@ fn internal_references_resolve_to_the_code_start_plus_offset() {
 
 #[test]
 fn a_far_code_space_gets_its_own_tables_and_slots_use_the_far_path() {
-    let (machine, m) = rig_with(ManagerConfig {
+    for mode in [Mode::ALIAS, Mode::ROX] {
+        a_far_code_space_gets_its_own_tables_and_slots_use_the_far_path_in(mode);
+    }
+}
+
+/// In the ROX mode both spaces are on 2 MiB pages: the reach rules are the same.
+fn a_far_code_space_gets_its_own_tables_and_slots_use_the_far_path_in(mode: Mode) {
+    let (machine, m) = rig_with(mode.manager(ManagerConfig {
         max_code_space_size: GIB,
         ..ManagerConfig::default()
-    });
+    }));
     let regs = registries();
     let module = module(
         &m,
         regs,
-        ModuleConfig {
+        mode.module(ModuleConfig {
             functions: 8,
             initial_reservation: 16 * PAGE,
             ..ModuleConfig::default()
-        },
+        }),
     );
     let first_space = module.code_spaces().unwrap()[0];
     let t1 = first_table(&module);
@@ -369,6 +376,7 @@ fn a_far_code_space_gets_its_own_tables_and_slots_use_the_far_path() {
     drop(fillers);
     assert_eq!(m.stats().code_spaces, 0);
     assert_sound_no_leak(&machine, &m);
+    mode.assert_claimed(&m);
 }
 
 #[test]

@@ -96,7 +96,18 @@ fn random_modules_against_a_model() {
         "random_modules_against_a_model",
         4_000,
         &[0x5EED_0003, 0x5EED_0004],
-        modules::run,
+        |t| modules::run(t, common::Mode::ALIAS),
+    );
+}
+
+/// The same run with every module's code on 2 MiB ROX pages (issue 20).
+#[test]
+fn random_rox_modules_against_a_model() {
+    drive(
+        "random_rox_modules_against_a_model",
+        4_000,
+        &[0x5EED_0005, 0x5EED_0006],
+        |t| modules::run(t, common::Mode::ROX),
     );
 }
 

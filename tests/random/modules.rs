@@ -30,6 +30,7 @@ use model::{Draft, Model, Obj};
 
 struct Run<'t> {
     trial: &'t Trial<'t>,
+    mode: Mode,
     rng: Rng,
     machine: SoftMmu,
     manager: CodeManager<SoftMmu>,
@@ -47,19 +48,22 @@ struct Run<'t> {
     trace: std::collections::VecDeque<String>,
 }
 
-pub fn run(trial: &Trial<'_>) {
+/// One run in `mode` (the 4 KiB alias mode, or the ROX mode: code spaces of 2 MiB pages, with a
+/// commit limit of 16 of them instead of 400 pages).
+pub fn run(trial: &Trial<'_>, mode: Mode) {
     let machine = machine(1 << 15);
     let manager = manager_on(
         &machine,
         slot(),
-        ManagerConfig {
-            max_committed: 400 * PAGE,
+        mode.manager(ManagerConfig {
+            max_committed: if mode.rox { 32 << 20 } else { 400 * PAGE },
             max_code_space_size: GIB,
             ..ManagerConfig::default()
-        },
+        }),
     );
     let mut run = Run {
         trial,
+        mode,
         rng: Rng::new(trial.seed),
         machine,
         manager,
@@ -76,6 +80,8 @@ pub fn run(trial: &Trial<'_>) {
         run.create(mi);
         assert!(run.models[mi].is_some(), "module {mi} created");
     }
+    // The module with an initial reservation has its space now: on ROX pages in that mode.
+    assert_eq!(run.manager.stats().rox_spaces > 0, mode.rox);
     while run.step < trial.steps {
         trial.at(run.step);
         run.step();
@@ -89,6 +95,7 @@ pub fn run(trial: &Trial<'_>) {
     run.fillers.clear();
     assert_eq!(run.manager.committed(), 0);
     assert_eq!(run.regs.code.len(), 0);
+    mode.assert_claimed(&run.manager);
     assert_eq!(run.regs.traps.len(), 0);
     assert_sound_no_leak(&run.machine, &run.manager);
 }
@@ -179,12 +186,12 @@ impl Run<'_> {
 
     fn create(&mut self, mi: usize) {
         let lazy = mi == 0;
-        let config = ModuleConfig {
+        let config = self.mode.module(ModuleConfig {
             functions: FUNCTIONS,
             lazy_entry: lazy.then_some(LAZY_ENTRY),
             initial_reservation: if lazy { 0 } else { 8 * PAGE },
             ..ModuleConfig::default()
-        };
+        });
         match CodeModule::new(&self.manager, self.regs, config) {
             Ok(module) => {
                 let pointers: &'static CodePointerTable = Box::leak(Box::new(

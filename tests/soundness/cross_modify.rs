@@ -32,14 +32,16 @@ struct Rig {
     targets: [usize; 2],
 }
 
-fn rig(protocol: impl FnOnce(&'static BreakpointSites) -> PatchProtocol) -> Rig {
+/// The rig in `mode`: in the ROX mode the table and the targets are on 2 MiB ROX pages, and
+/// the protocols must behave exactly the same (they never change a page's protection).
+fn rig(mode: Mode, protocol: impl FnOnce(&'static BreakpointSites) -> PatchProtocol) -> Rig {
     let sites = sites();
-    let (machine, manager) = rig_with(ManagerConfig {
+    let (machine, manager) = rig_with(mode.manager(ManagerConfig {
         patch_protocol: protocol(sites),
         ..ManagerConfig::default()
-    });
+    }));
     let regs = registries();
-    let module = module(&manager, regs, functions(2));
+    let module = module(&manager, regs, mode.module(functions(2)));
     let targets = [0xB8u8, 0xB9].map(|op| {
         module
             .add_code(&NewCode::new(CodeKind::Wrapper, &[op, 1, 0, 0, 0, 0xC3]))
@@ -47,6 +49,7 @@ fn rig(protocol: impl FnOnce(&'static BreakpointSites) -> PatchProtocol) -> Rig 
             .instruction_start()
     });
     module.patch_slot(0, targets[0]).unwrap();
+    mode.assert_in_use(&manager);
     let layout = first_table(&module);
     Rig {
         machine,
@@ -132,7 +135,13 @@ fn encoding(slot: usize, target: usize) -> [u8; 8] {
 /// and the sites are gone afterwards.
 #[test]
 fn xmc_int3_patch_is_three_rounds_and_every_stage_is_sdm_defined() {
-    let r = rig(int3);
+    for mode in [Mode::ALIAS, Mode::ROX] {
+        xmc_int3_patch_is_three_rounds_and_every_stage_is_sdm_defined_in(mode);
+    }
+}
+
+fn xmc_int3_patch_is_three_rounds_and_every_stage_is_sdm_defined_in(mode: Mode) {
+    let r = rig(mode, int3);
     r.warm();
     let (slot, [old, new]) = (r.slot(), r.targets);
     let (old_bytes, new_bytes) = (encoding(slot, old), encoding(slot, new));
@@ -144,7 +153,7 @@ fn xmc_int3_patch_is_three_rounds_and_every_stage_is_sdm_defined() {
 
     // Stop the patch right after store session `stage` (its sync round fails), look, finish.
     for stage in 0..3u64 {
-        let r = rig(int3);
+        let r = rig(mode, int3);
         r.warm();
         let syncs = r.syncs();
         r.machine.fail_nth(CallKind::Sync, stage);
@@ -207,7 +216,13 @@ fn xmc_int3_patch_is_three_rounds_and_every_stage_is_sdm_defined() {
 /// undefined (and V8 relies on in practice).
 #[test]
 fn xmc_atomic_store_is_one_round_outside_the_sdm_rule() {
-    let r = rig(|_| PatchProtocol::AtomicStore);
+    for mode in [Mode::ALIAS, Mode::ROX] {
+        xmc_atomic_store_is_one_round_outside_the_sdm_rule_in(mode);
+    }
+}
+
+fn xmc_atomic_store_is_one_round_outside_the_sdm_rule_in(mode: Mode) {
+    let r = rig(mode, |_| PatchProtocol::AtomicStore);
     r.warm();
     let (syncs, pokes) = (r.syncs(), r.pokes());
     r.module.patch_slot(0, r.targets[1]).unwrap();
@@ -227,8 +242,14 @@ fn xmc_atomic_store_is_one_round_outside_the_sdm_rule() {
 /// session), the near slot jumps to the far slot, and a CPU that hits the INT3 resumes there.
 #[test]
 fn xmc_int3_far_target_goes_through_the_far_slot() {
+    for mode in [Mode::ALIAS, Mode::ROX] {
+        xmc_int3_far_target_goes_through_the_far_slot_in(mode);
+    }
+}
+
+fn xmc_int3_far_target_goes_through_the_far_slot_in(mode: Mode) {
     const EXTERNAL: usize = 0xFFFF_FFFF_8020_0000;
-    let r = rig(int3);
+    let r = rig(mode, int3);
     r.warm();
     // SAFETY: nothing executes on the software machine; EXTERNAL stands for kernel text
     // outside the window.
@@ -334,7 +355,13 @@ fn live_bytes(r: &Rig, target: usize) -> Option<[u8; 6]> {
 /// to the new target and free the old one, which the slot still jumps to).
 #[test]
 fn xmc_int3_pending_patch_failing_again_is_not_reported_as_stored() {
-    let r = rig(int3);
+    for mode in [Mode::ALIAS, Mode::ROX] {
+        xmc_int3_pending_patch_failing_again_is_not_reported_as_stored_in(mode);
+    }
+}
+
+fn xmc_int3_pending_patch_failing_again_is_not_reported_as_stored_in(mode: Mode) {
+    let r = rig(mode, int3);
     r.warm();
     let [old, new] = r.targets;
     // The first patch's first round, then both tries of the second call (the manager lock's
@@ -378,8 +405,14 @@ fn xmc_int3_pending_patch_failing_again_is_not_reported_as_stored() {
 /// While it cannot finish, the space stays (mapped, its sites meaningful) until it can.
 #[test]
 fn xmc_int3_pending_patch_finishes_before_its_tables_go() {
+    for mode in [Mode::ALIAS, Mode::ROX] {
+        xmc_int3_pending_patch_finishes_before_its_tables_go_in(mode);
+    }
+}
+
+fn xmc_int3_pending_patch_finishes_before_its_tables_go_in(mode: Mode) {
     for fail_again in [false, true] {
-        let r = rig(int3);
+        let r = rig(mode, int3);
         r.warm();
         let (slot, new, sites, regs) = (r.slot(), r.targets[1], r.sites, r.regs);
         r.machine.fail_nth(CallKind::Sync, 0);

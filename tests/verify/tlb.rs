@@ -12,16 +12,30 @@ use codespace::{CodeError, ManagerConfig, ProtectionMode};
 
 use crate::common::*;
 
-fn allocator(m: &codespace::CodeManager<SoftMmu>) -> codespace::CodeAllocator<SoftMmu> {
-    codespace::CodeAllocator::new(m, codespace::AllocatorConfig::default()).unwrap()
+fn allocator(mode: Mode, m: &codespace::CodeManager<SoftMmu>) -> codespace::CodeAllocator<SoftMmu> {
+    codespace::CodeAllocator::new(m, mode.allocator(codespace::AllocatorConfig::default())).unwrap()
+}
+
+/// The modes these tests run in (flip mode refuses several CPUs, see the last test).
+const TLB_MODES: [Mode; 2] = [Mode::ALIAS, Mode::ROX];
+
+/// A 4-CPU rig for `mode` (room for two 2 MiB pages in the ROX mode).
+fn rig_in(mode: Mode, frames: usize) -> (SoftMmu, codespace::CodeManager<SoftMmu>) {
+    rig(frames.max(1 << 12), mode.manager(ManagerConfig::default()))
 }
 
 /// Decommitted code's frame goes back to the allocator and is reused for other code; a CPU
 /// that executed the old code must not reach the new bytes through a translation it cached.
 #[test]
 fn stale_tlb_entries_never_reach_a_decommitted_frame_after_reuse() {
-    let (machine, m) = rig(1024, ManagerConfig::default());
-    let mut a = allocator(&m);
+    for mode in TLB_MODES {
+        stale_tlb_entries_never_reach_a_decommitted_frame_after_reuse_in(mode);
+    }
+}
+
+fn stale_tlb_entries_never_reach_a_decommitted_frame_after_reuse_in(mode: Mode) {
+    let (machine, m) = rig_in(mode, 1024);
+    let mut a = allocator(mode, &m);
     let mut w = a.allocate(PAGE).unwrap();
     w.as_mut_slice().fill(0x90);
     let old = a.publish(w).unwrap();
@@ -34,7 +48,7 @@ fn stale_tlb_entries_never_reach_a_decommitted_frame_after_reuse() {
     }
     free_published(&mut a, old).unwrap();
     // A new allocation elsewhere gets the same frame back.
-    let mut b = allocator(&m);
+    let mut b = allocator(mode, &m);
     let mut w = b.allocate(PAGE).unwrap();
     w.as_mut_slice().fill(0xCC);
     let new = b.publish(w).unwrap();
@@ -54,20 +68,34 @@ fn stale_tlb_entries_never_reach_a_decommitted_frame_after_reuse() {
     }
     free_published(&mut b, new).unwrap();
     assert_sound_no_leak(&machine, &m);
+    mode.assert_claimed(&m);
 }
 
 /// A CPU that wrote code while it was being staged (RW+NX) must not keep a writable
 /// translation once the code is published: its writes fault, the code stays as published.
 #[test]
 fn stale_writable_translations_are_gone_when_code_is_published() {
-    let (machine, m) = rig(1024, ManagerConfig::default());
-    let mut a = allocator(&m);
+    for mode in TLB_MODES {
+        stale_writable_translations_are_gone_when_code_is_published_in(mode);
+    }
+}
+
+/// In the ROX mode the pages are never writable, not even before the publish.
+fn stale_writable_translations_are_gone_when_code_is_published_in(mode: Mode) {
+    let (machine, m) = rig_in(mode, 1024);
+    let mut a = allocator(mode, &m);
     let mut w = a.allocate(2 * PAGE).unwrap();
     let start = w.start();
     // CPUs 1-3 write the staging pages (JIT threads on other CPUs): they cache RW translations.
     for cpu in 1..4 {
-        machine.write_as(cpu, start + cpu * 8, &[0xAB; 8]).unwrap();
-        machine.write_as(cpu, start + PAGE, &[0xAB; 8]).unwrap();
+        for at in [start + cpu * 8, start + PAGE] {
+            let wrote = machine.write_as(cpu, at, &[0xAB; 8]);
+            if mode.rox {
+                assert_eq!(wrote, Err(Fault::Protection { addr: at }), "CPU {cpu}");
+            } else {
+                wrote.unwrap();
+            }
+        }
     }
     w.as_mut_slice().fill(0xC3);
     let code = a.publish(w).unwrap();
@@ -83,20 +111,33 @@ fn stale_writable_translations_are_gone_when_code_is_published() {
     assert_eq!(read(&m, start, 2 * PAGE), vec![0xC3; 2 * PAGE]);
     free_published(&mut a, code).unwrap();
     assert_sound_no_leak(&machine, &m);
+    mode.assert_claimed(&m);
 }
 
 /// The direct map's alias of a code frame is sealed read-only when the code is published; a
 /// CPU that wrote through the alias before must not keep writing through a stale translation.
 #[test]
 fn stale_direct_map_translations_cannot_write_published_code() {
-    let (machine, m) = rig(1024, ManagerConfig::default());
-    let mut a = allocator(&m);
+    for mode in TLB_MODES {
+        stale_direct_map_translations_cannot_write_published_code_in(mode);
+    }
+}
+
+/// In the ROX mode the alias is sealed from the start, before the publish.
+fn stale_direct_map_translations_cannot_write_published_code_in(mode: Mode) {
+    let (machine, m) = rig_in(mode, 1024);
+    let mut a = allocator(mode, &m);
     let mut w = a.allocate(64).unwrap();
     let start = w.start();
     let frame = m.query(start).unwrap().unwrap().frame;
     let alias = DIRECT_MAP + (frame - PHYS_BASE) as usize;
     for cpu in 0..4 {
-        machine.write_as(cpu, alias + 512, &[0xAA; 8]).unwrap();
+        let wrote = machine.write_as(cpu, alias + 512, &[0xAA; 8]);
+        if mode.rox {
+            assert_eq!(wrote, Err(Fault::Protection { addr: alias + 512 }));
+        } else {
+            wrote.unwrap();
+        }
     }
     w.as_mut_slice().fill(0xC3);
     let code = a.publish(w).unwrap();
@@ -114,15 +155,22 @@ fn stale_direct_map_translations_cannot_write_published_code() {
     let mapping = codespace::mmu::Mmu::query(&machine, alias).expect("direct-mapped");
     assert!(mapping.writable);
     assert_sound_no_leak(&machine, &m);
+    mode.assert_claimed(&m);
 }
 
 /// When `patch_slot` returns, every CPU executes the new slot, not the bytes it fetched before
 /// (cross-modifying code needs every CPU to serialize).
 #[test]
 fn no_cpu_executes_a_stale_slot_after_patch_slot_returns() {
-    let (machine, m) = rig(1 << 12, ManagerConfig::default());
+    for mode in TLB_MODES {
+        no_cpu_executes_a_stale_slot_after_patch_slot_returns_in(mode);
+    }
+}
+
+fn no_cpu_executes_a_stale_slot_after_patch_slot_returns_in(mode: Mode) {
+    let (machine, m) = rig_in(mode, 1 << 12);
     let regs = registries();
-    let module = module(&m, regs, functions(4));
+    let module = module(&m, regs, mode.module(functions(4)));
     let t = first_table(&module);
     let f = module
         .add_code(&NewCode::function(1, &body(64, 0x90)))
@@ -152,15 +200,22 @@ fn no_cpu_executes_a_stale_slot_after_patch_slot_returns() {
         }
     }
     assert_sound(&machine, &m);
+    mode.assert_claimed(&m);
 }
 
 /// Replacing a function is a slot patch too: once `add_code` returns, no CPU runs the old
 /// version through the slot, so the grace period that frees it is about CPUs inside it only.
 #[test]
 fn no_cpu_executes_a_stale_slot_into_replaced_code() {
-    let (machine, m) = rig(1 << 12, ManagerConfig::default());
+    for mode in TLB_MODES {
+        no_cpu_executes_a_stale_slot_into_replaced_code_in(mode);
+    }
+}
+
+fn no_cpu_executes_a_stale_slot_into_replaced_code_in(mode: Mode) {
+    let (machine, m) = rig_in(mode, 1 << 12);
     let regs = registries();
-    let module = module(&m, regs, functions(2));
+    let module = module(&m, regs, mode.module(functions(2)));
     let t = first_table(&module);
     let mut current = module
         .add_code(&NewCode::function(0, &body(64, 0x90)))
@@ -186,6 +241,7 @@ fn no_cpu_executes_a_stale_slot_into_replaced_code() {
         }
     }
     assert_sound(&machine, &m);
+    mode.assert_claimed(&m);
 }
 
 /// Flip mode makes a live page non-executable for a moment: with a second CPU online (that
@@ -193,7 +249,7 @@ fn no_cpu_executes_a_stale_slot_into_replaced_code() {
 #[test]
 fn flip_mode_refuses_live_pages_once_another_cpu_could_hold_their_tlb_entries() {
     let (machine, m) = rig(1024, config(ProtectionMode::Flip));
-    let mut a = allocator(&m);
+    let mut a = allocator(Mode::FLIP, &m);
     let mut w = a.allocate(64).unwrap();
     w.as_mut_slice().fill(0x90);
     let first = a.publish(w).unwrap();
@@ -217,8 +273,14 @@ fn flip_mode_refuses_live_pages_once_another_cpu_could_hold_their_tlb_entries() 
 /// reused for other code is executed as newly published on every CPU.
 #[test]
 fn stale_instruction_bytes_of_a_reused_frame_are_never_executed() {
-    let (machine, m) = rig(1024, ManagerConfig::default());
-    let mut a = allocator(&m);
+    for mode in TLB_MODES {
+        stale_instruction_bytes_of_a_reused_frame_are_never_executed_in(mode);
+    }
+}
+
+fn stale_instruction_bytes_of_a_reused_frame_are_never_executed_in(mode: Mode) {
+    let (machine, m) = rig_in(mode, 1024);
+    let mut a = allocator(mode, &m);
     let mut x = a.allocate(64).unwrap();
     x.as_mut_slice().fill(0x90);
     let x = a.publish(x).unwrap();
@@ -234,7 +296,7 @@ fn stale_instruction_bytes_of_a_reused_frame_are_never_executed() {
     free_published(&mut a, x).unwrap();
     free_published(&mut a, y).unwrap();
     assert_eq!(m.committed(), 0);
-    let mut b = allocator(&m);
+    let mut b = allocator(mode, &m);
     let mut z = b.allocate(PAGE).unwrap();
     z.as_mut_slice().fill(0xC3);
     let z = b.publish(z).unwrap();
@@ -253,4 +315,5 @@ fn stale_instruction_bytes_of_a_reused_frame_are_never_executed() {
     }
     free_published(&mut b, z).unwrap();
     assert_sound_no_leak(&machine, &m);
+    mode.assert_claimed(&m);
 }

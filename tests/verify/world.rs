@@ -13,8 +13,8 @@ use codespace::mmu::soft::SoftMmu;
 use codespace::mmu::Leaf;
 use codespace::module::{CodeModule, ModuleConfig, NewCode, Registries};
 use codespace::{
-    AllocatorConfig, CodeAllocator, CodeManager, ManagerConfig, PatchProtocol, ProtectionMode,
-    PublishedCode, WritableCode,
+    AllocatorConfig, CodeAllocator, CodeManager, ManagerConfig, PatchProtocol, PublishedCode,
+    WritableCode,
 };
 
 use crate::common::*;
@@ -27,6 +27,7 @@ pub const FUNCTIONS: u32 = 8;
 /// grace period, a wrapper a slot targets, code pointers; and a plain allocator on the same
 /// manager with published code and two staged handles.
 pub struct World {
+    pub mode: Mode,
     pub machine: SoftMmu,
     pub manager: CodeManager<SoftMmu>,
     pub regs: &'static Registries,
@@ -45,27 +46,26 @@ pub struct World {
 }
 
 impl World {
-    pub fn new(mode: ProtectionMode) -> World {
+    pub fn new(mode: Mode) -> World {
         Self::with_sites(mode, None)
     }
 
     /// The world with slots patched under the INT3 protocol (`PatchProtocol::Int3`): a CPU that
     /// fetches an INT3 in a slot goes where the #BP hook says.
-    pub fn int3(mode: ProtectionMode) -> World {
+    pub fn int3(mode: Mode) -> World {
         Self::with_sites(mode, Some(Box::leak(Box::new(BreakpointSites::new()))))
     }
 
-    fn with_sites(mode: ProtectionMode, sites: Option<&'static BreakpointSites>) -> World {
-        let machine = machine_for(1 << 14, mode);
+    fn with_sites(mode: Mode, sites: Option<&'static BreakpointSites>) -> World {
+        let machine = machine_for(1 << 14, mode.protection);
         let manager = manager_on(
             &machine,
             slot(),
-            ManagerConfig {
+            mode.manager(ManagerConfig {
                 max_code_space_size: GIB,
-                protection: mode,
                 patch_protocol: sites.map_or(PatchProtocol::AtomicStore, PatchProtocol::Int3),
                 ..ManagerConfig::default()
-            },
+            }),
         );
         let regs = registries();
         let pointers: &'static CodePointerTable =
@@ -73,12 +73,12 @@ impl World {
         let module = CodeModule::new(
             &manager,
             regs,
-            ModuleConfig {
+            mode.module(ModuleConfig {
                 functions: FUNCTIONS,
                 lazy_entry: Some(LAZY_ENTRY),
                 initial_reservation: 16 * PAGE,
                 ..ModuleConfig::default()
-            },
+            }),
         )
         .expect("module");
         module.set_code_pointer_table(Some(pointers)).unwrap();
@@ -127,7 +127,8 @@ impl World {
         add(&mut objects, &NewCode::function(2, &body(64, 0x24)));
         module.patch_slots(&[(3, wrapper)]).unwrap();
 
-        let mut alloc = CodeAllocator::new(&manager, AllocatorConfig::default()).unwrap();
+        let mut alloc =
+            CodeAllocator::new(&manager, mode.allocator(AllocatorConfig::default())).unwrap();
         let mut published = Vec::new();
         // Spaces of 1 page (the first, 64 bytes spare), 3 pages and 2 pages: the second code
         // spans three pages, its last shared with the fourth code and the second staged handle;
@@ -151,6 +152,7 @@ impl World {
             })
             .collect();
         let world = World {
+            mode,
             machine,
             manager,
             regs,
@@ -166,6 +168,7 @@ impl World {
             _fillers: fillers,
         };
         world.check("setup", true);
+        mode.assert_in_use(&world.manager);
         world
     }
 

@@ -9,6 +9,7 @@
 mod jit;
 mod memory_rows;
 mod module_rows;
+mod rox_rows;
 mod smp;
 
 use alloc::vec::Vec;
@@ -124,12 +125,15 @@ pub fn run(smp_only: bool) -> ExitCode {
     };
     if smp_only {
         smp::run(&r);
+        // Shootdown and sync rounds exist only with other CPUs online.
+        rox_rows::run(&r);
         return ExitCode::Success;
     }
     let manager = memory_rows::manager(100);
     let flushes_before = manager.flush_stats().expect("flush stats");
     memory_rows::run(&r, &manager);
     module_rows::run(&r);
+    rox_rows::run(&r);
     smp::run(&r);
     jit::run(&r);
 

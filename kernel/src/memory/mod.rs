@@ -16,7 +16,7 @@ use codespace::mmu::x86::{IrqMutex, IrqMutexGuard};
 use x86_64::registers::control::Cr3;
 use x86_64::structures::paging::{
     FrameAllocator, FrameDeallocator, Mapper, OffsetPageTable, Page, PageTable, PageTableFlags,
-    PhysFrame, Size4KiB,
+    PhysFrame, Size2MiB, Size4KiB,
 };
 use x86_64::{PhysAddr, VirtAddr};
 
@@ -148,6 +148,63 @@ impl FrameDeallocator<Size4KiB> for FrameBitmap {
         );
         assert!(self.set(index, true), "double free of frame {frame:?}");
     }
+}
+
+/// Bitmap words of one 2 MiB frame (512 frames of 4 KiB).
+const HUGE_WORDS: usize = 512 / 64;
+
+impl FrameBitmap {
+    /// Takes the highest wholly free 2 MiB aligned run: 4 KiB frames are taken from the bottom
+    /// up, so whole runs last longest at the top. All 512 bits are cleared, so none of its
+    /// frames is handed out again until [`deallocate_huge`](Self::deallocate_huge).
+    fn allocate_huge(&mut self) -> Option<PhysFrame<Size2MiB>> {
+        let run = (0..BITMAP_WORDS / HUGE_WORDS).rev().find(|&r| {
+            self.words[r * HUGE_WORDS..(r + 1) * HUGE_WORDS]
+                .iter()
+                .all(|&w| w == u64::MAX)
+        })?;
+        self.words[run * HUGE_WORDS..(run + 1) * HUGE_WORDS].fill(0);
+        self.free -= 512;
+        Some(PhysFrame::containing_address(PhysAddr::new(
+            (run * 512) as u64 * FRAME_SIZE,
+        )))
+    }
+
+    fn deallocate_huge(&mut self, frame: PhysFrame<Size2MiB>) {
+        let first = (frame.start_address().as_u64() / FRAME_SIZE) as usize;
+        assert!(
+            first + 512 <= MAX_FRAMES,
+            "frame {frame:?} is outside the managed memory"
+        );
+        for index in first..first + 512 {
+            assert!(self.set(index, true), "double free in frame {frame:?}");
+        }
+    }
+}
+
+/// 2 MiB frames out of the kernel's one frame bitmap (for ROX code, see
+/// `X86Mmu::with_huge_frames`): each call takes the bitmap's lock, after this adapter's.
+pub struct HugeFrames;
+
+// SAFETY: `allocate_huge` hands out a 2 MiB aligned run none of whose frames is handed out again
+// (by either size) until it comes back; only RAM the memory map calls available is free.
+unsafe impl FrameAllocator<Size2MiB> for HugeFrames {
+    fn allocate_frame(&mut self) -> Option<PhysFrame<Size2MiB>> {
+        frames().allocate_huge()
+    }
+}
+
+impl FrameDeallocator<Size2MiB> for HugeFrames {
+    unsafe fn deallocate_frame(&mut self, frame: PhysFrame<Size2MiB>) {
+        frames().deallocate_huge(frame);
+    }
+}
+
+static HUGE_FRAMES: IrqMutex<HugeFrames> = IrqMutex::new(HugeFrames);
+
+/// The 2 MiB frame allocator's lock (taken before the frame bitmap's).
+pub fn huge_frames_lock() -> &'static IrqMutex<HugeFrames> {
+    &HUGE_FRAMES
 }
 
 impl fmt::Debug for FrameBitmap {

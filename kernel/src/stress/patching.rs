@@ -83,14 +83,19 @@ pub fn run(window: usize, patches: u64) -> PatchingStats {
 /// # Panics
 /// As [`run`].
 pub fn run_with(window: usize, patches: u64, protocol: PatchProtocol) -> PatchingStats {
-    let config = ManagerConfig {
+    let config = common::manager_config(ManagerConfig {
         patch_protocol: protocol,
         ..ManagerConfig::default()
-    };
+    });
     let mgr = code::manager(code::test_window(window), config).expect("a code manager");
     let resumes_before = code::breakpoint_resumes();
     // The lower module first: its code space takes the start of the window slice.
-    let lower = CodeModule::new(&mgr, &REGISTRIES, ModuleConfig::default()).expect("module");
+    let lower = CodeModule::new(
+        &mgr,
+        &REGISTRIES,
+        common::module_config(ModuleConfig::default()),
+    )
+    .expect("module");
     let low: [usize; 2] = [2, 3].map(|i| {
         lower
             .add_code(&NewCode::new(CodeKind::Wrapper, &ret_const(VALUES[i])))

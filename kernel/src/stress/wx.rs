@@ -16,13 +16,13 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use codespace::code_object::CodeKind;
 use codespace::module::NewCode;
-use codespace::{AllocatorConfig, CodeAllocator};
+use codespace::{AllocatorConfig, CodeAllocator, ManagerConfig};
 
 use super::common::{
     self, call0, check_fault, load_u64, ret_const, settle, try_access, Access, Phase, Stop,
     PF_PRESENT, PF_WRITE,
 };
-use crate::code::POKE_SLOT;
+use crate::code::{self, POKE_SLOT};
 use crate::memory::PHYS_OFFSET;
 use crate::smp;
 
@@ -113,6 +113,82 @@ pub fn publish(window: usize, pages: u32) -> PublishStats {
     };
     drop(alloc);
     settle(&mgr);
+    stats
+}
+
+/// [`publish`] in the ROX mode: code spaces on 2 MiB pages that are R+X from the start, so no
+/// CPU can write a page of the code through any of its three addresses at any time — before
+/// the publish (fresh, INT3) as after it — and the publish shoots nothing down.
+///
+/// # Panics
+/// On a write that succeeds, code that does not run, a space that fell back to 4 KiB pages, a
+/// publish that took a shootdown round, or anything unexpected, naming the CPU.
+pub fn publish_rox(window: usize, pages: u32) -> PublishStats {
+    let mgr = code::manager(
+        code::test_window(window),
+        ManagerConfig {
+            rox_code: true,
+            ..ManagerConfig::default()
+        },
+    )
+    .expect("a code manager");
+    let config = AllocatorConfig {
+        rox: true,
+        ..AllocatorConfig::default()
+    };
+    let mut alloc = CodeAllocator::new(&mgr, config).expect("allocator");
+    let refused = AtomicU64::new(0);
+    let mut first = None;
+    for _ in 0..pages {
+        let mut w = alloc.allocate(6).expect("allocate");
+        let start = w.start();
+        first.get_or_insert(start);
+        let stats = mgr.stats();
+        assert!(
+            stats.rox_spaces > 0 && stats.rox_fallbacks == 0,
+            "{stats:?}"
+        );
+        let mapping = mgr.query(start).expect("query").expect("committed");
+        assert!(
+            mapping.executable && !mapping.writable,
+            "R+X from the start"
+        );
+        let addrs = addresses(start, mapping.frame);
+        common::on_each_cpu(|_| expect_refused(&addrs, &refused));
+        w.as_mut_slice().copy_from_slice(&ret_const(VALUE));
+        let before = mgr.flush_stats().expect("stats");
+        let code = alloc.publish(w).map_err(|r| r.error).expect("publish");
+        let after = mgr.flush_stats().expect("stats");
+        assert_eq!(after.shootdowns, before.shootdowns, "a publish shot down");
+        assert_eq!(
+            (after.single_pages, after.full),
+            (before.single_pages, before.full)
+        );
+        common::on_each_cpu(|cpu| {
+            expect_refused(&addrs, &refused);
+            assert_eq!(call0(start), u64::from(VALUE), "cpu {cpu} runs the code");
+        });
+        // SAFETY: every CPU ran the code to its `ret` inside `on_each_cpu`, which returned; no
+        // slot or pointer leads to it and nobody else has its address.
+        unsafe { alloc.free(code) }
+            .map_err(|e| e.error())
+            .expect("free");
+    }
+    let stats = PublishStats {
+        pages: u64::from(pages),
+        refused_writes: refused.load(Ordering::SeqCst),
+    };
+    drop(alloc);
+    settle(&mgr);
+    // The 2 MiB page went back, and the page directory built for it with it (only this
+    // scenario's space lies in that GiB of the window).
+    if let Some(va) = first {
+        let walk = crate::memory::raw_entries(va as u64);
+        assert!(
+            walk[0].is_some() && walk[1].is_none(),
+            "the page directory of {va:#x} stayed linked: {walk:x?}"
+        );
+    }
     stats
 }
 

@@ -40,6 +40,7 @@ impl Machine {
             let m = self.mem.translate(page)?;
             Some(Cached {
                 frame: m.frame,
+                size: PAGE_SIZE as u64,
                 writable: m.writable,
                 executable: m.executable,
             })

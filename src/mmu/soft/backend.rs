@@ -3,7 +3,7 @@
 use alloc::vec::Vec;
 
 use super::inject::CallKind;
-use super::machine::{canonical, present, Memory, Slot, ADDR, P, STAGED, W};
+use super::machine::{canonical, leaf_frame, present, Memory, Slot, ADDR, HUGE, P, PS, STAGED, W};
 use super::tlb::{Violation, ViolationKind};
 use super::{cached, Machine, SoftMmu};
 use crate::mmu::pte::leaf_entry;
@@ -58,50 +58,65 @@ impl Machine {
         out
     }
 
-    /// Stores `new` in the 4 KiB leaf `slot` of page `va` and checks the promises: the old
-    /// translation becomes stale on every CPU; the new one must not be W+X, nor executable
-    /// while anything grants writes to the frame, nor writable while anything executes it.
+    /// Stores `new` in the leaf `slot` of page `va` (a 4 KiB leaf, or a 2 MiB one at level 2)
+    /// and checks the promises: the old translation becomes stale on every CPU (one TLB entry,
+    /// whatever its size); the new one must not be W+X, nor executable while anything grants
+    /// writes to any of its frames, nor writable while anything executes one.
     pub(super) fn store(&mut self, op: &'static str, va: u64, slot: Slot, new: u64) {
         let old = self.mem.entry(slot.table, slot.index);
+        let level = slot.level;
         if present(old) {
-            self.tlbs.went_stale(va, cached(old));
+            self.tlbs.went_stale(va, cached(old, level));
         }
         self.mem.set_entry(slot.table, slot.index, new);
         self.leaf_stores += 1;
         let window = !self.in_direct_map(va);
-        if window && old & ADDR != new & ADDR && (present(old) || old & STAGED != 0) {
-            if let Some(set) = self.rmap.get_mut(&(old & ADDR)) {
-                set.remove(&va);
+        // The 4 KiB pages the leaf maps: (page, frame) for entry `e`.
+        let pages = if level == 2 { HUGE / PAGE } else { 1 };
+        let sub =
+            move |e: u64| (0..pages).map(move |i| (va + i * PAGE, leaf_frame(e, level) + i * PAGE));
+        if window
+            && leaf_frame(old, level) != leaf_frame(new, level)
+            && (present(old) || old & STAGED != 0)
+        {
+            for (page, frame) in sub(old) {
+                if let Some(set) = self.rmap.get_mut(&frame) {
+                    set.remove(&page);
+                }
             }
         }
         if !present(new) && new & STAGED == 0 {
             return;
         }
         if window {
-            self.rmap.entry(new & ADDR).or_default().insert(va);
+            for (page, frame) in sub(new) {
+                self.rmap.entry(frame).or_default().insert(page);
+            }
         }
         if !present(new) {
             return;
         }
-        let now = cached(new);
+        let now = cached(new, level);
         if window && now.executable {
-            self.ever_executable.insert(va);
+            self.ever_executable.extend(sub(new).map(|(page, _)| page));
         }
         if now.writable && now.executable {
             self.wx_stores += 1;
             self.violation(op, ViolationKind::WritableAndExecutable, va, now.frame);
         }
-        let others = self.mappings_of(now.frame, va);
-        let stale: Vec<_> = self.tlbs.stale_of(now.frame).collect();
         let clash = |w: bool, x: bool| (now.executable && w) || (now.writable && x);
-        for &(page, w, x) in &others {
-            if clash(w, x) {
-                self.report_clash(op, now.executable, page, now.frame, None);
+        for (va, frame) in sub(new) {
+            let others = self.mappings_of(frame, va);
+            let stale: Vec<_> = self.tlbs.stale_of(frame).collect();
+            for &(page, w, x) in &others {
+                if clash(w, x) {
+                    self.report_clash(op, now.executable, page, frame, None);
+                }
             }
-        }
-        for &(cpu, page, t) in &stale {
-            if clash(t.writable, t.executable) {
-                self.report_clash(op, now.executable, page, now.frame, Some(cpu));
+            for &(cpu, page, t) in &stale {
+                if clash(t.writable, t.executable) {
+                    self.report_clash(op, now.executable, page, frame, Some(cpu));
+                }
             }
         }
     }
@@ -145,7 +160,7 @@ impl Machine {
 
     /// Stages `slot`'s entry at `va`: not present now (keeping its frame and flags, so a later
     /// staging can tell what it was), `final_entry` after the flush.
-    fn stage(
+    pub(super) fn stage(
         &mut self,
         op: &'static str,
         va: u64,
@@ -163,7 +178,7 @@ impl Machine {
     }
 
     /// Seals (read-only) or unseals (writable) the direct-map alias of `frame`.
-    fn set_alias_writable(
+    pub(super) fn set_alias_writable(
         &mut self,
         frame: u64,
         writable: bool,
@@ -230,6 +245,25 @@ impl Machine {
         self.tlbs.forget_code(frame);
     }
 
+    /// The leaf mapping `page`: its own 4 KiB leaf, or the 2 MiB leaf (present or staged) of
+    /// [`Mmu::map_rox`] whose frame holds `page`'s frame at the page's offset.
+    fn mapped_leaf(&self, page: &CommittedPage) -> Result<Slot, MmuError> {
+        let va = page.page() as u64;
+        match self.mem.walk(va).0 {
+            Some(s) if s.level == 2 => {
+                let e = self.mem.entry(s.table, s.index);
+                if leaf_frame(e, 2) + (va & (HUGE - 1)) == page.frame() && !self.in_direct_map(va) {
+                    Ok(s)
+                } else {
+                    Err(MmuError::NotMapped { page: page.page() })
+                }
+            }
+            _ => self.leaf_of(page),
+        }
+    }
+
+    /// The 4 KiB leaf of `page` (a page of a 2 MiB leaf has none: it is unmapped and never
+    /// changes protection alone).
     fn leaf_of(&self, page: &CommittedPage) -> Result<Slot, MmuError> {
         let va = page.page() as u64;
         match self.mem.walk(va).0 {
@@ -240,7 +274,7 @@ impl Machine {
         }
     }
 
-    fn injected(&mut self, kind: CallKind) -> Result<(), MmuError> {
+    pub(super) fn injected(&mut self, kind: CallKind) -> Result<(), MmuError> {
         if self.inject.call(kind) {
             Err(MmuError::Injected)
         } else {
@@ -369,6 +403,22 @@ unsafe impl Mmu for SoftMmu {
         Ok(unsafe { CommittedPage::new(page, frame) })
     }
 
+    unsafe fn map_rox(
+        &mut self,
+        page: usize,
+        tlb: &mut TlbFlush,
+    ) -> Result<Vec<CommittedPage>, MmuError> {
+        self.machine.lock().map_rox(page, tlb)
+    }
+
+    unsafe fn unmap_rox(
+        &mut self,
+        pages: Vec<CommittedPage>,
+        tlb: &mut TlbFlush,
+    ) -> Result<(), (MmuError, Vec<CommittedPage>)> {
+        self.machine.lock().unmap_rox(pages, tlb)
+    }
+
     unsafe fn unmap(
         &mut self,
         page: CommittedPage,
@@ -419,7 +469,7 @@ unsafe impl Mmu for SoftMmu {
     fn write(&mut self, page: &CommittedPage, offset: usize, data: &[u8]) -> Result<(), MmuError> {
         let mut m = self.machine.lock();
         m.injected(CallKind::Write)?;
-        m.leaf_of(page)?;
+        m.mapped_leaf(page)?;
         match m.mem.translate(page.page() as u64) {
             Some(t) if t.writable => {}
             Some(_) => return Err(MmuError::NotWritable { page: page.page() }),
@@ -453,7 +503,7 @@ unsafe impl Mmu for SoftMmu {
             });
         }
         for p in pages {
-            m.leaf_of(p)?;
+            m.mapped_leaf(p)?;
         }
         m.stats.pokes += 1;
         let mut session = Session {
@@ -465,7 +515,7 @@ unsafe impl Mmu for SoftMmu {
 
     fn read(&self, page: &CommittedPage, offset: usize, buf: &mut [u8]) -> Result<(), MmuError> {
         let m = self.machine.lock();
-        m.leaf_of(page)?;
+        m.mapped_leaf(page)?;
         if m.mem.translate(page.page() as u64).is_none() {
             return Err(MmuError::NotMapped { page: page.page() });
         }
@@ -522,7 +572,14 @@ unsafe impl Mmu for SoftMmu {
                 // An unmap's store clears only the leaf it staged: after a failed round, the
                 // page may have been mapped afresh (in a new table) before the retry.
                 let e = m.mem.entry(slot.table, slot.index);
-                if slot.level != 3 || (entry == 0 && (present(e) || e & STAGED == 0)) {
+                // A 2 MiB slot takes only the stores queued for a staged 2 MiB leaf (`map_rox`,
+                // `unmap_rox`), never a 4 KiB page's.
+                let huge_ok = slot.level == 2
+                    && (va as u64).is_multiple_of(HUGE)
+                    && e & PS != 0
+                    && (entry == 0 || entry & PS != 0);
+                if (slot.level != 3 && !huge_ok) || (entry == 0 && (present(e) || e & STAGED == 0))
+                {
                     continue;
                 }
                 m.store("flush", va as u64, slot, entry);

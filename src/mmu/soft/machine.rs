@@ -16,7 +16,7 @@ use crate::PAGE_SIZE;
 /// Physical address of frame 0; frame `i` sits at `PHYS_BASE + i * 4096`.
 pub const PHYS_BASE: u64 = 0x10_0000;
 
-pub(super) use crate::mmu::pte::{ADDR, NX, P, PS, STAGED, W};
+pub(super) use crate::mmu::pte::{leaf_frame, ADDR, NX, P, PS, STAGED, W};
 const TABLE_FLAGS: u64 = P | W;
 const SHIFT: [u32; 4] = [39, 30, 21, 12];
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -193,7 +193,9 @@ impl Memory {
         for level in 0..4 {
             let i = index(va, level);
             let e = self.entry(table, i);
-            if level == 3 || (level == 2 && e & PS != 0 && present(e)) {
+            // A 2 MiB leaf, present or staged (a staged leaf keeps its flags, PS included).
+            let huge = level == 2 && e & PS != 0 && (present(e) || e & STAGED != 0);
+            if level == 3 || huge {
                 return (
                     Some(Slot {
                         table,
@@ -232,7 +234,7 @@ impl Memory {
                     va & (HUGE - 1) & !(PAGE - 1)
                 };
                 return Some(PageMapping {
-                    frame: (e & ADDR) + offset,
+                    frame: leaf_frame(e, level) + offset,
                     writable,
                     executable: !nx,
                 });
@@ -266,6 +268,79 @@ impl Memory {
             index: index(va, 3),
             level: 3,
         })
+    }
+
+    /// Creates the tables down to the 2 MiB leaf slot of `va` (the caller checked the frame
+    /// count) and returns the slot; `None` when a 1 GiB leaf is on the way.
+    pub fn make_huge_slot(&mut self, va: u64) -> Option<Slot> {
+        let mut table = self.pml4;
+        for level in 0..2 {
+            let i = index(va, level);
+            let e = self.entry(table, i);
+            if present(e) && e & PS != 0 {
+                return None;
+            }
+            table = if present(e) {
+                Self::frame_of(e)
+            } else {
+                let next = self.alloc_table()?;
+                self.freeable.insert(next);
+                self.set_entry(table, i, Self::phys(next) | TABLE_FLAGS);
+                next
+            };
+        }
+        Some(Slot {
+            table,
+            index: index(va, 2),
+            level: 2,
+        })
+    }
+
+    /// Tables missing on the walk to the 2 MiB leaf slot of `va`.
+    pub fn missing_to_huge(&self, va: u64) -> usize {
+        let mut table = self.pml4;
+        for level in 0..2 {
+            let e = self.entry(table, index(va, level));
+            if !present(e) {
+                return 2 - level;
+            }
+            table = Self::frame_of(e);
+        }
+        0
+    }
+
+    /// Takes 512 free frames in a row starting on a 2 MiB aligned physical address (the lowest
+    /// such run); they read as zeros. Frames skipped on the way stay free.
+    pub fn alloc_huge(&mut self) -> Option<usize> {
+        let per = (HUGE / PAGE) as usize;
+        // The first frame index whose physical address is 2 MiB aligned.
+        let first = ((HUGE - PHYS_BASE % HUGE) % HUGE / PAGE) as usize;
+        let mut start = first;
+        while start + per <= self.total {
+            match (start..start + per).find(|&f| self.is_allocated(f)) {
+                None => {
+                    for f in start..start + per {
+                        self.take(f);
+                    }
+                    return Some(start);
+                }
+                // The next aligned run past the allocated frame.
+                Some(used) => start += (used - start) / per * per + per,
+            }
+        }
+        None
+    }
+
+    /// Takes the free frame `f` out of the pool (the pool stays canonical).
+    fn take(&mut self, f: usize) {
+        if f >= self.next_fresh {
+            self.freed.extend(self.next_fresh..f);
+            self.next_fresh = f + 1;
+        } else {
+            self.freed.remove(&f);
+        }
+        self.data.remove(&f);
+        self.int3.remove(&f);
     }
 
     /// The slots on the walk to `va`'s 4 KiB leaf: `[PML4, PDPT, PD, PT]` entries, `None` past a
@@ -332,9 +407,11 @@ impl Memory {
         let huge = self.entry(slot.table, slot.index);
         let pt = self.alloc_table()?;
         self.freeable.insert(pt);
+        // Bit 12 of a huge leaf is its PAT bit, not an address bit: the direct map never sets
+        // it (write-back), so it is simply dropped with the address bits.
         let flags = huge & !(ADDR | PS);
         for i in 0..512 {
-            self.set_entry(pt, i, ((huge & ADDR) + i as u64 * PAGE) | flags);
+            self.set_entry(pt, i, (leaf_frame(huge, 2) + i as u64 * PAGE) | flags);
         }
         self.set_entry(slot.table, slot.index, Self::phys(pt) | TABLE_FLAGS);
         Some(())
@@ -404,7 +481,7 @@ impl Memory {
                 f(&Leaf {
                     virt: start as usize,
                     size: span as usize,
-                    frame: e & ADDR,
+                    frame: leaf_frame(e, level),
                     writable,
                     executable: !nx,
                 });

@@ -21,6 +21,7 @@ mod backend;
 mod inject;
 mod machine;
 mod reclaim;
+mod rox;
 pub mod tlb;
 
 pub use access::Fault;
@@ -292,10 +293,12 @@ impl fmt::Debug for SoftMmu {
     }
 }
 
-/// The translation a present 4 KiB leaf entry grants (intermediate entries never restrict).
-fn cached(entry: u64) -> Cached {
+/// The translation (one TLB entry) a present leaf entry grants at `level` (3: 4 KiB, 2: 2 MiB;
+/// intermediate entries never restrict).
+fn cached(entry: u64, level: usize) -> Cached {
     Cached {
-        frame: entry & ADDR,
+        frame: machine::leaf_frame(entry, level),
+        size: if level == 2 { machine::HUGE } else { 4096 },
         writable: entry & W != 0,
         executable: entry & NX == 0,
     }

@@ -7,7 +7,7 @@
 
 use alloc::collections::BTreeSet;
 
-use super::machine::{present, Memory, Slot, HUGE, STAGED};
+use super::machine::{present, Memory, Slot, HUGE, PS, STAGED};
 use super::Machine;
 use crate::mmu::TlbFlush;
 use crate::PAGE_SIZE;
@@ -34,6 +34,13 @@ impl Machine {
         let mut checked = BTreeSet::new();
         for &va in &unmapping {
             let path = self.mem.path(va);
+            if let (Some(pde), None) = (path[2], path[3]) {
+                // A 2 MiB leaf (`unmap_rox`): its page directory may become empty.
+                if self.mem.entry(pde.table, pde.index) & PS != 0 && checked.insert(pde.table) {
+                    self.unlink_directory(va, &path, &unmapping, tlb);
+                }
+                continue;
+            }
             let (Some(pde), Some(_)) = (path[2], path[3]) else {
                 continue; // unlinked already, for another page of the same table
             };
@@ -70,6 +77,45 @@ impl Machine {
                 }
             }
         }
+    }
+
+    /// Unlinks the page directory on `path` (to a staged 2 MiB leaf) when the batch leaves it
+    /// empty: every entry empty or a 2 MiB leaf staged to be unmapped by it.
+    fn unlink_directory(
+        &mut self,
+        va: u64,
+        path: &[Option<Slot>; 4],
+        unmapping: &BTreeSet<u64>,
+        tlb: &mut TlbFlush,
+    ) {
+        let (Some(pdpte), Some(pde)) = (path[1], path[2]) else {
+            return;
+        };
+        let pd = pde.table;
+        // The virtual address entry 0 of `pd` maps.
+        let first = va & !((1u64 << 30) - 1);
+        let dying = |i: usize| {
+            let e = self.mem.entry(pd, i);
+            e == 0
+                || (!present(e)
+                    && e & STAGED != 0
+                    && e & PS != 0
+                    && unmapping.contains(&(first + i as u64 * HUGE)))
+        };
+        if !self.mem.freeable.contains(&pd) || !(0..512).all(dying) {
+            return;
+        }
+        for index in 0..512 {
+            if self.mem.entry(pd, index) != 0 {
+                let slot = Slot {
+                    table: pd,
+                    index,
+                    level: 2,
+                };
+                self.store("flush", first + index as u64 * HUGE, slot, 0);
+            }
+        }
+        self.unlink(pdpte, 0, Some(tlb));
     }
 
     /// After a flush stored the alias of `va` writable: merges its split table back into the

@@ -18,13 +18,17 @@
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
 
-use super::machine::FrameData;
+use super::machine::{FrameData, HUGE};
 
-/// A translation a CPU may hold.
+const PAGE: u64 = crate::PAGE_SIZE as u64;
+
+/// A translation a CPU may hold: one TLB entry, of a 4 KiB or a 2 MiB leaf.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cached {
-    /// Physical address of the 4 KiB frame.
+    /// Physical address of the first frame it maps.
     pub frame: u64,
+    /// Bytes it maps: 4 KiB, or 2 MiB for a huge leaf (one entry for all of it).
+    pub size: u64,
     /// Whether it grants writes.
     pub writable: bool,
     /// Whether it grants execution.
@@ -120,33 +124,54 @@ impl Tlbs {
     }
 
     /// CPU `cpu` invalidates `page` (`None`: everything); either drops its paging-structure
-    /// caches.
+    /// caches. `invlpg` drops the entry of any size covering the address (Intel SDM 4.10.4.1):
+    /// a 2 MiB entry is kept under its first page, so that key goes too.
     pub fn invalidate(&mut self, cpu: usize, page: Option<u64>) {
         if let Some(c) = self.cpus.get_mut(cpu) {
             c.walks.clear();
             match page {
                 Some(p) => {
                     c.stale.remove(&p);
+                    let base = p & !(HUGE - 1);
+                    if let Some(list) = c.stale.get_mut(&base) {
+                        list.retain(|t| t.size != HUGE);
+                        if list.is_empty() {
+                            c.stale.remove(&base);
+                        }
+                    }
                 }
                 None => c.stale.clear(),
             }
         }
     }
 
-    /// Every stale translation of `frame`: (cpu, page, translation).
+    /// Every stale translation covering `frame`: (cpu, page, translation).
     pub fn stale_of(&self, frame: u64) -> impl Iterator<Item = (usize, u64, Cached)> + '_ {
         self.cpus.iter().enumerate().flat_map(move |(i, c)| {
             c.stale.iter().flat_map(move |(&page, list)| {
                 list.iter()
-                    .filter(move |t| t.frame == frame)
+                    .filter(move |t| t.frame <= frame && frame - t.frame < t.size)
                     .map(move |&t| (i, page, t))
             })
         })
     }
 
-    /// The translation CPU `cpu` uses for `page` when it holds stale ones: the newest.
+    /// The translation CPU `cpu` uses for `page` when it holds stale ones: the newest (a 4 KiB
+    /// entry of the page, else a 2 MiB one covering it, narrowed to the page).
     pub fn stale_for(&self, cpu: usize, page: u64) -> Option<Cached> {
-        self.cpus.get(cpu)?.stale.get(&page)?.last().copied()
+        let c = self.cpus.get(cpu)?;
+        if let Some(t) = c.stale.get(&page).and_then(|l| l.last()) {
+            if t.size != HUGE || page.is_multiple_of(HUGE) {
+                return Some(Cached { size: PAGE, ..*t });
+            }
+        }
+        let base = page & !(HUGE - 1);
+        let t = c.stale.get(&base)?.iter().rev().find(|t| t.size == HUGE)?;
+        Some(Cached {
+            frame: t.frame + (page - base),
+            size: PAGE,
+            ..*t
+        })
     }
 
     /// Code in `frame` is about to change from `old`: every CPU keeps executing `old` until it

@@ -30,12 +30,14 @@ mod irq_spin;
 mod linear;
 mod poke;
 mod reclaim;
+mod rox;
 mod smp;
 mod tables;
 
 pub use cpu::INTERRUPTS as X86_INTERRUPTS;
 pub use irq_spin::{IrqMutex, IrqMutexGuard, IrqSpin};
 pub use linear::LinearMap;
+pub use rox::HugeFrames;
 pub use smp::{Smp, UniProcessor};
 
 use crate::mmu::pte::leaf_entry;
@@ -88,6 +90,10 @@ pub struct X86Mmu<'a, R: RawMutex, M, A: FrameDeallocator<Size4KiB>, F> {
     owned: BTreeSet<u64>,
     /// Split tables merged back into their huge page, freed after the next round.
     deferred: Vec<u64>,
+    /// The kernel's 2 MiB frames for ROX code, when it gave any (`with_huge_frames`).
+    huge: Option<&'a Mutex<R, dyn HugeFrames + 'a>>,
+    /// 2 MiB frames mapped by `map_rox` (by start): go back to `huge` when freed.
+    huge_frames: BTreeSet<u64>,
     _tables: PhantomData<M>,
 }
 
@@ -159,6 +165,8 @@ where
             stats: FlushStats::default(),
             owned: BTreeSet::new(),
             deferred: Vec::new(),
+            huge: None,
+            huge_frames: BTreeSet::new(),
             _tables: PhantomData,
         })
     }
@@ -175,6 +183,23 @@ where
     #[must_use]
     pub unsafe fn with_linear_maps(mut self, maps: &'a [LinearMap]) -> Self {
         self.linear = maps;
+        self
+    }
+
+    /// Gives the backend 2 MiB frames, for code on 2 MiB pages that are never writable
+    /// ([`Mmu::map_rox`], the ROX mode of [`ManagerConfig::rox_code`](crate::ManagerConfig)).
+    /// Without it `map_rox` answers [`MmuError::Unsupported`] and ROX code spaces fall back
+    /// to 4 KiB pages.
+    ///
+    /// # Safety
+    /// The kernel obligation of the ROX mode: `frames` hands out 2 MiB aligned frames that
+    /// nothing else uses, usable as code, each mapped writable by the physical mapping `phys`
+    /// given to [`new`](Self::new) (the INT3 fill goes through it) and, if anywhere else, only
+    /// in linear maps given to [`with_linear_maps`](Self::with_linear_maps) (sealed read-only
+    /// while the frame holds code).
+    #[must_use]
+    pub unsafe fn with_huge_frames(mut self, frames: &'a Mutex<R, dyn HugeFrames + 'a>) -> Self {
+        self.huge = Some(frames);
         self
     }
 
@@ -212,6 +237,23 @@ where
             table = view.table(e);
         }
         out
+    }
+
+    /// The leaf of a committed page: its own 4 KiB leaf, or the 2 MiB leaf (present or
+    /// staged) of `map_rox` holding its frame at the page's offset.
+    fn mapped_leaf(view: &Tables<'_, F>, page: &CommittedPage) -> Result<Slot, MmuError> {
+        match view.leaf(page.page() as u64) {
+            Some(s)
+                if s.level == 2
+                    && s.get() & tables::PS != 0
+                    && crate::mmu::pte::leaf_frame(s.get(), 2)
+                        + (page.page() % crate::mmu::HUGE_PAGE_SIZE) as u64
+                        == page.frame() =>
+            {
+                Ok(s)
+            }
+            _ => Self::leaf_of(view, page),
+        }
     }
 
     /// The 4 KiB leaf of a committed page (present or staged, mapping its frame).
@@ -379,6 +421,22 @@ where
         Ok(unsafe { CommittedPage::new(page, f.start_address().as_u64()) })
     }
 
+    unsafe fn map_rox(
+        &mut self,
+        page: usize,
+        tlb: &mut TlbFlush,
+    ) -> Result<Vec<CommittedPage>, MmuError> {
+        self.map_rox_at(page, tlb)
+    }
+
+    unsafe fn unmap_rox(
+        &mut self,
+        pages: Vec<CommittedPage>,
+        tlb: &mut TlbFlush,
+    ) -> Result<(), (MmuError, Vec<CommittedPage>)> {
+        self.unmap_rox_at(pages, tlb)
+    }
+
     unsafe fn unmap(
         &mut self,
         page: CommittedPage,
@@ -442,7 +500,7 @@ where
     fn write(&mut self, page: &CommittedPage, offset: usize, data: &[u8]) -> Result<(), MmuError> {
         let _mapper = self.tables.lock();
         let view = self.view();
-        Self::leaf_of(&view, page)?;
+        Self::mapped_leaf(&view, page)?;
         match view.translate(page.page() as u64) {
             Some((_, _, true, _)) => {}
             Some(_) => return Err(MmuError::NotWritable { page: page.page() }),
@@ -472,19 +530,21 @@ where
     ) -> Result<(), MmuError> {
         let _mapper = self.tables.lock();
         let view = self.view();
-        let mut frames = [0u64; crate::mmu::MAX_POKE_PAGES];
-        if pages.len() > frames.len() {
+        let max = crate::mmu::MAX_POKE_PAGES;
+        if pages.len() > max {
             return Err(MmuError::TooManyPages {
                 pages: pages.len(),
-                max: frames.len(),
+                max,
             });
         }
-        for (slot, p) in frames.iter_mut().zip(pages) {
-            Self::leaf_of(&view, p)?;
-            *slot = p.frame();
+        // On the heap: a whole 2 MiB page's 512 frames would take 4 KiB of kernel stack.
+        let mut frames = Vec::with_capacity(pages.len());
+        for p in pages {
+            Self::mapped_leaf(&view, p)?;
+            frames.push(p.frame());
         }
         // SAFETY: the caller owns the pages (CommittedPage values) and keeps `poke`'s contract.
-        let result = unsafe { self.poke.session(&view, &frames[..pages.len()], f) };
+        let result = unsafe { self.poke.session(&view, &frames, f) };
         self.stats.pokes += 1;
         result
     }
@@ -492,7 +552,7 @@ where
     fn read(&self, page: &CommittedPage, offset: usize, buf: &mut [u8]) -> Result<(), MmuError> {
         let _mapper = self.tables.lock();
         let view = self.view();
-        Self::leaf_of(&view, page)?;
+        Self::mapped_leaf(&view, page)?;
         if view.translate(page.page() as u64).is_none() {
             return Err(MmuError::NotMapped { page: page.page() });
         }
@@ -553,7 +613,11 @@ where
                     // new table) before this retry.
                     // A 4 KiB leaf: a huge leaf here was merged from a table whose entries were
                     // all present, so no store of this batch (for a staged leaf) targets it.
-                    if slot.level != 3 || (entry == 0 && (e & P != 0 || e & STAGED == 0)) {
+                    // A 2 MiB slot takes only the stores queued for a staged leaf of `map_rox`.
+                    let huge_ok = slot.level == 2 && self.huge_store_ok(va as u64, e, entry);
+                    if (slot.level != 3 && !huge_ok)
+                        || (entry == 0 && (e & P != 0 || e & STAGED == 0))
+                    {
                         continue;
                     }
                     // No CPU holds a translation of `va` now and the entry is not present, so
@@ -567,13 +631,22 @@ where
             self.deferred.extend(merged);
         }
         if !freed.is_empty() {
-            let mut frames = self.frames.lock();
-            for f in freed {
-                self.owned.remove(&f);
-                // SAFETY: unmapped (or, for a table, unlinked), and invalidated on every CPU
-                // above.
-                unsafe { frames.deallocate_frame(frame(f)) };
+            let mut huge = Vec::new();
+            {
+                let mut frames = self.frames.lock();
+                for f in freed {
+                    self.owned.remove(&f);
+                    if self.huge_frames.remove(&f) {
+                        huge.push(f);
+                    } else {
+                        // SAFETY: unmapped (or, for a table, unlinked), and invalidated on
+                        // every CPU above.
+                        unsafe { frames.deallocate_frame(frame(f)) };
+                    }
+                }
             }
+            // After the 4 KiB allocator's lock: a kernel may serve both from one allocator.
+            self.give_back_huge(&huge);
         }
         Ok(())
     }

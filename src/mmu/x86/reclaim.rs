@@ -25,7 +25,8 @@ const PAT_HUGE: u64 = 1 << 12;
 /// Before a flush's round: unlinks the window page tables `tlb` leaves empty — every entry
 /// empty, or staged with a queued store of 0 (an unmap) in `tlb` — clearing those staged
 /// entries first (not present already: nothing to invalidate), then the page directories left
-/// empty; never a PDPT, whose PML4 entry other address spaces may have copied. Their frames go
+/// empty (also those whose 2 MiB leaves of `map_rox` the batch unmaps); never a PDPT, whose
+/// PML4 entry other address spaces may have copied. Their frames go
 /// into `tlb`, freed after its (full) round; their queued stores then find no leaf.
 ///
 /// The caller holds the page-table lock.
@@ -48,7 +49,16 @@ pub(super) fn unlink_empty<F: PageTableFrameMapping>(
         let (Some(pdpte), Some(pde)) = (path[1], path[2]) else {
             continue;
         };
-        let pt = pde.get();
+        let e = pde.get();
+        if e & PS != 0 && e & P == 0 && e & STAGED != 0 {
+            // A 2 MiB leaf of `map_rox` being unmapped: its page directory may empty.
+            if let Some(pd) = dying_directory(view, owned, pdpte, va, &unmapping, &mut checked) {
+                pdpte.set(0);
+                unlinked.push(pd);
+            }
+            continue;
+        }
+        let pt = e;
         if pt & P == 0 || pt & PS != 0 || !owned.contains(&(pt & ADDR)) {
             continue; // unlinked already (another page of the table), or not ours
         }
@@ -88,6 +98,49 @@ pub(super) fn unlink_empty<F: PageTableFrameMapping>(
         // SAFETY: unlinked above (no entry points to it any more), created by this backend.
         unsafe { tlb.free_table_after_flush(table) };
     }
+}
+
+/// The page directory holding the staged 2 MiB leaf of `va`, when it is ours, not checked
+/// yet, and every entry of it is empty or a staged 2 MiB leaf the batch unmaps: those entries
+/// are cleared (not present already: no translation changes) and the directory is returned,
+/// for the caller to unlink.
+fn dying_directory<F: PageTableFrameMapping>(
+    view: &Tables<'_, F>,
+    owned: &BTreeSet<u64>,
+    pdpte: Slot,
+    va: u64,
+    unmapping: &BTreeSet<u64>,
+    checked: &mut BTreeSet<u64>,
+) -> Option<u64> {
+    let link = pdpte.get();
+    let pd = link & ADDR;
+    if link & P == 0 || link & PS != 0 || !owned.contains(&pd) || !checked.insert(pd) {
+        return None;
+    }
+    // The address entry 0 of the directory maps.
+    let first = va & !((1u64 << 30) - 1);
+    let entries = view.table(pd);
+    let entry = |i: usize| {
+        // SAFETY: a table frame through the physical mapping, index < 512, under the lock.
+        unsafe { entries.add(i).read_volatile() }
+    };
+    let dying = |i: usize| {
+        let e = entry(i);
+        e == 0
+            || (e & P == 0
+                && e & STAGED != 0
+                && e & PS != 0
+                && unmapping.contains(&(first + (i as u64) * (2 << 20))))
+    };
+    if !(0..512).all(dying) {
+        return None;
+    }
+    for i in 0..512 {
+        // SAFETY: as above; the entry is not present (checked), so clearing it changes no
+        // translation.
+        unsafe { entries.add(i).write_volatile(0) };
+    }
+    Some(pd)
 }
 
 fn is_empty<F: PageTableFrameMapping>(view: &Tables<'_, F>, table: u64) -> bool {

@@ -29,6 +29,15 @@ pub(super) struct Slot {
 }
 
 impl Slot {
+    /// Entry `index` of the table at `table` (a pointer from [`Tables::table`]), at `level`.
+    pub fn at(table: *mut u64, index: usize, level: usize) -> Self {
+        Slot {
+            table,
+            index,
+            level,
+        }
+    }
+
     pub fn get(&self) -> u64 {
         // SAFETY: `table` points at a page-table frame through the kernel's physical mapping
         // (established by `Tables::table`), and `index < 512`. A volatile read: the CPU's page
@@ -69,8 +78,8 @@ impl<F: PageTableFrameMapping> Tables<'_, F> {
             .cast::<u64>()
     }
 
-    /// The slot of the leaf mapping `va` (4 KiB, or a present huge leaf), or `None` when a
-    /// non-leaf entry on the walk is not present.
+    /// The slot of the leaf mapping `va` (4 KiB, a present huge leaf, or a staged 2 MiB leaf
+    /// of `map_rox`), or `None` when a non-leaf entry on the walk is not present.
     pub fn leaf(&self, va: u64) -> Option<Slot> {
         let mut table = self.table(self.pml4);
         for level in 0..4 {
@@ -80,7 +89,8 @@ impl<F: PageTableFrameMapping> Tables<'_, F> {
                 level,
             };
             let e = slot.get();
-            if level == 3 || (level > 0 && e & P != 0 && e & PS != 0) {
+            let staged_huge = level == 2 && e & PS != 0 && e & STAGED != 0;
+            if level == 3 || (level > 0 && e & P != 0 && e & PS != 0) || staged_huge {
                 return Some(slot);
             }
             if e & P == 0 {
