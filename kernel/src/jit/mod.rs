@@ -14,6 +14,7 @@
 //! | `tier` | tier-up: recompiling and switching a running function, from any CPU |
 //! | `programs` | real programs as IR, with Rust references (the tests', demo's and bench's) |
 //! | `error` | [`JitError`] |
+//! | `cranelift` | this kernel as `codespace_cranelift` sees it: cranelift-jit's `JITModule` API on codespace |
 //!
 //! The flow: build a `Function` (IR), [`Compiler::compile`] it for an [`OptLevel`] against the
 //! module's [`Linkage`], [`JitModule::install`] the result as function `index`, and
@@ -26,6 +27,7 @@
 //! codespace lock answers `Busy` instead of waiting.
 
 mod compile;
+pub mod cranelift;
 mod enter;
 mod error;
 pub mod ir;
