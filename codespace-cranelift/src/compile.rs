@@ -27,23 +27,34 @@ pub struct ModuleReloc {
 
 /// One trap record: which instruction, Cranelift's code, and the exception the CPU raises there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct TrapSite {
+pub struct TrapRecord {
+    /// Offset of the trapping instruction.
     pub offset: u32,
+    /// Cranelift's trap code.
     pub code: TrapCode,
+    /// The exception it raises: #UD for `ud2`, #DE for a division, #PF for a load or store.
     pub vector: TrapVector,
 }
 
-/// A function compiled by `define_function`, waiting for `finalize_definitions`.
-#[derive(Debug)]
-pub(crate) struct Compiled {
+/// What Cranelift compiled, in codespace's terms: what `define_function` keeps until
+/// `finalize_definitions`, and what a JIT of its own (lazy slots, tier-up from any CPU) builds
+/// its `NewCode` from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompiledFunction {
+    /// The machine code, relocations not yet applied.
     pub bytes: Vec<u8>,
+    /// Its relocations, named as the module names things (namespace 0: functions, 1: data).
     pub relocs: Vec<ModuleReloc>,
-    pub traps: Vec<TrapSite>,
+    /// Its trap records, sorted by offset, one per instruction.
+    pub traps: Vec<TrapRecord>,
+    /// `(pc_offset, source_location)` where the IR's source location changes, sorted.
     pub source_positions: Vec<(u32, u32)>,
 }
 
-impl Compiled {
-    /// Takes what `code` (compiled from `func`) holds.
+impl CompiledFunction {
+    /// Takes what `code` (compiled from `func`, function `id` of its module: relocations to
+    /// offsets in its own code name it) holds.
+    #[must_use]
     pub fn new(id: FuncId, func: &ir::Function, code: &CompiledCode) -> Self {
         let bytes = code.code_buffer().to_vec();
         let buffer = &code.buffer;
@@ -57,10 +68,10 @@ impl Compiled {
                 addend: r.addend,
             })
             .collect();
-        let mut traps: Vec<TrapSite> = buffer
+        let mut traps: Vec<TrapRecord> = buffer
             .traps()
             .iter()
-            .map(|t| TrapSite {
+            .map(|t| TrapRecord {
                 offset: t.offset,
                 code: t.code,
                 vector: vector_at(&bytes, t.offset as usize),
@@ -77,7 +88,7 @@ impl Compiled {
                 source_positions.push((s.start, s.loc.bits()));
             }
         }
-        Compiled {
+        CompiledFunction {
             bytes,
             relocs,
             traps,
@@ -111,10 +122,11 @@ fn reloc_target(
     }
 }
 
-/// The exception the instruction at `offset` raises when it traps: `ud2` (what Cranelift emits
-/// for `trap`, `trapz`, overflow checks, ...) raises #UD, `div`/`idiv` #DE, and every other
-/// instruction with a trap record is a load or store, which faults with #PF.
-pub(crate) fn vector_at(bytes: &[u8], offset: usize) -> TrapVector {
+/// The exception the instruction at `offset` of `bytes` raises when it traps: `ud2` (what
+/// Cranelift emits for `trap`, `trapz`, overflow checks, ...) raises #UD, `div`/`idiv` #DE, and
+/// every other instruction with a trap record is a load or store, which faults with #PF.
+#[must_use]
+pub fn vector_at(bytes: &[u8], offset: usize) -> TrapVector {
     let mut at = offset;
     // Legacy prefixes, then at most one REX prefix.
     while bytes.get(at).is_some_and(|b| {

@@ -28,7 +28,7 @@ use cranelift_codegen::isa::{OwnedTargetIsa, TargetIsa};
 use cranelift_codegen::Context;
 
 use crate::builder::{Codespace, JITBuilder, LibcallNames, SymbolLookup};
-use crate::compile::{Compiled, TrapSite};
+use crate::compile::{CompiledFunction, TrapRecord};
 use crate::data::DataDescription;
 use crate::error::BackendError;
 use crate::kernel::Kernel;
@@ -45,7 +45,7 @@ pub(crate) struct FunctionState {
     /// Start of its installed code, once finalized.
     pub finalized: Option<usize>,
     /// Compiled, waiting for `finalize_definitions`.
-    pub pending: Option<Compiled>,
+    pub pending: Option<CompiledFunction>,
     /// `prepare_for_function_redefine` allowed a new definition.
     pub redefinable: bool,
 }
@@ -96,7 +96,7 @@ pub struct JITModule<M: Mmu + Send + 'static> {
     pub(crate) functions: Vec<FunctionState>,
     pub(crate) data: Vec<Option<DataState>>,
     /// Trap sites of installed code, by the code's start (a trap's PC names its code).
-    pub(crate) trap_sites: BTreeMap<usize, Vec<TrapSite>>,
+    pub(crate) trap_sites: BTreeMap<usize, Vec<TrapRecord>>,
     /// Read-only data images; freed with the module.
     pub(crate) images: Vec<CodeImage>,
     pub(crate) heap: Vec<HeapBlock>,
@@ -431,7 +431,7 @@ impl<M: Mmu + Send + 'static> Module for JITModule<M> {
         let Some(code) = ctx.compiled_code() else {
             return Err(BackendError::CompileStack("no code after compiling").into());
         };
-        let compiled = Compiled::new(id, &ctx.func, code);
+        let compiled = CompiledFunction::new(id, &ctx.func, code);
         self.functions[id.index()].pending = Some(compiled);
         Ok(())
     }

@@ -160,7 +160,7 @@ pub mod module;
 pub mod native;
 
 pub use builder::{Codespace, JITBuilder, LibcallNames, SymbolLookup, DEFAULT_MAX_FUNCTIONS};
-pub use compile::ModuleReloc;
+pub use compile::{vector_at, CompiledFunction, ModuleReloc, TrapRecord};
 pub use data::{DataDescription, Init};
 pub use error::{BackendError, CallError, Trap};
 pub use jit::JITModule;

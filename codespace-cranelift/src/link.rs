@@ -27,7 +27,7 @@ use codespace::trap::TrapVector;
 use cranelift_codegen::binemit::Reloc;
 use cranelift_codegen::entity::EntityRef;
 
-use crate::compile::{Compiled, ModuleReloc};
+use crate::compile::{CompiledFunction, ModuleReloc};
 use crate::data::Init;
 use crate::error::BackendError;
 use crate::jit::{JITModule, Place};
@@ -293,7 +293,7 @@ impl<M: Mmu + Send + 'static> JITModule<M> {
     /// The fields and slot calls of `code`.
     fn link_function(
         &self,
-        code: &Compiled,
+        code: &CompiledFunction,
         ro_offsets: &[(usize, usize)],
     ) -> ModuleResult<(Vec<Write>, Vec<Relocation>)> {
         let mut writes = Vec::new();

@@ -3,9 +3,9 @@
 //!
 //! | file | concept |
 //! | --- | --- |
-//! | `isa` | the target: `x86_64-unknown-none`, System V, settings and why |
+//! | `isa` | the target: `x86_64-unknown-none` (`codespace_cranelift::native`), System V, settings and why |
 //! | `ir` | building IR for it: signatures, callees, linear-memory addresses, loops |
-//! | `compile` | Cranelift output → codespace parts: relocations mapped, traps, landing pad |
+//! | `compile` | Cranelift output (read by `codespace_cranelift::CompiledFunction`) → codespace parts: relocations mapped, traps, landing pad |
 //! | `module` | [`JitModule`]: installing in a `CodeModule`, calling through slots (every `CodeModule` call site); `&self`, shared by CPUs |
 //! | `enter` | entering generated code and unwinding from a landing pad ([`Trap`]); one entry record per CPU |
 //! | `linear_memory` | [`LinearMemory`]: a guarded 8 GiB reservation, bounds checks by page fault |
