@@ -8,6 +8,96 @@ use cranelift_codegen::binemit::Reloc;
 use cranelift_codegen::ir::TrapCode;
 
 use crate::module::FuncId;
+use cranelift_codegen::ir;
+use cranelift_codegen::settings::SetError;
+use cranelift_codegen::{CodegenError, CompileError};
+
+/// Why a [`Module`](crate::Module) method failed. Mirrors `cranelift_module::ModuleError`; the module is
+/// unchanged after any of them.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ModuleError {
+    /// An identifier was used before it was declared.
+    Undeclared(String),
+    /// An identifier was declared as data and then as a function, or the other way round.
+    IncompatibleDeclaration(String),
+    /// A function was declared again with another signature (the name, the first signature,
+    /// the new one).
+    IncompatibleSignature(String, ir::Signature, ir::Signature),
+    /// An identifier was defined more than once.
+    DuplicateDefinition(String),
+    /// An identifier declared as an import was defined.
+    InvalidImportDefinition(String),
+    /// Cranelift refused the function.
+    Compilation(CodegenError),
+    /// Memory could not be allocated.
+    Allocation {
+        /// What was being allocated.
+        message: &'static str,
+    },
+    /// The codespace backend refused (what `cranelift_module` wraps in `anyhow::Error`).
+    Backend(BackendError),
+    /// A Cranelift setting could not be applied.
+    Flag(SetError),
+}
+
+impl<'a> From<CompileError<'a>> for ModuleError {
+    fn from(err: CompileError<'a>) -> Self {
+        Self::Compilation(err.inner)
+    }
+}
+
+impl From<CodegenError> for ModuleError {
+    fn from(source: CodegenError) -> Self {
+        Self::Compilation(source)
+    }
+}
+
+impl From<SetError> for ModuleError {
+    fn from(source: SetError) -> Self {
+        Self::Flag(source)
+    }
+}
+
+impl From<BackendError> for ModuleError {
+    fn from(source: BackendError) -> Self {
+        Self::Backend(source)
+    }
+}
+
+impl From<codespace::module::ModuleError> for ModuleError {
+    fn from(source: codespace::module::ModuleError) -> Self {
+        Self::Backend(BackendError::Codespace(source))
+    }
+}
+
+impl fmt::Display for ModuleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Undeclared(name) => write!(f, "Undeclared identifier: {name}"),
+            Self::IncompatibleDeclaration(name) => {
+                write!(f, "Incompatible declaration of identifier: {name}")
+            }
+            Self::IncompatibleSignature(name, prev, new) => write!(
+                f,
+                "Function {name} signature {new:?} is incompatible with previous declaration {prev:?}"
+            ),
+            Self::DuplicateDefinition(name) => write!(f, "Duplicate definition of identifier: {name}"),
+            Self::InvalidImportDefinition(name) => {
+                write!(f, "Invalid to define identifier declared as an import: {name}")
+            }
+            Self::Compilation(err) => write!(f, "Compilation error: {err}"),
+            Self::Allocation { message } => write!(f, "Allocation error: {message}"),
+            Self::Backend(err) => write!(f, "Backend error: {err}"),
+            Self::Flag(err) => write!(f, "Flag error: {err}"),
+        }
+    }
+}
+
+impl core::error::Error for ModuleError {}
+
+/// A convenient alias for a `Result` that uses [`ModuleError`] as the error type.
+pub type ModuleResult<T> = Result<T, ModuleError>;
 
 /// Why the codespace backend refused an operation; nothing changed.
 #[derive(Debug, Clone, PartialEq, Eq)]

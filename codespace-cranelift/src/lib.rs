@@ -152,6 +152,8 @@ mod builder;
 mod call;
 mod compile;
 pub mod data;
+mod declarations;
+mod define;
 mod error;
 mod jit;
 mod kernel;

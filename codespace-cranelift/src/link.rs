@@ -166,10 +166,11 @@ impl<M: Mmu + Send + 'static> JITModule<M> {
                 continue;
             };
             if let Place::Heap(addr) = d.place {
-                // SAFETY: the module's own zeroed heap block of at least `size` bytes; no code
-                // reads it before the functions referring to it are installed below, or it
-                // belongs to code already running, which then sees its contents being
-                // written — as cranelift-jit, which writes data when finalizing too.
+                // SAFETY: the module's own heap block of at least `size` bytes (`define_data`),
+                // not finalized yet: no installed code refers to it (a finalize installs code
+                // only once everything it refers to is defined, and this object was not when
+                // the last one succeeded), and its address was handed out nowhere else
+                // (`get_finalized_data` answers null until this finalize succeeds).
                 let object = unsafe { core::slice::from_raw_parts_mut(addr as *mut u8, d.size) };
                 write_contents(object, &d.description.init);
                 apply(object, writes, image_base);

@@ -3,25 +3,23 @@
 //! code written against it ports by changing its imports.
 //!
 //! Differences a kernel forces, each on the item it concerns: no `anyhow` or `std::io` in
-//! [`ModuleError`] (a typed [`BackendError`] instead), names in a `BTreeMap`, no serde, no
+//! [`ModuleError`] (a typed [`BackendError`](crate::BackendError) instead), names in a `BTreeMap`, no serde, no
 //! `define_function_bytes` (raw bytes carry no trap records, which codespace needs to land
 //! traps), and [`Module::declare_data_in_func`] makes data references absolute (see there).
 
-use alloc::borrow::{Cow, ToOwned};
-use alloc::collections::btree_map::{BTreeMap, Entry};
-use alloc::format;
+use alloc::borrow::ToOwned;
 use alloc::string::String;
 use core::fmt;
 
 use cranelift_codegen::control::ControlPlane;
-use cranelift_codegen::entity::{entity_impl, PrimaryMap};
+use cranelift_codegen::entity::entity_impl;
 use cranelift_codegen::ir;
 use cranelift_codegen::isa::{self, TargetIsa};
-use cranelift_codegen::settings::SetError;
-use cranelift_codegen::{CodegenError, CompileError, Context};
+use cranelift_codegen::Context;
 
 use crate::data::DataDescription;
-use crate::error::BackendError;
+pub use crate::declarations::{DataDeclaration, FunctionDeclaration, ModuleDeclarations};
+pub use crate::error::{ModuleError, ModuleResult};
 
 /// `UserExternalName` namespace of functions (as `cranelift-module`).
 pub const FUNCTION_NAMESPACE: u32 = 0;
@@ -57,7 +55,7 @@ pub enum Linkage {
 impl Linkage {
     /// The linkage of an entity declared twice, with `a` and then `b` (the strongest
     /// visibility wins; an import takes the other declaration's).
-    fn merge(a: Self, b: Self) -> Self {
+    pub(crate) fn merge(a: Self, b: Self) -> Self {
         use Linkage::{Export, Hidden, Import, Local, Preemptible};
         match (a, b) {
             (Import, b) => b,
@@ -95,53 +93,6 @@ pub enum FuncOrDataId {
     /// A data object.
     Data(DataId),
 }
-
-/// A function that can be called.
-#[derive(Debug, Clone)]
-pub struct FunctionDeclaration {
-    /// Its name, `None` for an anonymous function.
-    pub name: Option<String>,
-    /// Its linkage.
-    pub linkage: Linkage,
-    /// Its signature.
-    pub signature: ir::Signature,
-}
-
-impl FunctionDeclaration {
-    /// The linkage name of the function (synthesized for an anonymous one).
-    #[must_use]
-    pub fn linkage_name(&self, id: FuncId) -> Cow<'_, str> {
-        match &self.name {
-            Some(name) => Cow::Borrowed(name),
-            None => Cow::Owned(format!(".Lfn{:x}", id.as_u32())),
-        }
-    }
-}
-
-/// A data object that can be accessed.
-#[derive(Debug, Clone)]
-pub struct DataDeclaration {
-    /// Its name, `None` for an anonymous object.
-    pub name: Option<String>,
-    /// Its linkage.
-    pub linkage: Linkage,
-    /// Whether generated code may write it (else it is read-only once finalized).
-    pub writable: bool,
-    /// Thread-local (refused: a kernel has no TLS model Cranelift knows).
-    pub tls: bool,
-}
-
-impl DataDeclaration {
-    /// The linkage name of the data object (synthesized for an anonymous one).
-    #[must_use]
-    pub fn linkage_name(&self, id: DataId) -> Cow<'_, str> {
-        match &self.name {
-            Some(name) => Cow::Borrowed(name),
-            None => Cow::Owned(format!(".Ldata{:x}", id.as_u32())),
-        }
-    }
-}
-
 /// What a relocation refers to, translated from an `ExternalName`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ModuleRelocTarget {
@@ -178,230 +129,6 @@ impl fmt::Display for ModuleRelocTarget {
         }
     }
 }
-
-/// Why a [`Module`] method failed. Mirrors `cranelift_module::ModuleError`; the module is
-/// unchanged after any of them.
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum ModuleError {
-    /// An identifier was used before it was declared.
-    Undeclared(String),
-    /// An identifier was declared as data and then as a function, or the other way round.
-    IncompatibleDeclaration(String),
-    /// A function was declared again with another signature (the name, the first signature,
-    /// the new one).
-    IncompatibleSignature(String, ir::Signature, ir::Signature),
-    /// An identifier was defined more than once.
-    DuplicateDefinition(String),
-    /// An identifier declared as an import was defined.
-    InvalidImportDefinition(String),
-    /// Cranelift refused the function.
-    Compilation(CodegenError),
-    /// Memory could not be allocated.
-    Allocation {
-        /// What was being allocated.
-        message: &'static str,
-    },
-    /// The codespace backend refused (what `cranelift_module` wraps in `anyhow::Error`).
-    Backend(BackendError),
-    /// A Cranelift setting could not be applied.
-    Flag(SetError),
-}
-
-impl<'a> From<CompileError<'a>> for ModuleError {
-    fn from(err: CompileError<'a>) -> Self {
-        Self::Compilation(err.inner)
-    }
-}
-
-impl From<CodegenError> for ModuleError {
-    fn from(source: CodegenError) -> Self {
-        Self::Compilation(source)
-    }
-}
-
-impl From<SetError> for ModuleError {
-    fn from(source: SetError) -> Self {
-        Self::Flag(source)
-    }
-}
-
-impl From<BackendError> for ModuleError {
-    fn from(source: BackendError) -> Self {
-        Self::Backend(source)
-    }
-}
-
-impl From<codespace::module::ModuleError> for ModuleError {
-    fn from(source: codespace::module::ModuleError) -> Self {
-        Self::Backend(BackendError::Codespace(source))
-    }
-}
-
-impl fmt::Display for ModuleError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Undeclared(name) => write!(f, "Undeclared identifier: {name}"),
-            Self::IncompatibleDeclaration(name) => {
-                write!(f, "Incompatible declaration of identifier: {name}")
-            }
-            Self::IncompatibleSignature(name, prev, new) => write!(
-                f,
-                "Function {name} signature {new:?} is incompatible with previous declaration {prev:?}"
-            ),
-            Self::DuplicateDefinition(name) => write!(f, "Duplicate definition of identifier: {name}"),
-            Self::InvalidImportDefinition(name) => {
-                write!(f, "Invalid to define identifier declared as an import: {name}")
-            }
-            Self::Compilation(err) => write!(f, "Compilation error: {err}"),
-            Self::Allocation { message } => write!(f, "Allocation error: {message}"),
-            Self::Backend(err) => write!(f, "Backend error: {err}"),
-            Self::Flag(err) => write!(f, "Flag error: {err}"),
-        }
-    }
-}
-
-impl core::error::Error for ModuleError {}
-
-/// A convenient alias for a `Result` that uses [`ModuleError`] as the error type.
-pub type ModuleResult<T> = Result<T, ModuleError>;
-
-/// The declarations of a module: names, functions and data objects, by identifier.
-#[derive(Debug, Default)]
-pub struct ModuleDeclarations {
-    names: BTreeMap<String, FuncOrDataId>,
-    functions: PrimaryMap<FuncId, FunctionDeclaration>,
-    data_objects: PrimaryMap<DataId, DataDeclaration>,
-}
-
-impl ModuleDeclarations {
-    /// The identifier declared for `name`.
-    #[must_use]
-    pub fn get_name(&self, name: &str) -> Option<FuncOrDataId> {
-        self.names.get(name).copied()
-    }
-
-    /// Every function declaration.
-    pub fn get_functions(&self) -> impl Iterator<Item = (FuncId, &FunctionDeclaration)> {
-        self.functions.iter()
-    }
-
-    /// Every data declaration.
-    pub fn get_data_objects(&self) -> impl Iterator<Item = (DataId, &DataDeclaration)> {
-        self.data_objects.iter()
-    }
-
-    /// The declaration of `func_id`, if declared (`cranelift-module` indexes and panics; this
-    /// returns `None` for an identifier of another module).
-    #[must_use]
-    pub fn get_function_decl(&self, func_id: FuncId) -> Option<&FunctionDeclaration> {
-        self.functions.get(func_id)
-    }
-
-    /// The declaration of `data_id`, if declared.
-    #[must_use]
-    pub fn get_data_decl(&self, data_id: DataId) -> Option<&DataDeclaration> {
-        self.data_objects.get(data_id)
-    }
-
-    /// Declares a function (again): a second declaration must have the same signature; the
-    /// linkages merge. Returns the identifier and the merged linkage.
-    ///
-    /// # Errors
-    /// [`ModuleError::IncompatibleDeclaration`] for a data object's name,
-    /// [`ModuleError::IncompatibleSignature`].
-    pub fn declare_function(
-        &mut self,
-        name: &str,
-        linkage: Linkage,
-        signature: &ir::Signature,
-    ) -> ModuleResult<(FuncId, Linkage)> {
-        match self.names.entry(name.to_owned()) {
-            Entry::Occupied(entry) => match *entry.get() {
-                FuncOrDataId::Func(id) => {
-                    let existing = &mut self.functions[id];
-                    if &existing.signature != signature {
-                        return Err(ModuleError::IncompatibleSignature(
-                            name.to_owned(),
-                            existing.signature.clone(),
-                            signature.clone(),
-                        ));
-                    }
-                    existing.linkage = Linkage::merge(existing.linkage, linkage);
-                    Ok((id, existing.linkage))
-                }
-                FuncOrDataId::Data(_) => Err(ModuleError::IncompatibleDeclaration(name.to_owned())),
-            },
-            Entry::Vacant(entry) => {
-                let id = self.functions.push(FunctionDeclaration {
-                    name: Some(name.to_owned()),
-                    linkage,
-                    signature: signature.clone(),
-                });
-                entry.insert(FuncOrDataId::Func(id));
-                Ok((id, linkage))
-            }
-        }
-    }
-
-    /// Declares an anonymous local function.
-    pub fn declare_anonymous_function(&mut self, signature: &ir::Signature) -> FuncId {
-        self.functions.push(FunctionDeclaration {
-            name: None,
-            linkage: Linkage::Local,
-            signature: signature.clone(),
-        })
-    }
-
-    /// Declares a data object (again): linkages merge, writable if either declaration is.
-    ///
-    /// # Errors
-    /// [`ModuleError::IncompatibleDeclaration`] for a function's name, or for a declaration
-    /// that changes `tls` (`cranelift-module` panics there).
-    pub fn declare_data(
-        &mut self,
-        name: &str,
-        linkage: Linkage,
-        writable: bool,
-        tls: bool,
-    ) -> ModuleResult<(DataId, Linkage)> {
-        match self.names.entry(name.to_owned()) {
-            Entry::Occupied(entry) => match *entry.get() {
-                FuncOrDataId::Data(id) => {
-                    let existing = &mut self.data_objects[id];
-                    if existing.tls != tls {
-                        return Err(ModuleError::IncompatibleDeclaration(name.to_owned()));
-                    }
-                    existing.linkage = Linkage::merge(existing.linkage, linkage);
-                    existing.writable |= writable;
-                    Ok((id, existing.linkage))
-                }
-                FuncOrDataId::Func(_) => Err(ModuleError::IncompatibleDeclaration(name.to_owned())),
-            },
-            Entry::Vacant(entry) => {
-                let id = self.data_objects.push(DataDeclaration {
-                    name: Some(name.to_owned()),
-                    linkage,
-                    writable,
-                    tls,
-                });
-                entry.insert(FuncOrDataId::Data(id));
-                Ok((id, linkage))
-            }
-        }
-    }
-
-    /// Declares an anonymous local data object.
-    pub fn declare_anonymous_data(&mut self, writable: bool, tls: bool) -> DataId {
-        self.data_objects.push(DataDeclaration {
-            name: None,
-            linkage: Linkage::Local,
-            writable,
-            tls,
-        })
-    }
-}
-
 /// A module: declares and defines functions and data objects and links them together
 /// (`cranelift_module::Module`, implemented by [`JITModule`](crate::JITModule)).
 pub trait Module {
