@@ -3,7 +3,7 @@
 //! kernel's entry, so a trap comes back as an error naming Cranelift's trap code.
 
 use cranelift_codegen::entity::EntityRef;
-use cranelift_codegen::ir::{types, ArgumentPurpose, Type};
+use cranelift_codegen::ir::{types, ArgumentPurpose, Signature, Type};
 use cranelift_codegen::isa::CallConv;
 
 use codespace::mmu::Mmu;
@@ -28,6 +28,35 @@ fn register_int(ty: Type) -> Option<u64> {
     }
 }
 
+/// How a function is called with integer registers: its parameter count and the bits of its
+/// result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CallShape {
+    pub params: usize,
+    pub result_mask: u64,
+}
+
+impl CallShape {
+    /// `sig`'s shape, when it takes at most six integers and returns at most one, per System V.
+    pub fn of(sig: &Signature) -> Option<Self> {
+        let integers = sig
+            .params
+            .iter()
+            .all(|p| p.purpose == ArgumentPurpose::Normal && register_int(p.value_type).is_some());
+        let result_mask = match sig.returns.as_slice() {
+            [] => Some(0),
+            [r] if r.purpose == ArgumentPurpose::Normal => register_int(r.value_type),
+            _ => None,
+        }?;
+        (integers && sig.params.len() <= MAX_ARGS && sig.call_conv == CallConv::SystemV).then_some(
+            CallShape {
+                params: sig.params.len(),
+                result_mask,
+            },
+        )
+    }
+}
+
 impl<M: Mmu + Send + 'static> JITModule<M> {
     /// Calls finalized function `id` with integer `args`, through its jump-table slot (its
     /// current definition) and the kernel's [`enter`](crate::Kernel::enter), on the calling CPU.
@@ -45,38 +74,18 @@ impl<M: Mmu + Send + 'static> JITModule<M> {
     /// recorded trap site, and the kernel functions it imports are called per their contracts.
     pub unsafe fn call(&self, id: FuncId, args: &[u64]) -> Result<u64, CallError> {
         let not_finalized = CallError::NotFinalized(id);
-        let decl = self
-            .declarations
-            .get_function_decl(id)
-            .ok_or(not_finalized)?;
-        let finalized = self
-            .functions
-            .get(id.index())
-            .is_some_and(|f| f.finalized.is_some());
-        if !finalized {
+        let state = self.functions.get(id.index()).ok_or(not_finalized)?;
+        if state.finalized.is_none() {
             return Err(not_finalized);
         }
-        let sig = &decl.signature;
-        let integers = sig
-            .params
-            .iter()
-            .all(|p| p.purpose == ArgumentPurpose::Normal && register_int(p.value_type).is_some());
-        let mask = match sig.returns.as_slice() {
-            [] => Some(0),
-            [r] if r.purpose == ArgumentPurpose::Normal => register_int(r.value_type),
-            _ => None,
-        };
-        let Some(mask) = mask.filter(|_| {
-            integers && sig.params.len() <= MAX_ARGS && sig.call_conv == CallConv::SystemV
-        }) else {
-            return Err(CallError::UnsupportedSignature(id));
-        };
-        if args.len() != sig.params.len() {
+        let shape = state.shape.ok_or(CallError::UnsupportedSignature(id))?;
+        if args.len() != shape.params {
             return Err(CallError::ArgumentCount {
-                expected: sig.params.len(),
+                expected: shape.params,
                 given: args.len(),
             });
         }
+        let mask = shape.result_mask;
         let entry = self.slot_address(id).ok_or(not_finalized)?;
         // SAFETY: the slot leads to this module's code for `id`, compiled by Cranelift for
         // System V with the signature just checked (integer arguments in registers, at most

@@ -13,6 +13,7 @@ use cranelift_codegen::ir;
 use cranelift_codegen::isa::TargetIsa;
 use cranelift_codegen::Context;
 
+use crate::call::CallShape;
 use crate::compile::CompiledFunction;
 use crate::data::DataDescription;
 use crate::error::BackendError;
@@ -217,10 +218,17 @@ impl<M: Mmu + Send + 'static> JITModule<M> {
         Ok(())
     }
 
+    /// Makes room for `id`'s state and records how it is called (its signature never changes:
+    /// a second declaration must repeat it).
     fn grow_functions(&mut self, id: FuncId) {
         if self.functions.len() <= id.index() {
             self.functions
                 .resize_with(id.index() + 1, FunctionState::default);
         }
+        let shape = self
+            .declarations
+            .get_function_decl(id)
+            .and_then(|d| CallShape::of(&d.signature));
+        self.functions[id.index()].shape = shape;
     }
 }

@@ -25,6 +25,7 @@ use cranelift_codegen::entity::EntityRef;
 use cranelift_codegen::isa::OwnedTargetIsa;
 
 use crate::builder::{Codespace, JITBuilder, LibcallNames, SymbolLookup};
+use crate::call::CallShape;
 use crate::compile::{CompiledFunction, TrapRecord};
 use crate::data::DataDescription;
 use crate::error::BackendError;
@@ -45,6 +46,8 @@ pub(crate) struct FunctionState {
     pub pending: Option<CompiledFunction>,
     /// `prepare_for_function_redefine` allowed a new definition.
     pub redefinable: bool,
+    /// How [`JITModule::call`] calls it (`None`: not in integer registers), from the signature.
+    pub shape: Option<CallShape>,
 }
 
 /// Where a data object lives.
