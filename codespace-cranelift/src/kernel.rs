@@ -59,6 +59,16 @@ pub unsafe trait Kernel: Sync {
     /// safety section), so replaced code can be freed; may do nothing.
     fn quiescent(&self);
 
+    /// Whether `finalize_definitions` stores every slot it patched a second time. On hardware
+    /// (and under KVM) one patch and its serialization round are enough (the default: `false`).
+    /// QEMU's multi-threaded TCG may link a translation of a slot's old bytes while another
+    /// vCPU stores the new ones, and run the old target past the grace period that frees it; a
+    /// second store once every vCPU acknowledged the first removes such a translation. A kernel
+    /// that runs under TCG answers `true` there.
+    fn patch_slots_twice(&self) -> bool {
+        false
+    }
+
     /// Runs `f`, a call into codespace's module that may take its lock, as the kernel wants
     /// such calls run (e.g. counted, so a stop IPI does not abandon a CPU holding the lock).
     fn module_call(&self, f: &mut dyn FnMut()) {

@@ -257,6 +257,17 @@ impl<M: Mmu + Send + 'static> JITModule<M> {
             }
         };
         drop(batch);
+        if self.kernel.patch_slots_twice() && !objects.is_empty() {
+            let again: Vec<(u32, usize)> = pending
+                .iter()
+                .zip(&objects)
+                .map(|(id, o)| (id.as_u32(), o.instruction_start()))
+                .collect();
+            // The first patch stands if this one is refused (see `Kernel::patch_slots_twice`).
+            self.kernel.module_call(&mut || {
+                let _ = module.patch_slots(&again);
+            });
+        }
 
         // Books: everything is finalized.
         let registries_live = |start: usize| {

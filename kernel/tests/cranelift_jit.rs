@@ -5,7 +5,12 @@
 //! What a kernel forced, and only that: the ISA comes from `codespace_cranelift::native::builder`
 //! (cranelift-native is std-only) with the same flags; `JITModule::new` takes the codespace
 //! pieces and returns a `Result`; `malloc` is a kernel symbol given to the builder (no `dlsym`);
-//! `Box`/`vec!` come from `alloc`. Every ported test calls its finalized code from every CPU,
+//! `Box`/`vec!` come from `alloc`, `EntityRef` from `cranelift_codegen::entity` (the kernel does
+//! not depend on `cranelift-entity` directly); `main`/`#[test]` become kernel test items; where
+//! upstream returns early without an ISA (`let Some(isa) = isa() else { return; }`), a kernel
+//! test panics instead — the ISA is always there, and a test that skips itself cannot fail.
+//! Upstream also asserts that errors are errors (`.err().unwrap()`); these tests additionally
+//! check which error. Every ported test calls its finalized code from every CPU,
 //! through `JITModule::call` (and `jit_minimal` also the upstream way, the transmuted pointer
 //! of `get_finalized_function`). Upstream, `switch_error` only verifies its function and
 //! `libcall_function`, `empty_data_object`, `error_on_incompatible_sig_in_declare_function` and
