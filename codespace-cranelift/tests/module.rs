@@ -50,16 +50,15 @@ unsafe impl Kernel for Host {
 static HOST: Host = Host;
 
 fn manager(slot: usize) -> CodeManager<SoftMmu> {
+    manager_with(slot, ManagerConfig::default())
+}
+
+fn manager_with(slot: usize, config: ManagerConfig) -> CodeManager<SoftMmu> {
     // SAFETY: the tests' only "CPU" reports for itself.
     unsafe { GRACE.set_possible_cpus(1) };
     let mmu = SoftMmu::new(1 << 14).with_direct_map(0xFFFF_8000_0000_0000);
     let base = 0xFFFF_C000_0000_0000 + slot * (1 << 32);
-    CodeManager::new(
-        mmu,
-        AddressRange::new(base, base + (1 << 30)),
-        ManagerConfig::default(),
-    )
-    .expect("manager")
+    CodeManager::new(mmu, AddressRange::new(base, base + (1 << 30)), config).expect("manager")
 }
 
 fn module(mgr: &CodeManager<SoftMmu>, setup: impl FnOnce(&mut JITBuilder)) -> JITModule<SoftMmu> {
@@ -357,4 +356,74 @@ fn bad_input_gives_typed_errors_and_a_failed_finalize_installs_nothing() {
         Err(CallError::NotFinalized(foreign))
     );
     assert!(m.get_finalized_function(foreign).is_null());
+}
+
+#[test]
+fn a_finalize_codespace_refuses_installs_nothing_and_retires_its_data_image() {
+    // Code spaces of 16 KiB: a function of ~6000 additions does not fit one, but only codespace
+    // can tell, after the read-only data was loaded.
+    let mgr = manager_with(
+        5,
+        ManagerConfig {
+            max_code_space_size: 16 << 10,
+            ..ManagerConfig::default()
+        },
+    );
+    let mut m = module(&mgr, |b| {
+        b.hotswap(true).max_functions(4);
+    });
+    let ro = m.declare_data("ro", Linkage::Local, false, false).unwrap();
+    let mut d = DataDescription::new();
+    d.define(vec![1u8; 32].into_boxed_slice());
+    m.define_data(ro, &d).unwrap();
+    let s = sig(&m, 1);
+    let huge = m.declare_function("huge", Linkage::Local, &s).unwrap();
+    define(&mut m, huge, 1, |b, _, p| {
+        let mut x = p[0];
+        for i in 0..6000 {
+            let c = b.ins().iconst(I64, i);
+            x = b.ins().bxor(x, c);
+            x = b.ins().rotl_imm_s(x, 3);
+        }
+        b.ins().return_(&[x]);
+    })
+    .unwrap();
+    let committed = mgr.committed();
+    let before = m.code_module().code_count().unwrap();
+    let err = m.finalize_definitions().unwrap_err();
+    assert!(
+        matches!(err, ModuleError::Backend(BackendError::Codespace(_))),
+        "{err}"
+    );
+    assert_eq!(m.code_module().code_count().unwrap(), before, "no code");
+    assert_eq!(
+        m.get_finalized_data(ro),
+        (core::ptr::null(), 0),
+        "data pending"
+    );
+    assert!(m.get_finalized_function(huge).is_null());
+    assert_eq!(
+        m.code_module().image_count().unwrap(),
+        (0, 1),
+        "the data image is retired (no address of it was handed out)"
+    );
+    m.reclaim();
+    m.reclaim();
+    assert_eq!(m.code_module().image_count().unwrap(), (0, 0));
+    assert_eq!(
+        mgr.committed(),
+        committed,
+        "its pages freed after the grace period"
+    );
+    // The definition stays pending; dropped (hot-swap) and defined smaller, everything
+    // finalizes, the data included.
+    m.prepare_for_function_redefine(huge).unwrap();
+    define(&mut m, huge, 1, |b, _, p| {
+        b.ins().return_(&[p[0]]);
+    })
+    .unwrap();
+    m.finalize_definitions().unwrap();
+    assert!(!m.get_finalized_function(huge).is_null());
+    let (ptr, size) = m.get_finalized_data(ro);
+    assert!(mgr.window().contains(ptr as usize) && size == 32);
 }
