@@ -128,6 +128,33 @@ impl<M: Mmu + Send + 'static> Module for JITModule<M> {
         Ok(())
     }
 
+    /// Keeps `bytes` (codespace starts all code on
+    /// [`CODE_ALIGNMENT`](codespace::manager::CODE_ALIGNMENT), so any `alignment` up to it holds) with
+    /// `relocs` until [`finalize_definitions`](JITModule::finalize_definitions).
+    ///
+    /// # Errors
+    /// As [`Module::define_function_bytes`]; [`BackendError::BadAlignment`] for an alignment
+    /// that is not a power of two or above codespace's code alignment.
+    fn define_function_bytes(
+        &mut self,
+        id: FuncId,
+        alignment: u64,
+        bytes: &[u8],
+        relocs: &[crate::ModuleReloc],
+    ) -> ModuleResult<()> {
+        self.function_decl_checked(id)?;
+        if !alignment.is_power_of_two() || alignment > codespace::manager::CODE_ALIGNMENT as u64 {
+            return Err(BackendError::BadAlignment(alignment).into());
+        }
+        self.functions[id.index()].pending = Some(CompiledFunction {
+            bytes: bytes.to_vec(),
+            relocs: relocs.to_vec(),
+            traps: alloc::vec::Vec::new(),
+            source_positions: alloc::vec::Vec::new(),
+        });
+        Ok(())
+    }
+
     /// Defines data object `id`: writable data gets zeroed kernel-heap memory now (its address
     /// is fixed from here), read-only data a place in the read-only pages the next
     /// [`finalize_definitions`](JITModule::finalize_definitions) maps. Contents and addresses

@@ -139,7 +139,8 @@
 //!   gives the slot.
 //! - Where cranelift-jit panics (an undeclared id, TLS, uninitialized data, an unresolvable
 //!   symbol, `get_finalized_*` before finalizing) this crate returns an error or a null pointer.
-//! - No `define_function_bytes` (bytes carry no trap records) and no perf map.
+//! - `define_function_bytes` takes bytes without trap records (a trap in them is the kernel's
+//!   fault, not a landing); there is no perf map.
 #![no_std]
 #![deny(missing_docs)]
 // `ModuleError` is `cranelift_module`'s, whose `IncompatibleSignature` carries two signatures:

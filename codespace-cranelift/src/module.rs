@@ -3,9 +3,8 @@
 //! code written against it ports by changing its imports.
 //!
 //! Differences a kernel forces, each on the item it concerns: no `anyhow` or `std::io` in
-//! [`ModuleError`] (a typed [`BackendError`](crate::BackendError) instead), names in a `BTreeMap`, no serde, no
-//! `define_function_bytes` (raw bytes carry no trap records, which codespace needs to land
-//! traps), and [`Module::declare_data_in_func`] makes data references absolute (see there).
+//! [`ModuleError`] (a typed [`BackendError`](crate::BackendError) instead), names in a `BTreeMap`, no serde, and
+//! [`Module::declare_data_in_func`] makes data references absolute (see there).
 
 use alloc::borrow::ToOwned;
 use alloc::string::String;
@@ -288,6 +287,20 @@ pub trait Module {
         func: FuncId,
         ctx: &mut Context,
         ctrl_plane: &mut ControlPlane,
+    ) -> ModuleResult<()>;
+
+    /// Defines function `func_id` as these machine-code `bytes` with `relocs` (instead of
+    /// compiling IR). Raw bytes carry no trap records: a trap in them is the kernel's fault, not
+    /// a landing.
+    ///
+    /// # Errors
+    /// As [`define_function`](Self::define_function), but for compilation.
+    fn define_function_bytes(
+        &mut self,
+        func_id: FuncId,
+        alignment: u64,
+        bytes: &[u8],
+        relocs: &[crate::ModuleReloc],
     ) -> ModuleResult<()>;
 
     /// Defines data object `data_id` as `data` says.

@@ -427,3 +427,47 @@ fn a_finalize_codespace_refuses_installs_nothing_and_retires_its_data_image() {
     let (ptr, size) = m.get_finalized_data(ro);
     assert!(mgr.window().contains(ptr as usize) && size == 32);
 }
+
+#[test]
+fn raw_bytes_link_like_compiled_code() {
+    use cranelift_codegen::binemit::Reloc;
+    let mgr = manager(6);
+    let mut m = module(&mgr, |_| {});
+    let s = sig(&m, 0);
+    let forty_two = m.declare_function("forty_two", Linkage::Local, &s).unwrap();
+    let caller = m.declare_function("caller", Linkage::Local, &s).unwrap();
+    // mov eax, 42; ret
+    m.define_function_bytes(forty_two, 16, &[0xB8, 42, 0, 0, 0, 0xC3], &[])
+        .unwrap();
+    // call forty_two (through its slot); ret
+    let call = ModuleReloc {
+        offset: 1,
+        kind: Reloc::X86CallPCRel4,
+        name: ModuleRelocTarget::user(0, forty_two.as_u32()),
+        addend: -4,
+    };
+    let err = m
+        .define_function_bytes(
+            caller,
+            3,
+            &[0xE8, 0, 0, 0, 0, 0xC3],
+            std::slice::from_ref(&call),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, ModuleError::Backend(BackendError::BadAlignment(3))),
+        "{err}"
+    );
+    m.define_function_bytes(caller, 1, &[0xE8, 0, 0, 0, 0, 0xC3], &[call])
+        .unwrap();
+    let err = m
+        .define_function_bytes(caller, 1, &[0xC3], &[])
+        .unwrap_err();
+    assert!(matches!(err, ModuleError::DuplicateDefinition(_)), "{err}");
+    m.finalize_definitions().unwrap();
+    for f in [forty_two, caller] {
+        let code = m.code_module().function_code(f.as_u32()).unwrap();
+        assert!(code.is_some());
+        assert_eq!(m.code_module().slot_target(f.as_u32()).unwrap(), code);
+    }
+}

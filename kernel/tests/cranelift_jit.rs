@@ -19,7 +19,8 @@
 //!
 //! Then what codespace adds, on every CPU: traps landing with their Cranelift trap codes,
 //! hot-swap as a slot patch while every CPU calls, read-only data mapped read-only, data
-//! linked to functions and data, and bad input refused with nothing installed.
+//! linked to functions and data, bad input refused with nothing installed, and raw bytes
+//! (`define_function_bytes`) linked and called like compiled code.
 #![no_std]
 #![no_main]
 // The ported code is upstream's, unchanged where no kernel forced a change (`&mut bcx.func`,
@@ -62,6 +63,7 @@ codespace_kernel::kernel_tests![
     codespace_hotswap_is_a_slot_patch_while_every_cpu_calls,
     codespace_read_only_data_is_mapped_read_only_and_data_is_linked,
     codespace_bad_input_gives_typed_errors_and_installs_nothing,
+    codespace_raw_bytes_run_through_their_slots_on_every_cpu,
 ];
 
 /// cranelift-jit's `isa()`: `use_colocated_libcalls` and `is_pic` off (see `module_isa`).

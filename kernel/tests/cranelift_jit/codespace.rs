@@ -515,3 +515,42 @@ pub fn codespace_bad_input_gives_typed_errors_and_installs_nothing() {
 extern "C" fn six() -> i64 {
     6
 }
+
+pub fn codespace_raw_bytes_run_through_their_slots_on_every_cpu() {
+    use cranelift_codegen::binemit::Reloc;
+    let mut module = new_module(16, false);
+    let mut sig = module.make_signature();
+    sig.returns.push(AbiParam::new(I64));
+    let forty_two = module
+        .declare_function("forty_two", Linkage::Local, &sig)
+        .unwrap();
+    let caller = module
+        .declare_function("caller", Linkage::Local, &sig)
+        .unwrap();
+    // mov eax, 42; ret — and: call forty_two (its slot); inc rax; ret
+    module
+        .define_function_bytes(forty_two, 16, &[0xB8, 42, 0, 0, 0, 0xC3], &[])
+        .unwrap();
+    let call = ModuleReloc {
+        offset: 1,
+        kind: Reloc::X86CallPCRel4,
+        name: ModuleRelocTarget::user(0, forty_two.as_u32()),
+        addend: -4,
+    };
+    module
+        .define_function_bytes(
+            caller,
+            16,
+            &[0xE8, 0, 0, 0, 0, 0x48, 0xFF, 0xC0, 0xC3],
+            &[call],
+        )
+        .unwrap();
+    module.finalize_definitions().unwrap();
+    on_every_cpu(|cpu| {
+        // SAFETY: the bytes above only compute.
+        unsafe {
+            assert_eq!(module.call(forty_two, &[]), Ok(42), "cpu {cpu}");
+            assert_eq!(module.call(caller, &[]), Ok(43), "cpu {cpu}");
+        }
+    });
+}
