@@ -83,10 +83,10 @@ pub(crate) enum ImageSource<'a> {
 }
 
 impl<M: Mmu> CodeAllocator<M> {
-    /// Commits whole fresh pages for `lead` bytes and then the image's bytes (page aligned, shared with no
-    /// other allocation; a new code space if none fits), copies `bytes` at `lead` bytes from the
-    /// start through the pages' own RW+NX mapping, and makes every page from `lead` on R+NX in
-    /// one flush. The lead pages stay RW+NX (INT3): room for a landing stub written at publish.
+    /// Commits whole fresh pages for `lead` bytes and then the image's bytes (page aligned,
+    /// shared with no other allocation; a new code space if none fits), copies the bytes (given,
+    /// or filled now that their address is known) at `lead` bytes from the start through the
+    /// pages' own RW+NX mapping, and makes every page from `lead` on R+NX in one flush. The lead pages stay RW+NX (INT3): room for a landing stub written at publish.
     ///
     /// # Errors
     /// [`CodeError::InvalidSize`] for nothing to load; the allocation and commit errors of
