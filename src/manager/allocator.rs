@@ -19,7 +19,7 @@ use alloc::vec::Vec;
 #[path = "image.rs"]
 mod image;
 use core::sync::atomic::{AtomicU64, Ordering};
-pub(crate) use image::ImagePages;
+pub(crate) use image::{ImagePages, ImageSource};
 
 use super::abandoned::AbandonedNode;
 use super::code::{PublishedCode, WritableCode};

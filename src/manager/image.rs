@@ -73,11 +73,20 @@ unsafe fn protect_pages<M: Mmu>(
     state.flush(tlb)
 }
 
+/// What an image's bytes are: given, or written by the caller once their address is known.
+pub(crate) enum ImageSource<'a> {
+    /// These bytes.
+    Bytes(&'a [u8]),
+    /// `len` bytes, zeroed, then filled by the closure given the address of the first one (data
+    /// whose pointers point into the image itself).
+    Fill(usize, &'a mut dyn FnMut(usize, &mut [u8])),
+}
+
 impl<M: Mmu> CodeAllocator<M> {
-    /// Commits whole fresh pages for `lead` bytes and then `bytes` (page aligned, shared with no
-    /// other allocation; a new code space if none fits), copies `bytes` at `lead` bytes from the
-    /// start through the pages' own RW+NX mapping, and makes every page from `lead` on R+NX in
-    /// one flush. The lead pages stay RW+NX (INT3): room for a landing stub written at publish.
+    /// Commits whole fresh pages for `lead` bytes and then the image's bytes (page aligned,
+    /// shared with no other allocation; a new code space if none fits), copies the bytes (given,
+    /// or filled now that their address is known) at `lead` bytes from the start through the
+    /// pages' own RW+NX mapping, and makes every page from `lead` on R+NX in one flush. The lead pages stay RW+NX (INT3): room for a landing stub written at publish.
     ///
     /// # Errors
     /// [`CodeError::RoxRefused`] in an allocator on ROX pages;
@@ -86,7 +95,7 @@ impl<M: Mmu> CodeAllocator<M> {
     /// nothing changed beyond a new code space the caller may release.
     pub(crate) fn load_image(
         &mut self,
-        bytes: &[u8],
+        source: ImageSource<'_>,
         lead: usize,
     ) -> Result<ImagePages, CodeError> {
         if self.config.rox {
@@ -94,12 +103,16 @@ impl<M: Mmu> CodeAllocator<M> {
             return Err(CodeError::RoxRefused { what: "an image" });
         }
         self.retry_stale_images();
-        let invalid = CodeError::InvalidSize { size: bytes.len() };
-        if bytes.is_empty() || !lead.is_multiple_of(PAGE_SIZE) {
+        let len = match &source {
+            ImageSource::Bytes(bytes) => bytes.len(),
+            ImageSource::Fill(len, _) => *len,
+        };
+        let invalid = CodeError::InvalidSize { size: len };
+        if len == 0 || !lead.is_multiple_of(PAGE_SIZE) {
             return Err(invalid);
         }
         let size = lead
-            .checked_add(bytes.len())
+            .checked_add(len)
             .and_then(page_round_up)
             .ok_or(invalid)?;
         let range = self.allocate_where(0, size, PAGE_SIZE, None)?.range;
@@ -107,6 +120,16 @@ impl<M: Mmu> CodeAllocator<M> {
         let image = ImagePages {
             range,
             owner: self.id,
+        };
+        let filled;
+        let bytes = match source {
+            ImageSource::Bytes(bytes) => bytes,
+            ImageSource::Fill(len, fill) => {
+                let mut buffer = alloc::vec![0u8; len];
+                fill(range.start() + lead, &mut buffer);
+                filled = buffer;
+                &filled[..]
+            }
         };
         match self.fill_image(range, bytes, lead) {
             Ok(()) => Ok(image),

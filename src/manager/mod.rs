@@ -41,8 +41,8 @@ mod rox;
 mod state;
 mod write;
 
-pub(crate) use allocator::ImagePages;
 pub use allocator::{AllocatorConfig, AllocatorStats, CodeAllocator, CODE_ALIGNMENT};
+pub(crate) use allocator::{ImagePages, ImageSource};
 pub use audit::{wx_report, AuditFinding, AuditFindings, AuditReport, AuditViolation, LeafWalk};
 pub use code::{PublishedCode, WritableCode};
 pub use config::{ManagerConfig, PatchProtocol, ProtectionMode, MAX_CODE_SPACE_SIZE};

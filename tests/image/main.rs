@@ -328,3 +328,47 @@ fn dropping_the_module_unregisters_and_frees_its_images() {
     drop((published, loaded));
     assert_sound_no_leak(&machine, &manager);
 }
+
+#[test]
+fn an_image_filled_once_its_address_is_known_holds_pointers_into_itself() {
+    for mode in [ProtectionMode::Alias, ProtectionMode::Flip] {
+        let r = rig_for(mode);
+        let mut seen = None;
+        // Two words: the address of the second one, then 7 (data pointing into itself).
+        let image = r
+            .module
+            .load_image_with(16, |start, bytes| {
+                assert_eq!(bytes, &[0; 16], "zeroed");
+                seen = Some(start);
+                bytes[..8].copy_from_slice(&(start as u64 + 8).to_le_bytes());
+                bytes[8..].copy_from_slice(&7u64.to_le_bytes());
+            })
+            .unwrap();
+        let start = image.range().start();
+        assert_eq!(seen, Some(start), "the closure saw the image's address");
+        let mut expected = (start as u64 + 8).to_le_bytes().to_vec();
+        expected.extend_from_slice(&7u64.to_le_bytes());
+        assert_eq!(read(&r.manager, start, 16), expected);
+        assert!(executable_now(&r, image.range()).is_empty());
+        assert!(
+            !r.manager.query(start).unwrap().unwrap().writable,
+            "read-only once loaded"
+        );
+        // Nothing to fill: refused before the closure runs, nothing changes.
+        let committed = r.manager.committed();
+        let e = r
+            .module
+            .load_image_with(0, |_, _| panic!("not called"))
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                codespace::module::ModuleError::Code(codespace::CodeError::InvalidSize { size: 0 })
+            ),
+            "{e:?}"
+        );
+        assert_eq!(r.manager.committed(), committed);
+        assert_executable_history(&r, image.range(), &[]);
+        r.module.unpublish_image(image).unwrap();
+    }
+}

@@ -207,5 +207,89 @@ pub(super) fn run(r: &Report) {
         samples,
     );
     drop(module);
+    cranelift_module_rows(r, &manager);
     assert!(manager.audit().expect("audit").is_clean());
+}
+
+/// The same through `codespace_cranelift::JITModule` (cranelift-jit's API): redefining
+/// `add_one` (hot-swap: compile in `define_function`, publish and slot patch in
+/// `finalize_definitions`) and calling it with `JITModule::call` (signature check, slot, entry).
+fn cranelift_module_rows(r: &Report, manager: &codespace::CodeManager<code::KernelMmu>) {
+    use codespace_cranelift::{default_libcall_names, JITBuilder, JITModule, Linkage, Module};
+    use cranelift_codegen::ir::{AbiParam, UserFuncName};
+    use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+
+    let isa = jit::cranelift::module_isa().expect("isa");
+    let mut builder = JITBuilder::with_isa(isa, default_libcall_names());
+    builder.hotswap(true);
+    let mut module =
+        JITModule::new(builder, &jit::cranelift::codespace(manager)).expect("JITModule");
+    let mut sig = module.make_signature();
+    sig.params.push(AbiParam::new(I64));
+    sig.returns.push(AbiParam::new(I64));
+    let id = module
+        .declare_function("add_one", Linkage::Export, &sig)
+        .expect("declare");
+    let mut ctx = module.make_context();
+    let mut fctx = FunctionBuilderContext::new();
+    let (mut in_define, mut in_finalize) = (Vec::new(), Vec::new());
+    for i in 0..WARMUP + REPS {
+        module.clear_context(&mut ctx);
+        ctx.func.signature = sig.clone();
+        ctx.func.name = UserFuncName::user(0, id.as_u32());
+        {
+            let mut b = FunctionBuilder::new(&mut ctx.func, &mut fctx);
+            let block = b.create_block();
+            b.append_block_params_for_function_params(block);
+            b.switch_to_block(block);
+            let p = b.block_params(block)[0];
+            let v = b.ins().iadd_imm_s(p, 1);
+            b.ins().return_(&[v]);
+            b.seal_all_blocks();
+            b.finalize(module.target_config());
+        }
+        if i > 0 {
+            module.prepare_for_function_redefine(id).expect("prepare");
+        }
+        // The version this replaces is freed outside the timed part.
+        module.reclaim();
+        let t0 = start();
+        module.define_function(id, &mut ctx).expect("define");
+        let t1 = stop();
+        let t2 = start();
+        module.finalize_definitions().expect("finalize");
+        let t3 = stop();
+        if i >= WARMUP {
+            in_define.push(t1 - t0);
+            in_finalize.push(t3 - t2);
+        }
+    }
+    println!(
+        "
+  codespace_cranelift::JITModule (cranelift-jit's API), add_one redefined {REPS} times"
+    );
+    row(r, "    define_function (Cranelift, opt none)", in_define);
+    row(
+        r,
+        "    finalize_definitions (publish, traps, slot patch)",
+        in_finalize,
+    );
+    let samples = (0..1000)
+        .map(|_| {
+            let t0 = start();
+            let mut x = 0;
+            for _ in 0..CALLS {
+                // SAFETY: add_one only computes.
+                x = unsafe { module.call(id, &[core::hint::black_box(x)]) }.expect("call");
+            }
+            let t1 = stop();
+            assert_eq!(x, CALLS);
+            (t1 - t0) / CALLS
+        })
+        .collect();
+    row(
+        r,
+        "    JITModule::call (signature check, slot, kernel entry)",
+        samples,
+    );
 }

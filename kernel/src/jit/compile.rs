@@ -1,5 +1,7 @@
 //! Cranelift IR in, codespace's `NewCode` parts out: machine code with a landing pad appended,
-//! protected instructions, jump-table relocations and source positions.
+//! protected instructions, jump-table relocations and source positions. Reading Cranelift's
+//! buffer is `codespace_cranelift::CompiledFunction`'s; this file maps what it read onto this
+//! glue's namespaces (module index = slot, host table) and trap policy.
 //!
 //! # Relocation mapping
 //!
@@ -21,10 +23,11 @@ use alloc::string::ToString;
 use alloc::vec::Vec;
 
 use codespace::code_object::{RelocKind, Relocation};
+use codespace_cranelift::{self as cranelift, FuncId, ModuleRelocTarget};
 use cranelift_codegen::binemit::Reloc;
 use cranelift_codegen::control::ControlPlane;
-use cranelift_codegen::ir::{ExternalName, Function, TrapCode};
-use cranelift_codegen::{CodegenError, Context, FinalizedRelocTarget};
+use cranelift_codegen::ir::{Function, TrapCode};
+use cranelift_codegen::{CodegenError, Context};
 
 use super::enter::trap_landing_address;
 use super::isa::{isa, OptLevel};
@@ -175,27 +178,26 @@ impl Compiler {
             .ctx
             .compiled_code()
             .ok_or_else(|| JitError::Codegen("no code after compiling".to_string()))?;
-        let mut bytes = compiled.code_buffer().to_vec();
+        // The bytes, relocations, trap records and source positions, as codespace_cranelift
+        // reads them out of Cranelift's buffer; what follows maps them onto this glue's
+        // namespaces.
+        let parts = cranelift::CompiledFunction::new(FuncId::from_u32(0), &self.ctx.func, compiled);
+        let mut bytes = parts.bytes;
         let code_size = bytes.len();
-        let buffer = &compiled.buffer;
 
         let mut relocations = Vec::new();
-        for r in buffer.relocs() {
+        for r in &parts.relocs {
             let unsupported = JitError::UnsupportedRelocation {
                 kind: r.kind,
                 offset: r.offset,
             };
-            let FinalizedRelocTarget::ExternalName(ExternalName::User(name)) = &r.target else {
+            let ModuleRelocTarget::User { namespace, index } = r.name else {
                 return Err(unsupported);
             };
-            let name = &self.ctx.func.params.user_named_funcs()[*name];
-            let unknown = JitError::UnknownFunction {
-                namespace: name.namespace,
-                index: name.index,
-            };
-            match (name.namespace, r.kind) {
-                (MODULE, _) if name.index >= linkage.functions => return Err(unknown),
-                (HOST, _) if name.index as usize >= linkage.host.len() => return Err(unknown),
+            let unknown = JitError::UnknownFunction { namespace, index };
+            match (namespace, r.kind) {
+                (MODULE, _) if index >= linkage.functions => return Err(unknown),
+                (HOST, _) if index as usize >= linkage.host.len() => return Err(unknown),
                 (MODULE, Reloc::X86CallPCRel4) => {
                     // Only a rel32 `call` or `jmp` (tail call) can go through a slot; the same
                     // relocation on `lea` takes the function's address, which a slot is not.
@@ -207,11 +209,11 @@ impl Compiler {
                     }
                     relocations.push(Relocation {
                         offset: r.offset,
-                        kind: RelocKind::CallSlot { slot: name.index },
+                        kind: RelocKind::CallSlot { slot: index },
                     });
                 }
                 (HOST, Reloc::Abs8) => {
-                    let host = linkage.host[name.index as usize];
+                    let host = linkage.host[index as usize];
                     let value = (host.address as u64).wrapping_add(r.addend as u64);
                     let at = r.offset as usize;
                     bytes
@@ -224,8 +226,9 @@ impl Compiler {
             }
         }
 
+        // Only guard-page faults land here (`parts.traps` is sorted, one record per offset).
         let mut protected = Vec::new();
-        for t in buffer.traps() {
+        for t in &parts.traps {
             if t.code != TrapCode::HEAP_OUT_OF_BOUNDS {
                 return Err(JitError::UnsupportedTrap {
                     code: t.code,
@@ -234,18 +237,7 @@ impl Compiler {
             }
             protected.push(t.offset);
         }
-        protected.sort_unstable();
-        protected.dedup();
-
-        let mut source_positions: Vec<(u32, u32)> = Vec::new();
-        for s in buffer.get_srclocs_sorted() {
-            let at_new_position = source_positions
-                .last()
-                .is_none_or(|&(_, l)| l != s.loc.bits());
-            if !s.loc.is_default() && at_new_position {
-                source_positions.push((s.start, s.loc.bits()));
-            }
-        }
+        let source_positions = parts.source_positions;
 
         let landing_pad = if protected.is_empty() {
             None

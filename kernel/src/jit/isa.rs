@@ -1,12 +1,9 @@
 //! The target Cranelift compiles for: x86-64 with no operating system, the kernel's own ABI.
 
 use alloc::string::ToString;
-use core::str::FromStr;
-
-use cranelift_codegen::isa::{self, OwnedTargetIsa, TargetFrontendConfig};
+use cranelift_codegen::isa::{OwnedTargetIsa, TargetFrontendConfig};
 use cranelift_codegen::settings::{self, Configurable};
 use spin::Once;
-use target_lexicon::Triple;
 
 use super::JitError;
 
@@ -72,8 +69,7 @@ fn build(opt: OptLevel) -> Result<OwnedTargetIsa, JitError> {
     ] {
         flags.set(name, value).map_err(|e| codegen(&e))?;
     }
-    let triple = Triple::from_str("x86_64-unknown-none").map_err(|e| codegen(&e))?;
-    isa::lookup(triple)
+    codespace_cranelift::native::builder()
         .map_err(|e| codegen(&e))?
         .finish(settings::Flags::new(flags))
         .map_err(|e| codegen(&e))

@@ -3,9 +3,9 @@
 //!
 //! | file | concept |
 //! | --- | --- |
-//! | `isa` | the target: `x86_64-unknown-none`, System V, settings and why |
+//! | `isa` | the target: `x86_64-unknown-none` (`codespace_cranelift::native`), System V, settings and why |
 //! | `ir` | building IR for it: signatures, callees, linear-memory addresses, loops |
-//! | `compile` | Cranelift output → codespace parts: relocations mapped, traps, landing pad |
+//! | `compile` | Cranelift output (read by `codespace_cranelift::CompiledFunction`) → codespace parts: relocations mapped, traps, landing pad |
 //! | `module` | [`JitModule`]: installing in a `CodeModule`, calling through slots (every `CodeModule` call site); `&self`, shared by CPUs |
 //! | `enter` | entering generated code and unwinding from a landing pad ([`Trap`]); one entry record per CPU |
 //! | `linear_memory` | [`LinearMemory`]: a guarded 8 GiB reservation, bounds checks by page fault |
@@ -14,6 +14,7 @@
 //! | `tier` | tier-up: recompiling and switching a running function, from any CPU |
 //! | `programs` | real programs as IR, with Rust references (the tests', demo's and bench's) |
 //! | `error` | [`JitError`] |
+//! | `cranelift` | this kernel as `codespace_cranelift` sees it: cranelift-jit's `JITModule` API on codespace |
 //!
 //! The flow: build a `Function` (IR), [`Compiler::compile`] it for an [`OptLevel`] against the
 //! module's [`Linkage`], [`JitModule::install`] the result as function `index`, and
@@ -26,6 +27,7 @@
 //! codespace lock answers `Busy` instead of waiting.
 
 mod compile;
+pub mod cranelift;
 mod enter;
 mod error;
 pub mod ir;

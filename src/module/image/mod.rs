@@ -34,7 +34,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use super::config::ModuleError;
 use super::CodeModule;
 use crate::code_object::CodeObject;
-use crate::manager::ImagePages;
+use crate::manager::{ImagePages, ImageSource};
 use crate::mmu::Mmu;
 use crate::range::page_round_up;
 use crate::sync::grace::GraceTicket;
@@ -104,9 +104,41 @@ impl<M: Mmu + Send + 'static> CodeModule<M> {
     /// code space; commit limit, window or frames exhausted; backend failures; [`ModuleError::Busy`].
     /// Nothing changes on error.
     pub fn load_image(&self, bytes: &[u8]) -> Result<CodeImage, ModuleError> {
+        self.load(ImageSource::Bytes(bytes))
+    }
+
+    /// Like [`load_image`](Self::load_image) for `len` bytes that `fill` writes once their
+    /// address is known: it gets the address of the image's first byte and the zeroed bytes to
+    /// write, before anything is made read-only. For data whose pointers point into the image
+    /// itself (a JIT's read-only data objects referring to each other). `fill` runs under the
+    /// module's lock: it must not call into this module.
+    ///
+    /// # Errors
+    /// As [`load_image`](Self::load_image) (`len == 0` is
+    /// [`InvalidSize`](crate::CodeError::InvalidSize)); `fill` is not called then, or its bytes
+    /// are discarded. Nothing changes on error.
+    pub fn load_image_with(
+        &self,
+        len: usize,
+        fill: impl FnOnce(usize, &mut [u8]),
+    ) -> Result<CodeImage, ModuleError> {
+        let mut fill = Some(fill);
+        let mut once = |start: usize, bytes: &mut [u8]| {
+            if let Some(f) = fill.take() {
+                f(start, bytes);
+            }
+        };
+        self.load(ImageSource::Fill(len, &mut once))
+    }
+
+    fn load(&self, source: ImageSource<'_>) -> Result<CodeImage, ModuleError> {
+        let len = match &source {
+            ImageSource::Bytes(bytes) => bytes.len(),
+            ImageSource::Fill(len, _) => *len,
+        };
         self.writing(|s| {
             let before = (s.allocator.code_spaces().len(), s.tables.len());
-            let pages = match s.allocator.load_image(bytes, LEAD) {
+            let pages = match s.allocator.load_image(source, LEAD) {
                 Ok(p) => p,
                 Err(e) => {
                     s.undo_new_spaces(before);
@@ -124,7 +156,7 @@ impl<M: Mmu + Send + 'static> CodeModule<M> {
             let start = pages.range().start() + LEAD;
             let image = Image {
                 serial: IMAGE_SERIALS.fetch_add(1, Ordering::Relaxed),
-                bytes: AddressRange::new(start, start + bytes.len()),
+                bytes: AddressRange::new(start, start + len),
                 pages,
                 published: None,
             };

@@ -88,5 +88,66 @@ pub fn tour(manager: &CodeManager<KernelMmu>) -> Result<(), String> {
         other => return Err(alloc::format!("expected a trap, got {other:?}")),
     }
     drop(module);
+    cranelift_jit_api(manager)
+}
+
+/// cranelift-jit's `jit-minimal`, ported to `codespace_cranelift::JITModule`: `b` calls `a`
+/// (`a(x) = x + 37`) through `a`'s slot, and the finalized `b` runs through `JITModule::call`.
+fn cranelift_jit_api(manager: &CodeManager<KernelMmu>) -> Result<(), String> {
+    use codespace_cranelift::{default_libcall_names, JITBuilder, JITModule, Linkage, Module};
+    use codespace_kernel::jit::cranelift::{codespace, module_isa};
+    use cranelift_codegen::ir::{types, AbiParam, InstBuilder, UserFuncName};
+    use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+
+    let err = |e: &dyn core::fmt::Display| e.to_string();
+    let isa = module_isa().map_err(|e| err(&e))?;
+    let builder = JITBuilder::with_isa(isa, default_libcall_names());
+    let mut module = JITModule::new(builder, &codespace(manager)).map_err(|e| err(&e))?;
+    let mut sig_a = module.make_signature();
+    sig_a.params.push(AbiParam::new(types::I32));
+    sig_a.returns.push(AbiParam::new(types::I32));
+    let mut sig_b = module.make_signature();
+    sig_b.returns.push(AbiParam::new(types::I32));
+    let a = module
+        .declare_function("a", Linkage::Local, &sig_a)
+        .map_err(|e| err(&e))?;
+    let b = module
+        .declare_function("b", Linkage::Local, &sig_b)
+        .map_err(|e| err(&e))?;
+    let mut ctx = module.make_context();
+    let mut fctx = FunctionBuilderContext::new();
+    for (id, sig) in [(a, sig_a), (b, sig_b)] {
+        module.clear_context(&mut ctx);
+        ctx.func.signature = sig;
+        ctx.func.name = UserFuncName::user(0, id.as_u32());
+        let mut bcx = FunctionBuilder::new(&mut ctx.func, &mut fctx);
+        let block = bcx.create_block();
+        bcx.append_block_params_for_function_params(block);
+        bcx.switch_to_block(block);
+        let value = if id == a {
+            let param = bcx.block_params(block)[0];
+            bcx.ins().iadd_imm_s(param, 37)
+        } else {
+            let callee = module.declare_func_in_func(a, bcx.func);
+            let five = bcx.ins().iconst(types::I32, 5);
+            let call = bcx.ins().call(callee, &[five]);
+            bcx.inst_results(call)[0]
+        };
+        bcx.ins().return_(&[value]);
+        bcx.seal_all_blocks();
+        bcx.finalize(module.target_config());
+        module.define_function(id, &mut ctx).map_err(|e| err(&e))?;
+    }
+    module.finalize_definitions().map_err(|e| err(&e))?;
+    // SAFETY: `b` and `a` only compute.
+    let r = unsafe { module.call(b, &[]) }.map_err(|e| err(&e))?;
+    println!(
+        "    cranelift-jit's jit-minimal on codespace_cranelift::JITModule: b() = a(5) = {r}, \
+         b entered at its slot {:#x}",
+        module.get_finalized_function(b) as usize
+    );
+    if r != 42 {
+        return Err(alloc::format!("jit-minimal gave {r}, expected 42"));
+    }
     Ok(())
 }
