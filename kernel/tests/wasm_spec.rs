@@ -1,0 +1,347 @@
+//! The WebAssembly spec testsuite in the kernel: the bundle the host tool wrote (every module of
+//! every `.wast` file precompiled, the commands, the host wasmtime's outcome of each) runs on this
+//! kernel's wasmtime on codespace, on every CPU at once, and every command's outcome must equal
+//! the host's (values bit for bit, NaNs by pattern, trap kinds by name).
+//!
+//! Files run concurrently: each file's whole state (its `Store` with every instance, its linker,
+//! its loaded modules) is one job in a shared queue; a CPU takes the oldest job, runs a batch of
+//! its commands and puts it back, so a store moves between CPUs between commands, modules
+//! instantiated on one CPU are called from others, and a finished file's modules are dropped
+//! while the other CPUs keep calling theirs.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use alloc::collections::VecDeque;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicUsize, Ordering};
+use core::time::Duration;
+
+use codespace_kernel::code::{self, test_window};
+use codespace_kernel::percpu::{current_cpu, MAX_CPUS};
+use codespace_kernel::wasm::{self, Runtime};
+use codespace_kernel::{println, smp, wx_audit};
+use codespace_wasmtime::settings;
+use codespace_wasmtime::spec::bundle::{self, Bundle};
+use codespace_wasmtime::spec::run::FileRun;
+use codespace_wasmtime::spec::{self, Action, File, Outcome};
+use codespace_wasmtime::wasmtime::Module;
+
+codespace_kernel::kernel_tests![
+    spec_suite_matches_the_host_command_by_command_on_every_cpu,
+    every_spec_module_loaded_at_once_keeps_w_xor_x,
+];
+
+/// Commands a CPU runs of a file before handing the file back to the queue.
+const BATCH: usize = 24;
+/// Deadline for every CPU's share of the suite (debug builds under TCG are slow).
+const DEADLINE: Duration = Duration::from_secs(1800);
+
+/// The bundle the launcher built (`codespace-wasm-precompile spec`), decoded.
+fn bundle() -> Bundle<'static> {
+    let bytes = codespace_kernel::boot_info()
+        .module("spec.bundle")
+        .expect(
+            "Multiboot module spec.bundle missing: run through `cargo test` (the launcher builds \
+             it with `codespace-wasm-precompile spec`), or set CODESPACE_QEMU_MODULES",
+        )
+        .bytes();
+    bundle::decode(bytes, settings::fingerprint()).expect("the launcher's bundle is valid")
+}
+
+fn runtime(window: usize) -> Runtime {
+    wasm::runtime(test_window(window)).expect("a wasmtime runtime over codespace")
+}
+
+/// Loads every module of `file`.
+fn load_all(rt: &Runtime, file: &File<'_>) -> Result<Vec<Module>, String> {
+    file.modules
+        .iter()
+        .enumerate()
+        .map(|(i, cwasm)| {
+            // SAFETY: the engine was built with `rt.code`; the containers come from the host
+            // tool, checked by their header and checksum before wasmtime reads them.
+            unsafe { rt.code.load(&rt.engine, cwasm) }
+                .map_err(|e| alloc::format!("loading module {i}: {e:?}"))
+        })
+        .collect()
+}
+
+/// One file's results.
+#[derive(Default, Clone)]
+struct Tally {
+    passed: usize,
+    failed: usize,
+    skipped: usize,
+    by_kind: [usize; 8],
+    /// `line: why` of the first failures.
+    failures: Vec<String>,
+    /// `line kind: reason` of every skip.
+    skips: Vec<String>,
+}
+
+/// A file in progress: everything its commands made, moved between CPUs as a whole.
+struct Job {
+    file: usize,
+    next: usize,
+    modules: Vec<Module>,
+    run: FileRun,
+    tally: Tally,
+}
+
+/// The shared state of one run.
+struct Suite<'b> {
+    rt: &'b Runtime,
+    files: &'b [File<'b>],
+    queue: spin::Mutex<VecDeque<Job>>,
+    next_file: AtomicUsize,
+    in_flight: AtomicUsize,
+    results: spin::Mutex<Vec<Option<Tally>>>,
+    commands: [AtomicUsize; MAX_CPUS],
+    traps: [AtomicUsize; MAX_CPUS],
+}
+
+impl Suite<'_> {
+    /// Starts the next file on this CPU: loads its modules, makes its store.
+    fn start(&self) -> Option<Job> {
+        let file = self.next_file.fetch_add(1, Ordering::SeqCst);
+        let f = self.files.get(file)?;
+        let mut tally = Tally::default();
+        let loaded = load_all(self.rt, f).and_then(|modules| {
+            FileRun::new(&self.rt.engine)
+                .map(|run| (modules, run))
+                .map_err(|e| alloc::format!("store: {e:?}"))
+        });
+        match loaded {
+            Ok((modules, run)) => Some(Job {
+                file,
+                next: 0,
+                modules,
+                run,
+                tally,
+            }),
+            Err(why) => {
+                tally.failed = f.steps.len().max(1);
+                tally.failures.push(why);
+                self.results.lock()[file] = Some(tally);
+                // Another file instead, so this CPU keeps working.
+                self.start()
+            }
+        }
+    }
+
+    /// Runs up to [`BATCH`] commands of `job` on this CPU.
+    fn batch(&self, job: &mut Job) {
+        let steps = &self.files[job.file].steps;
+        let cpu = current_cpu();
+        for step in steps.iter().skip(job.next).take(BATCH) {
+            let t = &mut job.tally;
+            t.by_kind[step.kind as usize] += 1;
+            if let Action::Skip(why) = &step.action {
+                t.skipped += 1;
+                t.skips
+                    .push(alloc::format!("{} {}: {why}", step.line, step.kind.name()));
+                continue;
+            }
+            let got = job.run.step(&step.action, &job.modules);
+            self.commands[cpu].fetch_add(1, Ordering::Relaxed);
+            if matches!(got, Outcome::Trap(_)) {
+                self.traps[cpu].fetch_add(1, Ordering::Relaxed);
+            }
+            match spec::check(step, &got) {
+                Ok(()) => t.passed += 1,
+                Err(why) => {
+                    t.failed += 1;
+                    if t.failures.len() < 8 {
+                        t.failures
+                            .push(alloc::format!("{} {}: {why}", step.line, step.kind.name()));
+                    }
+                }
+            }
+        }
+        job.next = (job.next + BATCH).min(steps.len());
+    }
+
+    /// One CPU's share: take the oldest job (or start a file), run a batch, hand it back; until
+    /// every file is done.
+    fn work(&self) {
+        loop {
+            let job = self.queue.lock().pop_front();
+            let mut job = match job {
+                Some(job) => job,
+                None => {
+                    self.in_flight.fetch_add(1, Ordering::SeqCst);
+                    match self.start() {
+                        Some(job) => job,
+                        None => {
+                            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+                            if self.in_flight.load(Ordering::SeqCst) == 0
+                                && self.queue.lock().is_empty()
+                            {
+                                return;
+                            }
+                            core::hint::spin_loop();
+                            continue;
+                        }
+                    }
+                }
+            };
+            self.batch(&mut job);
+            if job.next < self.files[job.file].steps.len() {
+                self.queue.lock().push_back(job);
+            } else {
+                let Job { file, tally, .. } = job;
+                // The store and the modules drop here, on this CPU, while others run theirs.
+                self.results.lock()[file] = Some(tally);
+                self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+/// Every command of the v1 suite (or whatever directory the bundle was built from) runs here and
+/// ends as it did on the host; with several CPUs, all of them run commands and trap at once,
+/// and each trap vector (#PF, #UD, #DE) reached wasmtime through codespace's trap table.
+fn spec_suite_matches_the_host_command_by_command_on_every_cpu() {
+    let bundle = bundle();
+    let files = &bundle.files[..];
+    let rt = runtime(110);
+    let hits = |v| code::trap_hits(v);
+    let before = [hits(14), hits(6), hits(0)];
+    let cpus = smp::online_cpus();
+    let suite = Suite {
+        rt: &rt,
+        files,
+        queue: spin::Mutex::new(VecDeque::new()),
+        next_file: AtomicUsize::new(0),
+        in_flight: AtomicUsize::new(0),
+        results: spin::Mutex::new((0..files.len()).map(|_| None).collect()),
+        commands: [const { AtomicUsize::new(0) }; MAX_CPUS],
+        traps: [const { AtomicUsize::new(0) }; MAX_CPUS],
+    };
+    let start = codespace_kernel::time::rdtsc();
+    smp::on_each_cpu_timeout(DEADLINE, |_| suite.work()).expect("every CPU ran its share");
+    let elapsed = codespace_kernel::time::duration(codespace_kernel::time::rdtsc() - start);
+
+    let results = suite.results.lock().clone();
+    println!();
+    println!(
+        "    {:<28} {:>6} {:>6} {:>5} {:>5}  module/register/invoke/return/trap/exhaust/unlink",
+        "file", "passed", "failed", "skip", "mods"
+    );
+    let (mut passed, mut failed, mut skipped) = (0, 0, 0);
+    for (file, tally) in files.iter().zip(&results) {
+        let t = tally.as_ref().expect("every file ran");
+        let k = &t.by_kind;
+        println!(
+            "    {:<28} {:>6} {:>6} {:>5} {:>5}  {}/{}/{}/{}/{}/{}/{}",
+            file.name, t.passed, t.failed, t.skipped, file.modules.len(),
+            k[0], k[1], k[2], k[3], k[4], k[5], k[6]
+        );
+        for f in &t.failures {
+            println!("      FAILED {}:{f}", file.name);
+        }
+        for s in &t.skips {
+            println!("      skipped {}:{s}", file.name);
+        }
+        passed += t.passed;
+        failed += t.failed;
+        skipped += t.skipped;
+    }
+    let after = [hits(14), hits(6), hits(0)];
+    let vectors = [after[0] - before[0], after[1] - before[1], after[2] - before[2]];
+    for cpu in 0..cpus {
+        println!(
+            "    cpu {cpu}: {} commands, {} traps",
+            suite.commands[cpu].load(Ordering::Relaxed),
+            suite.traps[cpu].load(Ordering::Relaxed)
+        );
+    }
+    println!(
+        "    trap-table hits: #PF {}, #UD {}, #DE {}; {} CPUs in {} ms",
+        vectors[0],
+        vectors[1],
+        vectors[2],
+        cpus,
+        elapsed.as_millis()
+    );
+    println!(
+        "spec: {passed} passed, {failed} failed, {skipped} skipped; host reference: {}",
+        bundle.host_summary
+    );
+    assert_eq!(failed, 0, "every command ends as on the host");
+    assert!(passed > 0, "the bundle has commands");
+    assert!(
+        skipped * 100 <= passed + failed + skipped,
+        "at most 1% skipped ({skipped})"
+    );
+    for cpu in 0..cpus {
+        assert!(
+            suite.commands[cpu].load(Ordering::Relaxed) > 0,
+            "cpu {cpu} ran commands"
+        );
+        assert!(
+            suite.traps[cpu].load(Ordering::Relaxed) > 0,
+            "cpu {cpu} took traps"
+        );
+    }
+    for (name, n) in ["#PF", "#UD", "#DE"].iter().zip(vectors) {
+        assert!(n > 0, "{name} trap sites were hit through the trap table");
+    }
+    drop(suite);
+    assert_eq!(rt.code.images(), 0, "every module's image was unpublished");
+}
+
+/// With every module of the suite loaded at once: no page is writable and executable, no
+/// executable frame has a writable alias, and every executable page of an image lies in a
+/// module's text (headers, data, trap and unwind tables stay non-executable).
+fn every_spec_module_loaded_at_once_keeps_w_xor_x() {
+    let bundle = bundle();
+    let rt = runtime(111);
+    let mut modules = Vec::new();
+    for file in &bundle.files {
+        modules.extend(load_all(&rt, file).expect("every module loads"));
+    }
+    let images = rt.code.image_ranges();
+    assert_eq!(images.len(), modules.len(), "one image per module");
+    let texts: Vec<(usize, usize)> = modules
+        .iter()
+        .map(|m| {
+            let t = m.text();
+            (t.as_ptr() as usize, t.as_ptr() as usize + t.len())
+        })
+        .collect();
+    let report = wx_audit::audit_active();
+    println!(
+        "\n    {} modules loaded: {} leaves, {} W+X, {} writable aliases of executable frames",
+        modules.len(),
+        report.leaves,
+        report.writable_and_executable.len(),
+        report.writable_aliases.len()
+    );
+    assert!(report.is_clean(), "W^X audit: {report}");
+    let (mut exec_pages, mut image_pages) = (0, 0);
+    for image in &images {
+        for va in (image.start() & !0xFFF..image.end()).step_by(4096) {
+            image_pages += 1;
+            let Some(e) = codespace_kernel::memory::leaf_entry(va as u64) else {
+                continue;
+            };
+            let executable = e & 1 != 0 && e & (1 << 63) == 0;
+            assert_eq!(e & 2, 0, "image page {va:#x} is not writable");
+            if executable {
+                exec_pages += 1;
+                assert!(
+                    texts.iter().any(|&(t0, t1)| t0 <= va && va < t1),
+                    "page {va:#x} is executable outside every module's text"
+                );
+            }
+        }
+    }
+    println!("    image pages: {image_pages}, executable (all text): {exec_pages}");
+    assert!(exec_pages > 0 && exec_pages < image_pages);
+    drop(modules);
+    assert_eq!(rt.code.images(), 0, "every image unpublished");
+}
