@@ -85,7 +85,11 @@ pub fn payload(bytes: &[u8], fingerprint: u64) -> Result<&[u8], ImageError> {
 ///
 /// # Errors
 /// As [`payload`].
-pub fn open<'a>(magic: &[u8; 8], bytes: &'a [u8], fingerprint: u64) -> Result<&'a [u8], ImageError> {
+pub fn open<'a>(
+    magic: &[u8; 8],
+    bytes: &'a [u8],
+    fingerprint: u64,
+) -> Result<&'a [u8], ImageError> {
     if bytes.len() < HEADER_LEN {
         return Err(ImageError::Truncated);
     }

@@ -62,7 +62,10 @@ pub fn encode(bundle: &Bundle<'_>, fingerprint: u64) -> Vec<u8> {
 /// [`BundleError`].
 pub fn decode(bytes: &[u8], fingerprint: u64) -> Result<Bundle<'_>, BundleError> {
     let payload = image::open(&MAGIC, bytes, fingerprint).map_err(BundleError::Container)?;
-    let mut r = Reader { bytes: payload, at: 0 };
+    let mut r = Reader {
+        bytes: payload,
+        at: 0,
+    };
     let host_summary = r.str()?;
     let n = r.u32()?;
     let mut files = Vec::new();
@@ -429,16 +432,48 @@ mod tests {
     #[test]
     fn nan_rules() {
         use super::super::value_matches as m;
-        assert!(m(Rule::CanonicalNan, Value::F32(0), Value::F32(0xffc0_0000)));
-        assert!(!m(Rule::CanonicalNan, Value::F32(0), Value::F32(0x7fc0_0001)));
-        assert!(m(Rule::ArithmeticNan, Value::F32(0), Value::F32(0x7fc0_0001)));
-        assert!(!m(Rule::ArithmeticNan, Value::F32(0), Value::F32(0x7f80_0001)));
-        assert!(m(Rule::CanonicalNan, Value::F64(0), Value::F64(0x7ff8 << 48)));
-        assert!(!m(Rule::CanonicalNan, Value::F64(0), Value::F32(0x7fc0_0000)));
+        assert!(m(
+            Rule::CanonicalNan,
+            Value::F32(0),
+            Value::F32(0xffc0_0000)
+        ));
+        assert!(!m(
+            Rule::CanonicalNan,
+            Value::F32(0),
+            Value::F32(0x7fc0_0001)
+        ));
+        assert!(m(
+            Rule::ArithmeticNan,
+            Value::F32(0),
+            Value::F32(0x7fc0_0001)
+        ));
+        assert!(!m(
+            Rule::ArithmeticNan,
+            Value::F32(0),
+            Value::F32(0x7f80_0001)
+        ));
+        assert!(m(
+            Rule::CanonicalNan,
+            Value::F64(0),
+            Value::F64(0x7ff8 << 48)
+        ));
+        assert!(!m(
+            Rule::CanonicalNan,
+            Value::F64(0),
+            Value::F32(0x7fc0_0000)
+        ));
         assert!(!m(Rule::Exact, Value::I32(1), Value::I32(2)));
         let lanes = Rule::LanesF32([0, 1, 0, 0]);
         let host = 5u128 | (0x7fc0_0000u128 << 32);
-        assert!(m(lanes, Value::V128(host), Value::V128(5 | (0xffc0_0000u128 << 32))));
-        assert!(!m(lanes, Value::V128(host), Value::V128(6 | (0x7fc0_0000u128 << 32))));
+        assert!(m(
+            lanes,
+            Value::V128(host),
+            Value::V128(5 | (0xffc0_0000u128 << 32))
+        ));
+        assert!(!m(
+            lanes,
+            Value::V128(host),
+            Value::V128(6 | (0x7fc0_0000u128 << 32))
+        ));
     }
 }

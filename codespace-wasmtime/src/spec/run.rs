@@ -178,11 +178,8 @@ impl FileRun {
                     .map(|&a| to_val(a))
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(Outcome::Failed)?;
-                let mut results: Vec<Val> = f
-                    .ty(&self.store)
-                    .results()
-                    .map(|_| Val::I32(0))
-                    .collect();
+                let mut results: Vec<Val> =
+                    f.ty(&self.store).results().map(|_| Val::I32(0)).collect();
                 match f.call(&mut self.store, &params, &mut results) {
                     Ok(()) => Outcome::Values(
                         results

@@ -19,12 +19,20 @@ fn sources(dir: Option<&Path>) -> Result<Vec<(String, String)>, String> {
             .collect::<Vec<_>>(),
         Some(dir) => {
             let mut v = Vec::new();
-            for entry in std::fs::read_dir(dir).map_err(|e| format!("reading {}: {e}", dir.display()))? {
-                let path = entry.map_err(|e| format!("reading {}: {e}", dir.display()))?.path();
+            for entry in
+                std::fs::read_dir(dir).map_err(|e| format!("reading {}: {e}", dir.display()))?
+            {
+                let path = entry
+                    .map_err(|e| format!("reading {}: {e}", dir.display()))?
+                    .path();
                 if path.extension().is_some_and(|x| x == "wast") {
                     let text = std::fs::read_to_string(&path)
                         .map_err(|e| format!("reading {}: {e}", path.display()))?;
-                    let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+                    let name = path
+                        .file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned();
                     v.push((name, text));
                 }
             }
@@ -41,7 +49,10 @@ fn sources(dir: Option<&Path>) -> Result<Vec<(String, String)>, String> {
 /// `spec OUT [DIR] [--keep-going]`.
 pub fn main(args: &[PathBuf]) -> ExitCode {
     let keep_going = args.iter().any(|a| a.as_os_str() == "--keep-going");
-    let rest: Vec<&PathBuf> = args.iter().filter(|a| a.as_os_str() != "--keep-going").collect();
+    let rest: Vec<&PathBuf> = args
+        .iter()
+        .filter(|a| a.as_os_str() != "--keep-going")
+        .collect();
     let (out, dir) = match rest.as_slice() {
         [out] => (*out, None),
         [out, dir] => (*out, Some(dir.as_path())),
@@ -76,7 +87,9 @@ fn run(out: &Path, dir: Option<&Path>, keep_going: bool) -> Result<bool, String>
         for _ in 0..threads {
             s.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some((_, text)) = sources.get(i) else { break };
+                let Some((_, text)) = sources.get(i) else {
+                    break;
+                };
                 let r = wast::process(&engines, text);
                 results.lock().expect("no thread panics holding it")[i] = Some(r);
             });
@@ -87,13 +100,26 @@ fn run(out: &Path, dir: Option<&Path>, keep_going: bool) -> Result<bool, String>
     let (mut passed, mut skipped, mut failed, mut validations, mut modules) = (0, 0, 0, 0, 0);
     let mut superseded = Vec::new();
     let mut bad = Vec::new();
-    println!("{:<32} {:>7} {:>7} {:>7} {:>7}", "host reference: file", "modules", "passed", "skipped", "failed");
+    println!(
+        "{:<32} {:>7} {:>7} {:>7} {:>7}",
+        "host reference: file", "modules", "passed", "skipped", "failed"
+    );
     for ((name, _), r) in sources.iter().zip(results) {
-        let p = r.ok_or("a file was not processed")?.map_err(|e| format!("{name}: {e}"))?;
-        let skips = p.steps.iter().filter(|s| s.host == Outcome::Skipped).count();
+        let p = r
+            .ok_or("a file was not processed")?
+            .map_err(|e| format!("{name}: {e}"))?;
+        let skips = p
+            .steps
+            .iter()
+            .filter(|s| s.host == Outcome::Skipped)
+            .count();
         let fails = p.host_failures.len();
         let ok = p.steps.len() - skips;
-        println!("{name:<32} {:>7} {ok:>7} {:>7} {fails:>7}", p.cwasm.len(), skips - fails.min(skips));
+        println!(
+            "{name:<32} {:>7} {ok:>7} {:>7} {fails:>7}",
+            p.cwasm.len(),
+            skips - fails.min(skips)
+        );
         for (line, proposal) in &p.superseded {
             superseded.push(format!("{name}:{line} ({proposal})"));
         }
@@ -136,7 +162,8 @@ fn run(out: &Path, dir: Option<&Path>, keep_going: bool) -> Result<bool, String>
     };
     let bytes = bundle::encode(&bundle, crate::settings::fingerprint());
     if let Some(parent) = out.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .map_err(|e| format!("creating {}: {e}", parent.display()))?;
     }
     // Written beside and renamed, so a cut-short run never leaves a bundle that looks complete.
     let tmp = out.with_extension("partial");

