@@ -88,7 +88,7 @@ fn run_test_kernel(
         kernel.path.display()
     );
     let start = Instant::now();
-    let run = launcher::run_kernel(&kernel.path, None, None, Some(cpus))?;
+    let run = launcher::run_kernel(&kernel.path, None, timeout_for(&kernel.name), Some(cpus))?;
     let summary = launcher::parse_summary(&run.output);
     let (passed, failed) = summary.unwrap_or((0, 0));
     tally.passed += passed;
@@ -120,6 +120,14 @@ fn run_test_kernel(
         );
     }
     Ok(())
+}
+
+/// The timeout of a test kernel, when it needs more than `run-qemu.sh`'s default (120 s, or
+/// `CODESPACE_QEMU_TIMEOUT`): the spec suite runs 17 000 commands and loads 876 modules, with
+/// a TLB shootdown to every other CPU per module under TCG.
+fn timeout_for(name: &str) -> Option<u64> {
+    let set = std::env::var("CODESPACE_QEMU_TIMEOUT").is_ok_and(|v| !v.trim().is_empty());
+    (name == "wasm_spec" && !set).then_some(900)
 }
 
 /// Checks that a failing kernel test and a hung kernel both count as failures.
