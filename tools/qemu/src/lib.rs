@@ -233,9 +233,10 @@ fn module_arg(path: &Path) -> Result<String, String> {
 }
 
 /// Builds the host tool and precompiles every `kernel/tests/wasm/*.wat` into
-/// `target/wasm/*.cwasm`, then builds the spec-suite bundle ([`spec_bundle`]). Returns every
-/// file as the comma-separated list `run-qemu.sh` takes in `CODESPACE_QEMU_MODULES`.
-pub fn precompile_test_wasm() -> Result<String, String> {
+/// `target/wasm/*.cwasm` (the demo's and `kernel/tests/wasm.rs`'s modules); with `spec`, also
+/// builds the spec-suite bundle ([`spec_bundle`]). Returns every file as the comma-separated
+/// list `run-qemu.sh` takes in `CODESPACE_QEMU_MODULES`.
+pub fn precompile_test_wasm(spec: bool) -> Result<String, String> {
     let tool = precompile_tool()?;
     let source = workspace().join("kernel").join("tests").join("wasm");
     let mut inputs: Vec<PathBuf> = std::fs::read_dir(&source)
@@ -259,7 +260,9 @@ pub fn precompile_test_wasm() -> Result<String, String> {
         let stem = input.file_stem().unwrap_or_default();
         list.push(module_arg(&out.join(stem).with_extension("cwasm"))?);
     }
-    list.push(module_arg(&spec_bundle(&tool)?)?);
+    if spec {
+        list.push(module_arg(&spec_bundle(&tool)?)?);
+    }
     Ok(list.join(","))
 }
 

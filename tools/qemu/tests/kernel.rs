@@ -61,8 +61,9 @@ fn main() -> ExitCode {
 /// `tally`.
 fn run_test_kernels(release: bool, cpus: &[usize], tally: &mut Tally) -> Result<(), String> {
     let kernels = launcher::build_kernels(Kernels::Tests, release)?;
-    // The wasm test kernel's modules, precompiled by the host tool, as Multiboot modules.
-    let modules = launcher::precompile_test_wasm()?;
+    // The wasm test kernels' modules and the spec bundle, precompiled by the host tool, as
+    // Multiboot modules (the demo booted below gets them too).
+    let modules = launcher::precompile_test_wasm(true)?;
     std::env::set_var("CODESPACE_QEMU_MODULES", modules);
     if kernels.is_empty() {
         return Err("cargo built no test kernels".into());
