@@ -10,6 +10,7 @@ mod jit;
 mod memory_rows;
 mod module_rows;
 mod smp;
+mod wasm_rows;
 
 use alloc::vec::Vec;
 use core::arch::x86_64::{_mm_lfence, _rdtsc};
@@ -132,6 +133,7 @@ pub fn run(smp_only: bool) -> ExitCode {
     module_rows::run(&r);
     smp::run(&r);
     jit::run(&r);
+    wasm_rows::run(&r);
 
     let flushes = manager.flush_stats().expect("flush stats");
     println!(
