@@ -172,3 +172,113 @@ fn run(out: &Path, dir: Option<&Path>, keep_going: bool) -> Result<bool, String>
     println!("bundle: {} ({} bytes)", out.display(), bytes.len());
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{Action, Kind, Rule, Value};
+
+    const GOOD: &str = r#"
+(module $m
+  (func (export "add") (param i32 i32) (result i32) local.get 0 local.get 1 i32.add)
+  (func (export "div") (param i32 i32) (result i32) local.get 0 local.get 1 i32.div_u)
+  (func (export "nan") (result f32) f32.const nan)
+  (func $loop (export "loop") call $loop)
+  (global (export "g") i32 (i32.const 7)))
+(register "m" $m)
+(module (import "m" "add" (func (param i32 i32) (result i32))))
+(assert_return (invoke $m "add" (i32.const 40) (i32.const 2)) (i32.const 42))
+(assert_return (invoke $m "nan") (f32.const nan:canonical))
+(assert_return (get $m "g") (i32.const 7))
+(assert_trap (invoke $m "div" (i32.const 1) (i32.const 0)) "integer divide by zero")
+(assert_exhaustion (invoke $m "loop") "call stack exhausted")
+(assert_unlinkable (module (import "m" "nope" (func))) "unknown import")
+(assert_invalid (module (func (result i32))) "type mismatch")
+"#;
+
+    fn dir_with(name: &str, text: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("codespace-spec-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        std::fs::write(dir.join(format!("{name}.wast")), text).expect("write");
+        dir
+    }
+
+    /// Any directory of `.wast` files becomes a bundle: every command kind, the host's outcome
+    /// of each (values, NaN rules, trap codes) and the precompiled modules, readable back.
+    #[test]
+    fn a_directory_of_wast_files_becomes_a_bundle() {
+        let dir = dir_with("good", GOOD);
+        let out = dir.join("out.bundle");
+        assert_eq!(run(&out, Some(&dir), false), Ok(true));
+        let bytes = std::fs::read(&out).expect("bundle written");
+        let b = bundle::decode(&bytes, crate::settings::fingerprint()).expect("decodes");
+        assert_eq!(b.files.len(), 1);
+        let f = &b.files[0];
+        assert_eq!(f.name, "good.wast");
+        assert_eq!(f.modules.len(), 3, "two modules and the unlinkable one");
+        let kinds: Vec<Kind> = f.steps.iter().map(|s| s.kind).collect();
+        use Kind::*;
+        assert_eq!(
+            kinds,
+            [
+                Module,
+                Register,
+                Module,
+                AssertReturn,
+                AssertReturn,
+                AssertReturn,
+                AssertTrap,
+                AssertExhaustion,
+                AssertUnlinkable
+            ]
+        );
+        let host: Vec<&Outcome> = f.steps.iter().map(|s| &s.host).collect();
+        assert_eq!(host[3], &Outcome::Values(vec![Value::I32(42)]));
+        assert!(
+            matches!(host[4], Outcome::Values(v) if matches!(v[..], [Value::F32(b)] if b & 0x7fff_ffff == 0x7fc0_0000))
+        );
+        assert_eq!(f.steps[4].rules, [Rule::CanonicalNan]);
+        assert_eq!(host[5], &Outcome::Values(vec![Value::I32(7)]));
+        assert_eq!(host[6], &Outcome::Trap("IntegerDivisionByZero".into()));
+        assert_eq!(host[7], &Outcome::Trap("StackOverflow".into()));
+        assert_eq!(host[8], &Outcome::Unlinkable);
+        assert!(
+            matches!(&f.steps[0].action, Action::Instantiate { id: Some(id), .. } if id == "$m" || id == "m")
+        );
+        assert!(
+            b.host_summary.contains("9 passed, 0 failed"),
+            "{}",
+            b.host_summary
+        );
+        assert!(
+            b.host_summary.contains("1 assert_invalid"),
+            "{}",
+            b.host_summary
+        );
+        // Every module is a container the kernel's checks accept.
+        for m in &f.modules {
+            crate::image::payload(m, crate::settings::fingerprint()).expect("a valid .cwasm");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A wrong assertion is the host reference failing: no bundle, unless `--keep-going`, which
+    /// turns the command into a skip that names the failure.
+    #[test]
+    fn a_command_the_host_fails_stops_the_bundle() {
+        let text = r#"(module (func (export "one") (result i32) i32.const 1))
+(assert_return (invoke "one") (i32.const 2))"#;
+        let dir = dir_with("bad", text);
+        let out = dir.join("out.bundle");
+        assert_eq!(run(&out, Some(&dir), false), Ok(false));
+        assert!(!out.exists(), "no bundle when the host fails");
+        assert_eq!(run(&out, Some(&dir), true), Ok(true));
+        let bytes = std::fs::read(&out).expect("bundle written");
+        let b = bundle::decode(&bytes, crate::settings::fingerprint()).expect("decodes");
+        let step = &b.files[0].steps[1];
+        assert_eq!(step.host, Outcome::Skipped);
+        assert!(matches!(&step.action, Action::Skip(why) if why.contains("host reference fails")));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
