@@ -13,21 +13,25 @@
 
 extern crate alloc;
 
-use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicUsize, Ordering};
 use core::time::Duration;
 
 use codespace_kernel::code::{self, test_window};
-use codespace_kernel::percpu::{current_cpu, MAX_CPUS};
+use codespace_kernel::percpu::MAX_CPUS;
 use codespace_kernel::wasm::{self, Runtime};
 use codespace_kernel::{println, smp, wx_audit};
 use codespace_wasmtime::settings;
 use codespace_wasmtime::spec::bundle::{self, Bundle};
 use codespace_wasmtime::spec::run::FileRun;
-use codespace_wasmtime::spec::{self, Action, File, Outcome};
+use codespace_wasmtime::spec::{self, File, Outcome};
 use codespace_wasmtime::wasmtime::Module;
+
+#[path = "wasm_spec/suite.rs"]
+mod suite;
+
+use suite::Suite;
 
 codespace_kernel::kernel_tests![
     spec_suite_matches_the_host_command_by_command_on_every_cpu,
@@ -35,8 +39,6 @@ codespace_kernel::kernel_tests![
     every_spec_module_loaded_at_once_keeps_w_xor_x,
 ];
 
-/// Commands a CPU runs of a file before handing the file back to the queue.
-const BATCH: usize = 24;
 /// Deadline for every CPU's share of the suite (debug builds under TCG are slow).
 const DEADLINE: Duration = Duration::from_secs(1800);
 
@@ -70,158 +72,6 @@ fn load_all(rt: &Runtime, file: &File<'_>) -> Result<Vec<Module>, String> {
         .collect()
 }
 
-/// One file's results.
-#[derive(Default, Clone)]
-struct Tally {
-    passed: usize,
-    failed: usize,
-    skipped: usize,
-    by_kind: [usize; 8],
-    /// `line: why` of the first failures.
-    failures: Vec<String>,
-    /// `line kind: reason` of every skip.
-    skips: Vec<String>,
-}
-
-/// A file in progress: everything its commands made, moved between CPUs as a whole.
-struct Job {
-    file: usize,
-    next: usize,
-    modules: Vec<Module>,
-    run: FileRun,
-    tally: Tally,
-}
-
-/// The shared state of one run.
-struct Suite<'b> {
-    rt: &'b Runtime,
-    files: &'b [File<'b>],
-    queue: spin::Mutex<VecDeque<Job>>,
-    /// File indices, most commands first: the long files start early, so the run does not end
-    /// with one CPU working through a long file while the others wait.
-    order: Vec<usize>,
-    next_file: AtomicUsize,
-    in_flight: AtomicUsize,
-    results: spin::Mutex<Vec<Option<Tally>>>,
-    commands: [AtomicUsize; MAX_CPUS],
-    traps: [AtomicUsize; MAX_CPUS],
-}
-
-impl Suite<'_> {
-    /// Starts the next file on this CPU: loads its modules, makes its store.
-    fn start(&self) -> Option<Job> {
-        let file = *self
-            .order
-            .get(self.next_file.fetch_add(1, Ordering::SeqCst))?;
-        let f = &self.files[file];
-        let mut tally = Tally::default();
-        let loaded = load_all(self.rt, f).and_then(|modules| {
-            FileRun::new(&self.rt.engine)
-                .map(|run| (modules, run))
-                .map_err(|e| alloc::format!("store: {e:?}"))
-        });
-        match loaded {
-            Ok((modules, run)) => Some(Job {
-                file,
-                next: 0,
-                modules,
-                run,
-                tally,
-            }),
-            Err(why) => {
-                tally.failed = f.steps.len().max(1);
-                tally.failures.push(why);
-                self.results.lock()[file] = Some(tally);
-                // Another file instead, so this CPU keeps working.
-                self.start()
-            }
-        }
-    }
-
-    /// Runs up to [`BATCH`] commands of `job` on this CPU.
-    fn batch(&self, job: &mut Job) {
-        let steps = &self.files[job.file].steps;
-        let cpu = current_cpu();
-        for step in steps.iter().skip(job.next).take(BATCH) {
-            let t = &mut job.tally;
-            t.by_kind[step.kind as usize] += 1;
-            if let Action::Skip(why) = &step.action {
-                t.skipped += 1;
-                t.skips
-                    .push(alloc::format!("{} {}: {why}", step.line, step.kind.name()));
-                continue;
-            }
-            let got = job.run.step(&step.action, &job.modules);
-            self.commands[cpu].fetch_add(1, Ordering::Relaxed);
-            if matches!(got, Outcome::Trap(_)) {
-                self.traps[cpu].fetch_add(1, Ordering::Relaxed);
-            }
-            match spec::check(step, &got) {
-                Ok(()) => t.passed += 1,
-                Err(why) => {
-                    t.failed += 1;
-                    if t.failures.len() < 8 {
-                        t.failures.push(alloc::format!(
-                            "{} {}: {why}",
-                            step.line,
-                            step.kind.name()
-                        ));
-                    }
-                }
-            }
-        }
-        job.next = (job.next + BATCH).min(steps.len());
-    }
-
-    /// One CPU's share, with interrupts on: the boot CPU runs tests with them off, and while it
-    /// waits here for the last files other CPUs' TLB shootdowns (publishing code, releasing
-    /// linear memories) wait for its acknowledgement.
-    fn work(&self) {
-        let enabled = x86_64::instructions::interrupts::are_enabled();
-        x86_64::instructions::interrupts::enable();
-        self.work_loop();
-        if !enabled {
-            x86_64::instructions::interrupts::disable();
-        }
-    }
-
-    /// Take the oldest job (or start a file), run a batch, hand it back; until every file is
-    /// done.
-    fn work_loop(&self) {
-        loop {
-            let job = self.queue.lock().pop_front();
-            let mut job = match job {
-                Some(job) => job,
-                None => {
-                    self.in_flight.fetch_add(1, Ordering::SeqCst);
-                    match self.start() {
-                        Some(job) => job,
-                        None => {
-                            self.in_flight.fetch_sub(1, Ordering::SeqCst);
-                            if self.in_flight.load(Ordering::SeqCst) == 0
-                                && self.queue.lock().is_empty()
-                            {
-                                return;
-                            }
-                            core::hint::spin_loop();
-                            continue;
-                        }
-                    }
-                }
-            };
-            self.batch(&mut job);
-            if job.next < self.files[job.file].steps.len() {
-                self.queue.lock().push_back(job);
-            } else {
-                let Job { file, tally, .. } = job;
-                // The store and the modules drop here, on this CPU, while others run theirs.
-                self.results.lock()[file] = Some(tally);
-                self.in_flight.fetch_sub(1, Ordering::SeqCst);
-            }
-        }
-    }
-}
-
 /// Every command of the v1 suite (or whatever directory the bundle was built from) runs here and
 /// ends as it did on the host; with several CPUs, all of them run commands and trap at once,
 /// and each trap vector (#PF, #UD, #DE) reached wasmtime through codespace's trap table.
@@ -232,19 +82,7 @@ fn spec_suite_matches_the_host_command_by_command_on_every_cpu() {
     let hits = |v| code::trap_hits(v);
     let before = [hits(14), hits(6), hits(0)];
     let cpus = smp::online_cpus();
-    let mut order: Vec<usize> = (0..files.len()).collect();
-    order.sort_by_key(|&i| core::cmp::Reverse(files[i].steps.len()));
-    let suite = Suite {
-        rt: &rt,
-        files,
-        queue: spin::Mutex::new(VecDeque::new()),
-        order,
-        next_file: AtomicUsize::new(0),
-        in_flight: AtomicUsize::new(0),
-        results: spin::Mutex::new((0..files.len()).map(|_| None).collect()),
-        commands: [const { AtomicUsize::new(0) }; MAX_CPUS],
-        traps: [const { AtomicUsize::new(0) }; MAX_CPUS],
-    };
+    let suite = Suite::new(&rt, files);
     let start = codespace_kernel::time::rdtsc();
     smp::on_each_cpu_timeout(DEADLINE, |_| suite.work()).expect("every CPU ran its share");
     let elapsed = codespace_kernel::time::duration(codespace_kernel::time::rdtsc() - start);
