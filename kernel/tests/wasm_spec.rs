@@ -122,6 +122,16 @@ fn spec_suite_matches_the_host_command_by_command_on_every_cpu() {
         failed += t.failed;
         skipped += t.skipped;
     }
+    let moved = results
+        .iter()
+        .flatten()
+        .filter(|t| t.cpus.count_ones() > 1)
+        .count();
+    println!(
+        "    {moved} of {} files ran on more than one CPU (store and instances made on one, \
+         called from others)",
+        files.len()
+    );
     let after = [hits(14), hits(6), hits(0)];
     let vectors = [
         after[0] - before[0],
@@ -162,6 +172,10 @@ fn spec_suite_matches_the_host_command_by_command_on_every_cpu() {
     for (name, n) in ["#PF", "#UD", "#DE"].iter().zip(vectors) {
         assert!(n > 0, "{name} trap sites were hit through the trap table");
     }
+    assert!(
+        cpus == 1 || moved > 0,
+        "with several CPUs, files move between them"
+    );
     drop(suite);
     assert_eq!(rt.code.images(), 0, "every module's image was unpublished");
 }

@@ -8,6 +8,7 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 use codespace_kernel::percpu::{current_cpu, MAX_CPUS};
+use codespace_kernel::smp;
 use codespace_kernel::wasm::Runtime;
 use codespace_wasmtime::spec::run::FileRun;
 use codespace_wasmtime::spec::{self, Action, File, Outcome};
@@ -29,11 +30,16 @@ pub struct Tally {
     pub failures: Vec<String>,
     /// `line kind: reason` of every skip.
     pub skips: Vec<String>,
+    /// The CPUs that ran its commands (bit per CPU): the store they all used was made on the
+    /// first, its modules loaded there.
+    pub cpus: u64,
 }
 
 /// A file in progress: everything its commands made, moved between CPUs as a whole.
 struct Job {
     file: usize,
+    /// The CPU that ran its last batch.
+    last_cpu: usize,
     next: usize,
     modules: Vec<Module>,
     run: FileRun,
@@ -90,6 +96,7 @@ impl<'b> Suite<'b> {
         match loaded {
             Ok((modules, run)) => Some(Job {
                 file,
+                last_cpu: current_cpu(),
                 next: 0,
                 modules,
                 run,
@@ -109,6 +116,8 @@ impl<'b> Suite<'b> {
     fn batch(&self, job: &mut Job) {
         let steps = &self.files[job.file].steps;
         let cpu = current_cpu();
+        job.tally.cpus |= 1 << cpu;
+        job.last_cpu = cpu;
         for step in steps.iter().skip(job.next).take(BATCH) {
             let t = &mut job.tally;
             t.by_kind[step.kind as usize] += 1;
@@ -152,29 +161,36 @@ impl<'b> Suite<'b> {
         }
     }
 
-    /// Take the oldest job (or start a file), run a batch, hand it back; until every file is
-    /// done.
+    /// The next job for this CPU: the oldest job another CPU ran last (so stores move between
+    /// CPUs), else a new file while fewer than two per CPU are open, else this CPU's own job.
+    /// `None` when nothing is left for now.
+    fn next_job(&self, cpu: usize) -> Option<Job> {
+        {
+            let mut queue = self.queue.lock();
+            if let Some(i) = queue.iter().position(|j| j.last_cpu != cpu) {
+                return queue.remove(i);
+            }
+        }
+        if self.in_flight.fetch_add(1, Ordering::SeqCst) < 2 * smp::online_cpus() {
+            if let Some(job) = self.start() {
+                return Some(job);
+            }
+        }
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.queue.lock().pop_front()
+    }
+
+    /// Runs batches of jobs until every file is done.
     fn work_loop(&self) {
+        let cpu = current_cpu();
         loop {
-            let job = self.queue.lock().pop_front();
-            let mut job = match job {
-                Some(job) => job,
-                None => {
-                    self.in_flight.fetch_add(1, Ordering::SeqCst);
-                    match self.start() {
-                        Some(job) => job,
-                        None => {
-                            self.in_flight.fetch_sub(1, Ordering::SeqCst);
-                            if self.in_flight.load(Ordering::SeqCst) == 0
-                                && self.queue.lock().is_empty()
-                            {
-                                return;
-                            }
-                            core::hint::spin_loop();
-                            continue;
-                        }
-                    }
+            let Some(mut job) = self.next_job(cpu) else {
+                let started_all = self.next_file.load(Ordering::SeqCst) >= self.files.len();
+                if started_all && self.in_flight.load(Ordering::SeqCst) == 0 {
+                    return;
                 }
+                core::hint::spin_loop();
+                continue;
             };
             self.batch(&mut job);
             if job.next < self.files[job.file].steps.len() {
