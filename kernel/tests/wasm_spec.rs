@@ -83,6 +83,7 @@ fn spec_suite_matches_the_host_command_by_command_on_every_cpu() {
     let before = [hits(14), hits(6), hits(0)];
     let cpus = smp::online_cpus();
     let suite = Suite::new(&rt, files);
+    let heap_before = codespace_kernel::memory::reset_heap_peak();
     let start = codespace_kernel::time::rdtsc();
     smp::on_each_cpu_timeout(DEADLINE, |_| suite.work()).expect("every CPU ran its share");
     let elapsed = codespace_kernel::time::duration(codespace_kernel::time::rdtsc() - start);
@@ -146,12 +147,15 @@ fn spec_suite_matches_the_host_command_by_command_on_every_cpu() {
         );
     }
     println!(
-        "    trap-table hits: #PF {}, #UD {}, #DE {}; {} CPUs in {} ms",
+        "    trap-table hits: #PF {}, #UD {}, #DE {}; {} CPUs in {} ms; heap peak {} KiB over \
+         the {} KiB in use before",
         vectors[0],
         vectors[1],
         vectors[2],
         cpus,
-        elapsed.as_millis()
+        elapsed.as_millis(),
+        codespace_kernel::memory::heap_peak().saturating_sub(heap_before) / 1024,
+        heap_before / 1024
     );
     println!(
         "spec: {passed} passed, {failed} failed, {skipped} skipped; host reference: {}",
