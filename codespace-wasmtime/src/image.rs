@@ -55,8 +55,15 @@ fn u64_at(bytes: &[u8], at: usize) -> u64 {
 /// `fingerprint` in a container.
 #[must_use]
 pub fn header(payload: &[u8], fingerprint: u64) -> [u8; HEADER_LEN] {
+    seal(&MAGIC, payload, fingerprint)
+}
+
+/// The header of a container with magic `magic` (the same layout serves other payloads, such as
+/// the spec-suite bundle of [`crate::spec::bundle`]).
+#[must_use]
+pub fn seal(magic: &[u8; 8], payload: &[u8], fingerprint: u64) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
-    h[..8].copy_from_slice(&MAGIC);
+    h[..8].copy_from_slice(magic);
     h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
     h[16..24].copy_from_slice(&fingerprint.to_le_bytes());
     h[24..32].copy_from_slice(&(payload.len() as u64).to_le_bytes());
@@ -71,10 +78,22 @@ pub fn header(payload: &[u8], fingerprint: u64) -> [u8; HEADER_LEN] {
 /// # Errors
 /// Any [`ImageError`]; the checks run in the order the variants are listed.
 pub fn payload(bytes: &[u8], fingerprint: u64) -> Result<&[u8], ImageError> {
+    open(&MAGIC, bytes, fingerprint)
+}
+
+/// Checks a container with magic `magic` (see [`seal`]) and returns its payload.
+///
+/// # Errors
+/// As [`payload`].
+pub fn open<'a>(
+    magic: &[u8; 8],
+    bytes: &'a [u8],
+    fingerprint: u64,
+) -> Result<&'a [u8], ImageError> {
     if bytes.len() < HEADER_LEN {
         return Err(ImageError::Truncated);
     }
-    if bytes[..8] != MAGIC {
+    if bytes[..8] != *magic {
         return Err(ImageError::BadMagic);
     }
     let version = u32_at(bytes, 8);

@@ -15,7 +15,8 @@
 //!   (see [`traps`]), and the landing pad calls wasmtime's handler on the interrupted stack.
 //!
 //! Precompiled modules (`.cwasm`) come from the host tool `codespace-wasm-precompile` with a
-//! checked header ([`image`]); [`settings`] holds the configuration both sides must agree on.
+//! checked header ([`image`]); [`settings`] holds the configuration both sides must agree on;
+//! [`spec`] is the spec-testsuite harness the host tool and a kernel share.
 
 #![no_std]
 
@@ -26,6 +27,7 @@ mod hooks;
 pub mod image;
 mod memory;
 pub mod settings;
+pub mod spec;
 mod sync;
 pub mod traps;
 

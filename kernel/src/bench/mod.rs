@@ -11,6 +11,7 @@ mod memory_rows;
 mod module_rows;
 mod rox_rows;
 mod smp;
+mod wasm_rows;
 
 use alloc::vec::Vec;
 use core::arch::x86_64::{_mm_lfence, _rdtsc};
@@ -136,6 +137,7 @@ pub fn run(smp_only: bool) -> ExitCode {
     rox_rows::run(&r);
     smp::run(&r);
     jit::run(&r);
+    wasm_rows::run(&r);
 
     let flushes = manager.flush_stats().expect("flush stats");
     println!(

@@ -22,6 +22,8 @@ use x86_64::structures::paging::PageTableFlags as F;
 
 #[path = "demo/cranelift.rs"]
 mod cranelift;
+#[path = "demo/wasm.rs"]
+mod wasm;
 
 entry_point!(main);
 
@@ -209,9 +211,15 @@ fn tour() -> Result<(), String> {
     );
     cranelift::tour(&manager)?;
 
-    step(8, "statistics");
+    step(
+        8,
+        "WebAssembly: a module precompiled on the host, run by wasmtime from codespace",
+    );
+    wasm::tour(&manager)?;
+
+    step(9, "statistics");
     print_stats(&manager);
-    step(9, "map of the code window (one character per page)");
+    step(10, "map of the code window (one character per page)");
     print_map(&manager);
     drop(module);
     // The dropped module's code is freed after a grace period: this CPU is quiescent here.

@@ -10,7 +10,7 @@ use alloc::vec::Vec;
 use core::ptr::NonNull;
 
 use codespace::module::{CodeModule, ModuleConfig, ModuleError};
-use codespace::{AddressRange, CodeError, ManagerConfig};
+use codespace::{AddressRange, CodeError, CodeManager, ManagerConfig};
 use codespace_wasmtime::WasmCode;
 
 use codespace::mmu::x86::X86_INTERRUPTS;
@@ -191,10 +191,22 @@ pub fn runtime(window: AddressRange) -> Result<Runtime, RuntimeError> {
 /// [`RuntimeError`].
 pub fn runtime_with(
     window: AddressRange,
-    mut config: wasmtime::Config,
+    config: wasmtime::Config,
 ) -> Result<Runtime, RuntimeError> {
     let manager = code::manager(window, ManagerConfig::default()).map_err(RuntimeError::Manager)?;
-    let module = CodeModule::new(&manager, &REGISTRIES, ModuleConfig::default())
+    runtime_in(&manager, config)
+}
+
+/// A [`Runtime`] whose code lives in a new module of an existing `manager` (the demo shares its
+/// code window with the rest of its tour), with engine configuration `config`.
+///
+/// # Errors
+/// [`RuntimeError`].
+pub fn runtime_in(
+    manager: &CodeManager<KernelMmu>,
+    mut config: wasmtime::Config,
+) -> Result<Runtime, RuntimeError> {
+    let module = CodeModule::new(manager, &REGISTRIES, ModuleConfig::default())
         .map_err(RuntimeError::Module)?;
     let code = WasmCode::new(Arc::new(module), fault_ranges());
     config.with_custom_code_memory(Some(code.clone()));

@@ -199,10 +199,9 @@ fn json_string(json: &str, key: &str) -> Option<String> {
 }
 
 /// Builds the host tool `codespace-wasm-precompile` (into `target/tools`, a directory of its
-/// own: the tool's Cranelift never enters the library's or the kernel's build) and precompiles
-/// every `kernel/tests/wasm/*.wat` into `target/wasm/*.cwasm`. Returns the containers as the
-/// comma-separated list `run-qemu.sh` takes in `CODESPACE_QEMU_MODULES`.
-pub fn precompile_test_wasm() -> Result<String, String> {
+/// own: the tool's Cranelift never enters the library's or the kernel's build) and returns its
+/// path.
+fn precompile_tool() -> Result<PathBuf, String> {
     let cargo = std::env::var_os("CARGO")
         .or_else(|| option_env!("CARGO").map(OsString::from))
         .unwrap_or_else(|| "cargo".into());
@@ -219,6 +218,26 @@ pub fn precompile_test_wasm() -> Result<String, String> {
             "building codespace-wasm-precompile failed ({status})"
         ));
     }
+    Ok(tools.join("debug").join("codespace-wasm-precompile"))
+}
+
+/// A path QEMU's `-initrd` list can take.
+fn module_arg(path: &Path) -> Result<String, String> {
+    let path = path.to_str().ok_or("non-UTF-8 path")?;
+    if path.contains(',') {
+        return Err(format!(
+            "{path}: QEMU cannot take a module path with a comma"
+        ));
+    }
+    Ok(path.to_owned())
+}
+
+/// Builds the host tool and precompiles every `kernel/tests/wasm/*.wat` into
+/// `target/wasm/*.cwasm` (the demo's and `kernel/tests/wasm.rs`'s modules); with `spec`, also
+/// builds the spec-suite bundle ([`spec_bundle`]). Returns every file as the comma-separated
+/// list `run-qemu.sh` takes in `CODESPACE_QEMU_MODULES`.
+pub fn precompile_test_wasm(spec: bool) -> Result<String, String> {
+    let tool = precompile_tool()?;
     let source = workspace().join("kernel").join("tests").join("wasm");
     let mut inputs: Vec<PathBuf> = std::fs::read_dir(&source)
         .map_err(|e| format!("reading {}: {e}", source.display()))?
@@ -227,7 +246,7 @@ pub fn precompile_test_wasm() -> Result<String, String> {
         .collect();
     inputs.sort();
     let out = workspace().join("target").join("wasm");
-    let status = Command::new(tools.join("debug").join("codespace-wasm-precompile"))
+    let status = Command::new(&tool)
         .arg(&out)
         .args(&inputs)
         .current_dir(workspace())
@@ -239,16 +258,74 @@ pub fn precompile_test_wasm() -> Result<String, String> {
     let mut list = Vec::new();
     for input in &inputs {
         let stem = input.file_stem().unwrap_or_default();
-        let path = out.join(stem).with_extension("cwasm");
-        let path = path.to_str().ok_or("non-UTF-8 path")?;
-        if path.contains(',') {
-            return Err(format!(
-                "{path}: QEMU cannot take a module path with a comma"
-            ));
-        }
-        list.push(path.to_owned());
+        list.push(module_arg(&out.join(stem).with_extension("cwasm"))?);
+    }
+    if spec {
+        list.push(module_arg(&spec_bundle(&tool)?)?);
     }
     Ok(list.join(","))
+}
+
+/// What the bundle is built from: the tool itself (which embeds the v1 suite and the shared
+/// settings) and, with `CODESPACE_SPEC_DIR`, every `.wast` file of that directory — by size and
+/// modification time.
+fn spec_inputs(tool: &Path, dir: Option<&Path>) -> Result<String, String> {
+    let stamp = |p: &Path| -> Result<String, String> {
+        let m = std::fs::metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        let mtime = m
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        Ok(format!("{} {} {mtime}\n", p.display(), m.len()))
+    };
+    let mut key = stamp(tool)?;
+    if let Some(dir) = dir {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| format!("reading {}: {e}", dir.display()))?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "wast"))
+            .collect();
+        files.sort();
+        for f in files {
+            key.push_str(&stamp(&f)?);
+        }
+    }
+    Ok(key)
+}
+
+/// Builds `target/wasm/spec.bundle` with `codespace-wasm-precompile spec`: the v1 spec suite,
+/// or every `.wast` of the directory `CODESPACE_SPEC_DIR` names, precompiled with the host's
+/// reference outcomes. Cached: rebuilt only when its inputs ([`spec_inputs`]) changed.
+pub fn spec_bundle(tool: &Path) -> Result<PathBuf, String> {
+    let dir = std::env::var_os("CODESPACE_SPEC_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from);
+    let out = workspace().join("target").join("wasm").join("spec.bundle");
+    let key_file = out.with_extension("inputs");
+    let key = spec_inputs(tool, dir.as_deref())?;
+    let cached = std::fs::read_to_string(&key_file).is_ok_and(|k| k == key) && out.is_file();
+    if cached {
+        return Ok(out);
+    }
+    eprintln!("codespace-qemu: building the spec bundle (host reference run included)");
+    let status = Command::new(tool)
+        .arg("spec")
+        .arg(&out)
+        .args(dir.as_deref())
+        .current_dir(workspace())
+        .stdout(Stdio::null())
+        .status()
+        .map_err(|e| format!("cannot run codespace-wasm-precompile spec: {e}"))?;
+    if !status.success() {
+        return Err(format!(
+            "building the spec bundle failed ({status}): run `{} spec {}` to see the host's table",
+            tool.display(),
+            out.display()
+        ));
+    }
+    std::fs::write(&key_file, key).map_err(|e| format!("writing {}: {e}", key_file.display()))?;
+    Ok(out)
 }
 
 /// How a kernel run ended.

@@ -54,6 +54,13 @@ fn run(append: &str) -> Result<i32, String> {
         .into_iter()
         .find(|k| k.name == "demo")
         .ok_or("cargo built no `demo` kernel")?;
+    // The demo's wasm module and the bench's, precompiled by the host tool.
+    if std::env::var_os("CODESPACE_QEMU_MODULES").is_none() {
+        std::env::set_var(
+            "CODESPACE_QEMU_MODULES",
+            launcher::precompile_test_wasm(false)?,
+        );
+    }
     let (timeout, smp) = stress_settings(append)?;
     let append = (!append.is_empty()).then_some(append);
     if !bench {

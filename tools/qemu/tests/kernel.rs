@@ -61,8 +61,9 @@ fn main() -> ExitCode {
 /// `tally`.
 fn run_test_kernels(release: bool, cpus: &[usize], tally: &mut Tally) -> Result<(), String> {
     let kernels = launcher::build_kernels(Kernels::Tests, release)?;
-    // The wasm test kernel's modules, precompiled by the host tool, as Multiboot modules.
-    let modules = launcher::precompile_test_wasm()?;
+    // The wasm test kernels' modules and the spec bundle, precompiled by the host tool, as
+    // Multiboot modules (the demo booted below gets them too).
+    let modules = launcher::precompile_test_wasm(true)?;
     std::env::set_var("CODESPACE_QEMU_MODULES", modules);
     if kernels.is_empty() {
         return Err("cargo built no test kernels".into());
@@ -88,7 +89,7 @@ fn run_test_kernel(
         kernel.path.display()
     );
     let start = Instant::now();
-    let run = launcher::run_kernel(&kernel.path, None, None, Some(cpus))?;
+    let run = launcher::run_kernel(&kernel.path, None, timeout_for(&kernel.name), Some(cpus))?;
     let summary = launcher::parse_summary(&run.output);
     let (passed, failed) = summary.unwrap_or((0, 0));
     tally.passed += passed;
@@ -120,6 +121,14 @@ fn run_test_kernel(
         );
     }
     Ok(())
+}
+
+/// The timeout of a test kernel, when it needs more than `run-qemu.sh`'s default (120 s, or
+/// `CODESPACE_QEMU_TIMEOUT`): the spec suite runs 17 000 commands and loads 876 modules, with
+/// a TLB shootdown to every other CPU per module under TCG.
+fn timeout_for(name: &str) -> Option<u64> {
+    let set = std::env::var("CODESPACE_QEMU_TIMEOUT").is_ok_and(|v| !v.trim().is_empty());
+    (name == "wasm_spec" && !set).then_some(900)
 }
 
 /// Checks that a failing kernel test and a hung kernel both count as failures.
