@@ -18,6 +18,7 @@ use core::fmt;
 
 mod access;
 mod backend;
+mod checks;
 mod inject;
 mod machine;
 mod reclaim;
