@@ -44,6 +44,10 @@ codespace_kernel::kernel_tests![
     rox_wx_across_cpus,
     rox_replace_and_free_under_execution,
     rox_jump_table_patching_stress,
+    rox_concurrent_traps,
+    rox_lazy_slot_race,
+    rox_concurrent_module_api,
+    rox_all_scenarios_mixed_at_once,
 ];
 
 fn cpus() -> usize {
@@ -287,4 +291,66 @@ fn rox_jump_table_patching_stress() {
             s.per_impl
         );
     }
+}
+
+/// Runs `f` with the scenarios in the ROX mode; the mode is reset whatever `f` does (a failed
+/// scenario panics, and the next test must not inherit the mode).
+fn in_rox_mode<T>(f: impl FnOnce() -> T) -> T {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            codespace_kernel::stress::common::set_rox(false);
+        }
+    }
+    codespace_kernel::stress::common::set_rox(true);
+    let _reset = Reset;
+    f()
+}
+
+/// `concurrent_traps` with the faulting code on ROX pages: its trap entries churn while every
+/// CPU faults, as in 4 KiB mode.
+fn rox_concurrent_traps() {
+    let s = in_rox_mode(|| timed(|| traps::run(114, 40, 300)));
+    println!(
+        "    ROX: {} faults landed, {} protected objects registered and released meanwhile",
+        s.faults, s.churned
+    );
+    assert!(s.churned >= 40);
+    assert!(s.faults >= 300 * (cpus() as u64 - 1));
+}
+
+/// `lazy_slot_race` with the lazy slots and the installed code on ROX pages.
+fn rox_lazy_slot_race() {
+    let s = in_rox_mode(|| timed(|| lazy::run(115, 8, 3000)));
+    println!(
+        "    ROX: {} rounds, {} compilations, {} rounds with a race",
+        s.rounds, s.compilations, s.races
+    );
+    assert_eq!(s.rounds, 8);
+    assert!(s.compilations >= s.rounds);
+}
+
+/// `concurrent_module_api` on ROX pages: every CPU adds, patches and frees code of one module.
+fn rox_concurrent_module_api() {
+    const ITERATIONS: u32 = 15;
+    let s = in_rox_mode(|| timed(|| module_api::run(116, ITERATIONS, 1 << 22)));
+    println!(
+        "    ROX: {} objects added, {} patches, {} frees, {} calls of other CPUs' slots",
+        s.added, s.patches, s.freed, s.cross_calls
+    );
+    let n = cpus() as u64;
+    assert_eq!(s.cross_calls, 2 * u64::from(ITERATIONS) * n);
+    let wrappers = (4..4 + ITERATIONS).filter(|k| k % 3 == 1).count() as u64;
+    assert_eq!(s.freed, wrappers * n);
+    assert_eq!(s.patches, 2 * s.freed);
+}
+
+/// `all_scenarios_mixed_at_once` with its modules on ROX pages.
+fn rox_all_scenarios_mixed_at_once() {
+    let s = in_rox_mode(|| timed(|| mixed::run(117, 20, 1 << 24)));
+    println!(
+        "    ROX: {} rounds, {} calls, {} faults landed",
+        s.rounds, s.calls, s.faults
+    );
+    assert!(s.calls > 0);
 }

@@ -83,6 +83,21 @@ pub fn one_function_module(manager: &CodeManager<KernelMmu>) -> CodeModule<Kerne
     .expect("module")
 }
 
+/// In the ROX mode, checks that `manager`'s modules really got 2 MiB ROX code spaces (a
+/// scenario that silently ran on 4 KiB pages would prove nothing about the mode).
+///
+/// # Panics
+/// When the scenarios run in the ROX mode and `manager` has no live ROX space.
+pub fn assert_rox_in_use(manager: &CodeManager<KernelMmu>) {
+    if rox() {
+        let stats = manager.stats();
+        assert!(
+            stats.rox_spaces > 0 && stats.huge_pages > 0 && stats.rox_fallbacks == 0,
+            "the scenario claims the ROX mode but its code is not on ROX pages: {stats:?}"
+        );
+    }
+}
+
 /// Ends a scenario: waits for a grace period on every CPU (the caller runs no generated code
 /// and holds no lookup reference; every other CPU is idle), drops what dropped modules left to
 /// it, and checks that `manager` gave everything back.

@@ -37,12 +37,18 @@ pub struct MixedStats {
 pub fn run(window: usize, rounds: u32, iterations: u32) -> MixedStats {
     map_memory();
     let mgr = common::manager(window);
-    let config = ModuleConfig {
+    let config = common::module_config(ModuleConfig {
         functions: 2,
         ..ModuleConfig::default()
-    };
+    });
     let m = CodeModule::new(&mgr, &REGISTRIES, config).expect("module");
-    let traps = CodeModule::new(&mgr, &REGISTRIES, ModuleConfig::default()).expect("module");
+    let traps = CodeModule::new(
+        &mgr,
+        &REGISTRIES,
+        common::module_config(ModuleConfig::default()),
+    )
+    .expect("module");
+    common::assert_rox_in_use(&mgr);
     let impls: Vec<usize> = (0..3u32)
         .map(|v| {
             m.add_code(&NewCode::new(CodeKind::Wrapper, &ret_const(v)))

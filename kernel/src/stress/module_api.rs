@@ -57,12 +57,13 @@ pub fn run(window: usize, iterations: u32, spin: u32) -> ApiStats {
     let m = CodeModule::new(
         &mgr,
         &REGISTRIES,
-        ModuleConfig {
+        common::module_config(ModuleConfig {
             functions,
             ..ModuleConfig::default()
-        },
+        }),
     )
     .expect("module");
+    common::assert_rox_in_use(&mgr);
     let table = m.jump_tables().expect("tables")[0];
     let allocated_before = m.stats().expect("stats").allocated;
     let map_before = REGISTRIES.code.len();

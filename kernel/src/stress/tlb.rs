@@ -43,7 +43,12 @@ pub struct TlbStats {
 /// When B reaches the reused frame, or anything else goes wrong, naming the CPU.
 pub fn run(window: usize, rounds: u32) -> TlbStats {
     let mgr = common::manager(window);
-    let m = CodeModule::new(&mgr, &REGISTRIES, ModuleConfig::default()).expect("module");
+    let m = CodeModule::new(
+        &mgr,
+        &REGISTRIES,
+        common::module_config(ModuleConfig::default()),
+    )
+    .expect("module");
     let n = smp::online_cpus();
     let mut stats = TlbStats::default();
     for round in 0..rounds {

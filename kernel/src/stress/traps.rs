@@ -91,9 +91,15 @@ pub struct TrapStats {
 pub fn run(window: usize, churn: u32, min_faults: u64) -> TrapStats {
     map_memory();
     let mgr = common::manager(window);
-    let m = CodeModule::new(&mgr, &REGISTRIES, ModuleConfig::default()).expect("module");
+    let m = CodeModule::new(
+        &mgr,
+        &REGISTRIES,
+        common::module_config(ModuleConfig::default()),
+    )
+    .expect("module");
     let bytes = load_function();
     let shared = m.add_code(&protected(&bytes)).expect("shared code");
+    common::assert_rox_in_use(&mgr);
     let start = shared.instruction_start();
     drop(shared);
     let traps_before = REGISTRIES.traps.len();
