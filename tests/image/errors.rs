@@ -171,3 +171,42 @@ fn bad_ranges_and_images_are_refused_with_typed_errors() {
     assert_executable_history(&r, image.range(), &[last.start()]);
     assert_sound(&r.machine, &r.manager);
 }
+
+/// What a code window and a machine cannot hold is a typed error that changes nothing: an
+/// image larger than the whole window, and one larger than the machine's memory.
+#[test]
+fn an_image_the_window_or_the_memory_cannot_hold_is_refused_and_changes_nothing() {
+    // A 1 MiB window: a 2 MiB image has no room whatever the memory.
+    let machine = machine(1 << 12);
+    let manager = manager_on(&machine, window(256), config(ProtectionMode::Alias));
+    let regs = registries();
+    let small = module(&manager, regs, functions(0));
+    let before = (
+        manager.committed(),
+        manager.stats(),
+        machine.snapshot().leaves,
+    );
+    let e = small.load_image(&vec![0x90u8; 2 << 20]).unwrap_err();
+    assert!(matches!(e, ModuleError::Code(_)), "{e:?}");
+    assert_eq!(
+        (
+            manager.committed(),
+            manager.stats(),
+            machine.snapshot().leaves
+        ),
+        before
+    );
+    assert_eq!(small.image_count().unwrap(), (0, 0));
+
+    // A window with room, but 80 MiB of image on a 64 MiB machine.
+    let r = rig_for(ProtectionMode::Alias);
+    let probe = AddressRange::new(
+        r.manager.window().start(),
+        r.manager.window().start() + (1 << 20),
+    );
+    let before = seen(&r, probe);
+    let e = r.module.load_image(&vec![0x90u8; 80 << 20]).unwrap_err();
+    assert!(matches!(e, ModuleError::Code(_)), "{e:?}");
+    assert_eq!(seen(&r, probe), before);
+    assert_sound_no_leak(&r.machine, &r.manager);
+}
