@@ -12,7 +12,7 @@ impl<M: Mmu> CodeAllocator<M> {
     /// the values cannot be: they are what other CPUs jump to or through next.
     ///
     /// Every value is one atomic store, whatever the manager's
-    /// [`PatchProtocol`](super::PatchProtocol): [`patch_slots`](Self::patch_slots) says which
+    /// [`PatchProtocol`](crate::PatchProtocol): [`patch_slots`](Self::patch_slots) says which
     /// stores are jump slots, to be written per the protocol.
     ///
     /// # Safety
@@ -39,7 +39,7 @@ impl<M: Mmu> CodeAllocator<M> {
 
     /// Stores `stores` into the slots of published `tables` as [`patch`](Self::patch) does, but
     /// knowing which are instructions: [`SlotStore::Jump`] slots are rewritten per the manager's
-    /// [`PatchProtocol`](super::PatchProtocol) (with [`Int3`](super::PatchProtocol::Int3): in
+    /// [`PatchProtocol`](crate::PatchProtocol) (with [`Int3`](crate::PatchProtocol::Int3): in
     /// three serialization rounds, through the #BP hook), [`SlotStore::Data`] ones with one
     /// aligned store each. When this returns `Ok`, every CPU executes through the new slots.
     ///
@@ -53,7 +53,7 @@ impl<M: Mmu> CodeAllocator<M> {
     /// neither `jmp rel32` nor INT3 under the INT3 protocol, [`CodeError::Busy`] when its
     /// [`BreakpointSites`](crate::breakpoint::BreakpointSites) has no free entry; after
     /// [`CodeError::SyncFailed`] the patch is in effect and finishes later (see
-    /// [`PatchProtocol::Int3`](super::PatchProtocol::Int3)).
+    /// [`PatchProtocol::Int3`](crate::PatchProtocol::Int3)).
     pub unsafe fn patch_slots(
         &self,
         tables: &[&PublishedCode],
