@@ -19,6 +19,7 @@
 //! [`spec`] is the spec-testsuite harness the host tool and a kernel share.
 
 #![no_std]
+#![deny(missing_docs)]
 
 extern crate alloc;
 
