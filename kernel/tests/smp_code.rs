@@ -144,10 +144,16 @@ fn wx_across_cpus() {
 
 /// Every CPU but 0 faults in protected code while CPU 0 registers and releases code.
 fn concurrent_traps() {
-    let s = timed(|| traps::run(75, 40, 300));
+    concurrent_traps_on(75);
+}
+
+fn concurrent_traps_on(window: usize) {
+    let s = timed(|| traps::run(window, 40, 300));
     println!(
-        "    {} faults landed, {} protected objects registered and released meanwhile",
-        s.faults, s.churned
+        "    {}{} faults landed, {} protected objects registered and released meanwhile",
+        mode(),
+        s.faults,
+        s.churned
     );
     assert!(s.churned >= 40);
     let others = cpus() as u64 - 1;
@@ -156,10 +162,17 @@ fn concurrent_traps() {
 
 /// Every CPU calls the same lazy slot at once: one installation per function.
 fn lazy_slot_race() {
-    let s = timed(|| lazy::run(76, 8, 3000));
+    lazy_slot_race_on(76);
+}
+
+fn lazy_slot_race_on(window: usize) {
+    let s = timed(|| lazy::run(window, 8, 3000));
     println!(
-        "    {} rounds, {} compilations, {} rounds with a race (one install each)",
-        s.rounds, s.compilations, s.races
+        "    {}{} rounds, {} compilations, {} rounds with a race (one install each)",
+        mode(),
+        s.rounds,
+        s.compilations,
+        s.races
     );
     assert_eq!(s.rounds, 8);
     assert!(s.compilations >= s.rounds);
@@ -167,11 +180,19 @@ fn lazy_slot_race() {
 
 /// Every CPU adds, patches and frees code of one module at once.
 fn concurrent_module_api() {
+    concurrent_module_api_on(77);
+}
+
+fn concurrent_module_api_on(window: usize) {
     const ITERATIONS: u32 = 15;
-    let s = timed(|| module_api::run(77, ITERATIONS, 1 << 22));
+    let s = timed(|| module_api::run(window, ITERATIONS, 1 << 22));
     println!(
-        "    {} objects added, {} patches, {} frees, {} calls of other CPUs' slots",
-        s.added, s.patches, s.freed, s.cross_calls
+        "    {}{} objects added, {} patches, {} frees, {} calls of other CPUs' slots",
+        mode(),
+        s.added,
+        s.patches,
+        s.freed,
+        s.cross_calls
     );
     let n = cpus() as u64;
     assert_eq!(s.cross_calls, 2 * u64::from(ITERATIONS) * n);
@@ -223,10 +244,17 @@ fn jit_compiles_on_every_cpu_at_once() {
 
 /// The stress mode's mixed round: patching, replacing and trap churn at once.
 fn all_scenarios_mixed_at_once() {
-    let s = timed(|| mixed::run(80, 20, 1 << 24));
+    all_scenarios_mixed_at_once_on(80);
+}
+
+fn all_scenarios_mixed_at_once_on(window: usize) {
+    let s = timed(|| mixed::run(window, 20, 1 << 24));
     println!(
-        "    {} rounds, {} calls, {} faults landed",
-        s.rounds, s.calls, s.faults
+        "    {}{} rounds, {} calls, {} faults landed",
+        mode(),
+        s.rounds,
+        s.calls,
+        s.faults
     );
     assert!(s.calls > 0);
 }
@@ -244,10 +272,8 @@ fn rox_wx_across_cpus() {
         cpus()
     );
     assert_eq!(p.refused_writes, 2 * 3 * p.pages * cpus() as u64);
-    codespace_kernel::stress::common::set_rox(true);
     // Fewer patches than `wx_across_cpus`: the alias protocol is the same, only the page differs.
-    let a = timed(|| wx::alias(111, 50));
-    codespace_kernel::stress::common::set_rox(false);
+    let a = in_rox_mode(|| timed(|| wx::alias(111, 50)));
     println!(
         "    {} patches of a slot on a ROX page through the alias ({} sessions), {} probes \
          faulted",
@@ -259,9 +285,7 @@ fn rox_wx_across_cpus() {
 /// [`replace_and_free_under_execution`] with the module's code on ROX pages: freed code is
 /// refilled with INT3 through the alias, never decommitted under a running CPU.
 fn rox_replace_and_free_under_execution() {
-    codespace_kernel::stress::common::set_rox(true);
-    let s = timed(|| replace::run(112, 12, 1 << 23));
-    codespace_kernel::stress::common::set_rox(false);
+    let s = in_rox_mode(|| timed(|| replace::run(112, 12, 1 << 23)));
     println!(
         "    ROX: {} replacements, {} calls, {} polls inside retired code, {} reclaimed",
         s.replacements, s.calls, s.inside_while_retired, s.reclaimed
@@ -275,9 +299,7 @@ fn rox_replace_and_free_under_execution() {
 
 /// [`jump_table_patching_stress`] with the jump table and the implementations on ROX pages.
 fn rox_jump_table_patching_stress() {
-    codespace_kernel::stress::common::set_rox(true);
-    let s = timed(|| patching::run(113, 50));
-    codespace_kernel::stress::common::set_rox(false);
+    let s = in_rox_mode(|| timed(|| patching::run(113, 50)));
     println!(
         "    ROX: {} patches, {} calls, {} slot reads, calls per implementation {:?}",
         s.patches, s.calls, s.reads, s.per_impl
@@ -293,64 +315,42 @@ fn rox_jump_table_patching_stress() {
     }
 }
 
-/// Runs `f` with the scenarios in the ROX mode; the mode is reset whatever `f` does (a failed
-/// scenario panics, and the next test must not inherit the mode).
-fn in_rox_mode<T>(f: impl FnOnce() -> T) -> T {
-    struct Reset;
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            codespace_kernel::stress::common::set_rox(false);
-        }
+/// `"ROX: "` while the scenarios run in the ROX mode, else nothing: the prefix of a result line.
+fn mode() -> &'static str {
+    if codespace_kernel::stress::common::rox() {
+        "ROX: "
+    } else {
+        ""
     }
+}
+
+/// Runs `f` with the scenarios in the ROX mode. A failing `f` does not come back here (the test
+/// framework's catch does not run destructors), so the mode stays on for the tests after it;
+/// the ROX tests run last.
+fn in_rox_mode<T>(f: impl FnOnce() -> T) -> T {
     codespace_kernel::stress::common::set_rox(true);
-    let _reset = Reset;
-    f()
+    let r = f();
+    codespace_kernel::stress::common::set_rox(false);
+    r
 }
 
 /// `concurrent_traps` with the faulting code on ROX pages: its trap entries churn while every
 /// CPU faults, as in 4 KiB mode.
 fn rox_concurrent_traps() {
-    let s = in_rox_mode(|| timed(|| traps::run(114, 40, 300)));
-    println!(
-        "    ROX: {} faults landed, {} protected objects registered and released meanwhile",
-        s.faults, s.churned
-    );
-    assert!(s.churned >= 40);
-    assert!(s.faults >= 300 * (cpus() as u64 - 1));
+    in_rox_mode(|| concurrent_traps_on(114));
 }
 
 /// `lazy_slot_race` with the lazy slots and the installed code on ROX pages.
 fn rox_lazy_slot_race() {
-    let s = in_rox_mode(|| timed(|| lazy::run(115, 8, 3000)));
-    println!(
-        "    ROX: {} rounds, {} compilations, {} rounds with a race",
-        s.rounds, s.compilations, s.races
-    );
-    assert_eq!(s.rounds, 8);
-    assert!(s.compilations >= s.rounds);
+    in_rox_mode(|| lazy_slot_race_on(115));
 }
 
 /// `concurrent_module_api` on ROX pages: every CPU adds, patches and frees code of one module.
 fn rox_concurrent_module_api() {
-    const ITERATIONS: u32 = 15;
-    let s = in_rox_mode(|| timed(|| module_api::run(116, ITERATIONS, 1 << 22)));
-    println!(
-        "    ROX: {} objects added, {} patches, {} frees, {} calls of other CPUs' slots",
-        s.added, s.patches, s.freed, s.cross_calls
-    );
-    let n = cpus() as u64;
-    assert_eq!(s.cross_calls, 2 * u64::from(ITERATIONS) * n);
-    let wrappers = (4..4 + ITERATIONS).filter(|k| k % 3 == 1).count() as u64;
-    assert_eq!(s.freed, wrappers * n);
-    assert_eq!(s.patches, 2 * s.freed);
+    in_rox_mode(|| concurrent_module_api_on(116));
 }
 
 /// `all_scenarios_mixed_at_once` with its modules on ROX pages.
 fn rox_all_scenarios_mixed_at_once() {
-    let s = in_rox_mode(|| timed(|| mixed::run(117, 20, 1 << 24)));
-    println!(
-        "    ROX: {} rounds, {} calls, {} faults landed",
-        s.rounds, s.calls, s.faults
-    );
-    assert!(s.calls > 0);
+    in_rox_mode(|| all_scenarios_mixed_at_once_on(117));
 }

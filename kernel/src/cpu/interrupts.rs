@@ -243,7 +243,8 @@ pub(crate) fn in_atomic<R>(f: impl FnOnce() -> R) -> R {
 }
 
 global_asm!(
-    r#"
+    concat!(
+        r#"
     .macro STUB_NOERR n
     isr_stub_\n:
         pushq $0
@@ -270,41 +271,15 @@ isr_text_start:
     .endr
 
 isr_common:
-    pushq %rax
-    pushq %rbx
-    pushq %rcx
-    pushq %rdx
-    pushq %rsi
-    pushq %rdi
-    pushq %rbp
-    pushq %r8
-    pushq %r9
-    pushq %r10
-    pushq %r11
-    pushq %r12
-    pushq %r13
-    pushq %r14
-    pushq %r15
-    /* 22 quadwords since the CPU's 16-byte aligned push: RSP is 16-byte aligned here. */
+"#,
+        codespace::exception_frame_push!(),
+        r#"    /* 22 quadwords since the CPU's 16-byte aligned push: RSP is 16-byte aligned here. */
     movq %rsp, %rdi
     cld
     call exception_dispatch
-    popq %r15
-    popq %r14
-    popq %r13
-    popq %r12
-    popq %r11
-    popq %r10
-    popq %r9
-    popq %r8
-    popq %rbp
-    popq %rdi
-    popq %rsi
-    popq %rdx
-    popq %rcx
-    popq %rbx
-    popq %rax
-    addq $16, %rsp
+"#,
+        codespace::exception_frame_pop!(),
+        r#"    addq $16, %rsp
     iretq
     .global isr_text_end
 isr_text_end:
@@ -322,7 +297,8 @@ isr_stub_ipi:
     .global isr_stub_spurious
 isr_stub_spurious:
     .quad isr_stub_255
-"#,
+"#
+    ),
     options(att_syntax)
 );
 

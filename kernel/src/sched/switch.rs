@@ -19,7 +19,8 @@ pub const TIMER_VECTOR: u8 = 0xE0;
 pub const YIELD_VECTOR: u8 = 0xE1;
 
 global_asm!(
-    r#"
+    concat!(
+        r#"
     .section .text
     .global sched_stub_timer
 sched_stub_timer:
@@ -32,45 +33,20 @@ sched_stub_yield:
     pushq $0xE1
     jmp sched_common
 sched_common:
-    pushq %rax
-    pushq %rbx
-    pushq %rcx
-    pushq %rdx
-    pushq %rsi
-    pushq %rdi
-    pushq %rbp
-    pushq %r8
-    pushq %r9
-    pushq %r10
-    pushq %r11
-    pushq %r12
-    pushq %r13
-    pushq %r14
-    pushq %r15
-    /* 22 quadwords since the CPU's 16-byte aligned push: RSP is 16-byte aligned here. */
+"#,
+        codespace::exception_frame_push!(),
+        r#"    /* 22 quadwords since the CPU's 16-byte aligned push: RSP is 16-byte aligned here. */
     movq %rsp, %rdi
     cld
     call sched_switch
     /* The frame to resume: this one, or a switched-in task's (on its own stack). */
     movq %rax, %rsp
-    popq %r15
-    popq %r14
-    popq %r13
-    popq %r12
-    popq %r11
-    popq %r10
-    popq %r9
-    popq %r8
-    popq %rbp
-    popq %rdi
-    popq %rsi
-    popq %rdx
-    popq %rcx
-    popq %rbx
-    popq %rax
-    addq $16, %rsp
-    iretq
 "#,
+        codespace::exception_frame_pop!(),
+        r#"    addq $16, %rsp
+    iretq
+"#
+    ),
     options(att_syntax)
 );
 

@@ -89,6 +89,32 @@ pub struct ExceptionFrame {
     pub ss: u64,
 }
 
+/// The instructions (AT&T syntax, one per line) that push the fifteen general-purpose
+/// registers so that, on top of the vector and error code, the stack holds an
+/// [`ExceptionFrame`]: for entry stubs of a kernel's own (`concat!` it into `global_asm!`), such
+/// as a scheduler's, which saves the same frame and switches stacks. The only copy of the
+/// frame's register order besides the struct itself; [`exception_frame_pop!`] undoes it.
+///
+/// [`exception_frame_pop!`]: crate::exception_frame_pop
+#[macro_export]
+macro_rules! exception_frame_push {
+    () => {
+        "    pushq %rax\n    pushq %rbx\n    pushq %rcx\n    pushq %rdx\n    pushq %rsi\n    pushq %rdi\n    pushq %rbp\n    pushq %r8\n    pushq %r9\n    pushq %r10\n    pushq %r11\n    pushq %r12\n    pushq %r13\n    pushq %r14\n    pushq %r15\n"
+    };
+}
+
+/// The instructions (AT&T syntax) that restore the fifteen general-purpose registers from an
+/// [`ExceptionFrame`] at RSP, leaving RSP at its vector field: the reverse of
+/// [`exception_frame_push!`].
+///
+/// [`exception_frame_push!`]: crate::exception_frame_push
+#[macro_export]
+macro_rules! exception_frame_pop {
+    () => {
+        "    popq %r15\n    popq %r14\n    popq %r13\n    popq %r12\n    popq %r11\n    popq %r10\n    popq %r9\n    popq %r8\n    popq %rbp\n    popq %rdi\n    popq %rsi\n    popq %rdx\n    popq %rcx\n    popq %rbx\n    popq %rax\n"
+    };
+}
+
 const PAGE_FAULT: u64 = 14;
 const DIVIDE_ERROR: u64 = 0;
 const INVALID_OPCODE: u64 = 6;
@@ -179,6 +205,31 @@ mod tests {
             r11: 0xBBBB,
             ..ExceptionFrame::default()
         }
+    }
+
+    /// Register names in the order they appear in `text` (`%rax` -> `rax`).
+    fn registers(text: &str) -> alloc::vec::Vec<&str> {
+        text.lines()
+            .filter_map(|l| l.trim().split('%').nth(1))
+            .collect()
+    }
+
+    #[test]
+    fn the_push_and_pop_sequences_follow_the_frame_layout() {
+        // Fields from the lowest address: what was pushed last comes first.
+        let fields = [
+            "r15", "r14", "r13", "r12", "r11", "r10", "r9", "r8", "rbp", "rdi", "rsi", "rdx",
+            "rcx", "rbx", "rax",
+        ];
+        let mut pushed = registers(crate::exception_frame_push!());
+        pushed.reverse();
+        assert_eq!(pushed, fields);
+        assert_eq!(registers(crate::exception_frame_pop!()), fields);
+        let frame = ExceptionFrame::default();
+        let base = core::ptr::addr_of!(frame) as usize;
+        assert_eq!(core::ptr::addr_of!(frame.r15) as usize - base, 0);
+        assert_eq!(core::ptr::addr_of!(frame.rax) as usize - base, 14 * 8);
+        assert_eq!(core::ptr::addr_of!(frame.vector) as usize - base, 15 * 8);
     }
 
     #[test]

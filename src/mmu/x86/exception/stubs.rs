@@ -95,7 +95,8 @@ extern "C" fn dispatch(frame: &mut ExceptionFrame) {
 // aligned: 22 quadwords since the CPU's aligned push), calls `dispatch` with the frame, restores
 // every register from it and returns with `iretq`.
 global_asm!(
-    r#"
+    concat!(
+        r#"
     .section .text.codespace_exception, "ax"
     .global codespace_exception_stub_0
     .global codespace_exception_stub_3
@@ -117,43 +118,18 @@ codespace_exception_stub_14:
     pushq $14
     jmp codespace_exception_common
 codespace_exception_common:
-    pushq %rax
-    pushq %rbx
-    pushq %rcx
-    pushq %rdx
-    pushq %rsi
-    pushq %rdi
-    pushq %rbp
-    pushq %r8
-    pushq %r9
-    pushq %r10
-    pushq %r11
-    pushq %r12
-    pushq %r13
-    pushq %r14
-    pushq %r15
-    movq %rsp, %rdi
+"#,
+        crate::exception_frame_push!(),
+        r#"    movq %rsp, %rdi
     cld
     call {dispatch}
-    popq %r15
-    popq %r14
-    popq %r13
-    popq %r12
-    popq %r11
-    popq %r10
-    popq %r9
-    popq %r8
-    popq %rbp
-    popq %rdi
-    popq %rsi
-    popq %rdx
-    popq %rcx
-    popq %rbx
-    popq %rax
-    addq $16, %rsp
+"#,
+        crate::exception_frame_pop!(),
+        r#"    addq $16, %rsp
     iretq
     .text
-"#,
+"#
+    ),
     dispatch = sym dispatch,
     options(att_syntax)
 );
