@@ -51,8 +51,9 @@ pub struct AllocatorConfig {
     /// mode; needs [`ManagerConfig::rox_code`](super::ManagerConfig::rox_code)): publishing
     /// changes no page-table entry and costs no shootdown, only one serialization round;
     /// each space takes whole 2 MiB pages of frames. A space falls back to 4 KiB pages when
-    /// the backend has no 2 MiB frame for it. Images are refused here
-    /// ([`CodeError::RoxRefused`]). Off by default.
+    /// the backend has no 2 MiB frame for it. Images (whose pages change protection, which
+    /// ROX pages never do) go to ordinary 4 KiB code spaces of their own, which code never
+    /// shares. Off by default.
     pub rox: bool,
 }
 
@@ -65,6 +66,15 @@ impl Default for AllocatorConfig {
             rox: false,
         }
     }
+}
+
+/// What an allocation is for, which decides the spaces it may take in a ROX allocator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    /// Code and jump tables: on ROX pages in a ROX allocator.
+    Code,
+    /// An image (per-range protections): never on ROX pages.
+    Image,
 }
 
 /// Counters of one allocator.
@@ -103,6 +113,11 @@ pub struct CodeAllocator<M: Mmu> {
     /// Freed images whose decommit failed: kept out of the free pool (a committed page of one
     /// may be R+NX, holding image data) until a retry decommits them.
     stale_images: Vec<AddressRange>,
+    /// In a ROX allocator, the spaces of `spaces` on 4 KiB pages that hold images: an image's
+    /// pages change protection (data R+NX, text R+X), which ROX pages never do. Images go only
+    /// there and code allocations never do (jump tables may, when asked for a region), so
+    /// the module's code stays on ROX pages. Empty in other allocators.
+    image_spaces: Vec<AddressRange>,
 }
 
 /// `size` rounded up to [`CODE_ALIGNMENT`]; zero and overflowing sizes are invalid.
@@ -158,6 +173,7 @@ impl<M: Mmu> CodeAllocator<M> {
             freed: 0,
             trim_pending: false,
             stale_images: Vec::new(),
+            image_spaces: Vec::new(),
         };
         if config.initial_reservation > 0 {
             let max = manager.config().max_code_space_size;
@@ -221,7 +237,7 @@ impl<M: Mmu> CodeAllocator<M> {
     /// full, or out of frames. Nothing changes on error.
     pub fn allocate(&mut self, size: usize) -> Result<WritableCode, CodeError> {
         let aligned = aligned_size(size)?;
-        self.allocate_where(size, aligned, CODE_ALIGNMENT, None)
+        self.allocate_where(size, aligned, CODE_ALIGNMENT, None, Placement::Code)
     }
 
     /// Allocates `size` bytes inside `region` (first fit there, at [`CODE_ALIGNMENT`], V8's
@@ -237,7 +253,7 @@ impl<M: Mmu> CodeAllocator<M> {
         region: AddressRange,
     ) -> Result<WritableCode, CodeError> {
         let aligned = aligned_size(size)?;
-        self.allocate_where(size, aligned, CODE_ALIGNMENT, Some(region))
+        self.allocate_where(size, aligned, CODE_ALIGNMENT, Some(region), Placement::Code)
     }
 
     /// Allocates whole pages for a jump table: `size` rounded up to pages, page aligned, sharing
@@ -254,27 +270,26 @@ impl<M: Mmu> CodeAllocator<M> {
         region: Option<AddressRange>,
     ) -> Result<WritableCode, CodeError> {
         let bytes = page_round_up(aligned_size(size)?).ok_or(CodeError::InvalidSize { size })?;
-        let mut code = self.allocate_where(bytes, bytes, PAGE_SIZE, region)?;
+        let mut code = self.allocate_where(bytes, bytes, PAGE_SIZE, region, Placement::Code)?;
         code.bytes.truncate(size);
         code.patchable = true;
         Ok(code)
     }
 
-    /// Takes `aligned` bytes at `align` (in `region`, or anywhere with growth), commits them and
-    /// hands out a handle of `size` staged bytes.
+    /// Takes `aligned` bytes at `align` (in `region`, or anywhere with growth, in a space that
+    /// suits `placement`), commits them and hands out a handle of `size` staged bytes.
     fn allocate_where(
         &mut self,
         size: usize,
         aligned: usize,
         align: usize,
         region: Option<AddressRange>,
+        placement: Placement,
     ) -> Result<WritableCode, CodeError> {
         let manager = self.manager.clone();
         let mut state = manager.lock()?;
-        let anywhere = AddressRange::new(0, usize::MAX);
-        let search = region.unwrap_or(anywhere);
         let mut new_space = None;
-        let range = match self.free.allocate_aligned_in_region(aligned, align, search) {
+        let range = match self.take_free(aligned, align, region, placement) {
             Some(r) => r,
             None if region.is_some() => return Err(CodeError::WindowExhausted { size: aligned }),
             None => {
@@ -288,8 +303,12 @@ impl<M: Mmu> CodeAllocator<M> {
                     total_reserved,
                     state.config.max_code_space_size,
                 )?;
-                let space = state.reserve_for(rsize, self.config.rox)?;
+                let image_space = self.config.rox && placement == Placement::Image;
+                let space = state.reserve_for(rsize, self.config.rox && !image_space)?;
                 self.add_space(space);
+                if image_space {
+                    self.image_spaces.push(space);
+                }
                 new_space = Some(space);
                 // A fresh space is page aligned and at least `aligned` bytes long.
                 match self.free.allocate_aligned_in_region(aligned, align, space) {
@@ -318,6 +337,38 @@ impl<M: Mmu> CodeAllocator<M> {
         })
     }
 
+    /// First fit of `aligned` bytes at `align` among the free ranges: inside `region` when
+    /// given; else anywhere, except that in a ROX allocator images take only image spaces and
+    /// code only the others (one first-fit search per space: an allocator has few spaces).
+    fn take_free(
+        &mut self,
+        aligned: usize,
+        align: usize,
+        region: Option<AddressRange>,
+        placement: Placement,
+    ) -> Option<AddressRange> {
+        let image = placement == Placement::Image;
+        if let Some(region) = region {
+            return self.free.allocate_aligned_in_region(aligned, align, region);
+        }
+        if !self.config.rox || (!image && self.image_spaces.is_empty()) {
+            let anywhere = AddressRange::new(0, usize::MAX);
+            return self
+                .free
+                .allocate_aligned_in_region(aligned, align, anywhere);
+        }
+        for i in 0..self.spaces.len() {
+            let space = self.spaces[i];
+            if self.image_spaces.contains(&space) != image {
+                continue;
+            }
+            if let Some(r) = self.free.allocate_aligned_in_region(aligned, align, space) {
+                return Some(r);
+            }
+        }
+        None
+    }
+
     /// Gives back `space` if it holds no allocation (a space reserved for code whose add then
     /// failed); returns whether it did.
     pub fn release_if_empty(&mut self, space: AddressRange) -> bool {
@@ -341,6 +392,7 @@ impl<M: Mmu> CodeAllocator<M> {
                     self.spaces.remove(i);
                     self.live.remove(i);
                 }
+                self.image_spaces.retain(|s| *s != space);
             } else {
                 let _ = self.free.merge(space);
             }

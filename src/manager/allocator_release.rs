@@ -155,6 +155,7 @@ impl<M: Mmu> CodeAllocator<M> {
     pub(super) fn hand_over_releasable(&mut self) {
         let mut spaces = core::mem::take(&mut self.spaces);
         let live = core::mem::take(&mut self.live);
+        self.image_spaces.clear();
         let mut i = 0;
         // In place (`retain` never allocates): dropping may run in interrupt context.
         spaces.retain(|_| {

@@ -77,13 +77,6 @@ pub enum CodeError {
     PartialDecommit(MmuError),
     /// The page-table backend refused; nothing changed.
     Mmu(MmuError),
-    /// The operation changes page protections, which code on 2 MiB ROX pages never has
-    /// ([`AllocatorConfig::rox`](super::AllocatorConfig::rox)): images (per-range
-    /// protections) stay on 4 KiB pages, in an allocator without ROX. Nothing changed.
-    RoxRefused {
-        /// What was refused.
-        what: &'static str,
-    },
 }
 
 impl fmt::Display for CodeError {
@@ -120,12 +113,6 @@ impl fmt::Display for CodeError {
             }
             CodeError::PartialDecommit(e) => write!(f, "freed, but decommit incomplete: {e}"),
             CodeError::Mmu(e) => write!(f, "page tables: {e}"),
-            CodeError::RoxRefused { what } => {
-                write!(
-                    f,
-                    "{what} needs page protection changes, which ROX code never has"
-                )
-            }
         }
     }
 }

@@ -11,7 +11,7 @@
 
 use alloc::vec::Vec;
 
-use super::{fill_int3, CodeAllocator};
+use super::{fill_int3, CodeAllocator, Placement};
 use crate::manager::error::{CodeError, FreeError};
 use crate::manager::state::State;
 use crate::mmu::{Mmu, MmuError, Protection, TlbFlush};
@@ -84,12 +84,12 @@ pub(crate) enum ImageSource<'a> {
 
 impl<M: Mmu> CodeAllocator<M> {
     /// Commits whole fresh pages for `lead` bytes and then the image's bytes (page aligned,
-    /// shared with no other allocation; a new code space if none fits), copies the bytes (given,
+    /// shared with no other allocation; a new code space if none fits — in a ROX allocator an
+    /// image space on 4 KiB pages, see [`AllocatorConfig::rox`](super::AllocatorConfig::rox)), copies the bytes (given,
     /// or filled now that their address is known) at `lead` bytes from the start through the
     /// pages' own RW+NX mapping, and makes every page from `lead` on R+NX in one flush. The lead pages stay RW+NX (INT3): room for a landing stub written at publish.
     ///
     /// # Errors
-    /// [`CodeError::RoxRefused`] in an allocator on ROX pages;
     /// [`CodeError::InvalidSize`] for nothing to load; the allocation and commit errors of
     /// [`allocate`](Self::allocate); a backend failure — the pages are decommitted again, so
     /// nothing changed beyond a new code space the caller may release.
@@ -98,10 +98,6 @@ impl<M: Mmu> CodeAllocator<M> {
         source: ImageSource<'_>,
         lead: usize,
     ) -> Result<ImagePages, CodeError> {
-        if self.config.rox {
-            // An image's pages change protection (data R+NX, text R+X): never on ROX pages.
-            return Err(CodeError::RoxRefused { what: "an image" });
-        }
         self.retry_stale_images();
         let len = match &source {
             ImageSource::Bytes(bytes) => bytes.len(),
@@ -115,7 +111,9 @@ impl<M: Mmu> CodeAllocator<M> {
             .checked_add(len)
             .and_then(page_round_up)
             .ok_or(invalid)?;
-        let range = self.allocate_where(0, size, PAGE_SIZE, None)?.range;
+        let range = self
+            .allocate_where(0, size, PAGE_SIZE, None, Placement::Image)?
+            .range;
         self.count_live(range, true);
         let image = ImagePages {
             range,

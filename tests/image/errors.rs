@@ -52,7 +52,7 @@ pub fn seen(r: &Rig, probe: AddressRange) -> Seen {
 
 #[test]
 fn bad_ranges_and_images_are_refused_with_typed_errors() {
-    let r = rig_for(ProtectionMode::Alias);
+    let r = rig_for(Mode::ALIAS);
     let other = module(&r.manager, r.regs, functions(0));
     let image = r.module.load_image(&image_bytes()).unwrap();
     let foreign = other.load_image(&image_bytes()).unwrap();
@@ -199,7 +199,7 @@ fn an_image_the_window_or_the_memory_cannot_hold_is_refused_and_changes_nothing(
     assert_eq!(small.image_count().unwrap(), (0, 0));
 
     // A window with room, but 80 MiB of image on a 64 MiB machine.
-    let r = rig_for(ProtectionMode::Alias);
+    let r = rig_for(Mode::ALIAS);
     let probe = AddressRange::new(
         r.manager.window().start(),
         r.manager.window().start() + (1 << 20),

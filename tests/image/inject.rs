@@ -7,16 +7,17 @@
 use codespace::mmu::soft::CallKind;
 use codespace::mmu::MmuError;
 use codespace::module::{CodeImage, ModuleError};
-use codespace::{AddressRange, CodeError, ProtectionMode};
+use codespace::{AddressRange, CodeError};
 
 use super::errors::seen;
 use super::*;
 
 /// A world whose module has no jump tables: every executable page of the window is an image's.
-fn world(mode: ProtectionMode) -> Rig {
-    let (machine, manager) = rig(1 << 14, config(mode));
+/// In the ROX mode the module asks for ROX spaces, and its images take 4 KiB spaces of their own.
+fn world(mode: Mode) -> Rig {
+    let (machine, manager) = rig(1 << 14, mode.manager(config(mode.protection)));
     let regs = registries();
-    let module = module(&manager, regs, functions(0));
+    let module = module(&manager, regs, mode.module(functions(0)));
     Rig {
         machine,
         manager,
@@ -37,7 +38,7 @@ fn injected(label: &str, e: ModuleError) {
 /// that call failing; `check` judges each run. Returns the number of failure points.
 fn exhaustive<S>(
     name: &str,
-    mode: ProtectionMode,
+    mode: Mode,
     setup: impl Fn(&Rig) -> S,
     op: impl Fn(&Rig, &mut S) -> Result<(), ModuleError>,
     check: impl Fn(&str, &Rig, &mut S, Result<(), ModuleError>),
@@ -85,7 +86,7 @@ fn window_of(r: &Rig) -> AddressRange {
 
 #[test]
 fn a_failed_load_changes_nothing() {
-    for mode in [ProtectionMode::Alias, ProtectionMode::Flip] {
+    for mode in MODES {
         exhaustive(
             "load_image",
             mode,
@@ -116,7 +117,7 @@ fn a_failed_load_changes_nothing() {
 
 #[test]
 fn a_failed_publish_changes_nothing_and_executes_nothing() {
-    for mode in [ProtectionMode::Alias, ProtectionMode::Flip] {
+    for mode in MODES {
         exhaustive(
             "publish_image",
             mode,
@@ -157,7 +158,7 @@ fn a_failed_publish_changes_nothing_and_executes_nothing() {
 
 #[test]
 fn a_failed_free_keeps_the_pages_until_a_later_operation() {
-    for mode in [ProtectionMode::Alias, ProtectionMode::Flip] {
+    for mode in MODES {
         exhaustive(
             "unpublish_image + reclaim",
             mode,

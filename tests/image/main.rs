@@ -17,9 +17,10 @@ mod inject;
 
 use codespace::code_object::CodeKind;
 use codespace::mmu::soft::SoftMmu;
+use codespace::module::NewCode;
 use codespace::module::{CodeImage, CodeModule, ImageTraps, LandingPad, Registries};
 use codespace::trap::TrapVector;
-use codespace::{AddressRange, CodeManager, ProtectionMode};
+use codespace::{AddressRange, CodeManager, ManagerConfig, ProtectionMode};
 use iced_x86::Mnemonic;
 
 use common::*;
@@ -73,10 +74,12 @@ pub struct Rig {
     pub module: CodeModule<SoftMmu>,
 }
 
-pub fn rig_for(mode: ProtectionMode) -> Rig {
-    let (machine, manager) = rig(1 << 14, config(mode));
+/// A module of 2 functions in `mode` (in the ROX mode its images go to 4 KiB spaces of their
+/// own, its code to ROX pages).
+pub fn rig_for(mode: Mode) -> Rig {
+    let (machine, manager) = rig(1 << 14, mode.manager(ManagerConfig::default()));
     let regs = registries();
-    let module = module(&manager, regs, functions(2));
+    let module = module(&manager, regs, mode.module(functions(2)));
     Rig {
         machine,
         manager,
@@ -93,6 +96,26 @@ pub fn executable_now(r: &Rig, range: AddressRange) -> Vec<usize> {
         .collect()
 }
 
+/// In the ROX mode: `image` is on 4 KiB pages in a code space of its own, not a ROX one and
+/// not a fallback, while the module's `code` stays on its 2 MiB ROX page.
+fn assert_image_beside_rox_code(r: &Rig, image: &CodeImage, code: usize) {
+    let spaces = r.module.code_spaces().unwrap();
+    let space_of = |a: usize| spaces.iter().copied().find(|s| s.contains(a)).unwrap();
+    assert_ne!(
+        space_of(image.range().start()),
+        space_of(code),
+        "shares code's space"
+    );
+    let stats = r.manager.stats();
+    assert_eq!((stats.rox_spaces, stats.rox_fallbacks), (1, 0), "{stats:?}");
+    let audit = r.manager.audit().unwrap();
+    let pages = image.range().end().next_multiple_of(PAGE) - image.range().start() + PAGE;
+    assert_eq!(audit.huge_leaves, 1, "the code's 2 MiB page only");
+    assert!(audit.small_leaves >= pages / PAGE, "{audit:?}");
+    let leaf = r.manager.query(code).unwrap().unwrap();
+    assert!(leaf.executable && !leaf.writable);
+}
+
 /// The image's pages (lead page included) that were ever executable are exactly `allowed`.
 pub fn assert_executable_history(r: &Rig, image: AddressRange, allowed: &[usize]) {
     let all = AddressRange::new(image.start() - PAGE, image.end().next_multiple_of(PAGE));
@@ -105,8 +128,17 @@ pub fn assert_executable_history(r: &Rig, image: AddressRange, allowed: &[usize]
 
 #[test]
 fn only_the_text_is_ever_executable_from_load_to_free() {
-    for mode in [ProtectionMode::Alias, ProtectionMode::Flip] {
+    for mode in MODES {
         let r = rig_for(mode);
+        // In the ROX mode the module's code is on a ROX page; its image must not be.
+        let code = mode.rox.then(|| {
+            let f = r
+                .module
+                .add_code(&NewCode::function(0, &[0xC3; 64]))
+                .unwrap();
+            mode.assert_in_use(&r.manager);
+            f.instruction_start()
+        });
         let bytes = image_bytes();
         let committed = r.manager.committed();
         let rounds = r.manager.flush_stats().unwrap();
@@ -123,7 +155,7 @@ fn only_the_text_is_ever_executable_from_load_to_free() {
             assert!(!m.writable && !m.executable, "{p:#x} R+NX after load");
         }
         // One flush for the whole image (the pages were fresh: no other round).
-        if mode == ProtectionMode::Alias {
+        if mode.protection == ProtectionMode::Alias {
             let after_load = r.manager.flush_stats().unwrap();
             assert_eq!(
                 after_load.shootdowns - rounds.shootdowns,
@@ -133,6 +165,9 @@ fn only_the_text_is_ever_executable_from_load_to_free() {
         }
         assert_executable_history(&r, image.range(), &[]);
         assert_sound(&r.machine, &r.manager);
+        if let Some(code) = code {
+            assert_image_beside_rox_code(&r, &image, code);
+        }
 
         let text = text_of(&image);
         let before = r.manager.flush_stats().unwrap();
@@ -140,7 +175,7 @@ fn only_the_text_is_ever_executable_from_load_to_free() {
             .publish_image(&image, text, &traps(external_pad()))
             .unwrap();
         let after = r.manager.flush_stats().unwrap();
-        if mode == ProtectionMode::Alias {
+        if mode.protection == ProtectionMode::Alias {
             assert_eq!(
                 after.shootdowns - before.shootdowns,
                 1,
@@ -152,7 +187,11 @@ fn only_the_text_is_ever_executable_from_load_to_free() {
         assert_eq!(executable_now(&r, pages), text.pages().collect::<Vec<_>>());
         assert_executable_history(&r, image.range(), &expected);
         // The landing stub: `jmp [rip+0]` to the trampoline, as every CPU executes it.
-        let cpus = if mode == ProtectionMode::Flip { 1 } else { 4 };
+        let cpus = if mode.protection == ProtectionMode::Flip {
+            1
+        } else {
+            4
+        };
         for cpu in 0..cpus {
             let mut fetched = [0u8; 14];
             r.machine.exec_as(cpu, lead, &mut fetched).unwrap();
@@ -236,8 +275,8 @@ fn only_the_text_is_ever_executable_from_load_to_free() {
             .is_none());
         assert!(r.module.lookup_code(text.start()).is_none());
         assert!(
-            t.is_empty() && r.regs.code.len() == 1,
-            "only the module's jump table is left"
+            t.is_empty() && r.regs.code.len() == 1 + usize::from(code.is_some()),
+            "only the module's jump table (and its function in the ROX mode) is left"
         );
         assert!(
             pages.pages().all(|p| !is_mapped(&r.manager, p)),
@@ -252,7 +291,7 @@ fn only_the_text_is_ever_executable_from_load_to_free() {
 
 #[test]
 fn a_pad_in_the_text_needs_no_stub() {
-    let r = rig_for(ProtectionMode::Alias);
+    let r = rig_for(Mode::ALIAS);
     let image = r.module.load_image(&image_bytes()).unwrap();
     let text = text_of(&image);
     r.module
@@ -297,7 +336,7 @@ fn a_pad_in_the_text_needs_no_stub() {
 
 #[test]
 fn dropping_the_module_unregisters_and_frees_its_images() {
-    let r = rig_for(ProtectionMode::Alias);
+    let r = rig_for(Mode::ALIAS);
     let published = r.module.load_image(&image_bytes()).unwrap();
     let text = text_of(&published);
     r.module
@@ -331,7 +370,7 @@ fn dropping_the_module_unregisters_and_frees_its_images() {
 
 #[test]
 fn an_image_filled_once_its_address_is_known_holds_pointers_into_itself() {
-    for mode in [ProtectionMode::Alias, ProtectionMode::Flip] {
+    for mode in MODES {
         let r = rig_for(mode);
         let mut seen = None;
         // Two words: the address of the second one, then 7 (data pointing into itself).
