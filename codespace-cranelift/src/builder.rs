@@ -49,6 +49,7 @@ pub struct JITBuilder {
     pub(crate) hotswap: bool,
     pub(crate) max_functions: u32,
     pub(crate) fault_ranges: Vec<AddressRange>,
+    pub(crate) rox: bool,
 }
 
 impl core::fmt::Debug for JITBuilder {
@@ -57,6 +58,7 @@ impl core::fmt::Debug for JITBuilder {
             .field("symbols", &self.symbols)
             .field("hotswap", &self.hotswap)
             .field("max_functions", &self.max_functions)
+            .field("rox", &self.rox)
             .finish_non_exhaustive()
     }
 }
@@ -75,6 +77,7 @@ impl JITBuilder {
             hotswap: false,
             max_functions: DEFAULT_MAX_FUNCTIONS,
             fault_ranges: Vec::new(),
+            rox: false,
         }
     }
 
@@ -119,6 +122,16 @@ impl JITBuilder {
     /// jump-table slots, fixed when the module is created.
     pub fn max_functions(&mut self, functions: u32) -> &mut Self {
         self.max_functions = functions;
+        self
+    }
+
+    /// Puts the module's code on 2 MiB pages that are read-only and executable from the start
+    /// and never writable (codespace's ROX mode, `ModuleConfig::rox`): publishing changes no
+    /// page-table entry. Needs a manager with `ManagerConfig::rox_code` (else
+    /// [`JITModule::new`](crate::JITModule::new) fails); a code space with no 2 MiB frame
+    /// falls back to 4 KiB pages (counted in the manager's stats). Off by default.
+    pub fn rox(&mut self, enabled: bool) -> &mut Self {
+        self.rox = enabled;
         self
     }
 

@@ -129,6 +129,7 @@ impl<M: Mmu + Send + 'static> JITModule<M> {
                 codespace.registries,
                 ModuleConfig {
                     functions,
+                    rox: builder.rox,
                     ..ModuleConfig::default()
                 },
             ));

@@ -471,3 +471,49 @@ fn raw_bytes_link_like_compiled_code() {
         assert_eq!(m.code_module().slot_target(f.as_u32()).unwrap(), code);
     }
 }
+
+#[test]
+fn rox_builder_puts_the_code_on_rox_pages_and_needs_a_rox_manager() {
+    let mgr = manager_with(
+        9,
+        ManagerConfig {
+            rox_code: true,
+            ..ManagerConfig::default()
+        },
+    );
+    let mut m = module(&mgr, |b| {
+        b.rox(true).max_functions(2);
+    });
+    let s = sig(&m, 0);
+    let f = m.declare_function("f", Linkage::Export, &s).unwrap();
+    define(&mut m, f, 0, constant(5)).unwrap();
+    m.finalize_definitions().unwrap();
+    let code = m.code_module().function_code(f.as_u32()).unwrap();
+    assert!(code.is_some());
+    let stats = mgr.stats();
+    assert!(
+        stats.rox_spaces > 0 && stats.huge_pages > 0 && stats.rox_fallbacks == 0,
+        "the module's code is on ROX pages: {stats:?}"
+    );
+    // The same builder on a manager without the mode is refused, and nothing is reserved.
+    let plain = manager(10);
+    let mut flags = settings::builder();
+    flags.set("is_pic", "false").unwrap();
+    let isa = native::builder()
+        .unwrap()
+        .finish(settings::Flags::new(flags))
+        .unwrap();
+    let mut builder = JITBuilder::with_isa(isa, default_libcall_names());
+    builder.rox(true);
+    let codespace = Codespace {
+        manager: &plain,
+        registries: &REGISTRIES,
+        kernel: &HOST,
+    };
+    let err = JITModule::new(builder, &codespace).unwrap_err();
+    assert!(
+        matches!(err, ModuleError::Backend(BackendError::Codespace(_))),
+        "{err}"
+    );
+    assert_eq!(plain.stats().code_spaces, 0, "nothing reserved");
+}

@@ -9,6 +9,11 @@ use codespace::mmu::MmuError;
 use codespace::module::Registries;
 use codespace::sync::grace::GraceDomain;
 use codespace::{AddressRange, CodeError, CodeManager, ManagerConfig, PatchProtocol};
+
+mod mode;
+pub use mode::{
+    allocator_config, assert_rox_in_use, manager_config, module_config, rox, set_rox, wants_rox,
+};
 use x86_64::structures::paging::OffsetPageTable;
 
 use crate::cpu::interrupts::{FaultInfo, TrapFrame, BREAKPOINT};
@@ -356,7 +361,8 @@ pub fn kernel_mmu() -> Result<KernelMmu, MmuError> {
     }
 }
 
-/// A manager over `window` (by default use [`CODE_WINDOW`]; tests take disjoint slices of it).
+/// A manager over `window` (by default use [`CODE_WINDOW`]; tests take disjoint slices of it),
+/// in the kernel's code mode: `config` goes through [`manager_config`] first.
 ///
 /// # Errors
 /// What [`CodeManager::new`] reports (NX or WP off, bad window).
@@ -364,7 +370,7 @@ pub fn manager(
     window: AddressRange,
     config: ManagerConfig,
 ) -> Result<CodeManager<KernelMmu>, CodeError> {
-    CodeManager::new(kernel_mmu()?, window, config)
+    CodeManager::new(kernel_mmu()?, window, manager_config(config))
 }
 
 /// Slice `n` (4 GiB) of the code window, so tests never share page-table state.

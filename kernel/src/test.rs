@@ -26,9 +26,17 @@ pub struct Test {
 /// CPU is quiescent (no generated code runs, no lookup is held), so it reports that to the grace
 /// domain and runs the deferred frees that are due (dropped modules).
 pub fn run(tests: &[Test]) -> ExitCode {
+    run_in_mode(tests, None)
+}
+
+/// [`run`], resetting the code mode to `mode` before each test when given.
+fn run_in_mode(tests: &[Test], mode: Option<bool>) -> ExitCode {
     println!("\nrunning {} tests", tests.len());
     let mut failed = 0;
     for test in tests {
+        if let Some(rox) = mode {
+            crate::code::set_rox(rox);
+        }
         print!("test {} ... ", test.name);
         let failure = match catch(test.run) {
             Ok(()) => audit_after_test(),
@@ -63,6 +71,27 @@ pub fn run(tests: &[Test]) -> ExitCode {
         ExitCode::Success
     } else {
         ExitCode::Failure
+    }
+}
+
+/// What [`kernel_tests!`] runs: sets the kernel's code mode from the command line (the word
+/// `rox`: every manager, module and allocator on 2 MiB ROX code pages, see
+/// [`crate::code::set_rox`]), prints it, and runs `tests` with [`run`], each test starting in
+/// that mode (a test that switched it and failed does not leak its mode into the next).
+pub fn run_kernel(boot: &crate::BootInfo, tests: &[Test]) -> ExitCode {
+    let rox = boot.has_arg("rox");
+    crate::code::set_rox(rox);
+    println!("code mode: {}", mode_name(rox));
+    run_in_mode(tests, Some(rox))
+}
+
+/// The mode line's text (the launcher's ROX pass looks for the ROX one).
+#[must_use]
+pub const fn mode_name(rox: bool) -> &'static str {
+    if rox {
+        "rox (2 MiB ROX code pages)"
+    } else {
+        "4 KiB code pages"
     }
 }
 
@@ -162,8 +191,8 @@ impl ExpectFault {
 #[macro_export]
 macro_rules! kernel_tests {
     ($($test:path),* $(,)?) => {
-        $crate::entry_point!(|_boot| {
-            $crate::test::run(&[
+        $crate::entry_point!(|boot| {
+            $crate::test::run_kernel(boot, &[
                 $($crate::test::Test {
                     name: concat!(module_path!(), "::", stringify!($test)),
                     run: $test,

@@ -35,7 +35,7 @@ use core::sync::atomic::Ordering;
 
 use codespace_cranelift::*;
 use codespace_kernel::code::KernelMmu;
-use codespace_kernel::jit::cranelift::{codespace, module_isa};
+use codespace_kernel::jit::cranelift::{builder, codespace, module_isa};
 use codespace_kernel::println;
 use cranelift_codegen::entity::EntityRef;
 use cranelift_codegen::ir::types::I16;
@@ -76,11 +76,9 @@ fn basic_error_on_incompatible_sig_in_declare_function() {
         panic!("no ISA");
     };
     let mgr = manager(0);
-    let mut module = JITModule::new(
-        JITBuilder::with_isa(isa, default_libcall_names()),
-        &codespace(&mgr),
-    )
-    .unwrap();
+    let mut module = JITModule::new(builder(isa, &mgr), &codespace(&mgr)).unwrap();
+    // The launcher's ROX pass: the module's code space (its jump table) is on a ROX page.
+    codespace_kernel::code::assert_rox_in_use(&mgr);
 
     let mut sig = Signature {
         params: vec![AbiParam::new(types::I64)],
@@ -155,11 +153,7 @@ fn basic_panic_on_define_after_finalize() {
         panic!("no ISA");
     };
     let mgr = manager(1);
-    let mut module = JITModule::new(
-        JITBuilder::with_isa(isa, default_libcall_names()),
-        &codespace(&mgr),
-    )
-    .unwrap();
+    let mut module = JITModule::new(builder(isa, &mgr), &codespace(&mgr)).unwrap();
 
     define_simple_function(&mut module).unwrap();
     let err = define_simple_function(&mut module).err().unwrap();
@@ -258,11 +252,7 @@ fn basic_switch_error() {
     // Added: compile the switch in a module and run it on every CPU, on every case, the
     // default and the values around them.
     let mgr = manager(2);
-    let mut module = JITModule::new(
-        JITBuilder::with_isa(isa().unwrap(), default_libcall_names()),
-        &codespace(&mgr),
-    )
-    .unwrap();
+    let mut module = JITModule::new(builder(isa().unwrap(), &mgr), &codespace(&mgr)).unwrap();
     let id = module
         .declare_function("switch", Linkage::Export, &sig)
         .unwrap();
@@ -306,7 +296,7 @@ fn basic_libcall_function() {
         panic!("no ISA");
     };
     let mgr = manager(3);
-    let mut builder = JITBuilder::with_isa(isa, default_libcall_names());
+    let mut builder = builder(isa, &mgr);
     // A kernel has no dlsym: the symbols the function imports are given to the builder.
     builder.symbol("malloc", test_malloc as *const u8);
     builder.symbol("memset", kernel_memset());
@@ -389,11 +379,7 @@ fn basic_empty_data_object() {
         panic!("no ISA");
     };
     let mgr = manager(4);
-    let mut module = JITModule::new(
-        JITBuilder::with_isa(isa, default_libcall_names()),
-        &codespace(&mgr),
-    )
-    .unwrap();
+    let mut module = JITModule::new(builder(isa, &mgr), &codespace(&mgr)).unwrap();
 
     let data_id = module
         .declare_data("empty", Linkage::Export, false, false)
@@ -424,11 +410,7 @@ fn basic_empty_data_object() {
 fn jit_minimal() {
     let isa = isa().unwrap();
     let mgr = manager(5);
-    let mut module = JITModule::new(
-        JITBuilder::with_isa(isa, default_libcall_names()),
-        &codespace(&mgr),
-    )
-    .unwrap();
+    let mut module = JITModule::new(builder(isa, &mgr), &codespace(&mgr)).unwrap();
 
     let mut ctx = module.make_context();
     let mut func_ctx = FunctionBuilderContext::new();

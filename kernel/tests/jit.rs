@@ -91,6 +91,8 @@ fn cranelift_programs_compile_and_run() {
         for (index, source) in (0..).zip(&programs::SOURCES) {
             compile_install(&m, &mut c, index, source.build, opt);
         }
+        // The launcher's ROX pass: the compiled code is on ROX pages.
+        code::assert_rox_in_use(&mgr);
         let mut mem = LinearMemory::new(1 << 20).expect("memory");
 
         for n in [0i64, 1, 2, 10, 20] {

@@ -68,6 +68,23 @@ unsafe impl Mmu for CheckingMmu {
         // SAFETY: forwarded with the caller's guarantees.
         unsafe { self.inner.map_fresh(page) }
     }
+    unsafe fn map_rox(
+        &mut self,
+        page: usize,
+        tlb: &mut TlbFlush,
+    ) -> Result<alloc::vec::Vec<CommittedPage>, MmuError> {
+        // SAFETY: forwarded with the caller's guarantees (the ROX pass needs the inner
+        // backend's 2 MiB pages: without this the default answer would fall back to 4 KiB).
+        unsafe { self.inner.map_rox(page, tlb) }
+    }
+    unsafe fn unmap_rox(
+        &mut self,
+        pages: alloc::vec::Vec<CommittedPage>,
+        tlb: &mut TlbFlush,
+    ) -> Result<(), (MmuError, alloc::vec::Vec<CommittedPage>)> {
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { self.inner.unmap_rox(pages, tlb) }
+    }
     unsafe fn unmap(
         &mut self,
         page: CommittedPage,
@@ -159,10 +176,10 @@ fn manager(window: usize, max_space: usize) -> CodeManager<CheckingMmu> {
             inner: kernel_mmu().expect("backend"),
         },
         test_window(40 + window),
-        ManagerConfig {
+        code::manager_config(ManagerConfig {
             max_code_space_size: max_space,
             ..ManagerConfig::default()
-        },
+        }),
     )
     .expect("manager")
 }
@@ -201,10 +218,13 @@ fn call0(addr: usize) -> u64 {
 
 /// A module with `functions` slots whose (first) jump table the checking backend watches.
 fn watched_module(mgr: &CodeManager<CheckingMmu>, functions: u32) -> Module {
-    let config = ModuleConfig {
-        functions,
-        ..ModuleConfig::default()
-    };
+    let config = code::module_config(
+        mgr,
+        ModuleConfig {
+            functions,
+            ..ModuleConfig::default()
+        },
+    );
     let m = Module::new(mgr, &REGISTRIES, config).expect("module");
     watch_tables(&m);
     m
@@ -220,6 +240,8 @@ fn call_through_slot_then_patch() {
     let m = watched_module(&mgr, 4);
     m.add_code(&NewCode::function(1, &ret_const(1))).expect("g");
     let f = add_caller(&m, 0, 1);
+    // The launcher's ROX pass: the table and the code are on a ROX page.
+    code::assert_rox_in_use(&mgr);
     assert_eq!(call0(f), 101, "f calls g through slot 1");
     let g2 = m
         .add_code(&NewCode::new(CodeKind::Wrapper, &ret_const(2)))
@@ -254,15 +276,23 @@ fn target_beyond_2_gib_takes_the_far_path() {
         .map(|_| {
             CodeAllocator::new(
                 &mgr,
-                AllocatorConfig {
-                    initial_reservation: 1 << 30,
-                    ..AllocatorConfig::default()
-                },
+                code::allocator_config(
+                    &mgr,
+                    AllocatorConfig {
+                        initial_reservation: 1 << 30,
+                        ..AllocatorConfig::default()
+                    },
+                ),
             )
             .expect("filler")
         })
         .collect();
-    let far = Module::new(&mgr, &REGISTRIES, ModuleConfig::default()).expect("far module");
+    let far = Module::new(
+        &mgr,
+        &REGISTRIES,
+        code::module_config(&mgr, ModuleConfig::default()),
+    )
+    .expect("far module");
     let target = far
         .add_code(&NewCode::new(CodeKind::Wrapper, &ret_const(7)))
         .expect("far code");
@@ -401,11 +431,14 @@ fn lazy_slot_compiles_on_first_call() {
     let m = Module::new(
         &mgr,
         &REGISTRIES,
-        ModuleConfig {
-            functions: 3,
-            lazy_entry: Some(code::lazy_compile_entry()),
-            ..ModuleConfig::default()
-        },
+        code::module_config(
+            &mgr,
+            ModuleConfig {
+                functions: 3,
+                lazy_entry: Some(code::lazy_compile_entry()),
+                ..ModuleConfig::default()
+            },
+        ),
     )
     .expect("module");
     let slot2 = m.jump_tables().expect("tables")[0]

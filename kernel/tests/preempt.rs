@@ -154,6 +154,8 @@ fn item_02_reclaim_in_a_timer_interrupt_reports_no_quiescent_state() {
         },
     )
     .expect("module");
+    // The launcher's ROX pass: the module's code is on ROX pages.
+    code::assert_rox_in_use(&mgr);
     let mut c = Compiler::new();
     let [baseline, optimised] = [OptLevel::None, OptLevel::Speed].map(|opt| {
         c.compile(programs::fib().expect("build"), opt, &m.linkage())

@@ -67,7 +67,8 @@ fn allocator(window: usize) -> CodeAllocator<KernelMmu> {
         },
     )
     .expect("manager");
-    CodeAllocator::new(&m, AllocatorConfig::default()).expect("allocator")
+    let config = code::allocator_config(&m, AllocatorConfig::default());
+    CodeAllocator::new(&m, config).expect("allocator")
 }
 
 /// Frees `code` of `a`.
@@ -97,6 +98,8 @@ fn protected_load_lands_with_r10_and_cr2() {
     map_linear_memory();
     let mut a = allocator(0);
     let code = publish_load(&mut a);
+    // The launcher's ROX pass: this code is on a ROX page.
+    code::assert_rox_in_use(a.manager());
     let (_, load_at, landing_at) = load_function();
     // SAFETY: `code` is this test's published code (the load and its landing pad), kept until
     // the handle is released below.
@@ -414,10 +417,13 @@ fn freed_module_code_resolves_in_neither_lookup() {
     let module = CodeModule::new(
         &m,
         &REGISTRIES,
-        ModuleConfig {
-            functions: 1,
-            ..ModuleConfig::default()
-        },
+        code::module_config(
+            &m,
+            ModuleConfig {
+                functions: 1,
+                ..ModuleConfig::default()
+            },
+        ),
     )
     .expect("module");
     let (bytes, load_at, landing_at) = load_function();

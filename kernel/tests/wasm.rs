@@ -229,6 +229,24 @@ fn module_runs_from_codespace_with_only_its_text_executable() {
         text.len().div_ceil(4096),
         "every text page is executable"
     );
+    if code::rox() {
+        // The ROX pass: the runtime's module asks for ROX pages, but a wasm module is one image
+        // (data R+NX beside its text R+X), and an image's pages change protection, which ROX
+        // pages never do: it goes to a 4 KiB code space of its own — no ROX space, no
+        // fallback counted, and the text mapped by 4 KiB leaves.
+        let stats = rt.code.module().manager().stats();
+        assert_eq!(
+            (stats.rox_spaces, stats.rox_fallbacks, stats.code_spaces),
+            (0, 0, 1),
+            "{stats:?}"
+        );
+        for va in &exec {
+            assert!(
+                memory::raw_entries(*va as u64)[3].is_some(),
+                "text page {va:#x} is a 4 KiB leaf"
+            );
+        }
+    }
     // Writes to the image through the window fault (R+X / R+NX pages).
     for va in [t0, t0 & !0xFFF] {
         let e = memory::leaf_entry(va as u64).expect("mapped");

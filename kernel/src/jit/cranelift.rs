@@ -6,7 +6,7 @@
 use alloc::string::ToString;
 
 use codespace::CodeManager;
-use codespace_cranelift::{Codespace, Exit, Kernel};
+use codespace_cranelift::{default_libcall_names, Codespace, Exit, JITBuilder, Kernel};
 use cranelift_codegen::isa::OwnedTargetIsa;
 use cranelift_codegen::settings::{self, Configurable};
 
@@ -79,6 +79,15 @@ pub fn codespace(manager: &CodeManager<KernelMmu>) -> Codespace<'_, KernelMmu> {
         registries: &REGISTRIES,
         kernel: &KERNEL,
     }
+}
+
+/// A module builder compiling for `isa` with the default libcall names, its code on ROX pages
+/// when the kernel runs in that mode and `manager` allows it ([`crate::code::wants_rox`]).
+#[must_use]
+pub fn builder(isa: OwnedTargetIsa, manager: &CodeManager<KernelMmu>) -> JITBuilder {
+    let mut builder = JITBuilder::with_isa(isa, default_libcall_names());
+    builder.rox(crate::code::wants_rox(manager));
+    builder
 }
 
 /// An ISA for `codespace_cranelift` with cranelift-jit's test flags (`use_colocated_libcalls`

@@ -34,6 +34,7 @@ use codespace::jump_table::JumpTableLayout;
 use codespace::mmu::Mmu;
 use codespace::module::{CodeModule, Installed, ModuleConfig, ModuleError, NewCode, Registries};
 
+use crate::code;
 use crate::smp::work::module_call;
 use codespace::{CodeError, CodeManager};
 
@@ -93,11 +94,14 @@ impl<M: Mmu + Send + 'static> JitModule<M> {
             CodeModule::new(
                 manager,
                 registries,
-                ModuleConfig {
-                    functions: config.functions,
-                    lazy_entry: config.lazy_entry,
-                    ..ModuleConfig::default()
-                },
+                code::module_config(
+                    manager,
+                    ModuleConfig {
+                        functions: config.functions,
+                        lazy_entry: config.lazy_entry,
+                        ..ModuleConfig::default()
+                    },
+                ),
             )
         })
         .map_err(install_error)?;

@@ -23,51 +23,14 @@ use x86_64::instructions::interrupts;
 /// four vCPUs on a loaded two-core host can stall a vCPU for a long time).
 pub const PHASE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Whether the scenarios put their code on 2 MiB ROX pages (issue 20): their managers enable
-/// the mode and the modules they make ask for it ([`module_config`]).
-static ROX: AtomicBool = AtomicBool::new(false);
-
-/// Runs the scenarios that follow with code on 2 MiB ROX pages (`true`) or 4 KiB pages.
-pub fn set_rox(on: bool) {
-    ROX.store(on, Ordering::SeqCst);
-}
-
-/// Whether scenarios run in the ROX mode now.
-#[must_use]
-pub fn rox() -> bool {
-    ROX.load(Ordering::SeqCst)
-}
-
-/// `config`, asking for ROX code spaces when the scenarios run in that mode.
-#[must_use]
-pub fn module_config(config: ModuleConfig) -> ModuleConfig {
-    ModuleConfig {
-        rox: rox(),
-        ..config
-    }
-}
-
-/// `config`, with the ROX mode enabled when the scenarios run in it.
-#[must_use]
-pub fn manager_config(config: ManagerConfig) -> ManagerConfig {
-    ManagerConfig {
-        rox_code: rox(),
-        ..config
-    }
-}
-
 /// A manager over code-window slice `window` (4 GiB, see [`test_window`]), default settings
-/// (the ROX mode when the scenarios run in it).
+/// in the kernel's code mode ([`code::manager`]).
 ///
 /// # Panics
 /// When the manager cannot be created (a bug of the scenario: the slice is still in use).
 #[must_use]
 pub fn manager(window: usize) -> CodeManager<KernelMmu> {
-    code::manager(
-        test_window(window),
-        manager_config(ManagerConfig::default()),
-    )
-    .expect("a code manager")
+    code::manager(test_window(window), ManagerConfig::default()).expect("a code manager")
 }
 
 /// A module of one function slot on `manager`, the registries every scenario shares.
@@ -75,27 +38,15 @@ pub fn one_function_module(manager: &CodeManager<KernelMmu>) -> CodeModule<Kerne
     CodeModule::new(
         manager,
         &REGISTRIES,
-        module_config(ModuleConfig {
-            functions: 1,
-            ..ModuleConfig::default()
-        }),
+        code::module_config(
+            manager,
+            ModuleConfig {
+                functions: 1,
+                ..ModuleConfig::default()
+            },
+        ),
     )
     .expect("module")
-}
-
-/// In the ROX mode, checks that `manager`'s modules really got 2 MiB ROX code spaces (a
-/// scenario that silently ran on 4 KiB pages would prove nothing about the mode).
-///
-/// # Panics
-/// When the scenarios run in the ROX mode and `manager` has no live ROX space.
-pub fn assert_rox_in_use(manager: &CodeManager<KernelMmu>) {
-    if rox() {
-        let stats = manager.stats();
-        assert!(
-            stats.rox_spaces > 0 && stats.huge_pages > 0 && stats.rox_fallbacks == 0,
-            "the scenario claims the ROX mode but its code is not on ROX pages: {stats:?}"
-        );
-    }
 }
 
 /// Ends a scenario: waits for a grace period on every CPU (the caller runs no generated code
@@ -116,7 +67,7 @@ pub fn settle(manager: &CodeManager<KernelMmu>) {
     // Modules dropped with interrupts off (the tick's reclaim, or this driver's, which may run
     // with them off) only queued their code spaces; this is task context.
     manager.release_pending().expect("release");
-    if rox() {
+    if code::rox() {
         // A scenario claiming the mode got 2 MiB frames for every space it asked for.
         assert_eq!(manager.stats().rox_fallbacks, 0, "ROX spaces fell back");
     }

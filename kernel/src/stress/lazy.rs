@@ -71,15 +71,18 @@ pub fn run(window: usize, rounds: u32, compile_micros: u64) -> LazyStats {
         CodeModule::new(
             &mgr,
             &REGISTRIES,
-            common::module_config(ModuleConfig {
-                functions: rounds,
-                lazy_entry: Some(code::lazy_compile_entry()),
-                ..ModuleConfig::default()
-            }),
+            code::module_config(
+                &mgr,
+                ModuleConfig {
+                    functions: rounds,
+                    lazy_entry: Some(code::lazy_compile_entry()),
+                    ..ModuleConfig::default()
+                },
+            ),
         )
         .expect("lazy module"),
     );
-    common::assert_rox_in_use(&mgr);
+    code::assert_rox_in_use(&mgr);
     let table = m.jump_tables().expect("tables")[0];
     let allocated_before = m.stats().expect("stats").allocated;
     let live_before = m.code_count().expect("counts").0;

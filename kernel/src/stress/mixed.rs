@@ -16,7 +16,7 @@ use codespace::module::{CodeModule, ModuleConfig, NewCode};
 use super::common::{self, call0, call1, load_u64, quiescent, ret_const, settle, Stop};
 use super::replace::long_running;
 use super::traps::{load_function, map_memory};
-use crate::code::REGISTRIES;
+use crate::code::{self, REGISTRIES};
 use crate::smp;
 
 /// Counts of one run.
@@ -37,18 +37,21 @@ pub struct MixedStats {
 pub fn run(window: usize, rounds: u32, iterations: u32) -> MixedStats {
     map_memory();
     let mgr = common::manager(window);
-    let config = common::module_config(ModuleConfig {
-        functions: 2,
-        ..ModuleConfig::default()
-    });
+    let config = code::module_config(
+        &mgr,
+        ModuleConfig {
+            functions: 2,
+            ..ModuleConfig::default()
+        },
+    );
     let m = CodeModule::new(&mgr, &REGISTRIES, config).expect("module");
     let traps = CodeModule::new(
         &mgr,
         &REGISTRIES,
-        common::module_config(ModuleConfig::default()),
+        code::module_config(&mgr, ModuleConfig::default()),
     )
     .expect("module");
-    common::assert_rox_in_use(&mgr);
+    code::assert_rox_in_use(&mgr);
     let impls: Vec<usize> = (0..3u32)
         .map(|v| {
             m.add_code(&NewCode::new(CodeKind::Wrapper, &ret_const(v)))

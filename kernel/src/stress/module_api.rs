@@ -17,7 +17,7 @@ use codespace::module::{CodeModule, ModuleConfig, ModuleError, NewCode};
 
 use super::common::{self, call0, quiescent, ret_const, settle};
 use super::replace::long_running;
-use crate::code::REGISTRIES;
+use crate::code::{self, REGISTRIES};
 use crate::smp;
 
 /// Functions each CPU owns.
@@ -57,13 +57,16 @@ pub fn run(window: usize, iterations: u32, spin: u32) -> ApiStats {
     let m = CodeModule::new(
         &mgr,
         &REGISTRIES,
-        common::module_config(ModuleConfig {
-            functions,
-            ..ModuleConfig::default()
-        }),
+        code::module_config(
+            &mgr,
+            ModuleConfig {
+                functions,
+                ..ModuleConfig::default()
+            },
+        ),
     )
     .expect("module");
-    common::assert_rox_in_use(&mgr);
+    code::assert_rox_in_use(&mgr);
     let table = m.jump_tables().expect("tables")[0];
     let allocated_before = m.stats().expect("stats").allocated;
     let map_before = REGISTRIES.code.len();

@@ -83,17 +83,17 @@ pub fn run(window: usize, patches: u64) -> PatchingStats {
 /// # Panics
 /// As [`run`].
 pub fn run_with(window: usize, patches: u64, protocol: PatchProtocol) -> PatchingStats {
-    let config = common::manager_config(ManagerConfig {
+    let config = ManagerConfig {
         patch_protocol: protocol,
         ..ManagerConfig::default()
-    });
+    };
     let mgr = code::manager(code::test_window(window), config).expect("a code manager");
     let resumes_before = code::breakpoint_resumes();
     // The lower module first: its code space takes the start of the window slice.
     let lower = CodeModule::new(
         &mgr,
         &REGISTRIES,
-        common::module_config(ModuleConfig::default()),
+        code::module_config(&mgr, ModuleConfig::default()),
     )
     .expect("module");
     let low: [usize; 2] = [2, 3].map(|i| {

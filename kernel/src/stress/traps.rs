@@ -94,12 +94,12 @@ pub fn run(window: usize, churn: u32, min_faults: u64) -> TrapStats {
     let m = CodeModule::new(
         &mgr,
         &REGISTRIES,
-        common::module_config(ModuleConfig::default()),
+        code::module_config(&mgr, ModuleConfig::default()),
     )
     .expect("module");
     let bytes = load_function();
     let shared = m.add_code(&protected(&bytes)).expect("shared code");
-    common::assert_rox_in_use(&mgr);
+    code::assert_rox_in_use(&mgr);
     let start = shared.instruction_start();
     drop(shared);
     let traps_before = REGISTRIES.traps.len();

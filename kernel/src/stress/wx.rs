@@ -79,8 +79,15 @@ fn expect_refused(addrs: &[(&'static str, u64); 3], refused: &AtomicU64) {
 /// # Panics
 /// On a write that succeeds, code that does not run, or anything unexpected, naming the CPU.
 pub fn publish(window: usize, pages: u32) -> PublishStats {
+    // ROX code is never writable through any address, fresh or published: the scenario's
+    // "cached writable translation" setup cannot exist there; its ROX analogue proves the
+    // mode's stronger claim instead.
+    if code::rox() {
+        return publish_rox(window, pages);
+    }
     let mgr = common::manager(window);
-    let mut alloc = CodeAllocator::new(&mgr, AllocatorConfig::default()).expect("allocator");
+    let config = code::allocator_config(&mgr, AllocatorConfig::default());
+    let mut alloc = CodeAllocator::new(&mgr, config).expect("allocator");
     let refused = AtomicU64::new(0);
     for _ in 0..pages {
         let mut w = alloc.allocate(6).expect("allocate");

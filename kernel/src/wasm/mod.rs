@@ -206,8 +206,12 @@ pub fn runtime_in(
     manager: &CodeManager<KernelMmu>,
     mut config: wasmtime::Config,
 ) -> Result<Runtime, RuntimeError> {
-    let module = CodeModule::new(manager, &REGISTRIES, ModuleConfig::default())
-        .map_err(RuntimeError::Module)?;
+    let module = CodeModule::new(
+        manager,
+        &REGISTRIES,
+        code::module_config(manager, ModuleConfig::default()),
+    )
+    .map_err(RuntimeError::Module)?;
     let code = WasmCode::new(Arc::new(module), fault_ranges());
     config.with_custom_code_memory(Some(code.clone()));
     let engine = wasmtime::Engine::new(&config).map_err(RuntimeError::Engine)?;

@@ -8,7 +8,7 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 
 use codespace_cranelift::*;
 use codespace_kernel::code::{test_window, KernelMmu};
-use codespace_kernel::jit::cranelift::{codespace, module_isa};
+use codespace_kernel::jit::cranelift::{builder, codespace, module_isa};
 use codespace_kernel::test::{ExpectFault, PF_PRESENT, PF_WRITE};
 use codespace_kernel::{println, smp};
 use cranelift_codegen::ir::condcodes::IntCC;
@@ -22,7 +22,7 @@ use super::common::{manager, on_every_cpu};
 
 fn new_module(window: usize, hotswap: bool) -> JITModule<KernelMmu> {
     let mgr = manager(window);
-    let mut builder = JITBuilder::with_isa(module_isa().expect("isa"), default_libcall_names());
+    let mut builder = builder(module_isa().expect("isa"), &mgr);
     builder.hotswap(hotswap);
     JITModule::new(builder, &codespace(&mgr)).expect("module")
 }
@@ -475,9 +475,9 @@ pub fn codespace_bad_input_gives_typed_errors_and_installs_nothing() {
 
     // With `missing` given as a kernel symbol the same function links; a module of two slots
     // refuses a third function.
-    let mut builder = JITBuilder::with_isa(module_isa().unwrap(), default_libcall_names());
-    builder.symbol("missing", six as *const u8).max_functions(2);
     let mgr = manager(15);
+    let mut builder = builder(module_isa().unwrap(), &mgr);
+    builder.symbol("missing", six as *const u8).max_functions(2);
     let mut small = JITModule::new(builder, &codespace(&mgr)).unwrap();
     let a = small
         .declare_function("missing", Linkage::Import, &sig)

@@ -4,9 +4,17 @@
 //! and a hung kernel (`kernel/examples/harness_selftest.rs`), and boots the demo and the
 //! integration example (with `CODESPACE_QEMU_SMP` CPUs, default 1).
 //!
+//! After those passes, the ROX pass (issue 20): every test kernel that creates code managers
+//! boots once more with the largest CPU count of the run and the command line `rox`, which puts
+//! every manager, module and allocator of the kernel on 2 MiB ROX code pages
+//! (`codespace_kernel::code::set_rox`); labelled `(N cpus, ROX)`. Left out ([`NO_ROX_PASS`]):
+//! `boot` and `smp`, which create no code manager.
+//!
 //! A kernel run passes when `run-qemu.sh` exits 0, the kernel printed `cpus online: N` for the N
-//! CPUs it was given, and it reported `test result: ok. N passed; 0 failed` with N ≥ 1. The last
-//! line sums every kernel test of every run plus the harness checks.
+//! CPUs it was given, and it reported `test result: ok. N passed; 0 failed` with N ≥ 1; in the
+//! ROX pass it must also have printed [`ROX_MODE_LINE`] (a kernel that ignored the command line
+//! and ran on 4 KiB pages fails; each kernel also asserts that its code really got ROX pages).
+//! The last line sums every kernel test of every run plus the harness checks.
 
 use codespace_qemu as launcher;
 
@@ -23,6 +31,14 @@ struct Tally {
 
 /// CPU counts each test kernel runs with when `CODESPACE_QEMU_SMP` is unset.
 const DEFAULT_CPU_COUNTS: [usize; 2] = [1, 4];
+
+/// Test kernels the ROX pass leaves out: they create no code manager, so the mode changes
+/// nothing in them.
+const NO_ROX_PASS: [&str; 2] = ["boot", "smp"];
+
+/// The line a test kernel prints when its command line asks for the ROX mode
+/// (`codespace_kernel::test::run_kernel`).
+const ROX_MODE_LINE: &str = "code mode: rox (2 MiB ROX code pages)";
 
 fn main() -> ExitCode {
     let release = !cfg!(debug_assertions);
@@ -68,35 +84,53 @@ fn run_test_kernels(release: bool, cpus: &[usize], tally: &mut Tally) -> Result<
     if kernels.is_empty() {
         return Err("cargo built no test kernels".into());
     }
-    for kernel in kernels {
+    for kernel in &kernels {
         for &n in cpus {
-            run_test_kernel(&kernel, n, tally)?;
+            run_test_kernel(kernel, n, false, tally)?;
         }
     }
+    let largest = cpus.iter().copied().max().unwrap_or(1);
+    let start = Instant::now();
+    for kernel in kernels
+        .iter()
+        .filter(|k| !NO_ROX_PASS.contains(&k.name.as_str()))
+    {
+        run_test_kernel(kernel, largest, true, tally)?;
+    }
+    println!(
+        "\n     ROX pass ({largest} cpus) took {:.1}s",
+        start.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
-/// Boots one test kernel with `cpus` CPUs and checks its report.
+/// Boots one test kernel with `cpus` CPUs, in the ROX mode when `rox`, and checks its report.
 fn run_test_kernel(
     kernel: &launcher::Kernel,
     cpus: usize,
+    rox: bool,
     tally: &mut Tally,
 ) -> Result<(), String> {
-    let label = launcher::cpus_label(cpus);
+    let mut label = launcher::cpus_label(cpus);
+    if rox {
+        label.push_str(", ROX");
+    }
     println!(
         "\n     Running kernel test {} ({label}) ({})",
         kernel.name,
         kernel.path.display()
     );
     let start = Instant::now();
-    let run = launcher::run_kernel(&kernel.path, None, timeout_for(&kernel.name), Some(cpus))?;
+    let append = rox.then_some("rox");
+    let run = launcher::run_kernel(&kernel.path, append, timeout_for(&kernel.name), Some(cpus))?;
     let summary = launcher::parse_summary(&run.output);
     let (passed, failed) = summary.unwrap_or((0, 0));
     tally.passed += passed;
     tally.failed += failed;
     let elapsed = start.elapsed().as_secs_f64();
     let online = launcher::cpus_online(&run.output);
-    if run.status == 0 && passed >= 1 && failed == 0 && online == Some(cpus) {
+    let mode_ok = !rox || run.output.lines().any(|l| l.trim() == ROX_MODE_LINE);
+    if run.status == 0 && passed >= 1 && failed == 0 && online == Some(cpus) && mode_ok {
         println!(
             "     Kernel {} ({label}) ok: {passed} passed in {elapsed:.1}s",
             kernel.name
@@ -115,8 +149,14 @@ fn run_test_kernel(
             Some(n) => format!(", {n} of {cpus} CPUs online"),
             None => ", no `cpus online:` line".into(),
         };
+        let mode_seen = if mode_ok {
+            ""
+        } else {
+            ", no `code mode: rox` line"
+        };
         println!(
-            "     Kernel {} ({label}) FAILED: exit status {}, {counts}{cpus_seen} in {elapsed:.1}s",
+            "     Kernel {} ({label}) FAILED: exit status {}, {counts}{cpus_seen}{mode_seen} in \
+             {elapsed:.1}s",
             kernel.name, run.status
         );
     }
