@@ -1,8 +1,8 @@
 //! `cargo test --test kernel`: builds every `kernel/tests/*.rs` test kernel, boots each in QEMU
 //! (sorted by name) with 1 CPU and again with 4 — or only with `CODESPACE_QEMU_SMP` CPUs when that
 //! is set — and checks its libtest-shaped report; then checks that this harness notices a failing
-//! and a hung kernel (`kernel/examples/harness_selftest.rs`), and boots the demo and the
-//! integration example (with `CODESPACE_QEMU_SMP` CPUs, default 1).
+//! and a hung kernel, and one that ignores `rox` (`kernel/examples/harness_selftest.rs`), and
+//! boots the demo and the integration example (with `CODESPACE_QEMU_SMP` CPUs, default 1).
 //!
 //! After those passes, the ROX pass (issue 20): every test kernel that creates code managers
 //! boots once more with the largest CPU count of the run and the command line `rox`, which puts
@@ -134,7 +134,7 @@ fn run_test_kernel(
     tally.failed += failed;
     let elapsed = start.elapsed().as_secs_f64();
     let online = launcher::cpus_online(&run.output);
-    let mode_ok = !rox || run.output.lines().any(|l| l.trim() == ROX_MODE_LINE);
+    let mode_ok = !rox || shows_rox_mode(&run.output);
     if run.status == 0 && passed >= 1 && failed == 0 && online == Some(cpus) && mode_ok {
         println!(
             "     Kernel {} ({label}) ok: {passed} passed in {elapsed:.1}s",
@@ -166,6 +166,11 @@ fn run_test_kernel(
         );
     }
     Ok(())
+}
+
+/// Whether a kernel's output has the ROX mode line.
+fn shows_rox_mode(output: &str) -> bool {
+    output.lines().any(|l| l.trim() == ROX_MODE_LINE)
 }
 
 /// The timeout of a test kernel, when it needs more than `run-qemu.sh`'s default (120 s, or
@@ -214,6 +219,25 @@ fn harness_selftest(release: bool, tally: &mut Tally) -> Result<(), String> {
     report(
         tally,
         "harness::nested_fault_is_reported_not_looped",
+        result,
+    );
+
+    println!(
+        "     Booting it with `rox`: it passes but ignores the word, so the ROX pass must not \
+         take it"
+    );
+    let run = launcher::run_kernel(&kernel.path, Some("rox"), None, None)?;
+    let summary = launcher::parse_summary(&run.output);
+    let result = expect_status(&run, 0).and_then(|()| match summary {
+        Some((1, 0)) if shows_rox_mode(&run.output) => {
+            Err("the mode-line check accepts a kernel that never printed it".into())
+        }
+        Some((1, 0)) => Ok(()),
+        other => Err(format!("expected a summary of 1 passed; got {other:?}")),
+    });
+    report(
+        tally,
+        "harness::rox_run_without_the_mode_line_is_refused",
         result,
     );
 
