@@ -53,7 +53,8 @@ pub struct AllocatorConfig {
     /// each space takes whole 2 MiB pages of frames. A space falls back to 4 KiB pages when
     /// the backend has no 2 MiB frame for it. Images (whose pages change protection, which
     /// ROX pages never do) go to ordinary 4 KiB code spaces of their own, which code never
-    /// shares. Off by default.
+    /// shares: a ROX allocator that is not [`growable`](Self::growable), having one space,
+    /// holds code or images, and the other answers [`CodeError::NotGrowable`]. Off by default.
     pub rox: bool,
 }
 

@@ -337,3 +337,46 @@ fn a_jump_table_on_rox_pages_is_patched_through_the_alias() {
     unsafe { a.free(table) }.unwrap();
     assert_sound_no_leak(&machine, &m);
 }
+
+/// Images go to 4 KiB spaces of their own, which a fixed ROX module cannot add: its one space
+/// holds code, so an image is refused (`NotGrowable`) and nothing changes; a growable one takes
+/// it beside its code.
+#[test]
+fn an_image_needs_a_space_of_its_own_in_a_rox_module() {
+    use codespace::module::{CodeModule, ModuleConfig, ModuleError, NewCode};
+    for growable in [false, true] {
+        let (machine, m) = rig(2048, rox_config());
+        let module = CodeModule::new(
+            &m,
+            registries(),
+            ModuleConfig {
+                functions: 1,
+                rox: true,
+                growable,
+                ..ModuleConfig::default()
+            },
+        )
+        .unwrap();
+        let code = module.add_code(&NewCode::function(0, &[0xC3; 64])).unwrap();
+        let before = state(&machine, &m, &[]);
+        let spaces = module.code_spaces().unwrap();
+        match module.load_image(&[0x90; 100]) {
+            Err(e) => {
+                assert!(!growable);
+                assert_eq!(e, ModuleError::Code(CodeError::NotGrowable));
+                assert_eq!(state(&machine, &m, &[]), before);
+                assert_eq!(module.code_spaces().unwrap(), spaces);
+            }
+            Ok(image) => {
+                assert!(growable);
+                let space = module.code_spaces().unwrap()[1];
+                assert!(space.contains(image.range().start()));
+                assert!(!space.contains(code.instruction_start()));
+                let stats = m.stats();
+                assert_eq!((stats.rox_spaces, stats.rox_fallbacks), (1, 0), "{stats:?}");
+                module.unpublish_image(image).unwrap();
+            }
+        }
+        assert_sound(&machine, &m);
+    }
+}
