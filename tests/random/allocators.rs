@@ -5,32 +5,68 @@
 //! are committed (V8's rule: a page lives while live code touches it), their protection and
 //! the bytes written; every step checks the audit, the counters and the touched pages against
 //! it, and every 500 steps every page and byte.
+//!
+//! In the ROX mode (issue 20) the allocators ask for code spaces on 2 MiB pages: the model maps
+//! a 2 MiB page R+X and INT3 when it is first touched, checks that a publish changes no
+//! page-table entry and costs no shootdown, that freed bytes are INT3 before reuse and that a
+//! 2 MiB page goes when no live code touches it; one step in [`HOG_ONE_IN`] runs with no 2 MiB
+//! frame left (see `rox.rs`), so spaces fall back to 4 KiB pages and the model follows them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use codespace::manager::CODE_ALIGNMENT;
 use codespace::mmu::soft::{CallKind, SoftMmu};
 use codespace::mmu::MmuError;
 use codespace::{
     AddressRange, AllocatorConfig, CodeAllocator, CodeError, CodeManager, FreeError, ManagerConfig,
-    ProtectionMode, PublishedCode, WritableCode,
+    PublishedCode, WritableCode,
 };
 
 use crate::common::*;
 use crate::Trial;
 
 mod checks;
+mod model;
+mod rox;
 
-const WINDOW: usize = 16 << 20;
-const MAX_COMMITTED: usize = 128 * PAGE;
-const MAX_SPACE: usize = 128 * PAGE;
+use model::{ShadowPage, ShadowSpace, HUGE};
+use rox::Hog;
 
-/// What one committed page holds: its protection and the bytes known so far (`None`: unknown,
-/// never written since commit or left half written by a failed operation).
-struct ShadowPage {
-    executable: bool,
-    bytes: Vec<Option<u8>>,
+/// The sizes of a run: the window, the commit limit, the largest code space, the machine.
+struct Limits {
+    window: usize,
+    max_committed: usize,
+    max_space: usize,
+    frames: usize,
 }
+
+/// In 4 KiB pages: a tight commit limit the run hits often.
+const SMALL: Limits = Limits {
+    window: 16 << 20,
+    max_committed: 128 * PAGE,
+    max_space: 128 * PAGE,
+    frames: 1 << 15,
+};
+
+/// In 2 MiB pages: six of them may be committed; a window so large that a ROX space always
+/// finds 2 MiB aligned room (every fallback is then one of frames); a machine with 2 MiB runs
+/// to spare beyond the limit, and frames past its last run for 4 KiB pages while they are
+/// hogged.
+const ROX: Limits = Limits {
+    window: 256 << 20,
+    max_committed: 6 * HUGE,
+    max_space: 4 * HUGE,
+    frames: 14 * rox::HUGE_FRAMES + 480,
+};
+
+/// One step in this many (ROX mode) begins a period of up to [`HOG_STEPS`] steps with every
+/// 2 MiB frame of the machine taken; half of them begin with a fresh allocator, whose first
+/// space then finds no 2 MiB frame.
+const HOG_ONE_IN: usize = 120;
+const HOG_STEPS: usize = 16;
+/// One allocation in this many (ROX mode) is large (up to half a 2 MiB page), so that code
+/// spans 2 MiB pages, fills spaces and frees whole 2 MiB pages.
+const LARGE_ONE_IN: usize = 32;
 
 /// One allocator of the run and the handles it gave out.
 struct Module {
@@ -59,7 +95,8 @@ enum Failure {
 
 struct Run<'t> {
     trial: &'t Trial<'t>,
-    mode: ProtectionMode,
+    mode: Mode,
+    limits: &'static Limits,
     machine: SoftMmu,
     manager: CodeManager<SoftMmu>,
     modules: Vec<Module>,
@@ -68,6 +105,15 @@ struct Run<'t> {
     live: BTreeMap<usize, (usize, usize)>,
     allocated: Vec<usize>,
     pages: BTreeMap<usize, ShadowPage>,
+    /// ROX mode: every code space by start (4 KiB modes: none, every space is 4 KiB).
+    spaces: BTreeMap<usize, ShadowSpace>,
+    /// Mapped 2 MiB pages of ROX spaces.
+    huge: BTreeSet<usize>,
+    /// Spaces that fell back to 4 KiB pages.
+    fallbacks: u64,
+    hog: Hog,
+    /// Most 2 MiB pages mapped at once, for the summary.
+    most_huge: usize,
     stale: Vec<Stale>,
     /// Counters after the last check, which a failed operation must leave untouched.
     last: Option<Counters>,
@@ -84,17 +130,17 @@ struct Counters {
     data_frames: usize,
 }
 
-pub fn run(trial: &Trial<'_>, mode: ProtectionMode) {
-    let machine = machine_for(1 << 15, mode);
+pub fn run(trial: &Trial<'_>, mode: Mode) {
+    let limits = if mode.rox { &ROX } else { &SMALL };
+    let machine = machine_for(limits.frames, mode.protection);
     let manager = manager_on(
         &machine,
-        window(WINDOW / PAGE),
-        ManagerConfig {
-            max_committed: MAX_COMMITTED,
-            max_code_space_size: MAX_SPACE,
-            protection: mode,
+        window(limits.window / PAGE),
+        mode.manager(ManagerConfig {
+            max_committed: limits.max_committed,
+            max_code_space_size: limits.max_space,
             ..ManagerConfig::default()
-        },
+        }),
     );
     let configs = [
         AllocatorConfig::default(),
@@ -107,7 +153,8 @@ pub fn run(trial: &Trial<'_>, mode: ProtectionMode) {
             initial_reservation: 48 * PAGE,
             ..AllocatorConfig::default()
         },
-    ];
+    ]
+    .map(|c| mode.allocator(c));
     let modules = configs
         .into_iter()
         .map(|config| Module {
@@ -121,6 +168,7 @@ pub fn run(trial: &Trial<'_>, mode: ProtectionMode) {
     let mut run = Run {
         trial,
         mode,
+        limits,
         machine,
         manager,
         modules,
@@ -128,18 +176,35 @@ pub fn run(trial: &Trial<'_>, mode: ProtectionMode) {
         live: BTreeMap::new(),
         allocated: vec![0; 3],
         pages: BTreeMap::new(),
+        spaces: BTreeMap::new(),
+        huge: BTreeSet::new(),
+        fallbacks: 0,
+        hog: Hog::default(),
+        most_huge: 0,
         stale: Vec::new(),
         last: None,
         touched: Vec::new(),
         injected: None,
         step: 0,
     };
+    for mi in 0..run.modules.len() {
+        run.learn_spaces(mi);
+    }
     run.check();
     while run.step < trial.steps {
         trial.at(run.step);
         run.step();
     }
+    run.release_hog();
     run.check_bytes();
+    if mode.rox {
+        // The run did what it claims: code on 2 MiB pages, and spaces that fell back.
+        eprintln!(
+            "  ROX: at most {} 2 MiB pages mapped, {} fallbacks, {} steps without 2 MiB frames",
+            run.most_huge, run.fallbacks, run.hog.steps
+        );
+        assert!(run.most_huge >= 2 && run.hog.steps > 0, "{}", run.label());
+    }
     let Run {
         manager,
         modules,
@@ -151,15 +216,23 @@ pub fn run(trial: &Trial<'_>, mode: ProtectionMode) {
         unsafe { module.alloc.release_all() };
     }
     assert_eq!(manager.committed(), 0);
-    assert_eq!(manager.stats().window_free, WINDOW);
+    assert_eq!(manager.stats().window_free, limits.window);
     assert_sound_no_leak(&machine, &manager);
 }
 
 impl Run<'_> {
     fn label(&self) -> String {
         format!(
-            "seed {:#x} step {} ({:?}, failure planned: {:?})",
-            self.trial.seed, self.step, self.mode, self.injected
+            "seed {:#x} step {} ({:?}, failure planned: {:?}{})",
+            self.trial.seed,
+            self.step,
+            self.mode,
+            self.injected,
+            if self.hog.active() {
+                ", no 2 MiB frame"
+            } else {
+                ""
+            }
         )
     }
 
@@ -167,13 +240,20 @@ impl Run<'_> {
         self.step += 1;
         let mi = self.rng.below(self.modules.len());
         self.injected = None;
+        // Before failures are planned: the hog's own calls must not take them.
+        let mut fresh = false;
+        if self.mode.rox && !self.hog.active() && self.rng.one_in(HOG_ONE_IN) {
+            let steps = 1 + self.rng.below(HOG_STEPS) as u64;
+            self.hog_huge_frames(self.step + steps);
+            fresh = self.rng.one_in(2);
+        }
         if self.rng.one_in(8) {
             let kind = CallKind::ALL[self.rng.below(CallKind::ALL.len())];
             let n = self.rng.below(4) as u64;
             self.machine.fail_nth(kind, n);
             self.injected = Some((kind, n));
         }
-        match self.rng.below(1000) {
+        match if fresh { 999 } else { self.rng.below(1000) } {
             0..=399 => self.allocate(mi),
             400..=649 => self.publish(mi),
             650..=869 => self.free(mi),
@@ -184,6 +264,7 @@ impl Run<'_> {
             _ => self.recreate(mi),
         }
         self.machine.clear_failures();
+        self.hog_step();
         // Later operations finish what a failed one left pending (flushes, flip backs).
         self.manager.audit().unwrap();
         self.check();
@@ -208,7 +289,11 @@ impl Run<'_> {
     }
 
     fn allocate(&mut self, mi: usize) {
-        let size = self.rng.code_size();
+        let mut size = self.rng.code_size();
+        if self.mode.rox && self.rng.one_in(LARGE_ONE_IN) {
+            size = 1 + self.rng.below(HUGE / 2);
+        }
+        let fallbacks = self.manager.stats().rox_fallbacks;
         match self.modules[mi].alloc.allocate(size) {
             Ok(mut w) => {
                 let range = w.range();
@@ -219,22 +304,51 @@ impl Run<'_> {
                     .code_spaces()
                     .iter()
                     .any(|s| s.contains_range(&range)));
-                self.add_live(range, mi);
+                self.allocated_range(mi, range, fallbacks);
                 self.rng.fill(w.as_mut_slice());
                 self.modules[mi].writable.push(w);
             }
             Err(e) => {
-                let natural = match e {
-                    CodeError::CommitLimit { requested, .. } => {
-                        requested > self.manager.remaining_uncommitted()
-                    }
-                    CodeError::NotGrowable => true,
-                    _ => false,
-                };
+                let natural = self.natural(e);
                 self.failure(e, natural);
                 self.assert_unchanged();
             }
         }
+    }
+
+    /// Whether the model expected `e` from an allocation: over the commit limit, a fixed
+    /// allocator full, or (ROX mode) out of frames when no 2 MiB frame is left.
+    fn natural(&mut self, e: CodeError) -> bool {
+        match e {
+            CodeError::CommitLimit { requested, .. } => {
+                // ROX spaces commit whole 2 MiB pages.
+                let units = self.spaces.values().all(|s| s.rox);
+                assert!(
+                    !units || requested.is_multiple_of(HUGE),
+                    "{}: {e:?}",
+                    self.label()
+                );
+                requested > self.manager.remaining_uncommitted()
+            }
+            CodeError::NotGrowable => true,
+            CodeError::Mmu(MmuError::OutOfFrames) => self.mode.rox && self.no_huge_frame(),
+            _ => false,
+        }
+    }
+
+    /// A successful allocation of `range` by module `mi`: the space it lies in (ROX mode:
+    /// learnt, followed if it fell back), then the model. In a ROX space the range reads as
+    /// INT3: fresh 2 MiB pages are INT3, freed bytes became INT3 before this reuse.
+    fn allocated_range(&mut self, mi: usize, range: AddressRange, fallbacks: u64) {
+        self.note_space(mi, range, fallbacks);
+        self.add_live(range, mi);
+        if self.in_rox_space(range.start()) {
+            let bytes = read(&self.manager, range.start(), range.size());
+            if let Some(i) = bytes.iter().position(|&b| b != INT3) {
+                panic!("{}: {:#x} not INT3", self.label(), range.start() + i);
+            }
+        }
+        self.most_huge = self.most_huge.max(self.huge.len());
     }
 
     /// Asks for more than can be committed, or more than a code space may hold.
@@ -242,13 +356,15 @@ impl Run<'_> {
         let remaining = self.manager.remaining_uncommitted();
         let size = match self.rng.below(3) {
             0 => remaining + 1 + self.rng.below(2 * PAGE),
-            1 => MAX_SPACE + 1,
-            _ => MAX_COMMITTED,
+            1 => self.limits.max_space + 1,
+            _ => self.limits.max_committed,
         };
+        let fallbacks = self.manager.stats().rox_fallbacks;
         match self.modules[mi].alloc.allocate(size) {
             Ok(w) => {
-                // Possible only when it fits in free, already committed room (rare).
-                self.add_live(w.range(), mi);
+                // Possible only when it fits in free, already committed room (rare; less so
+                // on 2 MiB pages).
+                self.allocated_range(mi, w.range(), fallbacks);
                 self.modules[mi].writable.push(w);
             }
             Err(e) => {
@@ -273,10 +389,21 @@ impl Run<'_> {
         let w = module.writable.swap_remove(i);
         let bytes = w.as_slice().to_vec();
         let range = w.range();
+        // A publish on 2 MiB ROX pages changes no page-table entry and costs no shootdown.
+        let rox = self.in_rox_space(range.start());
+        let tables = |r: &Self| {
+            let shootdowns = r.manager.flush_stats().unwrap().shootdowns;
+            (r.machine.leaf_stores(), shootdowns)
+        };
+        let before = tables(self);
+        let module = &mut self.modules[mi];
         match module.alloc.publish(w) {
             Ok(code) => {
                 assert_eq!((code.range(), code.len()), (range, bytes.len()));
                 module.published.push((code, Some(bytes.clone())));
+                if rox {
+                    assert_eq!(tables(self), before, "{}", self.label());
+                }
                 self.published(range, Some(&bytes));
             }
             Err(r) => {
@@ -409,6 +536,7 @@ impl Run<'_> {
             leaked: Vec::new(),
         };
         let old = std::mem::replace(&mut self.modules[mi], fresh);
+        self.learn_spaces(mi);
         let spaces = old.alloc.code_spaces().to_vec();
         let mut ranges: Vec<AddressRange> = old.leaked.clone();
         ranges.extend(old.writable.iter().map(WritableCode::range));
@@ -435,6 +563,7 @@ impl Run<'_> {
         }
         assert_eq!(self.allocated[mi], 0);
         for space in spaces {
+            self.forget_space(space);
             self.touched.extend(space.pages());
             let dead: Vec<usize> = self
                 .pages
@@ -447,91 +576,10 @@ impl Run<'_> {
         }
     }
 
-    // ---- the model ----
-
-    fn add_live(&mut self, range: AddressRange, mi: usize) {
-        if let Some((&s, &(e, _))) = self.live.range(..range.end()).next_back() {
-            assert!(
-                e <= range.start(),
-                "{}: {range:?} overlaps [{s:#x}, {e:#x})",
-                self.label()
-            );
-        }
-        self.live.insert(range.start(), (range.end(), mi));
-        self.touched.extend(range.pages());
-        self.allocated[mi] += range.size();
-        for page in range.pages() {
-            self.pages.entry(page).or_insert_with(|| ShadowPage {
-                executable: false,
-                bytes: vec![None; PAGE],
-            });
-        }
-    }
-
-    /// The range was published with `bytes` (INT3 after them): every page executable.
-    fn published(&mut self, range: AddressRange, bytes: Option<&[u8]>) {
-        for page in range.pages() {
-            let shadow = self.pages.get_mut(&page).unwrap();
-            shadow.executable = true;
-            let part = range.overlap(&AddressRange::new(page, page + PAGE));
-            for addr in part.start()..part.end() {
-                shadow.bytes[addr - page] =
-                    bytes.map(|b| b.get(addr - range.start()).copied().unwrap_or(INT3));
-            }
-        }
-        self.touched.extend(range.pages());
-    }
-
-    fn forget_bytes(&mut self, range: AddressRange) {
-        for page in range.pages() {
-            let shadow = self.pages.get_mut(&page).unwrap();
-            let part = range.overlap(&AddressRange::new(page, page + PAGE));
-            for addr in part.start()..part.end() {
-                shadow.bytes[addr - page] = None;
-            }
-        }
-    }
-
-    /// After a failure that changed protections: take them from the page tables (the audit
-    /// checks they are RW+NX or R+X and never both).
-    fn resync_protection(&mut self, range: AddressRange) {
-        self.manager.audit().unwrap();
-        for page in range.pages() {
-            let flags = leaf_flags(&self.machine, page);
-            assert!(
-                flags == R_X || flags == RW_NX,
-                "{}: {flags:#x}",
-                self.label()
-            );
-            self.pages.get_mut(&page).unwrap().executable = flags == R_X;
-        }
-        self.touched.extend(range.pages());
-    }
-
-    fn page_in_use(&self, page: usize) -> bool {
-        self.live
-            .range(..page + PAGE)
-            .next_back()
-            .is_some_and(|(_, &(end, _))| end > page)
-    }
-
-    /// V8's rule: a page dies when no live code touches it; freed bytes on pages that live on
-    /// become INT3.
-    fn remove_live(&mut self, range: AddressRange) {
-        let (end, mi) = self.live.remove(&range.start()).expect("live");
-        self.touched.extend(range.pages());
-        assert_eq!(end, range.end());
-        self.allocated[mi] -= range.size();
-        for page in range.pages() {
-            if self.page_in_use(page) {
-                let shadow = self.pages.get_mut(&page).unwrap();
-                let part = range.overlap(&AddressRange::new(page, page + PAGE));
-                for addr in part.start()..part.end() {
-                    shadow.bytes[addr - page] = Some(INT3);
-                }
-            } else {
-                self.pages.remove(&page);
-            }
+    /// The spaces module `mi`'s allocator reserved when it was made (ROX mode).
+    fn learn_spaces(&mut self, mi: usize) {
+        for space in self.modules[mi].alloc.code_spaces().to_vec() {
+            self.learn_space(space);
         }
     }
 }

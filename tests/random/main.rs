@@ -117,7 +117,7 @@ fn random_allocators_alias_against_a_model() {
         "random_allocators_alias_against_a_model",
         3_000,
         &[0x5EED_0002],
-        |t| allocators::run(t, codespace::ProtectionMode::Alias),
+        |t| allocators::run(t, common::Mode::ALIAS),
     );
 }
 
@@ -127,6 +127,18 @@ fn random_allocators_flip_against_a_model() {
         "random_allocators_flip_against_a_model",
         3_000,
         &[0x5EED_0001],
-        |t| allocators::run(t, codespace::ProtectionMode::Flip),
+        |t| allocators::run(t, common::Mode::FLIP),
+    );
+}
+
+/// The same run with the allocators' code on 2 MiB ROX pages (issue 20), some steps with no
+/// 2 MiB frame left.
+#[test]
+fn random_allocators_rox_against_a_model() {
+    drive(
+        "random_allocators_rox_against_a_model",
+        3_000,
+        &[0x5EED_0007],
+        |t| allocators::run(t, common::Mode::ROX),
     );
 }

@@ -1,0 +1,166 @@
+//! The ROX mode of the allocator run: which code spaces are on 2 MiB pages (learnt as spaces
+//! appear, followed when one falls back to 4 KiB pages), and the injection of "no 2 MiB frame":
+//! a hog takes every free 2 MiB run of the machine for a few steps, through the backend's own
+//! `map_rox` at addresses outside the manager's window.
+
+use codespace::mmu::{CommittedPage, Mmu, MmuError, TlbFlush};
+use codespace::AddressRange;
+
+use super::model::{ShadowSpace, HUGE};
+use super::Run;
+use crate::common::*;
+
+/// Where the hog maps its 2 MiB pages: in the slot, far above the manager's window.
+const HOG_BASE: usize = BASE + (256 << 30);
+/// Frames of one 2 MiB page.
+pub(super) const HUGE_FRAMES: usize = HUGE / PAGE;
+
+/// 2 MiB pages held outside the manager, so that no 2 MiB frame is left.
+#[derive(Default)]
+pub(super) struct Hog {
+    pages: Vec<Vec<CommittedPage>>,
+    /// The step after which the runs go back.
+    until: u64,
+    /// Steps that ran with every 2 MiB frame taken.
+    pub steps: u64,
+}
+
+impl Hog {
+    pub fn active(&self) -> bool {
+        !self.pages.is_empty()
+    }
+
+    /// Frames the hog holds (data frames that are not the manager's).
+    pub fn frames(&self) -> usize {
+        self.pages.len() * HUGE_FRAMES
+    }
+}
+
+impl Run<'_> {
+    /// Takes every free 2 MiB run until step `until` (before any failure is planned: these
+    /// calls must succeed).
+    pub(super) fn hog_huge_frames(&mut self, until: u64) {
+        self.hog.until = until;
+        let mut mmu = self.machine.clone();
+        let mut tlb = TlbFlush::new();
+        loop {
+            let va = HOG_BASE + self.hog.pages.len() * HUGE;
+            // SAFETY: `va` lies in the slot, outside the manager's window: nothing else maps
+            // it, and no code ever runs on the software machine.
+            match unsafe { mmu.map_rox(va, &mut tlb) } {
+                Ok(pages) => self.hog.pages.push(pages),
+                Err(MmuError::OutOfFrames) => break,
+                Err(e) => panic!("{}: hog: {e:?}", self.label()),
+            }
+        }
+        mmu.flush(tlb).map_err(|u| u.error).unwrap();
+    }
+
+    /// After a step: counts it if it ran hogged, and ends the period after its last step.
+    pub(super) fn hog_step(&mut self) {
+        if self.hog.active() {
+            self.hog.steps += 1;
+            if self.step >= self.hog.until {
+                self.release_hog();
+            }
+        }
+    }
+
+    /// Gives the hogged runs back.
+    pub(super) fn release_hog(&mut self) {
+        if !self.hog.active() {
+            return;
+        }
+        let mut mmu = self.machine.clone();
+        let mut tlb = TlbFlush::new();
+        for pages in self.hog.pages.drain(..) {
+            // SAFETY: the hog's own 2 MiB pages, never run.
+            unsafe { mmu.unmap_rox(pages, &mut tlb) }
+                .map_err(|(e, _)| e)
+                .unwrap();
+        }
+        mmu.flush(tlb).map_err(|u| u.error).unwrap();
+    }
+
+    /// Whether no 2 MiB frame is left: hogged, or (checked by trying one) the machine really
+    /// has none. An operation that says so when a frame is free is a failure of the run.
+    pub(super) fn no_huge_frame(&mut self) -> bool {
+        if self.hog.active() {
+            return true;
+        }
+        self.machine.clear_failures();
+        let mut mmu = self.machine.clone();
+        let mut tlb = TlbFlush::new();
+        // SAFETY: as in `hog_huge_frames`; mapped and unmapped in one batch, never present.
+        let free = match unsafe { mmu.map_rox(HOG_BASE, &mut tlb) } {
+            Ok(pages) => {
+                // SAFETY: just mapped by the probe, never run.
+                unsafe { mmu.unmap_rox(pages, &mut tlb) }
+                    .map_err(|(e, _)| e)
+                    .unwrap();
+                true
+            }
+            Err(MmuError::OutOfFrames) => false,
+            Err(e) => panic!("{}: probe: {e:?}", self.label()),
+        };
+        mmu.flush(tlb).map_err(|u| u.error).unwrap();
+        !free
+    }
+
+    /// A code space the model has not seen yet, reserved as a ROX space: 2 MiB aligned, whole
+    /// 2 MiB pages (the window is large enough that reservation never falls back).
+    pub(super) fn learn_space(&mut self, space: AddressRange) {
+        if !self.mode.rox || self.spaces.contains_key(&space.start()) {
+            return;
+        }
+        let label = self.label();
+        assert!(
+            space.start().is_multiple_of(HUGE) && space.size().is_multiple_of(HUGE),
+            "{label}: ROX space {space:?}"
+        );
+        let rox = ShadowSpace {
+            end: space.end(),
+            rox: true,
+        };
+        self.spaces.insert(space.start(), rox);
+    }
+
+    /// After allocating `range` for module `mi` (`fallbacks`: the manager's count before): a
+    /// new space is learnt, and a space that fell back to 4 KiB pages is followed. Only a
+    /// space with no 2 MiB page may fall back, and only when no 2 MiB frame is left.
+    pub(super) fn note_space(&mut self, mi: usize, range: AddressRange, fallbacks: u64) {
+        if !self.mode.rox {
+            return;
+        }
+        let space = self.modules[mi].alloc.space_of(range.start()).unwrap();
+        self.learn_space(space);
+        let fell = self.manager.stats().rox_fallbacks - fallbacks;
+        let label = self.label();
+        assert!(fell <= 1, "{label}: {fell} fallbacks in one allocation");
+        if fell == 1 {
+            let has_huge = self.huge.range(space.start()..space.end()).next().is_some();
+            assert!(!has_huge, "{label}: {space:?} fell back with 2 MiB pages");
+            assert!(
+                self.no_huge_frame(),
+                "{label}: {space:?} fell back with 2 MiB frames free"
+            );
+            let s = self.spaces.get_mut(&space.start()).unwrap();
+            assert!(s.rox, "{label}: {space:?} fell back twice");
+            s.rox = false;
+            self.fallbacks += 1;
+        }
+    }
+
+    /// Forgets the spaces of a released allocator and the 2 MiB pages they held.
+    pub(super) fn forget_space(&mut self, space: AddressRange) {
+        self.spaces.remove(&space.start());
+        let bases: Vec<usize> = self
+            .huge
+            .range(space.start()..space.end())
+            .copied()
+            .collect();
+        for base in bases {
+            self.drop_huge(base);
+        }
+    }
+}
