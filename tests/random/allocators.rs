@@ -30,7 +30,7 @@ mod model;
 mod rox;
 
 use model::{ShadowPage, ShadowSpace, HUGE};
-use rox::Hog;
+use rox::{Hog, Tally};
 
 /// The sizes of a run: the window, the commit limit, the largest code space, the machine.
 struct Limits {
@@ -48,25 +48,28 @@ const SMALL: Limits = Limits {
     frames: 1 << 15,
 };
 
-/// In 2 MiB pages: six of them may be committed; a window so large that a ROX space always
+/// In 2 MiB pages: three of them may be committed; a window so large that a ROX space always
 /// finds 2 MiB aligned room (every fallback is then one of frames); a machine with 2 MiB runs
 /// to spare beyond the limit, and frames past its last run for 4 KiB pages while they are
 /// hogged.
 const ROX: Limits = Limits {
     window: 256 << 20,
-    max_committed: 6 * HUGE,
+    max_committed: 3 * HUGE,
     max_space: 4 * HUGE,
-    frames: 14 * rox::HUGE_FRAMES + 480,
+    frames: 10 * rox::HUGE_FRAMES + 480,
 };
 
 /// One step in this many (ROX mode) begins a period of up to [`HOG_STEPS`] steps with every
-/// 2 MiB frame of the machine taken; half of them begin with a fresh allocator, whose first
-/// space then finds no 2 MiB frame.
+/// 2 MiB frame of the machine taken, with a fresh allocator, whose first space then finds no
+/// 2 MiB frame.
 const HOG_ONE_IN: usize = 120;
 const HOG_STEPS: usize = 16;
+/// One step in this many (ROX mode) frees all of one allocator's code, handle by handle (a JIT
+/// flushing its code cache), so that 2 MiB pages become wholly free and go back.
+const DRAIN_ONE_IN: usize = 150;
 /// One allocation in this many (ROX mode) is large (up to half a 2 MiB page), so that code
 /// spans 2 MiB pages, fills spaces and frees whole 2 MiB pages.
-const LARGE_ONE_IN: usize = 32;
+const LARGE_ONE_IN: usize = 16;
 
 /// One allocator of the run and the handles it gave out.
 struct Module {
@@ -112,8 +115,8 @@ struct Run<'t> {
     /// Spaces that fell back to 4 KiB pages.
     fallbacks: u64,
     hog: Hog,
-    /// Most 2 MiB pages mapped at once, for the summary.
-    most_huge: usize,
+    /// What the run went through, for its summary.
+    tally: Tally,
     stale: Vec<Stale>,
     /// Counters after the last check, which a failed operation must leave untouched.
     last: Option<Counters>,
@@ -180,7 +183,7 @@ pub fn run(trial: &Trial<'_>, mode: Mode) {
         huge: BTreeSet::new(),
         fallbacks: 0,
         hog: Hog::default(),
-        most_huge: 0,
+        tally: Tally::default(),
         stale: Vec::new(),
         last: None,
         touched: Vec::new(),
@@ -199,11 +202,13 @@ pub fn run(trial: &Trial<'_>, mode: Mode) {
     run.check_bytes();
     if mode.rox {
         // The run did what it claims: code on 2 MiB pages, and spaces that fell back.
+        let t = &run.tally;
         eprintln!(
-            "  ROX: at most {} 2 MiB pages mapped, {} fallbacks, {} steps without 2 MiB frames",
-            run.most_huge, run.fallbacks, run.hog.steps
+            "  ROX: {t:?}, {} fallbacks, {} steps without 2 MiB frames",
+            run.fallbacks, run.hog.steps
         );
-        assert!(run.most_huge >= 2 && run.hog.steps > 0, "{}", run.label());
+        let covered = t.most_huge >= 2 && t.freed_huge > 0 && t.limit > 0;
+        assert!(covered && run.fallbacks > 0, "{}", run.label());
     }
     let Run {
         manager,
@@ -241,11 +246,14 @@ impl Run<'_> {
         let mi = self.rng.below(self.modules.len());
         self.injected = None;
         // Before failures are planned: the hog's own calls must not take them.
-        let mut fresh = false;
         if self.mode.rox && !self.hog.active() && self.rng.one_in(HOG_ONE_IN) {
+            // The fresh allocator first (releasing the old one frees 2 MiB frames), checked as
+            // a step of its own.
+            self.recreate(mi);
+            self.manager.audit().unwrap();
+            self.check();
             let steps = 1 + self.rng.below(HOG_STEPS) as u64;
             self.hog_huge_frames(self.step + steps);
-            fresh = self.rng.one_in(2);
         }
         if self.rng.one_in(8) {
             let kind = CallKind::ALL[self.rng.below(CallKind::ALL.len())];
@@ -253,7 +261,12 @@ impl Run<'_> {
             self.machine.fail_nth(kind, n);
             self.injected = Some((kind, n));
         }
-        match if fresh { 999 } else { self.rng.below(1000) } {
+        let op = if self.mode.rox && self.rng.one_in(DRAIN_ONE_IN) {
+            1000
+        } else {
+            self.rng.below(1000)
+        };
+        match op {
             0..=399 => self.allocate(mi),
             400..=649 => self.publish(mi),
             650..=869 => self.free(mi),
@@ -261,7 +274,8 @@ impl Run<'_> {
             950..=969 => self.over_limit(mi),
             970..=989 => self.foreign(mi),
             990..=998 => self.leak(mi),
-            _ => self.recreate(mi),
+            999 => self.recreate(mi),
+            _ => self.drain(mi),
         }
         self.machine.clear_failures();
         self.hog_step();
@@ -328,10 +342,14 @@ impl Run<'_> {
                     "{}: {e:?}",
                     self.label()
                 );
+                self.tally.limit += 1;
                 requested > self.manager.remaining_uncommitted()
             }
             CodeError::NotGrowable => true,
-            CodeError::Mmu(MmuError::OutOfFrames) => self.mode.rox && self.no_huge_frame(),
+            CodeError::Mmu(MmuError::OutOfFrames) => {
+                self.tally.no_frame += 1;
+                self.mode.rox && self.no_huge_frame()
+            }
             _ => false,
         }
     }
@@ -348,7 +366,7 @@ impl Run<'_> {
                 panic!("{}: {:#x} not INT3", self.label(), range.start() + i);
             }
         }
-        self.most_huge = self.most_huge.max(self.huge.len());
+        self.tally.most_huge = self.tally.most_huge.max(self.huge.len());
     }
 
     /// Asks for more than can be committed, or more than a code space may hold.
@@ -513,6 +531,23 @@ impl Run<'_> {
             }
         }
         self.check_counters_unchanged();
+    }
+
+    /// Frees module `mi`'s published code and discards its writable code, one handle at a
+    /// time, each checked as a step of its own (a failure planned for this step may hit any).
+    fn drain(&mut self, mi: usize) {
+        loop {
+            let module = &self.modules[mi];
+            if !module.published.is_empty() {
+                self.free(mi);
+            } else if !module.writable.is_empty() {
+                self.discard(mi);
+            } else {
+                return;
+            }
+            self.manager.audit().unwrap();
+            self.check();
+        }
     }
 
     /// Drops a writable handle without discarding it: the range stays allocated.

@@ -170,6 +170,7 @@ impl Run<'_> {
         if rox {
             for base in huge_bases(range) {
                 if !self.in_use(base, base + HUGE) {
+                    self.tally.freed_huge += 1;
                     self.drop_huge(base);
                 }
             }

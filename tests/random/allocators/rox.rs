@@ -25,6 +25,19 @@ pub(super) struct Hog {
     pub steps: u64,
 }
 
+/// What a ROX run went through (its summary; the run asserts it covered each).
+#[derive(Debug, Default)]
+pub(super) struct Tally {
+    /// Most 2 MiB pages mapped at once.
+    pub most_huge: usize,
+    /// 2 MiB pages that went back when a free or discard left them wholly free.
+    pub freed_huge: usize,
+    /// Allocations refused at the commit limit.
+    pub limit: usize,
+    /// Allocations refused for want of frames.
+    pub no_frame: usize,
+}
+
 impl Hog {
     pub fn active(&self) -> bool {
         !self.pages.is_empty()
