@@ -68,6 +68,13 @@ impl Run<'_> {
         }
     }
 
+    /// Lets the manager finish what a failed operation left pending (flushes, flip backs):
+    /// any call that takes its lock with interrupts on does (the audit of `check` then sees
+    /// the settled state; auditing here as well would walk every page table twice a step).
+    pub(super) fn settle(&self) {
+        self.manager.flush_stats().unwrap();
+    }
+
     /// After every operation: no broken promise in the TLB model, a clean audit counting
     /// exactly the pages live code touches, the touched pages as the model says, counters that
     /// agree. Every 500 steps all pages and bytes.
