@@ -49,13 +49,13 @@ const SMALL: Limits = Limits {
     frames: 1 << 15,
 };
 
-/// In 2 MiB pages: three of them may be committed; a window so large that a ROX space always
+/// In 2 MiB pages: four of them may be committed; a window so large that a ROX space always
 /// finds 2 MiB aligned room (every fallback is then one of frames); a machine with 2 MiB runs
 /// to spare beyond the limit, and frames past its last run for 4 KiB pages while they are
 /// hogged.
 const ROX: Limits = Limits {
     window: 256 << 20,
-    max_committed: 3 * HUGE,
+    max_committed: 4 * HUGE,
     max_space: 4 * HUGE,
     frames: 10 * rox::HUGE_FRAMES + 480,
 };
@@ -68,7 +68,7 @@ const HOG_STEPS: usize = 16;
 /// One step in this many (ROX mode) frees all of one allocator's code, handle by handle (a JIT
 /// flushing its code cache), so that 2 MiB pages become wholly free and go back.
 const DRAIN_ONE_IN: usize = 150;
-/// One allocation in this many (ROX mode) is large (up to half a 2 MiB page), so that code
+/// One allocation in this many (ROX mode) is large (up to a 2 MiB page), so that code
 /// spans 2 MiB pages, fills spaces and frees whole 2 MiB pages.
 const LARGE_ONE_IN: usize = 16;
 
@@ -208,8 +208,11 @@ pub fn run(trial: &Trial<'_>, mode: Mode) {
             "  ROX: {t:?}, {} fallbacks, {} steps without 2 MiB frames",
             run.fallbacks, run.hog.steps
         );
+        // With the default steps (a shorter replay may cover less).
         let covered = t.most_huge >= 2 && t.freed_huge > 0 && t.limit > 0;
-        assert!(covered && run.fallbacks > 0, "{}", run.label());
+        if trial.steps >= 3_000 {
+            assert!(covered && run.fallbacks > 0, "{}", run.label());
+        }
     }
     let Run {
         manager,
@@ -304,8 +307,10 @@ impl Run<'_> {
 
     fn allocate(&mut self, mi: usize) {
         let mut size = self.rng.code_size();
-        if self.mode.rox && self.rng.one_in(LARGE_ONE_IN) {
-            size = 1 + self.rng.below(HUGE / 2);
+        // Without 2 MiB frames more often: a space with 2 MiB pages then needs one more.
+        let large = if self.hog.active() { 4 } else { LARGE_ONE_IN };
+        if self.mode.rox && self.rng.one_in(large) {
+            size = 1 + self.rng.below(HUGE);
         }
         let fallbacks = self.manager.stats().rox_fallbacks;
         match self.modules[mi].alloc.allocate(size) {
@@ -392,6 +397,9 @@ impl Run<'_> {
                         | CodeError::NotGrowable
                         | CodeError::CodeSpaceTooLarge { .. }
                 );
+                if matches!(e, CodeError::CommitLimit { .. }) {
+                    self.tally.limit += 1;
+                }
                 self.failure(e, natural);
                 self.assert_unchanged();
             }
