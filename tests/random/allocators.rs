@@ -38,6 +38,8 @@ struct Limits {
     window: usize,
     max_committed: usize,
     max_space: usize,
+    /// The fixed allocator's one space.
+    fixed_space: usize,
     frames: usize,
 }
 
@@ -46,6 +48,7 @@ const SMALL: Limits = Limits {
     window: 16 << 20,
     max_committed: 128 * PAGE,
     max_space: 128 * PAGE,
+    fixed_space: 48 * PAGE,
     frames: 1 << 15,
 };
 
@@ -57,6 +60,8 @@ const ROX: Limits = Limits {
     window: 256 << 20,
     max_committed: 4 * HUGE,
     max_space: 4 * HUGE,
+    // Three 2 MiB pages: code straddles them, and one may need mapping when none is free.
+    fixed_space: 3 * HUGE,
     frames: 10 * rox::HUGE_FRAMES + 480,
 };
 
@@ -154,7 +159,7 @@ pub fn run(trial: &Trial<'_>, mode: Mode) {
         },
         AllocatorConfig {
             growable: false,
-            initial_reservation: 48 * PAGE,
+            initial_reservation: limits.fixed_space,
             ..AllocatorConfig::default()
         },
     ]
