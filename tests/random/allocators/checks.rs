@@ -1,5 +1,6 @@
 //! The allocator run's checks against its shadow model.
 
+use codespace::mmu::soft::PHYS_BASE;
 use codespace::mmu::Mmu;
 
 use super::model::{Prot, HUGE};
@@ -127,9 +128,28 @@ impl Run<'_> {
         }
     }
 
+    /// No byte of a mapped 2 MiB page can be written by any CPU (whatever its TLB holds),
+    /// through the page itself or through the direct-map alias of any of its frames.
+    fn check_never_writable(&self) {
+        let label = self.label();
+        for &base in &self.huge {
+            let leaf = self.machine.raw_entries(base)[2].unwrap();
+            let frame = (leaf & PTE_ADDR) as usize - PHYS_BASE as usize;
+            for cpu in 0..self.machine.online_cpus() {
+                for offset in (0..HUGE).step_by(PAGE) {
+                    for va in [base + offset, DIRECT_MAP + frame + offset] {
+                        let wrote = self.machine.write_as(cpu, va, &[INT3]).is_ok();
+                        assert!(!wrote, "{label}: CPU {cpu} wrote {va:#x} ({base:#x})");
+                    }
+                }
+            }
+        }
+    }
+
     /// Every byte the model knows reads back, and what every CPU fetches from published code
-    /// is what was published.
+    /// is what was published; no 2 MiB page is writable.
     pub(super) fn check_bytes(&self) {
+        self.check_never_writable();
         let mut buf = vec![0; PAGE];
         for (&page, shadow) in &self.pages {
             self.manager.read(page, &mut buf).unwrap();
