@@ -465,8 +465,10 @@ impl Run<'_> {
         let i = self.rng.below(module.published.len());
         let (code, bytes) = module.published.swap_remove(i);
         let range = code.range();
+        let before = self.free_costs(range);
+        let module = &mut self.modules[mi];
         match free_published(&mut module.alloc, code) {
-            Ok(()) => self.remove_live(range),
+            Ok(()) => self.freed(range, before),
             Err(FreeError::NotFreed(e, code)) => {
                 let _ = bytes;
                 self.modules[mi].published.push((code, None));
@@ -476,7 +478,7 @@ impl Run<'_> {
             }
             Err(FreeError::Decommit(e)) => {
                 self.failure(e, false);
-                self.remove_live(range);
+                let _ = self.remove_live(range);
                 self.finish_decommit(mi);
             }
             Err(e) => panic!("{}: {e:?}", self.label()),
@@ -491,8 +493,10 @@ impl Run<'_> {
         let i = self.rng.below(module.writable.len());
         let w = module.writable.swap_remove(i);
         let range = w.range();
+        let before = self.free_costs(range);
+        let module = &mut self.modules[mi];
         match module.alloc.discard(w) {
-            Ok(()) => self.remove_live(range),
+            Ok(()) => self.freed(range, before),
             Err(FreeError::NotFreed(e, w)) => {
                 self.modules[mi].writable.push(w);
                 self.failure(e, false);
@@ -501,7 +505,7 @@ impl Run<'_> {
             }
             Err(FreeError::Decommit(e)) => {
                 self.failure(e, false);
-                self.remove_live(range);
+                let _ = self.remove_live(range);
                 self.finish_decommit(mi);
             }
             Err(e) => panic!("{}: {e:?}", self.label()),

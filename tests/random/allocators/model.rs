@@ -149,13 +149,15 @@ impl Run<'_> {
     }
 
     /// V8's rule: a page dies when no live code touches it (a 2 MiB page in a ROX space);
-    /// freed bytes on pages that live on become INT3.
-    pub(super) fn remove_live(&mut self, range: AddressRange) {
+    /// freed bytes on pages that live on become INT3. Returns how many 2 MiB pages died.
+    #[must_use]
+    pub(super) fn remove_live(&mut self, range: AddressRange) -> usize {
         let (end, mi) = self.live.remove(&range.start()).expect("live");
         self.touched.extend(range.pages());
         assert_eq!(end, range.end());
         self.allocated[mi] -= range.size();
         let rox = self.in_rox_space(range.start());
+        let mut died = 0;
         for page in range.pages() {
             if rox || self.in_use(page, page + PAGE) {
                 let shadow = self.pages.get_mut(&page).unwrap();
@@ -172,9 +174,11 @@ impl Run<'_> {
                 if !self.in_use(base, base + HUGE) {
                     self.tally.freed_huge += 1;
                     self.drop_huge(base);
+                    died += 1;
                 }
             }
         }
+        died
     }
 
     /// The 2 MiB page at `base` is gone (decommitted, or its space released).

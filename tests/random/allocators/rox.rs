@@ -164,6 +164,36 @@ impl Run<'_> {
         }
     }
 
+    /// Before freeing `range`: in a ROX space, the leaf stores and shootdown rounds so far.
+    pub(super) fn free_costs(&self, range: AddressRange) -> Option<(u64, u64)> {
+        self.in_rox_space(range.start()).then(|| {
+            let shootdowns = self.manager.flush_stats().unwrap().shootdowns;
+            (self.machine.leaf_stores(), shootdowns)
+        })
+    }
+
+    /// A free or discard of `range` succeeded (`before`: [`free_costs`](Self::free_costs)):
+    /// the model's rule, and in a ROX space what it cost. The INT3 refill goes through the
+    /// alias: no page-table entry changes and no shootdown, unless 2 MiB pages went back,
+    /// which cost one shootdown round for all of them.
+    pub(super) fn freed(&mut self, range: AddressRange, before: Option<(u64, u64)>) {
+        let died = self.remove_live(range);
+        let Some((stores, shootdowns)) = before else {
+            return;
+        };
+        let now = self.free_costs(range).unwrap_or_default();
+        let label = self.label();
+        if died == 0 {
+            assert_eq!(now, (stores, shootdowns), "{label}: {range:?}");
+        } else {
+            assert_eq!(
+                now.1,
+                shootdowns + 1,
+                "{label}: {died} 2 MiB pages went back"
+            );
+        }
+    }
+
     /// Forgets the spaces of a released allocator and the 2 MiB pages they held.
     pub(super) fn forget_space(&mut self, space: AddressRange) {
         self.spaces.remove(&space.start());
