@@ -398,15 +398,15 @@ impl Run<'_> {
                 self.modules[mi].writable.push(w);
             }
             Err(e) => {
-                let natural = matches!(
-                    e,
-                    CodeError::CommitLimit { .. }
-                        | CodeError::NotGrowable
-                        | CodeError::CodeSpaceTooLarge { .. }
-                );
-                if matches!(e, CodeError::CommitLimit { .. }) {
-                    self.tally.limit += 1;
-                }
+                let natural = match e {
+                    CodeError::CommitLimit { .. } => {
+                        self.tally.limit += 1;
+                        true
+                    }
+                    CodeError::NotGrowable | CodeError::CodeSpaceTooLarge { .. } => true,
+                    // Room the size fits in may need a 2 MiB page when none is left.
+                    e => self.natural(e),
+                };
                 self.failure(e, natural);
                 self.assert_unchanged();
             }
