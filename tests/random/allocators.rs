@@ -336,8 +336,11 @@ impl Run<'_> {
             }
             Err(e) => {
                 let natural = self.natural(e);
-                self.failure(e, natural);
-                self.assert_unchanged();
+                match self.failure(e, natural) {
+                    Failure::Unchanged => self.assert_unchanged(),
+                    // The commit failed and could not take back a page it mapped.
+                    Failure::Changed => self.left_behind(mi, fallbacks),
+                }
             }
         }
     }

@@ -194,6 +194,45 @@ impl Run<'_> {
         }
     }
 
+    /// An allocation of module `mi` failed with `PartialDecommit` (`fallbacks`: the manager's
+    /// count before): its commit could not take back a page it mapped, which stays committed
+    /// in free room. If a space fell back on the way, it is the one holding such a 4 KiB page
+    /// (or it was new and went with the failed allocation); then a trim gives the pages back,
+    /// so the model's rule holds again (the step's check verifies it).
+    pub(super) fn left_behind(&mut self, mi: usize, fallbacks: u64) {
+        let label = self.label();
+        for space in self.modules[mi].alloc.code_spaces().to_vec() {
+            // A new space whose release failed stays with the allocator.
+            self.learn_space(space);
+        }
+        let fell = self.manager.stats().rox_fallbacks - fallbacks;
+        assert!(fell <= 1, "{label}: {fell} fallbacks in one allocation");
+        if fell == 1 {
+            self.fallbacks += 1;
+            let mut small = Vec::new();
+            for space in self.modules[mi].alloc.code_spaces() {
+                let mut mapped = Vec::new();
+                self.machine
+                    .for_each_mapping(*space, &mut |page, _| mapped.push(page));
+                // A 4 KiB leaf (pages of a 2 MiB leaf have none).
+                let small_leaf = mapped.iter().any(|&p| leaf(&self.machine, p).is_some());
+                if self.spaces[&space.start()].rox && small_leaf {
+                    small.push(space.start());
+                }
+            }
+            assert!(small.len() <= 1, "{label}: {small:x?}");
+            if let Some(start) = small.pop() {
+                let has_huge = self.huge.range(start..self.spaces[&start].end).next();
+                assert!(
+                    has_huge.is_none(),
+                    "{label}: {start:#x} fell back with 2 MiB pages"
+                );
+                self.spaces.get_mut(&start).unwrap().rox = false;
+            }
+        }
+        self.finish_decommit(mi);
+    }
+
     /// Forgets the spaces of a released allocator and the 2 MiB pages they held.
     pub(super) fn forget_space(&mut self, space: AddressRange) {
         self.spaces.remove(&space.start());
