@@ -55,8 +55,14 @@ impl<M: Mmu> State<M> {
                             }
                         }
                     }
-                    self.flush(tlb)?;
-                    return Err(stuck.map_or(e.into(), CodeError::PartialDecommit));
+                    // A failed flush is retried by the next operation; the stuck page is the
+                    // news the caller must act on (a trim).
+                    let flushed = self.flush(tlb);
+                    if let Some(u) = stuck {
+                        return Err(CodeError::PartialDecommit(u));
+                    }
+                    flushed?;
+                    return Err(e.into());
                 }
             }
         }

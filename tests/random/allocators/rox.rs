@@ -36,6 +36,8 @@ pub(super) struct Tally {
     pub limit: usize,
     /// Allocations refused for want of frames.
     pub no_frame: usize,
+    /// Failed allocations that left a page committed (`PartialDecommit`).
+    pub left_behind: usize,
 }
 
 impl Hog {
@@ -201,6 +203,7 @@ impl Run<'_> {
     /// so the model's rule holds again (the step's check verifies it).
     pub(super) fn left_behind(&mut self, mi: usize, fallbacks: u64) {
         let label = self.label();
+        self.tally.left_behind += 1;
         for space in self.modules[mi].alloc.code_spaces().to_vec() {
             // A new space whose release failed stays with the allocator.
             self.learn_space(space);
