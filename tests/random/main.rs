@@ -1,6 +1,7 @@
 //! Long random runs against simple reference models, on the TLB model with failure injection:
 //! modules (add, replace, batches, slot patches, references, frees, grace periods, lookups,
-//! module drops) and allocators (allocate, publish, free, discard, foreign handles, drops).
+//! module drops) and allocators (allocate, publish, free, discard, foreign handles, drops),
+//! each with code on 4 KiB pages (alias and flip modes) and on 2 MiB ROX pages (issue 20).
 //!
 //! `cargo test` runs a few thousand steps per seed. Longer runs are opt-in:
 //!
