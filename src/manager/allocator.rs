@@ -235,7 +235,10 @@ impl<M: Mmu> CodeAllocator<M> {
     ///
     /// # Errors
     /// Invalid size, commit limit, window exhausted, code-space size, a fixed allocator that is
-    /// full, or out of frames. Nothing changes on error.
+    /// full, or out of frames. Nothing changes on error, but after
+    /// [`CodeError::PartialDecommit`] (the backend failed to take back a page the failed
+    /// commit mapped) that page stays committed in free room, until a later free or
+    /// [`trim`](Self::trim) decommits it.
     pub fn allocate(&mut self, size: usize) -> Result<WritableCode, CodeError> {
         let aligned = aligned_size(size)?;
         self.allocate_where(size, aligned, CODE_ALIGNMENT, None, Placement::Code)
@@ -322,6 +325,8 @@ impl<M: Mmu> CodeAllocator<M> {
             }
         };
         if let Err(e) = state.commit(range) {
+            // Pages the commit could not take back go with a later free's trim.
+            self.trim_pending |= matches!(e, CodeError::PartialDecommit(_));
             let _ = self.free.merge(range);
             if let Some(space) = new_space {
                 self.drop_space(&mut state, space);
