@@ -105,7 +105,7 @@ impl<V: IndexValue> RetireQueue<V> {
     }
 
     /// Entries the queues can hold without allocating.
-    #[cfg(test)]
+    #[cfg(all(test, not(loom)))]
     pub(super) fn capacity(&self) -> usize {
         self.nodes.capacity() + self.values.capacity()
     }

@@ -53,7 +53,8 @@ pub struct AllocatorConfig {
     /// each space takes whole 2 MiB pages of frames. A space falls back to 4 KiB pages when
     /// the backend has no 2 MiB frame for it. Images (whose pages change protection, which
     /// ROX pages never do) go to ordinary 4 KiB code spaces of their own, which code never
-    /// shares. Off by default.
+    /// shares: a ROX allocator that is not [`growable`](Self::growable), having one space,
+    /// holds code or images, and the other answers [`CodeError::NotGrowable`]. Off by default.
     pub rox: bool,
 }
 
@@ -234,7 +235,10 @@ impl<M: Mmu> CodeAllocator<M> {
     ///
     /// # Errors
     /// Invalid size, commit limit, window exhausted, code-space size, a fixed allocator that is
-    /// full, or out of frames. Nothing changes on error.
+    /// full, or out of frames. Nothing changes on error, but after
+    /// [`CodeError::PartialDecommit`] (the backend failed to take back a page the failed
+    /// commit mapped) that page stays committed in free room, until a later free or
+    /// [`trim`](Self::trim) decommits it.
     pub fn allocate(&mut self, size: usize) -> Result<WritableCode, CodeError> {
         let aligned = aligned_size(size)?;
         self.allocate_where(size, aligned, CODE_ALIGNMENT, None, Placement::Code)
@@ -321,6 +325,8 @@ impl<M: Mmu> CodeAllocator<M> {
             }
         };
         if let Err(e) = state.commit(range) {
+            // Pages the commit could not take back go with a later free's trim.
+            self.trim_pending |= matches!(e, CodeError::PartialDecommit(_));
             let _ = self.free.merge(range);
             if let Some(space) = new_space {
                 self.drop_space(&mut state, space);

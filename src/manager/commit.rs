@@ -11,7 +11,8 @@ use crate::{AddressRange, PAGE_SIZE};
 impl<M: Mmu> State<M> {
     /// Maps the pages of `range` that are not committed yet, RW+NX (in a ROX space: the 2 MiB
     /// pages it touches, R+X), charging them against the limit; on failure unmaps what it
-    /// mapped and charges nothing. Allocation-free when warm.
+    /// mapped and charges nothing, except pages it cannot unmap: those stay mapped and charged
+    /// ([`CodeError::PartialDecommit`]). Allocation-free when warm.
     pub(crate) fn commit(&mut self, range: AddressRange) -> Result<(), CodeError> {
         if self.space_of(range.start()).is_some_and(|s| s.rox) {
             return self.commit_rox(range);
@@ -40,18 +41,27 @@ impl<M: Mmu> State<M> {
                     self.pages.insert(page, committed);
                 }
                 Err(e) => {
-                    // Nothing ran on the pages just mapped: unmap them again.
+                    // Nothing ran on the pages just mapped: unmap them again. One that cannot
+                    // be stays mapped and counted, for a later trim, and the error says so.
                     let mut tlb = TlbFlush::new();
+                    let mut stuck = None;
                     for p in &missing[..i] {
                         if let Some(committed) = self.pages.remove(p) {
                             // SAFETY: mapped a moment ago by this call, never published.
-                            if let Err((_, back)) = unsafe { self.mmu.unmap(committed, &mut tlb) } {
+                            if let Err((u, back)) = unsafe { self.mmu.unmap(committed, &mut tlb) } {
                                 self.pages.insert(*p, back);
                                 self.committed += PAGE_SIZE;
+                                stuck.get_or_insert(u);
                             }
                         }
                     }
-                    self.flush(tlb)?;
+                    // A failed flush is retried by the next operation; the stuck page is the
+                    // news the caller must act on (a trim).
+                    let flushed = self.flush(tlb);
+                    if let Some(u) = stuck {
+                        return Err(CodeError::PartialDecommit(u));
+                    }
+                    flushed?;
                     return Err(e.into());
                 }
             }

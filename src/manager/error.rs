@@ -73,7 +73,9 @@ pub enum CodeError {
     /// operation of the manager makes it R+X again.
     NotRestored(MmuError),
     /// The range was freed, but not every wholly free page could be decommitted: those stay
-    /// committed (and counted) until a later free or the allocator's drop decommits them.
+    /// committed (and counted) until a later free or the allocator's drop decommits them. From
+    /// an allocation: it failed, and a page its commit mapped could not be unmapped again; it
+    /// stays committed (and counted) in free room the same way.
     PartialDecommit(MmuError),
     /// The page-table backend refused; nothing changed.
     Mmu(MmuError),

@@ -102,8 +102,9 @@ impl<M: Mmu> State<M> {
                     // Nothing ran on the pages just mapped (staged, never present): take them
                     // back in the same batch (the last staging of a leaf wins).
                     let undone = self.unmap_huge(&bases[..i], &mut tlb);
-                    self.flush(tlb)?;
-                    undone.map_err(CodeError::from)?;
+                    let flushed = self.flush(tlb);
+                    self.stuck(&bases[..i], undone)?;
+                    flushed?;
                     let space = range.start();
                     let untouched = i == 0 && !self.space_has_huge(space);
                     if untouched && matches!(e, MmuError::OutOfFrames | MmuError::Unsupported) {
@@ -113,7 +114,11 @@ impl<M: Mmu> State<M> {
                             let key = s.usable.start();
                             let result = self.commit(range);
                             match result {
-                                Ok(()) => self.rox_fallbacks += 1,
+                                // With `PartialDecommit` 4 KiB pages of the space stay
+                                // (counted, for a trim): it fell back all the same.
+                                Ok(()) | Err(CodeError::PartialDecommit(_)) => {
+                                    self.rox_fallbacks += 1;
+                                }
                                 // Nothing committed: the space stays as it was, a ROX space.
                                 Err(_) => {
                                     if let Some(s) = self.spaces.get_mut(&key) {
@@ -134,11 +139,23 @@ impl<M: Mmu> State<M> {
             let mut undo = TlbFlush::new();
             let undone = self.unmap_huge(&bases, &mut undo);
             let _ = self.flush(undo);
-            undone.map_err(CodeError::from)?;
+            self.stuck(&bases, undone)?;
             return Err(e);
         }
         self.account_commit(bases.len() * HUGE_PAGE_SIZE);
         Ok(())
+    }
+
+    /// After a failed commit took back the 2 MiB pages at `bases` (`undone`): those it could
+    /// not unmap stay mapped, so they are counted (a later trim or free decommits them, and
+    /// the counter then agrees) and reported as [`CodeError::PartialDecommit`].
+    fn stuck(&mut self, bases: &[usize], undone: Result<(), MmuError>) -> Result<(), CodeError> {
+        let Err(e) = undone else {
+            return Ok(());
+        };
+        let stuck = bases.iter().filter(|b| self.huge.contains(b)).count();
+        self.committed += stuck * HUGE_PAGE_SIZE;
+        Err(CodeError::PartialDecommit(e))
     }
 
     /// Whether the ROX space holding `addr` has a 2 MiB page mapped.

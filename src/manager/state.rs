@@ -113,6 +113,13 @@ struct Inner<M> {
 }
 
 /// The code manager: cheap to clone (a shared handle), `Send + Sync` when the backend is `Send`.
+///
+/// Dropping the last handle releases nothing by itself: code spaces that dropped allocators
+/// only queued (dropped with interrupts off, or while the lock was busy) stay reserved and
+/// mapped — a leak, never a use-after-free — until someone calls
+/// [`release_pending`](Self::release_pending). Task context that runs with interrupts off
+/// (where the manager cannot tell it from an interrupt handler) calls it before dropping the
+/// manager.
 pub struct CodeManager<M> {
     inner: Arc<Inner<M>>,
 }

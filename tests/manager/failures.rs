@@ -3,7 +3,7 @@
 
 use codespace::mmu::soft::CallKind;
 use codespace::mmu::MmuError;
-use codespace::{CodeError, FreeError, ManagerConfig};
+use codespace::{AllocatorConfig, CodeAllocator, CodeError, FreeError, ManagerConfig};
 
 use super::{allocator_with_space, publish_filled};
 use crate::common::*;
@@ -12,27 +12,38 @@ use crate::common::*;
 /// handle and leaking its range (and its pages) for the allocator's lifetime.
 #[test]
 fn a_free_that_cannot_fill_int3_hands_the_code_back() {
-    let (machine, m) = rig(1024, ManagerConfig::default());
-    let mut a = allocator_with_space(&m, 4 * PAGE);
-    let keep = publish_filled(&mut a, 64, 0x90);
-    let code = publish_filled(&mut a, 64, 0x91);
-    let stats = a.stats();
-    // The fill of the freed bytes on the shared, live page goes through the alias: make it fail.
-    machine.fail_nth(CallKind::Poke, 0);
-    let code = match free_published(&mut a, code) {
-        Err(FreeError::NotFreed(e, code)) => {
-            assert_eq!(e, CodeError::Mmu(MmuError::Injected));
-            code
-        }
-        other => panic!("{other:?}"),
-    };
-    assert_eq!(a.stats(), stats, "nothing freed");
-    assert_eq!(read(&m, code.start(), 64), [0x91; 64]);
-    free_published(&mut a, code).unwrap();
-    free_published(&mut a, keep).unwrap();
-    assert_eq!(a.stats().allocated, 0);
-    assert_eq!(m.committed(), 0);
-    assert_sound_no_leak(&machine, &m);
+    // In both modes the fill goes through the alias: on a live 4 KiB page, or on a ROX page.
+    for mode in [Mode::ALIAS, Mode::ROX] {
+        let (machine, m) = rig(1024, mode.manager(ManagerConfig::default()));
+        let config = AllocatorConfig {
+            initial_reservation: 4 * PAGE,
+            ..mode.allocator(AllocatorConfig::default())
+        };
+        let mut a = CodeAllocator::new(&m, config).unwrap();
+        let keep = publish_filled(&mut a, 64, 0x90);
+        let code = publish_filled(&mut a, 64, 0x91);
+        mode.assert_in_use(&m);
+        let stats = a.stats();
+        let committed = m.committed();
+        // The fill of the freed bytes on the shared, live page goes through the alias: make it
+        // fail.
+        machine.fail_nth(CallKind::Poke, 0);
+        let code = match free_published(&mut a, code) {
+            Err(FreeError::NotFreed(e, code)) => {
+                assert_eq!(e, CodeError::Mmu(MmuError::Injected), "{mode:?}");
+                code
+            }
+            other => panic!("{mode:?}: {other:?}"),
+        };
+        assert_eq!(a.stats(), stats, "{mode:?}: nothing freed");
+        assert_eq!(m.committed(), committed, "{mode:?}");
+        assert_eq!(read(&m, code.start(), 64), [0x91; 64]);
+        free_published(&mut a, code).unwrap();
+        free_published(&mut a, keep).unwrap();
+        assert_eq!(a.stats().allocated, 0);
+        assert_eq!(m.committed(), 0, "{mode:?}");
+        assert_sound_no_leak(&machine, &m);
+    }
 }
 
 /// A decommit that fails part way leaves wholly free pages committed; the next free decommits

@@ -4,7 +4,9 @@
 
 use codespace::manager::CODE_ALIGNMENT;
 use codespace::mmu::{FlushStats, Mmu, TlbFlush};
-use codespace::{AddressRange, ManagerConfig, ProtectionMode, PublishedCode};
+use codespace::{
+    AddressRange, AllocatorConfig, CodeAllocator, ManagerConfig, ProtectionMode, PublishedCode,
+};
 
 use super::{allocator, allocator_with_space, publish_filled};
 use crate::common::*;
@@ -184,9 +186,9 @@ fn publish_makes_pages_r_x_and_never_w_x() {
 
 #[test]
 fn published_bytes_read_back_with_int3_padding() {
-    for mode in BOTH_MODES {
-        let (machine, m) = rig(1024, config(mode));
-        let mut a = allocator(&m);
+    for mode in MODES {
+        let (machine, m) = rig(1024, mode.manager(ManagerConfig::default()));
+        let mut a = CodeAllocator::new(&m, mode.allocator(AllocatorConfig::default())).unwrap();
         let mut rng = Rng::new(7);
         let mut published = Vec::new();
         for len in [1, 63, 64, 65, 100, PAGE - 1, PAGE + 1, 5000, 3 * PAGE] {
@@ -216,6 +218,10 @@ fn published_bytes_read_back_with_int3_padding() {
                 machine.exec_as(cpu, code.start(), &mut fetched).unwrap();
                 assert_eq!(fetched, back, "{mode:?} CPU {cpu}");
             }
+        }
+        mode.assert_in_use(&m);
+        for (code, _) in published {
+            free_published(&mut a, code).unwrap();
         }
         assert_sound_no_leak(&machine, &m);
     }

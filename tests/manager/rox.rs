@@ -337,3 +337,111 @@ fn a_jump_table_on_rox_pages_is_patched_through_the_alias() {
     unsafe { a.free(table) }.unwrap();
     assert_sound_no_leak(&machine, &m);
 }
+
+/// Images go to 4 KiB spaces of their own, which a fixed ROX module cannot add: its one space
+/// holds code, so an image is refused (`NotGrowable`) and nothing changes; a growable one takes
+/// it beside its code.
+#[test]
+fn an_image_needs_a_space_of_its_own_in_a_rox_module() {
+    use codespace::module::{CodeModule, ModuleConfig, ModuleError, NewCode};
+    for growable in [false, true] {
+        let (machine, m) = rig(2048, rox_config());
+        let module = CodeModule::new(
+            &m,
+            registries(),
+            ModuleConfig {
+                functions: 1,
+                rox: true,
+                growable,
+                ..ModuleConfig::default()
+            },
+        )
+        .unwrap();
+        let code = module.add_code(&NewCode::function(0, &[0xC3; 64])).unwrap();
+        let before = state(&machine, &m, &[]);
+        let spaces = module.code_spaces().unwrap();
+        match module.load_image(&[0x90; 100]) {
+            Err(e) => {
+                assert!(!growable);
+                assert_eq!(e, ModuleError::Code(CodeError::NotGrowable));
+                assert_eq!(state(&machine, &m, &[]), before);
+                assert_eq!(module.code_spaces().unwrap(), spaces);
+            }
+            Ok(image) => {
+                assert!(growable);
+                let space = module.code_spaces().unwrap()[1];
+                assert!(space.contains(image.range().start()));
+                assert!(!space.contains(code.instruction_start()));
+                let stats = m.stats();
+                assert_eq!((stats.rox_spaces, stats.rox_fallbacks), (1, 0), "{stats:?}");
+                module.unpublish_image(image).unwrap();
+            }
+        }
+        assert_sound(&machine, &m);
+    }
+}
+
+/// A commit that fails part way takes back what it mapped; when taking a page back fails as
+/// well, the page stays mapped, counted and reported (`PartialDecommit`), and a trim gives it
+/// back. Found by the random allocator run in the ROX mode (a 4 KiB commit of a space that
+/// fell back, out of frames, whose rollback unmap failed); the 2 MiB commit had the same hole
+/// and left its page mapped but not counted (the audit then disagreed with the counter, and
+/// decommitting it later would have underflowed it).
+#[test]
+fn a_commit_whose_rollback_cannot_unmap_keeps_the_page_counted_for_a_trim() {
+    // 2 MiB pages: the first of two maps, the second fails, the first cannot be unmapped.
+    let (machine, m) = rig(4096, rox_config());
+    let config = AllocatorConfig {
+        rox: true,
+        initial_reservation: 2 * HUGE,
+        ..AllocatorConfig::default()
+    };
+    let mut a = CodeAllocator::new(&m, config).unwrap();
+    machine.fail_nth(CallKind::Map, 1);
+    machine.fail_nth(CallKind::Unmap, 0);
+    let e = a.allocate(HUGE + PAGE).unwrap_err();
+    assert_eq!(e, CodeError::PartialDecommit(MmuError::Injected));
+    let audit = m.audit().unwrap();
+    assert!(audit.is_clean(), "{audit:?}");
+    assert_eq!((m.stats().huge_pages, m.committed()), (1, HUGE));
+    a.trim().unwrap();
+    assert_eq!((m.stats().huge_pages, m.committed()), (0, 0));
+    assert_sound_no_leak(&machine, &m);
+
+    // 4 KiB pages of a space that fell back (no 2 MiB run in 400 frames): the second page
+    // fails, the first cannot be unmapped. The space has 4 KiB pages now: it fell back.
+    let (machine, m) = rig(400, rox_config());
+    let config = AllocatorConfig {
+        rox: true,
+        initial_reservation: HUGE,
+        ..AllocatorConfig::default()
+    };
+    let mut a = CodeAllocator::new(&m, config).unwrap();
+    let space = a.code_spaces()[0];
+    // map_rox (refused: no run), then the fallback's two 4 KiB pages.
+    machine.fail_nth(CallKind::Map, 2);
+    machine.fail_nth(CallKind::Unmap, 0);
+    let e = a.allocate(2 * PAGE).unwrap_err();
+    assert_eq!(e, CodeError::PartialDecommit(MmuError::Injected));
+    let audit = m.audit().unwrap();
+    assert!(audit.is_clean(), "{audit:?}");
+    let stats = m.stats();
+    assert_eq!(
+        (stats.rox_spaces, stats.rox_fallbacks, m.committed()),
+        (0, 1, PAGE)
+    );
+    assert!(is_mapped(&m, space.start()));
+    // The page left behind is reused; the same failure one page further on leaves another,
+    // which the next free trims.
+    let code = publish_filled(&mut a, PAGE, 0x90);
+    assert_eq!(code.start(), space.start());
+    machine.fail_nth(CallKind::Map, 1);
+    machine.fail_nth(CallKind::Unmap, 0);
+    let e = a.allocate(2 * PAGE).unwrap_err();
+    assert_eq!(e, CodeError::PartialDecommit(MmuError::Injected));
+    assert_eq!(m.committed(), 2 * PAGE);
+    // SAFETY: no simulated CPU runs it, nothing leads into it.
+    unsafe { a.free(code) }.unwrap();
+    assert_eq!(m.committed(), 0, "the free trimmed the page left behind");
+    assert_sound_no_leak(&machine, &m);
+}

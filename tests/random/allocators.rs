@@ -5,32 +5,79 @@
 //! are committed (V8's rule: a page lives while live code touches it), their protection and
 //! the bytes written; every step checks the audit, the counters and the touched pages against
 //! it, and every 500 steps every page and byte.
+//!
+//! In the ROX mode (issue 20) the allocators ask for code spaces on 2 MiB pages: the model maps
+//! a 2 MiB page R+X and INT3 when it is first touched, checks that a publish changes no
+//! page-table entry and costs no shootdown, that freed bytes are INT3 before reuse and that a
+//! 2 MiB page goes when no live code touches it. Now and then a few steps run with no 2 MiB
+//! frame left ([`HOG_ONE_IN`], `rox.rs`): spaces fall back to 4 KiB pages and the model
+//! follows them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use codespace::manager::CODE_ALIGNMENT;
 use codespace::mmu::soft::{CallKind, SoftMmu};
 use codespace::mmu::MmuError;
 use codespace::{
-    AddressRange, AllocatorConfig, CodeAllocator, CodeError, CodeManager, FreeError, ManagerConfig,
-    ProtectionMode, PublishedCode, WritableCode,
+    AddressRange, AllocatorConfig, CodeAllocator, CodeError, CodeManager, ManagerConfig,
+    PublishedCode, WritableCode,
 };
 
 use crate::common::*;
 use crate::Trial;
 
 mod checks;
+mod lifecycle;
+mod model;
+mod publish;
+mod rox;
 
-const WINDOW: usize = 16 << 20;
-const MAX_COMMITTED: usize = 128 * PAGE;
-const MAX_SPACE: usize = 128 * PAGE;
+use model::{ShadowPage, ShadowSpace, HUGE};
+use rox::{Hog, Tally};
 
-/// What one committed page holds: its protection and the bytes known so far (`None`: unknown,
-/// never written since commit or left half written by a failed operation).
-struct ShadowPage {
-    executable: bool,
-    bytes: Vec<Option<u8>>,
+/// The sizes of a run: the window, the commit limit, the largest code space, the machine.
+struct Limits {
+    window: usize,
+    max_committed: usize,
+    max_space: usize,
+    /// The fixed allocator's one space.
+    fixed_space: usize,
+    frames: usize,
 }
+
+/// In 4 KiB pages: a tight commit limit the run hits often.
+const SMALL: Limits = Limits {
+    window: 16 << 20,
+    max_committed: 128 * PAGE,
+    max_space: 128 * PAGE,
+    fixed_space: 48 * PAGE,
+    frames: 1 << 15,
+};
+
+/// In 2 MiB pages: four of them may be committed; a window so large that a ROX space always
+/// finds 2 MiB aligned room (every fallback is then one of frames); a machine with 2 MiB runs
+/// to spare beyond the limit, and frames past its last run for 4 KiB pages while they are
+/// hogged.
+const ROX: Limits = Limits {
+    window: 256 << 20,
+    max_committed: 4 * HUGE,
+    max_space: 4 * HUGE,
+    // Three 2 MiB pages: code straddles them, and one may need mapping when none is free.
+    fixed_space: 3 * HUGE,
+    frames: 10 * rox::HUGE_FRAMES + 480,
+};
+
+/// One step in this many (ROX mode) begins a period of up to [`HOG_STEPS`] steps with every
+/// 2 MiB frame of the machine taken, with a fresh allocator, whose first space then finds no
+/// 2 MiB frame.
+const HOG_ONE_IN: usize = 120;
+const HOG_STEPS: usize = 16;
+/// One step in this many (ROX mode) frees all of one allocator's code, handle by handle (a JIT
+/// flushing its code cache), so that 2 MiB pages become wholly free and go back.
+const DRAIN_ONE_IN: usize = 150;
+/// One allocation in this many (ROX mode) is large (up to a 2 MiB page), so that code
+/// spans 2 MiB pages, fills spaces and frees whole 2 MiB pages.
+const LARGE_ONE_IN: usize = 16;
 
 /// One allocator of the run and the handles it gave out.
 struct Module {
@@ -59,7 +106,8 @@ enum Failure {
 
 struct Run<'t> {
     trial: &'t Trial<'t>,
-    mode: ProtectionMode,
+    mode: Mode,
+    limits: &'static Limits,
     machine: SoftMmu,
     manager: CodeManager<SoftMmu>,
     modules: Vec<Module>,
@@ -68,6 +116,15 @@ struct Run<'t> {
     live: BTreeMap<usize, (usize, usize)>,
     allocated: Vec<usize>,
     pages: BTreeMap<usize, ShadowPage>,
+    /// ROX mode: every code space by start (4 KiB modes: none, every space is 4 KiB).
+    spaces: BTreeMap<usize, ShadowSpace>,
+    /// Mapped 2 MiB pages of ROX spaces.
+    huge: BTreeSet<usize>,
+    /// Spaces that fell back to 4 KiB pages.
+    fallbacks: u64,
+    hog: Hog,
+    /// What the run went through, for its summary.
+    tally: Tally,
     stale: Vec<Stale>,
     /// Counters after the last check, which a failed operation must leave untouched.
     last: Option<Counters>,
@@ -84,17 +141,17 @@ struct Counters {
     data_frames: usize,
 }
 
-pub fn run(trial: &Trial<'_>, mode: ProtectionMode) {
-    let machine = machine_for(1 << 15, mode);
+pub fn run(trial: &Trial<'_>, mode: Mode) {
+    let limits = if mode.rox { &ROX } else { &SMALL };
+    let machine = machine_for(limits.frames, mode.protection);
     let manager = manager_on(
         &machine,
-        window(WINDOW / PAGE),
-        ManagerConfig {
-            max_committed: MAX_COMMITTED,
-            max_code_space_size: MAX_SPACE,
-            protection: mode,
+        window(limits.window / PAGE),
+        mode.manager(ManagerConfig {
+            max_committed: limits.max_committed,
+            max_code_space_size: limits.max_space,
             ..ManagerConfig::default()
-        },
+        }),
     );
     let configs = [
         AllocatorConfig::default(),
@@ -104,10 +161,11 @@ pub fn run(trial: &Trial<'_>, mode: ProtectionMode) {
         },
         AllocatorConfig {
             growable: false,
-            initial_reservation: 48 * PAGE,
+            initial_reservation: limits.fixed_space,
             ..AllocatorConfig::default()
         },
-    ];
+    ]
+    .map(|c| mode.allocator(c));
     let modules = configs
         .into_iter()
         .map(|config| Module {
@@ -121,6 +179,7 @@ pub fn run(trial: &Trial<'_>, mode: ProtectionMode) {
     let mut run = Run {
         trial,
         mode,
+        limits,
         machine,
         manager,
         modules,
@@ -128,18 +187,40 @@ pub fn run(trial: &Trial<'_>, mode: ProtectionMode) {
         live: BTreeMap::new(),
         allocated: vec![0; 3],
         pages: BTreeMap::new(),
+        spaces: BTreeMap::new(),
+        huge: BTreeSet::new(),
+        fallbacks: 0,
+        hog: Hog::default(),
+        tally: Tally::default(),
         stale: Vec::new(),
         last: None,
         touched: Vec::new(),
         injected: None,
         step: 0,
     };
+    for mi in 0..run.modules.len() {
+        run.learn_spaces(mi);
+    }
     run.check();
     while run.step < trial.steps {
         trial.at(run.step);
         run.step();
     }
+    run.release_hog();
     run.check_bytes();
+    if mode.rox {
+        // The run did what it claims: code on 2 MiB pages, and spaces that fell back.
+        let t = &run.tally;
+        eprintln!(
+            "  ROX: {t:?}, {} fallbacks, {} steps without 2 MiB frames",
+            run.fallbacks, run.hog.steps
+        );
+        // With the default steps (a shorter replay may cover less).
+        let covered = t.most_huge >= 2 && t.freed_huge > 0 && t.limit > 0;
+        if trial.steps >= 3_000 {
+            assert!(covered && run.fallbacks > 0, "{}", run.label());
+        }
+    }
     let Run {
         manager,
         modules,
@@ -151,15 +232,23 @@ pub fn run(trial: &Trial<'_>, mode: ProtectionMode) {
         unsafe { module.alloc.release_all() };
     }
     assert_eq!(manager.committed(), 0);
-    assert_eq!(manager.stats().window_free, WINDOW);
+    assert_eq!(manager.stats().window_free, limits.window);
     assert_sound_no_leak(&machine, &manager);
 }
 
 impl Run<'_> {
     fn label(&self) -> String {
         format!(
-            "seed {:#x} step {} ({:?}, failure planned: {:?})",
-            self.trial.seed, self.step, self.mode, self.injected
+            "seed {:#x} step {} ({:?}, failure planned: {:?}{})",
+            self.trial.seed,
+            self.step,
+            self.mode,
+            self.injected,
+            if self.hog.active() {
+                ", no 2 MiB frame"
+            } else {
+                ""
+            }
         )
     }
 
@@ -167,13 +256,28 @@ impl Run<'_> {
         self.step += 1;
         let mi = self.rng.below(self.modules.len());
         self.injected = None;
+        // Before failures are planned: the hog's own calls must not take them.
+        if self.mode.rox && !self.hog.active() && self.rng.one_in(HOG_ONE_IN) {
+            // The fresh allocator first (releasing the old one frees 2 MiB frames), checked as
+            // a step of its own.
+            self.recreate(mi);
+            self.settle();
+            self.check();
+            let steps = 1 + self.rng.below(HOG_STEPS) as u64;
+            self.hog_huge_frames(self.step + steps);
+        }
         if self.rng.one_in(8) {
             let kind = CallKind::ALL[self.rng.below(CallKind::ALL.len())];
             let n = self.rng.below(4) as u64;
             self.machine.fail_nth(kind, n);
             self.injected = Some((kind, n));
         }
-        match self.rng.below(1000) {
+        let op = if self.mode.rox && self.rng.one_in(DRAIN_ONE_IN) {
+            1000
+        } else {
+            self.rng.below(1000)
+        };
+        match op {
             0..=399 => self.allocate(mi),
             400..=649 => self.publish(mi),
             650..=869 => self.free(mi),
@@ -181,11 +285,12 @@ impl Run<'_> {
             950..=969 => self.over_limit(mi),
             970..=989 => self.foreign(mi),
             990..=998 => self.leak(mi),
-            _ => self.recreate(mi),
+            999 => self.recreate(mi),
+            _ => self.drain(mi),
         }
         self.machine.clear_failures();
-        // Later operations finish what a failed one left pending (flushes, flip backs).
-        self.manager.audit().unwrap();
+        self.hog_step();
+        self.settle();
         self.check();
     }
 
@@ -208,7 +313,13 @@ impl Run<'_> {
     }
 
     fn allocate(&mut self, mi: usize) {
-        let size = self.rng.code_size();
+        let mut size = self.rng.code_size();
+        // Without 2 MiB frames more often: a space with 2 MiB pages then needs one more.
+        let large = if self.hog.active() { 4 } else { LARGE_ONE_IN };
+        if self.mode.rox && self.rng.one_in(large) {
+            size = 1 + self.rng.below(HUGE);
+        }
+        let fallbacks = self.manager.stats().rox_fallbacks;
         match self.modules[mi].alloc.allocate(size) {
             Ok(mut w) => {
                 let range = w.range();
@@ -219,22 +330,58 @@ impl Run<'_> {
                     .code_spaces()
                     .iter()
                     .any(|s| s.contains_range(&range)));
-                self.add_live(range, mi);
+                self.allocated_range(mi, range, fallbacks);
                 self.rng.fill(w.as_mut_slice());
                 self.modules[mi].writable.push(w);
             }
             Err(e) => {
-                let natural = match e {
-                    CodeError::CommitLimit { requested, .. } => {
-                        requested > self.manager.remaining_uncommitted()
-                    }
-                    CodeError::NotGrowable => true,
-                    _ => false,
-                };
-                self.failure(e, natural);
-                self.assert_unchanged();
+                let natural = self.natural(e);
+                match self.failure(e, natural) {
+                    Failure::Unchanged => self.assert_unchanged(),
+                    // The commit failed and could not take back a page it mapped.
+                    Failure::Changed => self.left_behind(mi, fallbacks),
+                }
             }
         }
+    }
+
+    /// Whether the model expected `e` from an allocation: over the commit limit, a fixed
+    /// allocator full, or (ROX mode) out of frames when no 2 MiB frame is left.
+    fn natural(&mut self, e: CodeError) -> bool {
+        match e {
+            CodeError::CommitLimit { requested, .. } => {
+                // ROX spaces commit whole 2 MiB pages.
+                let units = self.mode.rox && self.spaces.values().all(|s| s.rox);
+                assert!(
+                    !units || requested.is_multiple_of(HUGE),
+                    "{}: {e:?}",
+                    self.label()
+                );
+                self.tally.limit += 1;
+                requested > self.manager.remaining_uncommitted()
+            }
+            CodeError::NotGrowable => true,
+            CodeError::Mmu(MmuError::OutOfFrames) => {
+                self.tally.no_frame += 1;
+                self.mode.rox && self.no_huge_frame()
+            }
+            _ => false,
+        }
+    }
+
+    /// A successful allocation of `range` by module `mi`: the space it lies in (ROX mode:
+    /// learnt, followed if it fell back), then the model. In a ROX space the range reads as
+    /// INT3: fresh 2 MiB pages are INT3, freed bytes became INT3 before this reuse.
+    fn allocated_range(&mut self, mi: usize, range: AddressRange, fallbacks: u64) {
+        self.note_space(mi, range, fallbacks);
+        self.add_live(range, mi);
+        if self.in_rox_space(range.start()) {
+            let bytes = read(&self.manager, range.start(), range.size());
+            if let Some(i) = bytes.iter().position(|&b| b != INT3) {
+                panic!("{}: {:#x} not INT3", self.label(), range.start() + i);
+            }
+        }
+        self.tally.most_huge = self.tally.most_huge.max(self.huge.len());
     }
 
     /// Asks for more than can be committed, or more than a code space may hold.
@@ -242,295 +389,29 @@ impl Run<'_> {
         let remaining = self.manager.remaining_uncommitted();
         let size = match self.rng.below(3) {
             0 => remaining + 1 + self.rng.below(2 * PAGE),
-            1 => MAX_SPACE + 1,
-            _ => MAX_COMMITTED,
+            1 => self.limits.max_space + 1,
+            _ => self.limits.max_committed,
         };
+        let fallbacks = self.manager.stats().rox_fallbacks;
         match self.modules[mi].alloc.allocate(size) {
             Ok(w) => {
-                // Possible only when it fits in free, already committed room (rare).
-                self.add_live(w.range(), mi);
+                // Possible only when it fits in free, already committed room (rare; less so
+                // on 2 MiB pages).
+                self.allocated_range(mi, w.range(), fallbacks);
                 self.modules[mi].writable.push(w);
             }
             Err(e) => {
-                let natural = matches!(
-                    e,
-                    CodeError::CommitLimit { .. }
-                        | CodeError::NotGrowable
-                        | CodeError::CodeSpaceTooLarge { .. }
-                );
+                let natural = match e {
+                    CodeError::CommitLimit { .. } => {
+                        self.tally.limit += 1;
+                        true
+                    }
+                    CodeError::NotGrowable | CodeError::CodeSpaceTooLarge { .. } => true,
+                    // Room the size fits in may need a 2 MiB page when none is left.
+                    e => self.natural(e),
+                };
                 self.failure(e, natural);
                 self.assert_unchanged();
-            }
-        }
-    }
-
-    fn publish(&mut self, mi: usize) {
-        let module = &mut self.modules[mi];
-        if module.writable.is_empty() {
-            return;
-        }
-        let i = self.rng.below(module.writable.len());
-        let w = module.writable.swap_remove(i);
-        let bytes = w.as_slice().to_vec();
-        let range = w.range();
-        match module.alloc.publish(w) {
-            Ok(code) => {
-                assert_eq!((code.range(), code.len()), (range, bytes.len()));
-                module.published.push((code, Some(bytes.clone())));
-                self.published(range, Some(&bytes));
-            }
-            Err(r) => {
-                module.writable.push(r.code);
-                match self.failure(r.error, false) {
-                    Failure::Unchanged => {
-                        // Bytes of its own range may have been written already.
-                        self.forget_bytes(range);
-                        self.check_counters_unchanged();
-                    }
-                    Failure::Changed => {
-                        // Published, or half: the pages' protection is read back below.
-                        self.forget_bytes(range);
-                        self.resync_protection(range);
-                    }
-                }
-            }
-        }
-    }
-
-    fn free(&mut self, mi: usize) {
-        let module = &mut self.modules[mi];
-        if module.published.is_empty() {
-            return;
-        }
-        let i = self.rng.below(module.published.len());
-        let (code, bytes) = module.published.swap_remove(i);
-        let range = code.range();
-        match free_published(&mut module.alloc, code) {
-            Ok(()) => self.remove_live(range),
-            Err(FreeError::NotFreed(e, code)) => {
-                let _ = bytes;
-                self.modules[mi].published.push((code, None));
-                self.failure(e, false);
-                self.forget_bytes(range);
-                self.check_counters_unchanged();
-            }
-            Err(FreeError::Decommit(e)) => {
-                self.failure(e, false);
-                self.remove_live(range);
-                self.finish_decommit(mi);
-            }
-            Err(e) => panic!("{}: {e:?}", self.label()),
-        }
-    }
-
-    fn discard(&mut self, mi: usize) {
-        let module = &mut self.modules[mi];
-        if module.writable.is_empty() {
-            return;
-        }
-        let i = self.rng.below(module.writable.len());
-        let w = module.writable.swap_remove(i);
-        let range = w.range();
-        match module.alloc.discard(w) {
-            Ok(()) => self.remove_live(range),
-            Err(FreeError::NotFreed(e, w)) => {
-                self.modules[mi].writable.push(w);
-                self.failure(e, false);
-                self.forget_bytes(range);
-                self.check_counters_unchanged();
-            }
-            Err(FreeError::Decommit(e)) => {
-                self.failure(e, false);
-                self.remove_live(range);
-                self.finish_decommit(mi);
-            }
-            Err(e) => panic!("{}: {e:?}", self.label()),
-        }
-    }
-
-    /// A decommit failed part way: trimming finishes it, so the model's rule holds again.
-    fn finish_decommit(&mut self, mi: usize) {
-        self.machine.clear_failures();
-        self.modules[mi].alloc.trim().unwrap();
-    }
-
-    /// Hands a handle to an allocator that does not own it, then gives it back.
-    fn foreign(&mut self, mi: usize) {
-        let other = (mi + 1 + self.rng.below(self.modules.len() - 1)) % self.modules.len();
-        if let Some(stale) = self.stale.pop() {
-            let target = &mut self.modules[other].alloc;
-            let error = match stale {
-                Stale::Writable(w) => target.publish(w).map(drop).unwrap_err().error,
-                Stale::Published(p) => free_published(target, p).unwrap_err().error(),
-            };
-            assert_eq!(error, CodeError::ForeignCode);
-        } else if self.rng.below(2) == 0 && !self.modules[mi].writable.is_empty() {
-            let w = self.modules[mi].writable.pop().unwrap();
-            let (range, bytes) = (w.range(), w.as_slice().to_vec());
-            let w = if self.rng.below(2) == 0 {
-                let r = self.modules[other].alloc.publish(w).map(drop).unwrap_err();
-                assert_eq!(r.error, CodeError::ForeignCode);
-                r.code
-            } else {
-                match self.modules[other].alloc.discard(w) {
-                    Err(FreeError::Foreign(w)) => w,
-                    r => panic!("{r:?}"),
-                }
-            };
-            assert_eq!((w.range(), w.as_slice()), (range, &bytes[..]));
-            self.modules[mi].writable.push(w);
-        } else if let Some((p, bytes)) = self.modules[mi].published.pop() {
-            match free_published(&mut self.modules[other].alloc, p) {
-                Err(FreeError::Foreign(p)) => self.modules[mi].published.push((p, bytes)),
-                r => panic!("{r:?}"),
-            }
-        }
-        self.check_counters_unchanged();
-    }
-
-    /// Drops a writable handle without discarding it: the range stays allocated.
-    fn leak(&mut self, mi: usize) {
-        if let Some(w) = self.modules[mi].writable.pop() {
-            self.modules[mi].leaked.push(w.range());
-        }
-    }
-
-    /// Drops module `mi`'s allocator and makes a new one with the same configuration.
-    fn recreate(&mut self, mi: usize) {
-        // Creating the fixed allocator reserves its space: only when no failure is planned.
-        self.machine.clear_failures();
-        self.injected = None;
-        let config = self.modules[mi].config;
-        let fresh = Module {
-            config,
-            alloc: CodeAllocator::new(&self.manager, config).unwrap(),
-            writable: Vec::new(),
-            published: Vec::new(),
-            leaked: Vec::new(),
-        };
-        let old = std::mem::replace(&mut self.modules[mi], fresh);
-        let spaces = old.alloc.code_spaces().to_vec();
-        let mut ranges: Vec<AddressRange> = old.leaked.clone();
-        ranges.extend(old.writable.iter().map(WritableCode::range));
-        ranges.extend(old.published.iter().map(|(p, _)| p.range()));
-        let Module {
-            alloc,
-            mut writable,
-            mut published,
-            ..
-        } = old;
-        let mut alloc = alloc;
-        // SAFETY: the software machine never runs its code; published code goes with the rest.
-        unsafe { alloc.release_all() };
-        drop(alloc);
-        if let Some(w) = writable.pop() {
-            self.stale.push(Stale::Writable(w));
-        }
-        if let Some((p, _)) = published.pop() {
-            self.stale.push(Stale::Published(p));
-        }
-        for r in &ranges {
-            assert_eq!(self.live.remove(&r.start()), Some((r.end(), mi)));
-            self.allocated[mi] -= r.size();
-        }
-        assert_eq!(self.allocated[mi], 0);
-        for space in spaces {
-            self.touched.extend(space.pages());
-            let dead: Vec<usize> = self
-                .pages
-                .range(space.start()..space.end())
-                .map(|(&p, _)| p)
-                .collect();
-            for p in dead {
-                self.pages.remove(&p);
-            }
-        }
-    }
-
-    // ---- the model ----
-
-    fn add_live(&mut self, range: AddressRange, mi: usize) {
-        if let Some((&s, &(e, _))) = self.live.range(..range.end()).next_back() {
-            assert!(
-                e <= range.start(),
-                "{}: {range:?} overlaps [{s:#x}, {e:#x})",
-                self.label()
-            );
-        }
-        self.live.insert(range.start(), (range.end(), mi));
-        self.touched.extend(range.pages());
-        self.allocated[mi] += range.size();
-        for page in range.pages() {
-            self.pages.entry(page).or_insert_with(|| ShadowPage {
-                executable: false,
-                bytes: vec![None; PAGE],
-            });
-        }
-    }
-
-    /// The range was published with `bytes` (INT3 after them): every page executable.
-    fn published(&mut self, range: AddressRange, bytes: Option<&[u8]>) {
-        for page in range.pages() {
-            let shadow = self.pages.get_mut(&page).unwrap();
-            shadow.executable = true;
-            let part = range.overlap(&AddressRange::new(page, page + PAGE));
-            for addr in part.start()..part.end() {
-                shadow.bytes[addr - page] =
-                    bytes.map(|b| b.get(addr - range.start()).copied().unwrap_or(INT3));
-            }
-        }
-        self.touched.extend(range.pages());
-    }
-
-    fn forget_bytes(&mut self, range: AddressRange) {
-        for page in range.pages() {
-            let shadow = self.pages.get_mut(&page).unwrap();
-            let part = range.overlap(&AddressRange::new(page, page + PAGE));
-            for addr in part.start()..part.end() {
-                shadow.bytes[addr - page] = None;
-            }
-        }
-    }
-
-    /// After a failure that changed protections: take them from the page tables (the audit
-    /// checks they are RW+NX or R+X and never both).
-    fn resync_protection(&mut self, range: AddressRange) {
-        self.manager.audit().unwrap();
-        for page in range.pages() {
-            let flags = leaf_flags(&self.machine, page);
-            assert!(
-                flags == R_X || flags == RW_NX,
-                "{}: {flags:#x}",
-                self.label()
-            );
-            self.pages.get_mut(&page).unwrap().executable = flags == R_X;
-        }
-        self.touched.extend(range.pages());
-    }
-
-    fn page_in_use(&self, page: usize) -> bool {
-        self.live
-            .range(..page + PAGE)
-            .next_back()
-            .is_some_and(|(_, &(end, _))| end > page)
-    }
-
-    /// V8's rule: a page dies when no live code touches it; freed bytes on pages that live on
-    /// become INT3.
-    fn remove_live(&mut self, range: AddressRange) {
-        let (end, mi) = self.live.remove(&range.start()).expect("live");
-        self.touched.extend(range.pages());
-        assert_eq!(end, range.end());
-        self.allocated[mi] -= range.size();
-        for page in range.pages() {
-            if self.page_in_use(page) {
-                let shadow = self.pages.get_mut(&page).unwrap();
-                let part = range.overlap(&AddressRange::new(page, page + PAGE));
-                for addr in part.start()..part.end() {
-                    shadow.bytes[addr - page] = Some(INT3);
-                }
-            } else {
-                self.pages.remove(&page);
             }
         }
     }

@@ -1,6 +1,7 @@
 //! Long random runs against simple reference models, on the TLB model with failure injection:
 //! modules (add, replace, batches, slot patches, references, frees, grace periods, lookups,
-//! module drops) and allocators (allocate, publish, free, discard, foreign handles, drops).
+//! module drops) and allocators (allocate, publish, free, discard, foreign handles, drops),
+//! each with code on 4 KiB pages (alias and flip modes) and on 2 MiB ROX pages (issue 20).
 //!
 //! `cargo test` runs a few thousand steps per seed. Longer runs are opt-in:
 //!
@@ -117,7 +118,7 @@ fn random_allocators_alias_against_a_model() {
         "random_allocators_alias_against_a_model",
         3_000,
         &[0x5EED_0002],
-        |t| allocators::run(t, codespace::ProtectionMode::Alias),
+        |t| allocators::run(t, common::Mode::ALIAS),
     );
 }
 
@@ -127,6 +128,18 @@ fn random_allocators_flip_against_a_model() {
         "random_allocators_flip_against_a_model",
         3_000,
         &[0x5EED_0001],
-        |t| allocators::run(t, codespace::ProtectionMode::Flip),
+        |t| allocators::run(t, common::Mode::FLIP),
+    );
+}
+
+/// The same run with the allocators' code on 2 MiB ROX pages (issue 20), some steps with no
+/// 2 MiB frame left.
+#[test]
+fn random_allocators_rox_against_a_model() {
+    drive(
+        "random_allocators_rox_against_a_model",
+        3_000,
+        &[0x5EED_0007],
+        |t| allocators::run(t, common::Mode::ROX),
     );
 }

@@ -11,6 +11,7 @@ mod memory_rows;
 mod module_rows;
 mod rox_rows;
 mod smp;
+mod spec_rows;
 mod wasm_rows;
 
 use alloc::vec::Vec;
@@ -128,6 +129,7 @@ pub fn run(smp_only: bool) -> ExitCode {
         smp::run(&r);
         // Shootdown and sync rounds exist only with other CPUs online.
         rox_rows::run(&r);
+        spec_rows::run(&r);
         return ExitCode::Success;
     }
     let manager = memory_rows::manager(100);
@@ -138,6 +140,7 @@ pub fn run(smp_only: bool) -> ExitCode {
     smp::run(&r);
     jit::run(&r);
     wasm_rows::run(&r);
+    spec_rows::run(&r);
 
     let flushes = manager.flush_stats().expect("flush stats");
     println!(

@@ -31,7 +31,7 @@ fn manager(window: usize, rox: bool) -> CodeManager<KernelMmu> {
 }
 
 /// `after - before` as (shootdown rounds, serialization rounds, alias sessions, invlpg, full).
-fn work(before: FlushStats, after: FlushStats) -> (u64, u64, u64, u64, u64) {
+pub(super) fn work(before: FlushStats, after: FlushStats) -> (u64, u64, u64, u64, u64) {
     (
         after.shootdowns - before.shootdowns,
         after.syncs - before.syncs,

@@ -120,6 +120,13 @@ pub(super) fn run(r: &Report) {
     // SAFETY: no generated code runs on this CPU and no lookup reference is held.
     unsafe { crate::code::synchronize() };
     REGISTRIES.grace().reclaim();
+    // Task context, interrupts off: the dropped modules' spaces were only queued, and dropping
+    // the managers would leave them mapped (a later manager over the window then meets
+    // `AlreadyMapped`, as the wasm rows did).
+    for manager in [&m, &int3] {
+        manager.release_pending().expect("release");
+        assert_eq!(manager.committed(), 0, "every space given back");
+    }
 }
 
 /// `patch_slot` and an 8-slot `patch_slots` on a module of `m`, under `m`'s patch protocol.

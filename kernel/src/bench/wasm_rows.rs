@@ -17,7 +17,7 @@ pub(super) fn run(r: &Report) {
         );
         return;
     };
-    let manager = super::memory_rows::manager(105);
+    let manager = super::memory_rows::manager(104);
     let rt = wasm::runtime_in(&manager, wasm::config()).expect("wasm runtime");
     // SAFETY (every `load` below): the engine was built with `rt.code`; the container comes from
     // the host tool and is checked before wasmtime reads it.

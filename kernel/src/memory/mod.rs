@@ -432,6 +432,21 @@ pub fn leaf_entry(va: u64) -> Option<u64> {
     (last == 3 || e & PageTableFlags::HUGE_PAGE.bits() != 0).then_some(e)
 }
 
+/// The size of the present leaf mapping `va` (4 KiB, 2 MiB or 1 GiB): how much one iTLB
+/// entry for it covers.
+#[must_use]
+pub fn leaf_size(va: u64) -> Option<u64> {
+    let entries = raw_entries(va);
+    let last = entries.iter().rposition(Option::is_some)?;
+    let e = entries[last]?;
+    match last {
+        3 => Some(4 << 10),
+        2 if e & PageTableFlags::HUGE_PAGE.bits() != 0 => Some(2 << 20),
+        1 if e & PageTableFlags::HUGE_PAGE.bits() != 0 => Some(1 << 30),
+        _ => None,
+    }
+}
+
 /// Bytes of heap in use and free.
 #[must_use]
 pub fn heap_usage() -> (usize, usize) {

@@ -204,7 +204,7 @@ pub fn runtime_with(
 /// [`RuntimeError`].
 pub fn runtime_in(
     manager: &CodeManager<KernelMmu>,
-    mut config: wasmtime::Config,
+    config: wasmtime::Config,
 ) -> Result<Runtime, RuntimeError> {
     let module = CodeModule::new(
         manager,
@@ -212,7 +212,19 @@ pub fn runtime_in(
         code::module_config(manager, ModuleConfig::default()),
     )
     .map_err(RuntimeError::Module)?;
-    let code = WasmCode::new(Arc::new(module), fault_ranges());
+    runtime_of(Arc::new(module), config)
+}
+
+/// A [`Runtime`] whose code lives in `module` (made with the configuration the caller wants,
+/// such as `ModuleConfig::rox`), with engine configuration `config`.
+///
+/// # Errors
+/// [`RuntimeError::Engine`].
+pub fn runtime_of(
+    module: Arc<CodeModule<KernelMmu>>,
+    mut config: wasmtime::Config,
+) -> Result<Runtime, RuntimeError> {
+    let code = WasmCode::new(module, fault_ranges());
     config.with_custom_code_memory(Some(code.clone()));
     let engine = wasmtime::Engine::new(&config).map_err(RuntimeError::Engine)?;
     Ok(Runtime { code, engine })

@@ -1,9 +1,14 @@
 //! The allocator run's checks against its shadow model.
 
+use codespace::mmu::soft::PHYS_BASE;
 use codespace::mmu::Mmu;
 
+use super::model::{Prot, HUGE};
 use super::{Counters, Run};
 use crate::common::*;
+
+/// The page-size bit of a directory entry: a 2 MiB leaf.
+const PTE_HUGE: u64 = 1 << 7;
 
 impl Run<'_> {
     pub(super) fn counters(&self) -> Counters {
@@ -13,7 +18,8 @@ impl Run<'_> {
             audit: self.manager.audit().unwrap(),
             data_frames: self.machine.total_frames()
                 - self.machine.free_frames().unwrap()
-                - self.machine.table_frames(),
+                - self.machine.table_frames()
+                - self.hog.frames(),
         }
     }
 
@@ -45,16 +51,29 @@ impl Run<'_> {
         }
     }
 
+    /// Each page's mapping as the model says: a 4 KiB leaf RW+NX or R+X, part of a 2 MiB leaf
+    /// that is R+X and nothing else (never writable, no 4 KiB leaf under it), or nothing.
     pub(super) fn verify_pages(&self, pages: impl IntoIterator<Item = usize>) {
         for page in pages {
-            let expected = match self.pages.get(&page) {
-                Some(shadow) if shadow.executable => R_X,
-                Some(_) => RW_NX,
-                None => 0,
+            // (flags of a 2 MiB leaf holding the page, flags of its 4 KiB leaf)
+            let expected = match self.pages.get(&page).map(|s| s.prot) {
+                Some(Prot::Huge) => (Some(PTE_HUGE | R_X), 0),
+                Some(Prot::Rx) => (None, R_X),
+                Some(Prot::RwNx) => (None, RW_NX),
+                None => (None, 0),
             };
-            let flags = leaf_flags(&self.machine, page);
-            assert_eq!(flags, expected, "{} page {page:#x}", self.label());
+            let walk = self.machine.raw_entries(page);
+            let huge = walk[2].filter(|e| e & PTE_HUGE != 0).map(|e| e & !PTE_ADDR);
+            let got = (huge, walk[3].unwrap_or(0) & !PTE_ADDR);
+            assert_eq!(got, expected, "{} page {page:#x}", self.label());
         }
+    }
+
+    /// Lets the manager finish what a failed operation left pending (flushes, flip backs):
+    /// any call that takes its lock with interrupts on does (the audit of `check` then sees
+    /// the settled state; auditing here as well would walk every page table twice a step).
+    pub(super) fn settle(&self) {
+        self.manager.flush_stats().unwrap();
     }
 
     /// After every operation: no broken promise in the TLB model, a clean audit counting
@@ -69,6 +88,23 @@ impl Run<'_> {
         let audit = snap.audit;
         assert!(audit.is_clean(), "{label}: {audit:?}");
         assert_eq!(audit.mapped_pages, self.pages.len(), "{label}");
+        // Leaves: one per 2 MiB page, one per other page; spaces as the model follows them.
+        let huge = self.huge.len();
+        assert_eq!(
+            (audit.huge_leaves, audit.small_leaves),
+            (huge, self.pages.len() - huge * (HUGE / PAGE)),
+            "{label}"
+        );
+        let rox_spaces = self.spaces.values().filter(|s| s.rox).count();
+        assert_eq!(
+            (
+                snap.manager.huge_pages,
+                snap.manager.rox_spaces,
+                snap.manager.rox_fallbacks
+            ),
+            (huge, rox_spaces, self.fallbacks),
+            "{label}"
+        );
         assert_eq!(
             snap.data_frames * PAGE,
             snap.manager.committed,
@@ -92,9 +128,28 @@ impl Run<'_> {
         }
     }
 
+    /// No byte of a mapped 2 MiB page can be written by any CPU (whatever its TLB holds),
+    /// through the page itself or through the direct-map alias of any of its frames.
+    fn check_never_writable(&self) {
+        let label = self.label();
+        for &base in &self.huge {
+            let leaf = self.machine.raw_entries(base)[2].unwrap();
+            let frame = (leaf & PTE_ADDR) as usize - PHYS_BASE as usize;
+            for cpu in 0..self.machine.online_cpus() {
+                for offset in (0..HUGE).step_by(PAGE) {
+                    for va in [base + offset, DIRECT_MAP + frame + offset] {
+                        let wrote = self.machine.write_as(cpu, va, &[INT3]).is_ok();
+                        assert!(!wrote, "{label}: CPU {cpu} wrote {va:#x} ({base:#x})");
+                    }
+                }
+            }
+        }
+    }
+
     /// Every byte the model knows reads back, and what every CPU fetches from published code
-    /// is what was published.
+    /// is what was published; no 2 MiB page is writable.
     pub(super) fn check_bytes(&self) {
+        self.check_never_writable();
         let mut buf = vec![0; PAGE];
         for (&page, shadow) in &self.pages {
             self.manager.read(page, &mut buf).unwrap();

@@ -54,11 +54,12 @@ fn run(append: &str) -> Result<i32, String> {
         .into_iter()
         .find(|k| k.name == "demo")
         .ok_or("cargo built no `demo` kernel")?;
-    // The demo's wasm module and the bench's, precompiled by the host tool.
+    // The demo's wasm module and the bench's (and for the bench the spec suite's bundle, whose
+    // modules its ROX rows load), precompiled by the host tool.
     if std::env::var_os("CODESPACE_QEMU_MODULES").is_none() {
         std::env::set_var(
             "CODESPACE_QEMU_MODULES",
-            launcher::precompile_test_wasm(false)?,
+            launcher::precompile_test_wasm(bench)?,
         );
     }
     let (timeout, smp) = stress_settings(append)?;
