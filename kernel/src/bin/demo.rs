@@ -1,7 +1,7 @@
 //! The demo kernel that `cargo run` boots: a narrated tour of codespace on real page tables.
 //!
-//! `cargo run -- bench` runs the in-kernel benchmarks instead; `cargo run -- stress [SECONDS]` the SMP
-//! stress mode (`codespace_kernel::stress`).
+//! `cargo run -- bench` runs the in-kernel benchmarks instead; `cargo run -- stress [SECONDS]
+//! [rox]` the SMP stress mode (`codespace_kernel::stress`; `rox`: code on 2 MiB ROX pages).
 #![no_std]
 #![no_main]
 

@@ -1,5 +1,6 @@
 //! SMP scenarios for codespace — many CPUs executing, faulting and patching generated code at
-//! once — and the stress mode that runs them mixed for a while (`cargo run -- stress [SECONDS]`).
+//! once — and the stress mode that runs them mixed for a while (`cargo run -- stress [SECONDS] [rox]`,
+//! `rox`: code on 2 MiB ROX pages).
 //!
 //! Each scenario is a function that sets up a manager on its own slice of the code window,
 //! runs CPUs against each other through `smp::on_each_cpu`, checks its safety property on every
@@ -217,7 +218,7 @@ pub fn seconds(boot: &BootInfo) -> u64 {
     words
         .by_ref()
         .find(|&w| w == "stress")
-        .and_then(|_| words.next())
+        .and_then(|_| words.find(|&w| w != "rox"))
         .and_then(|w| w.parse().ok())
         .unwrap_or(DEFAULT_SECONDS)
 }
@@ -227,10 +228,18 @@ pub fn seconds(boot: &BootInfo) -> u64 {
 /// (its state is abandoned: a caught panic unwinds nothing), which fails the run.
 pub fn run(boot: &BootInfo) -> ExitCode {
     let seconds = seconds(boot);
+    // `stress [SECONDS] rox`: every scenario's code on 2 MiB ROX pages (the kernel-wide code
+    // mode; each scenario asserts it really got them).
+    crate::code::set_rox(boot.has_arg("rox"));
     println!(
-        "stress: {} cpus, {seconds} s of: {}",
+        "stress: {} cpus, {seconds} s of: {}; code on {}",
         smp::online_cpus(),
-        SCENARIOS.join(", ")
+        SCENARIOS.join(", "),
+        if crate::code::rox() {
+            "2 MiB ROX pages"
+        } else {
+            "4 KiB pages"
+        }
     );
     let start = rdtsc();
     let end = Deadline::after(Duration::from_secs(seconds));

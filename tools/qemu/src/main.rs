@@ -13,8 +13,8 @@ Builds the codespace demo kernel (for x86_64-unknown-none, into target/kernel) a
 QEMU through run-qemu.sh, with KERNEL ARGS joined by spaces as the kernel command line
 (e.g. `cargo run -- bench`). The kernel is built with this program's profile (`--release` for an
 optimized kernel); `bench` always builds it optimized, runs every row with one CPU, then the
-rows that depend on the CPU count with two and four CPUs. `cargo run -- stress [SECONDS]` runs
-the SMP stress mode for SECONDS (default 60) on 4 CPUs, with a QEMU timeout of SECONDS + 120
+rows that depend on the CPU count with two and four CPUs. `cargo run -- stress [SECONDS] [rox]`
+runs the SMP stress mode for SECONDS (default 60) on 4 CPUs (`rox`: code on 2 MiB ROX pages), with a QEMU timeout of SECONDS + 120
 (CODESPACE_QEMU_SMP and CODESPACE_QEMU_TIMEOUT override both). A leading `--` is dropped, so
 `cargo run -- -- --help` passes `--help` to the kernel.
 
@@ -83,7 +83,7 @@ fn run(append: &str) -> Result<i32, String> {
 /// (a round that starts just before the end finishes) and the teardown, under TCG.
 const STRESS_SLACK_SECONDS: u64 = 120;
 
-/// For `stress [SECONDS]` (the first word): 4 CPUs unless `CODESPACE_QEMU_SMP` says otherwise,
+/// For `stress [SECONDS] [rox]` (the first word): 4 CPUs unless `CODESPACE_QEMU_SMP` says otherwise,
 /// and a QEMU timeout of SECONDS (default 60) plus [`STRESS_SLACK_SECONDS`] unless
 /// `CODESPACE_QEMU_TIMEOUT` is set. `(None, None)` otherwise: run-qemu.sh's defaults.
 fn stress_settings(append: &str) -> Result<(Option<u64>, Option<usize>), String> {
@@ -92,7 +92,8 @@ fn stress_settings(append: &str) -> Result<(Option<u64>, Option<usize>), String>
     if words.next() != Some("stress") {
         return Ok((None, None));
     }
-    let seconds = match words.next() {
+    // `stress [SECONDS] [rox]`: `rox` puts the scenarios' code on 2 MiB ROX pages.
+    let seconds = match words.find(|&w| w != "rox") {
         None => 60,
         Some(w) => w
             .parse::<u64>()
