@@ -146,6 +146,7 @@ fn calls_between_functions_go_through_slots_and_the_entry_is_a_slot() {
     // SAFETY: the host kernel enters nothing.
     assert_eq!(unsafe { m.call(b, &[]) }, Err(CallError::Aborted(u64::MAX)));
     assert_eq!(
+        // SAFETY: refused before anything is entered (one argument too many).
         unsafe { m.call(b, &[1]) },
         Err(CallError::ArgumentCount {
             expected: 0,

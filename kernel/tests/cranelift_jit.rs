@@ -488,6 +488,7 @@ fn jit_minimal() {
         // SAFETY: `b` and `a` only compute.
         assert_eq!(unsafe { module.call(func_b, &[]) }, Ok(42), "cpu {cpu}");
         assert_eq!(
+            // SAFETY: `a` only computes.
             unsafe { module.call(func_a, &[cpu as u64]) },
             Ok(37 + cpu as u64),
             "cpu {cpu}"

@@ -7,7 +7,7 @@
 use alloc::vec::Vec;
 
 use super::error::CodeError;
-use super::state::{Space, State};
+use super::state::State;
 use crate::mmu::{CommittedPage, Mmu, MmuError, TlbFlush, HUGE_PAGE_SIZE};
 use crate::{AddressRange, PAGE_SIZE};
 
@@ -52,17 +52,7 @@ impl<M: Mmu> State<M> {
         let reservation =
             self.free_va
                 .allocate_aligned_in_region(total, HUGE_PAGE_SIZE, self.window)?;
-        let usable = AddressRange::new(reservation.start() + guard, reservation.end() - guard);
-        self.spaces.insert(
-            usable.start(),
-            Space {
-                usable,
-                reservation,
-                rox: true,
-            },
-        );
-        self.reserved += usable.size();
-        Some(usable)
+        Some(self.book_space(reservation, guard, true))
     }
 
     /// The unit pages are decommitted in at `addr`: 2 MiB in a ROX space, else 4 KiB.

@@ -41,17 +41,28 @@ impl<M: Mmu> State<M> {
             .free_va
             .allocate(total)
             .ok_or(CodeError::WindowExhausted { size: total })?;
+        Ok(self.book_space(reservation, guard, false))
+    }
+
+    /// Books a new code space: `reservation` less `guard` bytes at each end is usable. Returns
+    /// the usable range.
+    pub(crate) fn book_space(
+        &mut self,
+        reservation: AddressRange,
+        guard: usize,
+        rox: bool,
+    ) -> AddressRange {
         let usable = AddressRange::new(reservation.start() + guard, reservation.end() - guard);
         self.spaces.insert(
             usable.start(),
             Space {
                 usable,
                 reservation,
-                rox: false,
+                rox,
             },
         );
         self.reserved += usable.size();
-        Ok(usable)
+        usable
     }
 
     /// Returns a code space's virtual range, decommitting whatever is still committed in it.

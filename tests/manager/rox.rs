@@ -26,15 +26,21 @@ pub fn rox_config() -> ManagerConfig {
 /// A 4-CPU machine of `frames` frames with a direct map, a ROX manager over the slot, and a
 /// ROX allocator.
 fn rox_rig(frames: usize) -> (SoftMmu, CodeManager<SoftMmu>, CodeAllocator<SoftMmu>) {
+    rox_rig_reserving(frames, 0)
+}
+
+/// As [`rox_rig`], the allocator's first space (`reservation` bytes) reserved up front.
+fn rox_rig_reserving(
+    frames: usize,
+    reservation: usize,
+) -> (SoftMmu, CodeManager<SoftMmu>, CodeAllocator<SoftMmu>) {
     let (machine, m) = rig(frames, rox_config());
-    let a = CodeAllocator::new(
-        &m,
-        AllocatorConfig {
-            rox: true,
-            ..AllocatorConfig::default()
-        },
-    )
-    .expect("allocator");
+    let config = AllocatorConfig {
+        rox: true,
+        initial_reservation: reservation,
+        ..AllocatorConfig::default()
+    };
+    let a = CodeAllocator::new(&m, config).expect("allocator");
     (machine, m, a)
 }
 
@@ -185,13 +191,7 @@ fn no_byte_of_a_rox_page_is_ever_writable_and_freed_bytes_are_int3_before_reuse(
 
 #[test]
 fn a_wholly_free_2mib_page_goes_back_with_one_shootdown_and_only_then() {
-    let (machine, m) = rig(4096, rox_config());
-    let config = AllocatorConfig {
-        rox: true,
-        initial_reservation: 2 * HUGE,
-        ..AllocatorConfig::default()
-    };
-    let mut a = CodeAllocator::new(&m, config).unwrap();
+    let (machine, m, mut a) = rox_rig_reserving(4096, 2 * HUGE);
     // Two 2 MiB pages: code straddling the boundary, then more code in the second.
     let a1 = publish_filled(&mut a, HUGE - PAGE, 0x90);
     let a2 = publish_filled(&mut a, 2 * PAGE, 0x91);
@@ -390,13 +390,7 @@ fn an_image_needs_a_space_of_its_own_in_a_rox_module() {
 #[test]
 fn a_commit_whose_rollback_cannot_unmap_keeps_the_page_counted_for_a_trim() {
     // 2 MiB pages: the first of two maps, the second fails, the first cannot be unmapped.
-    let (machine, m) = rig(4096, rox_config());
-    let config = AllocatorConfig {
-        rox: true,
-        initial_reservation: 2 * HUGE,
-        ..AllocatorConfig::default()
-    };
-    let mut a = CodeAllocator::new(&m, config).unwrap();
+    let (machine, m, mut a) = rox_rig_reserving(4096, 2 * HUGE);
     machine.fail_nth(CallKind::Map, 1);
     machine.fail_nth(CallKind::Unmap, 0);
     let e = a.allocate(HUGE + PAGE).unwrap_err();
@@ -410,13 +404,7 @@ fn a_commit_whose_rollback_cannot_unmap_keeps_the_page_counted_for_a_trim() {
 
     // 4 KiB pages of a space that fell back (no 2 MiB run in 400 frames): the second page
     // fails, the first cannot be unmapped. The space has 4 KiB pages now: it fell back.
-    let (machine, m) = rig(400, rox_config());
-    let config = AllocatorConfig {
-        rox: true,
-        initial_reservation: HUGE,
-        ..AllocatorConfig::default()
-    };
-    let mut a = CodeAllocator::new(&m, config).unwrap();
+    let (machine, m, mut a) = rox_rig_reserving(400, HUGE);
     let space = a.code_spaces()[0];
     // map_rox (refused: no run), then the fallback's two 4 KiB pages.
     machine.fail_nth(CallKind::Map, 2);

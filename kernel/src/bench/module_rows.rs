@@ -114,9 +114,7 @@ pub(super) fn run(r: &Report) {
     for _ in 0..2 {
         // SAFETY: no generated code runs on this CPU and no lookup reference is held.
         unsafe { code::synchronize() };
-        REGISTRIES.grace().reclaim();
-        REGISTRIES.traps.reclaim();
-        REGISTRIES.code.reclaim();
+        REGISTRIES.reclaim();
     }
     let cycles = stop() - t0;
     let after = manager.flush_stats().expect("stats");

@@ -17,7 +17,7 @@ use crate::println;
 const FUNCTIONS: u32 = 10_000;
 const SIZE: usize = 128;
 
-fn manager(window: usize, rox: bool) -> CodeManager<KernelMmu> {
+pub(super) fn manager(window: usize, rox: bool) -> CodeManager<KernelMmu> {
     code::manager(
         test_window(window),
         ManagerConfig {
@@ -120,15 +120,7 @@ fn one_mode(r: &Report, window: usize, rox: bool) {
     drop(replaced);
     drop(objects);
     drop(module);
-    for _ in 0..2 {
-        // SAFETY: no generated code runs on this CPU and no lookup reference is held.
-        unsafe { code::synchronize() };
-        REGISTRIES.grace().reclaim();
-        REGISTRIES.traps.reclaim();
-        REGISTRIES.code.reclaim();
-    }
-    manager.release_pending().expect("release");
-    assert_eq!(manager.committed(), 0, "the module gave everything back");
+    super::give_back(&[&manager]);
 }
 
 pub(super) fn run(r: &Report) {

@@ -116,17 +116,9 @@ pub(super) fn run(r: &Report) {
     )
     .expect("manager");
     patch_rows(r, &int3, "INT3 protocol");
-    // The modules' code goes after a grace period; this CPU is quiescent here.
-    // SAFETY: no generated code runs on this CPU and no lookup reference is held.
-    unsafe { crate::code::synchronize() };
-    REGISTRIES.grace().reclaim();
-    // Task context, interrupts off: the dropped modules' spaces were only queued, and dropping
-    // the managers would leave them mapped (a later manager over the window then meets
-    // `AlreadyMapped`, as the wasm rows did).
-    for manager in [&m, &int3] {
-        manager.release_pending().expect("release");
-        assert_eq!(manager.committed(), 0, "every space given back");
-    }
+    // Dropping the managers with the modules' spaces queued would leave them mapped (a later
+    // manager over the window then meets `AlreadyMapped`, as the wasm rows did).
+    super::give_back(&[&m, &int3]);
 }
 
 /// `patch_slot` and an 8-slot `patch_slots` on a module of `m`, under `m`'s patch protocol.

@@ -13,14 +13,14 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use codespace::module::{CodeModule, ModuleConfig};
-use codespace::{CodeManager, ManagerConfig, ProtectionMode, PAGE_SIZE};
+use codespace::PAGE_SIZE;
 use codespace_wasmtime::settings;
 use codespace_wasmtime::spec::bundle;
 use codespace_wasmtime::wasmtime::Module;
 
 use super::rox_rows::work;
 use super::{start, stop, Report};
-use crate::code::{self, test_window, KernelMmu, REGISTRIES};
+use crate::code::REGISTRIES;
 use crate::{memory, println, wasm};
 
 pub(super) fn run(r: &Report) {
@@ -46,24 +46,11 @@ pub(super) fn run(r: &Report) {
     one_mode(r, &containers, 108, true);
 }
 
-fn manager(window: usize, rox: bool) -> CodeManager<KernelMmu> {
-    code::manager(
-        test_window(window),
-        ManagerConfig {
-            protection: ProtectionMode::Alias,
-            max_committed: 256 << 20,
-            rox_code: rox,
-            ..ManagerConfig::default()
-        },
-    )
-    .expect("manager")
-}
-
 /// Loads every container into a runtime whose module asks for ROX spaces or not, prints its
 /// rows and gives everything back.
 fn one_mode(r: &Report, containers: &[&[u8]], window: usize, rox: bool) {
     let mode = if rox { "ROX manager" } else { "4 KiB" };
-    let manager = manager(window, rox);
+    let manager = super::rox_rows::manager(window, rox);
     let module = CodeModule::new(
         &manager,
         &REGISTRIES,
@@ -145,13 +132,6 @@ fn one_mode(r: &Report, containers: &[&[u8]], window: usize, rox: bool) {
     assert_eq!(stats.rox_fallbacks, 0, "images are not fallbacks");
     drop(modules);
     assert_eq!(rt.code.images(), 0, "every image unpublished");
-    for _ in 0..2 {
-        // SAFETY: no wasm runs on this CPU and no lookup reference is held here.
-        unsafe { code::synchronize() };
-        REGISTRIES.grace().reclaim();
-        rt.code.module().reclaim().expect("reclaim");
-    }
     drop(rt);
-    manager.release_pending().expect("release");
-    assert_eq!(manager.committed(), 0, "the runtime gave everything back");
+    super::give_back(&[&manager]);
 }

@@ -80,16 +80,8 @@ pub fn run(window: usize, rounds: u32) -> TlbStats {
         rox_rounds(&mgr, rounds, &mut stats);
     }
     for round in 0..rounds {
-        let b = if n == 1 {
-            0
-        } else {
-            1 + round as usize % (n - 1)
-        };
-        let code = m
-            .add_code(&NewCode::new(CodeKind::Wrapper, &ret_const(ORIGINAL)))
-            .expect("function");
-        let start = code.instruction_start();
-        drop(code);
+        let b = racer(round, n);
+        let start = original_function(&m);
         let frame = mgr.query(start).expect("query").expect("committed").frame;
         let faults = AtomicU64::new(0);
         if n == 1 {
@@ -195,6 +187,22 @@ fn check_stale_accesses(start: usize, frame: u64, b: usize, faults: &AtomicU64) 
 /// What a ROX round's keeper returns: it holds the 2 MiB page, so the page stays mapped.
 const KEEPER: u32 = 0x4EE9_C0DE;
 
+/// The CPU that races round `round`'s free (another one, in turn; CPU 0 alone).
+fn racer(round: u32, n: usize) -> usize {
+    if n == 1 {
+        0
+    } else {
+        1 + round as usize % (n - 1)
+    }
+}
+
+/// Adds a function returning `ORIGINAL` to `m` and returns its start (its handle dropped).
+fn original_function(m: &CodeModule<code::KernelMmu>) -> usize {
+    m.add_code(&NewCode::new(CodeKind::Wrapper, &ret_const(ORIGINAL)))
+        .expect("function")
+        .instruction_start()
+}
+
 /// The ROX rounds (module docs, "In the ROX mode"), on a module of their own whose keeper
 /// function holds the page.
 fn rox_rounds(mgr: &codespace::CodeManager<code::KernelMmu>, rounds: u32, stats: &mut TlbStats) {
@@ -210,16 +218,8 @@ fn rox_rounds(mgr: &codespace::CodeManager<code::KernelMmu>, rounds: u32, stats:
     code::assert_rox_in_use(mgr);
     let n = smp::online_cpus();
     for round in 0..rounds {
-        let b = if n == 1 {
-            0
-        } else {
-            1 + round as usize % (n - 1)
-        };
-        let code = m
-            .add_code(&NewCode::new(CodeKind::Wrapper, &ret_const(ORIGINAL)))
-            .expect("function");
-        let start = code.instruction_start();
-        drop(code);
+        let b = racer(round, n);
+        let start = original_function(&m);
         let seen = RoxSeen::default();
         if n == 1 {
             b_runs_old_code(start, b);
@@ -234,18 +234,21 @@ fn rox_rounds(mgr: &codespace::CodeManager<code::KernelMmu>, rounds: u32, stats:
             let phase = Phase::new();
             common::on_each_cpu(|cpu| {
                 if cpu == 0 {
-                    // SAFETY (each wait): A runs no generated code and holds no lookup
-                    // reference while it waits.
+                    // SAFETY: A runs no generated code and holds no lookup reference while
+                    // it waits (so at each wait below).
                     unsafe { phase.wait_quiescent(1) };
                     a_frees_but_cannot_refill(&m, start);
                     phase.set(2);
                     // B is not quiescent until phase 3: A's grace period cannot end before.
+                    // SAFETY: A runs no generated code and holds no lookup reference.
                     unsafe { phase.wait_quiescent(3) };
                     a_refills(&m, start);
                     phase.set(4);
+                    // SAFETY: as at phase 1.
                     unsafe { phase.wait_quiescent(5) };
                     let new = a_publishes_new_code(&m, start);
                     phase.set(6);
+                    // SAFETY: as at phase 1.
                     unsafe { phase.wait_quiescent(7) };
                     a_frees_new_code(&m, new);
                 } else if cpu == b {

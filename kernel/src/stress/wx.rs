@@ -16,7 +16,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use codespace::code_object::CodeKind;
 use codespace::module::NewCode;
-use codespace::{AllocatorConfig, CodeAllocator, ManagerConfig};
+use codespace::{AllocatorConfig, CodeAllocator, ManagerConfig, PublishedCode};
 
 use super::common::{
     self, call0, check_fault, load_u64, ret_const, settle, try_access, Access, Phase, Stop,
@@ -73,6 +73,27 @@ fn expect_refused(addrs: &[(&'static str, u64); 3], refused: &AtomicU64) {
     }
 }
 
+/// Every CPU tries the writes to `addrs` (each must be refused) and then runs the published
+/// `code`, which returns [`VALUE`]; then the code is freed.
+fn run_everywhere_then_free(
+    alloc: &mut CodeAllocator<code::KernelMmu>,
+    code: PublishedCode,
+    addrs: &[(&'static str, u64); 3],
+    refused: &AtomicU64,
+) {
+    let start = code.start();
+    common::on_each_cpu(|cpu| {
+        // Writes first: a fetch would refill the window page's translation.
+        expect_refused(addrs, refused);
+        assert_eq!(call0(start), u64::from(VALUE), "cpu {cpu} runs the code");
+    });
+    // SAFETY: every CPU ran the code to its `ret` inside `on_each_cpu`, which returned; no
+    // slot or pointer leads to it and nobody else has its address.
+    unsafe { alloc.free(code) }
+        .map_err(|e| e.error())
+        .expect("free");
+}
+
 /// Publishes `pages` pages one after another on code-window slice `window`, each with the
 /// cached-writable-translation setup of the module docs.
 ///
@@ -103,16 +124,7 @@ pub fn publish(window: usize, pages: u32) -> PublishStats {
         });
         w.as_mut_slice().copy_from_slice(&ret_const(VALUE));
         let code = alloc.publish(w).map_err(|r| r.error).expect("publish");
-        common::on_each_cpu(|cpu| {
-            // Writes first: a fetch would refill the window page's translation.
-            expect_refused(&addrs, &refused);
-            assert_eq!(call0(start), u64::from(VALUE), "cpu {cpu} runs the code");
-        });
-        // SAFETY: every CPU ran the code to its `ret` inside `on_each_cpu`, which returned; no
-        // slot or pointer leads to it and nobody else has its address.
-        unsafe { alloc.free(code) }
-            .map_err(|e| e.error())
-            .expect("free");
+        run_everywhere_then_free(&mut alloc, code, &addrs, &refused);
     }
     let stats = PublishStats {
         pages: u64::from(pages),
@@ -171,15 +183,7 @@ pub fn publish_rox(window: usize, pages: u32) -> PublishStats {
             (after.single_pages, after.full),
             (before.single_pages, before.full)
         );
-        common::on_each_cpu(|cpu| {
-            expect_refused(&addrs, &refused);
-            assert_eq!(call0(start), u64::from(VALUE), "cpu {cpu} runs the code");
-        });
-        // SAFETY: every CPU ran the code to its `ret` inside `on_each_cpu`, which returned; no
-        // slot or pointer leads to it and nobody else has its address.
-        unsafe { alloc.free(code) }
-            .map_err(|e| e.error())
-            .expect("free");
+        run_everywhere_then_free(&mut alloc, code, &addrs, &refused);
     }
     let stats = PublishStats {
         pages: u64::from(pages),

@@ -504,6 +504,7 @@ pub fn codespace_bad_input_gives_typed_errors_and_installs_nothing() {
     // SAFETY: `b` calls the kernel's `six`.
     assert_eq!(unsafe { small.call(b, &[]) }, Ok(1));
     assert_eq!(
+        // SAFETY: refused before anything is entered (one argument too many).
         unsafe { small.call(b, &[1]) },
         Err(CallError::ArgumentCount {
             expected: 0,

@@ -247,35 +247,21 @@ impl Memory {
     /// Creates the tables down to the 4 KiB leaf slot of `va` (the caller checked the frame
     /// count) and returns the slot.
     pub fn make_leaf_slot(&mut self, va: u64) -> Option<Slot> {
-        let mut table = self.pml4;
-        for level in 0..3 {
-            let i = index(va, level);
-            let e = self.entry(table, i);
-            if present(e) && e & PS != 0 {
-                return None;
-            }
-            table = if present(e) {
-                Self::frame_of(e)
-            } else {
-                let next = self.alloc_table()?;
-                self.freeable.insert(next);
-                self.set_entry(table, i, Self::phys(next) | TABLE_FLAGS);
-                next
-            };
-        }
-        Some(Slot {
-            table,
-            index: index(va, 3),
-            level: 3,
-        })
+        self.make_slot(va, 3)
     }
 
     /// Creates the tables down to the 2 MiB leaf slot of `va` (the caller checked the frame
     /// count) and returns the slot; `None` when a 1 GiB leaf is on the way.
     pub fn make_huge_slot(&mut self, va: u64) -> Option<Slot> {
+        self.make_slot(va, 2)
+    }
+
+    /// The slot of `va` at `level` (3: 4 KiB leaves, 2: 2 MiB leaves), creating the tables
+    /// above it; `None` when a larger leaf is on the way.
+    fn make_slot(&mut self, va: u64, level: usize) -> Option<Slot> {
         let mut table = self.pml4;
-        for level in 0..2 {
-            let i = index(va, level);
+        for above in 0..level {
+            let i = index(va, above);
             let e = self.entry(table, i);
             if present(e) && e & PS != 0 {
                 return None;
@@ -291,8 +277,8 @@ impl Memory {
         }
         Some(Slot {
             table,
-            index: index(va, 2),
-            level: 2,
+            index: index(va, level),
+            level,
         })
     }
 

@@ -117,6 +117,7 @@ fn out_of_range_cpus_are_ignored() {
     let d = domain(1);
     // SAFETY: an out-of-range index is ignored; nothing is announced.
     unsafe { d.cpu_online(MAX_CPUS) };
+    // SAFETY: as above: out-of-range reports are ignored.
     unsafe {
         d.quiescent(MAX_CPUS + 7);
         d.cpu_offline(usize::MAX);

@@ -1,7 +1,7 @@
 //! Publishing, freeing and discarding code in the allocator run, each checked against the
 //! model, failures included.
 
-use codespace::FreeError;
+use codespace::{AddressRange, CodeError, FreeError};
 
 use super::{Failure, Run};
 use crate::common::*;
@@ -65,17 +65,12 @@ impl Run<'_> {
         match free_published(&mut module.alloc, code) {
             Ok(()) => self.freed(range, before),
             Err(FreeError::NotFreed(e, code)) => {
-                let _ = bytes;
+                // Its bytes may be half INT3 now: the model no longer knows them.
+                drop(bytes);
                 self.modules[mi].published.push((code, None));
-                self.failure(e, false);
-                self.forget_bytes(range);
-                self.check_counters_unchanged();
+                self.not_freed(e, range);
             }
-            Err(FreeError::Decommit(e)) => {
-                self.failure(e, false);
-                let _ = self.remove_live(range);
-                self.finish_decommit(mi);
-            }
+            Err(FreeError::Decommit(e)) => self.freed_but_not_decommitted(e, range, mi),
             Err(e) => panic!("{}: {e:?}", self.label()),
         }
     }
@@ -94,17 +89,27 @@ impl Run<'_> {
             Ok(()) => self.freed(range, before),
             Err(FreeError::NotFreed(e, w)) => {
                 self.modules[mi].writable.push(w);
-                self.failure(e, false);
-                self.forget_bytes(range);
-                self.check_counters_unchanged();
+                self.not_freed(e, range);
             }
-            Err(FreeError::Decommit(e)) => {
-                self.failure(e, false);
-                let _ = self.remove_live(range);
-                self.finish_decommit(mi);
-            }
+            Err(FreeError::Decommit(e)) => self.freed_but_not_decommitted(e, range, mi),
             Err(e) => panic!("{}: {e:?}", self.label()),
         }
+    }
+
+    /// A free of `range` that failed and handed its handle back (already stored again): its
+    /// bytes are unknown, nothing else changed.
+    fn not_freed(&mut self, e: CodeError, range: AddressRange) {
+        self.failure(e, false);
+        self.forget_bytes(range);
+        self.check_counters_unchanged();
+    }
+
+    /// `range` was freed but a decommit failed part way: the range is gone from the model and
+    /// a trim finishes the decommit.
+    fn freed_but_not_decommitted(&mut self, e: CodeError, range: AddressRange, mi: usize) {
+        self.failure(e, false);
+        let _ = self.remove_live(range);
+        self.finish_decommit(mi);
     }
 
     /// A decommit failed part way: trimming finishes it, so the model's rule holds again.
